@@ -1,0 +1,102 @@
+//! The SSE event id: one cursor for every channel of an SSE stream.
+//!
+//! A plain browser `EventSource` remembers only the last event id and sends it
+//! back as `Last-Event-ID` when it reconnects, so the id of every event names
+//! the position of *all* the stream's channels, not only of the channel the
+//! event belongs to.
+//!
+//! Format: `v1.<hash>.<epoch>-<seq>.<epoch>-<seq>...` with one `<epoch>-<seq>`
+//! per channel, in the order of the stream's channels (the `channel` query
+//! parameters in their order, then the user's own stream if the stream is
+//! authenticated). `<hash>` is the FNV-1a 32-bit hash, in 8 lowercase hex
+//! digits, of the channel names joined by `\n`, so a cursor presented for a
+//! different set of channels is detected rather than misread. Epochs are
+//! alphanumeric, so `.` and `-` never occur inside one.
+
+use thiserror::Error;
+
+use crate::position::Position;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CursorError {
+    #[error("cursor is not of the form v1.<hash>.<epoch>-<seq>...")]
+    Malformed,
+    #[error("cursor was made for another set of channels")]
+    OtherChannels,
+}
+
+/// Encodes and decodes SSE cursors.
+#[derive(Debug, Clone, Copy)]
+pub struct SseCursor;
+
+fn fnv1a(channels: &[&str]) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for (i, c) in channels.iter().enumerate() {
+        if i > 0 {
+            hash ^= u32::from(b'\n');
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+        for b in c.bytes() {
+            hash ^= u32::from(b);
+            hash = hash.wrapping_mul(0x0100_0193);
+        }
+    }
+    hash
+}
+
+impl SseCursor {
+    /// The cursor for `positions`, one per channel of `channels`, in order.
+    pub fn encode(channels: &[&str], positions: &[&Position]) -> String {
+        debug_assert_eq!(channels.len(), positions.len());
+        let mut out = format!("v1.{:08x}", fnv1a(channels));
+        for p in positions {
+            out.push('.');
+            out.push_str(&p.epoch);
+            out.push('-');
+            out.push_str(&p.seq.to_string());
+        }
+        out
+    }
+
+    /// The positions a cursor holds, one per channel of `channels`.
+    pub fn decode(cursor: &str, channels: &[&str]) -> Result<Vec<Position>, CursorError> {
+        let mut parts = cursor.trim().split('.');
+        if parts.next() != Some("v1") {
+            return Err(CursorError::Malformed);
+        }
+        let hash = parts.next().ok_or(CursorError::Malformed)?;
+        let hash = u32::from_str_radix(hash, 16).map_err(|_| CursorError::Malformed)?;
+        let mut positions = Vec::with_capacity(channels.len());
+        for part in parts {
+            let (epoch, seq) = part.split_once('-').ok_or(CursorError::Malformed)?;
+            if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(CursorError::Malformed);
+            }
+            let seq = seq.parse().map_err(|_| CursorError::Malformed)?;
+            positions.push(Position::new(seq, epoch));
+        }
+        if hash != fnv1a(channels) || positions.len() != channels.len() {
+            return Err(CursorError::OtherChannels);
+        }
+        Ok(positions)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let a = Position::new(42, "k3f9");
+        let b = Position::new(0, "Z1");
+        let id = SseCursor::encode(&["news", "$user:alice"], &[&a, &b]);
+        assert!(id.starts_with("v1."));
+        assert_eq!(SseCursor::decode(&id, &["news", "$user:alice"]), Ok(vec![a, b]));
+        assert_eq!(SseCursor::decode(&id, &["news"]), Err(CursorError::OtherChannels));
+        assert_eq!(SseCursor::decode(&id, &["$user:alice", "news"]), Err(CursorError::OtherChannels));
+        assert_eq!(SseCursor::decode("v2.x", &["news"]), Err(CursorError::Malformed));
+        assert_eq!(SseCursor::decode("v1.zz.a-1", &["news"]), Err(CursorError::Malformed));
+        assert_eq!(SseCursor::decode("v1.00000000.a-b", &["news"]), Err(CursorError::Malformed));
+    }
+}

@@ -1,0 +1,259 @@
+//! Client and server frames.
+//!
+//! Every frame is a map with a `type` field naming the frame; the other fields
+//! are the frame's. `id` is optional on requests: when a client sets it, the
+//! reply (or the `error`) to that request carries the same `id`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::codes::ErrorCode;
+use crate::position::Position;
+
+/// Frames a client sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientFrame {
+    Connect(Connect),
+    Subscribe(Subscribe),
+    Unsubscribe(Unsubscribe),
+    Publish(Publish),
+    Refresh(Refresh),
+    Ping(Ping),
+    Pong(Pong),
+}
+
+impl ClientFrame {
+    /// Every `type` value a client frame may have.
+    pub const TYPES: [&'static str; 7] = ["connect", "subscribe", "unsubscribe", "publish", "refresh", "ping", "pong"];
+
+    /// The request id, if the frame carries one.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Self::Connect(f) => f.id,
+            Self::Subscribe(f) => f.id,
+            Self::Unsubscribe(f) => f.id,
+            Self::Publish(f) => f.id,
+            Self::Refresh(f) => f.id,
+            Self::Ping(f) => f.id,
+            Self::Pong(_) => None,
+        }
+    }
+}
+
+/// First frame of a WebSocket connection: authenticates it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Connect {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// A JWT connection token. May be left out only on a server in dev mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Where the client is in its user's own stream, to resume it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Position>,
+}
+
+/// Subscribe to a channel, optionally resuming from a position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscribe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+    /// The last position the client has of this channel: the server sends
+    /// every message after it, then live ones, with no gap and no duplicate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Position>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unsubscribe {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+}
+
+/// Publish from a client, where its token allows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Publish {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+    pub data: Value,
+}
+
+/// Replace the connection's token (before it expires).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refresh {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub token: String,
+}
+
+/// A heartbeat. Either side may send one; the other answers with `pong`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Ping {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Pong {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+}
+
+/// Frames the server sends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    Connected(Connected),
+    Subscribed(Subscribed),
+    Unsubscribed(Unsubscribed),
+    Message(Message),
+    Unrecoverable(Unrecoverable),
+    Published(Published),
+    Refreshed(Refreshed),
+    RefreshRequired(RefreshRequired),
+    Error(ErrorFrame),
+    Ping(Ping),
+    Pong(Pong),
+}
+
+/// Answer to `connect`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Connected {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// The connection's id on this node (for logs and support).
+    pub client: String,
+    /// The user the token names; empty for an anonymous (dev mode) connection.
+    pub user: String,
+    /// The user's own stream, which the connection is subscribed to at once
+    /// (a `subscribed` frame for it follows). Absent for anonymous connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_channel: Option<String>,
+    /// When the token expires (Unix seconds); the server sends
+    /// `refresh_required` before that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+    /// How often the server sends `ping`; answer each with `pong`.
+    pub ping_interval_ms: u64,
+    /// The node that holds the connection.
+    pub node: String,
+}
+
+/// Answer to `subscribe`. When `recovered` is true, every message after the
+/// client's `since` up to `seq` follows as `message` frames before any live one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscribed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+    /// The stream's epoch.
+    pub epoch: String,
+    /// The stream's last sequence when the subscription started.
+    pub seq: u64,
+    /// Present when the client gave `since`: whether every missed message
+    /// follows. When false an `unrecoverable` frame follows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recovered: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unsubscribed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+}
+
+/// A message of a channel (or of the user's own stream).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub channel: String,
+    pub seq: u64,
+    pub epoch: String,
+    pub data: Value,
+    /// When the gateway accepted the publish, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+}
+
+/// Borrowed form of [`Message`] for encoding a broadcast without copying it.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename = "message")]
+pub struct MessageRef<'a> {
+    pub channel: &'a str,
+    pub seq: u64,
+    pub epoch: &'a str,
+    pub data: &'a Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
+}
+
+/// Why the messages a client missed cannot be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnrecoverableReason {
+    /// The missed messages are older than the replay window (time or count).
+    TooOld,
+    /// The stream's history was lost (its epoch changed).
+    EpochChanged,
+    /// The client's position is ahead of the stream (not a position of it).
+    BadPosition,
+}
+
+/// The client missed messages of `channel` that cannot be sent; delivery goes
+/// on live from `seq` of `epoch`. The application should re-sync that
+/// channel's state from its source of truth.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unrecoverable {
+    pub channel: String,
+    pub reason: UnrecoverableReason,
+    pub epoch: String,
+    pub seq: u64,
+}
+
+/// Answer to a client `publish`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Published {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// Answer to `refresh`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refreshed {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<u64>,
+}
+
+/// The connection's token expires soon: send `refresh` with a new one before
+/// `expires_at` (Unix seconds), or the connection is closed with 4005.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefreshRequired {
+    pub expires_at: u64,
+}
+
+/// A request failed. `temporary` says whether retrying it later may succeed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    /// The code's stable name, e.g. `permission_denied`.
+    pub name: String,
+    pub message: String,
+    pub temporary: bool,
+}
+
+impl ErrorFrame {
+    pub fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { id, code, name: code.name().to_owned(), message: message.into(), temporary: code.temporary() }
+    }
+}
