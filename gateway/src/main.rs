@@ -1,1 +1,101 @@
-fn main() {}
+//! The `gateway` binary: `gateway [--addr HOST:PORT] [--dev] [--config FILE]`
+//! serves; `gateway token ...` mints a connection token.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use gateway::auth::{now_secs, Auth, Claims};
+use gateway::config::{Config, Overrides};
+use gateway::node::Node;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(name = "gateway", version, about = "Real-time WebSocket and SSE gateway")]
+struct Cli {
+    /// Address to listen on (env GATEWAY_ADDR).
+    #[arg(long, global = true)]
+    addr: Option<std::net::SocketAddr>,
+    /// Dev mode: anonymous connections and API calls allowed (env GATEWAY_DEV).
+    #[arg(long, global = true)]
+    dev: bool,
+    /// TOML config file (env GATEWAY_CONFIG).
+    #[arg(long, global = true, env = "GATEWAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name (env GATEWAY_NODE_ID).
+    #[arg(long, global = true)]
+    node_id: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve (the default).
+    Serve,
+    /// Print an HS256 connection token signed with GATEWAY_JWT_SECRET.
+    Token {
+        /// The user id (`sub`).
+        #[arg(long)]
+        user: String,
+        /// Channel patterns the token may subscribe to (repeat or comma-separate).
+        #[arg(long, value_delimiter = ',')]
+        subscribe: Vec<String>,
+        /// Channel patterns the token may publish on.
+        #[arg(long, value_delimiter = ',')]
+        publish: Vec<String>,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the node can only be killed; keep serving.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let overrides = Overrides { addr: cli.addr, dev: cli.dev.then_some(true), node_id: cli.node_id };
+    let token_only = matches!(cli.command, Some(Command::Token { .. }));
+    let mut config = match Config::load(cli.config.as_deref(), overrides) {
+        Ok(c) => c,
+        // Minting needs only the secret; don't demand API keys for it.
+        Err(_) if token_only => Config { dev: true, ..Config::load(cli.config.as_deref(), Overrides { dev: Some(true), ..Default::default() })? },
+        Err(e) => {
+            eprintln!("gateway: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Some(Command::Token { user, subscribe, publish, ttl }) = cli.command {
+        config.dev = true;
+        let auth = Auth::from_config(&config)?;
+        protocol::validate_user(&user).context("--user")?;
+        let now = now_secs();
+        let claims = Claims { sub: user, exp: Some(now + ttl), iat: Some(now), subscribe, publish };
+        println!("{}", auth.mint(&claims)?);
+        return Ok(());
+    }
+    gateway::telemetry::init_logging(&config);
+    if config.dev {
+        warn!("DEV MODE: anonymous connections and unauthenticated publish API calls are accepted. Never run this in production.");
+    }
+    let prometheus = gateway::telemetry::init_metrics();
+    let listener = tokio::net::TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
+    let addr = listener.local_addr()?;
+    let node = Node::embedded(config, prometheus)?;
+    info!(node = %node.id, %addr, "gateway listening (embedded mode: in-memory backbone and replay store)");
+    // One machine-readable line on stdout, for scripts and test harnesses.
+    println!("listening on http://{addr}");
+    gateway::server::run(listener, node, shutdown_signal()).await
+}

@@ -88,10 +88,12 @@ impl Codec {
         decode_typed(value, &ClientFrame::TYPES)
     }
 
-    /// Decodes a frame the server sent (for clients).
+    /// Decodes a frame the server sent (for clients). A frame of a type this
+    /// version does not know is [`DecodeError::UnknownType`]: clients should
+    /// ignore it, so servers can add frames without breaking them.
     pub fn decode_server(self, bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
         let value = self.decode_value(bytes)?;
-        serde_json::from_value(value).map_err(|e| DecodeError::Malformed(e.to_string()))
+        decode_typed(value, &ServerFrame::TYPES)
     }
 }
 

@@ -120,6 +120,23 @@ pub enum ServerFrame {
     Pong(Pong),
 }
 
+impl ServerFrame {
+    /// Every `type` value a server frame may have.
+    pub const TYPES: [&'static str; 11] = [
+        "connected",
+        "subscribed",
+        "unsubscribed",
+        "message",
+        "unrecoverable",
+        "published",
+        "refreshed",
+        "refresh_required",
+        "error",
+        "ping",
+        "pong",
+    ];
+}
+
 /// Answer to `connect`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Connected {

@@ -1,0 +1,161 @@
+//! The publish API for backends: `POST /api/publish`, `/api/send`,
+//! `/api/batch`. Bodies are JSON or MessagePack (by `Content-Type`); answers
+//! are JSON. Auth: `Authorization: Bearer <api key>`.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::{header, StatusCode};
+use protocol::{user_channel, validate_channel, validate_user, ErrorCode};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::errors::ApiError;
+use crate::node::{now_ms, Node};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub channel: String,
+    pub data: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub user: String,
+    pub data: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum BatchItem {
+    Publish(PublishRequest),
+    Send(SendRequest),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub items: Vec<BatchItem>,
+}
+
+/// Most items one batch may hold.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
+/// Checks the API key and reads the body in its codec.
+async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiError> {
+    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    node.auth.check_api_key(auth).map_err(|e| {
+        node.metrics.api_request_rejected(ErrorCode::Unauthorized.name());
+        ApiError::new(ErrorCode::Unauthorized, e.to_string())
+    })?;
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+    let msgpack = match content_type.as_deref() {
+        // curl's default (form) and text/plain are read as JSON too, so a
+        // quick `curl -d '{...}'` works.
+        None | Some("application/json") | Some("text/plain") | Some("application/x-www-form-urlencoded") => false,
+        Some("application/msgpack") | Some("application/x-msgpack") | Some("application/vnd.msgpack") => true,
+        Some(other) => {
+            node.metrics.api_request_rejected(ErrorCode::BadRequest.name());
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                format!("unsupported content type {other:?}; use application/json or application/msgpack"),
+            )
+            .with_status(StatusCode::UNSUPPORTED_MEDIA_TYPE));
+        }
+    };
+    let limit = node.config.max_api_body_bytes;
+    let body = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
+        node.metrics.api_request_rejected(ErrorCode::TooLarge.name());
+        ApiError::new(ErrorCode::TooLarge, format!("body larger than {limit} bytes (max_api_body_bytes)"))
+    })?;
+    let parsed = if msgpack {
+        rmp_serde::from_slice(&body).map_err(|e| e.to_string())
+    } else {
+        serde_json::from_slice(&body).map_err(|e| e.to_string())
+    };
+    parsed.map_err(|e| {
+        node.metrics.api_request_rejected(ErrorCode::BadRequest.name());
+        ApiError::new(ErrorCode::BadRequest, format!("malformed body: {e}"))
+    })
+}
+
+/// Publishes one message to a stream; the answer names its position.
+async fn publish_to(node: &Node, channel: &str, data: Value) -> Result<Value, ApiError> {
+    let p = node
+        .broker
+        .publish(channel, data, now_ms())
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()).with_retry_after(1))?;
+    node.metrics.published.increment(1);
+    Ok(json!({ "channel": channel, "seq": p.seq, "epoch": &*p.epoch }))
+}
+
+async fn publish_item(node: &Node, item: BatchItem) -> Result<Value, ApiError> {
+    match item {
+        BatchItem::Publish(p) => {
+            validate_channel(&p.channel)
+                .map_err(|e| ApiError::new(ErrorCode::InvalidChannel, format!("channel {:?}: {e}", p.channel)))?;
+            publish_to(node, &p.channel, p.data).await
+        }
+        BatchItem::Send(s) => {
+            validate_user(&s.user).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, format!("user {:?}: {e}", s.user)))?;
+            let mut v = publish_to(node, &user_channel(&s.user), s.data).await?;
+            v["user"] = Value::String(s.user);
+            Ok(v)
+        }
+    }
+}
+
+fn answer(r: Result<Value, ApiError>) -> Response {
+    match r {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /api/publish` `{"channel", "data"}`.
+pub async fn publish(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let r = match read::<PublishRequest>(&node, req).await {
+        Ok(p) => publish_item(&node, BatchItem::Publish(p)).await,
+        Err(e) => Err(e),
+    };
+    answer(r)
+}
+
+/// `POST /api/send` `{"user", "data"}`: to the user's own stream.
+pub async fn send(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let r = match read::<SendRequest>(&node, req).await {
+        Ok(s) => publish_item(&node, BatchItem::Send(s)).await,
+        Err(e) => Err(e),
+    };
+    answer(r)
+}
+
+/// `POST /api/batch` `{"items": [...]}`: each item published in order; the
+/// answer has one result (or error) per item, in the same order.
+pub async fn batch(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let batch = match read::<BatchRequest>(&node, req).await {
+        Ok(b) => b,
+        Err(e) => return e.into_response(),
+    };
+    if batch.items.len() > MAX_BATCH_ITEMS {
+        return ApiError::new(ErrorCode::TooLarge, format!("at most {MAX_BATCH_ITEMS} items per batch")).into_response();
+    }
+    let mut results = Vec::with_capacity(batch.items.len());
+    for item in batch.items {
+        results.push(match publish_item(&node, item).await {
+            Ok(v) => v,
+            Err(e) => e.body(),
+        });
+    }
+    Json(json!({ "results": results })).into_response()
+}

@@ -1,0 +1,245 @@
+//! Connection tokens (JWT) and API keys.
+//!
+//! A connection token names the user (`sub`), when it expires (`exp`) and the
+//! channels it may subscribe to and publish on, as glob patterns (`*` any run
+//! of characters, `?` one character):
+//!
+//! ```json
+//! {"sub": "alice", "exp": 1767225600, "subscribe": ["news", "chat:*"], "publish": ["chat:*"]}
+//! ```
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use wildmatch::WildMatch;
+
+use crate::config::Config;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Claims {
+    pub sub: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exp: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    #[serde(default)]
+    pub publish: Vec<String>,
+}
+
+/// Channel patterns a token grants.
+#[derive(Debug, Clone)]
+pub struct Patterns {
+    any: bool,
+    globs: Vec<WildMatch>,
+}
+
+impl Patterns {
+    pub fn any() -> Self {
+        Self { any: true, globs: Vec::new() }
+    }
+
+    pub fn from_globs(globs: &[String]) -> Self {
+        Self { any: false, globs: globs.iter().map(|g| WildMatch::new(g)).collect() }
+    }
+
+    pub fn allows(&self, channel: &str) -> bool {
+        self.any || self.globs.iter().any(|g| g.matches(channel))
+    }
+}
+
+/// Who a connection is and what it may do.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// Empty for an anonymous (dev mode) connection.
+    pub user: String,
+    /// Unix seconds.
+    pub expires_at: Option<u64>,
+    pub subscribe: Patterns,
+    pub publish: Patterns,
+}
+
+impl Identity {
+    pub fn anonymous() -> Self {
+        Self { user: String::new(), expires_at: None, subscribe: Patterns::any(), publish: Patterns::any() }
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        self.user.is_empty()
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("a token is required")]
+    Missing,
+    #[error("token rejected: {0}")]
+    Invalid(String),
+    #[error("token expired")]
+    Expired,
+    #[error("missing or unknown API key")]
+    BadApiKey,
+}
+
+impl AuthError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Expired => ErrorCode::TokenExpired,
+            _ => ErrorCode::Unauthorized,
+        }
+    }
+}
+
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Verifies tokens and API keys with the node's configured keys.
+pub struct Auth {
+    verifiers: Vec<(DecodingKey, Validation)>,
+    minting: Option<EncodingKey>,
+    dev: bool,
+    api_keys: Vec<String>,
+}
+
+impl Auth {
+    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+        let mut verifiers = Vec::new();
+        let validation = |alg| {
+            let mut v = Validation::new(alg);
+            v.leeway = 0;
+            // Tokens without `exp` never expire; with it, it is checked.
+            v.required_spec_claims = ["sub".to_owned()].into_iter().collect();
+            v.validate_exp = true;
+            v
+        };
+        let mut minting = None;
+        if let Some(secret) = &config.jwt_secret {
+            verifiers.push((DecodingKey::from_secret(secret.as_bytes()), validation(Algorithm::HS256)));
+            minting = Some(EncodingKey::from_secret(secret.as_bytes()));
+        }
+        if let Some(path) = &config.jwt_public_key_file {
+            let pem = std::fs::read(path)?;
+            let (key, alg) = match config.jwt_algorithm.as_str() {
+                "ES256" => (DecodingKey::from_ec_pem(&pem)?, Algorithm::ES256),
+                _ => (DecodingKey::from_rsa_pem(&pem)?, Algorithm::RS256),
+            };
+            verifiers.push((key, validation(alg)));
+        }
+        Ok(Self { verifiers, minting, dev: config.dev, api_keys: config.api_keys() })
+    }
+
+    pub fn dev(&self) -> bool {
+        self.dev
+    }
+
+    /// The identity a connection token grants; no token is anonymous in dev
+    /// mode and refused otherwise.
+    pub fn identify(&self, token: Option<&str>) -> Result<Identity, AuthError> {
+        match token.filter(|t| !t.is_empty()) {
+            None if self.dev => Ok(Identity::anonymous()),
+            None => Err(AuthError::Missing),
+            Some(token) => self.verify(token),
+        }
+    }
+
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let mut last = AuthError::Invalid(format!("no key configured for {:?} tokens", header.alg));
+        for (key, validation) in &self.verifiers {
+            if !validation.algorithms.contains(&header.alg) {
+                continue;
+            }
+            match decode::<Claims>(token, key, validation) {
+                Ok(data) => {
+                    let c = data.claims;
+                    protocol::validate_user(&c.sub).map_err(|e| AuthError::Invalid(e.to_string()))?;
+                    return Ok(Identity {
+                        user: c.sub,
+                        expires_at: c.exp,
+                        subscribe: Patterns::from_globs(&c.subscribe),
+                        publish: Patterns::from_globs(&c.publish),
+                    });
+                }
+                Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::ExpiredSignature) => {
+                    return Err(AuthError::Expired)
+                }
+                Err(e) => last = AuthError::Invalid(e.to_string()),
+            }
+        }
+        Err(last)
+    }
+
+    /// Checks an `Authorization` header value against the API keys. Open in
+    /// dev mode when no key is configured.
+    pub fn check_api_key(&self, authorization: Option<&str>) -> Result<(), AuthError> {
+        if self.api_keys.is_empty() && self.dev {
+            return Ok(());
+        }
+        let presented = authorization.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
+        match presented {
+            Some(k) if self.api_keys.iter().any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) => Ok(()),
+            _ => Err(AuthError::BadApiKey),
+        }
+    }
+
+    /// Mints an HS256 connection token (for `gateway token` and tests).
+    pub fn mint(&self, claims: &Claims) -> anyhow::Result<String> {
+        let key = self
+            .minting
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("minting tokens needs GATEWAY_JWT_SECRET (HS256)"))?;
+        Ok(encode(&Header::new(Algorithm::HS256), claims, key)?)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth() -> Auth {
+        let config = Config {
+            jwt_secret: Some("0123456789abcdef0123".into()),
+            api_keys: "k1, k2".into(),
+            ..Config::default()
+        };
+        Auth::from_config(&config).expect("auth")
+    }
+
+    #[test]
+    fn tokens_verify_and_grant_patterns() {
+        let a = auth();
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: Some(now_secs() + 60),
+            iat: None,
+            subscribe: vec!["news".into(), "chat:*".into()],
+            publish: vec![],
+        };
+        let id = a.verify(&a.mint(&claims).expect("mint")).expect("verify");
+        assert_eq!(id.user, "alice");
+        assert!(id.subscribe.allows("chat:1"));
+        assert!(!id.subscribe.allows("secret"));
+        assert!(!id.publish.allows("chat:1"));
+        let expired = Claims { exp: Some(now_secs() - 10), ..claims };
+        assert_eq!(a.verify(&a.mint(&expired).expect("mint")).unwrap_err(), AuthError::Expired);
+        assert!(matches!(a.verify("not-a-jwt"), Err(AuthError::Invalid(_))));
+        assert_eq!(a.identify(None).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn api_keys() {
+        let a = auth();
+        assert!(a.check_api_key(Some("Bearer k2")).is_ok());
+        assert_eq!(a.check_api_key(Some("Bearer nope")), Err(AuthError::BadApiKey));
+        assert_eq!(a.check_api_key(None), Err(AuthError::BadApiKey));
+    }
+}

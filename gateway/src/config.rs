@@ -1,0 +1,249 @@
+//! Node configuration: one struct, loaded once at start from defaults, an
+//! optional TOML file, `GATEWAY_*` environment variables and command-line
+//! flags (later ones win), then validated with clear messages.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Every setting of a node. Field names are the config-file keys; the
+/// environment variable is the name upper-cased with a `GATEWAY_` prefix
+/// (`replay_window_ms` -> `GATEWAY_REPLAY_WINDOW_MS`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on for every route (WebSocket, SSE, API, ops).
+    pub addr: SocketAddr,
+    /// Accept anonymous connections and unauthenticated API calls. Never in production.
+    pub dev: bool,
+    /// This node's name in logs, metrics and (in a cluster) the registry.
+    /// Default: `node-` plus a random suffix.
+    pub node_id: Option<String>,
+
+    /// HS256 secret for connection tokens (and for `gateway token`).
+    pub jwt_secret: Option<String>,
+    /// PEM file with the public key for RS256 / ES256 connection tokens.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Algorithm of `jwt_public_key_file` tokens: `RS256` or `ES256`.
+    pub jwt_algorithm: String,
+    /// API keys for the publish API, comma-separated.
+    pub api_keys: String,
+
+    /// How long published messages stay resumable.
+    pub replay_window_ms: u64,
+    /// How many messages per channel stay resumable.
+    pub replay_max_messages: usize,
+    /// How long a channel's sequence and epoch survive with no publish. When
+    /// they expire the channel restarts at a new epoch.
+    pub stream_meta_ttl_ms: u64,
+
+    /// Largest WebSocket frame (message) a client may send, in bytes.
+    pub max_frame_bytes: usize,
+    /// Bytes a connection may have queued for writing before it is cut as a
+    /// slow consumer (close 4001).
+    pub max_queue_bytes: usize,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Commands per second a connection may send (sustained).
+    pub command_rate: u32,
+    /// Commands a connection may send in a burst.
+    pub command_burst: u32,
+    /// Largest publish API request body, in bytes.
+    pub max_api_body_bytes: usize,
+    /// Channels one SSE stream may name.
+    pub max_sse_channels: usize,
+
+    /// How often the server sends `ping`.
+    pub ping_interval_ms: u64,
+    /// Close a connection that sent nothing for this long (4002).
+    pub idle_timeout_ms: u64,
+    /// Close a WebSocket that sent no `connect` within this time (4002).
+    pub connect_timeout_ms: u64,
+    /// Send `refresh_required` this long before a token expires.
+    pub refresh_window_ms: u64,
+    /// How often an SSE stream gets a keep-alive comment.
+    pub sse_keepalive_ms: u64,
+    /// The `retry:` an SSE stream tells EventSource to wait before reconnecting.
+    pub sse_retry_ms: u64,
+    /// Initial read buffer of a WebSocket, in bytes (it grows for big frames).
+    /// Small keeps idle connections cheap.
+    pub ws_read_buffer_bytes: usize,
+    /// Bytes of outgoing frames gathered before a socket write.
+    pub ws_write_buffer_bytes: usize,
+
+    /// How long a shutdown waits for connections to go before closing them.
+    pub shutdown_timeout_ms: u64,
+
+    /// `text` or `json`.
+    pub log_format: String,
+    /// Log filter, as for `RUST_LOG` (e.g. `info,gateway=debug`).
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            dev: false,
+            node_id: None,
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            jwt_algorithm: "RS256".into(),
+            api_keys: String::new(),
+            replay_window_ms: 120_000,
+            replay_max_messages: 1000,
+            stream_meta_ttl_ms: 24 * 3600 * 1000,
+            max_frame_bytes: 64 * 1024,
+            max_queue_bytes: 1024 * 1024,
+            max_subscriptions: 128,
+            command_rate: 100,
+            command_burst: 200,
+            max_api_body_bytes: 1024 * 1024,
+            max_sse_channels: 32,
+            ping_interval_ms: 25_000,
+            idle_timeout_ms: 60_000,
+            connect_timeout_ms: 10_000,
+            refresh_window_ms: 60_000,
+            sse_keepalive_ms: 15_000,
+            sse_retry_ms: 2_000,
+            ws_read_buffer_bytes: 1024,
+            ws_write_buffer_bytes: 16 * 1024,
+            shutdown_timeout_ms: 10_000,
+            log_format: "text".into(),
+            log: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// Values given on the command line; `None` leaves the other sources alone.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dev: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (if any), then `GATEWAY_*` variables, then
+    /// `overrides`, and validates the result.
+    pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = file {
+            if !file.exists() {
+                return Err(ConfigError::Invalid(format!("config file {} does not exist", file.display())));
+            }
+            fig = fig.merge(Toml::file(file));
+        }
+        // GATEWAY_CONFIG names the file and is not a setting itself.
+        fig = fig.merge(Env::prefixed("GATEWAY_").ignore(&["config"]));
+        fig = fig.merge(Serialized::defaults(overrides));
+        let config: Config = fig.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value once, so a bad setting stops the node at start with
+    /// a message naming it.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let positive: [(&str, u64); 9] = [
+            ("replay_window_ms", self.replay_window_ms),
+            ("stream_meta_ttl_ms", self.stream_meta_ttl_ms),
+            ("ping_interval_ms", self.ping_interval_ms),
+            ("idle_timeout_ms", self.idle_timeout_ms),
+            ("connect_timeout_ms", self.connect_timeout_ms),
+            ("sse_keepalive_ms", self.sse_keepalive_ms),
+            ("command_rate", u64::from(self.command_rate)),
+            ("command_burst", u64::from(self.command_burst)),
+            ("replay_max_messages", self.replay_max_messages as u64),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return bad(format!("{name} must be greater than 0"));
+            }
+        }
+        if self.idle_timeout_ms <= self.ping_interval_ms {
+            return bad(format!(
+                "idle_timeout_ms ({}) must be greater than ping_interval_ms ({}), or every client times out",
+                self.idle_timeout_ms, self.ping_interval_ms
+            ));
+        }
+        if self.stream_meta_ttl_ms < self.replay_window_ms {
+            return bad("stream_meta_ttl_ms must be at least replay_window_ms".into());
+        }
+        if self.max_frame_bytes < 256 {
+            return bad("max_frame_bytes must be at least 256".into());
+        }
+        if self.max_queue_bytes < self.max_frame_bytes {
+            return bad("max_queue_bytes must be at least max_frame_bytes".into());
+        }
+        if self.ws_read_buffer_bytes < 64 {
+            return bad("ws_read_buffer_bytes must be at least 64".into());
+        }
+        if self.max_subscriptions == 0 || self.max_sse_channels == 0 {
+            return bad("max_subscriptions and max_sse_channels must be greater than 0".into());
+        }
+        if !matches!(self.log_format.as_str(), "text" | "json") {
+            return bad(format!("log_format must be `text` or `json`, not {:?}", self.log_format));
+        }
+        if !matches!(self.jwt_algorithm.as_str(), "RS256" | "ES256") {
+            return bad(format!("jwt_algorithm must be RS256 or ES256, not {:?}", self.jwt_algorithm));
+        }
+        if let Some(secret) = &self.jwt_secret {
+            if secret.len() < 16 {
+                return bad("jwt_secret must be at least 16 bytes".into());
+            }
+        }
+        if let Some(f) = &self.jwt_public_key_file {
+            if !f.exists() {
+                return bad(format!("jwt_public_key_file {} does not exist", f.display()));
+            }
+        }
+        if !self.dev && self.jwt_secret.is_none() && self.jwt_public_key_file.is_none() {
+            return bad("no way to verify connection tokens: set GATEWAY_JWT_SECRET or GATEWAY_JWT_PUBLIC_KEY_FILE, or run with --dev for a local trial".into());
+        }
+        if !self.dev && self.api_keys().is_empty() {
+            return bad("no API keys for the publish API: set GATEWAY_API_KEYS (comma-separated), or run with --dev for a local trial".into());
+        }
+        Ok(())
+    }
+
+    pub fn api_keys(&self) -> Vec<String> {
+        self.api_keys.split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned).collect()
+    }
+
+    pub fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_dev_or_keys() {
+        let c = Config { dev: true, ..Config::default() };
+        assert!(c.validate().is_ok());
+        let err = Config::default().validate().unwrap_err().to_string();
+        assert!(err.contains("GATEWAY_JWT_SECRET"), "{err}");
+        let c = Config { dev: true, idle_timeout_ms: 10, ping_interval_ms: 20, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("idle_timeout_ms"));
+    }
+}

@@ -1,0 +1,46 @@
+//! Operations routes: `/livez`, `/readyz`, `/metrics`, and the demo page `/`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{Html, IntoResponse, Response};
+use axum::Json;
+use http::{header, StatusCode};
+use protocol::ErrorCode;
+use serde_json::json;
+
+use crate::errors::ApiError;
+use crate::node::Node;
+
+/// The process is up and serving HTTP.
+pub async fn livez() -> Response {
+    Json(json!({ "status": "ok" })).into_response()
+}
+
+/// Whether the balancer should send new connections here: not while
+/// draining, not while the backbone is down.
+pub async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    let draining = node.is_draining();
+    let backbone = node.broker.healthy();
+    let body = json!({
+        "status": if draining { "draining" } else if !backbone { "degraded" } else { "ready" },
+        "node": node.id,
+        "backbone": if backbone { "up" } else { "down" },
+        "connections": node.open_connections(),
+    });
+    let status = if draining || !backbone { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    (status, Json(body)).into_response()
+}
+
+pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.prometheus.render()).into_response()
+}
+
+/// The live demo page (plain HTML + JS, no build step).
+pub async fn demo() -> Html<&'static str> {
+    Html(include_str!("../static/index.html"))
+}
+
+pub async fn not_found() -> Response {
+    ApiError::new(ErrorCode::NotFound, "no such route; see docs/PROTOCOL.md").into_response()
+}

@@ -1,0 +1,109 @@
+//! The replay store: per-channel sequence numbers, epochs and a short buffer
+//! of recent messages that lets a client resume.
+//!
+//! Contract of every [`ReplayStore`]:
+//! * `append` assigns `top + 1` as the message's sequence, atomically per
+//!   channel: two appends to one channel never get the same sequence, and
+//!   sequences have no holes.
+//! * A channel's epoch stays the same for as long as its history is kept; it
+//!   changes only when the history is lost (the stream's metadata expired or
+//!   the store restarted empty). `top` of a channel never seen before creates
+//!   the stream (epoch fixed, seq 0), so a subscriber that saw seq 0 resumes
+//!   cleanly when the first message comes.
+//! * `read_since` returns either *every* message after the position, in
+//!   order, up to the top at the time of the read, or says why it cannot.
+//!   It never returns part of a gap.
+//! * Messages stay readable for the configured window (time and count).
+
+pub mod memory;
+
+use std::sync::{Arc, OnceLock};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use protocol::{Codec, MessageRef, Position, UnrecoverableReason};
+use serde_json::Value;
+use thiserror::Error;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+pub use memory::MemoryReplayStore;
+
+/// One published message, shared (behind an `Arc`) by the replay buffer and
+/// every connection it is delivered to.
+#[derive(Debug)]
+pub struct Publication {
+    pub channel: Arc<str>,
+    pub seq: u64,
+    pub epoch: Arc<str>,
+    pub data: Value,
+    /// When the publish was accepted, Unix milliseconds.
+    pub ts: u64,
+    // Encoded once per codec, on first use, then shared by every recipient:
+    // a broadcast costs one encode per codec, not one per subscriber.
+    json: OnceLock<Utf8Bytes>,
+    msgpack: OnceLock<Bytes>,
+}
+
+impl Publication {
+    pub fn new(channel: Arc<str>, seq: u64, epoch: Arc<str>, data: Value, ts: u64) -> Self {
+        Self { channel, seq, epoch, data, ts, json: OnceLock::new(), msgpack: OnceLock::new() }
+    }
+
+    fn as_ref(&self) -> MessageRef<'_> {
+        MessageRef { channel: &self.channel, seq: self.seq, epoch: &self.epoch, data: &self.data, ts: Some(self.ts) }
+    }
+
+    /// The `message` frame as JSON text.
+    pub fn json(&self) -> &Utf8Bytes {
+        self.json.get_or_init(|| {
+            let bytes = Codec::Json.encode(&self.as_ref());
+            // serde_json writes UTF-8, so this conversion cannot fail.
+            Utf8Bytes::try_from(bytes).unwrap_or_default()
+        })
+    }
+
+    /// The `message` frame as MessagePack.
+    pub fn msgpack(&self) -> &Bytes {
+        self.msgpack.get_or_init(|| Codec::MsgPack.encode(&self.as_ref()))
+    }
+
+    /// Encoded size for a codec (what a connection's queue is charged).
+    pub fn encoded_len(&self, codec: Codec) -> usize {
+        match codec {
+            Codec::Json => self.json().len(),
+            Codec::MsgPack => self.msgpack().len(),
+        }
+    }
+
+    pub fn position(&self) -> Position {
+        Position::new(self.seq, &*self.epoch)
+    }
+}
+
+/// The answer to a resume.
+#[derive(Debug)]
+pub enum Recovery {
+    /// Every message after the position (possibly none), oldest first, and the
+    /// stream's top at the time of the read.
+    Recovered { publications: Vec<Arc<Publication>>, top: Position },
+    /// What was missed cannot be sent; delivery goes on from `top`.
+    Unrecoverable { reason: UnrecoverableReason, top: Position },
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("replay store unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait ReplayStore: Send + Sync + 'static {
+    /// Appends a message to a channel's stream, assigning its sequence.
+    async fn append(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, StoreError>;
+
+    /// Every message after `since`, or why not.
+    async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError>;
+
+    /// The stream's current position (creating the stream if it is new).
+    async fn top(&self, channel: &str) -> Result<Position, StoreError>;
+}

@@ -1,0 +1,328 @@
+//! A connection's state, shared by both transports: its subscriptions, where
+//! it is in each channel stream, and the rules that turn queued publications
+//! and resumes into exactly-once, in-order delivery.
+//!
+//! Delivery invariant: for every subscribed channel the session remembers the
+//! last sequence it handed to its transport (`last`). It hands on a
+//! publication only if its sequence is `last + 1`; anything at or below
+//! `last` is a duplicate and dropped; anything above `last + 1` is a gap,
+//! filled from the replay store before the publication goes out (or, if the
+//! store no longer has it, announced with an `unrecoverable` frame). So the
+//! order in which the hub queued things and the resume read raced does not
+//! matter: what the client sees is contiguous.
+//!
+//! Subscribe invariant: the session joins the hub *before* it reads the
+//! replay store, so every message is either in what the read returns or
+//! arrives through the queue afterwards (possibly both; then the queue copy is
+//! a duplicate and dropped).
+
+pub mod queue;
+pub mod ratelimit;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use protocol::{
+    validate_channel, Codec, ErrorCode, Position, ServerFrame, Subscribed, Unrecoverable, UnrecoverableReason,
+};
+use tracing::warn;
+
+use crate::hub::SessionShared;
+use crate::node::Node;
+use crate::replay::{Publication, Recovery};
+use queue::OutboundQueue;
+
+/// Something the transport must write, in order.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// A `message` frame (already encoded on the publication).
+    Publication(Arc<Publication>),
+    /// Any other frame.
+    Frame(ServerFrame),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Ws,
+    Sse,
+}
+
+struct SubState {
+    epoch: Arc<str>,
+    last: u64,
+}
+
+/// The connection's outbound queue overflowed: cut it (4001).
+#[derive(Debug)]
+pub struct SlowConsumer;
+
+pub struct Session {
+    pub node: Arc<Node>,
+    pub shared: Arc<SessionShared>,
+    pub transport: Transport,
+    subs: HashMap<Arc<str>, SubState>,
+    scratch: Vec<Arc<Publication>>,
+}
+
+impl Session {
+    pub fn new(node: Arc<Node>, codec: Codec, transport: Transport) -> Self {
+        let shared = Arc::new(SessionShared {
+            id: node.next_session_id(),
+            codec,
+            queue: OutboundQueue::new(node.config.max_queue_bytes),
+        });
+        node.connection_opened();
+        match transport {
+            Transport::Ws => node.metrics.connections_ws.increment(1.0),
+            Transport::Sse => node.metrics.connections_sse.increment(1.0),
+        }
+        Self { node, shared, transport, subs: HashMap::new(), scratch: Vec::new() }
+    }
+
+    pub fn client_id(&self) -> String {
+        format!("{}-{}", self.node.id, self.shared.id)
+    }
+
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.subs.contains_key(channel)
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subs.len()
+    }
+
+    /// Where the client is in `channel` (after everything handed out so far).
+    pub fn position(&self, channel: &str) -> Option<Position> {
+        self.subs.get(channel).map(|s| Position::new(s.last, &*s.epoch))
+    }
+
+    /// Checks a client-given channel name and the session's limits.
+    pub fn check_new_subscription(&self, channel: &str) -> Result<(), ErrorCode> {
+        validate_channel(channel).map_err(|_| ErrorCode::InvalidChannel)?;
+        if self.subs.contains_key(channel) {
+            return Err(ErrorCode::AlreadySubscribed);
+        }
+        if self.subs.len() >= self.node.config.max_subscriptions {
+            return Err(ErrorCode::TooManySubscriptions);
+        }
+        Ok(())
+    }
+
+    /// Subscribes to `channel` (resuming after `since` if given) and pushes
+    /// the `subscribed` frame, then the replayed messages or the
+    /// `unrecoverable` notice, onto `out`. Names are not checked here (the
+    /// user's own stream is reserved); see [`Session::check_new_subscription`].
+    pub async fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        channel: &str,
+        since: Option<Position>,
+        out: &mut Vec<Outgoing>,
+    ) -> Result<(), ErrorCode> {
+        let node = self.node.clone();
+        if node.hub.subscribe(channel, &self.shared) {
+            if let Err(e) = node.broker.subscribe(channel).await {
+                warn!(channel, error = %e, "backbone subscribe failed");
+                self.leave_hub(channel);
+                return Err(ErrorCode::Unavailable);
+            }
+        }
+        let result = match &since {
+            None => node.store.top(channel).await.map(|top| (Recovery::Recovered { publications: vec![], top }, false)),
+            Some(p) => node.store.read_since(channel, p).await.map(|r| (r, true)),
+        };
+        let (recovery, resuming) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(channel, error = %e, "replay store read failed");
+                self.leave_hub(channel);
+                return Err(ErrorCode::Unavailable);
+            }
+        };
+        let key: Arc<str> = Arc::from(channel);
+        match recovery {
+            Recovery::Recovered { publications, top } => {
+                out.push(Outgoing::Frame(ServerFrame::Subscribed(Subscribed {
+                    id,
+                    channel: channel.to_owned(),
+                    epoch: top.epoch.clone(),
+                    seq: top.seq,
+                    recovered: resuming.then_some(true),
+                })));
+                if resuming {
+                    node.metrics.resumes_recovered.increment(1);
+                    node.metrics.replayed.increment(publications.len() as u64);
+                }
+                let epoch: Arc<str> = Arc::from(top.epoch.as_str());
+                let mut last = since.map_or(top.seq, |p| p.seq);
+                for p in publications {
+                    if p.seq == last + 1 {
+                        last = p.seq;
+                        out.push(Outgoing::Publication(p));
+                    }
+                }
+                self.subs.insert(key, SubState { epoch, last });
+            }
+            Recovery::Unrecoverable { reason, top } => {
+                node.metrics.resumes_unrecoverable.increment(1);
+                out.push(Outgoing::Frame(ServerFrame::Subscribed(Subscribed {
+                    id,
+                    channel: channel.to_owned(),
+                    epoch: top.epoch.clone(),
+                    seq: top.seq,
+                    recovered: Some(false),
+                })));
+                out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
+                    channel: channel.to_owned(),
+                    reason,
+                    epoch: top.epoch.clone(),
+                    seq: top.seq,
+                })));
+                self.subs.insert(key, SubState { epoch: Arc::from(top.epoch.as_str()), last: top.seq });
+            }
+        }
+        node.metrics.subscriptions.increment(1.0);
+        Ok(())
+    }
+
+    /// Ends a subscription; false if there was none.
+    pub fn unsubscribe(&mut self, channel: &str) -> bool {
+        if self.subs.remove(channel).is_none() {
+            return false;
+        }
+        self.node.metrics.subscriptions.decrement(1.0);
+        self.leave_hub(channel);
+        true
+    }
+
+    fn leave_hub(&self, channel: &str) {
+        if self.node.hub.unsubscribe(channel, self.shared.id) {
+            let node = self.node.clone();
+            let channel = channel.to_owned();
+            tokio::spawn(async move {
+                if let Err(e) = node.broker.unsubscribe(&channel).await {
+                    warn!(channel, error = %e, "backbone unsubscribe failed");
+                }
+            });
+        }
+    }
+
+    /// Waits until the queue has something (cancel-safe).
+    pub async fn queue_ready(&self) {
+        self.shared.queue.ready().await;
+    }
+
+    /// Turns everything queued into what the transport must write, applying
+    /// the delivery invariant (module docs).
+    pub async fn drain_queue(&mut self, out: &mut Vec<Outgoing>) -> Result<(), SlowConsumer> {
+        let mut batch = std::mem::take(&mut self.scratch);
+        if self.shared.queue.drain_into(&mut batch) {
+            return Err(SlowConsumer);
+        }
+        for p in batch.drain(..) {
+            self.admit(p, out).await;
+        }
+        self.scratch = batch;
+        Ok(())
+    }
+
+    /// Applies the delivery invariant to one publication.
+    pub async fn admit(&mut self, p: Arc<Publication>, out: &mut Vec<Outgoing>) {
+        let node = self.node.clone();
+        let Some(st) = self.subs.get_mut(&*p.channel) else {
+            return; // unsubscribed since it was queued
+        };
+        if st.epoch != p.epoch {
+            // The stream lost its history; say so, then follow the new epoch
+            // from its start (what of it is still stored is filled below).
+            node.metrics.unrecoverable_live.increment(1);
+            out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
+                channel: p.channel.to_string(),
+                reason: UnrecoverableReason::EpochChanged,
+                epoch: p.epoch.to_string(),
+                seq: 0,
+            })));
+            st.epoch = p.epoch.clone();
+            st.last = 0;
+        }
+        if p.seq <= st.last {
+            node.metrics.duplicates_suppressed.increment(1);
+            return;
+        }
+        if p.seq > st.last + 1 {
+            let since = Position::new(st.last, &*st.epoch);
+            match node.store.read_since(&p.channel, &since).await {
+                Ok(Recovery::Recovered { publications, .. }) => {
+                    let st = self.subs.get_mut(&*p.channel).expect("checked above; nothing removes it meanwhile");
+                    for q in publications {
+                        if q.seq == st.last + 1 && q.seq < p.seq {
+                            st.last = q.seq;
+                            node.metrics.replayed.increment(1);
+                            out.push(Outgoing::Publication(q));
+                        }
+                    }
+                }
+                Ok(Recovery::Unrecoverable { reason, .. }) => {
+                    node.metrics.unrecoverable_live.increment(1);
+                    out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
+                        channel: p.channel.to_string(),
+                        reason,
+                        epoch: p.epoch.to_string(),
+                        seq: p.seq - 1,
+                    })));
+                }
+                Err(e) => warn!(channel = %p.channel, error = %e, "gap repair read failed; reporting unrecoverable"),
+            }
+            let st = self.subs.get_mut(&*p.channel).expect("checked above; nothing removes it meanwhile");
+            if p.seq > st.last + 1 {
+                // Whatever could not be filled is gone for this client.
+                if !matches!(out.last(), Some(Outgoing::Frame(ServerFrame::Unrecoverable(_)))) {
+                    out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
+                        channel: p.channel.to_string(),
+                        reason: UnrecoverableReason::TooOld,
+                        epoch: p.epoch.to_string(),
+                        seq: p.seq - 1,
+                    })));
+                }
+                st.last = p.seq - 1;
+            }
+        }
+        let st = self.subs.get_mut(&*p.channel).expect("checked above; nothing removes it meanwhile");
+        st.last = p.seq;
+        out.push(Outgoing::Publication(p));
+    }
+
+    /// Counts written messages and samples latency (once per batch, for its
+    /// oldest message).
+    pub fn record_written(&self, count: u64, oldest_ts: Option<u64>) {
+        if count == 0 {
+            return;
+        }
+        match self.transport {
+            Transport::Ws => self.node.metrics.delivered_ws.increment(count),
+            Transport::Sse => self.node.metrics.delivered_sse.increment(count),
+        }
+        if let Some(ts) = oldest_ts {
+            let now = crate::node::now_ms();
+            self.node.metrics.delivery_latency.record(now.saturating_sub(ts) as f64 / 1000.0);
+        }
+    }
+
+    pub fn slow_consumer(&self) {
+        self.node.metrics.slow_consumer_disconnects.increment(1);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        let channels: Vec<Arc<str>> = self.subs.keys().cloned().collect();
+        for c in channels {
+            self.unsubscribe(&c);
+        }
+        match self.transport {
+            Transport::Ws => self.node.metrics.connections_ws.decrement(1.0),
+            Transport::Sse => self.node.metrics.connections_sse.decrement(1.0),
+        }
+        self.node.connection_closed();
+    }
+}

@@ -1,0 +1,108 @@
+//! Logs and metrics.
+//!
+//! Every metric the node exports is created here, once, as a handle in
+//! [`Metrics`]; the hot paths increment handles and never look a metric up by
+//! name. Names follow `gateway_<what>_<unit>`, counters end in `_total`.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::config::Config;
+
+/// Starts tracing (text or JSON lines on stderr).
+pub fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A second init (tests that start several nodes in one process) is harmless.
+    let _ = if config.log_format == "json" { builder.json().try_init() } else { builder.try_init() };
+}
+
+/// Installs the Prometheus recorder for this process and returns the handle
+/// that renders `/metrics`. A process holds one recorder; a second call
+/// returns a handle of a fresh, unused recorder (tests that start several
+/// nodes in one process then see their metrics in the first one).
+pub fn init_metrics() -> PrometheusHandle {
+    let latency_buckets = [
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ];
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
+        .expect("bucket list is not empty");
+    match builder.install_recorder() {
+        Ok(handle) => handle,
+        Err(_) => PrometheusBuilder::new().build_recorder().handle(),
+    }
+}
+
+/// Handles to every metric, created once per node.
+#[derive(Clone)]
+pub struct Metrics {
+    pub connections_ws: Gauge,
+    pub connections_sse: Gauge,
+    pub subscriptions: Gauge,
+    pub published: Counter,
+    pub delivered_ws: Counter,
+    pub delivered_sse: Counter,
+    pub delivery_latency: Histogram,
+    pub replayed: Counter,
+    pub duplicates_suppressed: Counter,
+    pub resumes_recovered: Counter,
+    pub resumes_unrecoverable: Counter,
+    pub unrecoverable_live: Counter,
+    pub slow_consumer_disconnects: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Rejections are rare, so they are looked up by name when they happen.
+    pub fn frame_rejected(&self, reason: &'static str) {
+        metrics::counter!("gateway_frames_rejected_total", "reason" => reason).increment(1);
+    }
+
+    pub fn api_request_rejected(&self, reason: &'static str) {
+        metrics::counter!("gateway_api_requests_rejected_total", "reason" => reason).increment(1);
+    }
+
+    pub fn new() -> Self {
+        describe_gauge!("gateway_connections", "Open client connections, by transport.");
+        describe_gauge!("gateway_subscriptions", "Channel subscriptions held by connections on this node.");
+        describe_counter!("gateway_messages_published_total", "Messages accepted for publishing on this node.");
+        describe_counter!(
+            "gateway_messages_delivered_total",
+            "Messages written to client connections, by transport (fan-out = delivered / published)."
+        );
+        describe_histogram!(
+            "gateway_delivery_latency_seconds",
+            Unit::Seconds,
+            "Publish accepted -> written to the socket, one sample per write batch (its oldest message)."
+        );
+        describe_counter!("gateway_messages_replayed_total", "Messages sent from the replay store on resume or gap repair.");
+        describe_counter!("gateway_duplicates_suppressed_total", "Messages not sent because the connection already had them.");
+        describe_counter!("gateway_resumes_total", "Subscriptions that resumed from a position, by result.");
+        describe_counter!("gateway_unrecoverable_total", "Unrecoverable notices sent, by where they arose.");
+        describe_counter!("gateway_slow_consumer_disconnects_total", "Connections cut because their outbound queue overflowed.");
+        describe_counter!("gateway_frames_rejected_total", "Client frames answered with an error, by error name.");
+        describe_counter!("gateway_api_requests_rejected_total", "Publish API requests answered with an error, by error name.");
+        Self {
+            connections_ws: metrics::gauge!("gateway_connections", "transport" => "ws"),
+            connections_sse: metrics::gauge!("gateway_connections", "transport" => "sse"),
+            subscriptions: metrics::gauge!("gateway_subscriptions"),
+            published: metrics::counter!("gateway_messages_published_total"),
+            delivered_ws: metrics::counter!("gateway_messages_delivered_total", "transport" => "ws"),
+            delivered_sse: metrics::counter!("gateway_messages_delivered_total", "transport" => "sse"),
+            delivery_latency: metrics::histogram!("gateway_delivery_latency_seconds"),
+            replayed: metrics::counter!("gateway_messages_replayed_total"),
+            duplicates_suppressed: metrics::counter!("gateway_duplicates_suppressed_total"),
+            resumes_recovered: metrics::counter!("gateway_resumes_total", "result" => "recovered"),
+            resumes_unrecoverable: metrics::counter!("gateway_resumes_total", "result" => "unrecoverable"),
+            unrecoverable_live: metrics::counter!("gateway_unrecoverable_total", "where" => "live"),
+            slow_consumer_disconnects: metrics::counter!("gateway_slow_consumer_disconnects_total"),
+        }
+    }
+}

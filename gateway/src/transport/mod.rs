@@ -1,0 +1,6 @@
+//! Client transports: WebSocket (both directions) and SSE (server to client
+//! only). Both drive a [`Session`](crate::session::Session); they differ only
+//! in how frames reach the wire.
+
+pub mod sse;
+pub mod ws;

@@ -1,0 +1,463 @@
+//! WebSocket transport at `/ws`: the upgrade, the `connect` handshake, and
+//! the connection's loop (inbound commands, outbound queue, heartbeats,
+//! token expiry, shutdown).
+//!
+//! One task per connection owns both directions of the socket; outbound
+//! messages are fed into tungstenite's write buffer and flushed once per
+//! drained queue, so a burst costs one write() call, not one per message.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, StatusCode};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use protocol::{
+    user_channel, validate_channel, ClientFrame, CloseCode, Codec, Connected, DecodeError, ErrorCode, ErrorFrame,
+    Pong, Published, RefreshRequired, Refreshed, ServerFrame, Unsubscribed,
+};
+use tokio::time::{sleep_until, timeout};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
+use tracing::debug;
+
+use crate::auth::{now_secs, AuthError, Identity};
+use crate::errors::ApiError;
+use crate::node::{now_ms, Lifecycle, Node};
+use crate::session::ratelimit::RateLimit;
+use crate::session::{Outgoing, Session, Transport};
+
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// `GET /ws`: checks the handshake, picks the codec, and hands the upgraded
+/// socket to a connection task.
+pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Response {
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|v| v.trim().eq_ignore_ascii_case(token))
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return ApiError::new(ErrorCode::BadRequest, "this endpoint takes WebSocket upgrades only").into_response();
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        return ApiError::new(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13").into_response();
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return ApiError::new(ErrorCode::BadRequest, "missing Sec-WebSocket-Key").into_response();
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let offered: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|s| s.trim().to_owned())
+        .collect();
+    let codec = match offered.iter().find_map(|p| Codec::from_subprotocol(p)) {
+        Some(c) => Some(c),
+        None if offered.is_empty() => None,
+        None => {
+            return ApiError::new(
+                ErrorCode::BadRequest,
+                format!(
+                    "no supported subprotocol offered; use {} or {}",
+                    Codec::JSON_SUBPROTOCOL,
+                    Codec::MSGPACK_SUBPROTOCOL
+                ),
+            )
+            .into_response()
+        }
+    };
+    if node.is_draining() {
+        return ApiError::new(ErrorCode::Unavailable, "node is draining; reconnect through the balancer")
+            .with_retry_after(1)
+            .into_response();
+    }
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return ApiError::new(ErrorCode::BadRequest, "connection cannot be upgraded").into_response();
+    };
+    let config = WebSocketConfig::default()
+        .read_buffer_size(node.config.ws_read_buffer_bytes)
+        .write_buffer_size(node.config.ws_write_buffer_bytes)
+        .max_write_buffer_size(node.config.max_queue_bytes.saturating_mul(2).max(node.config.ws_write_buffer_bytes * 2))
+        .max_message_size(Some(node.config.max_frame_bytes))
+        .max_frame_size(Some(node.config.max_frame_bytes));
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                run(node, socket, codec.unwrap_or(Codec::Json)).await;
+            }
+            Err(e) => debug!(error = %e, "websocket upgrade failed"),
+        }
+    });
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = res.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&accept) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
+    }
+    if let Some(c) = codec {
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(c.subprotocol()));
+    }
+    res
+}
+
+fn encode(codec: Codec, frame: &ServerFrame) -> Message {
+    let bytes = codec.encode(frame);
+    match codec {
+        Codec::MsgPack => Message::Binary(bytes),
+        // JSON encoding is UTF-8 by construction.
+        Codec::Json => Message::Text(Utf8Bytes::try_from(bytes).unwrap_or_default()),
+    }
+}
+
+/// Sends a close frame and lets the socket go.
+async fn close(socket: &mut Socket, code: CloseCode) {
+    let frame = CloseFrame { code: WsCloseCode::from(code.code()), reason: code.reason().into() };
+    let _ = timeout(Duration::from_secs(1), socket.close(Some(frame))).await;
+}
+
+async fn send_error(socket: &mut Socket, codec: Codec, id: Option<u64>, code: ErrorCode, message: String) {
+    let _ = socket.send(encode(codec, &ServerFrame::Error(ErrorFrame::new(id, code, message)))).await;
+}
+
+/// Runs one connection to its end.
+async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
+    let Some((connect, identity)) = handshake(&node, &mut socket, codec).await else {
+        return;
+    };
+    let mut conn = Connection {
+        session: Session::new(node.clone(), codec, Transport::Ws),
+        socket,
+        codec,
+        identity,
+        rate: RateLimit::new(node.config.command_rate, node.config.command_burst),
+        out: Vec::new(),
+        last_recv: Instant::now(),
+        next_ping: Instant::now() + node.ms(node.config.ping_interval_ms),
+        refresh_sent: false,
+    };
+    // Boxed: the connect path is large and runs once; keeping it out of the
+    // loop's future keeps every idle connection small.
+    let code = Box::pin(conn.start(connect)).await;
+    let code = match code {
+        Some(code) => Some(code),
+        None => conn.serve().await,
+    };
+    if let Some(code) = code {
+        close(&mut conn.socket, code).await;
+    }
+}
+
+/// Waits for `connect` and authenticates it; on failure answers and closes.
+async fn handshake(node: &Node, socket: &mut Socket, codec: Codec) -> Option<(protocol::Connect, Identity)> {
+    let deadline = node.ms(node.config.connect_timeout_ms);
+    let first = loop {
+        match timeout(deadline, socket.next()).await {
+            Err(_) => {
+                close(socket, CloseCode::IdleTimeout).await;
+                return None;
+            }
+            Ok(None) | Ok(Some(Err(_))) => return None,
+            Ok(Some(Ok(Message::Close(_)))) => return None,
+            Ok(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => break m,
+            Ok(Some(Ok(_))) => continue,
+        }
+    };
+    let decoded = match &first {
+        Message::Text(t) => Codec::Json.decode_client(t.as_bytes()),
+        Message::Binary(b) => Codec::MsgPack.decode_client(b),
+        _ => unreachable!("only data frames break the loop"),
+    };
+    let connect = match decoded {
+        Ok(ClientFrame::Connect(c)) => c,
+        Ok(other) => {
+            node.metrics.frame_rejected(ErrorCode::NotConnected.name());
+            send_error(socket, codec, other.id(), ErrorCode::NotConnected, "the first frame must be `connect`".into())
+                .await;
+            close(socket, CloseCode::BadProtocol).await;
+            return None;
+        }
+        Err(e) => {
+            node.metrics.frame_rejected(e.code().name());
+            send_error(socket, codec, None, e.code(), format!("{e}; the first frame must be `connect`")).await;
+            close(socket, CloseCode::BadProtocol).await;
+            return None;
+        }
+    };
+    match node.auth.identify(connect.token.as_deref()) {
+        Ok(identity) => Some((connect, identity)),
+        Err(e) => {
+            node.metrics.frame_rejected(e.code().name());
+            send_error(socket, codec, connect.id, e.code(), e.to_string()).await;
+            let code = if e == AuthError::Expired { CloseCode::TokenExpired } else { CloseCode::Unauthorized };
+            close(socket, code).await;
+            None
+        }
+    }
+}
+
+struct Connection {
+    session: Session,
+    socket: Socket,
+    codec: Codec,
+    identity: Identity,
+    rate: RateLimit,
+    out: Vec<Outgoing>,
+    last_recv: Instant,
+    next_ping: Instant,
+    refresh_sent: bool,
+}
+
+impl Connection {
+    fn node(&self) -> &Arc<Node> {
+        &self.session.node
+    }
+
+    /// Answers `connect` and subscribes the user's own stream.
+    async fn start(&mut self, connect: protocol::Connect) -> Option<CloseCode> {
+        let node = self.node().clone();
+        let user = self.identity.user.clone();
+        let user_chan = (!user.is_empty()).then(|| user_channel(&user));
+        let connected = Connected {
+            id: connect.id,
+            client: self.session.client_id(),
+            user,
+            user_channel: user_chan.clone(),
+            expires_at: self.identity.expires_at,
+            ping_interval_ms: node.config.ping_interval_ms,
+            node: node.id.clone(),
+        };
+        self.out.push(Outgoing::Frame(ServerFrame::Connected(connected)));
+        if let Some(chan) = user_chan {
+            if let Err(code) = self.session.subscribe(None, &chan, connect.since, &mut self.out).await {
+                self.out.push(Outgoing::Frame(ServerFrame::Error(ErrorFrame::new(
+                    None,
+                    code,
+                    "could not subscribe the user's own stream",
+                ))));
+                self.write_out().await.ok()?;
+                return Some(CloseCode::InternalError);
+            }
+        }
+        self.write_out().await.err()
+    }
+
+    /// The connection's loop; returns the close code to send, if any.
+    async fn serve(&mut self) -> Option<CloseCode> {
+        let mut lifecycle = self.node().lifecycle();
+        loop {
+            if *lifecycle.borrow_and_update() == Lifecycle::Draining {
+                return Some(CloseCode::Shutdown);
+            }
+            let wake = self.next_timer();
+            tokio::select! {
+                _ = lifecycle.changed() => continue,
+                _ = self.session.queue_ready() => {
+                    if self.session.drain_queue(&mut self.out).await.is_err() {
+                        self.session.slow_consumer();
+                        return Some(CloseCode::SlowConsumer);
+                    }
+                    if let Err(code) = self.write_out().await {
+                        return Some(code);
+                    }
+                }
+                msg = self.socket.next() => {
+                    let code = match msg {
+                        None => return None,
+                        Some(Err(WsError::Capacity(_))) => {
+                            self.node().metrics.frame_rejected(ErrorCode::TooLarge.name());
+                            return Some(CloseCode::FrameTooLarge);
+                        }
+                        Some(Err(WsError::Protocol(_))) | Some(Err(WsError::Utf8(_))) => return Some(CloseCode::BadProtocol),
+                        Some(Err(_)) => return None,
+                        Some(Ok(m)) => {
+                            self.last_recv = Instant::now();
+                            match m {
+                                Message::Text(t) => Box::pin(self.handle(Codec::Json.decode_client(t.as_bytes()))).await,
+                                Message::Binary(b) => Box::pin(self.handle(Codec::MsgPack.decode_client(&b))).await,
+                                Message::Close(_) => return None,
+                                _ => None,
+                            }
+                        }
+                    };
+                    if code.is_some() {
+                        return code;
+                    }
+                    if let Err(code) = self.write_out().await {
+                        return Some(code);
+                    }
+                }
+                _ = sleep_until(wake.into()) => {
+                    if let Some(code) = self.on_timer() {
+                        return Some(code);
+                    }
+                    if let Err(code) = self.write_out().await {
+                        return Some(code);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The earliest of: next ping, idle deadline, token refresh notice,
+    /// token expiry.
+    fn next_timer(&self) -> Instant {
+        let node = self.node();
+        let mut t = self.next_ping.min(self.last_recv + node.ms(node.config.idle_timeout_ms));
+        if let Some(exp) = self.identity.expires_at {
+            let now_s = now_secs();
+            let until_exp = Duration::from_secs(exp.saturating_sub(now_s));
+            let refresh_at = until_exp.saturating_sub(node.ms(node.config.refresh_window_ms));
+            let now = Instant::now();
+            t = t.min(now + until_exp);
+            if !self.refresh_sent {
+                t = t.min(now + refresh_at);
+            }
+        }
+        t
+    }
+
+    fn on_timer(&mut self) -> Option<CloseCode> {
+        let now = Instant::now();
+        let node = self.node().clone();
+        if now >= self.last_recv + node.ms(node.config.idle_timeout_ms) {
+            return Some(CloseCode::IdleTimeout);
+        }
+        if let Some(exp) = self.identity.expires_at {
+            let now_s = now_secs();
+            if now_s >= exp {
+                return Some(CloseCode::TokenExpired);
+            }
+            if !self.refresh_sent && (exp - now_s) * 1000 <= node.config.refresh_window_ms {
+                self.refresh_sent = true;
+                self.out.push(Outgoing::Frame(ServerFrame::RefreshRequired(RefreshRequired { expires_at: exp })));
+            }
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + node.ms(node.config.ping_interval_ms);
+            self.out.push(Outgoing::Frame(ServerFrame::Ping(protocol::Ping { id: None })));
+        }
+        None
+    }
+
+    fn reply_error(&mut self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
+        self.node().metrics.frame_rejected(code.name());
+        self.out.push(Outgoing::Frame(ServerFrame::Error(ErrorFrame::new(id, code, message))));
+    }
+
+    /// Handles one inbound frame; replies go to `self.out`.
+    async fn handle(&mut self, frame: Result<ClientFrame, DecodeError>) -> Option<CloseCode> {
+        if !self.rate.allow() {
+            self.reply_error(None, ErrorCode::RateLimited, "too many commands; slow down");
+            return None;
+        }
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                self.reply_error(None, e.code(), e.to_string());
+                return None;
+            }
+        };
+        let node = self.node().clone();
+        match frame {
+            ClientFrame::Connect(c) => {
+                self.reply_error(c.id, ErrorCode::AlreadyConnected, "this connection is already connected");
+                return Some(CloseCode::BadProtocol);
+            }
+            ClientFrame::Subscribe(s) => {
+                if let Err(code) = self.session.check_new_subscription(&s.channel) {
+                    self.reply_error(s.id, code, format!("cannot subscribe to {:?}", s.channel));
+                } else if !self.identity.subscribe.allows(&s.channel) {
+                    self.reply_error(s.id, ErrorCode::PermissionDenied, format!("token does not allow subscribing to {:?}", s.channel));
+                } else if let Err(code) = self.session.subscribe(s.id, &s.channel, s.since, &mut self.out).await {
+                    self.reply_error(s.id, code, format!("subscribe to {:?} failed", s.channel));
+                }
+            }
+            ClientFrame::Unsubscribe(u) => {
+                if self.session.unsubscribe(&u.channel) {
+                    self.out.push(Outgoing::Frame(ServerFrame::Unsubscribed(Unsubscribed { id: u.id, channel: u.channel })));
+                } else {
+                    self.reply_error(u.id, ErrorCode::NotSubscribed, format!("not subscribed to {:?}", u.channel));
+                }
+            }
+            ClientFrame::Publish(p) => {
+                if validate_channel(&p.channel).is_err() {
+                    self.reply_error(p.id, ErrorCode::InvalidChannel, format!("invalid channel {:?}", p.channel));
+                } else if !self.identity.publish.allows(&p.channel) {
+                    self.reply_error(p.id, ErrorCode::PermissionDenied, format!("token does not allow publishing to {:?}", p.channel));
+                } else {
+                    match node.broker.publish(&p.channel, p.data, now_ms()).await {
+                        Ok(publication) => {
+                            node.metrics.published.increment(1);
+                            self.out.push(Outgoing::Frame(ServerFrame::Published(Published {
+                                id: p.id,
+                                channel: p.channel,
+                                seq: publication.seq,
+                                epoch: publication.epoch.to_string(),
+                            })));
+                        }
+                        Err(e) => self.reply_error(p.id, ErrorCode::Unavailable, e.to_string()),
+                    }
+                }
+            }
+            ClientFrame::Refresh(r) => match node.auth.verify(&r.token) {
+                Ok(identity) if identity.user == self.identity.user => {
+                    self.out.push(Outgoing::Frame(ServerFrame::Refreshed(Refreshed { id: r.id, expires_at: identity.expires_at })));
+                    self.identity = identity;
+                    self.refresh_sent = false;
+                }
+                Ok(_) => self.reply_error(r.id, ErrorCode::Unauthorized, "the new token is for another user"),
+                Err(e) => self.reply_error(r.id, e.code(), e.to_string()),
+            },
+            ClientFrame::Ping(p) => self.out.push(Outgoing::Frame(ServerFrame::Pong(Pong { id: p.id }))),
+            ClientFrame::Pong(_) => {}
+        }
+        None
+    }
+
+    /// Writes everything in `out` with one flush.
+    async fn write_out(&mut self) -> Result<(), CloseCode> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let mut delivered = 0;
+        let mut oldest = None;
+        for o in self.out.drain(..) {
+            let msg = match o {
+                Outgoing::Publication(p) => {
+                    delivered += 1;
+                    oldest = Some(oldest.map_or(p.ts, |t: u64| t.min(p.ts)));
+                    match self.codec {
+                        Codec::Json => Message::Text(p.json().clone()),
+                        Codec::MsgPack => Message::Binary(p.msgpack().clone()),
+                    }
+                }
+                Outgoing::Frame(f) => encode(self.codec, &f),
+            };
+            if self.socket.feed(msg).await.is_err() {
+                return Err(CloseCode::InternalError);
+            }
+        }
+        if self.socket.flush().await.is_err() {
+            return Err(CloseCode::InternalError);
+        }
+        self.session.record_written(delivered, oldest);
+        Ok(())
+    }
+}
