@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Runs the whole test suite. Installs what it needs (Debian packages) when
+# missing, so it works on a fresh Debian machine with the Rust toolchain.
+# Used as is by .ci/run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the suite needs: command -> package.
+declare -A NEED=(
+  [openssl]=openssl
+)
+missing=()
+for cmd in "${!NEED[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${NEED[$cmd]}")
+done
+if ((${#missing[@]})); then
+  echo "test.sh: installing ${missing[*]}" >&2
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The integration tests start real gateway processes: build the binaries first.
+cargo build --workspace --bins
+cargo test --workspace
