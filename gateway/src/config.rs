@@ -76,6 +76,20 @@ pub struct Config {
     /// Bytes of outgoing frames gathered before a socket write.
     pub ws_write_buffer_bytes: usize,
 
+    /// Redis URL (`redis://host:port/db`). Set: this node is a cluster node
+    /// (Redis registry and replay store; Redis pub/sub backbone unless
+    /// `nats_url` is set). Unset: embedded single node.
+    pub redis_url: Option<String>,
+    /// NATS URL (`nats://host:port`). Set (with `redis_url`): NATS is the backbone.
+    pub nats_url: Option<String>,
+    /// A node that has not sent a heartbeat for this long is dead: the
+    /// registry ignores it and unicasts stop targeting it.
+    pub registry_ttl_ms: u64,
+    /// How often the node refreshes its registry entry.
+    pub heartbeat_interval_ms: u64,
+    /// `/readyz` turns 503 once the backbone has been down this long.
+    pub backbone_down_threshold_ms: u64,
+
     /// How long a shutdown waits for connections to go before closing them.
     pub shutdown_timeout_ms: u64,
 
@@ -113,6 +127,11 @@ impl Default for Config {
             sse_retry_ms: 2_000,
             ws_read_buffer_bytes: 1024,
             ws_write_buffer_bytes: 16 * 1024,
+            redis_url: None,
+            nats_url: None,
+            registry_ttl_ms: 6_000,
+            heartbeat_interval_ms: 2_000,
+            backbone_down_threshold_ms: 3_000,
             shutdown_timeout_ms: 10_000,
             log_format: "text".into(),
             log: "info".into(),
@@ -198,6 +217,20 @@ impl Config {
         }
         if self.max_subscriptions == 0 || self.max_sse_channels == 0 {
             return bad("max_subscriptions and max_sse_channels must be greater than 0".into());
+        }
+        if self.nats_url.is_some() && self.redis_url.is_none() {
+            return bad("nats_url needs redis_url too: Redis holds the registry and the replay store".into());
+        }
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms * 2 > self.registry_ttl_ms {
+            return bad(format!(
+                "heartbeat_interval_ms ({}) must be above 0 and at most half of registry_ttl_ms ({})",
+                self.heartbeat_interval_ms, self.registry_ttl_ms
+            ));
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return bad(format!("node_id {id:?} must be 1-64 characters of [A-Za-z0-9_-]"));
+            }
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return bad(format!("log_format must be `text` or `json`, not {:?}", self.log_format));

@@ -8,8 +8,10 @@
 //! * [`session`]: per-connection state and the exactly-once delivery rules;
 //!   its outbound queue, bounded in bytes; the command rate limit.
 //! * [`hub`]: local channel -> connections index; fan-out.
-//! * [`broker`]: the backbone seam (in-memory now).
-//! * [`replay`]: the replay store seam (sequence, epoch, resumable buffer).
+//! * [`interest`]: which channels the node listens to on the backbone.
+//! * [`broker`]: the backbone seam: in-memory, Redis pub/sub, NATS.
+//! * [`replay`]: the replay store seam (sequence, epoch, resumable buffer):
+//!   in-memory, Redis; merging of identical concurrent reads.
 //! * [`api`]: the publish API for backends.
 //! * [`auth`]: JWT connection tokens and API keys.
 //! * [`ops`]: health, readiness, metrics, demo page.
@@ -21,6 +23,7 @@ pub mod broker;
 pub mod config;
 pub mod errors;
 pub mod hub;
+pub mod interest;
 pub mod node;
 pub mod ops;
 pub mod replay;

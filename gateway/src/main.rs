@@ -93,8 +93,8 @@ async fn main() -> anyhow::Result<()> {
     let prometheus = gateway::telemetry::init_metrics();
     let listener = tokio::net::TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
     let addr = listener.local_addr()?;
-    let node = Node::embedded(config, prometheus)?;
-    info!(node = %node.id, %addr, "gateway listening (embedded mode: in-memory backbone and replay store)");
+    let node = Node::build(config, prometheus).await?;
+    info!(node = %node.id, %addr, mode = node.mode(), backbone = node.broker.kind(), "gateway listening");
     // One machine-readable line on stdout, for scripts and test harnesses.
     println!("listening on http://{addr}");
     gateway::server::run(listener, node, shutdown_signal()).await

@@ -9,10 +9,15 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
-use crate::broker::{Broker, MemoryBroker};
+use anyhow::Context;
+use registry::{NodeStatus, Registry, RedisRegistry};
+use tracing::warn;
+
+use crate::broker::{Broker, MemoryBroker, NatsBroker, RedisBroker};
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::replay::{MemoryReplayStore, ReplayStore};
+use crate::interest::Interest;
+use crate::replay::{CoalescingStore, MemoryReplayStore, RedisReplayStore, ReplayStore};
 use crate::telemetry::Metrics;
 
 /// Where the node is in its life; sessions watch it.
@@ -30,6 +35,10 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub store: Arc<dyn ReplayStore>,
+    /// The registry (cluster mode only; the embedded node's hub answers the
+    /// same questions).
+    pub registry: Option<Arc<dyn Registry>>,
+    pub interest: Interest,
     pub auth: Auth,
     pub metrics: Metrics,
     pub prometheus: PrometheusHandle,
@@ -45,33 +54,104 @@ pub fn now_ms() -> u64 {
 }
 
 impl Node {
-    /// Builds a node with the embedded (in-memory) backbone and replay store.
-    pub fn embedded(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<Arc<Self>> {
+    /// Builds the node the config asks for: embedded (in-memory parts) with
+    /// no `redis_url`, a cluster node with one.
+    pub async fn build(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<Arc<Self>> {
         let id = config.node_id.clone().unwrap_or_else(|| format!("node-{}", crate::replay::memory::new_epoch()));
-        let store = Arc::new(MemoryReplayStore::new(
-            Duration::from_millis(config.replay_window_ms),
-            config.replay_max_messages,
-            Duration::from_millis(config.stream_meta_ttl_ms),
-        ));
-        store.spawn_sweeper();
         let hub = Arc::new(Hub::new());
-        let store: Arc<dyn ReplayStore> = store;
-        let broker: Arc<dyn Broker> = Arc::new(MemoryBroker::new(store.clone(), hub.clone()));
+        let window = Duration::from_millis(config.replay_window_ms);
+        let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);
+        let (store, broker, registry): (Arc<dyn ReplayStore>, Arc<dyn Broker>, Option<Arc<dyn Registry>>) =
+            match &config.redis_url {
+                None => {
+                    let store = Arc::new(MemoryReplayStore::new(window, config.replay_max_messages, meta_ttl));
+                    store.spawn_sweeper();
+                    let store: Arc<dyn ReplayStore> = store;
+                    let broker = Arc::new(MemoryBroker::new(store.clone(), hub.clone()));
+                    (store, broker, None)
+                }
+                Some(redis_url) => {
+                    let ttl = Duration::from_millis(config.registry_ttl_ms);
+                    let down = Duration::from_millis(config.backbone_down_threshold_ms);
+                    let registry: Arc<dyn Registry> = Arc::new(
+                        RedisRegistry::connect(redis_url, ttl).await.context("connecting the registry to Redis")?,
+                    );
+                    let redis_store = Arc::new(
+                        RedisReplayStore::connect(redis_url, window, config.replay_max_messages, meta_ttl)
+                            .await
+                            .context("connecting the replay store to Redis")?,
+                    );
+                    let broker: Arc<dyn Broker> = match &config.nats_url {
+                        None => RedisBroker::connect(redis_url, &id, redis_store.clone(), registry.clone(), hub.clone(), down)
+                            .await
+                            .context("connecting the Redis backbone")?,
+                        Some(nats_url) => {
+                            NatsBroker::connect(nats_url, &id, redis_store.clone(), registry.clone(), hub.clone(), down)
+                                .await
+                                .context("connecting the NATS backbone")?
+                        }
+                    };
+                    let store: Arc<dyn ReplayStore> = Arc::new(CoalescingStore::new(redis_store));
+                    (store, broker, Some(registry))
+                }
+            };
         let auth = Auth::from_config(&config)?;
         let (lifecycle, _) = watch::channel(Lifecycle::Running);
-        Ok(Arc::new(Self {
+        let node = Arc::new(Self {
             config,
             id,
             hub,
             broker,
             store,
+            registry,
+            interest: Interest::default(),
             auth,
             metrics: Metrics::new(),
             prometheus,
             lifecycle,
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
-        }))
+        });
+        if node.registry.is_some() {
+            node.heartbeat().await.context("first registry heartbeat")?;
+            let weak = Arc::downgrade(&node);
+            let every = Duration::from_millis(node.config.heartbeat_interval_ms);
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let Some(node) = weak.upgrade() else { return };
+                    if let Err(e) = node.heartbeat().await {
+                        warn!(error = %e, "registry heartbeat failed");
+                    }
+                }
+            });
+        }
+        Ok(node)
+    }
+
+    /// Refreshes this node's registry entry (cluster mode).
+    pub async fn heartbeat(&self) -> Result<(), registry::RegistryError> {
+        let Some(registry) = &self.registry else { return Ok(()) };
+        registry
+            .heartbeat(&NodeStatus { id: self.id.clone(), draining: self.is_draining(), connections: self.open_connections() as u64 })
+            .await
+    }
+
+    /// Removes this node from the registry at once (clean shutdown).
+    pub async fn deregister(&self) {
+        if let Some(registry) = &self.registry {
+            if let Err(e) = registry.deregister(&self.id).await {
+                warn!(error = %e, "registry deregister failed; the entry expires by itself");
+            }
+        }
+    }
+
+    pub fn mode(&self) -> &'static str {
+        match self.broker.kind() {
+            "memory" => "embedded",
+            _ => "cluster",
+        }
     }
 
     pub fn next_session_id(&self) -> u64 {

@@ -25,7 +25,9 @@ pub async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let body = json!({
         "status": if draining { "draining" } else if !backbone { "degraded" } else { "ready" },
         "node": node.id,
-        "backbone": if backbone { "up" } else { "down" },
+        "mode": node.mode(),
+        "backbone": node.broker.kind(),
+        "backbone_status": if backbone { "up" } else { "down" },
         "connections": node.open_connections(),
     });
     let status = if draining || !backbone { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };

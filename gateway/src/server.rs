@@ -45,6 +45,7 @@ pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<O
     while node.open_connections() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    node.deregister().await;
     info!(remaining = node.open_connections(), "stopped");
     Ok(())
 }

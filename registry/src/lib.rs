@@ -1,1 +1,60 @@
-//! (filled below)
+//! The registry: which nodes hold which users (for unicast), and which nodes
+//! are alive and whether they are draining.
+//!
+//! Contract of every [`Registry`]:
+//! * A node is alive while it keeps calling [`Registry::heartbeat`]; an entry
+//!   not refreshed within the TTL is dead, and everything the node
+//!   registered is ignored from then on (and cleaned up lazily).
+//! * [`Registry::add_user`] / [`Registry::remove_user`] count a user's
+//!   connections per node; [`Registry::nodes_for_user`] names the *live*
+//!   nodes with a count above zero. `add_user` returns only once a following
+//!   `nodes_for_user` on any node sees it (the gateway relies on this to
+//!   close the race between a unicast and a user connecting).
+//! * Lookups may lag a heartbeat interval behind a node's death; callers
+//!   must tolerate sending to a node that just died (its messages are in the
+//!   replay store and the user resumes them elsewhere).
+
+pub mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use memory::MemoryRegistry;
+pub use redis::RedisRegistry;
+
+/// What a node says of itself with each heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub draining: bool,
+    pub connections: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum RegistryError {
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+}
+
+#[async_trait]
+pub trait Registry: Send + Sync + 'static {
+    /// Marks the node alive for one TTL, with its draining flag and load.
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), RegistryError>;
+
+    /// Removes the node at once (clean shutdown).
+    async fn deregister(&self, node: &str) -> Result<(), RegistryError>;
+
+    /// One more connection of `user` on `node`.
+    async fn add_user(&self, user: &str, node: &str) -> Result<(), RegistryError>;
+
+    /// One connection fewer of `user` on `node`.
+    async fn remove_user(&self, user: &str, node: &str) -> Result<(), RegistryError>;
+
+    /// The live nodes holding at least one connection of `user`.
+    async fn nodes_for_user(&self, user: &str) -> Result<Vec<String>, RegistryError>;
+
+    /// Every live node.
+    async fn live_nodes(&self) -> Result<Vec<NodeStatus>, RegistryError>;
+}

@@ -53,4 +53,8 @@ impl Broker for MemoryBroker {
     fn healthy(&self) -> bool {
         true
     }
+
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
 }

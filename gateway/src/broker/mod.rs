@@ -10,11 +10,17 @@
 //! * Per channel, a node's hub receives messages in sequence order, or (for
 //!   backbones that can reorder or drop) with gaps the session detects by
 //!   sequence and repairs from the replay store.
+//! * A message to a user (channel `$user:<id>`) goes only to the nodes the
+//!   registry names for that user, never to every node.
 //! * `subscribe` returns once messages published afterwards will be
 //!   delivered to this node; the hub calls it when a channel gets its first
 //!   local subscriber and `unsubscribe` when the last one leaves.
 
+pub mod envelope;
 pub mod memory;
+pub mod nats;
+pub mod redis;
+pub mod tracker;
 
 use std::sync::Arc;
 
@@ -25,6 +31,8 @@ use thiserror::Error;
 use crate::replay::{Publication, StoreError};
 
 pub use memory::MemoryBroker;
+pub use nats::NatsBroker;
+pub use redis::RedisBroker;
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
@@ -32,6 +40,8 @@ pub enum BrokerError {
     Store(#[from] StoreError),
     #[error("backbone unavailable: {0}")]
     Unavailable(String),
+    #[error(transparent)]
+    Registry(#[from] registry::RegistryError),
 }
 
 #[async_trait]
@@ -45,6 +55,21 @@ pub trait Broker: Send + Sync + 'static {
     /// Stops delivering `channel` to this node.
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError>;
 
-    /// Whether the backbone is reachable now (for `/readyz`).
+    /// A connection of `user` opened on this node. Returns once unicasts to
+    /// the user sent afterwards (from any node) will reach this node.
+    async fn attach_user(&self, _user: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// A connection of `user` on this node closed.
+    async fn detach_user(&self, _user: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
+    /// Whether the backbone is reachable now (for `/readyz`): false once it
+    /// has been down for longer than `backbone_down_threshold_ms`.
     fn healthy(&self) -> bool;
+
+    /// Which backbone this is (for logs and `/readyz`).
+    fn kind(&self) -> &'static str;
 }

@@ -15,7 +15,9 @@
 //!   It never returns part of a gap.
 //! * Messages stay readable for the configured window (time and count).
 
+pub mod coalesce;
 pub mod memory;
+pub mod redis;
 
 use std::sync::{Arc, OnceLock};
 
@@ -26,7 +28,9 @@ use serde_json::Value;
 use thiserror::Error;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
+pub use coalesce::CoalescingStore;
 pub use memory::MemoryReplayStore;
+pub use redis::RedisReplayStore;
 
 /// One published message, shared (behind an `Arc`) by the replay buffer and
 /// every connection it is delivered to.
@@ -81,7 +85,7 @@ impl Publication {
 }
 
 /// The answer to a resume.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum Recovery {
     /// Every message after the position (possibly none), oldest first, and the
     /// stream's top at the time of the read.
@@ -90,7 +94,7 @@ pub enum Recovery {
     Unrecoverable { reason: UnrecoverableReason, top: Position },
 }
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum StoreError {
     #[error("replay store unavailable: {0}")]
     Unavailable(String),

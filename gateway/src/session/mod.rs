@@ -23,7 +23,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use protocol::{
-    validate_channel, Codec, ErrorCode, Position, ServerFrame, Subscribed, Unrecoverable, UnrecoverableReason,
+    validate_channel, Codec, ErrorCode, USER_CHANNEL_PREFIX, Position, ServerFrame, Subscribed, Unrecoverable, UnrecoverableReason,
 };
 use tracing::warn;
 
@@ -120,9 +120,17 @@ impl Session {
         out: &mut Vec<Outgoing>,
     ) -> Result<(), ErrorCode> {
         let node = self.node.clone();
-        if node.hub.subscribe(channel, &self.shared) {
-            if let Err(e) = node.broker.subscribe(channel).await {
-                warn!(channel, error = %e, "backbone subscribe failed");
+        node.hub.subscribe(channel, &self.shared);
+        if let Err(e) = node.interest.ensure(&*node.broker, channel).await {
+            warn!(channel, error = %e, "backbone subscribe failed");
+            self.leave_hub(channel);
+            return Err(ErrorCode::Unavailable);
+        }
+        if let Some(user) = channel.strip_prefix(USER_CHANNEL_PREFIX) {
+            // Before the replay read: a unicast sent after this point reaches
+            // this node; one sent before is in the read.
+            if let Err(e) = node.broker.attach_user(user).await {
+                warn!(user, error = %e, "registry update failed");
                 self.leave_hub(channel);
                 return Err(ErrorCode::Unavailable);
             }
@@ -196,15 +204,23 @@ impl Session {
     }
 
     fn leave_hub(&self, channel: &str) {
-        if self.node.hub.unsubscribe(channel, self.shared.id) {
-            let node = self.node.clone();
-            let channel = channel.to_owned();
-            tokio::spawn(async move {
-                if let Err(e) = node.broker.unsubscribe(&channel).await {
-                    warn!(channel, error = %e, "backbone unsubscribe failed");
-                }
-            });
+        let last = self.node.hub.unsubscribe(channel, self.shared.id);
+        let user = channel.strip_prefix(USER_CHANNEL_PREFIX).map(str::to_owned);
+        if !last && user.is_none() {
+            return;
         }
+        let node = self.node.clone();
+        let channel = channel.to_owned();
+        tokio::spawn(async move {
+            if let Some(user) = user {
+                if let Err(e) = node.broker.detach_user(&user).await {
+                    warn!(user, error = %e, "registry update failed");
+                }
+            }
+            if last {
+                node.interest.release(&*node.broker, &node.hub, &channel).await;
+            }
+        });
     }
 
     /// Waits until the queue has something (cancel-safe).

@@ -32,12 +32,14 @@ struct State {
 pub struct OutboundQueue {
     state: Mutex<State>,
     notify: Notify,
+    /// Signalled once, when the queue overflows (see [`OutboundQueue::overflowed`]).
+    overflow: Notify,
     max_bytes: usize,
 }
 
 impl OutboundQueue {
     pub fn new(max_bytes: usize) -> Self {
-        Self { state: Mutex::new(State::default()), notify: Notify::new(), max_bytes }
+        Self { state: Mutex::new(State::default()), notify: Notify::new(), overflow: Notify::new(), max_bytes }
     }
 
     pub fn push(&self, publication: Arc<Publication>, len: usize) -> Push {
@@ -51,6 +53,7 @@ impl OutboundQueue {
             s.bytes = 0;
             drop(s);
             self.notify.notify_one();
+            self.overflow.notify_one();
             return Push::Overflowed;
         }
         let was_empty = s.items.is_empty();
@@ -80,6 +83,20 @@ impl OutboundQueue {
     pub async fn ready(&self) {
         self.notify.notified().await;
     }
+
+    /// Waits until the queue has overflowed (cancel-safe). Unlike
+    /// [`OutboundQueue::ready`] it takes no wake-up from the consumer's loop,
+    /// so a transport can watch for overflow while it is blocked writing.
+    pub async fn overflowed(&self) {
+        loop {
+            if self.state.lock().overflowed {
+                return;
+            }
+            // `notify_one` keeps a permit when nobody waits, so an overflow
+            // between the check above and this wait is not missed.
+            self.overflow.notified().await;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -105,5 +122,20 @@ mod tests {
         out.clear();
         assert!(q.drain_into(&mut out));
         assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn overflow_wakes_a_waiting_writer() {
+        let q = Arc::new(OutboundQueue::new(100));
+        let waiter = tokio::spawn({
+            let q = q.clone();
+            async move { q.overflowed().await }
+        });
+        assert_eq!(q.push(p(1), 60), Push::Queued);
+        assert_eq!(q.push(p(2), 60), Push::Overflowed);
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await;
+        assert!(matches!(woken, Ok(Ok(()))), "{woken:?}");
+        // Already overflowed: returns at once.
+        q.overflowed().await;
     }
 }

@@ -296,11 +296,12 @@ impl Connection {
                             }
                         }
                     };
-                    if code.is_some() {
-                        return code;
-                    }
+                    // Replies first (e.g. the error that explains a close).
                     if let Err(code) = self.write_out().await {
                         return Some(code);
+                    }
+                    if code.is_some() {
+                        return code;
                     }
                 }
                 _ = sleep_until(wake.into()) => {
@@ -438,24 +439,37 @@ impl Connection {
         }
         let mut delivered = 0;
         let mut oldest = None;
-        for o in self.out.drain(..) {
-            let msg = match o {
-                Outgoing::Publication(p) => {
-                    delivered += 1;
-                    oldest = Some(oldest.map_or(p.ts, |t: u64| t.min(p.ts)));
-                    match self.codec {
-                        Codec::Json => Message::Text(p.json().clone()),
-                        Codec::MsgPack => Message::Binary(p.msgpack().clone()),
+        let (codec, socket, out) = (self.codec, &mut self.socket, &mut self.out);
+        let write = async {
+            for o in out.drain(..) {
+                let msg = match o {
+                    Outgoing::Publication(p) => {
+                        delivered += 1;
+                        oldest = Some(oldest.map_or(p.ts, |t: u64| t.min(p.ts)));
+                        match codec {
+                            Codec::Json => Message::Text(p.json().clone()),
+                            Codec::MsgPack => Message::Binary(p.msgpack().clone()),
+                        }
                     }
-                }
-                Outgoing::Frame(f) => encode(self.codec, &f),
-            };
-            if self.socket.feed(msg).await.is_err() {
-                return Err(CloseCode::InternalError);
+                    Outgoing::Frame(f) => encode(codec, &f),
+                };
+                socket.feed(msg).await?;
             }
-        }
-        if self.socket.flush().await.is_err() {
-            return Err(CloseCode::InternalError);
+            socket.flush().await
+        };
+        // A client that stops reading blocks this write, and its queue
+        // overflows meanwhile: watch for that here, or such a connection
+        // would never be cut (nor time out) while the write waits.
+        tokio::select! {
+            written = write => {
+                if written.is_err() {
+                    return Err(CloseCode::InternalError);
+                }
+            }
+            _ = self.session.shared.queue.overflowed() => {
+                self.session.slow_consumer();
+                return Err(CloseCode::SlowConsumer);
+            }
         }
         self.session.record_written(delivered, oldest);
         Ok(())

@@ -1,0 +1,191 @@
+//! NATS backbone (core NATS), with Redis as registry and replay store.
+//!
+//! * Publish: append to the replay store (assigns the sequence), then publish
+//!   the envelope on `gw.ch.<hex channel>` (broadcast) or on each
+//!   `gw.node.<node>` the registry names (unicast).
+//! * With several publishers NATS may deliver a channel's messages out of
+//!   sequence order; sessions detect the gap by sequence and fill it from the
+//!   replay store (and drop the late copy as a duplicate).
+//! * The client reconnects and resubscribes by itself; on reconnect the node
+//!   fetches what was published meanwhile from the replay store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use protocol::USER_CHANNEL_PREFIX;
+use registry::Registry;
+use serde_json::Value;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::envelope;
+use super::tracker::{Health, Tracker};
+use super::{Broker, BrokerError};
+use crate::hub::Hub;
+use crate::replay::{Publication, RedisReplayStore, ReplayStore};
+
+/// Channel names may hold `.` (the NATS token separator); hex keeps every
+/// name one token.
+pub fn channel_subject(channel: &str) -> String {
+    let mut s = String::with_capacity(6 + channel.len() * 2);
+    s.push_str("gw.ch.");
+    for b in channel.bytes() {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+pub fn node_subject(node: &str) -> String {
+    format!("gw.node.{node}")
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+pub struct NatsBroker {
+    node_id: String,
+    client: Client,
+    store: Arc<RedisReplayStore>,
+    registry: Arc<dyn Registry>,
+    hub: Arc<Hub>,
+    tracker: Arc<Tracker>,
+    health: Arc<Health>,
+    subscriptions: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+impl NatsBroker {
+    pub async fn connect(
+        url: &str,
+        node_id: &str,
+        store: Arc<RedisReplayStore>,
+        registry: Arc<dyn Registry>,
+        hub: Arc<Hub>,
+        down_threshold: Duration,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let tracker = Arc::new(Tracker::default());
+        let health = Arc::new(Health::new(down_threshold));
+        let (ev_health, ev_tracker, ev_store, ev_hub) = (health.clone(), tracker.clone(), store.clone(), hub.clone());
+        let client = ConnectOptions::new()
+            .name(format!("gateway {node_id}"))
+            .connection_timeout(Duration::from_secs(2))
+            .event_callback(move |event| {
+                let (health, tracker, store, hub) = (ev_health.clone(), ev_tracker.clone(), ev_store.clone(), ev_hub.clone());
+                async move {
+                    match event {
+                        Event::Disconnected => {
+                            warn!("nats backbone: disconnected; reconnecting");
+                            health.down();
+                        }
+                        Event::Connected => {
+                            if health.up() {
+                                info!("nats backbone: reconnected; catching up from the replay store");
+                                tokio::spawn(async move { tracker.catch_up(&*store, &hub).await });
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(unavailable)?;
+        let broker = Arc::new(Self {
+            node_id: node_id.to_owned(),
+            client,
+            store,
+            registry,
+            hub,
+            tracker,
+            health,
+            subscriptions: Mutex::new(HashMap::new()),
+        });
+        broker.listen(node_subject(node_id)).await?;
+        Ok(broker)
+    }
+
+    /// Subscribes to a subject and forwards its messages to the hub, in the
+    /// order this subscription receives them.
+    async fn listen(&self, subject: String) -> Result<(), BrokerError> {
+        let mut sub = self.client.subscribe(subject.clone()).await.map_err(unavailable)?;
+        let (tracker, hub) = (self.tracker.clone(), self.hub.clone());
+        let task = tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                match envelope::decode(&msg.payload) {
+                    Some(p) => {
+                        tracker.saw(&p);
+                        hub.deliver(&p);
+                    }
+                    None => warn!("dropping a malformed backbone message"),
+                }
+            }
+        });
+        if let Some(old) = self.subscriptions.lock().insert(subject, task) {
+            old.abort();
+        }
+        Ok(())
+    }
+}
+
+fn user_of(channel: &str) -> Option<&str> {
+    channel.strip_prefix(USER_CHANNEL_PREFIX)
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    async fn publish(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, BrokerError> {
+        let subjects: Vec<String> = match user_of(channel) {
+            Some(user) => self.registry.nodes_for_user(user).await?.iter().map(|n| node_subject(n)).collect(),
+            None => vec![channel_subject(channel)],
+        };
+        let p = self.store.append(channel, data, ts).await?;
+        let payload = bytes::Bytes::from(envelope::encode(&p));
+        for s in subjects {
+            self.client.publish(s, payload.clone()).await.map_err(unavailable)?;
+        }
+        Ok(p)
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        if user_of(channel).is_none() {
+            self.listen(channel_subject(channel)).await?;
+            // The SUB must reach the server before we report "subscribed".
+            self.client.flush().await.map_err(unavailable)?;
+        }
+        let top = self.store.top(channel).await?;
+        self.tracker.start(channel, top);
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        self.tracker.stop(channel);
+        if user_of(channel).is_none() {
+            if let Some(task) = self.subscriptions.lock().remove(&channel_subject(channel)) {
+                // Dropping the subscriber (with the task) unsubscribes.
+                task.abort();
+            }
+        }
+        Ok(())
+    }
+
+    async fn attach_user(&self, user: &str) -> Result<(), BrokerError> {
+        Ok(self.registry.add_user(user, &self.node_id).await?)
+    }
+
+    async fn detach_user(&self, user: &str) -> Result<(), BrokerError> {
+        Ok(self.registry.remove_user(user, &self.node_id).await?)
+    }
+
+    fn healthy(&self) -> bool {
+        self.health.healthy()
+    }
+
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+}

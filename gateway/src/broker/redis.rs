@@ -1,0 +1,195 @@
+//! Redis pub/sub backbone.
+//!
+//! * Broadcast: the append script PUBLISHes to `gw:ch:<channel>`; a node
+//!   SUBSCRIBEs to that only while it has local subscribers.
+//! * Unicast: the registry names the user's nodes; the append script
+//!   PUBLISHes to each `gw:node:<node>`, which every node subscribes to.
+//! * Sequence and publish happen in one script, so every node receives a
+//!   channel's messages in sequence order.
+//! * The subscriber connection reconnects and resubscribes by itself; a
+//!   watchdog PINGs it, reports health, and after an outage fetches what was
+//!   published meanwhile from the replay store.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use protocol::USER_CHANNEL_PREFIX;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{PushKind, Value as RedisValue};
+use registry::Registry;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::envelope;
+use super::tracker::{Health, Tracker};
+use super::{Broker, BrokerError};
+use crate::hub::Hub;
+use crate::replay::{Publication, RedisReplayStore, ReplayStore};
+
+pub fn channel_topic(channel: &str) -> String {
+    format!("gw:ch:{channel}")
+}
+
+pub fn node_topic(node: &str) -> String {
+    format!("gw:node:{node}")
+}
+
+/// Adds `protocol=resp3` (needed for pub/sub on a multiplexed connection).
+fn resp3(url: &str) -> String {
+    if url.contains("protocol=") {
+        url.to_owned()
+    } else if url.contains('?') {
+        format!("{url}&protocol=resp3")
+    } else {
+        format!("{url}?protocol=resp3")
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+pub struct RedisBroker {
+    node_id: String,
+    store: Arc<RedisReplayStore>,
+    registry: Arc<dyn Registry>,
+    subscriber: ConnectionManager,
+    tracker: Arc<Tracker>,
+    health: Arc<Health>,
+}
+
+impl RedisBroker {
+    pub async fn connect(
+        url: &str,
+        node_id: &str,
+        store: Arc<RedisReplayStore>,
+        registry: Arc<dyn Registry>,
+        hub: Arc<Hub>,
+        down_threshold: Duration,
+    ) -> Result<Arc<Self>, BrokerError> {
+        let client = redis::Client::open(resp3(url)).map_err(unavailable)?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let config = ConnectionManagerConfig::new()
+            .set_push_sender(tx)
+            .set_automatic_resubscription()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(2))
+            .set_number_of_retries(2)
+            .set_max_delay(1000);
+        let mut subscriber = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
+        subscriber.subscribe(node_topic(node_id)).await.map_err(unavailable)?;
+        let tracker = Arc::new(Tracker::default());
+        let health = Arc::new(Health::new(down_threshold));
+        let broker = Arc::new(Self {
+            node_id: node_id.to_owned(),
+            store: store.clone(),
+            registry,
+            subscriber: subscriber.clone(),
+            tracker: tracker.clone(),
+            health: health.clone(),
+        });
+
+        // Receiver: one task, so a channel's messages reach the hub in the
+        // order Redis sent them.
+        let (rx_tracker, rx_hub, rx_health) = (tracker.clone(), hub.clone(), health.clone());
+        tokio::spawn(async move {
+            while let Some(push) = rx.recv().await {
+                match push.kind {
+                    PushKind::Message => {
+                        let Some(RedisValue::BulkString(payload)) = push.data.get(1) else { continue };
+                        match envelope::decode(payload) {
+                            Some(p) => {
+                                rx_tracker.saw(&p);
+                                rx_hub.deliver(&p);
+                            }
+                            None => warn!("dropping a malformed backbone message"),
+                        }
+                    }
+                    PushKind::Disconnection => {
+                        warn!("redis backbone: subscriber connection lost; reconnecting");
+                        rx_health.down();
+                    }
+                    _ => {}
+                }
+            }
+        });
+
+        // Watchdog: PING keeps the reconnect loop going while Redis is down,
+        // and a recovery triggers a catch-up from the replay store.
+        let weak = Arc::downgrade(&broker);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let Some(b) = weak.upgrade() else { return };
+                let mut conn = b.subscriber.clone();
+                let ok = tokio::time::timeout(Duration::from_secs(2), redis::cmd("PING").query_async::<String>(&mut conn))
+                    .await
+                    .is_ok_and(|r| r.is_ok());
+                if !ok {
+                    b.health.down();
+                } else if b.health.up() {
+                    info!("redis backbone: reconnected; catching up from the replay store");
+                    b.tracker.catch_up(&*b.store, &hub).await;
+                }
+            }
+        });
+        Ok(broker)
+    }
+}
+
+fn user_of(channel: &str) -> Option<&str> {
+    channel.strip_prefix(USER_CHANNEL_PREFIX)
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, BrokerError> {
+        let targets = match user_of(channel) {
+            Some(user) => self.registry.nodes_for_user(user).await?.iter().map(|n| node_topic(n)).collect(),
+            None => vec![channel_topic(channel)],
+        };
+        let result = self.store.append_and_publish(channel, data, ts, &targets).await;
+        if result.is_err() {
+            self.health.down();
+        }
+        Ok(result?)
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        if user_of(channel).is_none() {
+            let mut conn = self.subscriber.clone();
+            conn.subscribe(channel_topic(channel)).await.map_err(unavailable)?;
+        }
+        let top = self.store.top(channel).await?;
+        self.tracker.start(channel, top);
+        Ok(())
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        self.tracker.stop(channel);
+        if user_of(channel).is_none() {
+            let mut conn = self.subscriber.clone();
+            conn.unsubscribe(channel_topic(channel)).await.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn attach_user(&self, user: &str) -> Result<(), BrokerError> {
+        Ok(self.registry.add_user(user, &self.node_id).await?)
+    }
+
+    async fn detach_user(&self, user: &str) -> Result<(), BrokerError> {
+        Ok(self.registry.remove_user(user, &self.node_id).await?)
+    }
+
+    fn healthy(&self) -> bool {
+        self.health.healthy()
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}

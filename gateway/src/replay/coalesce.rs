@@ -1,0 +1,69 @@
+//! Merges identical concurrent replay reads.
+//!
+//! After a node dies, thousands of its clients resume on the others within
+//! seconds, most from the same position of the same channels. Without this,
+//! each would cost one replay-store read; with it, one read per distinct
+//! (channel, epoch, seq) in flight serves every client that asks for it
+//! meanwhile.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use parking_lot::Mutex;
+use protocol::Position;
+use serde_json::Value;
+
+use super::{Publication, Recovery, ReplayStore, StoreError};
+
+type Key = (String, String, u64);
+type Read = Shared<BoxFuture<'static, Result<Recovery, StoreError>>>;
+
+pub struct CoalescingStore {
+    inner: Arc<dyn ReplayStore>,
+    inflight: Arc<Mutex<HashMap<Key, Read>>>,
+}
+
+impl CoalescingStore {
+    pub fn new(inner: Arc<dyn ReplayStore>) -> Self {
+        Self { inner, inflight: Arc::new(Mutex::new(HashMap::new())) }
+    }
+}
+
+#[async_trait]
+impl ReplayStore for CoalescingStore {
+    async fn append(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, StoreError> {
+        self.inner.append(channel, data, ts).await
+    }
+
+    async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError> {
+        let key: Key = (channel.to_owned(), since.epoch.clone(), since.seq);
+        let read = {
+            let mut inflight = self.inflight.lock();
+            if let Some(read) = inflight.get(&key) {
+                metrics::counter!("gateway_replay_reads_total", "merged" => "true").increment(1);
+                read.clone()
+            } else {
+                metrics::counter!("gateway_replay_reads_total", "merged" => "false").increment(1);
+                let inner = self.inner.clone();
+                let map = self.inflight.clone();
+                let (c, s, k) = (channel.to_owned(), since.clone(), key.clone());
+                let read = async move {
+                    let r = inner.read_since(&c, &s).await;
+                    map.lock().remove(&k);
+                    r
+                }
+                .boxed()
+                .shared();
+                inflight.insert(key, read.clone());
+                read
+            }
+        };
+        read.await
+    }
+
+    async fn top(&self, channel: &str) -> Result<Position, StoreError> {
+        self.inner.top(channel).await
+    }
+}

@@ -1,0 +1,169 @@
+//! Redis registry.
+//!
+//! Keys (hash tags keep related keys in one slot, so this works on Redis
+//! Cluster too):
+//! * `gw:{nodes}:alive:<node>`: the node's [`NodeStatus`] as JSON, expiring
+//!   after the TTL unless refreshed by a heartbeat.
+//! * `gw:{nodes}:ids`: set of every node id that has announced itself (dead
+//!   ones are removed when a listing finds their `alive` key gone).
+//! * `gw:{u:<user>}`: hash node -> connection count of that user on that
+//!   node; fields of dead nodes are ignored and removed when seen.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::AsyncCommands;
+
+use crate::{NodeStatus, Registry, RegistryError};
+
+const IDS: &str = "gw:{nodes}:ids";
+
+fn alive_key(node: &str) -> String {
+    format!("gw:{{nodes}}:alive:{node}")
+}
+
+fn user_key(user: &str) -> String {
+    format!("gw:{{u:{user}}}")
+}
+
+fn err(e: redis::RedisError) -> RegistryError {
+    RegistryError::Unavailable(e.to_string())
+}
+
+/// How long a user hash lives without any change (a safety net against
+/// entries no node will ever remove).
+const USER_KEY_TTL_SECS: i64 = 24 * 3600;
+
+pub struct RedisRegistry {
+    conn: ConnectionManager,
+    ttl: Duration,
+    /// Live node ids, refreshed at most every `cache_for`: unicast lookups
+    /// then cost one Redis call, not two.
+    live_cache: Mutex<(Instant, HashSet<String>)>,
+    cache_for: Duration,
+}
+
+impl RedisRegistry {
+    pub async fn connect(url: &str, ttl: Duration) -> Result<Self, RegistryError> {
+        let client = redis::Client::open(url).map_err(err)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Duration::from_secs(2))
+            .set_response_timeout(Duration::from_secs(2))
+            .set_number_of_retries(2)
+            .set_max_delay(1000);
+        let conn = client.get_connection_manager_with_config(config).await.map_err(err)?;
+        let cache_for = (ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
+        Ok(Self { conn, ttl, live_cache: Mutex::new((Instant::now() - cache_for * 2, HashSet::new())), cache_for })
+    }
+
+    async fn live_ids(&self) -> Result<HashSet<String>, RegistryError> {
+        {
+            let c = self.live_cache.lock();
+            if c.0.elapsed() < self.cache_for {
+                return Ok(c.1.clone());
+            }
+        }
+        let ids: HashSet<String> = self.live_nodes().await?.into_iter().map(|n| n.id).collect();
+        *self.live_cache.lock() = (Instant::now(), ids.clone());
+        Ok(ids)
+    }
+}
+
+#[async_trait]
+impl Registry for RedisRegistry {
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), RegistryError> {
+        let json = serde_json::to_string(status).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let mut c = self.conn.clone();
+        redis::pipe()
+            .set_ex(alive_key(&status.id), json, self.ttl.as_secs().max(1))
+            .ignore()
+            .sadd(IDS, &status.id)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(err)
+    }
+
+    async fn deregister(&self, node: &str) -> Result<(), RegistryError> {
+        let mut c = self.conn.clone();
+        redis::pipe().del(alive_key(node)).ignore().srem(IDS, node).ignore().query_async::<()>(&mut c).await.map_err(err)?;
+        self.live_cache.lock().1.remove(node);
+        Ok(())
+    }
+
+    async fn add_user(&self, user: &str, node: &str) -> Result<(), RegistryError> {
+        let mut c = self.conn.clone();
+        let key = user_key(user);
+        redis::pipe()
+            .hincr(&key, node, 1)
+            .ignore()
+            .expire(&key, USER_KEY_TTL_SECS)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(err)
+    }
+
+    async fn remove_user(&self, user: &str, node: &str) -> Result<(), RegistryError> {
+        // Decrement and delete at zero in one step, so a concurrent add is
+        // never lost.
+        let script = redis::Script::new(
+            r"local n = redis.call('HINCRBY', KEYS[1], ARGV[1], -1)
+              if n <= 0 then redis.call('HDEL', KEYS[1], ARGV[1]) end
+              return n",
+        );
+        let mut c = self.conn.clone();
+        script.key(user_key(user)).arg(node).invoke_async::<i64>(&mut c).await.map_err(err)?;
+        Ok(())
+    }
+
+    async fn nodes_for_user(&self, user: &str) -> Result<Vec<String>, RegistryError> {
+        let mut c = self.conn.clone();
+        let key = user_key(user);
+        let entries: Vec<(String, i64)> = c.hgetall(&key).await.map_err(err)?;
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let live = self.live_ids().await?;
+        let mut out = Vec::new();
+        let mut dead = Vec::new();
+        for (node, count) in entries {
+            if !live.contains(&node) {
+                dead.push(node);
+            } else if count > 0 {
+                out.push(node);
+            }
+        }
+        if !dead.is_empty() {
+            let _: Result<(), _> = c.hdel(&key, dead).await;
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    async fn live_nodes(&self) -> Result<Vec<NodeStatus>, RegistryError> {
+        let mut c = self.conn.clone();
+        let ids: Vec<String> = c.smembers(IDS).await.map_err(err)?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|i| alive_key(i)).collect();
+        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await.map_err(err)?;
+        let mut out = Vec::new();
+        let mut gone = Vec::new();
+        for (id, v) in ids.into_iter().zip(values) {
+            match v.and_then(|v| serde_json::from_str::<NodeStatus>(&v).ok()) {
+                Some(status) => out.push(status),
+                None => gone.push(id),
+            }
+        }
+        if !gone.is_empty() {
+            let _: Result<(), _> = c.srem(IDS, gone).await;
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
