@@ -88,6 +88,15 @@ impl Hub {
         self.subscribers(&user_channel(user))
     }
 
+    /// Every user with connections on this node, and how many.
+    pub fn users(&self) -> Vec<(String, usize)> {
+        self.channels
+            .iter()
+            .filter_map(|e| e.key().strip_prefix(protocol::USER_CHANNEL_PREFIX).map(|u| (u.to_owned(), e.value().len())))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
     /// Channels with at least one local subscriber.
     pub fn channel_count(&self) -> usize {
         self.channels.len()

@@ -130,12 +130,22 @@ impl Node {
         Ok(node)
     }
 
-    /// Refreshes this node's registry entry (cluster mode).
+    /// Refreshes this node's registry entry (cluster mode). If the registry
+    /// had forgotten the node (e.g. Redis restarted empty), re-announces every
+    /// local user so unicasts find them again.
     pub async fn heartbeat(&self) -> Result<(), registry::RegistryError> {
         let Some(registry) = &self.registry else { return Ok(()) };
-        registry
-            .heartbeat(&NodeStatus { id: self.id.clone(), draining: self.is_draining(), connections: self.open_connections() as u64 })
-            .await
+        let status = NodeStatus { id: self.id.clone(), draining: self.is_draining(), connections: self.open_connections() as u64 };
+        if registry.heartbeat(&status).await? {
+            let users = self.hub.users();
+            if !users.is_empty() {
+                warn!(users = users.len(), "registry did not know this node; re-announcing its users");
+            }
+            for (user, n) in users {
+                registry.set_user(&user, &self.id, n as u64).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Removes this node from the registry at once (clean shutdown).

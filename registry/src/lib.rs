@@ -41,7 +41,15 @@ pub enum RegistryError {
 #[async_trait]
 pub trait Registry: Send + Sync + 'static {
     /// Marks the node alive for one TTL, with its draining flag and load.
-    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), RegistryError>;
+    /// Returns true when the registry did not know the node (first
+    /// heartbeat, or the registry lost its data, e.g. a Redis restart without
+    /// persistence): the node must then re-announce its users with
+    /// [`Registry::set_user`].
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<bool, RegistryError>;
+
+    /// Sets the number of connections of `user` on `node` (re-announcing
+    /// after the registry lost its data).
+    async fn set_user(&self, user: &str, node: &str, connections: u64) -> Result<(), RegistryError>;
 
     /// Removes the node at once (clean shutdown).
     async fn deregister(&self, node: &str) -> Result<(), RegistryError>;

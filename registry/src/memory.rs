@@ -31,8 +31,18 @@ impl MemoryRegistry {
 
 #[async_trait]
 impl Registry for MemoryRegistry {
-    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), RegistryError> {
-        self.state.lock().nodes.insert(status.id.clone(), (status.clone(), Instant::now()));
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<bool, RegistryError> {
+        Ok(self.state.lock().nodes.insert(status.id.clone(), (status.clone(), Instant::now())).is_none())
+    }
+
+    async fn set_user(&self, user: &str, node: &str, connections: u64) -> Result<(), RegistryError> {
+        let mut s = self.state.lock();
+        let nodes = s.users.entry(user.to_owned()).or_default();
+        if connections == 0 {
+            nodes.remove(node);
+        } else {
+            nodes.insert(node.to_owned(), connections);
+        }
         Ok(())
     }
 

@@ -74,13 +74,29 @@ impl RedisRegistry {
 
 #[async_trait]
 impl Registry for RedisRegistry {
-    async fn heartbeat(&self, status: &NodeStatus) -> Result<(), RegistryError> {
+    async fn heartbeat(&self, status: &NodeStatus) -> Result<bool, RegistryError> {
         let json = serde_json::to_string(status).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let mut c = self.conn.clone();
-        redis::pipe()
-            .set_ex(alive_key(&status.id), json, self.ttl.as_secs().max(1))
+        let (added,): (u64,) = redis::pipe()
+            .pset_ex(alive_key(&status.id), json, self.ttl.as_millis().max(1) as u64)
             .ignore()
             .sadd(IDS, &status.id)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(added == 1)
+    }
+
+    async fn set_user(&self, user: &str, node: &str, connections: u64) -> Result<(), RegistryError> {
+        let mut c = self.conn.clone();
+        let key = user_key(user);
+        if connections == 0 {
+            return c.hdel(&key, node).await.map_err(err);
+        }
+        redis::pipe()
+            .hset(&key, node, connections)
+            .ignore()
+            .expire(&key, USER_KEY_TTL_SECS)
             .ignore()
             .query_async::<()>(&mut c)
             .await
@@ -127,7 +143,12 @@ impl Registry for RedisRegistry {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
-        let live = self.live_ids().await?;
+        let mut live = self.live_ids().await?;
+        if entries.iter().any(|(n, _)| !live.contains(n)) {
+            // A node may have joined since the cache was filled: look again.
+            self.live_cache.lock().0 = Instant::now() - self.cache_for * 2;
+            live = self.live_ids().await?;
+        }
         let mut out = Vec::new();
         let mut dead = Vec::new();
         for (node, count) in entries {

@@ -132,7 +132,10 @@ impl RedisBroker {
                     b.health.down();
                 } else if b.health.up() {
                     info!("redis backbone: reconnected; catching up from the replay store");
-                    b.tracker.catch_up(&*b.store, &hub).await;
+                    if b.tracker.catch_up(&*b.store, &hub).await > 0 {
+                        // Not everything could be read yet: try again next tick.
+                        b.health.down();
+                    }
                 }
             }
         });

@@ -37,11 +37,13 @@ impl Tracker {
         }
     }
 
-    /// Reads every tracked channel's missed messages and delivers them.
+    /// Reads every tracked channel's missed messages and delivers them;
+    /// returns how many channels could not be read (the caller retries).
     pub async fn catch_up(&self, store: &dyn ReplayStore, hub: &Hub) -> usize {
         let channels: Vec<(Arc<str>, Position)> =
             self.seen.iter().map(|e| (e.key().clone(), Position::new(e.value().1, &*e.value().0))).collect();
         let mut delivered = 0;
+        let mut failed = 0;
         for (channel, since) in channels {
             match store.read_since(&channel, &since).await {
                 Ok(Recovery::Recovered { publications, .. }) => {
@@ -56,13 +58,16 @@ impl Tracker {
                     warn!(%channel, ?reason, "backbone catch-up: history gone");
                     self.start(&channel, top);
                 }
-                Err(e) => warn!(%channel, error = %e, "backbone catch-up failed"),
+                Err(e) => {
+                    failed += 1;
+                    warn!(%channel, error = %e, "backbone catch-up failed; will retry");
+                }
             }
         }
         if delivered > 0 {
             info!(delivered, "backbone catch-up delivered missed messages");
         }
-        delivered
+        failed
     }
 }
 

@@ -85,6 +85,17 @@ impl RedisReplayStore {
             .set_number_of_retries(2)
             .set_max_delay(1000);
         let conn = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
+        // The connection manager reconnects when a command fails; a cheap
+        // PING twice a second makes that happen right after Redis comes
+        // back, instead of failing the first publish after an outage.
+        let mut keepalive = conn.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tick.tick().await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), redis::cmd("PING").query_async::<String>(&mut keepalive)).await;
+            }
+        });
         Ok(Self { conn, append: Script::new(APPEND), read: Script::new(READ), window, max_messages, meta_ttl })
     }
 
