@@ -48,23 +48,39 @@ pub const MAX_BATCH_ITEMS: usize = 1000;
 
 /// Checks the API key and reads the body in its codec.
 async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiError> {
-    let auth = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     node.auth.check_api_key(auth).map_err(|e| {
-        node.metrics.api_request_rejected(ErrorCode::Unauthorized.name());
+        node.metrics
+            .api_request_rejected(ErrorCode::Unauthorized.name());
         ApiError::new(ErrorCode::Unauthorized, e.to_string())
     })?;
     let content_type = req
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase());
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
     let msgpack = match content_type.as_deref() {
         // curl's default (form) and text/plain are read as JSON too, so a
         // quick `curl -d '{...}'` works.
-        None | Some("application/json") | Some("text/plain") | Some("application/x-www-form-urlencoded") => false,
-        Some("application/msgpack") | Some("application/x-msgpack") | Some("application/vnd.msgpack") => true,
+        None
+        | Some("application/json")
+        | Some("text/plain")
+        | Some("application/x-www-form-urlencoded") => false,
+        Some("application/msgpack")
+        | Some("application/x-msgpack")
+        | Some("application/vnd.msgpack") => true,
         Some(other) => {
-            node.metrics.api_request_rejected(ErrorCode::BadRequest.name());
+            node.metrics
+                .api_request_rejected(ErrorCode::BadRequest.name());
             return Err(ApiError::new(
                 ErrorCode::BadRequest,
                 format!("unsupported content type {other:?}; use application/json or application/msgpack"),
@@ -73,17 +89,24 @@ async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiEr
         }
     };
     let limit = node.config.max_api_body_bytes;
-    let body = axum::body::to_bytes(req.into_body(), limit).await.map_err(|_| {
-        node.metrics.api_request_rejected(ErrorCode::TooLarge.name());
-        ApiError::new(ErrorCode::TooLarge, format!("body larger than {limit} bytes (max_api_body_bytes)"))
-    })?;
+    let body = axum::body::to_bytes(req.into_body(), limit)
+        .await
+        .map_err(|_| {
+            node.metrics
+                .api_request_rejected(ErrorCode::TooLarge.name());
+            ApiError::new(
+                ErrorCode::TooLarge,
+                format!("body larger than {limit} bytes (max_api_body_bytes)"),
+            )
+        })?;
     let parsed = if msgpack {
         rmp_serde::from_slice(&body).map_err(|e| e.to_string())
     } else {
         serde_json::from_slice(&body).map_err(|e| e.to_string())
     };
     parsed.map_err(|e| {
-        node.metrics.api_request_rejected(ErrorCode::BadRequest.name());
+        node.metrics
+            .api_request_rejected(ErrorCode::BadRequest.name());
         ApiError::new(ErrorCode::BadRequest, format!("malformed body: {e}"))
     })
 }
@@ -102,12 +125,18 @@ async fn publish_to(node: &Node, channel: &str, data: Value) -> Result<Value, Ap
 async fn publish_item(node: &Node, item: BatchItem) -> Result<Value, ApiError> {
     match item {
         BatchItem::Publish(p) => {
-            validate_channel(&p.channel)
-                .map_err(|e| ApiError::new(ErrorCode::InvalidChannel, format!("channel {:?}: {e}", p.channel)))?;
+            validate_channel(&p.channel).map_err(|e| {
+                ApiError::new(
+                    ErrorCode::InvalidChannel,
+                    format!("channel {:?}: {e}", p.channel),
+                )
+            })?;
             publish_to(node, &p.channel, p.data).await
         }
         BatchItem::Send(s) => {
-            validate_user(&s.user).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, format!("user {:?}: {e}", s.user)))?;
+            validate_user(&s.user).map_err(|e| {
+                ApiError::new(ErrorCode::InvalidChannel, format!("user {:?}: {e}", s.user))
+            })?;
             let mut v = publish_to(node, &user_channel(&s.user), s.data).await?;
             v["user"] = Value::String(s.user);
             Ok(v)
@@ -148,7 +177,11 @@ pub async fn batch(State(node): State<Arc<Node>>, req: Request) -> Response {
         Err(e) => return e.into_response(),
     };
     if batch.items.len() > MAX_BATCH_ITEMS {
-        return ApiError::new(ErrorCode::TooLarge, format!("at most {MAX_BATCH_ITEMS} items per batch")).into_response();
+        return ApiError::new(
+            ErrorCode::TooLarge,
+            format!("at most {MAX_BATCH_ITEMS} items per batch"),
+        )
+        .into_response();
     }
     let mut results = Vec::with_capacity(batch.items.len());
     for item in batch.items {

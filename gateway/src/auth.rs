@@ -11,7 +11,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use protocol::ErrorCode;
+use protocol::{ErrorCode, Position};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use wildmatch::WildMatch;
@@ -29,6 +29,8 @@ pub struct Claims {
     pub subscribe: Vec<String>,
     #[serde(default)]
     pub publish: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub typ: Option<String>,
 }
 
 /// Channel patterns a token grants.
@@ -36,15 +38,29 @@ pub struct Claims {
 pub struct Patterns {
     any: bool,
     globs: Vec<WildMatch>,
+    /// The patterns as given, carried into resume tokens.
+    sources: Vec<String>,
 }
 
 impl Patterns {
     pub fn any() -> Self {
-        Self { any: true, globs: Vec::new() }
+        Self {
+            any: true,
+            globs: Vec::new(),
+            sources: vec!["*".into()],
+        }
     }
 
     pub fn from_globs(globs: &[String]) -> Self {
-        Self { any: false, globs: globs.iter().map(|g| WildMatch::new(g)).collect() }
+        Self {
+            any: false,
+            globs: globs.iter().map(|g| WildMatch::new(g)).collect(),
+            sources: globs.to_vec(),
+        }
+    }
+
+    pub fn sources(&self) -> &[String] {
+        &self.sources
     }
 
     pub fn allows(&self, channel: &str) -> bool {
@@ -65,7 +81,12 @@ pub struct Identity {
 
 impl Identity {
     pub fn anonymous() -> Self {
-        Self { user: String::new(), expires_at: None, subscribe: Patterns::any(), publish: Patterns::any() }
+        Self {
+            user: String::new(),
+            expires_at: None,
+            subscribe: Patterns::any(),
+            publish: Patterns::any(),
+        }
     }
 
     pub fn is_anonymous(&self) -> bool {
@@ -95,13 +116,38 @@ impl AuthError {
 }
 
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
+
+/// A resume token's claims: who the client is, what it may do, and where it
+/// was in each channel when its node told it to reconnect.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ResumeClaims {
+    pub sub: String,
+    /// Always `resume`: a connection token is never accepted as a resume
+    /// token or the other way round.
+    pub typ: String,
+    pub exp: u64,
+    /// The connection token's own expiry, which the resumed session keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tok_exp: Option<u64>,
+    pub subscribe: Vec<String>,
+    pub publish: Vec<String>,
+    /// (channel, epoch, seq) of every subscription, the user's stream included.
+    pub channels: Vec<(String, String, u64)>,
+}
+
+const RESUME_TYP: &str = "resume";
+const DEV_RESUME_KEY: &str = "gateway development resume key (dev mode only)";
 
 /// Verifies tokens and API keys with the node's configured keys.
 pub struct Auth {
     verifiers: Vec<(DecodingKey, Validation)>,
     minting: Option<EncodingKey>,
+    resume: (EncodingKey, DecodingKey, Validation),
     dev: bool,
     api_keys: Vec<String>,
 }
@@ -119,7 +165,10 @@ impl Auth {
         };
         let mut minting = None;
         if let Some(secret) = &config.jwt_secret {
-            verifiers.push((DecodingKey::from_secret(secret.as_bytes()), validation(Algorithm::HS256)));
+            verifiers.push((
+                DecodingKey::from_secret(secret.as_bytes()),
+                validation(Algorithm::HS256),
+            ));
             minting = Some(EncodingKey::from_secret(secret.as_bytes()));
         }
         if let Some(path) = &config.jwt_public_key_file {
@@ -130,7 +179,93 @@ impl Auth {
             };
             verifiers.push((key, validation(alg)));
         }
-        Ok(Self { verifiers, minting, dev: config.dev, api_keys: config.api_keys() })
+        // Resume tokens use their own key, so one can never pass for a
+        // connection token even where the types would line up.
+        let resume_key = match (&config.resume_secret, &config.jwt_secret) {
+            (Some(k), _) => k.clone(),
+            (None, Some(secret)) => format!("{secret}/resume"),
+            (None, None) if config.dev => DEV_RESUME_KEY.to_owned(),
+            // A single node verifies only its own tokens: a key of its own
+            // will do. (Config validation demands a shared one in a cluster.)
+            (None, None) => crate::replay::memory::new_epoch().repeat(4),
+        };
+        let mut resume_validation = validation(Algorithm::HS256);
+        resume_validation.required_spec_claims =
+            ["sub".to_owned(), "exp".to_owned()].into_iter().collect();
+        let resume = (
+            EncodingKey::from_secret(resume_key.as_bytes()),
+            DecodingKey::from_secret(resume_key.as_bytes()),
+            resume_validation,
+        );
+        Ok(Self {
+            verifiers,
+            minting,
+            resume,
+            dev: config.dev,
+            api_keys: config.api_keys(),
+        })
+    }
+
+    /// Signs a resume token for `identity` at `channels`, valid for `ttl_secs`.
+    pub fn mint_resume(
+        &self,
+        identity: &Identity,
+        channels: Vec<(String, String, u64)>,
+        ttl_secs: u64,
+    ) -> String {
+        let claims = ResumeClaims {
+            sub: identity.user.clone(),
+            typ: RESUME_TYP.into(),
+            exp: now_secs() + ttl_secs.max(1),
+            tok_exp: identity.expires_at,
+            subscribe: identity.subscribe.sources().to_vec(),
+            publish: identity.publish.sources().to_vec(),
+            channels,
+        };
+        // HS256 over serializable claims cannot fail.
+        encode(&Header::new(Algorithm::HS256), &claims, &self.resume.0).unwrap_or_default()
+    }
+
+    /// Checks a resume token and returns the identity it restores and the
+    /// subscriptions with their positions.
+    pub fn verify_resume(
+        &self,
+        token: &str,
+    ) -> Result<(Identity, Vec<(String, Position)>), AuthError> {
+        let data = decode::<ResumeClaims>(token, &self.resume.1, &self.resume.2).map_err(|e| {
+            match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                _ => AuthError::Invalid(format!("resume token: {e}")),
+            }
+        })?;
+        let c = data.claims;
+        if c.typ != RESUME_TYP {
+            return Err(AuthError::Invalid("not a resume token".into()));
+        }
+        if c.tok_exp.is_some_and(|exp| exp <= now_secs()) {
+            return Err(AuthError::Expired);
+        }
+        let identity = if c.sub.is_empty() {
+            if !self.dev {
+                return Err(AuthError::Invalid(
+                    "anonymous resume outside dev mode".into(),
+                ));
+            }
+            Identity::anonymous()
+        } else {
+            Identity {
+                user: c.sub,
+                expires_at: c.tok_exp,
+                subscribe: Patterns::from_globs(&c.subscribe),
+                publish: Patterns::from_globs(&c.publish),
+            }
+        };
+        let channels = c
+            .channels
+            .into_iter()
+            .map(|(ch, epoch, seq)| (ch, Position::new(seq, epoch)))
+            .collect();
+        Ok((identity, channels))
     }
 
     pub fn dev(&self) -> bool {
@@ -148,7 +283,8 @@ impl Auth {
     }
 
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Invalid(e.to_string()))?;
         let mut last = AuthError::Invalid(format!("no key configured for {:?} tokens", header.alg));
         for (key, validation) in &self.verifiers {
             if !validation.algorithms.contains(&header.alg) {
@@ -157,7 +293,13 @@ impl Auth {
             match decode::<Claims>(token, key, validation) {
                 Ok(data) => {
                     let c = data.claims;
-                    protocol::validate_user(&c.sub).map_err(|e| AuthError::Invalid(e.to_string()))?;
+                    if c.typ.as_deref() == Some(RESUME_TYP) {
+                        return Err(AuthError::Invalid(
+                            "a resume token is not a connection token".into(),
+                        ));
+                    }
+                    protocol::validate_user(&c.sub)
+                        .map_err(|e| AuthError::Invalid(e.to_string()))?;
                     return Ok(Identity {
                         user: c.sub,
                         expires_at: c.exp,
@@ -180,9 +322,18 @@ impl Auth {
         if self.api_keys.is_empty() && self.dev {
             return Ok(());
         }
-        let presented = authorization.and_then(|h| h.strip_prefix("Bearer ")).map(str::trim);
+        let presented = authorization
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim);
         match presented {
-            Some(k) if self.api_keys.iter().any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) => Ok(()),
+            Some(k)
+                if self
+                    .api_keys
+                    .iter()
+                    .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) =>
+            {
+                Ok(())
+            }
             _ => Err(AuthError::BadApiKey),
         }
     }
@@ -223,23 +374,64 @@ mod tests {
             iat: None,
             subscribe: vec!["news".into(), "chat:*".into()],
             publish: vec![],
+            typ: None,
         };
         let id = a.verify(&a.mint(&claims).expect("mint")).expect("verify");
         assert_eq!(id.user, "alice");
         assert!(id.subscribe.allows("chat:1"));
         assert!(!id.subscribe.allows("secret"));
         assert!(!id.publish.allows("chat:1"));
-        let expired = Claims { exp: Some(now_secs() - 10), ..claims };
-        assert_eq!(a.verify(&a.mint(&expired).expect("mint")).unwrap_err(), AuthError::Expired);
+        let expired = Claims {
+            exp: Some(now_secs() - 10),
+            ..claims
+        };
+        assert_eq!(
+            a.verify(&a.mint(&expired).expect("mint")).unwrap_err(),
+            AuthError::Expired
+        );
         assert!(matches!(a.verify("not-a-jwt"), Err(AuthError::Invalid(_))));
         assert_eq!(a.identify(None).unwrap_err(), AuthError::Missing);
+    }
+
+    #[test]
+    fn resume_tokens() {
+        let a = auth();
+        let claims = Claims {
+            sub: "alice".into(),
+            exp: Some(now_secs() + 60),
+            iat: None,
+            subscribe: vec!["news".into()],
+            publish: vec!["chat:*".into()],
+            typ: None,
+        };
+        let id = a.verify(&a.mint(&claims).expect("mint")).expect("verify");
+        let t = a.mint_resume(&id, vec![("news".into(), "E1".into(), 7)], 60);
+        let (back, channels) = a.verify_resume(&t).expect("resume verifies");
+        assert_eq!(back.user, "alice");
+        assert!(back.publish.allows("chat:x") && !back.publish.allows("news"));
+        assert_eq!(channels, vec![("news".to_owned(), Position::new(7, "E1"))]);
+        // Neither kind passes for the other; tampering and expiry are refused.
+        assert!(a.verify(&t).is_err());
+        assert!(a.verify_resume(&a.mint(&claims).expect("mint")).is_err());
+        let mut tampered = t.clone();
+        tampered.insert(tampered.len() - 3, 'x');
+        assert!(a.verify_resume(&tampered).is_err());
+        let expired = Identity {
+            expires_at: Some(now_secs() - 1),
+            ..back
+        };
+        let t = a.mint_resume(&expired, vec![], 60);
+        assert_eq!(a.verify_resume(&t).unwrap_err(), AuthError::Expired);
     }
 
     #[test]
     fn api_keys() {
         let a = auth();
         assert!(a.check_api_key(Some("Bearer k2")).is_ok());
-        assert_eq!(a.check_api_key(Some("Bearer nope")), Err(AuthError::BadApiKey));
+        assert_eq!(
+            a.check_api_key(Some("Bearer nope")),
+            Err(AuthError::BadApiKey)
+        );
         assert_eq!(a.check_api_key(None), Err(AuthError::BadApiKey));
     }
 }

@@ -90,6 +90,40 @@ pub struct Config {
     /// `/readyz` turns 503 once the backbone has been down this long.
     pub backbone_down_threshold_ms: u64,
 
+    /// Drain: how long `/readyz` says 503 before the node stops accepting
+    /// (the balancer's health checks must notice within it).
+    pub drain_prestop_delay_ms: u64,
+    /// Drain: fraction of the connections (counted when sending starts) told
+    /// to reconnect per interval.
+    pub drain_batch_fraction: f64,
+    /// Drain: the interval between batches.
+    pub drain_batch_interval_ms: u64,
+    /// Drain: the whole drain's deadline; connections still open then are
+    /// closed with 4000.
+    pub drain_timeout_ms: u64,
+    /// Drain: a connection told to reconnect is closed (4000) after this if
+    /// the client has not closed it itself.
+    pub drain_close_grace_ms: u64,
+    /// Lower end of the random delay a `reconnect` frame asks a client to wait.
+    pub reconnect_min_delay_ms: u64,
+    /// Upper end of that delay: the window over which a batch's reconnects spread.
+    pub reconnect_max_delay_ms: u64,
+    /// How long a resume token from a `reconnect` frame stays valid.
+    pub resume_token_ttl_ms: u64,
+    /// Key that signs resume tokens; every node of a cluster needs the same.
+    /// Default: derived from `jwt_secret` (a fixed development key in dev
+    /// mode without one).
+    pub resume_secret: Option<String>,
+
+    /// Admission: most connections (WebSocket + SSE) this node holds.
+    pub max_connections: usize,
+    /// Admission: new sessions per second this node accepts (sustained;
+    /// the burst is the same number).
+    pub admission_rate: u32,
+    /// Admission: `Retry-After` (rounded up to seconds) for WebSocket and
+    /// `retry:` for SSE when a session is refused; clients add jitter.
+    pub admission_retry_ms: u64,
+
     /// How long a shutdown waits for connections to go before closing them.
     pub shutdown_timeout_ms: u64,
 
@@ -132,6 +166,18 @@ impl Default for Config {
             registry_ttl_ms: 6_000,
             heartbeat_interval_ms: 2_000,
             backbone_down_threshold_ms: 3_000,
+            drain_prestop_delay_ms: 2_000,
+            drain_batch_fraction: 0.02,
+            drain_batch_interval_ms: 500,
+            drain_timeout_ms: 110_000,
+            drain_close_grace_ms: 2_000,
+            reconnect_min_delay_ms: 100,
+            reconnect_max_delay_ms: 5_000,
+            resume_token_ttl_ms: 120_000,
+            resume_secret: None,
+            max_connections: 100_000,
+            admission_rate: 2_000,
+            admission_retry_ms: 2_000,
             shutdown_timeout_ms: 10_000,
             log_format: "text".into(),
             log: "info".into(),
@@ -165,7 +211,10 @@ impl Config {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(file) = file {
             if !file.exists() {
-                return Err(ConfigError::Invalid(format!("config file {} does not exist", file.display())));
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    file.display()
+                )));
             }
             fig = fig.merge(Toml::file(file));
         }
@@ -218,25 +267,67 @@ impl Config {
         if self.max_subscriptions == 0 || self.max_sse_channels == 0 {
             return bad("max_subscriptions and max_sse_channels must be greater than 0".into());
         }
-        if self.nats_url.is_some() && self.redis_url.is_none() {
-            return bad("nats_url needs redis_url too: Redis holds the registry and the replay store".into());
+        if !(self.drain_batch_fraction > 0.0 && self.drain_batch_fraction <= 1.0) {
+            return bad(format!(
+                "drain_batch_fraction must be in (0, 1], not {}",
+                self.drain_batch_fraction
+            ));
         }
-        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms * 2 > self.registry_ttl_ms {
+        if self.drain_batch_interval_ms == 0
+            || self.admission_rate == 0
+            || self.max_connections == 0
+        {
+            return bad("drain_batch_interval_ms, admission_rate and max_connections must be greater than 0".into());
+        }
+        if self.reconnect_min_delay_ms > self.reconnect_max_delay_ms {
+            return bad("reconnect_min_delay_ms must not exceed reconnect_max_delay_ms".into());
+        }
+        if self.resume_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return bad("resume_secret must be at least 16 bytes".into());
+        }
+        if self.redis_url.is_some()
+            && !self.dev
+            && self.resume_secret.is_none()
+            && self.jwt_secret.is_none()
+        {
+            return bad("cluster mode needs a resume_secret (or jwt_secret) shared by every node, to verify resume tokens across nodes".into());
+        }
+        if self.nats_url.is_some() && self.redis_url.is_none() {
+            return bad(
+                "nats_url needs redis_url too: Redis holds the registry and the replay store"
+                    .into(),
+            );
+        }
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms * 2 > self.registry_ttl_ms
+        {
             return bad(format!(
                 "heartbeat_interval_ms ({}) must be above 0 and at most half of registry_ttl_ms ({})",
                 self.heartbeat_interval_ms, self.registry_ttl_ms
             ));
         }
         if let Some(id) = &self.node_id {
-            if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-                return bad(format!("node_id {id:?} must be 1-64 characters of [A-Za-z0-9_-]"));
+            if id.is_empty()
+                || id.len() > 64
+                || !id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return bad(format!(
+                    "node_id {id:?} must be 1-64 characters of [A-Za-z0-9_-]"
+                ));
             }
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
-            return bad(format!("log_format must be `text` or `json`, not {:?}", self.log_format));
+            return bad(format!(
+                "log_format must be `text` or `json`, not {:?}",
+                self.log_format
+            ));
         }
         if !matches!(self.jwt_algorithm.as_str(), "RS256" | "ES256") {
-            return bad(format!("jwt_algorithm must be RS256 or ES256, not {:?}", self.jwt_algorithm));
+            return bad(format!(
+                "jwt_algorithm must be RS256 or ES256, not {:?}",
+                self.jwt_algorithm
+            ));
         }
         if let Some(secret) = &self.jwt_secret {
             if secret.len() < 16 {
@@ -245,7 +336,10 @@ impl Config {
         }
         if let Some(f) = &self.jwt_public_key_file {
             if !f.exists() {
-                return bad(format!("jwt_public_key_file {} does not exist", f.display()));
+                return bad(format!(
+                    "jwt_public_key_file {} does not exist",
+                    f.display()
+                ));
             }
         }
         if !self.dev && self.jwt_secret.is_none() && self.jwt_public_key_file.is_none() {
@@ -258,7 +352,12 @@ impl Config {
     }
 
     pub fn api_keys(&self) -> Vec<String> {
-        self.api_keys.split(',').map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned).collect()
+        self.api_keys
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned)
+            .collect()
     }
 
     pub fn ms(v: u64) -> Duration {
@@ -272,11 +371,23 @@ mod tests {
 
     #[test]
     fn defaults_need_dev_or_keys() {
-        let c = Config { dev: true, ..Config::default() };
+        let c = Config {
+            dev: true,
+            ..Config::default()
+        };
         assert!(c.validate().is_ok());
         let err = Config::default().validate().unwrap_err().to_string();
         assert!(err.contains("GATEWAY_JWT_SECRET"), "{err}");
-        let c = Config { dev: true, idle_timeout_ms: 10, ping_interval_ms: 20, ..Config::default() };
-        assert!(c.validate().unwrap_err().to_string().contains("idle_timeout_ms"));
+        let c = Config {
+            dev: true,
+            idle_timeout_ms: 10,
+            ping_interval_ms: 20,
+            ..Config::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("idle_timeout_ms"));
     }
 }

@@ -58,7 +58,10 @@ impl Hub {
         };
         if removed_last {
             // Re-check under the entry lock: someone may have subscribed since.
-            return self.channels.remove_if(channel, |_, subs| subs.is_empty()).is_some();
+            return self
+                .channels
+                .remove_if(channel, |_, subs| subs.is_empty())
+                .is_some();
         }
         false
     }
@@ -92,7 +95,11 @@ impl Hub {
     pub fn users(&self) -> Vec<(String, usize)> {
         self.channels
             .iter()
-            .filter_map(|e| e.key().strip_prefix(protocol::USER_CHANNEL_PREFIX).map(|u| (u.to_owned(), e.value().len())))
+            .filter_map(|e| {
+                e.key()
+                    .strip_prefix(protocol::USER_CHANNEL_PREFIX)
+                    .map(|u| (u.to_owned(), e.value().len()))
+            })
             .filter(|(_, n)| *n > 0)
             .collect()
     }

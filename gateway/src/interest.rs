@@ -23,13 +23,18 @@ pub struct Interest {
 
 impl Default for Interest {
     fn default() -> Self {
-        Self { listening: DashSet::new(), locks: (0..SHARDS).map(|_| tokio::sync::Mutex::new(())).collect() }
+        Self {
+            listening: DashSet::new(),
+            locks: (0..SHARDS).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
     }
 }
 
 impl Interest {
     fn lock(&self, channel: &str) -> &tokio::sync::Mutex<()> {
-        let h = channel.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let h = channel.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         &self.locks[(h % SHARDS as u64) as usize]
     }
 

@@ -2,7 +2,9 @@
 //!
 //! Code map (see ARCHITECTURE.md for the invariants):
 //! * [`config`]: every setting, loaded and validated once.
-//! * [`node`]: the parts of a running node, built from the config.
+//! * [`node`]: the parts of a running node, built from the config;
+//!   admission control.
+//! * [`drain`]: graceful drain (Running -> Draining -> Closing).
 //! * [`server`]: the router and `run(listener, node, shutdown)`.
 //! * [`transport`]: WebSocket (`/ws`) and SSE (`/sse`).
 //! * [`session`]: per-connection state and the exactly-once delivery rules;
@@ -21,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod drain;
 pub mod errors;
 pub mod hub;
 pub mod interest;

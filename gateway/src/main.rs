@@ -11,7 +11,11 @@ use gateway::node::Node;
 use tracing::{info, warn};
 
 #[derive(Parser)]
-#[command(name = "gateway", version, about = "Real-time WebSocket and SSE gateway")]
+#[command(
+    name = "gateway",
+    version,
+    about = "Real-time WebSocket and SSE gateway"
+)]
 struct Cli {
     /// Address to listen on (env GATEWAY_ADDR).
     #[arg(long, global = true)]
@@ -52,7 +56,10 @@ enum Command {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the node can only be killed; keep serving.
         std::future::pending::<()>().await;
         return;
@@ -66,23 +73,49 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let overrides = Overrides { addr: cli.addr, dev: cli.dev.then_some(true), node_id: cli.node_id };
+    let overrides = Overrides {
+        addr: cli.addr,
+        dev: cli.dev.then_some(true),
+        node_id: cli.node_id,
+    };
     let token_only = matches!(cli.command, Some(Command::Token { .. }));
     let mut config = match Config::load(cli.config.as_deref(), overrides) {
         Ok(c) => c,
         // Minting needs only the secret; don't demand API keys for it.
-        Err(_) if token_only => Config { dev: true, ..Config::load(cli.config.as_deref(), Overrides { dev: Some(true), ..Default::default() })? },
+        Err(_) if token_only => Config {
+            dev: true,
+            ..Config::load(
+                cli.config.as_deref(),
+                Overrides {
+                    dev: Some(true),
+                    ..Default::default()
+                },
+            )?
+        },
         Err(e) => {
             eprintln!("gateway: {e}");
             std::process::exit(2);
         }
     };
-    if let Some(Command::Token { user, subscribe, publish, ttl }) = cli.command {
+    if let Some(Command::Token {
+        user,
+        subscribe,
+        publish,
+        ttl,
+    }) = cli.command
+    {
         config.dev = true;
         let auth = Auth::from_config(&config)?;
         protocol::validate_user(&user).context("--user")?;
         let now = now_secs();
-        let claims = Claims { sub: user, exp: Some(now + ttl), iat: Some(now), subscribe, publish };
+        let claims = Claims {
+            sub: user,
+            exp: Some(now + ttl),
+            iat: Some(now),
+            subscribe,
+            publish,
+            typ: None,
+        };
         println!("{}", auth.mint(&claims)?);
         return Ok(());
     }
@@ -91,7 +124,9 @@ async fn main() -> anyhow::Result<()> {
         warn!("DEV MODE: anonymous connections and unauthenticated publish API calls are accepted. Never run this in production.");
     }
     let prometheus = gateway::telemetry::init_metrics();
-    let listener = tokio::net::TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("binding {}", config.addr))?;
     let addr = listener.local_addr()?;
     let node = Node::build(config, prometheus).await?;
     info!(node = %node.id, %addr, mode = node.mode(), backbone = node.broker.kind(), "gateway listening");

@@ -10,23 +10,29 @@ use tokio::sync::watch;
 
 use crate::auth::Auth;
 use anyhow::Context;
-use registry::{NodeStatus, Registry, RedisRegistry};
+use registry::{NodeStatus, RedisRegistry, Registry};
 use tracing::warn;
 
 use crate::broker::{Broker, MemoryBroker, NatsBroker, RedisBroker};
 use crate::config::Config;
+use crate::drain::Drain;
 use crate::hub::Hub;
 use crate::interest::Interest;
 use crate::replay::{CoalescingStore, MemoryReplayStore, RedisReplayStore, ReplayStore};
+use crate::session::ratelimit::RateLimit;
 use crate::telemetry::Metrics;
 
-/// Where the node is in its life; sessions watch it.
+/// Where the node is in its life; sessions watch it (see [`crate::drain`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
     Running,
-    /// Shutting down: `/readyz` is 503 and connections are told to reconnect
-    /// elsewhere.
-    Draining,
+    /// Leaving: `/readyz` is 503; connections whose drain ticket is below
+    /// `released` are told to reconnect elsewhere.
+    Draining {
+        released: u64,
+    },
+    /// The drain deadline passed (or all were released): close now with 4000.
+    Closing,
 }
 
 pub struct Node {
@@ -43,60 +49,114 @@ pub struct Node {
     pub metrics: Metrics,
     pub prometheus: PrometheusHandle,
     lifecycle: watch::Sender<Lifecycle>,
+    pub drain: Drain,
+    admission: parking_lot::Mutex<RateLimit>,
     next_session: AtomicU64,
     /// Open connections of every transport (a session counts itself in and
     /// out), so shutdown can wait for them.
     connections: AtomicUsize,
 }
 
+/// Why a new session was refused (admission control).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Draining,
+    TooManyConnections,
+    RateLimited,
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Draining => "draining",
+            Self::TooManyConnections => "max_connections",
+            Self::RateLimited => "admission_rate",
+        }
+    }
+}
+
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Node {
     /// Builds the node the config asks for: embedded (in-memory parts) with
     /// no `redis_url`, a cluster node with one.
     pub async fn build(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<Arc<Self>> {
-        let id = config.node_id.clone().unwrap_or_else(|| format!("node-{}", crate::replay::memory::new_epoch()));
+        let id = config
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{}", crate::replay::memory::new_epoch()));
         let hub = Arc::new(Hub::new());
         let window = Duration::from_millis(config.replay_window_ms);
         let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);
-        let (store, broker, registry): (Arc<dyn ReplayStore>, Arc<dyn Broker>, Option<Arc<dyn Registry>>) =
-            match &config.redis_url {
-                None => {
-                    let store = Arc::new(MemoryReplayStore::new(window, config.replay_max_messages, meta_ttl));
-                    store.spawn_sweeper();
-                    let store: Arc<dyn ReplayStore> = store;
-                    let broker = Arc::new(MemoryBroker::new(store.clone(), hub.clone()));
-                    (store, broker, None)
-                }
-                Some(redis_url) => {
-                    let ttl = Duration::from_millis(config.registry_ttl_ms);
-                    let down = Duration::from_millis(config.backbone_down_threshold_ms);
-                    let registry: Arc<dyn Registry> = Arc::new(
-                        RedisRegistry::connect(redis_url, ttl).await.context("connecting the registry to Redis")?,
-                    );
-                    let redis_store = Arc::new(
-                        RedisReplayStore::connect(redis_url, window, config.replay_max_messages, meta_ttl)
-                            .await
-                            .context("connecting the replay store to Redis")?,
-                    );
-                    let broker: Arc<dyn Broker> = match &config.nats_url {
-                        None => RedisBroker::connect(redis_url, &id, redis_store.clone(), registry.clone(), hub.clone(), down)
-                            .await
-                            .context("connecting the Redis backbone")?,
-                        Some(nats_url) => {
-                            NatsBroker::connect(nats_url, &id, redis_store.clone(), registry.clone(), hub.clone(), down)
-                                .await
-                                .context("connecting the NATS backbone")?
-                        }
-                    };
-                    let store: Arc<dyn ReplayStore> = Arc::new(CoalescingStore::new(redis_store));
-                    (store, broker, Some(registry))
-                }
-            };
+        let (store, broker, registry): (
+            Arc<dyn ReplayStore>,
+            Arc<dyn Broker>,
+            Option<Arc<dyn Registry>>,
+        ) = match &config.redis_url {
+            None => {
+                let store = Arc::new(MemoryReplayStore::new(
+                    window,
+                    config.replay_max_messages,
+                    meta_ttl,
+                ));
+                store.spawn_sweeper();
+                let store: Arc<dyn ReplayStore> = store;
+                let broker = Arc::new(MemoryBroker::new(store.clone(), hub.clone()));
+                (store, broker, None)
+            }
+            Some(redis_url) => {
+                let ttl = Duration::from_millis(config.registry_ttl_ms);
+                let down = Duration::from_millis(config.backbone_down_threshold_ms);
+                let registry: Arc<dyn Registry> = Arc::new(
+                    RedisRegistry::connect(redis_url, ttl)
+                        .await
+                        .context("connecting the registry to Redis")?,
+                );
+                let redis_store = Arc::new(
+                    RedisReplayStore::connect(
+                        redis_url,
+                        window,
+                        config.replay_max_messages,
+                        meta_ttl,
+                    )
+                    .await
+                    .context("connecting the replay store to Redis")?,
+                );
+                let broker: Arc<dyn Broker> = match &config.nats_url {
+                    None => RedisBroker::connect(
+                        redis_url,
+                        &id,
+                        redis_store.clone(),
+                        registry.clone(),
+                        hub.clone(),
+                        down,
+                    )
+                    .await
+                    .context("connecting the Redis backbone")?,
+                    Some(nats_url) => NatsBroker::connect(
+                        nats_url,
+                        &id,
+                        redis_store.clone(),
+                        registry.clone(),
+                        hub.clone(),
+                        down,
+                    )
+                    .await
+                    .context("connecting the NATS backbone")?,
+                };
+                let store: Arc<dyn ReplayStore> = Arc::new(CoalescingStore::new(redis_store));
+                (store, broker, Some(registry))
+            }
+        };
         let auth = Auth::from_config(&config)?;
         let (lifecycle, _) = watch::channel(Lifecycle::Running);
+        let admission =
+            parking_lot::Mutex::new(RateLimit::new(config.admission_rate, config.admission_rate));
         let node = Arc::new(Self {
             config,
             id,
@@ -108,7 +168,9 @@ impl Node {
             auth,
             metrics: Metrics::new(),
             prometheus,
+            admission,
             lifecycle,
+            drain: Drain::default(),
             next_session: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
         });
@@ -134,12 +196,21 @@ impl Node {
     /// had forgotten the node (e.g. Redis restarted empty), re-announces every
     /// local user so unicasts find them again.
     pub async fn heartbeat(&self) -> Result<(), registry::RegistryError> {
-        let Some(registry) = &self.registry else { return Ok(()) };
-        let status = NodeStatus { id: self.id.clone(), draining: self.is_draining(), connections: self.open_connections() as u64 };
+        let Some(registry) = &self.registry else {
+            return Ok(());
+        };
+        let status = NodeStatus {
+            id: self.id.clone(),
+            draining: self.is_draining(),
+            connections: self.open_connections() as u64,
+        };
         if registry.heartbeat(&status).await? {
             let users = self.hub.users();
             if !users.is_empty() {
-                warn!(users = users.len(), "registry did not know this node; re-announcing its users");
+                warn!(
+                    users = users.len(),
+                    "registry did not know this node; re-announcing its users"
+                );
             }
             for (user, n) in users {
                 registry.set_user(&user, &self.id, n as u64).await?;
@@ -173,11 +244,25 @@ impl Node {
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.lifecycle.borrow() == Lifecycle::Draining
+        *self.lifecycle.borrow() != Lifecycle::Running
     }
 
-    pub fn start_draining(&self) {
-        self.lifecycle.send_replace(Lifecycle::Draining);
+    pub fn set_lifecycle(&self, state: Lifecycle) {
+        self.lifecycle.send_replace(state);
+    }
+
+    /// Admission control for a new session.
+    pub fn admit(&self) -> Result<(), Refusal> {
+        if self.is_draining() || self.drain.started() {
+            return Err(Refusal::Draining);
+        }
+        if self.open_connections() >= self.config.max_connections {
+            return Err(Refusal::TooManyConnections);
+        }
+        if !self.admission.lock().allow() {
+            return Err(Refusal::RateLimited);
+        }
+        Ok(())
     }
 
     pub fn connection_opened(&self) {

@@ -30,12 +30,39 @@ pub async fn readyz(State(node): State<Arc<Node>>) -> Response {
         "backbone_status": if backbone { "up" } else { "down" },
         "connections": node.open_connections(),
     });
-    let status = if draining || !backbone { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if draining || !backbone {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     (status, Json(body)).into_response()
 }
 
+/// `POST /admin/drain` (API key): starts the graceful drain; the process
+/// exits when it is over. 202 whether or not a drain was already running.
+pub async fn admin_drain(State(node): State<Arc<Node>>, headers: http::HeaderMap) -> Response {
+    let auth = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = node.auth.check_api_key(auth) {
+        node.metrics
+            .api_request_rejected(ErrorCode::Unauthorized.name());
+        return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response();
+    }
+    crate::drain::start(&node);
+    (
+        StatusCode::ACCEPTED,
+        Json(json!({ "status": "draining", "node": node.id })),
+    )
+        .into_response()
+}
+
 pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], node.prometheus.render()).into_response()
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        node.prometheus.render(),
+    )
+        .into_response()
 }
 
 /// The live demo page (plain HTML + JS, no build step).

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::node::Node;
-use crate::{api, ops, transport};
+use crate::{api, drain, ops, transport};
 
 /// Every route of a node. Tests drive it directly.
 pub fn app(node: Arc<Node>) -> Router {
@@ -25,27 +26,41 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/admin/drain", post(ops::admin_drain))
         .fallback(ops::not_found)
         .with_state(node)
 }
 
-/// Serves `listener` until `shutdown` completes; then drains: `/readyz`
-/// turns 503, connections are told to reconnect elsewhere, and it waits (up
-/// to `shutdown_timeout_ms`) for them to go.
-pub async fn run(listener: TcpListener, node: Arc<Node>, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let drain_node = node.clone();
-    let signal = async move {
+/// Serves `listener` until the node has drained. `shutdown` (SIGTERM,
+/// SIGINT) starts the drain, as does `POST /admin/drain`; see
+/// [`crate::drain`].
+pub async fn run(
+    listener: TcpListener,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let signal_node = node.clone();
+    tokio::spawn(async move {
         shutdown.await;
         info!("shutdown requested: draining");
-        drain_node.start_draining();
-    };
-    axum::serve(listener, app(node.clone())).with_graceful_shutdown(signal).await?;
-    // Upgraded WebSockets are not HTTP connections any more; wait for them.
+        drain::start(&signal_node);
+    });
+    let stop_node = node.clone();
+    let stop_accepting = async move { stop_node.drain.accepting_stopped().await };
+    // Real-time frames are small: never let Nagle hold one back.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app(node.clone()))
+        .with_graceful_shutdown(stop_accepting)
+        .await?;
+    // Upgraded WebSockets are not HTTP connections any more: the drain
+    // waits for them.
+    node.drain.finished().await;
     let deadline = Instant::now() + Duration::from_millis(node.config.shutdown_timeout_ms);
     while node.open_connections() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    node.deregister().await;
     info!(remaining = node.open_connections(), "stopped");
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! [`Metrics`]; the hot paths increment handles and never look a metric up by
 //! name. Names follow `gateway_<what>_<unit>`, counters end in `_total`.
 
-use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+use metrics::{
+    describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::config::Config;
@@ -13,9 +15,15 @@ use crate::config::Config;
 pub fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second init (tests that start several nodes in one process) is harmless.
-    let _ = if config.log_format == "json" { builder.json().try_init() } else { builder.try_init() };
+    let _ = if config.log_format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// Installs the Prometheus recorder for this process and returns the handle
@@ -70,9 +78,18 @@ impl Metrics {
     }
 
     pub fn new() -> Self {
-        describe_gauge!("gateway_connections", "Open client connections, by transport.");
-        describe_gauge!("gateway_subscriptions", "Channel subscriptions held by connections on this node.");
-        describe_counter!("gateway_messages_published_total", "Messages accepted for publishing on this node.");
+        describe_gauge!(
+            "gateway_connections",
+            "Open client connections, by transport."
+        );
+        describe_gauge!(
+            "gateway_subscriptions",
+            "Channel subscriptions held by connections on this node."
+        );
+        describe_counter!(
+            "gateway_messages_published_total",
+            "Messages accepted for publishing on this node."
+        );
         describe_counter!(
             "gateway_messages_delivered_total",
             "Messages written to client connections, by transport (fan-out = delivered / published)."
@@ -82,13 +99,34 @@ impl Metrics {
             Unit::Seconds,
             "Publish accepted -> written to the socket, one sample per write batch (its oldest message)."
         );
-        describe_counter!("gateway_messages_replayed_total", "Messages sent from the replay store on resume or gap repair.");
-        describe_counter!("gateway_duplicates_suppressed_total", "Messages not sent because the connection already had them.");
-        describe_counter!("gateway_resumes_total", "Subscriptions that resumed from a position, by result.");
-        describe_counter!("gateway_unrecoverable_total", "Unrecoverable notices sent, by where they arose.");
-        describe_counter!("gateway_slow_consumer_disconnects_total", "Connections cut because their outbound queue overflowed.");
-        describe_counter!("gateway_frames_rejected_total", "Client frames answered with an error, by error name.");
-        describe_counter!("gateway_api_requests_rejected_total", "Publish API requests answered with an error, by error name.");
+        describe_counter!(
+            "gateway_messages_replayed_total",
+            "Messages sent from the replay store on resume or gap repair."
+        );
+        describe_counter!(
+            "gateway_duplicates_suppressed_total",
+            "Messages not sent because the connection already had them."
+        );
+        describe_counter!(
+            "gateway_resumes_total",
+            "Subscriptions that resumed from a position, by result."
+        );
+        describe_counter!(
+            "gateway_unrecoverable_total",
+            "Unrecoverable notices sent, by where they arose."
+        );
+        describe_counter!(
+            "gateway_slow_consumer_disconnects_total",
+            "Connections cut because their outbound queue overflowed."
+        );
+        describe_counter!(
+            "gateway_frames_rejected_total",
+            "Client frames answered with an error, by error name."
+        );
+        describe_counter!(
+            "gateway_api_requests_rejected_total",
+            "Publish API requests answered with an error, by error name."
+        );
         Self {
             connections_ws: metrics::gauge!("gateway_connections", "transport" => "ws"),
             connections_sse: metrics::gauge!("gateway_connections", "transport" => "sse"),

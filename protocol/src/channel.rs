@@ -73,8 +73,14 @@ mod tests {
         assert_eq!(validate_channel("chat:room-1/a.b@c=d+e_f"), Ok(()));
         assert_eq!(validate_channel(""), Err(ChannelError::Empty));
         assert_eq!(validate_channel("$user:x"), Err(ChannelError::Reserved));
-        assert_eq!(validate_channel("a b"), Err(ChannelError::BadCharacter(' ')));
-        assert_eq!(validate_channel(&"x".repeat(201)), Err(ChannelError::TooLong));
+        assert_eq!(
+            validate_channel("a b"),
+            Err(ChannelError::BadCharacter(' '))
+        );
+        assert_eq!(
+            validate_channel(&"x".repeat(201)),
+            Err(ChannelError::TooLong)
+        );
         assert_eq!(validate_user("alice"), Ok(()));
         assert_eq!(validate_user("al ice"), Err(ChannelError::BadUser));
         assert_eq!(user_channel("alice"), "$user:alice");

@@ -68,16 +68,24 @@ impl Codec {
         // both serializers always accept; a failure here is a bug in a type
         // of this crate, so the message names it.
         match self {
-            Self::Json => serde_json::to_vec(frame).expect("protocol frames always encode as JSON").into(),
-            Self::MsgPack => rmp_serde::to_vec_named(frame).expect("protocol frames always encode as MessagePack").into(),
+            Self::Json => serde_json::to_vec(frame)
+                .expect("protocol frames always encode as JSON")
+                .into(),
+            Self::MsgPack => rmp_serde::to_vec_named(frame)
+                .expect("protocol frames always encode as MessagePack")
+                .into(),
         }
     }
 
     /// Decodes any value of this codec into a JSON value.
     pub fn decode_value(self, bytes: &[u8]) -> Result<Value, DecodeError> {
         match self {
-            Self::Json => serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string())),
-            Self::MsgPack => rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string())),
+            Self::Json => {
+                serde_json::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
+            }
+            Self::MsgPack => {
+                rmp_serde::from_slice(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))
+            }
         }
     }
 
@@ -97,15 +105,24 @@ impl Codec {
     }
 }
 
-fn decode_typed<T: serde::de::DeserializeOwned>(value: Value, types: &[&str]) -> Result<T, DecodeError> {
+fn decode_typed<T: serde::de::DeserializeOwned>(
+    value: Value,
+    types: &[&str],
+) -> Result<T, DecodeError> {
     let Some(obj) = value.as_object() else {
         return Err(DecodeError::Malformed("a frame must be a map".into()));
     };
     match obj.get("type") {
         None => return Err(DecodeError::Malformed("missing field `type`".into())),
-        Some(Value::String(t)) if !types.contains(&t.as_str()) => return Err(DecodeError::UnknownType(t.clone())),
+        Some(Value::String(t)) if !types.contains(&t.as_str()) => {
+            return Err(DecodeError::UnknownType(t.clone()))
+        }
         Some(Value::String(_)) => {}
-        Some(other) => return Err(DecodeError::Malformed(format!("`type` must be a string, got {other}"))),
+        Some(other) => {
+            return Err(DecodeError::Malformed(format!(
+                "`type` must be a string, got {other}"
+            )))
+        }
     }
     serde_json::from_value(value).map_err(|e| DecodeError::Malformed(e.to_string()))
 }

@@ -126,7 +126,8 @@ impl Serialize for ErrorCode {
 impl<'de> Deserialize<'de> for ErrorCode {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let code = u16::deserialize(d)?;
-        Self::from_code(code).ok_or_else(|| serde::de::Error::custom(format!("unknown error code {code}")))
+        Self::from_code(code)
+            .ok_or_else(|| serde::de::Error::custom(format!("unknown error code {code}")))
     }
 }
 

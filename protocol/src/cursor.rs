@@ -92,11 +92,29 @@ mod tests {
         let b = Position::new(0, "Z1");
         let id = SseCursor::encode(&["news", "$user:alice"], &[&a, &b]);
         assert!(id.starts_with("v1."));
-        assert_eq!(SseCursor::decode(&id, &["news", "$user:alice"]), Ok(vec![a, b]));
-        assert_eq!(SseCursor::decode(&id, &["news"]), Err(CursorError::OtherChannels));
-        assert_eq!(SseCursor::decode(&id, &["$user:alice", "news"]), Err(CursorError::OtherChannels));
-        assert_eq!(SseCursor::decode("v2.x", &["news"]), Err(CursorError::Malformed));
-        assert_eq!(SseCursor::decode("v1.zz.a-1", &["news"]), Err(CursorError::Malformed));
-        assert_eq!(SseCursor::decode("v1.00000000.a-b", &["news"]), Err(CursorError::Malformed));
+        assert_eq!(
+            SseCursor::decode(&id, &["news", "$user:alice"]),
+            Ok(vec![a, b])
+        );
+        assert_eq!(
+            SseCursor::decode(&id, &["news"]),
+            Err(CursorError::OtherChannels)
+        );
+        assert_eq!(
+            SseCursor::decode(&id, &["$user:alice", "news"]),
+            Err(CursorError::OtherChannels)
+        );
+        assert_eq!(
+            SseCursor::decode("v2.x", &["news"]),
+            Err(CursorError::Malformed)
+        );
+        assert_eq!(
+            SseCursor::decode("v1.zz.a-1", &["news"]),
+            Err(CursorError::Malformed)
+        );
+        assert_eq!(
+            SseCursor::decode("v1.00000000.a-b", &["news"]),
+            Err(CursorError::Malformed)
+        );
     }
 }

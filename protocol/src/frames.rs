@@ -25,7 +25,15 @@ pub enum ClientFrame {
 
 impl ClientFrame {
     /// Every `type` value a client frame may have.
-    pub const TYPES: [&'static str; 7] = ["connect", "subscribe", "unsubscribe", "publish", "refresh", "ping", "pong"];
+    pub const TYPES: [&'static str; 7] = [
+        "connect",
+        "subscribe",
+        "unsubscribe",
+        "publish",
+        "refresh",
+        "ping",
+        "pong",
+    ];
 
     /// The request id, if the frame carries one.
     pub fn id(&self) -> Option<u64> {
@@ -52,6 +60,11 @@ pub struct Connect {
     /// Where the client is in its user's own stream, to resume it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Position>,
+    /// A resume token from a `reconnect` frame: restores the user and the
+    /// subscriptions (from the positions the old node had sent) without a
+    /// new login. With `token` too, both must name the same user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<String>,
 }
 
 /// Subscribe to a channel, optionally resuming from a position.
@@ -115,6 +128,7 @@ pub enum ServerFrame {
     Published(Published),
     Refreshed(Refreshed),
     RefreshRequired(RefreshRequired),
+    Reconnect(Reconnect),
     Error(ErrorFrame),
     Ping(Ping),
     Pong(Pong),
@@ -122,7 +136,7 @@ pub enum ServerFrame {
 
 impl ServerFrame {
     /// Every `type` value a server frame may have.
-    pub const TYPES: [&'static str; 11] = [
+    pub const TYPES: [&'static str; 12] = [
         "connected",
         "subscribed",
         "unsubscribed",
@@ -131,6 +145,7 @@ impl ServerFrame {
         "published",
         "refreshed",
         "refresh_required",
+        "reconnect",
         "error",
         "ping",
         "pong",
@@ -158,6 +173,10 @@ pub struct Connected {
     pub ping_interval_ms: u64,
     /// The node that holds the connection.
     pub node: String,
+    /// Channels restored from `connect.resume`: each gets its `subscribed`
+    /// frame (and replay) next, as if the client had subscribed again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub resumed: Vec<String>,
 }
 
 /// Answer to `subscribe`. When `recovered` is true, every message after the
@@ -257,6 +276,19 @@ pub struct RefreshRequired {
     pub expires_at: u64,
 }
 
+/// The node is draining: close this connection, wait a random time between
+/// `min_delay_ms` and `max_delay_ms`, reconnect (through the balancer) and
+/// send `connect` with `resume` = `token`. The server sends nothing after
+/// this frame, so the token's positions are exactly where the client is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reconnect {
+    /// Signed, short-lived resume token (user, permissions, subscriptions
+    /// and their positions).
+    pub token: String,
+    pub min_delay_ms: u64,
+    pub max_delay_ms: u64,
+}
+
 /// A request failed. `temporary` says whether retrying it later may succeed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorFrame {
@@ -271,6 +303,12 @@ pub struct ErrorFrame {
 
 impl ErrorFrame {
     pub fn new(id: Option<u64>, code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { id, code, name: code.name().to_owned(), message: message.into(), temporary: code.temporary() }
+        Self {
+            id,
+            code,
+            name: code.name().to_owned(),
+            message: message.into(),
+            temporary: code.temporary(),
+        }
     }
 }

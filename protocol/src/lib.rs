@@ -19,7 +19,9 @@ pub mod cursor;
 pub mod frames;
 pub mod position;
 
-pub use channel::{user_channel, validate_channel, validate_user, ChannelError, USER_CHANNEL_PREFIX};
+pub use channel::{
+    user_channel, validate_channel, validate_user, ChannelError, USER_CHANNEL_PREFIX,
+};
 pub use codec::{Codec, DecodeError};
 pub use codes::{CloseCode, ErrorCode};
 pub use cursor::{CursorError, SseCursor};

@@ -17,6 +17,9 @@ pub struct Position {
 
 impl Position {
     pub fn new(seq: u64, epoch: impl Into<String>) -> Self {
-        Self { seq, epoch: epoch.into() }
+        Self {
+            seq,
+            epoch: epoch.into(),
+        }
     }
 }

@@ -19,7 +19,9 @@ const CODECS: [Codec; 2] = [Codec::Json, Codec::MsgPack];
 fn rt_client(frame: ClientFrame) {
     for codec in CODECS {
         let bytes = codec.encode(&frame);
-        let back = codec.decode_client(&bytes).unwrap_or_else(|e| panic!("{codec:?}: {frame:?} failed to decode: {e}"));
+        let back = codec
+            .decode_client(&bytes)
+            .unwrap_or_else(|e| panic!("{codec:?}: {frame:?} failed to decode: {e}"));
         assert_eq!(back, frame, "{codec:?} round trip");
         // Encoding the decoded frame again gives the same bytes.
         assert_eq!(codec.encode(&back), bytes, "{codec:?} re-encode");
@@ -29,7 +31,9 @@ fn rt_client(frame: ClientFrame) {
 fn rt_server(frame: ServerFrame) {
     for codec in CODECS {
         let bytes = codec.encode(&frame);
-        let back = codec.decode_server(&bytes).unwrap_or_else(|e| panic!("{codec:?}: {frame:?} failed to decode: {e}"));
+        let back = codec
+            .decode_server(&bytes)
+            .unwrap_or_else(|e| panic!("{codec:?}: {frame:?} failed to decode: {e}"));
         assert_eq!(back, frame, "{codec:?} round trip");
         assert_eq!(codec.encode(&back), bytes, "{codec:?} re-encode");
     }
@@ -84,10 +88,24 @@ fn bytes_of(codec: Codec, v: &Value) -> Vec<u8> {
 fn every_client_frame() -> Vec<ClientFrame> {
     vec![
         ClientFrame::Connect(Connect::default()),
-        ClientFrame::Subscribe(Subscribe { id: None, channel: "news".into(), since: None }),
-        ClientFrame::Unsubscribe(Unsubscribe { id: None, channel: "news".into() }),
-        ClientFrame::Publish(Publish { id: None, channel: "news".into(), data: json!({"x": 1}) }),
-        ClientFrame::Refresh(Refresh { id: None, token: "t".into() }),
+        ClientFrame::Subscribe(Subscribe {
+            id: None,
+            channel: "news".into(),
+            since: None,
+        }),
+        ClientFrame::Unsubscribe(Unsubscribe {
+            id: None,
+            channel: "news".into(),
+        }),
+        ClientFrame::Publish(Publish {
+            id: None,
+            channel: "news".into(),
+            data: json!({"x": 1}),
+        }),
+        ClientFrame::Refresh(Refresh {
+            id: None,
+            token: "t".into(),
+        }),
         ClientFrame::Ping(Ping::default()),
         ClientFrame::Pong(Pong::default()),
     ]
@@ -97,6 +115,7 @@ fn every_client_frame() -> Vec<ClientFrame> {
 fn every_server_frame() -> Vec<ServerFrame> {
     vec![
         ServerFrame::Connected(Connected {
+            resumed: Vec::new(),
             id: None,
             client: "c1".into(),
             user: String::new(),
@@ -112,17 +131,41 @@ fn every_server_frame() -> Vec<ServerFrame> {
             seq: 0,
             recovered: None,
         }),
-        ServerFrame::Unsubscribed(Unsubscribed { id: None, channel: "news".into() }),
-        ServerFrame::Message(Message { channel: "news".into(), seq: 1, epoch: "e1".into(), data: json!(1), ts: None }),
+        ServerFrame::Unsubscribed(Unsubscribed {
+            id: None,
+            channel: "news".into(),
+        }),
+        ServerFrame::Message(Message {
+            channel: "news".into(),
+            seq: 1,
+            epoch: "e1".into(),
+            data: json!(1),
+            ts: None,
+        }),
         ServerFrame::Unrecoverable(Unrecoverable {
             channel: "news".into(),
             reason: UnrecoverableReason::TooOld,
             epoch: "e1".into(),
             seq: 9,
         }),
-        ServerFrame::Published(Published { id: None, channel: "news".into(), seq: 1, epoch: "e1".into() }),
-        ServerFrame::Refreshed(Refreshed { id: None, expires_at: None }),
-        ServerFrame::RefreshRequired(RefreshRequired { expires_at: 1_700_000_000 }),
+        ServerFrame::Published(Published {
+            id: None,
+            channel: "news".into(),
+            seq: 1,
+            epoch: "e1".into(),
+        }),
+        ServerFrame::Refreshed(Refreshed {
+            id: None,
+            expires_at: None,
+        }),
+        ServerFrame::RefreshRequired(RefreshRequired {
+            expires_at: 1_700_000_000,
+        }),
+        ServerFrame::Reconnect(Reconnect {
+            token: "r.t.s".into(),
+            min_delay_ms: 100,
+            max_delay_ms: 5_000,
+        }),
         ServerFrame::Error(ErrorFrame::new(None, ErrorCode::Internal, "boom")),
         ServerFrame::Ping(Ping::default()),
         ServerFrame::Pong(Pong::default()),
@@ -138,8 +181,10 @@ fn type_of(codec: Codec, bytes: &[u8]) -> String {
 
 #[test]
 fn samples_cover_every_client_type() {
-    let mut seen: Vec<String> =
-        every_client_frame().iter().map(|f| type_of(Codec::Json, &Codec::Json.encode(f))).collect();
+    let mut seen: Vec<String> = every_client_frame()
+        .iter()
+        .map(|f| type_of(Codec::Json, &Codec::Json.encode(f)))
+        .collect();
     seen.sort();
     let mut want: Vec<String> = ClientFrame::TYPES.iter().map(|s| s.to_string()).collect();
     want.sort();
@@ -151,8 +196,10 @@ fn samples_cover_every_client_type() {
 
 #[test]
 fn samples_cover_every_server_type() {
-    let types: Vec<String> =
-        every_server_frame().iter().map(|f| type_of(Codec::Json, &Codec::Json.encode(f))).collect();
+    let types: Vec<String> = every_server_frame()
+        .iter()
+        .map(|f| type_of(Codec::Json, &Codec::Json.encode(f)))
+        .collect();
     assert_eq!(
         types,
         [
@@ -164,6 +211,7 @@ fn samples_cover_every_server_type() {
             "published",
             "refreshed",
             "refresh_required",
+            "reconnect",
             "error",
             "ping",
             "pong"
@@ -179,25 +227,49 @@ fn samples_cover_every_server_type() {
 #[test]
 fn connect_round_trips() {
     rt_client(ClientFrame::Connect(Connect::default()));
-    rt_client(ClientFrame::Connect(Connect { id: Some(1), token: None, since: None }));
-    rt_client(ClientFrame::Connect(Connect { id: None, token: Some("eyJhbGciOi.x.y".into()), since: None }));
-    rt_client(ClientFrame::Connect(Connect { id: None, token: None, since: Some(pos(0, "Z1")) }));
+    rt_client(ClientFrame::Connect(Connect {
+        resume: None,
+        id: Some(1),
+        token: None,
+        since: None,
+    }));
+    rt_client(ClientFrame::Connect(Connect {
+        resume: None,
+        id: None,
+        token: Some("eyJhbGciOi.x.y".into()),
+        since: None,
+    }));
+    rt_client(ClientFrame::Connect(Connect {
+        resume: None,
+        id: None,
+        token: None,
+        since: Some(pos(0, "Z1")),
+    }));
     rt_client(ClientFrame::Connect(Connect {
         id: Some(u64::MAX),
         token: Some("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.sig".into()),
         since: Some(pos(12_345, "k3f9")),
+        resume: Some("resume.token.sig".into()),
     }));
 }
 
 #[test]
 fn subscribe_round_trips() {
-    rt_client(ClientFrame::Subscribe(Subscribe { id: None, channel: "news".into(), since: None }));
+    rt_client(ClientFrame::Subscribe(Subscribe {
+        id: None,
+        channel: "news".into(),
+        since: None,
+    }));
     rt_client(ClientFrame::Subscribe(Subscribe {
         id: Some(7),
         channel: "chat:room-1/a.b@c=d+e_f".into(),
         since: None,
     }));
-    rt_client(ClientFrame::Subscribe(Subscribe { id: None, channel: "news".into(), since: Some(pos(5, "ab")) }));
+    rt_client(ClientFrame::Subscribe(Subscribe {
+        id: None,
+        channel: "news".into(),
+        since: Some(pos(5, "ab")),
+    }));
     rt_client(ClientFrame::Subscribe(Subscribe {
         id: Some(0),
         channel: "x".into(),
@@ -207,22 +279,42 @@ fn subscribe_round_trips() {
 
 #[test]
 fn unsubscribe_round_trips() {
-    rt_client(ClientFrame::Unsubscribe(Unsubscribe { id: None, channel: "news".into() }));
-    rt_client(ClientFrame::Unsubscribe(Unsubscribe { id: Some(99), channel: "news".into() }));
+    rt_client(ClientFrame::Unsubscribe(Unsubscribe {
+        id: None,
+        channel: "news".into(),
+    }));
+    rt_client(ClientFrame::Unsubscribe(Unsubscribe {
+        id: Some(99),
+        channel: "news".into(),
+    }));
 }
 
 #[test]
 fn publish_round_trips_with_every_data_shape() {
     for (i, data) in data_samples().into_iter().enumerate() {
-        rt_client(ClientFrame::Publish(Publish { id: None, channel: "news".into(), data: data.clone() }));
-        rt_client(ClientFrame::Publish(Publish { id: Some(i as u64), channel: "chat:1".into(), data }));
+        rt_client(ClientFrame::Publish(Publish {
+            id: None,
+            channel: "news".into(),
+            data: data.clone(),
+        }));
+        rt_client(ClientFrame::Publish(Publish {
+            id: Some(i as u64),
+            channel: "chat:1".into(),
+            data,
+        }));
     }
 }
 
 #[test]
 fn refresh_round_trips() {
-    rt_client(ClientFrame::Refresh(Refresh { id: None, token: "new.token.here".into() }));
-    rt_client(ClientFrame::Refresh(Refresh { id: Some(3), token: String::new() }));
+    rt_client(ClientFrame::Refresh(Refresh {
+        id: None,
+        token: "new.token.here".into(),
+    }));
+    rt_client(ClientFrame::Refresh(Refresh {
+        id: Some(3),
+        token: String::new(),
+    }));
 }
 
 #[test]
@@ -235,13 +327,55 @@ fn ping_pong_round_trip() {
 
 #[test]
 fn client_frame_id_accessor() {
-    assert_eq!(ClientFrame::Connect(Connect { id: Some(1), ..Connect::default() }).id(), Some(1));
-    assert_eq!(ClientFrame::Subscribe(Subscribe { id: Some(2), channel: "a".into(), since: None }).id(), Some(2));
-    assert_eq!(ClientFrame::Unsubscribe(Unsubscribe { id: Some(3), channel: "a".into() }).id(), Some(3));
-    assert_eq!(ClientFrame::Publish(Publish { id: Some(4), channel: "a".into(), data: Value::Null }).id(), Some(4));
-    assert_eq!(ClientFrame::Refresh(Refresh { id: Some(5), token: "t".into() }).id(), Some(5));
+    assert_eq!(
+        ClientFrame::Connect(Connect {
+            resume: None,
+            id: Some(1),
+            ..Connect::default()
+        })
+        .id(),
+        Some(1)
+    );
+    assert_eq!(
+        ClientFrame::Subscribe(Subscribe {
+            id: Some(2),
+            channel: "a".into(),
+            since: None
+        })
+        .id(),
+        Some(2)
+    );
+    assert_eq!(
+        ClientFrame::Unsubscribe(Unsubscribe {
+            id: Some(3),
+            channel: "a".into()
+        })
+        .id(),
+        Some(3)
+    );
+    assert_eq!(
+        ClientFrame::Publish(Publish {
+            id: Some(4),
+            channel: "a".into(),
+            data: Value::Null
+        })
+        .id(),
+        Some(4)
+    );
+    assert_eq!(
+        ClientFrame::Refresh(Refresh {
+            id: Some(5),
+            token: "t".into()
+        })
+        .id(),
+        Some(5)
+    );
     assert_eq!(ClientFrame::Ping(Ping { id: Some(6) }).id(), Some(6));
-    assert_eq!(ClientFrame::Pong(Pong { id: Some(7) }).id(), None, "a pong is never a request");
+    assert_eq!(
+        ClientFrame::Pong(Pong { id: Some(7) }).id(),
+        None,
+        "a pong is never a request"
+    );
     assert_eq!(ClientFrame::Ping(Ping { id: None }).id(), None);
 }
 
@@ -250,6 +384,7 @@ fn client_frame_id_accessor() {
 #[test]
 fn connected_round_trips() {
     rt_server(ServerFrame::Connected(Connected {
+        resumed: Vec::new(),
         id: None,
         client: "c-1".into(),
         user: String::new(),
@@ -259,6 +394,7 @@ fn connected_round_trips() {
         node: "node-a".into(),
     }));
     rt_server(ServerFrame::Connected(Connected {
+        resumed: Vec::new(),
         id: Some(1),
         client: "c-2".into(),
         user: "alice".into(),
@@ -293,8 +429,14 @@ fn subscribed_round_trips() {
 
 #[test]
 fn unsubscribed_round_trips() {
-    rt_server(ServerFrame::Unsubscribed(Unsubscribed { id: None, channel: "news".into() }));
-    rt_server(ServerFrame::Unsubscribed(Unsubscribed { id: Some(5), channel: "news".into() }));
+    rt_server(ServerFrame::Unsubscribed(Unsubscribed {
+        id: None,
+        channel: "news".into(),
+    }));
+    rt_server(ServerFrame::Unsubscribed(Unsubscribed {
+        id: Some(5),
+        channel: "news".into(),
+    }));
 }
 
 #[test]
@@ -319,7 +461,11 @@ fn message_round_trips_with_every_data_shape() {
 
 #[test]
 fn unrecoverable_round_trips_for_every_reason() {
-    for reason in [UnrecoverableReason::TooOld, UnrecoverableReason::EpochChanged, UnrecoverableReason::BadPosition] {
+    for reason in [
+        UnrecoverableReason::TooOld,
+        UnrecoverableReason::EpochChanged,
+        UnrecoverableReason::BadPosition,
+    ] {
         rt_server(ServerFrame::Unrecoverable(Unrecoverable {
             channel: "news".into(),
             reason,
@@ -331,20 +477,40 @@ fn unrecoverable_round_trips_for_every_reason() {
 
 #[test]
 fn published_round_trips() {
-    rt_server(ServerFrame::Published(Published { id: None, channel: "news".into(), seq: 1, epoch: "k3f9".into() }));
-    rt_server(ServerFrame::Published(Published { id: Some(8), channel: "news".into(), seq: 2, epoch: "k3f9".into() }));
+    rt_server(ServerFrame::Published(Published {
+        id: None,
+        channel: "news".into(),
+        seq: 1,
+        epoch: "k3f9".into(),
+    }));
+    rt_server(ServerFrame::Published(Published {
+        id: Some(8),
+        channel: "news".into(),
+        seq: 2,
+        epoch: "k3f9".into(),
+    }));
 }
 
 #[test]
 fn refreshed_round_trips() {
-    rt_server(ServerFrame::Refreshed(Refreshed { id: None, expires_at: None }));
-    rt_server(ServerFrame::Refreshed(Refreshed { id: Some(2), expires_at: Some(1_700_003_600) }));
+    rt_server(ServerFrame::Refreshed(Refreshed {
+        id: None,
+        expires_at: None,
+    }));
+    rt_server(ServerFrame::Refreshed(Refreshed {
+        id: Some(2),
+        expires_at: Some(1_700_003_600),
+    }));
 }
 
 #[test]
 fn refresh_required_round_trips() {
-    rt_server(ServerFrame::RefreshRequired(RefreshRequired { expires_at: 1_700_000_060 }));
-    rt_server(ServerFrame::RefreshRequired(RefreshRequired { expires_at: 0 }));
+    rt_server(ServerFrame::RefreshRequired(RefreshRequired {
+        expires_at: 1_700_000_060,
+    }));
+    rt_server(ServerFrame::RefreshRequired(RefreshRequired {
+        expires_at: 0,
+    }));
 }
 
 #[test]
@@ -355,7 +521,11 @@ fn error_round_trips_for_every_code() {
         assert_eq!(frame.temporary, code.temporary());
         assert_eq!(frame.code, code);
         rt_server(ServerFrame::Error(frame));
-        rt_server(ServerFrame::Error(ErrorFrame::new(Some(u64::from(code.code())), code, "ünïcødé message 😀")));
+        rt_server(ServerFrame::Error(ErrorFrame::new(
+            Some(u64::from(code.code())),
+            code,
+            "ünïcødé message 😀",
+        )));
     }
 }
 
@@ -373,7 +543,13 @@ fn server_ping_pong_round_trip() {
 fn message_ref_encodes_as_message() {
     for data in data_samples() {
         for ts in [None, Some(1_700_000_000_123)] {
-            let r = MessageRef { channel: "news", seq: 42, epoch: "k3f9", data: &data, ts };
+            let r = MessageRef {
+                channel: "news",
+                seq: 42,
+                epoch: "k3f9",
+                data: &data,
+                ts,
+            };
             let owned = ServerFrame::Message(Message {
                 channel: "news".into(),
                 seq: 42,
@@ -383,7 +559,11 @@ fn message_ref_encodes_as_message() {
             });
             for codec in CODECS {
                 let bytes = codec.encode(&r);
-                assert_eq!(codec.decode_server(&bytes).expect("MessageRef decodes"), owned, "{codec:?}");
+                assert_eq!(
+                    codec.decode_server(&bytes).expect("MessageRef decodes"),
+                    owned,
+                    "{codec:?}"
+                );
                 // Byte-identical to the owned frame, so a broadcast encoded
                 // once is exactly what a per-client encode would give.
                 assert_eq!(bytes, codec.encode(&owned), "{codec:?}");
@@ -395,13 +575,25 @@ fn message_ref_encodes_as_message() {
 #[test]
 fn message_ref_json_shape() {
     let data = json!({"text": "hi"});
-    let r = MessageRef { channel: "news", seq: 6, epoch: "ab", data: &data, ts: Some(1_700_000_000_000) };
+    let r = MessageRef {
+        channel: "news",
+        seq: 6,
+        epoch: "ab",
+        data: &data,
+        ts: Some(1_700_000_000_000),
+    };
     let bytes = Codec::Json.encode(&r);
     assert_eq!(
         std::str::from_utf8(&bytes).expect("utf-8"),
         r#"{"type":"message","channel":"news","seq":6,"epoch":"ab","data":{"text":"hi"},"ts":1700000000000}"#
     );
-    let r = MessageRef { channel: "news", seq: 6, epoch: "ab", data: &data, ts: None };
+    let r = MessageRef {
+        channel: "news",
+        seq: 6,
+        epoch: "ab",
+        data: &data,
+        ts: None,
+    };
     assert_eq!(
         std::str::from_utf8(&Codec::Json.encode(&r)).expect("utf-8"),
         r#"{"type":"message","channel":"news","seq":6,"epoch":"ab","data":{"text":"hi"}}"#
@@ -419,12 +611,25 @@ fn assert_malformed(r: Result<impl std::fmt::Debug, DecodeError>, what: &str) {
 
 #[test]
 fn non_map_frames_are_malformed() {
-    let cases = [json!([1, 2]), json!("connect"), json!(5), json!(null), json!(true), json!([{"type": "ping"}])];
+    let cases = [
+        json!([1, 2]),
+        json!("connect"),
+        json!(5),
+        json!(null),
+        json!(true),
+        json!([{"type": "ping"}]),
+    ];
     for codec in CODECS {
         for v in &cases {
             let bytes = bytes_of(codec, v);
-            assert_malformed(codec.decode_client(&bytes), &format!("{codec:?} client {v}"));
-            assert_malformed(codec.decode_server(&bytes), &format!("{codec:?} server {v}"));
+            assert_malformed(
+                codec.decode_client(&bytes),
+                &format!("{codec:?} client {v}"),
+            );
+            assert_malformed(
+                codec.decode_server(&bytes),
+                &format!("{codec:?} server {v}"),
+            );
         }
     }
 }
@@ -444,8 +649,14 @@ fn missing_or_non_string_type_is_malformed() {
     for codec in CODECS {
         for v in &cases {
             let bytes = bytes_of(codec, v);
-            assert_malformed(codec.decode_client(&bytes), &format!("{codec:?} client {v}"));
-            assert_malformed(codec.decode_server(&bytes), &format!("{codec:?} server {v}"));
+            assert_malformed(
+                codec.decode_client(&bytes),
+                &format!("{codec:?} client {v}"),
+            );
+            assert_malformed(
+                codec.decode_server(&bytes),
+                &format!("{codec:?} server {v}"),
+            );
         }
     }
 }
@@ -458,15 +669,27 @@ fn unknown_client_type_is_unknown_type() {
         ("Subscribe", json!({"type": "Subscribe", "channel": "news"})),
         // Server frame types are not client frame types.
         ("connected", json!({"type": "connected"})),
-        ("message", json!({"type": "message", "channel": "a", "seq": 1, "epoch": "e", "data": null})),
+        (
+            "message",
+            json!({"type": "message", "channel": "a", "seq": 1, "epoch": "e", "data": null}),
+        ),
         // The type is checked before the fields: an unknown type with junk fields
         // is still reported as unknown.
-        ("future_frame", json!({"type": "future_frame", "whatever": [1, 2, 3]})),
+        (
+            "future_frame",
+            json!({"type": "future_frame", "whatever": [1, 2, 3]}),
+        ),
     ];
     for codec in CODECS {
         for (t, v) in &cases {
-            let err = codec.decode_client(&bytes_of(codec, v)).expect_err("must fail");
-            assert_eq!(err, DecodeError::UnknownType((*t).to_owned()), "{codec:?} {v}");
+            let err = codec
+                .decode_client(&bytes_of(codec, v))
+                .expect_err("must fail");
+            assert_eq!(
+                err,
+                DecodeError::UnknownType((*t).to_owned()),
+                "{codec:?} {v}"
+            );
             assert_eq!(err.code(), ErrorCode::UnknownFrameType);
         }
     }
@@ -476,8 +699,15 @@ fn unknown_client_type_is_unknown_type() {
 fn unknown_server_type_fails_to_decode() {
     // decode_server does not tell unknown types apart; it must still fail.
     for codec in CODECS {
-        assert!(codec.decode_server(&bytes_of(codec, &json!({"type": "nope"}))).is_err());
-        assert!(codec.decode_server(&bytes_of(codec, &json!({"type": "subscribe", "channel": "x"}))).is_err());
+        assert!(codec
+            .decode_server(&bytes_of(codec, &json!({"type": "nope"})))
+            .is_err());
+        assert!(codec
+            .decode_server(&bytes_of(
+                codec,
+                &json!({"type": "subscribe", "channel": "x"})
+            ))
+            .is_err());
     }
 }
 
@@ -509,10 +739,16 @@ fn missing_required_field_is_malformed() {
     ];
     for codec in CODECS {
         for v in &client_cases {
-            assert_malformed(codec.decode_client(&bytes_of(codec, v)), &format!("{codec:?} {v}"));
+            assert_malformed(
+                codec.decode_client(&bytes_of(codec, v)),
+                &format!("{codec:?} {v}"),
+            );
         }
         for v in &server_cases {
-            assert_malformed(codec.decode_server(&bytes_of(codec, v)), &format!("{codec:?} {v}"));
+            assert_malformed(
+                codec.decode_server(&bytes_of(codec, v)),
+                &format!("{codec:?} {v}"),
+            );
         }
     }
 }
@@ -538,33 +774,61 @@ fn wrong_field_type_is_malformed() {
     ];
     for codec in CODECS {
         for v in &client_cases {
-            assert_malformed(codec.decode_client(&bytes_of(codec, v)), &format!("{codec:?} {v}"));
+            assert_malformed(
+                codec.decode_client(&bytes_of(codec, v)),
+                &format!("{codec:?} {v}"),
+            );
         }
         for v in &server_cases {
-            assert_malformed(codec.decode_server(&bytes_of(codec, v)), &format!("{codec:?} {v}"));
+            assert_malformed(
+                codec.decode_server(&bytes_of(codec, v)),
+                &format!("{codec:?} {v}"),
+            );
         }
     }
 }
 
 #[test]
 fn undecodable_bytes_are_malformed() {
-    for bytes in [&b""[..], b"{", b"not json", b"{\"type\":\"ping\"", b"\xff\xfe", b"{\"type\":\"ping\"} trailing"] {
+    for bytes in [
+        &b""[..],
+        b"{",
+        b"not json",
+        b"{\"type\":\"ping\"",
+        b"\xff\xfe",
+        b"{\"type\":\"ping\"} trailing",
+    ] {
         assert_malformed(Codec::Json.decode_client(bytes), &format!("json {bytes:?}"));
         assert_malformed(Codec::Json.decode_server(bytes), &format!("json {bytes:?}"));
     }
     let good = Codec::MsgPack.encode(&ClientFrame::Ping(Ping { id: Some(1) }));
     for bytes in [&b""[..], &good[..good.len() - 1], b"\xc1", b"\x81\xa4type"] {
-        assert_malformed(Codec::MsgPack.decode_client(bytes), &format!("msgpack {bytes:?}"));
-        assert_malformed(Codec::MsgPack.decode_server(bytes), &format!("msgpack {bytes:?}"));
+        assert_malformed(
+            Codec::MsgPack.decode_client(bytes),
+            &format!("msgpack {bytes:?}"),
+        );
+        assert_malformed(
+            Codec::MsgPack.decode_server(bytes),
+            &format!("msgpack {bytes:?}"),
+        );
     }
     // A JSON text sent on the MessagePack codec is not a map.
-    assert_malformed(Codec::MsgPack.decode_client(br#"{"type":"ping"}"#), "json bytes as msgpack");
+    assert_malformed(
+        Codec::MsgPack.decode_client(br#"{"type":"ping"}"#),
+        "json bytes as msgpack",
+    );
 }
 
 #[test]
 fn decode_error_codes() {
-    assert_eq!(DecodeError::Malformed("x".into()).code(), ErrorCode::BadFrame);
-    assert_eq!(DecodeError::UnknownType("x".into()).code(), ErrorCode::UnknownFrameType);
+    assert_eq!(
+        DecodeError::Malformed("x".into()).code(),
+        ErrorCode::BadFrame
+    );
+    assert_eq!(
+        DecodeError::UnknownType("x".into()).code(),
+        ErrorCode::UnknownFrameType
+    );
     assert_eq!(ErrorCode::BadFrame.code(), 104);
     assert_eq!(ErrorCode::UnknownFrameType.code(), 105);
 }
@@ -577,14 +841,21 @@ fn msgpack_data_must_be_json_compatible() {
     for data in [&b"\xc4\x02\x01\x02"[..], b"\x81\x01\x02"] {
         let mut bytes = head.to_vec();
         bytes.extend_from_slice(data);
-        assert_malformed(Codec::MsgPack.decode_client(&bytes), &format!("data {data:?}"));
+        assert_malformed(
+            Codec::MsgPack.decode_client(&bytes),
+            &format!("data {data:?}"),
+        );
     }
     // The same head with a JSON-compatible `data` (fixstr "x") decodes.
     let mut bytes = head.to_vec();
     bytes.extend_from_slice(b"\xa1x");
     assert_eq!(
         Codec::MsgPack.decode_client(&bytes).expect("decodes"),
-        ClientFrame::Publish(Publish { id: None, channel: "a".into(), data: json!("x") })
+        ClientFrame::Publish(Publish {
+            id: None,
+            channel: "a".into(),
+            data: json!("x")
+        })
     );
 }
 
@@ -596,10 +867,13 @@ fn unknown_fields_are_ignored_and_null_optionals_are_absent() {
         let v = json!({"type": "subscribe", "channel": "news", "since": null, "id": null, "future": {"x": 1}});
         assert_eq!(
             codec.decode_client(&bytes_of(codec, &v)).expect("decodes"),
-            ClientFrame::Subscribe(Subscribe { id: None, channel: "news".into(), since: None })
+            ClientFrame::Subscribe(Subscribe {
+                id: None,
+                channel: "news".into(),
+                since: None
+            })
         );
-        let v =
-            json!({"type": "message", "channel": "a", "seq": 3, "epoch": "e", "data": null, "ts": null, "extra": 1});
+        let v = json!({"type": "message", "channel": "a", "seq": 3, "epoch": "e", "data": null, "ts": null, "extra": 1});
         assert_eq!(
             codec.decode_server(&bytes_of(codec, &v)).expect("decodes"),
             ServerFrame::Message(Message {
@@ -619,13 +893,22 @@ fn field_order_does_not_matter() {
         let v = json!({"since": {"epoch": "ab", "seq": 5}, "channel": "news", "type": "subscribe"});
         assert_eq!(
             codec.decode_client(&bytes_of(codec, &v)).expect("decodes"),
-            ClientFrame::Subscribe(Subscribe { id: None, channel: "news".into(), since: Some(pos(5, "ab")) })
+            ClientFrame::Subscribe(Subscribe {
+                id: None,
+                channel: "news".into(),
+                since: Some(pos(5, "ab"))
+            })
         );
     }
     let text = br#"{"channel":"news","seq":5,"epoch":"ab","type":"published","id":9}"#;
     assert_eq!(
         Codec::Json.decode_server(text).expect("decodes"),
-        ServerFrame::Published(Published { id: Some(9), channel: "news".into(), seq: 5, epoch: "ab".into() })
+        ServerFrame::Published(Published {
+            id: Some(9),
+            channel: "news".into(),
+            seq: 5,
+            epoch: "ab".into()
+        })
     );
 }
 
@@ -640,8 +923,18 @@ fn pin_client(frame: ClientFrame, literal: &str) {
         let got = codec.decode_value(&codec.encode(&frame)).expect("value");
         assert_eq!(got, want, "{codec:?} wire shape of {frame:?}");
     }
-    assert_eq!(Codec::Json.decode_client(literal.as_bytes()).expect("literal decodes"), frame);
-    assert_eq!(Codec::MsgPack.decode_client(&msgpack_of(&want)).expect("literal decodes"), frame);
+    assert_eq!(
+        Codec::Json
+            .decode_client(literal.as_bytes())
+            .expect("literal decodes"),
+        frame
+    );
+    assert_eq!(
+        Codec::MsgPack
+            .decode_client(&msgpack_of(&want))
+            .expect("literal decodes"),
+        frame
+    );
 }
 
 fn pin_server(frame: ServerFrame, literal: &str) {
@@ -650,27 +943,56 @@ fn pin_server(frame: ServerFrame, literal: &str) {
         let got = codec.decode_value(&codec.encode(&frame)).expect("value");
         assert_eq!(got, want, "{codec:?} wire shape of {frame:?}");
     }
-    assert_eq!(Codec::Json.decode_server(literal.as_bytes()).expect("literal decodes"), frame);
-    assert_eq!(Codec::MsgPack.decode_server(&msgpack_of(&want)).expect("literal decodes"), frame);
+    assert_eq!(
+        Codec::Json
+            .decode_server(literal.as_bytes())
+            .expect("literal decodes"),
+        frame
+    );
+    assert_eq!(
+        Codec::MsgPack
+            .decode_server(&msgpack_of(&want))
+            .expect("literal decodes"),
+        frame
+    );
 }
 
 #[test]
 fn client_wire_shapes() {
     pin_client(
-        ClientFrame::Subscribe(Subscribe { id: None, channel: "news".into(), since: Some(pos(5, "ab")) }),
+        ClientFrame::Subscribe(Subscribe {
+            id: None,
+            channel: "news".into(),
+            since: Some(pos(5, "ab")),
+        }),
         r#"{"type":"subscribe","channel":"news","since":{"seq":5,"epoch":"ab"}}"#,
     );
     pin_client(
-        ClientFrame::Subscribe(Subscribe { id: Some(2), channel: "news".into(), since: None }),
+        ClientFrame::Subscribe(Subscribe {
+            id: Some(2),
+            channel: "news".into(),
+            since: None,
+        }),
         r#"{"type":"subscribe","id":2,"channel":"news"}"#,
     );
-    pin_client(ClientFrame::Connect(Connect::default()), r#"{"type":"connect"}"#);
     pin_client(
-        ClientFrame::Connect(Connect { id: Some(1), token: Some("jwt".into()), since: Some(pos(3, "Z1")) }),
+        ClientFrame::Connect(Connect::default()),
+        r#"{"type":"connect"}"#,
+    );
+    pin_client(
+        ClientFrame::Connect(Connect {
+            resume: None,
+            id: Some(1),
+            token: Some("jwt".into()),
+            since: Some(pos(3, "Z1")),
+        }),
         r#"{"type":"connect","id":1,"token":"jwt","since":{"seq":3,"epoch":"Z1"}}"#,
     );
     pin_client(
-        ClientFrame::Unsubscribe(Unsubscribe { id: Some(4), channel: "news".into() }),
+        ClientFrame::Unsubscribe(Unsubscribe {
+            id: Some(4),
+            channel: "news".into(),
+        }),
         r#"{"type":"unsubscribe","id":4,"channel":"news"}"#,
     );
     pin_client(
@@ -682,10 +1004,16 @@ fn client_wire_shapes() {
         r#"{"type":"publish","id":5,"channel":"chat:1","data":{"text":"hi","n":[1,2]}}"#,
     );
     pin_client(
-        ClientFrame::Refresh(Refresh { id: Some(6), token: "jwt2".into() }),
+        ClientFrame::Refresh(Refresh {
+            id: Some(6),
+            token: "jwt2".into(),
+        }),
         r#"{"type":"refresh","id":6,"token":"jwt2"}"#,
     );
-    pin_client(ClientFrame::Ping(Ping { id: Some(7) }), r#"{"type":"ping","id":7}"#);
+    pin_client(
+        ClientFrame::Ping(Ping { id: Some(7) }),
+        r#"{"type":"ping","id":7}"#,
+    );
     pin_client(ClientFrame::Pong(Pong::default()), r#"{"type":"pong"}"#);
 }
 
@@ -693,6 +1021,7 @@ fn client_wire_shapes() {
 fn server_wire_shapes() {
     pin_server(
         ServerFrame::Connected(Connected {
+            resumed: Vec::new(),
             id: Some(1),
             client: "c-17".into(),
             user: "alice".into(),
@@ -706,6 +1035,7 @@ fn server_wire_shapes() {
     );
     pin_server(
         ServerFrame::Connected(Connected {
+            resumed: Vec::new(),
             id: None,
             client: "c-18".into(),
             user: String::new(),
@@ -737,7 +1067,10 @@ fn server_wire_shapes() {
         r#"{"type":"subscribed","channel":"news","epoch":"ab","seq":0}"#,
     );
     pin_server(
-        ServerFrame::Unsubscribed(Unsubscribed { id: Some(3), channel: "news".into() }),
+        ServerFrame::Unsubscribed(Unsubscribed {
+            id: Some(3),
+            channel: "news".into(),
+        }),
         r#"{"type":"unsubscribed","id":3,"channel":"news"}"#,
     );
     pin_server(
@@ -778,20 +1111,40 @@ fn server_wire_shapes() {
         r#"{"type":"unrecoverable","channel":"news","reason":"bad_position","epoch":"ab","seq":3}"#,
     );
     pin_server(
-        ServerFrame::Published(Published { id: Some(5), channel: "chat:1".into(), seq: 10, epoch: "ab".into() }),
+        ServerFrame::Published(Published {
+            id: Some(5),
+            channel: "chat:1".into(),
+            seq: 10,
+            epoch: "ab".into(),
+        }),
         r#"{"type":"published","id":5,"channel":"chat:1","seq":10,"epoch":"ab"}"#,
     );
     pin_server(
-        ServerFrame::Refreshed(Refreshed { id: Some(6), expires_at: Some(1_700_003_600) }),
+        ServerFrame::Refreshed(Refreshed {
+            id: Some(6),
+            expires_at: Some(1_700_003_600),
+        }),
         r#"{"type":"refreshed","id":6,"expires_at":1700003600}"#,
     );
-    pin_server(ServerFrame::Refreshed(Refreshed { id: None, expires_at: None }), r#"{"type":"refreshed"}"#);
     pin_server(
-        ServerFrame::RefreshRequired(RefreshRequired { expires_at: 1_700_000_600 }),
+        ServerFrame::Refreshed(Refreshed {
+            id: None,
+            expires_at: None,
+        }),
+        r#"{"type":"refreshed"}"#,
+    );
+    pin_server(
+        ServerFrame::RefreshRequired(RefreshRequired {
+            expires_at: 1_700_000_600,
+        }),
         r#"{"type":"refresh_required","expires_at":1700000600}"#,
     );
     pin_server(
-        ServerFrame::Error(ErrorFrame::new(Some(3), ErrorCode::PermissionDenied, "not allowed to subscribe to secret")),
+        ServerFrame::Error(ErrorFrame::new(
+            Some(3),
+            ErrorCode::PermissionDenied,
+            "not allowed to subscribe to secret",
+        )),
         r#"{"type":"error","id":3,"code":103,"name":"permission_denied","message":"not allowed to subscribe to secret","temporary":false}"#,
     );
     pin_server(
@@ -799,21 +1152,37 @@ fn server_wire_shapes() {
         r#"{"type":"error","code":108,"name":"rate_limited","message":"slow down","temporary":true}"#,
     );
     pin_server(ServerFrame::Ping(Ping::default()), r#"{"type":"ping"}"#);
-    pin_server(ServerFrame::Pong(Pong { id: Some(7) }), r#"{"type":"pong","id":7}"#);
+    pin_server(
+        ServerFrame::Pong(Pong { id: Some(7) }),
+        r#"{"type":"pong","id":7}"#,
+    );
 }
 
 #[test]
 fn exact_json_text_of_small_frames() {
     let text = |f: &ServerFrame| String::from_utf8(Codec::Json.encode(f).to_vec()).expect("utf-8");
-    assert_eq!(text(&ServerFrame::Ping(Ping::default())), r#"{"type":"ping"}"#);
-    assert_eq!(text(&ServerFrame::Pong(Pong { id: Some(1) })), r#"{"type":"pong","id":1}"#);
+    assert_eq!(
+        text(&ServerFrame::Ping(Ping::default())),
+        r#"{"type":"ping"}"#
+    );
+    assert_eq!(
+        text(&ServerFrame::Pong(Pong { id: Some(1) })),
+        r#"{"type":"pong","id":1}"#
+    );
     let c = String::from_utf8(
         Codec::Json
-            .encode(&ClientFrame::Subscribe(Subscribe { id: None, channel: "news".into(), since: Some(pos(5, "ab")) }))
+            .encode(&ClientFrame::Subscribe(Subscribe {
+                id: None,
+                channel: "news".into(),
+                since: Some(pos(5, "ab")),
+            }))
             .to_vec(),
     )
     .expect("utf-8");
-    assert_eq!(c, r#"{"type":"subscribe","channel":"news","since":{"seq":5,"epoch":"ab"}}"#);
+    assert_eq!(
+        c,
+        r#"{"type":"subscribe","channel":"news","since":{"seq":5,"epoch":"ab"}}"#
+    );
 }
 
 #[test]
@@ -821,23 +1190,38 @@ fn msgpack_frames_are_named_maps() {
     for f in every_client_frame() {
         let bytes = Codec::MsgPack.encode(&f);
         // fixmap (0x80..=0x8f) or map16: a map, never an array.
-        assert!((0x80..=0x8f).contains(&bytes[0]) || bytes[0] == 0xde, "{f:?}: first byte {:#x}", bytes[0]);
+        assert!(
+            (0x80..=0x8f).contains(&bytes[0]) || bytes[0] == 0xde,
+            "{f:?}: first byte {:#x}",
+            bytes[0]
+        );
         // The same value as the JSON encoding.
         assert_eq!(
             Codec::MsgPack.decode_value(&bytes).expect("value"),
-            Codec::Json.decode_value(&Codec::Json.encode(&f)).expect("value")
+            Codec::Json
+                .decode_value(&Codec::Json.encode(&f))
+                .expect("value")
         );
     }
     for f in every_server_frame() {
         let bytes = Codec::MsgPack.encode(&f);
-        assert!((0x80..=0x8f).contains(&bytes[0]) || bytes[0] == 0xde, "{f:?}: first byte {:#x}", bytes[0]);
+        assert!(
+            (0x80..=0x8f).contains(&bytes[0]) || bytes[0] == 0xde,
+            "{f:?}: first byte {:#x}",
+            bytes[0]
+        );
         assert_eq!(
             Codec::MsgPack.decode_value(&bytes).expect("value"),
-            Codec::Json.decode_value(&Codec::Json.encode(&f)).expect("value")
+            Codec::Json
+                .decode_value(&Codec::Json.encode(&f))
+                .expect("value")
         );
     }
     // `{"type":"ping"}` in MessagePack: fixmap(1), fixstr "type", fixstr "ping".
-    assert_eq!(&Codec::MsgPack.encode(&ServerFrame::Ping(Ping::default()))[..], b"\x81\xa4type\xa4ping");
+    assert_eq!(
+        &Codec::MsgPack.encode(&ServerFrame::Ping(Ping::default()))[..],
+        b"\x81\xa4type\xa4ping"
+    );
 }
 
 // ---------------------------------------------------------------- codes
@@ -845,12 +1229,27 @@ fn msgpack_frames_are_named_maps() {
 #[test]
 fn error_code_serializes_as_a_number() {
     for code in ErrorCode::ALL {
-        assert_eq!(serde_json::to_value(code).expect("serializes"), json!(code.code()));
-        assert_eq!(serde_json::to_string(&code).expect("serializes"), code.code().to_string());
-        assert_eq!(serde_json::from_value::<ErrorCode>(json!(code.code())).expect("deserializes"), code);
+        assert_eq!(
+            serde_json::to_value(code).expect("serializes"),
+            json!(code.code())
+        );
+        assert_eq!(
+            serde_json::to_string(&code).expect("serializes"),
+            code.code().to_string()
+        );
+        assert_eq!(
+            serde_json::from_value::<ErrorCode>(json!(code.code())).expect("deserializes"),
+            code
+        );
         let mp = rmp_serde::to_vec(&code).expect("serializes");
-        assert_eq!(rmp_serde::from_slice::<u16>(&mp).expect("a number"), code.code());
-        assert_eq!(rmp_serde::from_slice::<ErrorCode>(&mp).expect("deserializes"), code);
+        assert_eq!(
+            rmp_serde::from_slice::<u16>(&mp).expect("a number"),
+            code.code()
+        );
+        assert_eq!(
+            rmp_serde::from_slice::<ErrorCode>(&mp).expect("deserializes"),
+            code
+        );
     }
     assert!(serde_json::from_value::<ErrorCode>(json!(999)).is_err());
     assert!(serde_json::from_value::<ErrorCode>(json!("bad_frame")).is_err());
@@ -862,17 +1261,53 @@ fn error_code_table() {
         (ErrorCode::Internal, 100, "internal", true, 500),
         (ErrorCode::Unauthorized, 101, "unauthorized", false, 401),
         (ErrorCode::TokenExpired, 102, "token_expired", false, 401),
-        (ErrorCode::PermissionDenied, 103, "permission_denied", false, 403),
+        (
+            ErrorCode::PermissionDenied,
+            103,
+            "permission_denied",
+            false,
+            403,
+        ),
         (ErrorCode::BadFrame, 104, "bad_frame", false, 400),
-        (ErrorCode::UnknownFrameType, 105, "unknown_frame_type", false, 400),
+        (
+            ErrorCode::UnknownFrameType,
+            105,
+            "unknown_frame_type",
+            false,
+            400,
+        ),
         (ErrorCode::TooLarge, 106, "too_large", false, 413),
-        (ErrorCode::TooManySubscriptions, 107, "too_many_subscriptions", false, 400),
+        (
+            ErrorCode::TooManySubscriptions,
+            107,
+            "too_many_subscriptions",
+            false,
+            400,
+        ),
         (ErrorCode::RateLimited, 108, "rate_limited", true, 429),
-        (ErrorCode::AlreadySubscribed, 109, "already_subscribed", false, 409),
+        (
+            ErrorCode::AlreadySubscribed,
+            109,
+            "already_subscribed",
+            false,
+            409,
+        ),
         (ErrorCode::NotSubscribed, 110, "not_subscribed", false, 400),
-        (ErrorCode::InvalidChannel, 111, "invalid_channel", false, 400),
+        (
+            ErrorCode::InvalidChannel,
+            111,
+            "invalid_channel",
+            false,
+            400,
+        ),
         (ErrorCode::NotConnected, 112, "not_connected", false, 400),
-        (ErrorCode::AlreadyConnected, 113, "already_connected", false, 409),
+        (
+            ErrorCode::AlreadyConnected,
+            113,
+            "already_connected",
+            false,
+            409,
+        ),
         (ErrorCode::Unavailable, 114, "unavailable", true, 503),
         (ErrorCode::BadRequest, 115, "bad_request", false, 400),
         (ErrorCode::NotFound, 116, "not_found", false, 404),
@@ -919,8 +1354,14 @@ fn close_code_table() {
 fn subprotocols() {
     assert_eq!(Codec::Json.subprotocol(), "gateway.json.v1");
     assert_eq!(Codec::MsgPack.subprotocol(), "gateway.msgpack.v1");
-    assert_eq!(Codec::from_subprotocol("gateway.json.v1"), Some(Codec::Json));
-    assert_eq!(Codec::from_subprotocol(" gateway.msgpack.v1 "), Some(Codec::MsgPack));
+    assert_eq!(
+        Codec::from_subprotocol("gateway.json.v1"),
+        Some(Codec::Json)
+    );
+    assert_eq!(
+        Codec::from_subprotocol(" gateway.msgpack.v1 "),
+        Some(Codec::MsgPack)
+    );
     assert_eq!(Codec::from_subprotocol("gateway.json.v2"), None);
     assert!(Codec::MsgPack.is_binary());
     assert!(!Codec::Json.is_binary());
@@ -935,8 +1376,17 @@ fn sse_cursor_worked_example() {
     let user = pos(7, "Z1");
     let id = SseCursor::encode(&["news", "$user:alice"], &[&news, &user]);
     assert_eq!(id, "v1.fa8736ad.k3f9-42.Z1-7");
-    assert_eq!(SseCursor::decode(&id, &["news", "$user:alice"]), Ok(vec![news, user]));
-    assert_eq!(SseCursor::decode(&id, &["news"]), Err(CursorError::OtherChannels));
+    assert_eq!(
+        SseCursor::decode(&id, &["news", "$user:alice"]),
+        Ok(vec![news, user])
+    );
+    assert_eq!(
+        SseCursor::decode(&id, &["news"]),
+        Err(CursorError::OtherChannels)
+    );
     // Anonymous stream of the one channel `news`.
-    assert_eq!(SseCursor::encode(&["news"], &[&pos(42, "k3f9")]), "v1.4bc7bc46.k3f9-42");
+    assert_eq!(
+        SseCursor::encode(&["news"], &[&pos(42, "k3f9")]),
+        "v1.4bc7bc46.k3f9-42"
+    );
 }

@@ -49,7 +49,8 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Sets the number of connections of `user` on `node` (re-announcing
     /// after the registry lost its data).
-    async fn set_user(&self, user: &str, node: &str, connections: u64) -> Result<(), RegistryError>;
+    async fn set_user(&self, user: &str, node: &str, connections: u64)
+        -> Result<(), RegistryError>;
 
     /// Removes the node at once (clean shutdown).
     async fn deregister(&self, node: &str) -> Result<(), RegistryError>;

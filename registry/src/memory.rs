@@ -21,21 +21,36 @@ pub struct MemoryRegistry {
 
 impl MemoryRegistry {
     pub fn new(ttl: Duration) -> Self {
-        Self { ttl, state: Mutex::new(State::default()) }
+        Self {
+            ttl,
+            state: Mutex::new(State::default()),
+        }
     }
 
     fn alive(&self, s: &State, node: &str) -> bool {
-        s.nodes.get(node).is_some_and(|(_, at)| at.elapsed() <= self.ttl)
+        s.nodes
+            .get(node)
+            .is_some_and(|(_, at)| at.elapsed() <= self.ttl)
     }
 }
 
 #[async_trait]
 impl Registry for MemoryRegistry {
     async fn heartbeat(&self, status: &NodeStatus) -> Result<bool, RegistryError> {
-        Ok(self.state.lock().nodes.insert(status.id.clone(), (status.clone(), Instant::now())).is_none())
+        Ok(self
+            .state
+            .lock()
+            .nodes
+            .insert(status.id.clone(), (status.clone(), Instant::now()))
+            .is_none())
     }
 
-    async fn set_user(&self, user: &str, node: &str, connections: u64) -> Result<(), RegistryError> {
+    async fn set_user(
+        &self,
+        user: &str,
+        node: &str,
+        connections: u64,
+    ) -> Result<(), RegistryError> {
         let mut s = self.state.lock();
         let nodes = s.users.entry(user.to_owned()).or_default();
         if connections == 0 {
@@ -56,7 +71,14 @@ impl Registry for MemoryRegistry {
     }
 
     async fn add_user(&self, user: &str, node: &str) -> Result<(), RegistryError> {
-        *self.state.lock().users.entry(user.to_owned()).or_default().entry(node.to_owned()).or_default() += 1;
+        *self
+            .state
+            .lock()
+            .users
+            .entry(user.to_owned())
+            .or_default()
+            .entry(node.to_owned())
+            .or_default() += 1;
         Ok(())
     }
 
@@ -78,16 +100,26 @@ impl Registry for MemoryRegistry {
 
     async fn nodes_for_user(&self, user: &str) -> Result<Vec<String>, RegistryError> {
         let s = self.state.lock();
-        let Some(nodes) = s.users.get(user) else { return Ok(Vec::new()) };
-        let mut out: Vec<String> = nodes.keys().filter(|n| self.alive(&s, n)).cloned().collect();
+        let Some(nodes) = s.users.get(user) else {
+            return Ok(Vec::new());
+        };
+        let mut out: Vec<String> = nodes
+            .keys()
+            .filter(|n| self.alive(&s, n))
+            .cloned()
+            .collect();
         out.sort();
         Ok(out)
     }
 
     async fn live_nodes(&self) -> Result<Vec<NodeStatus>, RegistryError> {
         let s = self.state.lock();
-        let mut out: Vec<NodeStatus> =
-            s.nodes.values().filter(|(_, at)| at.elapsed() <= self.ttl).map(|(st, _)| st.clone()).collect();
+        let mut out: Vec<NodeStatus> = s
+            .nodes
+            .values()
+            .filter(|(_, at)| at.elapsed() <= self.ttl)
+            .map(|(st, _)| st.clone())
+            .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
     }

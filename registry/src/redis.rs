@@ -54,9 +54,17 @@ impl RedisRegistry {
             .set_response_timeout(Duration::from_secs(2))
             .set_number_of_retries(2)
             .set_max_delay(1000);
-        let conn = client.get_connection_manager_with_config(config).await.map_err(err)?;
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(err)?;
         let cache_for = (ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
-        Ok(Self { conn, ttl, live_cache: Mutex::new((Instant::now() - cache_for * 2, HashSet::new())), cache_for })
+        Ok(Self {
+            conn,
+            ttl,
+            live_cache: Mutex::new((Instant::now() - cache_for * 2, HashSet::new())),
+            cache_for,
+        })
     }
 
     async fn live_ids(&self) -> Result<HashSet<String>, RegistryError> {
@@ -75,10 +83,15 @@ impl RedisRegistry {
 #[async_trait]
 impl Registry for RedisRegistry {
     async fn heartbeat(&self, status: &NodeStatus) -> Result<bool, RegistryError> {
-        let json = serde_json::to_string(status).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let json =
+            serde_json::to_string(status).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let mut c = self.conn.clone();
         let (added,): (u64,) = redis::pipe()
-            .pset_ex(alive_key(&status.id), json, self.ttl.as_millis().max(1) as u64)
+            .pset_ex(
+                alive_key(&status.id),
+                json,
+                self.ttl.as_millis().max(1) as u64,
+            )
             .ignore()
             .sadd(IDS, &status.id)
             .query_async(&mut c)
@@ -87,7 +100,12 @@ impl Registry for RedisRegistry {
         Ok(added == 1)
     }
 
-    async fn set_user(&self, user: &str, node: &str, connections: u64) -> Result<(), RegistryError> {
+    async fn set_user(
+        &self,
+        user: &str,
+        node: &str,
+        connections: u64,
+    ) -> Result<(), RegistryError> {
         let mut c = self.conn.clone();
         let key = user_key(user);
         if connections == 0 {
@@ -105,7 +123,14 @@ impl Registry for RedisRegistry {
 
     async fn deregister(&self, node: &str) -> Result<(), RegistryError> {
         let mut c = self.conn.clone();
-        redis::pipe().del(alive_key(node)).ignore().srem(IDS, node).ignore().query_async::<()>(&mut c).await.map_err(err)?;
+        redis::pipe()
+            .del(alive_key(node))
+            .ignore()
+            .srem(IDS, node)
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await
+            .map_err(err)?;
         self.live_cache.lock().1.remove(node);
         Ok(())
     }
@@ -132,7 +157,12 @@ impl Registry for RedisRegistry {
               return n",
         );
         let mut c = self.conn.clone();
-        script.key(user_key(user)).arg(node).invoke_async::<i64>(&mut c).await.map_err(err)?;
+        script
+            .key(user_key(user))
+            .arg(node)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(err)?;
         Ok(())
     }
 
@@ -172,7 +202,11 @@ impl Registry for RedisRegistry {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = ids.iter().map(|i| alive_key(i)).collect();
-        let values: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await.map_err(err)?;
+        let values: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(&keys)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
         let mut out = Vec::new();
         let mut gone = Vec::new();
         for (id, v) in ids.into_iter().zip(values) {

@@ -23,15 +23,30 @@ pub fn decode(bytes: &[u8]) -> Option<Arc<Publication>> {
     let ts = parts.next()?.parse().ok()?;
     let channel = parts.next()?;
     let data: Value = serde_json::from_str(parts.next()?).ok()?;
-    Some(Arc::new(Publication::new(Arc::from(channel), seq, Arc::from(epoch), data, ts)))
+    Some(Arc::new(Publication::new(
+        Arc::from(channel),
+        seq,
+        Arc::from(epoch),
+        data,
+        ts,
+    )))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn round_trip() {
-        let p = super::Publication::new("a:b".into(), 7, "Ep0ch".into(), serde_json::json!({"x": "l1\nl2"}), 99);
+        let p = super::Publication::new(
+            "a:b".into(),
+            7,
+            "Ep0ch".into(),
+            serde_json::json!({"x": "l1\nl2"}),
+            99,
+        );
         let q = super::decode(&super::encode(&p)).expect("decodes");
-        assert_eq!((q.seq, &*q.epoch, q.ts, &*q.channel, &q.data), (7, "Ep0ch", 99, "a:b", &p.data));
+        assert_eq!(
+            (q.seq, &*q.epoch, q.ts, &*q.channel, &q.data),
+            (7, "Ep0ch", 99, "a:b", &p.data)
+        );
     }
 }

@@ -23,19 +23,32 @@ pub struct MemoryBroker {
 
 impl MemoryBroker {
     pub fn new(store: Arc<dyn ReplayStore>, hub: Arc<Hub>) -> Self {
-        Self { store, hub, order: (0..ORDER_SHARDS).map(|_| tokio::sync::Mutex::new(())).collect() }
+        Self {
+            store,
+            hub,
+            order: (0..ORDER_SHARDS)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
     }
 
     fn shard(&self, channel: &str) -> &tokio::sync::Mutex<()> {
         // FNV-1a: cheap and stable; only needs to spread channels.
-        let h = channel.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let h = channel.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         &self.order[(h % ORDER_SHARDS as u64) as usize]
     }
 }
 
 #[async_trait]
 impl Broker for MemoryBroker {
-    async fn publish(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, BrokerError> {
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+    ) -> Result<Arc<Publication>, BrokerError> {
         let _order = self.shard(channel).lock().await;
         let publication = self.store.append(channel, data, ts).await?;
         self.hub.deliver(&publication);

@@ -47,7 +47,12 @@ pub enum BrokerError {
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
     /// Sequences `data` on `channel` and fans it out to subscribed nodes.
-    async fn publish(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, BrokerError>;
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+    ) -> Result<Arc<Publication>, BrokerError>;
 
     /// Starts delivering `channel` to this node.
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;

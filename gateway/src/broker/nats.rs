@@ -70,12 +70,18 @@ impl NatsBroker {
     ) -> Result<Arc<Self>, BrokerError> {
         let tracker = Arc::new(Tracker::default());
         let health = Arc::new(Health::new(down_threshold));
-        let (ev_health, ev_tracker, ev_store, ev_hub) = (health.clone(), tracker.clone(), store.clone(), hub.clone());
+        let (ev_health, ev_tracker, ev_store, ev_hub) =
+            (health.clone(), tracker.clone(), store.clone(), hub.clone());
         let client = ConnectOptions::new()
             .name(format!("gateway {node_id}"))
             .connection_timeout(Duration::from_secs(2))
             .event_callback(move |event| {
-                let (health, tracker, store, hub) = (ev_health.clone(), ev_tracker.clone(), ev_store.clone(), ev_hub.clone());
+                let (health, tracker, store, hub) = (
+                    ev_health.clone(),
+                    ev_tracker.clone(),
+                    ev_store.clone(),
+                    ev_hub.clone(),
+                );
                 async move {
                     match event {
                         Event::Disconnected => {
@@ -84,7 +90,9 @@ impl NatsBroker {
                         }
                         Event::Connected => {
                             if health.up() {
-                                info!("nats backbone: reconnected; catching up from the replay store");
+                                info!(
+                                    "nats backbone: reconnected; catching up from the replay store"
+                                );
                                 tokio::spawn(async move {
                                     // Retry until every channel was read (Redis may be
                                     // recovering too).
@@ -92,7 +100,10 @@ impl NatsBroker {
                                         if tracker.catch_up(&*store, &hub).await == 0 {
                                             break;
                                         }
-                                        tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt + 1))).await;
+                                        tokio::time::sleep(Duration::from_millis(
+                                            250 * u64::from(attempt + 1),
+                                        ))
+                                        .await;
                                     }
                                 });
                             }
@@ -121,7 +132,11 @@ impl NatsBroker {
     /// Subscribes to a subject and forwards its messages to the hub, in the
     /// order this subscription receives them.
     async fn listen(&self, subject: String) -> Result<(), BrokerError> {
-        let mut sub = self.client.subscribe(subject.clone()).await.map_err(unavailable)?;
+        let mut sub = self
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(unavailable)?;
         let (tracker, hub) = (self.tracker.clone(), self.hub.clone());
         let task = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
@@ -147,15 +162,29 @@ fn user_of(channel: &str) -> Option<&str> {
 
 #[async_trait]
 impl Broker for NatsBroker {
-    async fn publish(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, BrokerError> {
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+    ) -> Result<Arc<Publication>, BrokerError> {
         let subjects: Vec<String> = match user_of(channel) {
-            Some(user) => self.registry.nodes_for_user(user).await?.iter().map(|n| node_subject(n)).collect(),
+            Some(user) => self
+                .registry
+                .nodes_for_user(user)
+                .await?
+                .iter()
+                .map(|n| node_subject(n))
+                .collect(),
             None => vec![channel_subject(channel)],
         };
         let p = self.store.append(channel, data, ts).await?;
         let payload = bytes::Bytes::from(envelope::encode(&p));
         for s in subjects {
-            self.client.publish(s, payload.clone()).await.map_err(unavailable)?;
+            self.client
+                .publish(s, payload.clone())
+                .await
+                .map_err(unavailable)?;
         }
         Ok(p)
     }

@@ -78,8 +78,14 @@ impl RedisBroker {
             .set_response_timeout(Duration::from_secs(2))
             .set_number_of_retries(2)
             .set_max_delay(1000);
-        let mut subscriber = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
-        subscriber.subscribe(node_topic(node_id)).await.map_err(unavailable)?;
+        let mut subscriber = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(unavailable)?;
+        subscriber
+            .subscribe(node_topic(node_id))
+            .await
+            .map_err(unavailable)?;
         let tracker = Arc::new(Tracker::default());
         let health = Arc::new(Health::new(down_threshold));
         let broker = Arc::new(Self {
@@ -98,7 +104,9 @@ impl RedisBroker {
             while let Some(push) = rx.recv().await {
                 match push.kind {
                     PushKind::Message => {
-                        let Some(RedisValue::BulkString(payload)) = push.data.get(1) else { continue };
+                        let Some(RedisValue::BulkString(payload)) = push.data.get(1) else {
+                            continue;
+                        };
                         match envelope::decode(payload) {
                             Some(p) => {
                                 rx_tracker.saw(&p);
@@ -125,9 +133,12 @@ impl RedisBroker {
                 tick.tick().await;
                 let Some(b) = weak.upgrade() else { return };
                 let mut conn = b.subscriber.clone();
-                let ok = tokio::time::timeout(Duration::from_secs(2), redis::cmd("PING").query_async::<String>(&mut conn))
-                    .await
-                    .is_ok_and(|r| r.is_ok());
+                let ok = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    redis::cmd("PING").query_async::<String>(&mut conn),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok());
                 if !ok {
                     b.health.down();
                 } else if b.health.up() {
@@ -149,12 +160,26 @@ fn user_of(channel: &str) -> Option<&str> {
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn publish(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, BrokerError> {
+    async fn publish(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+    ) -> Result<Arc<Publication>, BrokerError> {
         let targets = match user_of(channel) {
-            Some(user) => self.registry.nodes_for_user(user).await?.iter().map(|n| node_topic(n)).collect(),
+            Some(user) => self
+                .registry
+                .nodes_for_user(user)
+                .await?
+                .iter()
+                .map(|n| node_topic(n))
+                .collect(),
             None => vec![channel_topic(channel)],
         };
-        let result = self.store.append_and_publish(channel, data, ts, &targets).await;
+        let result = self
+            .store
+            .append_and_publish(channel, data, ts, &targets)
+            .await;
         if result.is_err() {
             self.health.down();
         }
@@ -164,7 +189,9 @@ impl Broker for RedisBroker {
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
         if user_of(channel).is_none() {
             let mut conn = self.subscriber.clone();
-            conn.subscribe(channel_topic(channel)).await.map_err(unavailable)?;
+            conn.subscribe(channel_topic(channel))
+                .await
+                .map_err(unavailable)?;
         }
         let top = self.store.top(channel).await?;
         self.tracker.start(channel, top);
@@ -175,7 +202,9 @@ impl Broker for RedisBroker {
         self.tracker.stop(channel);
         if user_of(channel).is_none() {
             let mut conn = self.subscriber.clone();
-            conn.unsubscribe(channel_topic(channel)).await.map_err(unavailable)?;
+            conn.unsubscribe(channel_topic(channel))
+                .await
+                .map_err(unavailable)?;
         }
         Ok(())
     }

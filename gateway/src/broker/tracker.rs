@@ -21,7 +21,8 @@ pub struct Tracker {
 impl Tracker {
     /// Starts tracking a channel at its current top.
     pub fn start(&self, channel: &str, top: Position) {
-        self.seen.insert(Arc::from(channel), (Arc::from(top.epoch.as_str()), top.seq));
+        self.seen
+            .insert(Arc::from(channel), (Arc::from(top.epoch.as_str()), top.seq));
     }
 
     pub fn stop(&self, channel: &str) {
@@ -40,8 +41,11 @@ impl Tracker {
     /// Reads every tracked channel's missed messages and delivers them;
     /// returns how many channels could not be read (the caller retries).
     pub async fn catch_up(&self, store: &dyn ReplayStore, hub: &Hub) -> usize {
-        let channels: Vec<(Arc<str>, Position)> =
-            self.seen.iter().map(|e| (e.key().clone(), Position::new(e.value().1, &*e.value().0))).collect();
+        let channels: Vec<(Arc<str>, Position)> = self
+            .seen
+            .iter()
+            .map(|e| (e.key().clone(), Position::new(e.value().1, &*e.value().0)))
+            .collect();
         let mut delivered = 0;
         let mut failed = 0;
         for (channel, since) in channels {
@@ -79,7 +83,10 @@ pub struct Health {
 
 impl Health {
     pub fn new(threshold: Duration) -> Self {
-        Self { down_since: parking_lot::Mutex::new(None), threshold }
+        Self {
+            down_since: parking_lot::Mutex::new(None),
+            threshold,
+        }
     }
 
     /// Returns true when this is a recovery (it was down).
@@ -101,6 +108,8 @@ impl Health {
 
     /// Healthy unless down for longer than the threshold.
     pub fn healthy(&self) -> bool {
-        self.down_since.lock().is_none_or(|t| t.elapsed() < self.threshold)
+        self.down_since
+            .lock()
+            .is_none_or(|t| t.elapsed() < self.threshold)
     }
 }

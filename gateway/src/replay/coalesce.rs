@@ -27,13 +27,21 @@ pub struct CoalescingStore {
 
 impl CoalescingStore {
     pub fn new(inner: Arc<dyn ReplayStore>) -> Self {
-        Self { inner, inflight: Arc::new(Mutex::new(HashMap::new())) }
+        Self {
+            inner,
+            inflight: Arc::new(Mutex::new(HashMap::new())),
+        }
     }
 }
 
 #[async_trait]
 impl ReplayStore for CoalescingStore {
-    async fn append(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, StoreError> {
+    async fn append(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+    ) -> Result<Arc<Publication>, StoreError> {
         self.inner.append(channel, data, ts).await
     }
 

@@ -34,12 +34,20 @@ pub struct MemoryReplayStore {
 /// cursors unambiguous).
 pub fn new_epoch() -> Arc<str> {
     let mut rng = rand::rng();
-    (0..8).map(|_| rng.sample(rand::distr::Alphanumeric) as char).collect::<String>().into()
+    (0..8)
+        .map(|_| rng.sample(rand::distr::Alphanumeric) as char)
+        .collect::<String>()
+        .into()
 }
 
 impl MemoryReplayStore {
     pub fn new(window: Duration, max_messages: usize, meta_ttl: Duration) -> Self {
-        Self { streams: DashMap::new(), window, max_messages, meta_ttl }
+        Self {
+            streams: DashMap::new(),
+            window,
+            max_messages,
+            meta_ttl,
+        }
     }
 
     fn stream(&self, channel: &str) -> Arc<Mutex<Stream>> {
@@ -49,7 +57,12 @@ impl MemoryReplayStore {
         self.streams
             .entry(Arc::from(channel))
             .or_insert_with(|| {
-                Arc::new(Mutex::new(Stream { epoch: new_epoch(), top: 0, buffer: VecDeque::new(), touched: Instant::now() }))
+                Arc::new(Mutex::new(Stream {
+                    epoch: new_epoch(),
+                    top: 0,
+                    buffer: VecDeque::new(),
+                    touched: Instant::now(),
+                }))
             })
             .clone()
     }
@@ -58,7 +71,11 @@ impl MemoryReplayStore {
         while s.buffer.len() > self.max_messages {
             s.buffer.pop_front();
         }
-        while s.buffer.front().is_some_and(|(at, _)| now.duration_since(*at) > self.window) {
+        while s
+            .buffer
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
+        {
             s.buffer.pop_front();
         }
     }
@@ -92,7 +109,12 @@ impl MemoryReplayStore {
 
 #[async_trait]
 impl ReplayStore for MemoryReplayStore {
-    async fn append(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, StoreError> {
+    async fn append(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+    ) -> Result<Arc<Publication>, StoreError> {
         let stream = self.stream(channel);
         let mut s = stream.lock();
         let now = Instant::now();
@@ -115,13 +137,22 @@ impl ReplayStore for MemoryReplayStore {
         self.trim(&mut s, now);
         let top = Position::new(s.top, &*s.epoch);
         if since.epoch != *s.epoch {
-            return Ok(Recovery::Unrecoverable { reason: UnrecoverableReason::EpochChanged, top });
+            return Ok(Recovery::Unrecoverable {
+                reason: UnrecoverableReason::EpochChanged,
+                top,
+            });
         }
         if since.seq > s.top {
-            return Ok(Recovery::Unrecoverable { reason: UnrecoverableReason::BadPosition, top });
+            return Ok(Recovery::Unrecoverable {
+                reason: UnrecoverableReason::BadPosition,
+                top,
+            });
         }
         if since.seq == s.top {
-            return Ok(Recovery::Recovered { publications: Vec::new(), top });
+            return Ok(Recovery::Recovered {
+                publications: Vec::new(),
+                top,
+            });
         }
         // The oldest message still held must be at most since.seq + 1.
         let oldest = s.buffer.front().map(|(_, p)| p.seq);
@@ -131,7 +162,10 @@ impl ReplayStore for MemoryReplayStore {
                 let publications = s.buffer.iter().skip(skip).map(|(_, p)| p.clone()).collect();
                 Ok(Recovery::Recovered { publications, top })
             }
-            _ => Ok(Recovery::Unrecoverable { reason: UnrecoverableReason::TooOld, top }),
+            _ => Ok(Recovery::Unrecoverable {
+                reason: UnrecoverableReason::TooOld,
+                top,
+            }),
         }
     }
 
@@ -148,7 +182,9 @@ mod tests {
 
     fn seqs(r: &Recovery) -> Vec<u64> {
         match r {
-            Recovery::Recovered { publications, .. } => publications.iter().map(|p| p.seq).collect(),
+            Recovery::Recovered { publications, .. } => {
+                publications.iter().map(|p| p.seq).collect()
+            }
             Recovery::Unrecoverable { .. } => panic!("unrecoverable: {r:?}"),
         }
     }
@@ -163,27 +199,83 @@ mod tests {
             assert_eq!((p.seq, &*p.epoch), (i, &*top.epoch));
         }
         // Count window: 5 kept (3..=7).
-        assert_eq!(seqs(&store.read_since("c", &Position::new(4, &*top.epoch)).await.unwrap()), vec![5, 6, 7]);
-        assert_eq!(seqs(&store.read_since("c", &Position::new(2, &*top.epoch)).await.unwrap()), vec![3, 4, 5, 6, 7]);
+        assert_eq!(
+            seqs(
+                &store
+                    .read_since("c", &Position::new(4, &*top.epoch))
+                    .await
+                    .unwrap()
+            ),
+            vec![5, 6, 7]
+        );
+        assert_eq!(
+            seqs(
+                &store
+                    .read_since("c", &Position::new(2, &*top.epoch))
+                    .await
+                    .unwrap()
+            ),
+            vec![3, 4, 5, 6, 7]
+        );
         assert!(matches!(
-            store.read_since("c", &Position::new(1, &*top.epoch)).await.unwrap(),
-            Recovery::Unrecoverable { reason: UnrecoverableReason::TooOld, .. }
+            store
+                .read_since("c", &Position::new(1, &*top.epoch))
+                .await
+                .unwrap(),
+            Recovery::Unrecoverable {
+                reason: UnrecoverableReason::TooOld,
+                ..
+            }
         ));
         assert!(matches!(
-            store.read_since("c", &Position::new(1, "other")).await.unwrap(),
-            Recovery::Unrecoverable { reason: UnrecoverableReason::EpochChanged, .. }
+            store
+                .read_since("c", &Position::new(1, "other"))
+                .await
+                .unwrap(),
+            Recovery::Unrecoverable {
+                reason: UnrecoverableReason::EpochChanged,
+                ..
+            }
         ));
         assert!(matches!(
-            store.read_since("c", &Position::new(99, &*top.epoch)).await.unwrap(),
-            Recovery::Unrecoverable { reason: UnrecoverableReason::BadPosition, .. }
+            store
+                .read_since("c", &Position::new(99, &*top.epoch))
+                .await
+                .unwrap(),
+            Recovery::Unrecoverable {
+                reason: UnrecoverableReason::BadPosition,
+                ..
+            }
         ));
-        assert_eq!(seqs(&store.read_since("c", &Position::new(7, &*top.epoch)).await.unwrap()), Vec::<u64>::new());
+        assert_eq!(
+            seqs(
+                &store
+                    .read_since("c", &Position::new(7, &*top.epoch))
+                    .await
+                    .unwrap()
+            ),
+            Vec::<u64>::new()
+        );
         // Time window.
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(matches!(
-            store.read_since("c", &Position::new(6, &*top.epoch)).await.unwrap(),
-            Recovery::Unrecoverable { reason: UnrecoverableReason::TooOld, .. }
+            store
+                .read_since("c", &Position::new(6, &*top.epoch))
+                .await
+                .unwrap(),
+            Recovery::Unrecoverable {
+                reason: UnrecoverableReason::TooOld,
+                ..
+            }
         ));
-        assert_eq!(seqs(&store.read_since("c", &Position::new(7, &*top.epoch)).await.unwrap()), Vec::<u64>::new());
+        assert_eq!(
+            seqs(
+                &store
+                    .read_since("c", &Position::new(7, &*top.epoch))
+                    .await
+                    .unwrap()
+            ),
+            Vec::<u64>::new()
+        );
     }
 }

@@ -50,11 +50,25 @@ pub struct Publication {
 
 impl Publication {
     pub fn new(channel: Arc<str>, seq: u64, epoch: Arc<str>, data: Value, ts: u64) -> Self {
-        Self { channel, seq, epoch, data, ts, json: OnceLock::new(), msgpack: OnceLock::new() }
+        Self {
+            channel,
+            seq,
+            epoch,
+            data,
+            ts,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
     }
 
     fn as_ref(&self) -> MessageRef<'_> {
-        MessageRef { channel: &self.channel, seq: self.seq, epoch: &self.epoch, data: &self.data, ts: Some(self.ts) }
+        MessageRef {
+            channel: &self.channel,
+            seq: self.seq,
+            epoch: &self.epoch,
+            data: &self.data,
+            ts: Some(self.ts),
+        }
     }
 
     /// The `message` frame as JSON text.
@@ -68,7 +82,8 @@ impl Publication {
 
     /// The `message` frame as MessagePack.
     pub fn msgpack(&self) -> &Bytes {
-        self.msgpack.get_or_init(|| Codec::MsgPack.encode(&self.as_ref()))
+        self.msgpack
+            .get_or_init(|| Codec::MsgPack.encode(&self.as_ref()))
     }
 
     /// Encoded size for a codec (what a connection's queue is charged).
@@ -89,9 +104,15 @@ impl Publication {
 pub enum Recovery {
     /// Every message after the position (possibly none), oldest first, and the
     /// stream's top at the time of the read.
-    Recovered { publications: Vec<Arc<Publication>>, top: Position },
+    Recovered {
+        publications: Vec<Arc<Publication>>,
+        top: Position,
+    },
     /// What was missed cannot be sent; delivery goes on from `top`.
-    Unrecoverable { reason: UnrecoverableReason, top: Position },
+    Unrecoverable {
+        reason: UnrecoverableReason,
+        top: Position,
+    },
 }
 
 #[derive(Debug, Clone, Error)]
@@ -103,7 +124,12 @@ pub enum StoreError {
 #[async_trait]
 pub trait ReplayStore: Send + Sync + 'static {
     /// Appends a message to a channel's stream, assigning its sequence.
-    async fn append(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, StoreError>;
+    async fn append(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+    ) -> Result<Arc<Publication>, StoreError>;
 
     /// Every message after `since`, or why not.
     async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError>;

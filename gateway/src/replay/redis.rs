@@ -60,7 +60,10 @@ return {e, s, entries}
 ";
 
 fn keys(channel: &str) -> (String, String) {
-    (format!("gw:{{ch:{channel}}}:m"), format!("gw:{{ch:{channel}}}:b"))
+    (
+        format!("gw:{{ch:{channel}}}:m"),
+        format!("gw:{{ch:{channel}}}:b"),
+    )
 }
 
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
@@ -77,14 +80,22 @@ pub struct RedisReplayStore {
 }
 
 impl RedisReplayStore {
-    pub async fn connect(url: &str, window: Duration, max_messages: usize, meta_ttl: Duration) -> Result<Self, StoreError> {
+    pub async fn connect(
+        url: &str,
+        window: Duration,
+        max_messages: usize,
+        meta_ttl: Duration,
+    ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Duration::from_secs(2))
             .set_response_timeout(Duration::from_secs(2))
             .set_number_of_retries(2)
             .set_max_delay(1000);
-        let conn = client.get_connection_manager_with_config(config).await.map_err(unavailable)?;
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(unavailable)?;
         // The connection manager reconnects when a command fails; a cheap
         // PING twice a second makes that happen right after Redis comes
         // back, instead of failing the first publish after an outage.
@@ -93,10 +104,21 @@ impl RedisReplayStore {
             let mut tick = tokio::time::interval(Duration::from_millis(500));
             loop {
                 tick.tick().await;
-                let _ = tokio::time::timeout(Duration::from_secs(2), redis::cmd("PING").query_async::<String>(&mut keepalive)).await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    redis::cmd("PING").query_async::<String>(&mut keepalive),
+                )
+                .await;
             }
         });
-        Ok(Self { conn, append: Script::new(APPEND), read: Script::new(READ), window, max_messages, meta_ttl })
+        Ok(Self {
+            conn,
+            append: Script::new(APPEND),
+            read: Script::new(READ),
+            window,
+            max_messages,
+            meta_ttl,
+        })
     }
 
     /// Appends and, in the same atomic step, PUBLISHes the backbone envelope
@@ -124,10 +146,20 @@ impl RedisReplayStore {
         }
         let mut c = self.conn.clone();
         let (seq, epoch): (u64, String) = inv.invoke_async(&mut c).await.map_err(unavailable)?;
-        Ok(Arc::new(Publication::new(Arc::from(channel), seq, Arc::from(epoch), data, ts)))
+        Ok(Arc::new(Publication::new(
+            Arc::from(channel),
+            seq,
+            Arc::from(epoch),
+            data,
+            ts,
+        )))
     }
 
-    async fn read_raw(&self, channel: &str, from: Option<u64>) -> Result<(String, u64, Vec<RedisValue>), StoreError> {
+    async fn read_raw(
+        &self,
+        channel: &str,
+        from: Option<u64>,
+    ) -> Result<(String, u64, Vec<RedisValue>), StoreError> {
         let (meta, buf) = keys(channel);
         let mut c = self.conn.clone();
         let (epoch, top, entries): (String, u64, Vec<RedisValue>) = self
@@ -147,8 +179,12 @@ impl RedisReplayStore {
 
 /// Parses one stream entry `[id, [field, value, ...]]` into (seq, ts, data).
 fn parse_entry(entry: &RedisValue) -> Option<(u64, u64, Value)> {
-    let RedisValue::Array(parts) = entry else { return None };
-    let [id, RedisValue::Array(fields)] = parts.as_slice() else { return None };
+    let RedisValue::Array(parts) = entry else {
+        return None;
+    };
+    let [id, RedisValue::Array(fields)] = parts.as_slice() else {
+        return None;
+    };
     let id: String = redis::from_redis_value(id).ok()?;
     let seq = id.strip_prefix("0-")?.parse().ok()?;
     let (mut ts, mut data) = (None, None);
@@ -157,7 +193,11 @@ fn parse_entry(entry: &RedisValue) -> Option<(u64, u64, Value)> {
         let k: String = redis::from_redis_value(k).ok()?;
         match k.as_str() {
             "t" => ts = redis::from_redis_value::<u64>(v).ok(),
-            "d" => data = redis::from_redis_value::<String>(v).ok().and_then(|s| serde_json::from_str(&s).ok()),
+            "d" => {
+                data = redis::from_redis_value::<String>(v)
+                    .ok()
+                    .and_then(|s| serde_json::from_str(&s).ok())
+            }
             _ => {}
         }
     }
@@ -166,7 +206,12 @@ fn parse_entry(entry: &RedisValue) -> Option<(u64, u64, Value)> {
 
 #[async_trait]
 impl ReplayStore for RedisReplayStore {
-    async fn append(&self, channel: &str, data: Value, ts: u64) -> Result<Arc<Publication>, StoreError> {
+    async fn append(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+    ) -> Result<Arc<Publication>, StoreError> {
         self.append_and_publish(channel, data, ts, &[]).await
     }
 
@@ -174,13 +219,22 @@ impl ReplayStore for RedisReplayStore {
         let (epoch, top_seq, entries) = self.read_raw(channel, Some(since.seq + 1)).await?;
         let top = Position::new(top_seq, epoch.clone());
         if since.epoch != epoch {
-            return Ok(Recovery::Unrecoverable { reason: UnrecoverableReason::EpochChanged, top });
+            return Ok(Recovery::Unrecoverable {
+                reason: UnrecoverableReason::EpochChanged,
+                top,
+            });
         }
         if since.seq > top_seq {
-            return Ok(Recovery::Unrecoverable { reason: UnrecoverableReason::BadPosition, top });
+            return Ok(Recovery::Unrecoverable {
+                reason: UnrecoverableReason::BadPosition,
+                top,
+            });
         }
         if since.seq == top_seq {
-            return Ok(Recovery::Recovered { publications: Vec::new(), top });
+            return Ok(Recovery::Recovered {
+                publications: Vec::new(),
+                top,
+            });
         }
         let oldest_allowed = now_ms().saturating_sub(self.window.as_millis() as u64);
         let channel: Arc<str> = Arc::from(channel);
@@ -192,15 +246,27 @@ impl ReplayStore for RedisReplayStore {
                 return Err(StoreError::Unavailable("malformed replay entry".into()));
             };
             if seq != expect || (publications.is_empty() && ts < oldest_allowed) {
-                return Ok(Recovery::Unrecoverable { reason: UnrecoverableReason::TooOld, top });
+                return Ok(Recovery::Unrecoverable {
+                    reason: UnrecoverableReason::TooOld,
+                    top,
+                });
             }
             expect += 1;
-            publications.push(Arc::new(Publication::new(channel.clone(), seq, epoch.clone(), data, ts)));
+            publications.push(Arc::new(Publication::new(
+                channel.clone(),
+                seq,
+                epoch.clone(),
+                data,
+                ts,
+            )));
         }
         // Everything up to the top must be there (the cap may have cut the end
         // only if the top moved on meanwhile; then the rest arrives live).
         if publications.is_empty() {
-            return Ok(Recovery::Unrecoverable { reason: UnrecoverableReason::TooOld, top });
+            return Ok(Recovery::Unrecoverable {
+                reason: UnrecoverableReason::TooOld,
+                top,
+            });
         }
         Ok(Recovery::Recovered { publications, top })
     }

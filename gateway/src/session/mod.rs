@@ -23,7 +23,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use protocol::{
-    validate_channel, Codec, ErrorCode, USER_CHANNEL_PREFIX, Position, ServerFrame, Subscribed, Unrecoverable, UnrecoverableReason,
+    validate_channel, Codec, ErrorCode, Position, ServerFrame, Subscribed, Unrecoverable,
+    UnrecoverableReason, USER_CHANNEL_PREFIX,
 };
 use tracing::warn;
 
@@ -76,7 +77,13 @@ impl Session {
             Transport::Ws => node.metrics.connections_ws.increment(1.0),
             Transport::Sse => node.metrics.connections_sse.increment(1.0),
         }
-        Self { node, shared, transport, subs: HashMap::new(), scratch: Vec::new() }
+        Self {
+            node,
+            shared,
+            transport,
+            subs: HashMap::new(),
+            scratch: Vec::new(),
+        }
     }
 
     pub fn client_id(&self) -> String {
@@ -93,7 +100,26 @@ impl Session {
 
     /// Where the client is in `channel` (after everything handed out so far).
     pub fn position(&self, channel: &str) -> Option<Position> {
-        self.subs.get(channel).map(|s| Position::new(s.last, &*s.epoch))
+        self.subs
+            .get(channel)
+            .map(|s| Position::new(s.last, &*s.epoch))
+    }
+
+    /// Every subscription and where the client is in it: (channel, epoch, seq).
+    pub fn positions(&self) -> Vec<(String, String, u64)> {
+        self.subs
+            .iter()
+            .map(|(c, s)| (c.to_string(), s.epoch.to_string(), s.last))
+            .collect()
+    }
+
+    /// Drops whatever is queued without delivering it (after a `reconnect`
+    /// frame the client resumes elsewhere from its positions).
+    pub fn discard_queue(&mut self) {
+        let mut batch = std::mem::take(&mut self.scratch);
+        self.shared.queue.drain_into(&mut batch);
+        batch.clear();
+        self.scratch = batch;
     }
 
     /// Checks a client-given channel name and the session's limits.
@@ -136,7 +162,15 @@ impl Session {
             }
         }
         let result = match &since {
-            None => node.store.top(channel).await.map(|top| (Recovery::Recovered { publications: vec![], top }, false)),
+            None => node.store.top(channel).await.map(|top| {
+                (
+                    Recovery::Recovered {
+                        publications: vec![],
+                        top,
+                    },
+                    false,
+                )
+            }),
             Some(p) => node.store.read_since(channel, p).await.map(|r| (r, true)),
         };
         let (recovery, resuming) = match result {
@@ -186,7 +220,13 @@ impl Session {
                     epoch: top.epoch.clone(),
                     seq: top.seq,
                 })));
-                self.subs.insert(key, SubState { epoch: Arc::from(top.epoch.as_str()), last: top.seq });
+                self.subs.insert(
+                    key,
+                    SubState {
+                        epoch: Arc::from(top.epoch.as_str()),
+                        last: top.seq,
+                    },
+                );
             }
         }
         node.metrics.subscriptions.increment(1.0);
@@ -218,7 +258,9 @@ impl Session {
                 }
             }
             if last {
-                node.interest.release(&*node.broker, &node.hub, &channel).await;
+                node.interest
+                    .release(&*node.broker, &node.hub, &channel)
+                    .await;
             }
         });
     }
@@ -269,7 +311,10 @@ impl Session {
             let since = Position::new(st.last, &*st.epoch);
             match node.store.read_since(&p.channel, &since).await {
                 Ok(Recovery::Recovered { publications, .. }) => {
-                    let st = self.subs.get_mut(&*p.channel).expect("checked above; nothing removes it meanwhile");
+                    let st = self
+                        .subs
+                        .get_mut(&*p.channel)
+                        .expect("checked above; nothing removes it meanwhile");
                     for q in publications {
                         if q.seq == st.last + 1 && q.seq < p.seq {
                             st.last = q.seq;
@@ -287,12 +332,20 @@ impl Session {
                         seq: p.seq - 1,
                     })));
                 }
-                Err(e) => warn!(channel = %p.channel, error = %e, "gap repair read failed; reporting unrecoverable"),
+                Err(e) => {
+                    warn!(channel = %p.channel, error = %e, "gap repair read failed; reporting unrecoverable")
+                }
             }
-            let st = self.subs.get_mut(&*p.channel).expect("checked above; nothing removes it meanwhile");
+            let st = self
+                .subs
+                .get_mut(&*p.channel)
+                .expect("checked above; nothing removes it meanwhile");
             if p.seq > st.last + 1 {
                 // Whatever could not be filled is gone for this client.
-                if !matches!(out.last(), Some(Outgoing::Frame(ServerFrame::Unrecoverable(_)))) {
+                if !matches!(
+                    out.last(),
+                    Some(Outgoing::Frame(ServerFrame::Unrecoverable(_)))
+                ) {
                     out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
                         channel: p.channel.to_string(),
                         reason: UnrecoverableReason::TooOld,
@@ -303,7 +356,10 @@ impl Session {
                 st.last = p.seq - 1;
             }
         }
-        let st = self.subs.get_mut(&*p.channel).expect("checked above; nothing removes it meanwhile");
+        let st = self
+            .subs
+            .get_mut(&*p.channel)
+            .expect("checked above; nothing removes it meanwhile");
         st.last = p.seq;
         out.push(Outgoing::Publication(p));
     }
@@ -320,7 +376,10 @@ impl Session {
         }
         if let Some(ts) = oldest_ts {
             let now = crate::node::now_ms();
-            self.node.metrics.delivery_latency.record(now.saturating_sub(ts) as f64 / 1000.0);
+            self.node
+                .metrics
+                .delivery_latency
+                .record(now.saturating_sub(ts) as f64 / 1000.0);
         }
     }
 

@@ -39,7 +39,12 @@ pub struct OutboundQueue {
 
 impl OutboundQueue {
     pub fn new(max_bytes: usize) -> Self {
-        Self { state: Mutex::new(State::default()), notify: Notify::new(), overflow: Notify::new(), max_bytes }
+        Self {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            overflow: Notify::new(),
+            max_bytes,
+        }
     }
 
     pub fn push(&self, publication: Arc<Publication>, len: usize) -> Push {
@@ -105,7 +110,13 @@ mod tests {
     use serde_json::Value;
 
     fn p(seq: u64) -> Arc<Publication> {
-        Arc::new(Publication::new("c".into(), seq, "e".into(), Value::Null, 0))
+        Arc::new(Publication::new(
+            "c".into(),
+            seq,
+            "e".into(),
+            Value::Null,
+            0,
+        ))
     }
 
     #[tokio::test]

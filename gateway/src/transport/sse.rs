@@ -17,12 +17,12 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use protocol::{
-    user_channel, validate_channel, Codec, Connected, CursorError, ErrorCode, Position, ServerFrame, SseCursor,
-    Unrecoverable, UnrecoverableReason,
+    user_channel, validate_channel, Codec, Connected, CursorError, ErrorCode, Position, Reconnect,
+    ServerFrame, SseCursor, Unrecoverable, UnrecoverableReason,
 };
 use tokio::sync::watch;
 
-use crate::auth::{now_secs, AuthError};
+use crate::auth::{now_secs, AuthError, Identity};
 use crate::errors::ApiError;
 use crate::node::{Lifecycle, Node};
 use crate::session::{Outgoing, Session, Transport};
@@ -33,7 +33,11 @@ pub fn token_from(query: &[(String, String)], headers: &HeaderMap) -> Option<Str
     if let Some((_, t)) = query.iter().find(|(k, _)| k == "token") {
         return Some(t.clone());
     }
-    if let Some(t) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")) {
+    if let Some(t) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
         return Some(t.trim().to_owned());
     }
     headers
@@ -48,46 +52,89 @@ pub fn token_from(query: &[(String, String)], headers: &HeaderMap) -> Option<Str
 
 /// `GET /sse`: validates everything up front (answering errors with an HTTP
 /// status and a JSON body), subscribes, and returns the event stream.
-pub async fn open(State(node): State<Arc<Node>>, headers: HeaderMap, RawQuery(query): RawQuery) -> Response {
+pub async fn open(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
     match open_stream(node, headers, query).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn open_stream(node: Arc<Node>, headers: HeaderMap, query: Option<String>) -> Result<Response, ApiError> {
+async fn open_stream(
+    node: Arc<Node>,
+    headers: HeaderMap,
+    query: Option<String>,
+) -> Result<Response, ApiError> {
     let query: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("malformed query string: {e}")))?;
-    if node.is_draining() {
-        return Err(ApiError::new(ErrorCode::Unavailable, "node is draining; reconnect through the balancer").with_retry_after(1));
+        .map_err(|e| {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            format!("malformed query string: {e}"),
+        )
+    })?;
+    if let Err(refusal) = node.admit() {
+        // A browser EventSource gives up on an error status, so a refusal is
+        // a stream that asks it to come back later (with jitter) and ends.
+        metrics::counter!("gateway_admission_rejected_total", "transport" => "sse", "reason" => refusal.reason()).increment(1);
+        let c = node.config.admission_retry_ms;
+        let delay = rand::random_range(c / 2..=c + c / 2);
+        let body = format!(
+            "retry: {delay}\n: not accepting new sessions ({}); retry later\n\n",
+            refusal.reason()
+        );
+        let mut res = Response::new(Body::from(body));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        res.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(res);
     }
     let mut channels: Vec<String> = Vec::new();
     for (k, v) in &query {
         if k == "channel" {
-            validate_channel(v).map_err(|e| ApiError::new(ErrorCode::InvalidChannel, format!("channel {v:?}: {e}")))?;
+            validate_channel(v).map_err(|e| {
+                ApiError::new(ErrorCode::InvalidChannel, format!("channel {v:?}: {e}"))
+            })?;
             if !channels.contains(v) {
                 channels.push(v.clone());
             }
         }
     }
     if channels.is_empty() {
-        return Err(ApiError::new(ErrorCode::BadRequest, "name at least one channel: /sse?channel=NAME"));
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "name at least one channel: /sse?channel=NAME",
+        ));
     }
     if channels.len() > node.config.max_sse_channels {
         return Err(ApiError::new(
             ErrorCode::TooManySubscriptions,
-            format!("at most {} channels per stream", node.config.max_sse_channels),
+            format!(
+                "at most {} channels per stream",
+                node.config.max_sse_channels
+            ),
         ));
     }
-    let identity = node.auth.identify(token_from(&query, &headers).as_deref()).map_err(|e| {
-        node.metrics.api_request_rejected(e.code().name());
-        match e {
-            AuthError::Expired => ApiError::new(ErrorCode::TokenExpired, e.to_string()),
-            _ => ApiError::new(ErrorCode::Unauthorized, e.to_string()),
-        }
-    })?;
+    let identity = node
+        .auth
+        .identify(token_from(&query, &headers).as_deref())
+        .map_err(|e| {
+            node.metrics.api_request_rejected(e.code().name());
+            match e {
+                AuthError::Expired => ApiError::new(ErrorCode::TokenExpired, e.to_string()),
+                _ => ApiError::new(ErrorCode::Unauthorized, e.to_string()),
+            }
+        })?;
     if let Some(c) = channels.iter().find(|c| !identity.subscribe.allows(c)) {
-        return Err(ApiError::new(ErrorCode::PermissionDenied, format!("token does not allow subscribing to {c:?}")));
+        return Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!("token does not allow subscribing to {c:?}"),
+        ));
     }
     if !identity.is_anonymous() {
         channels.push(user_channel(&identity.user));
@@ -97,25 +144,41 @@ async fn open_stream(node: Arc<Node>, headers: HeaderMap, query: Option<String>)
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-        .or_else(|| query.iter().find(|(k, _)| k == "last_event_id").map(|(_, v)| v.clone()))
+        .or_else(|| {
+            query
+                .iter()
+                .find(|(k, _)| k == "last_event_id")
+                .map(|(_, v)| v.clone())
+        })
         .filter(|c| !c.trim().is_empty());
     let (since, foreign_cursor) = match cursor.as_deref().map(|c| SseCursor::decode(c, &names)) {
         None => (vec![None; names.len()], false),
         Some(Ok(positions)) => (positions.into_iter().map(Some).collect(), false),
         Some(Err(CursorError::OtherChannels)) => (vec![None; names.len()], true),
         Some(Err(CursorError::Malformed)) => {
-            return Err(ApiError::new(ErrorCode::BadRequest, "malformed Last-Event-ID (not a cursor of this gateway)"))
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "malformed Last-Event-ID (not a cursor of this gateway)",
+            ))
         }
     };
 
     let mut session = Session::new(node.clone(), Codec::Json, Transport::Sse);
     let mut out = Vec::new();
     for (name, since) in names.iter().zip(since.iter().cloned()) {
-        session.subscribe(None, name, since, &mut out).await.map_err(|code| {
-            ApiError::new(code, format!("could not subscribe to {name:?}; retry later"))
-        })?;
+        session
+            .subscribe(None, name, since, &mut out)
+            .await
+            .map_err(|code| {
+                ApiError::new(
+                    code,
+                    format!("could not subscribe to {name:?}; retry later"),
+                )
+            })?;
         if foreign_cursor {
-            let p = session.position(name).unwrap_or_else(|| Position::new(0, "0"));
+            let p = session
+                .position(name)
+                .unwrap_or_else(|| Position::new(0, "0"));
             out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
                 channel: (*name).to_owned(),
                 reason: UnrecoverableReason::BadPosition,
@@ -130,7 +193,9 @@ async fn open_stream(node: Arc<Node>, headers: HeaderMap, query: Option<String>)
         .iter()
         .zip(since)
         .map(|(name, since)| {
-            let now = session.position(name).unwrap_or_else(|| Position::new(0, "0"));
+            let now = session
+                .position(name)
+                .unwrap_or_else(|| Position::new(0, "0"));
             match since {
                 Some(s) if s.epoch == now.epoch && s.seq <= now.seq => s,
                 _ => now,
@@ -146,11 +211,14 @@ async fn open_stream(node: Arc<Node>, headers: HeaderMap, query: Option<String>)
         expires_at: identity.expires_at,
         ping_interval_ms: node.config.sse_keepalive_ms,
         node: node.id.clone(),
+        resumed: Vec::new(),
     };
     let mut stream = SseStream {
         lifecycle: node.lifecycle(),
         keepalive: node.ms(node.config.sse_keepalive_ms),
         expires_at: identity.expires_at,
+        identity: identity.clone(),
+        drain_ticket: None,
         channels,
         positions,
         session,
@@ -160,7 +228,12 @@ async fn open_stream(node: Arc<Node>, headers: HeaderMap, query: Option<String>)
     let mut first = BytesMut::new();
     let _ = write!(first, "retry: {}\n\n", node.config.sse_retry_ms);
     let cursor = stream.cursor();
-    write_event(&mut first, Some("connected"), &cursor, &Codec::Json.encode(&ServerFrame::Connected(connected)));
+    write_event(
+        &mut first,
+        Some("connected"),
+        &cursor,
+        &Codec::Json.encode(&ServerFrame::Connected(connected)),
+    );
     stream.write_all(&mut first, out);
     let first = first.freeze();
 
@@ -174,7 +247,10 @@ async fn open_stream(node: Arc<Node>, headers: HeaderMap, query: Option<String>)
     let mut res = Response::new(Body::from_stream(body));
     *res.status_mut() = StatusCode::OK;
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     // Tells nginx-style proxies not to buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
@@ -201,6 +277,8 @@ struct SseStream {
     lifecycle: watch::Receiver<Lifecycle>,
     keepalive: Duration,
     expires_at: Option<u64>,
+    identity: Identity,
+    drain_ticket: Option<u64>,
     done: bool,
 }
 
@@ -233,7 +311,12 @@ impl SseStream {
                 Outgoing::Frame(ServerFrame::Unrecoverable(u)) => {
                     self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));
                     let cursor = self.cursor();
-                    write_event(buf, Some("unrecoverable"), &cursor, &Codec::Json.encode(&ServerFrame::Unrecoverable(u)));
+                    write_event(
+                        buf,
+                        Some("unrecoverable"),
+                        &cursor,
+                        &Codec::Json.encode(&ServerFrame::Unrecoverable(u)),
+                    );
                 }
                 // `subscribed` has no SSE event: the `connected` event and the
                 // cursor say the same.
@@ -243,17 +326,63 @@ impl SseStream {
         self.session.record_written(delivered, oldest);
     }
 
+    /// The drain's `reconnect` event: `retry:` set to a random delay in the
+    /// jitter window (EventSource waits that long, then reconnects with
+    /// `Last-Event-ID`), and the frame with a resume token for SDKs.
+    fn reconnect_event(&mut self) -> Bytes {
+        let node = self.session.node.clone();
+        let c = &node.config;
+        let delay = rand::random_range(c.reconnect_min_delay_ms..=c.reconnect_max_delay_ms);
+        let token = node.auth.mint_resume(
+            &self.identity,
+            self.session.positions(),
+            c.resume_token_ttl_ms / 1000,
+        );
+        let frame = ServerFrame::Reconnect(Reconnect {
+            token,
+            min_delay_ms: c.reconnect_min_delay_ms,
+            max_delay_ms: c.reconnect_max_delay_ms,
+        });
+        let mut buf = BytesMut::new();
+        let _ = write!(buf, "retry: {delay}\n");
+        let cursor = self.cursor();
+        write_event(
+            &mut buf,
+            Some("reconnect"),
+            &cursor,
+            &Codec::Json.encode(&frame),
+        );
+        metrics::counter!("gateway_drain_reconnects_sent_total", "transport" => "sse").increment(1);
+        buf.freeze()
+    }
+
     /// The next body chunk, or `None` to end the stream.
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if self.done {
             return None;
         }
         loop {
-            if *self.lifecycle.borrow_and_update() == Lifecycle::Draining {
-                self.done = true;
-                return Some(Bytes::from_static(b": node draining, reconnect\n\n"));
+            let state = *self.lifecycle.borrow_and_update();
+            match state {
+                Lifecycle::Running => {}
+                Lifecycle::Closing => {
+                    self.done = true;
+                    return Some(Bytes::from_static(b": node closing, reconnect\n\n"));
+                }
+                Lifecycle::Draining { released } => {
+                    let node = self.session.node.clone();
+                    let ticket = *self
+                        .drain_ticket
+                        .get_or_insert_with(|| node.drain.take_ticket());
+                    if ticket < released {
+                        self.done = true;
+                        return Some(self.reconnect_event());
+                    }
+                }
             }
-            let expiry = self.expires_at.map(|exp| Duration::from_secs(exp.saturating_sub(now_secs())));
+            let expiry = self
+                .expires_at
+                .map(|exp| Duration::from_secs(exp.saturating_sub(now_secs())));
             tokio::select! {
                 _ = self.lifecycle.changed() => continue,
                 _ = self.session.queue_ready() => {

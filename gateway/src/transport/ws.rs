@@ -17,8 +17,9 @@ use http::{header, HeaderValue, StatusCode};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use protocol::{
-    user_channel, validate_channel, ClientFrame, CloseCode, Codec, Connected, DecodeError, ErrorCode, ErrorFrame,
-    Pong, Published, RefreshRequired, Refreshed, ServerFrame, Unsubscribed,
+    user_channel, validate_channel, ClientFrame, CloseCode, Codec, Connected, DecodeError,
+    ErrorCode, ErrorFrame, Pong, Position, Published, Reconnect, RefreshRequired, Refreshed,
+    ServerFrame, Unsubscribed,
 };
 use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -49,10 +50,19 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
             .any(|v| v.trim().eq_ignore_ascii_case(token))
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return ApiError::new(ErrorCode::BadRequest, "this endpoint takes WebSocket upgrades only").into_response();
+        return ApiError::new(
+            ErrorCode::BadRequest,
+            "this endpoint takes WebSocket upgrades only",
+        )
+        .into_response();
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        return ApiError::new(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13").into_response();
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        return ApiError::new(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13")
+            .into_response();
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return ApiError::new(ErrorCode::BadRequest, "missing Sec-WebSocket-Key").into_response();
@@ -80,24 +90,42 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
             .into_response()
         }
     };
-    if node.is_draining() {
-        return ApiError::new(ErrorCode::Unavailable, "node is draining; reconnect through the balancer")
-            .with_retry_after(1)
-            .into_response();
+    if let Err(refusal) = node.admit() {
+        metrics::counter!("gateway_admission_rejected_total", "transport" => "ws", "reason" => refusal.reason()).increment(1);
+        return ApiError::new(
+            ErrorCode::Unavailable,
+            format!(
+                "not accepting new sessions ({}); retry later",
+                refusal.reason()
+            ),
+        )
+        .with_retry_after(node.config.admission_retry_ms.div_ceil(1000))
+        .into_response();
     }
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return ApiError::new(ErrorCode::BadRequest, "connection cannot be upgraded").into_response();
+        return ApiError::new(ErrorCode::BadRequest, "connection cannot be upgraded")
+            .into_response();
     };
     let config = WebSocketConfig::default()
         .read_buffer_size(node.config.ws_read_buffer_bytes)
         .write_buffer_size(node.config.ws_write_buffer_bytes)
-        .max_write_buffer_size(node.config.max_queue_bytes.saturating_mul(2).max(node.config.ws_write_buffer_bytes * 2))
+        .max_write_buffer_size(
+            node.config
+                .max_queue_bytes
+                .saturating_mul(2)
+                .max(node.config.ws_write_buffer_bytes * 2),
+        )
         .max_message_size(Some(node.config.max_frame_bytes))
         .max_frame_size(Some(node.config.max_frame_bytes));
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let socket = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(config),
+                )
+                .await;
                 run(node, socket, codec.unwrap_or(Codec::Json)).await;
             }
             Err(e) => debug!(error = %e, "websocket upgrade failed"),
@@ -112,7 +140,10 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         h.insert(header::SEC_WEBSOCKET_ACCEPT, v);
     }
     if let Some(c) = codec {
-        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(c.subprotocol()));
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(c.subprotocol()),
+        );
     }
     res
 }
@@ -128,17 +159,31 @@ fn encode(codec: Codec, frame: &ServerFrame) -> Message {
 
 /// Sends a close frame and lets the socket go.
 async fn close(socket: &mut Socket, code: CloseCode) {
-    let frame = CloseFrame { code: WsCloseCode::from(code.code()), reason: code.reason().into() };
+    let frame = CloseFrame {
+        code: WsCloseCode::from(code.code()),
+        reason: code.reason().into(),
+    };
     let _ = timeout(Duration::from_secs(1), socket.close(Some(frame))).await;
 }
 
-async fn send_error(socket: &mut Socket, codec: Codec, id: Option<u64>, code: ErrorCode, message: String) {
-    let _ = socket.send(encode(codec, &ServerFrame::Error(ErrorFrame::new(id, code, message)))).await;
+async fn send_error(
+    socket: &mut Socket,
+    codec: Codec,
+    id: Option<u64>,
+    code: ErrorCode,
+    message: String,
+) {
+    let _ = socket
+        .send(encode(
+            codec,
+            &ServerFrame::Error(ErrorFrame::new(id, code, message)),
+        ))
+        .await;
 }
 
 /// Runs one connection to its end.
 async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
-    let Some((connect, identity)) = handshake(&node, &mut socket, codec).await else {
+    let Some((connect, identity, resumed)) = handshake(&node, &mut socket, codec).await else {
         return;
     };
     let mut conn = Connection {
@@ -151,10 +196,12 @@ async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
         last_recv: Instant::now(),
         next_ping: Instant::now() + node.ms(node.config.ping_interval_ms),
         refresh_sent: false,
+        drain_ticket: None,
+        reconnect_sent_at: None,
     };
     // Boxed: the connect path is large and runs once; keeping it out of the
     // loop's future keeps every idle connection small.
-    let code = Box::pin(conn.start(connect)).await;
+    let code = Box::pin(conn.start(connect, resumed)).await;
     let code = match code {
         Some(code) => Some(code),
         None => conn.serve().await,
@@ -165,7 +212,11 @@ async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
 }
 
 /// Waits for `connect` and authenticates it; on failure answers and closes.
-async fn handshake(node: &Node, socket: &mut Socket, codec: Codec) -> Option<(protocol::Connect, Identity)> {
+async fn handshake(
+    node: &Node,
+    socket: &mut Socket,
+    codec: Codec,
+) -> Option<(protocol::Connect, Identity, Vec<(String, Position)>)> {
     let deadline = node.ms(node.config.connect_timeout_ms);
     let first = loop {
         match timeout(deadline, socket.next()).await {
@@ -188,27 +239,71 @@ async fn handshake(node: &Node, socket: &mut Socket, codec: Codec) -> Option<(pr
         Ok(ClientFrame::Connect(c)) => c,
         Ok(other) => {
             node.metrics.frame_rejected(ErrorCode::NotConnected.name());
-            send_error(socket, codec, other.id(), ErrorCode::NotConnected, "the first frame must be `connect`".into())
-                .await;
+            send_error(
+                socket,
+                codec,
+                other.id(),
+                ErrorCode::NotConnected,
+                "the first frame must be `connect`".into(),
+            )
+            .await;
             close(socket, CloseCode::BadProtocol).await;
             return None;
         }
         Err(e) => {
             node.metrics.frame_rejected(e.code().name());
-            send_error(socket, codec, None, e.code(), format!("{e}; the first frame must be `connect`")).await;
+            send_error(
+                socket,
+                codec,
+                None,
+                e.code(),
+                format!("{e}; the first frame must be `connect`"),
+            )
+            .await;
             close(socket, CloseCode::BadProtocol).await;
             return None;
         }
     };
-    match node.auth.identify(connect.token.as_deref()) {
-        Ok(identity) => Some((connect, identity)),
+    match authenticate(node, &connect) {
+        Ok((identity, resumed)) => Some((connect, identity, resumed)),
         Err(e) => {
             node.metrics.frame_rejected(e.code().name());
             send_error(socket, codec, connect.id, e.code(), e.to_string()).await;
-            let code = if e == AuthError::Expired { CloseCode::TokenExpired } else { CloseCode::Unauthorized };
+            let code = if e == AuthError::Expired {
+                CloseCode::TokenExpired
+            } else {
+                CloseCode::Unauthorized
+            };
             close(socket, code).await;
             None
         }
+    }
+}
+
+/// The identity of a `connect`, and the subscriptions a resume token
+/// restores. A resume token that does not verify is ignored when a valid
+/// connection token comes with it (the client resubscribes itself); with
+/// both, they must name the same user.
+fn authenticate(
+    node: &Node,
+    connect: &protocol::Connect,
+) -> Result<(Identity, Vec<(String, Position)>), AuthError> {
+    let Some(resume) = connect.resume.as_deref() else {
+        return Ok((node.auth.identify(connect.token.as_deref())?, Vec::new()));
+    };
+    match (node.auth.verify_resume(resume), connect.token.as_deref()) {
+        (Ok((identity, channels)), None) => Ok((identity, channels)),
+        (Ok((identity, channels)), Some(token)) => {
+            let fresh = node.auth.verify(token)?;
+            if fresh.user != identity.user {
+                return Err(AuthError::Invalid(
+                    "the resume token is for another user".into(),
+                ));
+            }
+            Ok((fresh, channels))
+        }
+        (Err(_), Some(token)) => Ok((node.auth.verify(token)?, Vec::new())),
+        (Err(e), None) => Err(e),
     }
 }
 
@@ -222,6 +317,10 @@ struct Connection {
     last_recv: Instant,
     next_ping: Instant,
     refresh_sent: bool,
+    /// Place in the drain order, taken when the drain begins.
+    drain_ticket: Option<u64>,
+    /// When the `reconnect` frame went out (drain).
+    reconnect_sent_at: Option<Instant>,
 }
 
 impl Connection {
@@ -230,10 +329,28 @@ impl Connection {
     }
 
     /// Answers `connect` and subscribes the user's own stream.
-    async fn start(&mut self, connect: protocol::Connect) -> Option<CloseCode> {
+    async fn start(
+        &mut self,
+        connect: protocol::Connect,
+        resumed: Vec<(String, Position)>,
+    ) -> Option<CloseCode> {
         let node = self.node().clone();
         let user = self.identity.user.clone();
         let user_chan = (!user.is_empty()).then(|| user_channel(&user));
+        // Channels the resume token restores (the user's own stream is
+        // restored through its own path below).
+        let mut user_since = connect.since.clone();
+        let mut restore = Vec::new();
+        for (channel, position) in resumed {
+            if user_chan.as_deref() == Some(channel.as_str()) {
+                user_since = user_since.or(Some(position));
+            } else if self.identity.subscribe.allows(&channel)
+                && protocol::validate_channel(&channel).is_ok()
+            {
+                restore.push((channel, position));
+            }
+        }
+        restore.truncate(node.config.max_subscriptions);
         let connected = Connected {
             id: connect.id,
             client: self.session.client_id(),
@@ -242,17 +359,37 @@ impl Connection {
             expires_at: self.identity.expires_at,
             ping_interval_ms: node.config.ping_interval_ms,
             node: node.id.clone(),
+            resumed: restore.iter().map(|(c, _)| c.clone()).collect(),
         };
-        self.out.push(Outgoing::Frame(ServerFrame::Connected(connected)));
+        self.out
+            .push(Outgoing::Frame(ServerFrame::Connected(connected)));
         if let Some(chan) = user_chan {
-            if let Err(code) = self.session.subscribe(None, &chan, connect.since, &mut self.out).await {
-                self.out.push(Outgoing::Frame(ServerFrame::Error(ErrorFrame::new(
-                    None,
-                    code,
-                    "could not subscribe the user's own stream",
-                ))));
+            if let Err(code) = self
+                .session
+                .subscribe(None, &chan, user_since, &mut self.out)
+                .await
+            {
+                self.out
+                    .push(Outgoing::Frame(ServerFrame::Error(ErrorFrame::new(
+                        None,
+                        code,
+                        "could not subscribe the user's own stream",
+                    ))));
                 self.write_out().await.ok()?;
                 return Some(CloseCode::InternalError);
+            }
+        }
+        for (channel, position) in restore {
+            if let Err(code) = self
+                .session
+                .subscribe(None, &channel, Some(position), &mut self.out)
+                .await
+            {
+                self.reply_error(
+                    None,
+                    code,
+                    format!("could not restore the subscription to {channel:?}"),
+                );
             }
         }
         self.write_out().await.err()
@@ -262,13 +399,35 @@ impl Connection {
     async fn serve(&mut self) -> Option<CloseCode> {
         let mut lifecycle = self.node().lifecycle();
         loop {
-            if *lifecycle.borrow_and_update() == Lifecycle::Draining {
-                return Some(CloseCode::Shutdown);
+            let state = *lifecycle.borrow_and_update();
+            match state {
+                Lifecycle::Running => {}
+                Lifecycle::Closing => return Some(CloseCode::Shutdown),
+                Lifecycle::Draining { released } => {
+                    if self.reconnect_sent_at.is_none() {
+                        let node = self.node().clone();
+                        let ticket = *self
+                            .drain_ticket
+                            .get_or_insert_with(|| node.drain.take_ticket());
+                        if ticket < released {
+                            self.send_reconnect();
+                            if let Err(code) = self.write_out().await {
+                                return Some(code);
+                            }
+                        }
+                    }
+                }
             }
             let wake = self.next_timer();
             tokio::select! {
                 _ = lifecycle.changed() => continue,
                 _ = self.session.queue_ready() => {
+                    if self.reconnect_sent_at.is_some() {
+                        // Told to reconnect: the resume token's positions
+                        // stand; the next node replays from them.
+                        self.session.discard_queue();
+                        continue;
+                    }
                     if self.session.drain_queue(&mut self.out).await.is_err() {
                         self.session.slow_consumer();
                         return Some(CloseCode::SlowConsumer);
@@ -320,7 +479,12 @@ impl Connection {
     /// token expiry.
     fn next_timer(&self) -> Instant {
         let node = self.node();
-        let mut t = self.next_ping.min(self.last_recv + node.ms(node.config.idle_timeout_ms));
+        let mut t = self
+            .next_ping
+            .min(self.last_recv + node.ms(node.config.idle_timeout_ms));
+        if let Some(sent) = self.reconnect_sent_at {
+            t = t.min(sent + node.ms(node.config.drain_close_grace_ms));
+        }
         if let Some(exp) = self.identity.expires_at {
             let now_s = now_secs();
             let until_exp = Duration::from_secs(exp.saturating_sub(now_s));
@@ -337,6 +501,12 @@ impl Connection {
     fn on_timer(&mut self) -> Option<CloseCode> {
         let now = Instant::now();
         let node = self.node().clone();
+        if self
+            .reconnect_sent_at
+            .is_some_and(|t| now >= t + node.ms(node.config.drain_close_grace_ms))
+        {
+            return Some(CloseCode::Shutdown);
+        }
         if now >= self.last_recv + node.ms(node.config.idle_timeout_ms) {
             return Some(CloseCode::IdleTimeout);
         }
@@ -347,19 +517,46 @@ impl Connection {
             }
             if !self.refresh_sent && (exp - now_s) * 1000 <= node.config.refresh_window_ms {
                 self.refresh_sent = true;
-                self.out.push(Outgoing::Frame(ServerFrame::RefreshRequired(RefreshRequired { expires_at: exp })));
+                self.out.push(Outgoing::Frame(ServerFrame::RefreshRequired(
+                    RefreshRequired { expires_at: exp },
+                )));
             }
         }
         if now >= self.next_ping {
             self.next_ping = now + node.ms(node.config.ping_interval_ms);
-            self.out.push(Outgoing::Frame(ServerFrame::Ping(protocol::Ping { id: None })));
+            self.out
+                .push(Outgoing::Frame(ServerFrame::Ping(protocol::Ping {
+                    id: None,
+                })));
         }
         None
     }
 
+    /// Tells the client to reconnect elsewhere (drain), with a resume token
+    /// for where it is now; nothing is delivered on this connection after it.
+    fn send_reconnect(&mut self) {
+        let node = self.node().clone();
+        let token = node.auth.mint_resume(
+            &self.identity,
+            self.session.positions(),
+            node.config.resume_token_ttl_ms / 1000,
+        );
+        self.out
+            .push(Outgoing::Frame(ServerFrame::Reconnect(Reconnect {
+                token,
+                min_delay_ms: node.config.reconnect_min_delay_ms,
+                max_delay_ms: node.config.reconnect_max_delay_ms,
+            })));
+        self.reconnect_sent_at = Some(Instant::now());
+        metrics::counter!("gateway_drain_reconnects_sent_total", "transport" => "ws").increment(1);
+    }
+
     fn reply_error(&mut self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {
         self.node().metrics.frame_rejected(code.name());
-        self.out.push(Outgoing::Frame(ServerFrame::Error(ErrorFrame::new(id, code, message))));
+        self.out
+            .push(Outgoing::Frame(ServerFrame::Error(ErrorFrame::new(
+                id, code, message,
+            ))));
     }
 
     /// Handles one inbound frame; replies go to `self.out`.
@@ -378,40 +575,69 @@ impl Connection {
         let node = self.node().clone();
         match frame {
             ClientFrame::Connect(c) => {
-                self.reply_error(c.id, ErrorCode::AlreadyConnected, "this connection is already connected");
+                self.reply_error(
+                    c.id,
+                    ErrorCode::AlreadyConnected,
+                    "this connection is already connected",
+                );
                 return Some(CloseCode::BadProtocol);
             }
             ClientFrame::Subscribe(s) => {
                 if let Err(code) = self.session.check_new_subscription(&s.channel) {
                     self.reply_error(s.id, code, format!("cannot subscribe to {:?}", s.channel));
                 } else if !self.identity.subscribe.allows(&s.channel) {
-                    self.reply_error(s.id, ErrorCode::PermissionDenied, format!("token does not allow subscribing to {:?}", s.channel));
-                } else if let Err(code) = self.session.subscribe(s.id, &s.channel, s.since, &mut self.out).await {
+                    self.reply_error(
+                        s.id,
+                        ErrorCode::PermissionDenied,
+                        format!("token does not allow subscribing to {:?}", s.channel),
+                    );
+                } else if let Err(code) = self
+                    .session
+                    .subscribe(s.id, &s.channel, s.since, &mut self.out)
+                    .await
+                {
                     self.reply_error(s.id, code, format!("subscribe to {:?} failed", s.channel));
                 }
             }
             ClientFrame::Unsubscribe(u) => {
                 if self.session.unsubscribe(&u.channel) {
-                    self.out.push(Outgoing::Frame(ServerFrame::Unsubscribed(Unsubscribed { id: u.id, channel: u.channel })));
+                    self.out
+                        .push(Outgoing::Frame(ServerFrame::Unsubscribed(Unsubscribed {
+                            id: u.id,
+                            channel: u.channel,
+                        })));
                 } else {
-                    self.reply_error(u.id, ErrorCode::NotSubscribed, format!("not subscribed to {:?}", u.channel));
+                    self.reply_error(
+                        u.id,
+                        ErrorCode::NotSubscribed,
+                        format!("not subscribed to {:?}", u.channel),
+                    );
                 }
             }
             ClientFrame::Publish(p) => {
                 if validate_channel(&p.channel).is_err() {
-                    self.reply_error(p.id, ErrorCode::InvalidChannel, format!("invalid channel {:?}", p.channel));
+                    self.reply_error(
+                        p.id,
+                        ErrorCode::InvalidChannel,
+                        format!("invalid channel {:?}", p.channel),
+                    );
                 } else if !self.identity.publish.allows(&p.channel) {
-                    self.reply_error(p.id, ErrorCode::PermissionDenied, format!("token does not allow publishing to {:?}", p.channel));
+                    self.reply_error(
+                        p.id,
+                        ErrorCode::PermissionDenied,
+                        format!("token does not allow publishing to {:?}", p.channel),
+                    );
                 } else {
                     match node.broker.publish(&p.channel, p.data, now_ms()).await {
                         Ok(publication) => {
                             node.metrics.published.increment(1);
-                            self.out.push(Outgoing::Frame(ServerFrame::Published(Published {
-                                id: p.id,
-                                channel: p.channel,
-                                seq: publication.seq,
-                                epoch: publication.epoch.to_string(),
-                            })));
+                            self.out
+                                .push(Outgoing::Frame(ServerFrame::Published(Published {
+                                    id: p.id,
+                                    channel: p.channel,
+                                    seq: publication.seq,
+                                    epoch: publication.epoch.to_string(),
+                                })));
                         }
                         Err(e) => self.reply_error(p.id, ErrorCode::Unavailable, e.to_string()),
                     }
@@ -419,14 +645,24 @@ impl Connection {
             }
             ClientFrame::Refresh(r) => match node.auth.verify(&r.token) {
                 Ok(identity) if identity.user == self.identity.user => {
-                    self.out.push(Outgoing::Frame(ServerFrame::Refreshed(Refreshed { id: r.id, expires_at: identity.expires_at })));
+                    self.out
+                        .push(Outgoing::Frame(ServerFrame::Refreshed(Refreshed {
+                            id: r.id,
+                            expires_at: identity.expires_at,
+                        })));
                     self.identity = identity;
                     self.refresh_sent = false;
                 }
-                Ok(_) => self.reply_error(r.id, ErrorCode::Unauthorized, "the new token is for another user"),
+                Ok(_) => self.reply_error(
+                    r.id,
+                    ErrorCode::Unauthorized,
+                    "the new token is for another user",
+                ),
                 Err(e) => self.reply_error(r.id, e.code(), e.to_string()),
             },
-            ClientFrame::Ping(p) => self.out.push(Outgoing::Frame(ServerFrame::Pong(Pong { id: p.id }))),
+            ClientFrame::Ping(p) => self
+                .out
+                .push(Outgoing::Frame(ServerFrame::Pong(Pong { id: p.id }))),
             ClientFrame::Pong(_) => {}
         }
         None
@@ -457,9 +693,9 @@ impl Connection {
             }
             socket.flush().await
         };
-        // A client that stops reading blocks this write, and its queue
-        // overflows meanwhile: watch for that here, or such a connection
-        // would never be cut (nor time out) while the write waits.
+        // A client that stops reading blocks this write while its queue
+        // overflows: watch for that here, or such a connection is never cut
+        // (the loop that checks the queue waits for this write).
         tokio::select! {
             written = write => {
                 if written.is_err() {

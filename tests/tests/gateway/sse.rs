@@ -1,0 +1,162 @@
+//! SSE resume through `Last-Event-ID`, and cursors of other channel sets.
+
+use protocol::{ServerFrame, SseCursor, UnrecoverableReason};
+use serde_json::json;
+use tests::Gateway;
+
+use super::{check_message, payload, R};
+
+#[tokio::test]
+async fn sse_resume_with_last_event_id_has_no_gap_and_no_duplicate() -> R {
+    let gw = Gateway::start().await?;
+    let token = gw.token("s1", &["feed"], &[], 600);
+    let names = ["feed", "$user:s1"];
+
+    let mut sse = gw.sse(&["feed"], Some(&token), None).await?;
+    let (ev, _) = sse.next_frame().await?;
+    assert_eq!(ev.event.as_deref(), Some("connected"));
+
+    let mut feed_epoch = String::new();
+    for i in 1..=5 {
+        feed_epoch = gw.publish("feed", payload(i)).await?.epoch;
+    }
+    let mut user_epoch = String::new();
+    for i in 1..=2 {
+        user_epoch = gw.send("s1", payload(100 + i)).await?.epoch;
+    }
+    for i in 1..=5 {
+        check_message(
+            &sse.recv_message().await?.1,
+            "feed",
+            i,
+            &feed_epoch,
+            &payload(i),
+        );
+    }
+    for i in 1..=2 {
+        let (ev, m) = sse.recv_message().await?;
+        check_message(&m, "$user:s1", i, &user_epoch, &payload(100 + i));
+        let cursor = SseCursor::decode(ev.id.as_deref().expect("id"), &names)?;
+        assert_eq!((cursor[0].seq, cursor[1].seq), (5, i));
+    }
+    let last_id = sse.last_event_id.clone().expect("an id was seen");
+    drop(sse);
+
+    // Missed while disconnected.
+    for i in 6..=10 {
+        gw.publish("feed", payload(i)).await?;
+    }
+    for i in 3..=4 {
+        gw.send("s1", payload(100 + i)).await?;
+    }
+
+    let mut sse = gw.sse(&["feed"], Some(&token), Some(&last_id)).await?;
+    let (ev, _) = sse.next_frame().await?;
+    assert_eq!(ev.event.as_deref(), Some("connected"));
+    assert_eq!(
+        ev.id.as_deref(),
+        Some(last_id.as_str()),
+        "the stream restarts at the cursor it was given"
+    );
+    // Replayed per channel, in cursor order, then live.
+    for i in 6..=10 {
+        check_message(
+            &sse.recv_message().await?.1,
+            "feed",
+            i,
+            &feed_epoch,
+            &payload(i),
+        );
+    }
+    for i in 3..=4 {
+        check_message(
+            &sse.recv_message().await?.1,
+            "$user:s1",
+            i,
+            &user_epoch,
+            &payload(100 + i),
+        );
+    }
+    gw.publish("feed", payload(11)).await?;
+    gw.send("s1", payload(105)).await?;
+    let (ev, m) = sse.recv_message().await?;
+    check_message(&m, "feed", 11, &feed_epoch, &payload(11));
+    let cursor = SseCursor::decode(ev.id.as_deref().expect("id"), &names)?;
+    assert_eq!((cursor[0].seq, cursor[1].seq), (11, 4));
+    let (ev, m) = sse.recv_message().await?;
+    check_message(&m, "$user:s1", 5, &user_epoch, &payload(105));
+    let cursor = SseCursor::decode(ev.id.as_deref().expect("id"), &names)?;
+    assert_eq!((cursor[0].seq, cursor[1].seq), (11, 5));
+
+    // `?last_event_id=` works like the header.
+    let id = sse.last_event_id.clone().expect("id");
+    gw.publish("feed", payload(12)).await?;
+    let res = gw
+        .http
+        .get(gw.url("/sse"))
+        .query(&[
+            ("channel", "feed"),
+            ("token", token.as_str()),
+            ("last_event_id", id.as_str()),
+        ])
+        .send()
+        .await?;
+    let mut sse = tests::SseClient::from_response(res).await?;
+    let (ev, _) = sse.next_frame().await?;
+    assert_eq!(
+        (ev.event.as_deref(), ev.id.as_deref()),
+        (Some("connected"), Some(id.as_str()))
+    );
+    check_message(
+        &sse.recv_message().await?.1,
+        "feed",
+        12,
+        &feed_epoch,
+        &payload(12),
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sse_cursor_of_another_channel_set_is_bad_position() -> R {
+    let gw = Gateway::start().await?;
+    let token = gw.token("s2", &["a", "b"], &[], 600);
+    let mut sse = gw.sse(&["a"], Some(&token), None).await?;
+    let (connected, _) = sse.next_frame().await?;
+    let foreign = connected.id.expect("connected has an id");
+    drop(sse);
+
+    let epoch_b = gw.publish("b", json!(1)).await?.epoch;
+    gw.publish("b", json!(2)).await?;
+    let user_epoch = gw.send("s2", json!("u1")).await?.epoch;
+
+    // A cursor made for ["a", "$user:s2"] presented for ["b", "$user:s2"].
+    let mut sse = gw.sse(&["b"], Some(&token), Some(&foreign)).await?;
+    let (ev, _) = sse.next_frame().await?;
+    assert_eq!(ev.event.as_deref(), Some("connected"));
+    for (chan, epoch, seq) in [("b", &epoch_b, 2), ("$user:s2", &user_epoch, 1)] {
+        let (ev, frame) = sse.next_frame().await?;
+        assert_eq!(ev.event.as_deref(), Some("unrecoverable"));
+        match frame {
+            ServerFrame::Unrecoverable(u) => {
+                assert_eq!(u.channel, chan);
+                assert_eq!(u.reason, UnrecoverableReason::BadPosition);
+                assert_eq!((&u.epoch, u.seq), (epoch, seq), "{u:?}");
+            }
+            other => panic!("expected unrecoverable, got {other:?}"),
+        }
+    }
+    // Live from the top.
+    gw.publish("b", json!(3)).await?;
+    check_message(&sse.recv_message().await?.1, "b", 3, &epoch_b, &json!(3));
+
+    // A cursor that does not parse is refused up front.
+    let (status, body) = gw
+        .sse_error(
+            &format!("?channel=b&token={token}"),
+            &[("last-event-id", "garbage")],
+        )
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    Ok(())
+}
