@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 # Debian packages the suite needs: command -> package.
 declare -A NEED=(
   [openssl]=openssl
+  [redis-server]=redis-server
+  [redis-cli]=redis-tools
+  [nats-server]=nats-server
+  [haproxy]=haproxy
+  [python3]=python3
+  [curl]=curl
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

@@ -142,6 +142,7 @@ impl NatsBroker {
             while let Some(msg) = sub.next().await {
                 match envelope::decode(&msg.payload) {
                     Some(p) => {
+                        metrics::counter!("gateway_backbone_received_total").increment(1);
                         tracker.saw(&p);
                         hub.deliver(&p);
                     }

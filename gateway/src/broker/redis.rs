@@ -109,6 +109,7 @@ impl RedisBroker {
                         };
                         match envelope::decode(payload) {
                             Some(p) => {
+                                metrics::counter!("gateway_backbone_received_total").increment(1);
                                 rx_tracker.saw(&p);
                                 rx_hub.deliver(&p);
                             }
