@@ -402,6 +402,18 @@ impl Gateway {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Waits (up to `limit`) for the process to exit by itself; its status.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            ensure!(tokio::time::Instant::now() < deadline, "gateway still running after {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

@@ -11,6 +11,8 @@ mod bad_input;
 mod client_publish;
 #[path = "gateway/delivery.rs"]
 mod delivery;
+#[path = "gateway/drain.rs"]
+mod drain;
 #[path = "gateway/heartbeat.rs"]
 mod heartbeat;
 #[path = "gateway/refresh.rs"]
