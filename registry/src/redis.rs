@@ -29,6 +29,18 @@ fn user_key(user: &str) -> String {
     format!("gw:{{u:{user}}}")
 }
 
+/// How every Redis connection of a node behaves: short timeouts (a blocked
+/// command must not stall a publish for long) and a few quick retries on
+/// reconnect; callers keep the connection warm so it reconnects soon after
+/// Redis comes back.
+pub fn connection_config() -> ConnectionManagerConfig {
+    ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(2))
+        .set_response_timeout(Duration::from_secs(2))
+        .set_number_of_retries(2)
+        .set_max_delay(1000)
+}
+
 fn err(e: redis::RedisError) -> RegistryError {
     RegistryError::Unavailable(e.to_string())
 }
@@ -49,11 +61,7 @@ pub struct RedisRegistry {
 impl RedisRegistry {
     pub async fn connect(url: &str, ttl: Duration) -> Result<Self, RegistryError> {
         let client = redis::Client::open(url).map_err(err)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(2))
-            .set_number_of_retries(2)
-            .set_max_delay(1000);
+        let config = connection_config();
         let conn = client
             .get_connection_manager_with_config(config)
             .await

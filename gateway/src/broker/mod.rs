@@ -16,6 +16,7 @@
 //!   delivered to this node; the hub calls it when a channel gets its first
 //!   local subscriber and `unsubscribe` when the last one leaves.
 
+pub mod cluster;
 pub mod envelope;
 pub mod memory;
 pub mod nats;

@@ -17,12 +17,12 @@ use async_nats::{Client, ConnectOptions, Event};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
-use protocol::USER_CHANNEL_PREFIX;
 use registry::Registry;
 use serde_json::Value;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use super::cluster::{user_of, ClusterParts};
 use super::envelope;
 use super::tracker::{Health, Tracker};
 use super::{Broker, BrokerError};
@@ -49,13 +49,9 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 }
 
 pub struct NatsBroker {
-    node_id: String,
+    cluster: ClusterParts,
     client: Client,
-    store: Arc<RedisReplayStore>,
-    registry: Arc<dyn Registry>,
     hub: Arc<Hub>,
-    tracker: Arc<Tracker>,
-    health: Arc<Health>,
     subscriptions: Mutex<HashMap<String, JoinHandle<()>>>,
 }
 
@@ -116,13 +112,15 @@ impl NatsBroker {
             .await
             .map_err(unavailable)?;
         let broker = Arc::new(Self {
-            node_id: node_id.to_owned(),
+            cluster: ClusterParts {
+                node_id: node_id.to_owned(),
+                store: store.clone(),
+                registry,
+                tracker: tracker.clone(),
+                health: health.clone(),
+            },
             client,
-            store,
-            registry,
             hub,
-            tracker,
-            health,
             subscriptions: Mutex::new(HashMap::new()),
         });
         broker.listen(node_subject(node_id)).await?;
@@ -137,7 +135,7 @@ impl NatsBroker {
             .subscribe(subject.clone())
             .await
             .map_err(unavailable)?;
-        let (tracker, hub) = (self.tracker.clone(), self.hub.clone());
+        let (tracker, hub) = (self.cluster.tracker.clone(), self.hub.clone());
         let task = tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 match envelope::decode(&msg.payload) {
@@ -157,10 +155,6 @@ impl NatsBroker {
     }
 }
 
-fn user_of(channel: &str) -> Option<&str> {
-    channel.strip_prefix(USER_CHANNEL_PREFIX)
-}
-
 #[async_trait]
 impl Broker for NatsBroker {
     async fn publish(
@@ -169,17 +163,11 @@ impl Broker for NatsBroker {
         data: Value,
         ts: u64,
     ) -> Result<Arc<Publication>, BrokerError> {
-        let subjects: Vec<String> = match user_of(channel) {
-            Some(user) => self
-                .registry
-                .nodes_for_user(user)
-                .await?
-                .iter()
-                .map(|n| node_subject(n))
-                .collect(),
-            None => vec![channel_subject(channel)],
-        };
-        let p = self.store.append(channel, data, ts).await?;
+        let subjects = self
+            .cluster
+            .route(channel, channel_subject, node_subject)
+            .await?;
+        let p = self.cluster.store.append(channel, data, ts).await?;
         let payload = bytes::Bytes::from(envelope::encode(&p));
         for s in subjects {
             self.client
@@ -196,13 +184,11 @@ impl Broker for NatsBroker {
             // The SUB must reach the server before we report "subscribed".
             self.client.flush().await.map_err(unavailable)?;
         }
-        let top = self.store.top(channel).await?;
-        self.tracker.start(channel, top);
-        Ok(())
+        self.cluster.track(channel).await
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        self.tracker.stop(channel);
+        self.cluster.tracker.stop(channel);
         if user_of(channel).is_none() {
             if let Some(task) = self.subscriptions.lock().remove(&channel_subject(channel)) {
                 // Dropping the subscriber (with the task) unsubscribes.
@@ -213,15 +199,15 @@ impl Broker for NatsBroker {
     }
 
     async fn attach_user(&self, user: &str) -> Result<(), BrokerError> {
-        Ok(self.registry.add_user(user, &self.node_id).await?)
+        self.cluster.attach_user(user).await
     }
 
     async fn detach_user(&self, user: &str) -> Result<(), BrokerError> {
-        Ok(self.registry.remove_user(user, &self.node_id).await?)
+        self.cluster.detach_user(user).await
     }
 
     fn healthy(&self) -> bool {
-        self.health.healthy()
+        self.cluster.health.healthy()
     }
 
     fn kind(&self) -> &'static str {

@@ -14,19 +14,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use protocol::USER_CHANNEL_PREFIX;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{PushKind, Value as RedisValue};
 use registry::Registry;
 use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
+use super::cluster::{user_of, ClusterParts};
 use super::envelope;
 use super::tracker::{Health, Tracker};
 use super::{Broker, BrokerError};
 use crate::hub::Hub;
-use crate::replay::{Publication, RedisReplayStore, ReplayStore};
+use crate::replay::{Publication, RedisReplayStore};
 
 pub fn channel_topic(channel: &str) -> String {
     format!("gw:ch:{channel}")
@@ -52,12 +52,8 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 }
 
 pub struct RedisBroker {
-    node_id: String,
-    store: Arc<RedisReplayStore>,
-    registry: Arc<dyn Registry>,
+    cluster: ClusterParts,
     subscriber: ConnectionManager,
-    tracker: Arc<Tracker>,
-    health: Arc<Health>,
 }
 
 impl RedisBroker {
@@ -71,13 +67,9 @@ impl RedisBroker {
     ) -> Result<Arc<Self>, BrokerError> {
         let client = redis::Client::open(resp3(url)).map_err(unavailable)?;
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let config = ConnectionManagerConfig::new()
+        let config = registry::redis::connection_config()
             .set_push_sender(tx)
-            .set_automatic_resubscription()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(2))
-            .set_number_of_retries(2)
-            .set_max_delay(1000);
+            .set_automatic_resubscription();
         let mut subscriber = client
             .get_connection_manager_with_config(config)
             .await
@@ -89,12 +81,14 @@ impl RedisBroker {
         let tracker = Arc::new(Tracker::default());
         let health = Arc::new(Health::new(down_threshold));
         let broker = Arc::new(Self {
-            node_id: node_id.to_owned(),
-            store: store.clone(),
-            registry,
+            cluster: ClusterParts {
+                node_id: node_id.to_owned(),
+                store: store.clone(),
+                registry,
+                tracker: tracker.clone(),
+                health: health.clone(),
+            },
             subscriber: subscriber.clone(),
-            tracker: tracker.clone(),
-            health: health.clone(),
         });
 
         // Receiver: one task, so a channel's messages reach the hub in the
@@ -141,22 +135,18 @@ impl RedisBroker {
                 .await
                 .is_ok_and(|r| r.is_ok());
                 if !ok {
-                    b.health.down();
-                } else if b.health.up() {
+                    b.cluster.health.down();
+                } else if b.cluster.health.up() {
                     info!("redis backbone: reconnected; catching up from the replay store");
-                    if b.tracker.catch_up(&*b.store, &hub).await > 0 {
+                    if b.cluster.tracker.catch_up(&*b.cluster.store, &hub).await > 0 {
                         // Not everything could be read yet: try again next tick.
-                        b.health.down();
+                        b.cluster.health.down();
                     }
                 }
             }
         });
         Ok(broker)
     }
-}
-
-fn user_of(channel: &str) -> Option<&str> {
-    channel.strip_prefix(USER_CHANNEL_PREFIX)
 }
 
 #[async_trait]
@@ -167,22 +157,17 @@ impl Broker for RedisBroker {
         data: Value,
         ts: u64,
     ) -> Result<Arc<Publication>, BrokerError> {
-        let targets = match user_of(channel) {
-            Some(user) => self
-                .registry
-                .nodes_for_user(user)
-                .await?
-                .iter()
-                .map(|n| node_topic(n))
-                .collect(),
-            None => vec![channel_topic(channel)],
-        };
+        let targets = self
+            .cluster
+            .route(channel, channel_topic, node_topic)
+            .await?;
         let result = self
+            .cluster
             .store
             .append_and_publish(channel, data, ts, &targets)
             .await;
         if result.is_err() {
-            self.health.down();
+            self.cluster.health.down();
         }
         Ok(result?)
     }
@@ -194,13 +179,11 @@ impl Broker for RedisBroker {
                 .await
                 .map_err(unavailable)?;
         }
-        let top = self.store.top(channel).await?;
-        self.tracker.start(channel, top);
-        Ok(())
+        self.cluster.track(channel).await
     }
 
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        self.tracker.stop(channel);
+        self.cluster.tracker.stop(channel);
         if user_of(channel).is_none() {
             let mut conn = self.subscriber.clone();
             conn.unsubscribe(channel_topic(channel))
@@ -211,15 +194,15 @@ impl Broker for RedisBroker {
     }
 
     async fn attach_user(&self, user: &str) -> Result<(), BrokerError> {
-        Ok(self.registry.add_user(user, &self.node_id).await?)
+        self.cluster.attach_user(user).await
     }
 
     async fn detach_user(&self, user: &str) -> Result<(), BrokerError> {
-        Ok(self.registry.remove_user(user, &self.node_id).await?)
+        self.cluster.detach_user(user).await
     }
 
     fn healthy(&self) -> bool {
-        self.health.healthy()
+        self.cluster.health.healthy()
     }
 
     fn kind(&self) -> &'static str {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use protocol::{Position, UnrecoverableReason};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use redis::{Script, Value as RedisValue};
 use serde_json::Value;
 
@@ -87,11 +87,7 @@ impl RedisReplayStore {
         meta_ttl: Duration,
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Duration::from_secs(2))
-            .set_response_timeout(Duration::from_secs(2))
-            .set_number_of_retries(2)
-            .set_max_delay(1000);
+        let config = registry::redis::connection_config();
         let conn = client
             .get_connection_manager_with_config(config)
             .await

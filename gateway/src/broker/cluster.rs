@@ -1,0 +1,63 @@
+//! What the Redis and NATS backbones share: this node's id, the shared
+//! replay store, the registry, and the tracker and health used to catch up
+//! after an outage.
+
+use std::sync::Arc;
+
+use protocol::USER_CHANNEL_PREFIX;
+use registry::Registry;
+
+use super::tracker::{Health, Tracker};
+use super::BrokerError;
+use crate::replay::{RedisReplayStore, ReplayStore};
+
+pub struct ClusterParts {
+    pub node_id: String,
+    pub store: Arc<RedisReplayStore>,
+    pub registry: Arc<dyn Registry>,
+    pub tracker: Arc<Tracker>,
+    pub health: Arc<Health>,
+}
+
+/// The user whose own stream `channel` is, if it is one.
+pub fn user_of(channel: &str) -> Option<&str> {
+    channel.strip_prefix(USER_CHANNEL_PREFIX)
+}
+
+impl ClusterParts {
+    /// Where a message of `channel` goes on the backbone: the per-node topic
+    /// of each node the registry names for a user's stream, or the channel's
+    /// own topic.
+    pub async fn route(
+        &self,
+        channel: &str,
+        channel_topic: impl Fn(&str) -> String,
+        node_topic: impl Fn(&str) -> String,
+    ) -> Result<Vec<String>, BrokerError> {
+        Ok(match user_of(channel) {
+            Some(user) => self
+                .registry
+                .nodes_for_user(user)
+                .await?
+                .iter()
+                .map(|n| node_topic(n))
+                .collect(),
+            None => vec![channel_topic(channel)],
+        })
+    }
+
+    /// Starts tracking what the node receives of `channel`, from its top.
+    pub async fn track(&self, channel: &str) -> Result<(), BrokerError> {
+        let top = self.store.top(channel).await?;
+        self.tracker.start(channel, top);
+        Ok(())
+    }
+
+    pub async fn attach_user(&self, user: &str) -> Result<(), BrokerError> {
+        Ok(self.registry.add_user(user, &self.node_id).await?)
+    }
+
+    pub async fn detach_user(&self, user: &str) -> Result<(), BrokerError> {
+        Ok(self.registry.remove_user(user, &self.node_id).await?)
+    }
+}
