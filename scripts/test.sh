@@ -14,6 +14,8 @@ declare -A NEED=(
   [haproxy]=haproxy
   [python3]=python3
   [curl]=curl
+  [chromium]=chromium
+  [npm]=npm
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -31,3 +33,8 @@ fi
 # The integration tests start real gateway processes: build the binaries first.
 cargo build --workspace --bins
 cargo test --workspace
+
+# The TypeScript SDK (client-sdk/ts): the checked-in browser bundle must match
+# its sources, then unit tests and real-browser tests (headless Chromium,
+# gateway processes from the build above).
+(cd client-sdk/ts && npm ci --no-audit --no-fund && npm test)

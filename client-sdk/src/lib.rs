@@ -1,1 +1,217 @@
-//! (filled below)
+//! Rust client for the gateway: connect over WebSocket (JSON or MessagePack)
+//! or SSE, subscribe, publish, and stay connected — reconnecting with
+//! backoff, resuming every channel from the last position the application
+//! saw, and dropping duplicates, so the application sees each message once
+//! and in order (or is told, with [`Event::Unrecoverable`], that some could
+//! not be recovered).
+//!
+//! # Connect and subscribe
+//!
+//! ```no_run
+//! use client_sdk::{Client, Codec};
+//! use futures_util::StreamExt;
+//!
+//! # async fn run() -> Result<(), client_sdk::Error> {
+//! let client = Client::builder("http://127.0.0.1:8080")
+//!     .websocket(Codec::MsgPack)
+//!     .token("eyJhbGciOiJIUzI1NiJ9...")
+//!     .connect()
+//!     .await?;
+//!
+//! let mut news = client.subscribe("news").await?;
+//! while let Some(msg) = news.next().await {
+//!     println!("{}#{} {}", msg.channel, msg.seq, msg.data);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # Callbacks, publishing, the user's own stream
+//!
+//! ```no_run
+//! use client_sdk::Client;
+//! use serde_json::json;
+//!
+//! # async fn run() -> Result<(), client_sdk::Error> {
+//! let client = Client::builder("http://127.0.0.1:8080")
+//!     .token("eyJhbGciOiJIUzI1NiJ9...")
+//!     .on_user_message(|m| println!("for me: {}", m.data))
+//!     .connect()
+//!     .await?;
+//! client.subscribe_with("chat:1", |m| println!("chat: {}", m.data)).await?;
+//! let at = client.publish("chat:1", json!({"text": "hi"})).await?;
+//! println!("published as seq {} of epoch {}", at.seq, at.epoch);
+//! client.unsubscribe("chat:1").await?;
+//! client.close().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Tokens that expire
+//!
+//! Give a token provider instead of a fixed token: it is called for the first
+//! connection, when the server sends `refresh_required` (the new token is sent
+//! with `refresh`, the connection stays), and before reconnecting after the
+//! token expired (close 4005, or SSE's `token_expired`).
+//!
+//! ```no_run
+//! use client_sdk::Client;
+//!
+//! # async fn fetch_token_from_my_backend() -> Result<String, std::io::Error> { Ok(String::new()) }
+//! # async fn run() -> Result<(), client_sdk::Error> {
+//! let client = Client::builder("https://gateway.example.com")
+//!     .token_provider(|| async { fetch_token_from_my_backend().await })
+//!     .connect()
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! # SSE
+//!
+//! ```no_run
+//! use client_sdk::Client;
+//! use futures_util::StreamExt;
+//!
+//! # async fn run() -> Result<(), client_sdk::Error> {
+//! let client = Client::builder("http://127.0.0.1:8080").sse().token("...").build()?;
+//! // The stream opens with the first channel; each change of the channel set
+//! // reopens it with a cursor, so every channel resumes where it was.
+//! let mut news = client.subscribe("news").await?;
+//! let first = news.next().await;
+//! # Ok(()) }
+//! ```
+//!
+//! # Watching the connection
+//!
+//! ```no_run
+//! use client_sdk::{Client, ConnectionState, Event};
+//!
+//! # async fn run(client: Client) {
+//! let mut events = client.events();
+//! tokio::spawn(async move {
+//!     while let Ok(event) = events.recv().await {
+//!         match event {
+//!             Event::State(ConnectionState::Reconnecting { attempt, delay }) => {
+//!                 eprintln!("reconnect #{attempt} in {delay:?}")
+//!             }
+//!             Event::Unrecoverable { channel, reason, .. } => {
+//!                 eprintln!("{channel}: messages lost ({reason:?}); re-sync it")
+//!             }
+//!             other => eprintln!("{other:?}"),
+//!         }
+//!     }
+//! });
+//! let stats = client.stats();
+//! println!("{} delivered, {} duplicates dropped, {} reconnects", stats.delivered, stats.duplicates, stats.reconnects);
+//! # }
+//! ```
+//!
+//! # Behaviour
+//!
+//! * **One task per client**, owning the connection, the subscriptions and
+//!   their positions; the [`Client`] handle talks to it through a channel.
+//!   Messages are handed to the application as decoded ([`Message`]) with no
+//!   further copy. A [`Subscription`] stream has a bounded buffer
+//!   ([`ClientBuilder::subscription_buffer`]): when the application does not
+//!   keep up, the task stops reading the socket, and the server eventually
+//!   cuts the connection as a slow consumer (4001) — the client then resumes
+//!   and nothing is lost within the server's replay window.
+//! * **Reconnects** with exponential backoff and full jitter ([`Backoff`]);
+//!   waits at least `Retry-After` after an HTTP 503/429; on a server
+//!   `reconnect` frame waits a random time in the server's range and presents
+//!   its resume token; stops on terminal close codes (4500-4999, 1002, 1003,
+//!   1007, 1008, 1009) and on authentication failures, reporting
+//!   [`ConnectionState::Closed`] with `terminal: true`.
+//! * **Resumes**: every channel with `subscribe.since`, the user's own stream
+//!   with `connect.since`, an SSE stream with a `Last-Event-ID` cursor built
+//!   from the client's own positions (so it also works when the channel set
+//!   changed).
+//! * **Exactly once, in order**: messages at or below the last delivered
+//!   sequence of their epoch are dropped (counted in [`Stats::duplicates`]);
+//!   a message beyond `last + 1` without an `unrecoverable` notice is not
+//!   delivered and the client resumes from its last position instead.
+//! * **Heartbeats**: server `ping`s are answered; a connection on which
+//!   nothing arrived for 2.5 × `ping_interval_ms` is considered dead.
+
+#![warn(missing_docs)]
+
+mod backoff;
+mod client;
+mod driver;
+mod net;
+mod sse;
+mod tracker;
+
+pub use backoff::Backoff;
+pub use client::{
+    Client, ClientBuilder, ConnectionState, Event, Stats, Subscription, TokenError, TokenFuture,
+    TokenProvider, Transport,
+};
+pub use protocol::{Codec, ErrorCode, Message, Position, UnrecoverableReason};
+
+/// Errors of the client's operations.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The base URL could not be used.
+    #[error("invalid base URL {url:?}: {reason}")]
+    InvalidUrl {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// `https://` was given but the crate was built without the `tls` feature.
+    #[error("https:// needs the client-sdk `tls` feature")]
+    TlsUnavailable,
+    /// The client is between connections; the request was not sent. Retry
+    /// once [`Client::wait_connected`] returns.
+    #[error("not connected")]
+    NotConnected,
+    /// The connection ended after the request was sent and before its reply:
+    /// it may or may not have taken effect (a publish may have happened).
+    #[error("connection lost before the reply")]
+    ConnectionLost,
+    /// The server refused the request (`error` frame, or the HTTP error of
+    /// an SSE request). Retry later only when `temporary` is true.
+    #[error("server error {code:?} ({}): {message}", code.name())]
+    Server {
+        /// The error code.
+        code: ErrorCode,
+        /// The server's human-readable detail.
+        message: String,
+        /// Whether the same request may succeed later.
+        temporary: bool,
+    },
+    /// The client has stopped: closed by the application, or by a terminal
+    /// condition (close code 4500-4999, bad token, ...).
+    #[error("client closed (code {code:?}): {reason}")]
+    Closed {
+        /// The WebSocket close code that ended it, if any.
+        code: Option<u16>,
+        /// Why.
+        reason: String,
+    },
+    /// The client already has a subscription to this channel.
+    #[error("already subscribed to {0:?}")]
+    AlreadySubscribed(String),
+    /// The operation does not exist on this transport (publish over SSE).
+    #[error("{0} is not available over SSE")]
+    Unsupported(&'static str),
+    /// The channel name is not valid (checked before anything is sent).
+    #[error("invalid channel {channel:?}: {reason}")]
+    InvalidChannel {
+        /// The name given.
+        channel: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// Whether retrying the same operation later may succeed.
+    pub fn is_temporary(&self) -> bool {
+        match self {
+            Self::NotConnected | Self::ConnectionLost => true,
+            Self::Server { temporary, .. } => *temporary,
+            _ => false,
+        }
+    }
+}

@@ -212,8 +212,20 @@ impl Node {
                     "registry did not know this node; re-announcing its users"
                 );
             }
+            let announced = !users.is_empty();
             for (user, n) in users {
                 registry.set_user(&user, &self.id, n as u64).await?;
+            }
+            if announced {
+                // Unicasts sent while the registry did not know this node
+                // went to no node: they are in the replay store, fetch them.
+                let failed = self.broker.catch_up().await;
+                if failed > 0 {
+                    warn!(
+                        failed,
+                        "catch-up after re-announcing users could not read every channel"
+                    );
+                }
             }
         }
         Ok(())

@@ -1,4 +1,5 @@
-//! Operations routes: `/livez`, `/readyz`, `/metrics`, and the demo page `/`.
+//! Operations routes: `/livez`, `/readyz`, `/metrics`, the demo page `/` and
+//! the browser SDK bundle `/sdk/gateway-client.js`.
 
 use std::sync::Arc;
 
@@ -65,9 +66,22 @@ pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
         .into_response()
 }
 
-/// The live demo page (plain HTML + JS, no build step).
+/// The live demo page (plain HTML; its client is the SDK bundle below).
 pub async fn demo() -> Html<&'static str> {
     Html(include_str!("../static/index.html"))
+}
+
+/// The browser SDK (`client-sdk/ts`) as one minified ES module. Built by
+/// `npm run build` there and checked in, so building the gateway needs no npm.
+pub async fn sdk_bundle() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        include_str!("../static/gateway-client.js"),
+    )
+        .into_response()
 }
 
 pub async fn not_found() -> Response {

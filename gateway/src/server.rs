@@ -18,6 +18,7 @@ use crate::{api, drain, ops, transport};
 pub fn app(node: Arc<Node>) -> Router {
     Router::new()
         .route("/", get(ops::demo))
+        .route("/sdk/gateway-client.js", get(ops::sdk_bundle))
         .route("/ws", get(transport::ws::upgrade))
         .route("/sse", get(transport::sse::open))
         .route("/api/publish", post(api::publish))

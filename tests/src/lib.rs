@@ -9,9 +9,15 @@
 //!   via `gateway.json.v1`, MessagePack binary frames via `gateway.msgpack.v1`).
 //! * [`SseClient`]: a streaming `text/event-stream` client (`id`, `event`,
 //!   `data`, `retry` fields; `Last-Event-ID` on open).
+//! * [`cluster`]: cluster mode: real redis-server, nats-server, several
+//!   nodes and HAProxy, with restartable services.
 //!
 //! Every wait is bounded by [`TIMEOUT`], so a broken gateway fails a test
 //! instead of hanging it.
+
+pub mod netfault;
+
+pub mod cluster;
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -409,7 +415,10 @@ impl Gateway {
             if let Some(status) = self.child.try_wait()? {
                 return Ok(status);
             }
-            ensure!(tokio::time::Instant::now() < deadline, "gateway still running after {limit:?}");
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "gateway still running after {limit:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 mod bad_input;
 #[path = "gateway/client_publish.rs"]
 mod client_publish;
+#[path = "gateway/cluster.rs"]
+mod cluster;
 #[path = "gateway/delivery.rs"]
 mod delivery;
 #[path = "gateway/drain.rs"]
@@ -21,6 +23,8 @@ mod refresh;
 mod resume;
 #[path = "gateway/rs256.rs"]
 mod rs256;
+#[path = "gateway/sdk.rs"]
+mod sdk;
 #[path = "gateway/slow_consumer.rs"]
 mod slow_consumer;
 #[path = "gateway/sse.rs"]

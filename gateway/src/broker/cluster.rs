@@ -46,6 +46,33 @@ impl ClusterParts {
         })
     }
 
+    /// A second look at the registry after a user-stream message was
+    /// appended: the node topics it names that `first` (the look before the
+    /// append) did not. A node that announced the user in between (a
+    /// connection opening, or a re-announce after Redis lost the registry)
+    /// read the replay store before the message was in it, so it must get
+    /// the message live; a node announcing later reads it from the store.
+    /// Sessions drop a copy they already had. Broadcasts: none.
+    pub async fn late_routes(
+        &self,
+        channel: &str,
+        first: &[String],
+        node_topic: impl Fn(&str) -> String,
+    ) -> Vec<String> {
+        let Some(user) = user_of(channel) else {
+            return Vec::new();
+        };
+        match self.registry.nodes_for_user(user).await {
+            Ok(nodes) => nodes
+                .iter()
+                .map(|n| node_topic(n))
+                .filter(|t| !first.contains(t))
+                .collect(),
+            // The message is stored; a node that missed it catches up.
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// Starts tracking what the node receives of `channel`, from its top.
     pub async fn track(&self, channel: &str) -> Result<(), BrokerError> {
         let top = self.store.top(channel).await?;

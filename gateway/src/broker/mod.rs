@@ -11,7 +11,9 @@
 //!   backbones that can reorder or drop) with gaps the session detects by
 //!   sequence and repairs from the replay store.
 //! * A message to a user (channel `$user:<id>`) goes only to the nodes the
-//!   registry names for that user, never to every node.
+//!   registry names for that user, never to every node. The registry is read
+//!   before the append and again after it: a node that announced the user in
+//!   between read the replay store too early, so it gets the message live.
 //! * `subscribe` returns once messages published afterwards will be
 //!   delivered to this node; the hub calls it when a channel gets its first
 //!   local subscriber and `unsubscribe` when the last one leaves.
@@ -70,6 +72,15 @@ pub trait Broker: Send + Sync + 'static {
     /// A connection of `user` on this node closed.
     async fn detach_user(&self, _user: &str) -> Result<(), BrokerError> {
         Ok(())
+    }
+
+    /// Hands the hub, from the replay store, whatever this node missed of the
+    /// channels it listens to (sessions drop what they already had); returns
+    /// how many channels could not be read. Called after the registry had
+    /// forgotten this node: unicasts sent meanwhile are stored but reached
+    /// no node.
+    async fn catch_up(&self) -> usize {
+        0
     }
 
     /// Whether the backbone is reachable now (for `/readyz`): false once it

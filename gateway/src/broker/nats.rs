@@ -169,7 +169,11 @@ impl Broker for NatsBroker {
             .await?;
         let p = self.cluster.store.append(channel, data, ts).await?;
         let payload = bytes::Bytes::from(envelope::encode(&p));
-        for s in subjects {
+        let late = self
+            .cluster
+            .late_routes(channel, &subjects, node_subject)
+            .await;
+        for s in subjects.into_iter().chain(late) {
             self.client
                 .publish(s, payload.clone())
                 .await
@@ -208,6 +212,13 @@ impl Broker for NatsBroker {
 
     fn healthy(&self) -> bool {
         self.cluster.health.healthy()
+    }
+
+    async fn catch_up(&self) -> usize {
+        self.cluster
+            .tracker
+            .catch_up(&*self.cluster.store, &self.hub)
+            .await
     }
 
     fn kind(&self) -> &'static str {

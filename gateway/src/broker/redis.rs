@@ -54,6 +54,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 pub struct RedisBroker {
     cluster: ClusterParts,
     subscriber: ConnectionManager,
+    hub: Arc<Hub>,
 }
 
 impl RedisBroker {
@@ -89,6 +90,7 @@ impl RedisBroker {
                 health: health.clone(),
             },
             subscriber: subscriber.clone(),
+            hub: hub.clone(),
         });
 
         // Receiver: one task, so a channel's messages reach the hub in the
@@ -169,7 +171,25 @@ impl Broker for RedisBroker {
         if result.is_err() {
             self.cluster.health.down();
         }
-        Ok(result?)
+        let p = result?;
+        let late = self
+            .cluster
+            .late_routes(channel, &targets, node_topic)
+            .await;
+        if !late.is_empty() {
+            let payload = envelope::encode(&p);
+            let mut conn = self.subscriber.clone();
+            for topic in late {
+                // Best effort: the message is stored; a node that misses it
+                // catches up.
+                let _ = redis::cmd("PUBLISH")
+                    .arg(topic)
+                    .arg(&payload)
+                    .query_async::<i64>(&mut conn)
+                    .await;
+            }
+        }
+        Ok(p)
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
@@ -199,6 +219,13 @@ impl Broker for RedisBroker {
 
     async fn detach_user(&self, user: &str) -> Result<(), BrokerError> {
         self.cluster.detach_user(user).await
+    }
+
+    async fn catch_up(&self) -> usize {
+        self.cluster
+            .tracker
+            .catch_up(&*self.cluster.store, &self.hub)
+            .await
     }
 
     fn healthy(&self) -> bool {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dashmap::DashMap;
-use protocol::Position;
+use protocol::{Position, UnrecoverableReason};
 use tracing::{info, warn};
 
 use crate::hub::Hub;
@@ -49,7 +49,21 @@ impl Tracker {
         let mut delivered = 0;
         let mut failed = 0;
         for (channel, since) in channels {
-            match store.read_since(&channel, &since).await {
+            let mut read = store.read_since(&channel, &since).await;
+            if let Ok(Recovery::Unrecoverable {
+                reason: UnrecoverableReason::EpochChanged,
+                top,
+            }) = &read
+            {
+                // The stream restarted (its history was lost, e.g. Redis came
+                // back empty): everything of the new epoch is missed too.
+                // Sessions announce the epoch change before its first message.
+                warn!(%channel, epoch = %top.epoch, "backbone catch-up: stream restarted at a new epoch");
+                read = store
+                    .read_since(&channel, &Position::new(0, top.epoch.as_str()))
+                    .await;
+            }
+            match read {
                 Ok(Recovery::Recovered { publications, .. }) => {
                     for p in publications {
                         self.saw(&p);

@@ -78,7 +78,11 @@ async fn drain_releases_ws_and_sse_in_batches_with_resume_tokens_then_exits_zero
         let (at, frame) = r?;
         arrivals.push(at);
         assert_eq!((frame.min_delay_ms, frame.max_delay_ms), (50, 400));
-        assert!(frame.token.split('.').count() == 3, "a JWT: {}", frame.token);
+        assert!(
+            frame.token.split('.').count() == 3,
+            "a JWT: {}",
+            frame.token
+        );
     }
     arrivals.sort();
     let spread = arrivals[arrivals.len() - 1] - arrivals[0];
@@ -96,7 +100,10 @@ async fn drain_releases_ws_and_sse_in_batches_with_resume_tokens_then_exits_zero
     let retry = sse.retry.expect("retry field");
     assert!((50..=400).contains(&retry), "retry {retry}");
     assert!(e.id.is_some(), "the reconnect event carries the cursor");
-    assert!(sse.next_event().await.is_err(), "the stream ends after reconnect");
+    assert!(
+        sse.next_event().await.is_err(),
+        "the stream ends after reconnect"
+    );
 
     // Clients that ignore the frame are closed with 4000 after the grace.
     for c in &mut ws {
@@ -116,7 +123,10 @@ async fn drain_releases_ws_and_sse_in_batches_with_resume_tokens_then_exits_zero
 #[tokio::test]
 async fn resume_token_restores_user_and_subscriptions_and_is_refused_when_misused() -> R {
     let a = draining(Gateway::builder()).start().await?;
-    let b = Gateway::builder().env("GATEWAY_RESUME_TOKEN_TTL_MS", 1500).start().await?;
+    let b = Gateway::builder()
+        .env("GATEWAY_RESUME_TOKEN_TTL_MS", 1500)
+        .start()
+        .await?;
     let token = a.token("alice", &["news", "chat:*"], &[], 600);
     let (mut ws, _) = a.ws_connected(Codec::Json, &token).await?;
     ws.subscribe("news", None).await?;
@@ -133,8 +143,13 @@ async fn resume_token_restores_user_and_subscriptions_and_is_refused_when_misuse
     // the no-loss resume across nodes is the cluster tests' job).
     let mut c = b.ws(Codec::Json).await?;
     let id = c.id();
-    c.send(&ClientFrame::Connect(Connect { id: Some(id), token: None, since: None, resume: Some(resume.clone()) }))
-        .await?;
+    c.send(&ClientFrame::Connect(Connect {
+        id: Some(id),
+        token: None,
+        since: None,
+        resume: Some(resume.clone()),
+    }))
+    .await?;
     let connected = match c.recv().await? {
         ServerFrame::Connected(c) => c,
         other => panic!("expected connected, got {other:?}"),
@@ -157,23 +172,45 @@ async fn resume_token_restores_user_and_subscriptions_and_is_refused_when_misuse
     // Presented with another user's token: refused, terminal.
     let bob = b.token("bob", &["news"], &[], 600);
     let mut c = b.ws(Codec::Json).await?;
-    c.send(&ClientFrame::Connect(Connect { id: Some(1), token: Some(bob), since: None, resume: Some(resume.clone()) }))
+    c.send(&ClientFrame::Connect(Connect {
+        id: Some(1),
+        token: Some(bob),
+        since: None,
+        resume: Some(resume.clone()),
+    }))
+    .await?;
+    c.expect_error(protocol::ErrorCode::Unauthorized, Some(1))
         .await?;
-    c.expect_error(protocol::ErrorCode::Unauthorized, Some(1)).await?;
     assert_eq!(c.expect_close().await?, 4500);
 
     // Tampered: refused.
     let mut tampered = resume.clone();
     let mid = tampered.len() / 2;
-    tampered.replace_range(mid..mid + 1, if &resume[mid..mid + 1] == "A" { "B" } else { "A" });
+    tampered.replace_range(
+        mid..mid + 1,
+        if &resume[mid..mid + 1] == "A" {
+            "B"
+        } else {
+            "A"
+        },
+    );
     let mut c = b.ws(Codec::Json).await?;
-    c.send(&ClientFrame::Connect(Connect { id: Some(2), token: None, since: None, resume: Some(tampered) })).await?;
-    c.expect_error(protocol::ErrorCode::Unauthorized, Some(2)).await?;
+    c.send(&ClientFrame::Connect(Connect {
+        id: Some(2),
+        token: None,
+        since: None,
+        resume: Some(tampered),
+    }))
+    .await?;
+    c.expect_error(protocol::ErrorCode::Unauthorized, Some(2))
+        .await?;
     assert_eq!(c.expect_close().await?, 4500);
 
     // Expired (node a signed it for 120 s, but b's clock says nothing of
     // that: mint a short one on b instead, by draining b itself).
-    let (mut ws_b, _) = b.ws_connected(Codec::Json, &b.token("carol", &["news"], &[], 600)).await?;
+    let (mut ws_b, _) = b
+        .ws_connected(Codec::Json, &b.token("carol", &["news"], &[], 600))
+        .await?;
     ws_b.subscribe("news", None).await?;
     start_drain(&b).await?;
     let short = loop {
@@ -184,8 +221,15 @@ async fn resume_token_restores_user_and_subscriptions_and_is_refused_when_misuse
     let c2 = draining(Gateway::builder()).start().await?;
     tokio::time::sleep(Duration::from_millis(2600)).await;
     let mut c = c2.ws(Codec::Json).await?;
-    c.send(&ClientFrame::Connect(Connect { id: Some(3), token: None, since: None, resume: Some(short) })).await?;
-    c.expect_error(protocol::ErrorCode::TokenExpired, Some(3)).await?;
+    c.send(&ClientFrame::Connect(Connect {
+        id: Some(3),
+        token: None,
+        since: None,
+        resume: Some(short),
+    }))
+    .await?;
+    c.expect_error(protocol::ErrorCode::TokenExpired, Some(3))
+        .await?;
     assert_eq!(c.expect_close().await?, 4005);
     Ok(())
 }
@@ -204,12 +248,25 @@ async fn admission_control_refuses_over_the_limits_with_retry_hints() -> R {
     match tokio_tungstenite::connect_async(gw.ws_url()).await {
         Err(WsError::Http(res)) => {
             assert_eq!(res.status().as_u16(), 503);
-            assert_eq!(res.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some("3"));
+            assert_eq!(
+                res.headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok()),
+                Some("3")
+            );
         }
-        other => panic!("expected a 503 refusal, got {:?}", other.map(|_| "connected")),
+        other => panic!(
+            "expected a 503 refusal, got {:?}",
+            other.map(|_| "connected")
+        ),
     }
     // SSE: a stream with only `retry:` that ends at once.
-    let res = gw.http.get(gw.url("/sse?channel=news")).query(&[("token", &t)]).send().await?;
+    let res = gw
+        .http
+        .get(gw.url("/sse?channel=news"))
+        .query(&[("token", &t)])
+        .send()
+        .await?;
     assert_eq!(res.status().as_u16(), 200);
     let body = res.text().await?;
     let retry: u64 = body
@@ -217,13 +274,19 @@ async fn admission_control_refuses_over_the_limits_with_retry_hints() -> R {
         .find_map(|l| l.strip_prefix("retry: "))
         .and_then(|v| v.parse().ok())
         .expect("retry field");
-    assert!((1500..=4500).contains(&retry), "retry {retry} around 3000 with jitter");
+    assert!(
+        (1500..=4500).contains(&retry),
+        "retry {retry} around 3000 with jitter"
+    );
     assert!(!body.contains("data:"), "no events: {body}");
     let rejected = gw.metric("gateway_admission_rejected_total").await?;
     assert!(rejected >= 2.0, "rejections counted: {rejected}");
 
     // Rate of new sessions.
-    let gw = Gateway::builder().env("GATEWAY_ADMISSION_RATE", 3).start().await?;
+    let gw = Gateway::builder()
+        .env("GATEWAY_ADMISSION_RATE", 3)
+        .start()
+        .await?;
     let mut refused = 0;
     let mut kept = Vec::new();
     for _ in 0..6 {
@@ -233,6 +296,9 @@ async fn admission_control_refuses_over_the_limits_with_retry_hints() -> R {
             Err(e) => panic!("unexpected {e}"),
         }
     }
-    assert!(refused >= 2, "a burst of 6 over a rate of 3/s: {refused} refused");
+    assert!(
+        refused >= 2,
+        "a burst of 6 over a rate of 3/s: {refused} refused"
+    );
     Ok(())
 }

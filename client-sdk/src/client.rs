@@ -1,0 +1,780 @@
+//! The public handle ([`Client`]), its builder, subscriptions, connection
+//! states, events and counters.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use futures_util::{FutureExt, Stream};
+use protocol::{validate_channel, Codec, ErrorCode, Message, Position, UnrecoverableReason};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::backoff::Backoff;
+use crate::driver::{self, Config, TokenSource};
+use crate::net::BaseUrl;
+use crate::Error;
+
+/// Error type a token provider may fail with.
+pub type TokenError = Box<dyn std::error::Error + Send + Sync>;
+/// The future a token provider returns.
+pub type TokenFuture = BoxFuture<'static, Result<String, TokenError>>;
+/// An application callback that yields a fresh connection token (JWT).
+///
+/// Build one from an async closure with [`ClientBuilder::token_provider`].
+pub type TokenProvider = Arc<dyn Fn() -> TokenFuture + Send + Sync>;
+
+/// How the client talks to the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// `GET /ws`, with the given codec's subprotocol (`gateway.json.v1` or
+    /// `gateway.msgpack.v1`). Subscribe, unsubscribe, publish, token refresh.
+    WebSocket(Codec),
+    /// `GET /sse?channel=..`: server-to-client only. Changing the channel set
+    /// reopens the stream (resuming every channel); no publish.
+    Sse,
+}
+
+/// The connection's state, as published on [`Client::state_watch`] and as
+/// [`Event::State`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Opening a connection (TCP, handshake, `connect`).
+    Connecting,
+    /// The server answered `connected`.
+    Connected {
+        /// The node holding the connection.
+        node: String,
+        /// The connection's id on that node.
+        client: String,
+    },
+    /// Waiting before the next connection attempt.
+    Reconnecting {
+        /// 1 for the first attempt after a loss, counting up until a
+        /// connection succeeds.
+        attempt: u32,
+        /// How long the client waits before it.
+        delay: Duration,
+    },
+    /// The connection ended. When `terminal` the client has stopped for good
+    /// (closed by the application, a terminal close code, a refused token);
+    /// otherwise a [`ConnectionState::Reconnecting`] follows.
+    Closed {
+        /// The WebSocket close code, if the server sent one.
+        code: Option<u16>,
+        /// What happened.
+        reason: String,
+        /// Whether the client stopped for good.
+        terminal: bool,
+    },
+}
+
+/// Something the application may want to know about; see [`Client::events`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The connection state changed.
+    State(ConnectionState),
+    /// Messages of `channel` were missed and cannot be sent (server
+    /// `unrecoverable`): delivery goes on after `position`. Re-sync that
+    /// channel's state from the application's source of truth.
+    Unrecoverable {
+        /// The channel (or `$user:<id>`).
+        channel: String,
+        /// Why the messages cannot be sent.
+        reason: UnrecoverableReason,
+        /// Where delivery continues after.
+        position: Position,
+    },
+    /// A subscription the server refused while resubscribing after a
+    /// reconnect (e.g. the new token no longer allows it). Its stream ends.
+    SubscriptionFailed {
+        /// The channel.
+        channel: String,
+        /// The server's answer.
+        error: Error,
+    },
+    /// The connection's token was replaced (`refreshed`).
+    TokenRefreshed {
+        /// The new token's expiry, Unix seconds.
+        expires_at: Option<u64>,
+    },
+    /// The token provider failed, or the server refused the new token.
+    TokenError {
+        /// What went wrong.
+        message: String,
+    },
+    /// An `error` frame that answered no request of this client.
+    ServerError {
+        /// The error code.
+        code: ErrorCode,
+        /// The server's detail.
+        message: String,
+    },
+}
+
+/// Counters of one client since it was built; see [`Client::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages handed to the application (streams and callbacks).
+    pub delivered: u64,
+    /// Messages dropped as duplicates (`seq` at or below the last delivered).
+    pub duplicates: u64,
+    /// Reconnection attempts started (each [`ConnectionState::Reconnecting`]).
+    pub reconnects: u64,
+    /// Streams resumed without loss: WebSocket `subscribed{recovered:true}`
+    /// (channels and the user stream); SSE channels reopened with a position
+    /// in the cursor.
+    pub resumes: u64,
+    /// `unrecoverable` notices passed to the application.
+    pub unrecoverable: u64,
+    /// Connections established (`connected` received).
+    pub connects: u64,
+    /// Sequence gaps seen without an `unrecoverable` notice (each one makes
+    /// the client resume from its last position).
+    pub gaps: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) resumes: AtomicU64,
+    pub(crate) unrecoverable: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            delivered: get(&self.delivered),
+            duplicates: get(&self.duplicates),
+            reconnects: get(&self.reconnects),
+            resumes: get(&self.resumes),
+            unrecoverable: get(&self.unrecoverable),
+            connects: get(&self.connects),
+            gaps: get(&self.gaps),
+        }
+    }
+}
+
+/// State shared by the handle(s) and the connection task.
+pub(crate) struct Shared {
+    pub(crate) counters: Counters,
+    pub(crate) state: watch::Sender<ConnectionState>,
+    pub(crate) events: broadcast::Sender<Event>,
+    next_sub_id: AtomicU64,
+}
+
+/// Where a subscription's messages go.
+pub(crate) enum Sink {
+    Stream(mpsc::Sender<Message>),
+    Callback(Box<dyn FnMut(Message) + Send>),
+    Discard,
+}
+
+impl Sink {
+    pub(crate) fn is_discard(&self) -> bool {
+        matches!(self, Self::Discard)
+    }
+}
+
+/// Requests from the handles to the connection task.
+pub(crate) enum Command {
+    Subscribe {
+        channel: String,
+        sink: Sink,
+        sub_id: u64,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Unsubscribe {
+        channel: String,
+        sub_id: Option<u64>,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    Publish {
+        channel: String,
+        data: Value,
+        reply: oneshot::Sender<Result<Position, Error>>,
+    },
+    UserSink {
+        sink: Sink,
+        sub_id: u64,
+    },
+    DropUserSink {
+        sub_id: u64,
+    },
+    Positions {
+        reply: oneshot::Sender<Vec<(String, Position)>>,
+    },
+    DropConnection,
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Configures a [`Client`]. Start with [`Client::builder`].
+pub struct ClientBuilder {
+    base_url: String,
+    transport: Transport,
+    token: TokenSource,
+    backoff: Backoff,
+    connect_timeout: Duration,
+    subscription_buffer: usize,
+    read_buffer: usize,
+    tcp_recv_buffer: Option<u32>,
+    dead_factor: f64,
+    max_message_size: usize,
+    max_frame_bytes: usize,
+    event_capacity: usize,
+    user_sink: Sink,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("base_url", &self.base_url)
+            .field("transport", &self.transport)
+            .field("backoff", &self.backoff)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientBuilder {
+    /// A builder for the gateway at `base_url` (`http://host:port` or
+    /// `https://host:port`, optionally with a path prefix). Defaults:
+    /// WebSocket with JSON, no token (dev-mode servers only), backoff 500 ms
+    /// to 30 s, 10 s connect timeout.
+    pub fn new(base_url: impl Into<String>) -> Self {
+        Self {
+            base_url: base_url.into(),
+            transport: Transport::WebSocket(Codec::Json),
+            token: TokenSource::None,
+            backoff: Backoff::default(),
+            connect_timeout: Duration::from_secs(10),
+            subscription_buffer: 1024,
+            read_buffer: 8 * 1024,
+            tcp_recv_buffer: None,
+            dead_factor: 2.5,
+            max_message_size: 16 << 20,
+            max_frame_bytes: 65536,
+            event_capacity: 64,
+            user_sink: Sink::Discard,
+        }
+    }
+
+    /// Chooses the transport.
+    pub fn transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// WebSocket with `codec` (the default, with JSON).
+    pub fn websocket(self, codec: Codec) -> Self {
+        self.transport(Transport::WebSocket(codec))
+    }
+
+    /// SSE instead of WebSocket.
+    pub fn sse(self) -> Self {
+        self.transport(Transport::Sse)
+    }
+
+    /// A fixed connection token. When it expires the client cannot
+    /// reconnect and stops (use [`ClientBuilder::token_provider`] instead).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = TokenSource::Static(token.into());
+        self
+    }
+
+    /// An async token provider, called for the first connection, on
+    /// `refresh_required`, and after the token expired.
+    pub fn token_provider<F, Fut, E>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, E>> + Send + 'static,
+        E: Into<TokenError>,
+    {
+        let provider: TokenProvider =
+            Arc::new(move || provider().map(|r| r.map_err(Into::into)).boxed());
+        self.token = TokenSource::Provider(provider);
+        self
+    }
+
+    /// A token provider already in its boxed form.
+    pub fn token_provider_boxed(mut self, provider: TokenProvider) -> Self {
+        self.token = TokenSource::Provider(provider);
+        self
+    }
+
+    /// Reconnect backoff (full jitter; see [`Backoff`]).
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// Time allowed to open a connection (TCP, TLS, handshake, up to
+    /// `connected`). Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Messages buffered per [`Subscription`] stream before the connection
+    /// task waits for the application (and stops reading the socket).
+    /// Default 1024.
+    ///
+    /// While one subscription's buffer is full the client handles nothing
+    /// else (other channels, heartbeats, replies): read every subscription,
+    /// or drop it. Do not await a [`Client`] call (such as
+    /// [`Client::publish`]) in the only task that reads a subscription that
+    /// may fill up.
+    pub fn subscription_buffer(mut self, messages: usize) -> Self {
+        self.subscription_buffer = messages.max(1);
+        self
+    }
+
+    /// Initial read buffer of the connection, in bytes (default 8 KiB;
+    /// keep it small for clients held by the thousand).
+    pub fn read_buffer(mut self, bytes: usize) -> Self {
+        self.read_buffer = bytes.max(512);
+        self
+    }
+
+    /// `SO_RCVBUF` of the client's sockets (default: the system's).
+    pub fn tcp_recv_buffer(mut self, bytes: u32) -> Self {
+        self.tcp_recv_buffer = Some(bytes);
+        self
+    }
+
+    /// A connection on which nothing arrives for `factor` × the server's
+    /// `ping_interval_ms` is considered dead. Default 2.5.
+    pub fn heartbeat_factor(mut self, factor: f64) -> Self {
+        if factor.is_finite() && factor > 1.0 {
+            self.dead_factor = factor;
+        }
+        self
+    }
+
+    /// Largest WebSocket message accepted from the server. Default 16 MiB.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Largest frame the client sends (the server's `max_frame_bytes`,
+    /// default 65536): a larger publish is refused locally with
+    /// [`ErrorCode::TooLarge`] instead of getting the connection closed for
+    /// good (4502).
+    pub fn max_frame_bytes(mut self, bytes: usize) -> Self {
+        self.max_frame_bytes = bytes;
+        self
+    }
+
+    /// Capacity of the [`Client::events`] channel (default 64; a receiver
+    /// that falls further behind loses the oldest events).
+    pub fn event_capacity(mut self, events: usize) -> Self {
+        self.event_capacity = events.max(1);
+        self
+    }
+
+    /// Where messages of the user's own stream (`$user:<sub>`) go. Without
+    /// it (or [`Client::user_stream`]) they are tracked but dropped.
+    pub fn on_user_message(mut self, callback: impl FnMut(Message) + Send + 'static) -> Self {
+        self.user_sink = Sink::Callback(Box::new(callback));
+        self
+    }
+
+    /// Starts the client's connection task and returns at once; the client
+    /// connects (and reconnects) in the background. See
+    /// [`Client::wait_connected`].
+    ///
+    /// # Panics
+    ///
+    /// When called outside a Tokio runtime.
+    pub fn build(self) -> Result<Client, Error> {
+        let base = BaseUrl::parse(&self.base_url)?;
+        if base.tls && !cfg!(feature = "tls") {
+            return Err(Error::TlsUnavailable);
+        }
+        let (state, _) = watch::channel(ConnectionState::Connecting);
+        let (events, _) = broadcast::channel(self.event_capacity);
+        let shared = Arc::new(Shared {
+            counters: Counters::default(),
+            state,
+            events,
+            next_sub_id: AtomicU64::new(1),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let config = Config {
+            base,
+            transport: self.transport,
+            token: self.token,
+            backoff: self.backoff,
+            connect_timeout: self.connect_timeout,
+            read_buffer: self.read_buffer,
+            tcp_recv_buffer: self.tcp_recv_buffer,
+            dead_factor: self.dead_factor,
+            max_message_size: self.max_message_size,
+            max_frame_bytes: self.max_frame_bytes,
+        };
+        driver::spawn(config, shared.clone(), rx, self.user_sink);
+        Ok(Client {
+            cmds: tx,
+            shared,
+            transport: self.transport,
+            buffer: self.subscription_buffer,
+        })
+    }
+
+    /// [`ClientBuilder::build`], then [`Client::wait_connected`]: returns
+    /// once the first connection is established, or the error that stopped
+    /// the client (e.g. a refused token). Transient failures are retried
+    /// meanwhile; wrap in a timeout to bound the wait.
+    pub async fn connect(self) -> Result<Client, Error> {
+        let client = self.build()?;
+        client.wait_connected().await?;
+        Ok(client)
+    }
+}
+
+/// A handle to one gateway client (one connection, re-established as
+/// needed). Cheap to clone; the connection task stops when
+/// [`Client::close`] is called, when it stops for good (terminal close), or
+/// when every handle and [`Subscription`] is dropped.
+#[derive(Clone)]
+pub struct Client {
+    cmds: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+    transport: Transport,
+    buffer: usize,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("transport", &self.transport)
+            .field("state", &*self.shared.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A builder for the gateway at `base_url` (see [`ClientBuilder::new`]).
+    pub fn builder(base_url: impl Into<String>) -> ClientBuilder {
+        ClientBuilder::new(base_url)
+    }
+
+    /// The transport this client uses.
+    pub fn transport(&self) -> Transport {
+        self.transport
+    }
+
+    fn closed_error(&self) -> Error {
+        match &*self.shared.state.borrow() {
+            ConnectionState::Closed { code, reason, .. } => Error::Closed {
+                code: *code,
+                reason: reason.clone(),
+            },
+            _ => Error::Closed {
+                code: None,
+                reason: "the client stopped".into(),
+            },
+        }
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), Error> {
+        self.cmds.send(cmd).map_err(|_| self.closed_error())
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx))?;
+        rx.await.map_err(|_| self.closed_error())
+    }
+
+    fn next_sub_id(&self) -> u64 {
+        self.shared.next_sub_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn check_channel(channel: &str) -> Result<(), Error> {
+        validate_channel(channel).map_err(|e| Error::InvalidChannel {
+            channel: channel.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Subscribes to `channel` and returns its messages as a [`Stream`].
+    ///
+    /// Returns once the server confirmed the subscription (WebSocket
+    /// `subscribed`; SSE: the stream reopened with the channel). While the
+    /// client is between connections it waits for the next one. Errors:
+    /// [`Error::Server`] (e.g. `permission_denied`), [`Error::AlreadySubscribed`],
+    /// [`Error::InvalidChannel`], [`Error::Closed`].
+    pub async fn subscribe(&self, channel: impl Into<String>) -> Result<Subscription, Error> {
+        let channel = channel.into();
+        Self::check_channel(&channel)?;
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let sub_id = self.next_sub_id();
+        let sub = Subscription {
+            channel: channel.clone(),
+            sub_id,
+            rx,
+            cmds: Some(self.cmds.clone()),
+            user: false,
+        };
+        let answer = self
+            .ask(|reply| Command::Subscribe {
+                channel,
+                sink: Sink::Stream(tx),
+                sub_id,
+                reply,
+            })
+            .await;
+        match answer {
+            Ok(Ok(())) => Ok(sub),
+            Ok(Err(e)) | Err(e) => {
+                let mut sub = sub;
+                sub.cmds = None; // nothing to unsubscribe
+                Err(e)
+            }
+        }
+    }
+
+    /// Subscribes to `channel`, calling `callback` for each message (on the
+    /// connection task: keep it short, non-blocking, and free of panics,
+    /// which would stop the client). Undo with [`Client::unsubscribe`].
+    pub async fn subscribe_with(
+        &self,
+        channel: impl Into<String>,
+        callback: impl FnMut(Message) + Send + 'static,
+    ) -> Result<(), Error> {
+        let channel = channel.into();
+        Self::check_channel(&channel)?;
+        let sub_id = self.next_sub_id();
+        self.ask(|reply| Command::Subscribe {
+            channel,
+            sink: Sink::Callback(Box::new(callback)),
+            sub_id,
+            reply,
+        })
+        .await?
+    }
+
+    /// Ends the subscription to `channel` (its stream ends). Succeeds when
+    /// there was none.
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), Error> {
+        self.ask(|reply| Command::Unsubscribe {
+            channel: channel.to_owned(),
+            sub_id: None,
+            reply: Some(reply),
+        })
+        .await?
+    }
+
+    /// Publishes `data` to `channel` (WebSocket only; the token must allow
+    /// it) and returns the position the server gave the message.
+    ///
+    /// Fails with [`Error::NotConnected`] between connections (nothing was
+    /// sent) and [`Error::ConnectionLost`] when the connection ended before
+    /// the answer (the message may or may not have been published).
+    pub async fn publish(
+        &self,
+        channel: impl Into<String>,
+        data: Value,
+    ) -> Result<Position, Error> {
+        if self.transport == Transport::Sse {
+            return Err(Error::Unsupported("publish"));
+        }
+        let channel = channel.into();
+        self.ask(|reply| Command::Publish {
+            channel,
+            data,
+            reply,
+        })
+        .await?
+    }
+
+    /// The messages of the user's own stream (`$user:<sub>`) as a stream
+    /// (replacing any earlier user stream or [`ClientBuilder::on_user_message`]).
+    pub fn user_stream(&self) -> Subscription {
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let sub_id = self.next_sub_id();
+        let cmds = self
+            .send(Command::UserSink {
+                sink: Sink::Stream(tx),
+                sub_id,
+            })
+            .ok()
+            .map(|()| self.cmds.clone());
+        Subscription {
+            channel: String::new(),
+            sub_id,
+            rx,
+            cmds,
+            user: true,
+        }
+    }
+
+    /// The last position delivered (or adopted) per channel, the user's
+    /// stream included.
+    pub async fn positions(&self) -> Result<Vec<(String, Position)>, Error> {
+        self.ask(|reply| Command::Positions { reply }).await
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> ConnectionState {
+        self.shared.state.borrow().clone()
+    }
+
+    /// A receiver of the connection state (always holds the latest).
+    pub fn state_watch(&self) -> watch::Receiver<ConnectionState> {
+        self.shared.state.subscribe()
+    }
+
+    /// A receiver of every [`Event`] from now on (state changes,
+    /// unrecoverable notices, token problems).
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.shared.events.subscribe()
+    }
+
+    /// The client's counters.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.snapshot()
+    }
+
+    /// Waits until the client is connected; fails if it stopped for good.
+    pub async fn wait_connected(&self) -> Result<(), Error> {
+        let mut rx = self.shared.state.subscribe();
+        loop {
+            match &*rx.borrow_and_update() {
+                ConnectionState::Connected { .. } => return Ok(()),
+                ConnectionState::Closed {
+                    code,
+                    reason,
+                    terminal: true,
+                } => {
+                    return Err(Error::Closed {
+                        code: *code,
+                        reason: reason.clone(),
+                    })
+                }
+                _ => {}
+            }
+            if rx.changed().await.is_err() {
+                return Err(self.closed_error());
+            }
+        }
+    }
+
+    /// Closes the connection (WebSocket close 1000) and stops the client:
+    /// every subscription stream ends, later calls fail with [`Error::Closed`].
+    pub async fn close(&self) {
+        let _ = self.ask(|reply| Command::Close { reply }).await;
+    }
+
+    /// Testing hook: drops the current connection abruptly (TCP reset, no
+    /// close frame), as a network failure would. The client reconnects and
+    /// resumes by itself.
+    pub fn debug_drop_connection(&self) {
+        let _ = self.send(Command::DropConnection);
+    }
+}
+
+/// The messages of one subscribed channel, in order and without duplicates.
+///
+/// Implements [`Stream`]`<Item = `[`Message`]`>`; ends when the
+/// subscription ends (unsubscribed, refused after a reconnect, client
+/// stopped). Dropping it unsubscribes.
+pub struct Subscription {
+    channel: String,
+    sub_id: u64,
+    rx: mpsc::Receiver<Message>,
+    cmds: Option<mpsc::UnboundedSender<Command>>,
+    user: bool,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("channel", &self.channel)
+            .field("user", &self.user)
+            .finish()
+    }
+}
+
+impl Subscription {
+    /// The channel name (empty for the user stream of [`Client::user_stream`]).
+    pub fn channel(&self) -> &str {
+        &self.channel
+    }
+
+    /// The next message; `None` once the subscription ended.
+    pub async fn recv(&mut self) -> Option<Message> {
+        self.rx.recv().await
+    }
+
+    /// A message already buffered, without waiting.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        self.rx.try_recv().ok()
+    }
+
+    /// Unsubscribes and waits for the server to confirm.
+    pub async fn unsubscribe(mut self) -> Result<(), Error> {
+        let Some(cmds) = self.cmds.take() else {
+            return Ok(());
+        };
+        if self.user {
+            let _ = cmds.send(Command::DropUserSink {
+                sub_id: self.sub_id,
+            });
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::Unsubscribe {
+            channel: self.channel.clone(),
+            sub_id: Some(self.sub_id),
+            reply: Some(tx),
+        };
+        if cmds.send(cmd).is_err() {
+            return Ok(());
+        }
+        rx.await.unwrap_or(Ok(()))
+    }
+}
+
+impl Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        self.get_mut().rx.poll_recv(cx)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(cmds) = self.cmds.take() {
+            let cmd = if self.user {
+                Command::DropUserSink {
+                    sub_id: self.sub_id,
+                }
+            } else {
+                Command::Unsubscribe {
+                    channel: std::mem::take(&mut self.channel),
+                    sub_id: Some(self.sub_id),
+                    reply: None,
+                }
+            };
+            let _ = cmds.send(cmd);
+        }
+    }
+}

@@ -1,0 +1,713 @@
+import { Backoff, jitter } from './backoff.js';
+import { decodeCursor, encodeCursor } from './cursor.js';
+import { Tracker, type Position } from './tracker.js';
+
+/** Connection state, as reported by the `state` event. */
+export type State = 'idle' | 'connecting' | 'connected' | 'reconnecting' | 'closed';
+/** The transport in use. */
+export type Transport = 'websocket' | 'sse';
+/** A subscription's state: `pending` (waiting for a connection), `subscribing`, `subscribed`, `failed` (refused for good). */
+export type SubscriptionStatus = 'pending' | 'subscribing' | 'subscribed' | 'failed';
+/** Returns the connection token; called for the first connection, on `refresh_required`, and after the token expired. */
+export type TokenProvider = () => string | Promise<string>;
+
+/** A message of a channel (or of the user's own stream `$user:<id>`), delivered once and in order. */
+export interface Message {
+  channel: string;
+  seq: number;
+  epoch: string;
+  data: unknown;
+  /** When the gateway accepted the publish, Unix milliseconds (may be absent). */
+  ts?: number;
+}
+
+/** Messages of `channel` were lost (`too_old`, `epoch_changed`, `bad_position`): re-sync it from your source of truth. */
+export interface Unrecoverable {
+  channel: string;
+  reason: string;
+  /** Delivery continues after this position. */
+  epoch: string;
+  seq: number;
+}
+
+/** Payload of the `state` event. */
+export interface StateChange {
+  state: State;
+  transport: Transport;
+  /** `reconnecting`: the retry number (1 = first retry). */
+  attempt?: number;
+  /** `reconnecting`: how long the client waits before connecting again. */
+  delayMs?: number;
+  /** The close code that caused the change (synthetic for SSE: 4005 token expired, 4500 refused). */
+  code?: number;
+  reason?: string;
+  /** `closed`: true when the client stopped by itself (terminal close code, bad or expired token). */
+  terminal?: boolean;
+}
+
+/** Payload of the `connected` event (also `client.info`). */
+export interface ConnectionInfo {
+  transport: Transport;
+  /** Connection id on the node. */
+  client: string;
+  /** The token's `sub` (`""` when anonymous). */
+  user: string;
+  node: string;
+  userChannel?: string;
+  /** Channels restored by a resume token (WebSocket after a drain). */
+  resumed: string[];
+}
+
+/** What the client counted since it was created. */
+export interface Counters {
+  /** Messages handed to the application. */
+  delivered: number;
+  /** Messages dropped because their `seq` was already delivered. */
+  duplicates: number;
+  /** Messages beyond `last + 1` without a notice: not delivered, the client resumed instead. */
+  gaps: number;
+  /** Connections established after the first one. */
+  reconnects: number;
+  /** Channels resumed from a position (WebSocket `subscribed{recovered:true}`, SSE cursor). */
+  resumes: number;
+  /** `unrecoverable` notices passed to the application. */
+  unrecoverable: number;
+  /** Successful token refreshes on a live connection. */
+  refreshes: number;
+  /** Times the client fell back from WebSocket to SSE. */
+  fallbacks: number;
+}
+
+/** Events of {@link GatewayClient.on}. */
+export interface ClientEvents {
+  state: StateChange;
+  connected: ConnectionInfo;
+  message: Message;
+  unrecoverable: Unrecoverable;
+  subscribed: { channel: string; position: Position | null };
+  error: GatewayError;
+}
+
+/** A subscription handle. */
+export interface Subscription {
+  readonly channel: string;
+  /** Resolves when the server confirmed the subscription; rejects when it refused it for good. */
+  readonly ready: Promise<void>;
+  /** The last position delivered (or adopted from the server). */
+  position(): Position | null;
+  unsubscribe(): void;
+}
+
+/** Constructor options. */
+export interface ClientOptions {
+  /** Base URL `http(s)://host[:port][/prefix]` (`ws(s)://` also accepted). Default: the page's origin. */
+  url?: string;
+  /** A fixed token, or a provider (see {@link TokenProvider}). None: anonymous (dev-mode servers). */
+  token?: string | TokenProvider;
+  /** `auto` (default): WebSocket, falling back to SSE when WebSocket is missing or fails `sseFallbackAfter` times in a row. */
+  transport?: 'auto' | Transport;
+  /** Failed WebSocket connection attempts in a row before `auto` falls back to SSE (default 3). */
+  sseFallbackAfter?: number;
+  /** Reconnect backoff: base and cap of the full-jitter window (default 500 ms, 30 s). */
+  backoff?: { baseMs?: number; capMs?: number };
+  /** How long to wait for `connected` (default 10 s). */
+  connectTimeoutMs?: number;
+  /** Channels to subscribe to from the start. */
+  channels?: string[];
+  /** Connect right after construction (default true; in a microtask, so listeners added at once see every event). */
+  connect?: boolean;
+  /** WebSocket implementation (default: the global one; in Node < 22 pass e.g. the `ws` package's). */
+  WebSocket?: new (url: string, protocols?: string | string[]) => WebSocket;
+  /** EventSource implementation (default: the global one). */
+  EventSource?: new (url: string) => EventSource;
+}
+
+/** An error of a request, of the server, or of the transport. */
+export class GatewayError extends Error {
+  /**
+   * `code`: the server's error code (number, see docs/PROTOCOL.md), or a string for
+   * client-side conditions: `not_connected`, `connection_lost`, `unsupported`,
+   * `invalid_channel`, `already_subscribed`, `unsubscribed`, `token_provider`.
+   * `temporary`: the same request may succeed later.
+   */
+  constructor(message: string, readonly code: number | string, readonly temporary = false) {
+    super(message);
+    this.name = 'GatewayError';
+  }
+  /** The channel a refused subscription was for. */
+  channel?: string;
+}
+
+// eslint-disable-next-line @typescript-eslint/no-explicit-any
+type Frame = Record<string, any>;
+interface Sub {
+  name: string;
+  t: Tracker;
+  status: SubscriptionStatus;
+  own?: boolean;
+  /** SSE: sent with a placeholder position; the `unrecoverable` it causes is not news. */
+  fresh?: boolean;
+  fn?: (m: Message) => void;
+  ok: () => void;
+  ko: (e: GatewayError) => void;
+  ready: Promise<void>;
+  tries: number;
+}
+interface Pending {
+  f: Frame;
+  ok: (f: Frame) => void;
+  ko: (e: GatewayError) => void;
+}
+
+const TERMINAL = [1002, 1003, 1007, 1008, 1009];
+const CHANNEL = /^[A-Za-z0-9_\-:.@/=+]{1,200}$/;
+const noop = () => {};
+const call = <T>(fn: (v: T) => void, v: T) => {
+  try {
+    fn(v);
+  } catch (e) {
+    setTimeout(() => {
+      throw e; // report the application's bug without breaking the client
+    });
+  }
+};
+
+/**
+ * A gateway connection that stays up: reconnects with backoff, resumes every
+ * channel from the last position delivered, drops duplicates, refreshes its
+ * token, follows the server's drain hints, and falls back to SSE.
+ */
+export class GatewayClient {
+  /** Current connection state. */
+  state: State = 'idle';
+  /** Transport in use (or next to be tried). */
+  transport: Transport;
+  /** The current (or last) connection, from `connected`. */
+  info: ConnectionInfo | null = null;
+  readonly counters: Counters = {
+    delivered: 0,
+    duplicates: 0,
+    gaps: 0,
+    reconnects: 0,
+    resumes: 0,
+    unrecoverable: 0,
+    refreshes: 0,
+    fallbacks: 0,
+  };
+
+  private o: ClientOptions;
+  private base: string;
+  private bo: Backoff;
+  private first: Transport;
+  private subs = new Map<string, Sub>();
+  private ls = new Map<string, Set<(e: never) => void>>();
+  private ws: WebSocket | null = null;
+  private es: EventSource | null = null;
+  /** Bumped whenever the connection is dropped: callbacks of older connections are ignored. */
+  private gen = 0;
+  private timer?: ReturnType<typeof setTimeout>;
+  private watchdog?: ReturnType<typeof setInterval>;
+  private attempt = 0;
+  private wsFails = 0;
+  /** `connected` received on the current connection. */
+  private live = false;
+  /** The next `connected` is a reconnection. */
+  private again = false;
+  private stopped = true;
+  private queued = false;
+  private tok?: string;
+  /** The provider must be asked for a new token. */
+  private stale = true;
+  private resume?: string;
+  private userChannel?: string;
+  private pending = new Map<number, Pending>();
+  private id = 0;
+  private lastRecv = 0;
+  private pingMs = 25_000;
+
+  constructor(options: ClientOptions = {}) {
+    this.o = { ...options };
+    const loc = (globalThis as { location?: { origin: string } }).location;
+    this.base = (options.url || (loc ? loc.origin : '')).replace(/^ws/i, 'http').replace(/\/+$/, '');
+    if (!/^https?:\/\/[^/?#]/i.test(this.base)) throw new TypeError('url must be http(s)://host[:port][/prefix]');
+    this.bo = new Backoff(options.backoff?.baseMs, options.backoff?.capMs);
+    const mode = options.transport || 'auto';
+    this.transport = this.first = mode === 'sse' || (mode === 'auto' && !this.WS()) ? 'sse' : 'websocket';
+    for (const c of options.channels || []) this.subscribe(c);
+    // In a microtask, so that listeners added right after construction see every state.
+    if (options.connect !== false) queueMicrotask(() => this.state === 'idle' && this.connect());
+  }
+
+  /** Listens to an event; returns a function that removes the listener. */
+  on<K extends keyof ClientEvents>(type: K, fn: (e: ClientEvents[K]) => void): () => void {
+    let set = this.ls.get(type);
+    if (!set) this.ls.set(type, (set = new Set()));
+    set.add(fn);
+    return () => set.delete(fn);
+  }
+
+  /** Connects (again, after {@link close} or a terminal close); subscriptions and positions are kept. */
+  connect(): void {
+    if (!this.stopped) return;
+    this.stopped = false;
+    this.attempt = this.wsFails = 0;
+    this.transport = this.first;
+    void this.open();
+  }
+
+  /** Closes the connection and stops reconnecting. */
+  close(): void {
+    this.stopped = true;
+    this.drop();
+    this.state = 'closed';
+    this.emit('state', { state: 'closed', transport: this.transport, code: 1000, reason: 'closed by the application' });
+  }
+
+  /**
+   * Replaces the token (or provider) used from the next connection on. A
+   * different fixed token may name another user: the user stream's position
+   * is forgotten.
+   */
+  setToken(token: string | TokenProvider | undefined): void {
+    if (token !== this.o.token && this.userChannel) {
+      this.subs.delete(this.userChannel);
+      this.userChannel = undefined;
+    }
+    this.o.token = token;
+    this.tok = undefined;
+    this.stale = true;
+  }
+
+  /**
+   * Subscribes to `channel` (now, and again after every reconnection, from the
+   * last position delivered). Messages go to `onMessage` and to `message`
+   * listeners. Throws on an invalid name or a channel already subscribed.
+   */
+  subscribe(channel: string, onMessage?: (m: Message) => void): Subscription {
+    if (!CHANNEL.test(channel)) throw new GatewayError('invalid channel name ' + JSON.stringify(channel), 'invalid_channel');
+    const old = this.subs.get(channel);
+    if (old && old.status !== 'failed') throw new GatewayError('already subscribed to ' + channel, 'already_subscribed');
+    const s = this.sub(channel);
+    s.fn = onMessage;
+    this.subs.set(channel, s);
+    if (this.transport === 'sse') this.reopen();
+    else if (this.live) this.subscribeFrame(s);
+    return {
+      channel,
+      ready: s.ready,
+      position: () => (s.t.pos ? { ...s.t.pos } : null),
+      unsubscribe: () => this.subs.get(channel) === s && this.unsubscribe(channel),
+    };
+  }
+
+  /** Ends the subscription to `channel`. */
+  unsubscribe(channel: string): void {
+    const s = this.subs.get(channel);
+    if (!s || s.own) return;
+    this.subs.delete(channel);
+    s.ko(new GatewayError('unsubscribed', 'unsubscribed'));
+    if (this.transport === 'sse') this.reopen();
+    else if (this.live && s.status !== 'failed') this.request({ type: 'unsubscribe', channel }).catch(noop);
+  }
+
+  /** Publishes over the WebSocket (allowed by the token's `publish` patterns); resolves with the message's position. */
+  publish(channel: string, data: unknown): Promise<Position> {
+    if (this.transport === 'sse') return Promise.reject(new GatewayError('publish is not available over SSE', 'unsupported'));
+    return this.request({ type: 'publish', channel, data }).then((r) => ({ seq: r.seq, epoch: r.epoch }));
+  }
+
+  /** Every subscription (the user stream included), with its status and position. */
+  subscriptions(): { channel: string; status: SubscriptionStatus; position: Position | null; own: boolean }[] {
+    return [...this.subs.values()].map((s) => ({
+      channel: s.name,
+      status: s.status,
+      position: s.t.pos ? { ...s.t.pos } : null,
+      own: !!s.own,
+    }));
+  }
+
+  // ---- connection ---------------------------------------------------------
+
+  private WS() {
+    return this.o.WebSocket || (globalThis as { WebSocket?: ClientOptions['WebSocket'] }).WebSocket;
+  }
+
+  private emit<K extends keyof ClientEvents>(type: K, e: ClientEvents[K]): void {
+    for (const fn of [...(this.ls.get(type) || [])]) call(fn as (e: ClientEvents[K]) => void, e);
+  }
+
+  private setState(state: State, extra: Partial<StateChange> = {}): void {
+    this.state = state;
+    this.emit('state', { state, transport: this.transport, ...extra });
+  }
+
+  private sub(name: string, own?: boolean): Sub {
+    let ok = noop,
+      ko: (e: GatewayError) => void = noop;
+    const ready = new Promise<void>((y, n) => ((ok = y), (ko = n)));
+    ready.catch(noop); // a refusal is also reported as an `error` event
+    return { name, own, t: new Tracker(), status: 'pending', ok, ko, ready, tries: 0 };
+  }
+
+  /** Tears the current connection down (if any); the client does not reconnect by itself from here. */
+  private drop(): void {
+    this.gen++;
+    clearTimeout(this.timer);
+    clearInterval(this.watchdog);
+    const { ws, es } = this;
+    this.ws = this.es = null;
+    if (ws) {
+      ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+      try {
+        ws.close(1000);
+      } catch {
+        /* already closed */
+      }
+    }
+    es?.close();
+    this.live = false;
+    for (const p of this.pending.values()) p.ko(new GatewayError('connection lost before the reply', 'connection_lost', true));
+    this.pending.clear();
+    for (const s of this.subs.values()) if (s.status !== 'failed') s.status = 'pending';
+  }
+
+  private async open(): Promise<void> {
+    this.drop();
+    const gen = this.gen;
+    this.setState('connecting');
+    let token: string | undefined;
+    try {
+      const p = this.o.token;
+      if (typeof p !== 'function') token = p || undefined;
+      else {
+        if (this.stale || this.tok == null) this.tok = await p();
+        this.stale = false;
+        token = this.tok;
+      }
+    } catch (e) {
+      if (gen !== this.gen) return;
+      this.emit('error', new GatewayError('token provider failed: ' + e, 'token_provider', true));
+      return this.retry({ reason: 'token provider failed' });
+    }
+    if (gen !== this.gen || this.stopped) return;
+    this.lastRecv = Date.now();
+    this.watchdog = setInterval(() => {
+      const limit = !this.live ? this.o.connectTimeoutMs || 10_000 : this.ws ? this.pingMs * 2.5 : Infinity;
+      if (Date.now() - this.lastRecv > limit) this.lost(4002, 'nothing received in time');
+    }, 1000);
+    if (this.transport === 'sse') this.openSse(gen, token);
+    else this.openWs(gen, token);
+  }
+
+  private openWs(gen: number, token?: string): void {
+    const WS = this.WS()!;
+    const ws = (this.ws = new WS(this.base.replace(/^http/i, 'ws') + '/ws', 'gateway.json.v1'));
+    ws.onopen = () => {
+      const f: Frame = { type: 'connect' };
+      if (token) f.token = token;
+      if (this.resume) f.resume = this.resume;
+      const u = this.userChannel && this.subs.get(this.userChannel);
+      if (u && u.t.pos) f.since = u.t.pos;
+      this.send(f);
+    };
+    ws.onmessage = (e) => {
+      if (gen !== this.gen || typeof e.data !== 'string') return;
+      this.lastRecv = Date.now();
+      let f: Frame;
+      try {
+        f = JSON.parse(e.data);
+      } catch {
+        return;
+      }
+      this.frame(f);
+    };
+    ws.onclose = (e) => gen === this.gen && this.lost(e.code, e.reason);
+  }
+
+  private openSse(gen: number, token?: string): void {
+    const ES = this.o.EventSource || (globalThis as { EventSource?: ClientOptions['EventSource'] }).EventSource;
+    const names = [...this.subs.values()].filter((s) => !s.own && s.status !== 'failed').map((s) => s.name);
+    if (!names.length) return clearInterval(this.watchdog); // the stream opens with the first channel
+    if (!ES) return this.lost(4501, 'no EventSource');
+    // The cursor names every channel's position, so the stream resumes even
+    // when the channel set changed; a channel with no position yet gets a
+    // placeholder (the server answers `unrecoverable`, which is not news).
+    const all = this.userChannel ? [...names, this.userChannel] : names;
+    const subs = all.map((n) => this.subs.get(n)!);
+    const resuming = subs.some((s) => s.t.pos);
+    let q = names.map((n) => 'channel=' + encodeURIComponent(n)).join('&');
+    if (token) q += '&token=' + encodeURIComponent(token);
+    if (resuming) {
+      q += '&last_event_id=' + encodeURIComponent(encodeCursor(all, subs.map((s) => s.t.pos || { seq: 0, epoch: '0' })));
+    }
+    for (const s of subs) {
+      s.fresh = resuming && !s.t.pos;
+      s.status = 'subscribing';
+    }
+    const url = this.base + '/sse?' + q;
+    const es = (this.es = new ES(url));
+    const on = (type: string, fn: (f: Frame, e: MessageEvent) => void) =>
+      es.addEventListener(type, (e) => {
+        if (gen !== this.gen) return;
+        this.lastRecv = Date.now();
+        let f: Frame;
+        try {
+          f = JSON.parse((e as MessageEvent).data);
+        } catch {
+          return;
+        }
+        fn(f, e as MessageEvent);
+      });
+    on('connected', (f, e) => {
+      this.userStream(f.user_channel);
+      const list = f.user_channel ? [...names, f.user_channel] : names;
+      const at = decodeCursor(e.lastEventId, list);
+      list.forEach((n, i) => {
+        const s = this.subs.get(n);
+        if (!s) return;
+        if (s.t.pos && !s.fresh && resuming) this.counters.resumes++;
+        if (!s.t.pos && at) s.t.adopt(at[i].seq, at[i].epoch);
+        this.ready(s);
+      });
+      this.connected(f, 'sse');
+    });
+    on('message', (f) => this.message(f));
+    on('unrecoverable', (f) => this.unrecoverable(f));
+    on('reconnect', (f) => this.reconnect(f));
+    on('token_expired', () => this.lost(4005, 'token expired'));
+    es.onerror = () => {
+      if (gen !== this.gen) return;
+      // Stream ended or network error: reconnect with our own backoff and cursor.
+      if (this.live || es.readyState !== 2) return this.lost(1006, 'stream ended');
+      // Refused with an HTTP status, which EventSource hides: ask again to tell
+      // a bad or expired token from a passing failure.
+      es.close();
+      fetch(url).then(
+        async (r) => {
+          if (gen !== this.gen || r.ok) {
+            r.body?.cancel().catch(noop);
+            if (gen === this.gen) this.lost(1006, 'stream failed');
+            return;
+          }
+          const err = ((await r.json().catch(noop)) || {}).error || {};
+          const code = err.code || r.status;
+          const temporary = !!err.temporary || r.status >= 500 || r.status === 429;
+          this.emit('error', new GatewayError((err.name || 'HTTP ' + r.status) + ': ' + (err.message || ''), code, temporary));
+          if (gen === this.gen) this.lost(code === 102 ? 4005 : temporary ? 1011 : 4500, 'HTTP ' + r.status);
+        },
+        () => gen === this.gen && this.lost(1006, 'stream failed'),
+      );
+    };
+  }
+
+  /** Coalesces channel changes on SSE into one reopen (with the cursor). */
+  private reopen(): void {
+    if (this.stopped || this.queued || this.state === 'reconnecting') return;
+    this.queued = true;
+    queueMicrotask(() => {
+      this.queued = false;
+      if (!this.stopped && this.state !== 'reconnecting') void this.open();
+    });
+  }
+
+  /** The connection ended (close code, or synthetic for SSE): reconnect, fall back, or stop. */
+  private lost(code: number, reason = ''): void {
+    const wasLive = this.live;
+    const ws = this.transport === 'websocket';
+    this.drop();
+    if (this.stopped) return;
+    if (ws && !wasLive) this.wsFails++;
+    let terminal = (code >= 4500 && code < 5000) || TERMINAL.includes(code);
+    if (this.resume && !wasLive && (code === 4500 || code === 4005)) {
+      this.resume = undefined; // the resume token was refused: connect without it
+      terminal = false;
+    } else if (code === 4005) {
+      if (typeof this.o.token === 'function') this.stale = true;
+      else terminal = true; // a fixed token that expired will not get better
+    }
+    if (terminal) {
+      this.stopped = true;
+      return this.setState('closed', { code, reason, terminal });
+    }
+    if (ws && this.o.transport !== 'websocket' && this.wsFails >= (this.o.sseFallbackAfter ?? 3)) {
+      this.transport = 'sse';
+      this.counters.fallbacks++;
+    }
+    this.retry({ code, reason });
+  }
+
+  private retry(extra?: Partial<StateChange>): void {
+    this.wait(this.bo.delay(this.attempt++), extra);
+  }
+
+  private wait(delayMs: number, extra?: Partial<StateChange>): void {
+    this.again = true;
+    this.setState('reconnecting', { attempt: this.attempt, delayMs, ...extra });
+    this.timer = setTimeout(() => void this.open(), delayMs);
+  }
+
+  private send(f: Frame): void {
+    if (this.ws && this.ws.readyState === 1) this.ws.send(JSON.stringify(f));
+  }
+
+  private request(f: Frame): Promise<Frame> {
+    return new Promise((ok, ko) => {
+      if (!this.live || !this.ws) return ko(new GatewayError('not connected', 'not_connected', true));
+      f.id = ++this.id;
+      this.pending.set(f.id, { f, ok, ko });
+      this.send(f);
+    });
+  }
+
+  // ---- frames -------------------------------------------------------------
+
+  private frame(f: Frame): void {
+    const req = f.id != null ? this.pending.get(f.id) : undefined;
+    if (req) this.pending.delete(f.id);
+    const s = f.channel != null ? this.subs.get(f.channel) : undefined;
+    switch (f.type) {
+      case 'connected':
+        return this.connected(f, 'websocket');
+      case 'subscribed':
+        if (s) {
+          s.t.subscribed(f.seq, f.epoch, f.recovered);
+          if (f.recovered) this.counters.resumes++;
+          this.ready(s);
+        }
+        break;
+      case 'message':
+        return this.message(f);
+      case 'unrecoverable':
+        return this.unrecoverable(f);
+      case 'ping':
+        return this.send(f.id != null ? { type: 'pong', id: f.id } : { type: 'pong' });
+      case 'refresh_required':
+        return void this.refresh();
+      case 'reconnect':
+        return this.reconnect(f);
+      case 'error':
+        return this.error(f, req);
+      case 'refreshed':
+        this.counters.refreshes++;
+    }
+    req?.ok(f);
+  }
+
+  private userStream(uc?: string): void {
+    if (this.userChannel === (uc || undefined)) return;
+    if (this.userChannel) this.subs.delete(this.userChannel);
+    this.userChannel = uc || undefined;
+    if (uc) this.subs.set(uc, this.sub(uc, true));
+  }
+
+  private connected(f: Frame, via: Transport): void {
+    this.live = true;
+    this.attempt = 0;
+    this.resume = undefined;
+    if (via === 'websocket') this.wsFails = 0;
+    this.pingMs = f.ping_interval_ms || 25_000;
+    if (this.again) {
+      this.again = false;
+      this.counters.reconnects++;
+    }
+    this.userStream(f.user_channel);
+    const resumed: string[] = f.resumed || [];
+    this.info = { transport: via, client: f.client, user: f.user, node: f.node, userChannel: this.userChannel, resumed };
+    if (via === 'websocket') {
+      // Channels restored by a resume token get their `subscribed` (and
+      // replay) without asking; every other one resumes from its position.
+      for (const s of this.subs.values()) {
+        if (s.own || s.status === 'failed') continue;
+        if (resumed.includes(s.name)) s.status = 'subscribing';
+        else this.subscribeFrame(s);
+      }
+      for (const c of resumed) if (!this.subs.has(c)) this.request({ type: 'unsubscribe', channel: c }).catch(noop);
+    }
+    this.setState('connected');
+    this.emit('connected', this.info);
+  }
+
+  private subscribeFrame(s: Sub): void {
+    s.status = 'subscribing';
+    const f: Frame = { type: 'subscribe', channel: s.name };
+    if (s.t.pos) f.since = { ...s.t.pos };
+    this.request(f).catch(noop); // refusals are handled in `error`
+  }
+
+  private ready(s: Sub): void {
+    s.status = 'subscribed';
+    s.tries = 0;
+    s.ok();
+    this.emit('subscribed', { channel: s.name, position: s.t.pos ? { ...s.t.pos } : null });
+  }
+
+  private message(f: Frame): void {
+    const s = this.subs.get(f.channel);
+    if (!s) return;
+    const v = s.t.admit(f.seq, f.epoch);
+    if (v === 'duplicate') {
+      this.counters.duplicates++;
+      return;
+    }
+    if (v === 'gap') {
+      this.counters.gaps++;
+      return this.lost(4003, 'gap in ' + f.channel); // resume from the last position
+    }
+    this.counters.delivered++;
+    const m: Message = { channel: f.channel, seq: f.seq, epoch: f.epoch, data: f.data };
+    if (f.ts != null) m.ts = f.ts;
+    if (s.fn) call(s.fn, m);
+    this.emit('message', m);
+  }
+
+  private unrecoverable(f: Frame): void {
+    const s = this.subs.get(f.channel);
+    if (!s) return;
+    s.t.adopt(f.seq, f.epoch);
+    if (s.fresh) {
+      s.fresh = false;
+      return;
+    }
+    this.counters.unrecoverable++;
+    this.emit('unrecoverable', { channel: f.channel, reason: f.reason, epoch: f.epoch, seq: f.seq });
+  }
+
+  /** The node is draining: leave, wait in the server's window, come back with the resume token (WebSocket). */
+  private reconnect(f: Frame): void {
+    if (this.transport === 'websocket') this.resume = f.token;
+    this.drop();
+    this.wait(jitter(f.min_delay_ms, f.max_delay_ms), { reason: 'server asked to reconnect' });
+  }
+
+  private error(f: Frame, req?: Pending): void {
+    const e = new GatewayError(f.name + ': ' + f.message, f.code, !!f.temporary);
+    const s = req && req.f.type === 'subscribe' ? this.subs.get(req.f.channel) : undefined;
+    if (s) {
+      if (f.code === 109) return this.ready(s); // already subscribed
+      if (e.temporary) {
+        s.status = 'pending';
+        setTimeout(() => {
+          if (this.live && s.status === 'pending' && this.subs.get(s.name) === s) this.subscribeFrame(s);
+        }, this.bo.delay(s.tries++));
+      } else {
+        s.status = 'failed';
+        s.ko(e);
+      }
+      e.channel = s.name;
+    }
+    if (req) req.ko(e);
+    if (!req || s) this.emit('error', e);
+  }
+
+  private async refresh(): Promise<void> {
+    const p = this.o.token;
+    if (typeof p !== 'function') return;
+    try {
+      this.tok = await p();
+      this.stale = false;
+      await this.request({ type: 'refresh', token: this.tok });
+    } catch (e) {
+      this.emit('error', e instanceof GatewayError ? e : new GatewayError('token refresh failed: ' + e, 'token_provider', true));
+    }
+  }
+}

@@ -1,0 +1,338 @@
+// Real-browser tests: real gateway processes (and Redis for the cluster),
+// headless Debian Chromium through playwright-core, the SDK bundle as the
+// gateway serves it (/sdk/gateway-client.js).
+import assert from 'node:assert/strict';
+import { before, test } from 'node:test';
+import { exactlyOnceInOrder, jwt, post, publish, requireTools, sleep, until, withEnv } from './harness.mjs';
+
+const T = { timeout: 90_000 };
+
+before(() => requireTools({ redis: true }));
+
+/** In the page: loads the SDK, creates `window.client` with `opts` and records what it reports in `window.rec`. */
+async function sdkClient(page, opts) {
+  await page.evaluate(async (opts) => {
+    const { GatewayClient } = await import('/sdk/gateway-client.js');
+    const rec = (window.rec = { msgs: [], states: [], nodes: [], errors: [], unrecoverable: [] });
+    if (opts.tokenProvider) {
+      rec.tokenCalls = 0;
+      opts.token = async () => window.mintToken(++rec.tokenCalls);
+    }
+    const c = (window.client = new GatewayClient(opts));
+    c.on('state', (s) => rec.states.push(`${s.state}:${s.transport}${s.code ? ':' + s.code : ''}`));
+    c.on('connected', (i) => rec.nodes.push(i.node));
+    c.on('message', (m) => rec.msgs.push([m.channel, m.seq, m.data]));
+    c.on('error', (e) => rec.errors.push(`${e.code} ${e.message}`));
+    c.on('unrecoverable', (u) => rec.unrecoverable.push(u));
+  }, opts);
+}
+
+const seqsOf = (page, channel) =>
+  page.evaluate((ch) => window.rec.msgs.filter((m) => m[0] === ch).map((m) => m[1]), channel);
+const allSubscribed = (page, n) =>
+  until(page, (n) => {
+    const s = window.client.subscriptions();
+    return s.length >= n && s.every((x) => x.status === 'subscribed');
+  }, n);
+
+test('SDK over WebSocket: connects, subscribes, receives published messages in order', T, () =>
+  withEnv(async (env) => {
+    const gw = await env.gateway();
+    const front = await env.proxy([gw]);
+    const browser = await env.browser();
+    const page = await env.page(browser, front.url);
+    await sdkClient(page, { channels: ['news'] });
+    await page.evaluate(() => window.client.subscribe('sports'));
+    await allSubscribed(page, 2);
+    assert.equal(await page.evaluate(() => window.client.transport), 'websocket');
+
+    for (let i = 1; i <= 30; i++) await publish(gw.url, i % 3 ? 'news' : 'sports', { i });
+    await until(page, () => window.rec.msgs.length >= 30);
+    assert.deepEqual(await seqsOf(page, 'news'), Array.from({ length: 20 }, (_, i) => i + 1));
+    assert.deepEqual(await seqsOf(page, 'sports'), Array.from({ length: 10 }, (_, i) => i + 1));
+    const data = await page.evaluate(() => window.rec.msgs.map((m) => m[2].i));
+    assert.deepEqual(data, Array.from({ length: 30 }, (_, i) => i + 1), 'across channels, in publish order');
+
+    // Publishing from the page over the WebSocket.
+    const at = await page.evaluate(() => window.client.publish('news', { from: 'page' }));
+    assert.equal(at.seq, 21);
+    await until(page, () => window.rec.msgs.length >= 31);
+    assert.deepEqual(await page.evaluate(() => window.rec.msgs[30]), ['news', 21, { from: 'page' }]);
+
+    // Unsubscribed channels stop; bad names are refused before anything is sent.
+    await page.evaluate(() => window.client.unsubscribe('sports'));
+    await until(page, () => window.client.subscriptions().length === 1);
+    await sleep(100);
+    await publish(gw.url, 'sports', { i: 'after' });
+    await publish(gw.url, 'news', { i: 'last' });
+    await until(page, () => window.rec.msgs.length >= 32);
+    await sleep(100);
+    assert.deepEqual(await page.evaluate(() => window.rec.msgs.slice(31)), [['news', 22, { i: 'last' }]]);
+    const refused = await page.evaluate(() => {
+      try {
+        window.client.subscribe('$user:x');
+        return 'accepted';
+      } catch (e) {
+        return e.code;
+      }
+    });
+    assert.equal(refused, 'invalid_channel');
+
+    const r = await page.evaluate(() => ({ c: window.client.counters, states: window.rec.states, errors: window.rec.errors }));
+    assert.deepEqual(r.states, ['connecting:websocket', 'connected:websocket']);
+    assert.equal(r.c.delivered, 32);
+    assert.equal(r.c.duplicates + r.c.gaps + r.c.reconnects + r.c.unrecoverable, 0);
+    assert.deepEqual(r.errors, []);
+  }));
+
+test('SDK falls back to SSE when WebSocket fails; channel changes and cut connections resume from its cursor', T, () =>
+  withEnv(async (env) => {
+    const gw = await env.gateway();
+    const proxy = await env.proxy([gw], { rejectWebSocket: true });
+    const browser = await env.browser();
+    const page = await env.page(browser, proxy.url);
+    await sdkClient(page, { channels: ['a'], backoff: { baseMs: 50, capMs: 200 } });
+    await page.evaluate(() => {
+      // Next to it, a plain EventSource (no SDK) on the same channel.
+      const es = new EventSource('/sse?channel=a');
+      window.plain = { seqs: [], opens: 0 };
+      es.onopen = () => window.plain.opens++;
+      es.onmessage = (e) => window.plain.seqs.push(JSON.parse(e.data).seq);
+    });
+    await until(page, () => window.client.state === 'connected' && window.plain.opens === 1);
+    const r0 = await page.evaluate(() => ({ t: window.client.transport, c: window.client.counters }));
+    assert.equal(r0.t, 'sse');
+    assert.equal(r0.c.fallbacks, 1);
+    assert.ok(proxy.stats.rejectedWs >= 3, `3 WebSocket attempts before the fallback, saw ${proxy.stats.rejectedWs}`);
+
+    for (let i = 1; i <= 5; i++) await publish(gw.url, 'a', { i });
+    await until(page, () => window.rec.msgs.length >= 5);
+    // A new channel reopens the stream with a cursor built from the SDK's
+    // positions: `a` resumes (publishes during the reopen are not lost) and
+    // `b` starts live, with no `unrecoverable` for it.
+    await page.evaluate(() => window.client.subscribe('b'));
+    for (let i = 6; i <= 10; i++) await publish(gw.url, 'a', { i });
+    await allSubscribed(page, 2);
+    for (let i = 1; i <= 5; i++) await publish(gw.url, 'b', { i });
+    await until(page, () => window.rec.msgs.length >= 15);
+
+    // The network drops every connection while messages keep coming.
+    proxy.cutAll();
+    for (let i = 11; i <= 20; i++) await publish(gw.url, 'a', { i });
+    await until(page, () => window.rec.msgs.filter((m) => m[0] === 'a').length >= 20 && window.plain.seqs.length >= 20);
+    await sleep(200);
+    exactlyOnceInOrder(await seqsOf(page, 'a'), 20, 'channel a');
+    exactlyOnceInOrder(await page.evaluate(() => window.plain.seqs), 20, 'plain EventSource on a');
+    assert.ok((await page.evaluate(() => window.plain.opens)) >= 2, 'the plain EventSource reconnected after the cut');
+    exactlyOnceInOrder(await seqsOf(page, 'b'), 5, 'channel b');
+    const r = await page.evaluate(() => ({ c: window.client.counters, u: window.rec.unrecoverable, t: window.client.transport }));
+    assert.equal(r.t, 'sse');
+    assert.ok(r.c.reconnects >= 1, 'reconnected after the cut');
+    assert.ok(r.c.resumes >= 2, `resumed from the cursor (${r.c.resumes})`);
+    assert.deepEqual(r.u, [], 'no unrecoverable notices');
+  }));
+
+test('drain: the SDK (WebSocket) and a plain EventSource move to another node with nothing lost', T, () =>
+  withEnv(async (env) => {
+    const redis = await env.redis();
+    const cluster = {
+      GATEWAY_REDIS_URL: redis.url,
+      GATEWAY_DRAIN_PRESTOP_DELAY_MS: '300',
+      GATEWAY_DRAIN_BATCH_INTERVAL_MS: '100',
+      GATEWAY_DRAIN_BATCH_FRACTION: '0.5',
+      GATEWAY_RECONNECT_MIN_DELAY_MS: '100',
+      GATEWAY_RECONNECT_MAX_DELAY_MS: '600',
+      GATEWAY_DRAIN_TIMEOUT_MS: '10000',
+    };
+    const a = await env.gateway({ ...cluster, GATEWAY_NODE_ID: 'gw-a' }, 'gateway a');
+    const b = await env.gateway({ ...cluster, GATEWAY_NODE_ID: 'gw-b' }, 'gateway b');
+    const lb = await env.proxy([a, b]);
+    const browser = await env.browser();
+    const page = await env.page(browser, lb.url);
+    const chan = 'orders';
+    await sdkClient(page, { channels: [chan], backoff: { baseMs: 100, capMs: 1000 } });
+    await page.evaluate((chan) => {
+      // No SDK here: what a browser does by itself with Last-Event-ID.
+      const es = new EventSource('/sse?channel=' + chan);
+      window.plain = { seqs: [], nodes: [], opens: 0 };
+      es.onopen = () => window.plain.opens++;
+      es.addEventListener('connected', (e) => window.plain.nodes.push(JSON.parse(e.data).node));
+      es.onmessage = (e) => window.plain.seqs.push(JSON.parse(e.data).seq);
+    }, chan);
+    await allSubscribed(page, 1);
+    await until(page, () => window.plain.nodes.length === 1);
+    assert.deepEqual(await page.evaluate(() => [window.rec.nodes, window.plain.nodes]), [['gw-a'], ['gw-a']]);
+
+    // Publish continuously (to the node that stays) across the whole drain.
+    const N = 150;
+    let drained;
+    for (let i = 1; i <= N; i++) {
+      await publish(b.url, chan, { i });
+      if (i === 40) drained = post(a.url, '/admin/drain');
+      await sleep(12);
+    }
+    await drained;
+    const exit = await a.exited;
+    assert.equal(exit.code, 0, 'the drained node exits 0');
+    await until(page, (n) => window.rec.msgs.length >= n && window.plain.seqs.length >= n, N);
+    await sleep(300);
+    exactlyOnceInOrder(await seqsOf(page, chan), N, 'SDK');
+    exactlyOnceInOrder(await page.evaluate(() => window.plain.seqs), N, 'plain EventSource');
+    const r = await page.evaluate(() => ({ c: window.client.counters, rec: window.rec, plain: window.plain }));
+    assert.deepEqual(r.rec.nodes, ['gw-a', 'gw-b'], 'the SDK moved to the other node');
+    assert.deepEqual(r.plain.nodes, ['gw-a', 'gw-b'], 'the EventSource moved to the other node');
+    assert.ok(r.rec.states.includes('reconnecting:websocket'), r.rec.states.join(' '));
+    assert.equal(r.c.reconnects, 1);
+    assert.ok(r.c.resumes >= 1, 'the resume token restored the subscription');
+    assert.deepEqual(r.rec.unrecoverable, []);
+  }));
+
+test('plain EventSource resumes through Last-Event-ID after the gateway cuts a slow consumer', T, () =>
+  withEnv(async (env) => {
+    const gw = await env.gateway({
+      GATEWAY_MAX_FRAME_BYTES: '4096',
+      GATEWAY_MAX_QUEUE_BYTES: '4096',
+      GATEWAY_SSE_RETRY_MS: '100',
+      GATEWAY_REPLAY_MAX_MESSAGES: '10000',
+    });
+    const front = await env.proxy([gw]);
+    const browser = await env.browser();
+    const page = await env.page(browser, front.url);
+    await page.evaluate(() => {
+      const es = new EventSource('/sse?channel=x');
+      window.plain = { seqs: [], opens: 0, errors: 0 };
+      es.onopen = () => window.plain.opens++;
+      es.onerror = () => window.plain.errors++;
+      es.onmessage = (e) => window.plain.seqs.push(JSON.parse(e.data).seq);
+    });
+    await until(page, () => window.plain.opens === 1);
+    const N = 2000;
+    const pad = 'x'.repeat(200);
+    for (let k = 0; k < N / 500; k++) {
+      await post(gw.url, '/api/batch', { items: Array.from({ length: 500 }, (_, i) => ({ channel: 'x', data: { i: k * 500 + i, pad } })) });
+    }
+    await until(page, (n) => window.plain.seqs.length >= n, N);
+    await sleep(200);
+    exactlyOnceInOrder(await page.evaluate(() => window.plain.seqs), N, 'EventSource');
+    const p = await page.evaluate(() => window.plain);
+    assert.ok(p.opens >= 2, `the stream was cut and reopened (opens: ${p.opens}, errors: ${p.errors})`);
+    const metrics = await (await fetch(gw.url + '/metrics')).text();
+    assert.match(metrics, /^gateway_slow_consumer_disconnects_total(\{[^}]*\})? [1-9]/m, 'the gateway counted a slow consumer');
+  }));
+
+test('SDK with a token provider: expired token (4005), refresh_required, user stream resumed with connect.since', T, () =>
+  withEnv(async (env) => {
+    const secret = 'browser-test-secret-0123456789';
+    const gw = await env.gateway({ GATEWAY_JWT_SECRET: secret, GATEWAY_REFRESH_WINDOW_MS: '2500' });
+    const proxy = await env.proxy([gw]);
+    const browser = await env.browser();
+    const page = await env.page(browser, proxy.url);
+    const now = () => Math.floor(Date.now() / 1000);
+    const token = (ttl) => jwt(secret, { sub: 'alice', exp: now() + ttl, subscribe: ['*'], publish: ['*'] });
+    // 1st call: already expired; 2nd: expires in 3 s (refresh_required at once); then long-lived.
+    await page.exposeFunction('mintToken', (call) => token(call === 1 ? -10 : call === 2 ? 3 : 600));
+    await sdkClient(page, { tokenProvider: true, channels: ['room'], backoff: { baseMs: 50, capMs: 200 } });
+    await until(page, () => window.client.counters.refreshes === 1);
+    const r1 = await page.evaluate(() => ({ rec: window.rec, c: window.client.counters, info: window.client.info }));
+    assert.equal(r1.rec.tokenCalls, 3, 'expired token, fresh token, refresh');
+    assert.ok(r1.rec.states.includes('reconnecting:websocket:4005'), r1.rec.states.join(' '));
+    assert.equal(r1.info.user, 'alice');
+    assert.equal(r1.info.userChannel, '$user:alice');
+
+    const send = (i) => post(gw.url, '/api/send', { user: 'alice', data: { i } });
+    for (let i = 1; i <= 5; i++) await send(i);
+    await publish(gw.url, 'room', { i: 1 });
+    await until(page, () => window.rec.msgs.length >= 6);
+    // Past the second token's expiry: the refreshed connection stays up.
+    await sleep(3200);
+    // Cut the connection; messages sent meanwhile come back through connect.since.
+    proxy.cutAll();
+    for (let i = 6; i <= 15; i++) await send(i);
+    await publish(gw.url, 'room', { i: 2 });
+    await until(page, () => window.rec.msgs.length >= 17);
+    await sleep(200);
+    exactlyOnceInOrder(await seqsOf(page, '$user:alice'), 15, 'user stream');
+    exactlyOnceInOrder(await seqsOf(page, 'room'), 2, 'room');
+    const r = await page.evaluate(() => ({ rec: window.rec, c: window.client.counters }));
+    assert.equal(r.c.reconnects, 2, 'after the 4005, and after the cut');
+    assert.equal(r.c.refreshes, 1);
+    assert.ok(!r.rec.states.some((s) => s.endsWith(':4005') && s !== 'reconnecting:websocket:4005') && r.rec.states.filter((s) => s.endsWith(':4005')).length === 1, r.rec.states.join(' '));
+    assert.deepEqual(r.rec.unrecoverable, []);
+  }));
+
+test('SDK over SSE with a token: the cursor covers the user stream across channel changes and cuts', T, () =>
+  withEnv(async (env) => {
+    const secret = 'browser-test-secret-0123456789';
+    const gw = await env.gateway({ GATEWAY_JWT_SECRET: secret });
+    const proxy = await env.proxy([gw]);
+    const browser = await env.browser();
+    const page = await env.page(browser, proxy.url);
+    const token = await jwt(secret, { sub: 'bob', exp: Math.floor(Date.now() / 1000) + 600, subscribe: ['*'] });
+    await sdkClient(page, { transport: 'sse', token, channels: ['n1'], backoff: { baseMs: 50, capMs: 200 } });
+    await allSubscribed(page, 2); // n1 and $user:bob
+    const send = (i) => post(gw.url, '/api/send', { user: 'bob', data: { i } });
+    for (let i = 1; i <= 3; i++) await send(i);
+    await publish(gw.url, 'n1', { i: 1 });
+    await until(page, () => window.rec.msgs.length >= 4);
+    await page.evaluate(() => window.client.subscribe('n2'));
+    for (let i = 4; i <= 6; i++) await send(i);
+    await allSubscribed(page, 3);
+    await publish(gw.url, 'n2', { i: 1 });
+    proxy.cutAll();
+    for (let i = 7; i <= 9; i++) await send(i);
+    await publish(gw.url, 'n1', { i: 2 });
+    await until(page, () => window.rec.msgs.length >= 12);
+    await sleep(200);
+    exactlyOnceInOrder(await seqsOf(page, '$user:bob'), 9, 'user stream over SSE');
+    exactlyOnceInOrder(await seqsOf(page, 'n1'), 2, 'n1');
+    exactlyOnceInOrder(await seqsOf(page, 'n2'), 1, 'n2');
+    const r = await page.evaluate(() => ({ rec: window.rec, c: window.client.counters, info: window.client.info }));
+    assert.equal(r.info.transport, 'sse');
+    assert.equal(r.info.userChannel, '$user:bob');
+    assert.ok(r.c.reconnects >= 1);
+    assert.deepEqual(r.rec.unrecoverable, [], 'no channel lost its position (the cursor hash covered $user:bob)');
+  }));
+
+test('demo page at / shows live messages through the SDK', T, () =>
+  withEnv(async (env) => {
+    const gw = await env.gateway();
+    const browser = await env.browser();
+    const page = await env.page(browser, gw.url, '/?channel=news');
+    await until(page, () => document.querySelector('#state').dataset.state === 'connected');
+    await until(page, () => window.demo.state.channels.news && window.demo.state.channels.news.status === 'subscribed');
+    for (let i = 1; i <= 3; i++) await publish(gw.url, 'news', { text: 'hello ' + i });
+    await until(page, () => document.querySelectorAll('#messages li[data-channel="news"]').length === 3);
+    const rows = await page.$$eval('#messages li', (lis) => lis.map((li) => [li.dataset.channel, li.dataset.seq, li.querySelector('pre').textContent]));
+    assert.deepEqual(rows, [
+      ['news', '3', '{"text":"hello 3"}'],
+      ['news', '2', '{"text":"hello 2"}'],
+      ['news', '1', '{"text":"hello 1"}'],
+    ]);
+    const demo = await page.evaluate(() => ({ n: window.demo.messages.length, c: window.demo.counters, s: window.demo.state.status }));
+    assert.equal(demo.n, 3);
+    assert.equal(demo.c.messages, 3);
+    assert.equal(demo.s, 'connected');
+    assert.equal(await page.textContent('#counters [data-counter="messages"]'), '3');
+
+    // Subscribe to another channel and publish to it with the page's own form.
+    await page.fill('#subchan', 'chat:1');
+    await page.click('#subform button');
+    await until(page, () => window.demo.state.channels['chat:1'] && window.demo.state.channels['chat:1'].status === 'subscribed');
+    await page.fill('#pubchan', 'chat:1');
+    await page.fill('#pubdata', '{"text":"from the form"}');
+    await page.click('#pubform button');
+    await until(page, () => document.querySelector('#messages li[data-channel="chat:1"]'));
+    assert.match(await page.textContent('#pubout'), /published to chat:1: seq 1/);
+    const first = await page.$eval('#messages li', (li) => [li.dataset.channel, li.dataset.seq]);
+    assert.deepEqual(first, ['chat:1', '1']);
+
+    // Disconnect, miss a message, connect again: it resumes from where it was.
+    await page.click('#disconnect');
+    await until(page, () => document.querySelector('#state').dataset.state === 'closed');
+    await publish(gw.url, 'news', { text: 'while away' });
+    await page.click('#connform button');
+    await until(page, () => document.querySelectorAll('#messages li[data-channel="news"]').length === 4);
+    assert.deepEqual(await page.$eval('#messages li', (li) => [li.dataset.channel, li.dataset.seq]), ['news', '4']);
+    assert.equal(await page.evaluate(() => window.demo.counters.resumes), 2, 'news and chat:1 resumed');
+    assert.deepEqual(env.pageLogs.filter((l) => !l.includes('closed before the connection')), [], 'no errors in the page');
+  }));

@@ -1,0 +1,382 @@
+// Unit tests in Node, no browser: backoff, de-duplication, the SSE cursor,
+// and the client's reconnect/resume logic against fake transports.
+// They run against dist/ (`npm run build` first; `npm test` does).
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+import { Backoff, GatewayClient, Tracker, channelHash, decodeCursor, encodeCursor, jitter } from '../dist/index.js';
+
+describe('backoff', () => {
+  test('ceiling doubles from the base, then stays at the cap', () => {
+    const b = new Backoff(100, 5000);
+    assert.deepEqual([0, 1, 2, 3, 4, 5, 6, 7].map((a) => b.ceiling(a)), [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+    assert.equal(b.ceiling(1e9), 5000, 'no overflow for absurd attempts');
+    assert.equal(new Backoff().ceiling(0), 500, 'default base 500 ms');
+    assert.equal(new Backoff().ceiling(20), 30_000, 'default cap 30 s');
+    assert.equal(new Backoff(2000, 1000).capMs, 2000, 'a cap below the base is raised to it');
+    assert.equal(new Backoff(0, 0).delay(5), 0);
+  });
+
+  test('full jitter: uniform over [0, ceiling)', () => {
+    const b = new Backoff(100, 2000);
+    for (let attempt = 0; attempt < 8; attempt++) {
+      const c = b.ceiling(attempt);
+      const xs = Array.from({ length: 4000 }, () => b.delay(attempt));
+      assert.ok(xs.every((x) => x >= 0 && x < c), `attempt ${attempt}: a delay outside [0, ${c})`);
+      const low = xs.filter((x) => x < c / 4).length;
+      const high = xs.filter((x) => x > (c * 3) / 4).length;
+      assert.ok(low > 700 && high > 700, `attempt ${attempt}: ${low} low, ${high} high of 4000`);
+      const mean = xs.reduce((s, x) => s + x, 0) / xs.length;
+      assert.ok(mean > c * 0.45 && mean < c * 0.55, `attempt ${attempt}: mean ${mean} of ceiling ${c}`);
+    }
+    assert.equal(b.delay(3, () => 0.5), 400, 'uses the given random source');
+  });
+
+  test('jitter between the bounds of a reconnect window', () => {
+    for (let i = 0; i < 1000; i++) {
+      const d = jitter(100, 300);
+      assert.ok(d >= 100 && d < 300, String(d));
+    }
+    assert.equal(jitter(300, 100), 300);
+    assert.equal(jitter(100, 300, () => 0.5), 200);
+  });
+});
+
+describe('de-duplication (Tracker)', () => {
+  test('delivers in order and drops duplicates', () => {
+    const t = new Tracker();
+    t.subscribed(5, 'e1');
+    assert.deepEqual(t.pos, { seq: 5, epoch: 'e1' });
+    assert.equal(t.admit(5, 'e1'), 'duplicate');
+    assert.equal(t.admit(3, 'e1'), 'duplicate');
+    assert.equal(t.admit(6, 'e1'), 'deliver');
+    assert.equal(t.admit(6, 'e1'), 'duplicate');
+    assert.equal(t.admit(7, 'e1'), 'deliver');
+    assert.deepEqual(t.pos, { seq: 7, epoch: 'e1' });
+  });
+
+  test('a gap is not delivered and keeps the position', () => {
+    const t = new Tracker();
+    t.adopt(10, 'e');
+    assert.equal(t.admit(12, 'e'), 'gap');
+    assert.deepEqual(t.pos, { seq: 10, epoch: 'e' });
+    assert.equal(t.admit(11, 'e'), 'deliver');
+    assert.equal(t.admit(12, 'e'), 'deliver');
+  });
+
+  test('epochs and unrecoverable', () => {
+    const t = new Tracker();
+    assert.equal(t.admit(4, 'a'), 'deliver', 'the first message seen is taken as is');
+    t.adopt(0, 'b');
+    assert.deepEqual(t.pos, { seq: 0, epoch: 'b' });
+    assert.equal(t.admit(4, 'a'), 'deliver', 'a message of another epoch is followed');
+    t.adopt(100, 'b');
+    assert.equal(t.admit(100, 'b'), 'duplicate');
+    assert.equal(t.admit(101, 'b'), 'deliver');
+  });
+
+  test('subscribed: keep our since when recovered is present, else adopt the top unless already there', () => {
+    const t = new Tracker();
+    t.adopt(3, 'e');
+    t.subscribed(9, 'e', true);
+    assert.deepEqual(t.pos, { seq: 3, epoch: 'e' });
+    t.subscribed(9, 'x', false);
+    assert.deepEqual(t.pos, { seq: 3, epoch: 'e' });
+    t.subscribed(2, 'e');
+    assert.deepEqual(t.pos, { seq: 3, epoch: 'e' });
+    t.subscribed(7, 'e', null);
+    assert.deepEqual(t.pos, { seq: 7, epoch: 'e' });
+    t.subscribed(1, 'f');
+    assert.deepEqual(t.pos, { seq: 1, epoch: 'f' });
+  });
+});
+
+describe('SSE cursor', () => {
+  test('the worked examples of docs/PROTOCOL.md', () => {
+    assert.equal(channelHash(['news', '$user:alice']), 'fa8736ad');
+    assert.equal(encodeCursor(['news', '$user:alice'], [{ seq: 42, epoch: 'k3f9' }, { seq: 7, epoch: 'Z1' }]), 'v1.fa8736ad.k3f9-42.Z1-7');
+    assert.equal(encodeCursor(['news'], [{ seq: 42, epoch: 'k3f9' }]), 'v1.4bc7bc46.k3f9-42');
+  });
+
+  test('FNV-1a 32 reference values, hex padded to 8 digits', () => {
+    assert.equal(channelHash(['']), '811c9dc5');
+    assert.equal(channelHash(['a']), 'e40c292c');
+    assert.equal(channelHash(['foobar']), 'bf9cf968');
+    assert.match(channelHash(['x', 'y']), /^[0-9a-f]{8}$/);
+  });
+
+  test('decodes what it encodes, and refuses other channel lists and malformed ids', () => {
+    const chans = ['news', 'chat:room-1/a.b@c=d+e_f', '$user:alice'];
+    const pos = [{ seq: 0, epoch: 'Z1' }, { seq: 9007199254740991, epoch: 'abc123XY' }, { seq: 5, epoch: 'q' }];
+    const c = encodeCursor(chans, pos);
+    assert.deepEqual(decodeCursor(c, chans), pos);
+    assert.deepEqual(decodeCursor(' ' + c + ' ', chans), pos);
+    assert.equal(decodeCursor(c, chans.slice(0, 2)), null, 'fewer channels');
+    assert.equal(decodeCursor(c, [chans[2], chans[0], chans[1]]), null, 'other order');
+    for (const bad of ['', 'v2.x', 'v1.zz.a-1', 'v1.4bc7bc46.a-b', 'v1.4bc7bc46.-1', 'v1.4bc7bc46.a_b-1']) {
+      assert.equal(decodeCursor(bad, ['news']), null, bad);
+    }
+  });
+});
+
+// ---- the client against fake transports ------------------------------------
+
+const tick = (ms = 0) => new Promise((r) => setTimeout(r, ms));
+async function eventually(fn, what, ms = 2000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const v = fn();
+    if (v) return v;
+    if (Date.now() > end) throw new Error('timed out waiting for ' + what);
+    await tick(2);
+  }
+}
+
+/** A scripted WebSocket: the test plays the server. */
+function fakeWebSocket() {
+  const sockets = [];
+  class FakeWS {
+    constructor(url, protocol) {
+      Object.assign(this, { url, protocol, sent: [], readyState: 0 });
+      sockets.push(this);
+    }
+    open() {
+      this.readyState = 1;
+      this.onopen?.();
+    }
+    send(d) {
+      this.sent.push(JSON.parse(d));
+    }
+    close(code) {
+      this.readyState = 3;
+      this.closedWith = code;
+    }
+    recv(f) {
+      this.onmessage?.({ data: JSON.stringify(f) });
+    }
+    drop(code = 1006, reason = '') {
+      this.readyState = 3;
+      this.onclose?.({ code, reason });
+    }
+  }
+  return { FakeWS, sockets, next: (n) => eventually(() => sockets[n], `WebSocket #${n}`) };
+}
+
+function client(opts) {
+  const c = new GatewayClient({ url: 'http://gw.test:8080', backoff: { baseMs: 1, capMs: 5 }, ...opts });
+  const rec = { states: [], msgs: [], unrecoverable: [], errors: [] };
+  c.on('state', (s) => rec.states.push(s.state + (s.code ? ':' + s.code : '')));
+  c.on('message', (m) => rec.msgs.push(m.channel + '#' + m.seq));
+  c.on('unrecoverable', (u) => rec.unrecoverable.push(u));
+  c.on('error', (e) => rec.errors.push(e.code));
+  return { c, rec };
+}
+
+const connected = (extra = {}) => ({ type: 'connected', client: 'c1', user: '', ping_interval_ms: 25000, node: 'n1', ...extra });
+
+describe('client (fake WebSocket)', () => {
+  test('subscribes, drops duplicates, resumes with since after a lost connection', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c, rec } = client({ WebSocket: FakeWS, channels: ['news'] });
+    const ws = await next(0);
+    assert.equal(ws.url, 'ws://gw.test:8080/ws');
+    assert.equal(ws.protocol, 'gateway.json.v1');
+    ws.open();
+    assert.deepEqual(ws.sent, [{ type: 'connect' }]);
+    ws.recv(connected());
+    const sub = ws.sent[1];
+    assert.equal(sub.type, 'subscribe');
+    assert.equal(sub.channel, 'news');
+    assert.equal(sub.since, undefined);
+    ws.recv({ type: 'subscribed', id: sub.id, channel: 'news', epoch: 'E', seq: 4 });
+    for (const seq of [5, 6, 6, 5, 7]) ws.recv({ type: 'message', channel: 'news', seq, epoch: 'E', data: seq });
+    assert.deepEqual(rec.msgs, ['news#5', 'news#6', 'news#7']);
+    assert.equal(c.counters.duplicates, 2);
+    ws.recv({ type: 'ping' });
+    assert.deepEqual(ws.sent.at(-1), { type: 'pong' });
+
+    ws.drop(1006);
+    const ws2 = await next(1);
+    ws2.open();
+    ws2.recv(connected({ node: 'n2' }));
+    const again = ws2.sent[1];
+    assert.deepEqual(again.since, { seq: 7, epoch: 'E' }, 'resumes from the last delivered position');
+    ws2.recv({ type: 'subscribed', id: again.id, channel: 'news', epoch: 'E', seq: 9, recovered: true });
+    for (const seq of [7, 8, 9, 10]) ws2.recv({ type: 'message', channel: 'news', seq, epoch: 'E', data: seq });
+    assert.deepEqual(rec.msgs, ['news#5', 'news#6', 'news#7', 'news#8', 'news#9', 'news#10']);
+    assert.deepEqual(rec.states, ['connecting', 'connected', 'reconnecting:1006', 'connecting', 'connected']);
+    assert.equal(c.counters.reconnects, 1);
+    assert.equal(c.counters.resumes, 1);
+    c.close();
+  });
+
+  test('reconnect frame: waits in the window, connects with resume, does not resubscribe resumed channels', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS, channels: ['a', 'b'] });
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected({ user: 'u', user_channel: '$user:u' }));
+    for (const f of ws.sent.slice(1)) ws.recv({ type: 'subscribed', id: f.id, channel: f.channel, epoch: 'E', seq: 1 });
+    ws.recv({ type: 'subscribed', channel: '$user:u', epoch: 'U', seq: 3 });
+    ws.recv({ type: 'message', channel: '$user:u', seq: 4, epoch: 'U', data: 'x' });
+    const t0 = Date.now();
+    ws.recv({ type: 'reconnect', token: 'RT', min_delay_ms: 40, max_delay_ms: 60 });
+    assert.equal(ws.closedWith, 1000, 'closes the old connection at once');
+    assert.equal(c.state, 'reconnecting');
+    const ws2 = await next(1);
+    const waited = Date.now() - t0;
+    assert.ok(waited >= 38 && waited < 200, `waited ${waited} ms`);
+    ws2.open();
+    assert.deepEqual(ws2.sent[0], { type: 'connect', resume: 'RT', since: { seq: 4, epoch: 'U' } });
+    ws2.recv(connected({ user: 'u', user_channel: '$user:u', resumed: ['a'] }));
+    assert.deepEqual(ws2.sent.slice(1).map((f) => [f.type, f.channel, f.since]), [['subscribe', 'b', { seq: 1, epoch: 'E' }]]);
+    c.close();
+  });
+
+  test('terminal close codes stop the client; others reconnect', async () => {
+    const { FakeWS, sockets, next } = fakeWebSocket();
+    const { c, rec } = client({ WebSocket: FakeWS });
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    ws.recv({ type: 'error', code: 101, name: 'unauthorized', message: 'bad token', temporary: false });
+    ws.drop(4500, 'unauthorized');
+    await tick(20);
+    assert.equal(sockets.length, 1, 'no reconnection after 4500');
+    assert.equal(c.state, 'closed');
+    assert.deepEqual(rec.states.at(-1), 'closed:4500');
+    assert.deepEqual(rec.errors, [101]);
+    c.connect();
+    (await next(1)).drop(1008);
+    await tick(20);
+    assert.equal(sockets.length, 2, 'no reconnection after 1008');
+  });
+
+  test('token provider: called again after close 4005, and on refresh_required', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    let calls = 0;
+    const { c } = client({ WebSocket: FakeWS, token: async () => 'T' + ++calls });
+    const ws = await next(0);
+    ws.open();
+    assert.equal(ws.sent[0].token, 'T1');
+    ws.recv({ type: 'error', code: 102, name: 'token_expired', message: 'expired', temporary: false });
+    ws.drop(4005, 'token expired');
+    const ws2 = await next(1);
+    ws2.open();
+    assert.equal(ws2.sent[0].token, 'T2', 'a fresh token after 4005');
+    ws2.recv(connected());
+    ws2.recv({ type: 'refresh_required', expires_at: 1 });
+    const refresh = await eventually(() => ws2.sent.find((f) => f.type === 'refresh'), 'refresh');
+    assert.equal(refresh.token, 'T3');
+    ws2.recv({ type: 'refreshed', id: refresh.id, expires_at: 2 });
+    assert.equal(c.counters.refreshes, 1);
+    c.close();
+  });
+
+  test('a fixed token that expired stops the client (4005 will not get better)', async () => {
+    const { FakeWS, sockets, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS, token: 'fixed' });
+    (await next(0)).drop(4005);
+    await tick(20);
+    assert.equal(sockets.length, 1);
+    assert.equal(c.state, 'closed');
+  });
+
+  test('a gap is not delivered: the client reconnects and resumes from the last position', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c, rec } = client({ WebSocket: FakeWS, channels: ['g'] });
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    ws.recv({ type: 'subscribed', id: ws.sent[1].id, channel: 'g', epoch: 'E', seq: 1 });
+    ws.recv({ type: 'message', channel: 'g', seq: 2, epoch: 'E', data: 2 });
+    ws.recv({ type: 'message', channel: 'g', seq: 4, epoch: 'E', data: 4 });
+    assert.deepEqual(rec.msgs, ['g#2']);
+    assert.equal(c.counters.gaps, 1);
+    const ws2 = await next(1);
+    ws2.open();
+    ws2.recv(connected());
+    assert.deepEqual(ws2.sent[1].since, { seq: 2, epoch: 'E' });
+    c.close();
+  });
+
+  test('unrecoverable: adopt its position and tell the application', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c, rec } = client({ WebSocket: FakeWS, channels: ['u'] });
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    ws.recv({ type: 'subscribed', id: ws.sent[1].id, channel: 'u', epoch: 'E', seq: 3, recovered: false });
+    ws.recv({ type: 'unrecoverable', channel: 'u', reason: 'too_old', epoch: 'E', seq: 50 });
+    ws.recv({ type: 'message', channel: 'u', seq: 51, epoch: 'E', data: 1 });
+    assert.deepEqual(rec.msgs, ['u#51']);
+    assert.deepEqual(rec.unrecoverable, [{ channel: 'u', reason: 'too_old', epoch: 'E', seq: 50 }]);
+    c.close();
+  });
+
+  test('publish resolves with the position; fails fast when not connected', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS });
+    await assert.rejects(c.publish('x', 1), (e) => e.code === 'not_connected' && e.temporary);
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    const p = c.publish('x', { a: 1 });
+    const f = ws.sent.at(-1);
+    assert.deepEqual([f.type, f.channel, f.data], ['publish', 'x', { a: 1 }]);
+    ws.recv({ type: 'published', id: f.id, channel: 'x', seq: 8, epoch: 'E' });
+    assert.deepEqual(await p, { seq: 8, epoch: 'E' });
+    const q = c.publish('secret', 1);
+    ws.recv({ type: 'error', id: ws.sent.at(-1).id, code: 103, name: 'permission_denied', message: 'no', temporary: false });
+    await assert.rejects(q, (e) => e.code === 103 && !e.temporary);
+    c.close();
+  });
+});
+
+describe('client (fake EventSource)', () => {
+  test('falls back to SSE after 3 failed WebSocket attempts; the cursor carries its positions', async () => {
+    const { FakeWS, sockets } = fakeWebSocket();
+    const streams = [];
+    class FakeES {
+      constructor(url) {
+        Object.assign(this, { url, readyState: 0, ls: {} });
+        streams.push(this);
+      }
+      addEventListener(type, fn) {
+        (this.ls[type] ||= []).push(fn);
+      }
+      emit(type, data, lastEventId = '') {
+        for (const fn of this.ls[type] || []) fn({ data: JSON.stringify(data), lastEventId });
+      }
+      close() {
+        this.readyState = 2;
+      }
+    }
+    const { c, rec } = client({ WebSocket: FakeWS, EventSource: FakeES, channels: ['news'] });
+    for (let i = 0; i < 3; i++) (await eventually(() => sockets[i], 'ws')).drop(1006);
+    const es = await eventually(() => streams[0], 'EventSource');
+    assert.equal(sockets.length, 3);
+    assert.equal(c.transport, 'sse');
+    assert.equal(c.counters.fallbacks, 1);
+    assert.equal(es.url, 'http://gw.test:8080/sse?channel=news');
+    es.emit('connected', connected(), 'v1.4bc7bc46.k3f9-42');
+    assert.deepEqual(c.subscriptions()[0].position, { seq: 42, epoch: 'k3f9' }, 'position from the cursor');
+    es.emit('message', { type: 'message', channel: 'news', seq: 43, epoch: 'k3f9', data: 1 });
+
+    // A new channel reopens the stream with a cursor of our positions; the
+    // new channel's placeholder brings an unrecoverable that is not news.
+    c.subscribe('chat:1');
+    const es2 = await eventually(() => streams[1], 'second EventSource');
+    assert.equal(es.readyState, 2);
+    const url = new URL(es2.url);
+    assert.deepEqual(url.searchParams.getAll('channel'), ['news', 'chat:1']);
+    assert.equal(url.searchParams.get('last_event_id'), encodeCursor(['news', 'chat:1'], [{ seq: 43, epoch: 'k3f9' }, { seq: 0, epoch: '0' }]));
+    es2.emit('connected', connected(), encodeCursor(['news', 'chat:1'], [{ seq: 43, epoch: 'k3f9' }, { seq: 7, epoch: 'Q' }]));
+    es2.emit('unrecoverable', { type: 'unrecoverable', channel: 'chat:1', reason: 'epoch_changed', epoch: 'Q', seq: 7 });
+    es2.emit('message', { type: 'message', channel: 'chat:1', seq: 8, epoch: 'Q', data: 1 });
+    es2.emit('message', { type: 'message', channel: 'news', seq: 43, epoch: 'k3f9', data: 1 });
+    assert.deepEqual(rec.msgs, ['news#43', 'chat:1#8']);
+    assert.deepEqual(rec.unrecoverable, []);
+    assert.equal(c.counters.duplicates, 1);
+    c.close();
+  });
+});

@@ -1,0 +1,1362 @@
+//! Cluster mode: real redis-server, nats-server, several gateway nodes (and
+//! HAProxy) on loopback; see `tests::cluster`. Every test asserts message by
+//! message: per channel, sequences contiguous, data intact, exactly once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use futures_util::future::try_join_all;
+use protocol::{
+    ClientFrame, Codec, Position, ServerFrame, SseCursor, Subscribe, Subscribed,
+    UnrecoverableReason,
+};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tests::cluster::{msgs, post_api, sse_at, Backbone, Cluster, Got, Rx};
+use tests::{within, Gateway, Incoming, PublishResult, SseClient, TempDir, WsClient, TIMEOUT};
+
+use super::{payload, pos, R};
+
+type Items = BTreeMap<String, Vec<Got>>;
+
+/// `got` must equal `want` item by item (the first difference is reported).
+fn same(what: &str, got: &[Got], want: &[Got]) -> R {
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        ensure!(
+            g == w,
+            "{what}: item {i} differs\n  got:  {g:?}\n  want: {w:?}"
+        );
+    }
+    ensure!(
+        got.len() == want.len(),
+        "{what}: {} items, want {}\n  got:  {got:?}\n  want: {want:?}",
+        got.len(),
+        want.len()
+    );
+    Ok(())
+}
+
+/// Every channel of `got` is in `want` and equal to it, and vice versa.
+fn same_items(what: &str, got: &Items, want: &[(&str, Vec<Got>)]) -> R {
+    for channel in got.keys() {
+        ensure!(
+            want.iter().any(|(c, _)| c == channel),
+            "{what}: unexpected items of channel {channel}: {:?}",
+            got[channel]
+        );
+    }
+    for (channel, items) in want {
+        let empty = Vec::new();
+        same(
+            &format!("{what} [{channel}]"),
+            got.get(*channel).unwrap_or(&empty),
+            items,
+        )?;
+    }
+    Ok(())
+}
+
+/// Total items of `want` (to know how many to take).
+fn count(want: &[(&str, Vec<Got>)]) -> usize {
+    want.iter().map(|(_, v)| v.len()).sum()
+}
+
+/// Takes exactly what `want` names from `rx` and compares per channel.
+async fn expect_items(what: &str, rx: &mut Rx, want: &[(&str, Vec<Got>)]) -> R {
+    let got = rx.take(count(want)).await.context(what.to_owned())?;
+    same_items(what, &got, want)
+}
+
+/// The first event of an SSE stream must be `connected`; returns it.
+async fn sse_connected(sse: &mut SseClient) -> anyhow::Result<(String, protocol::Connected)> {
+    let (ev, f) = sse.next_frame().await?;
+    match f {
+        ServerFrame::Connected(c) if ev.event.as_deref() == Some("connected") => {
+            Ok((ev.id.unwrap_or_default(), c))
+        }
+        other => bail!("expected the connected event, got {ev:?} {other:?}"),
+    }
+}
+
+/// Sends `subscribe` and reads up to its `subscribed`, keeping the messages
+/// of other channels that arrive meanwhile.
+async fn subscribe_amid(
+    ws: &mut WsClient,
+    channel: &str,
+    since: Option<Position>,
+) -> anyhow::Result<(Subscribed, Vec<(String, Got)>)> {
+    let id = ws.id();
+    ws.send(&ClientFrame::Subscribe(Subscribe {
+        id: Some(id),
+        channel: channel.into(),
+        since,
+    }))
+    .await?;
+    let mut before = Vec::new();
+    loop {
+        match ws.recv().await? {
+            ServerFrame::Subscribed(s) if s.id == Some(id) => return Ok((s, before)),
+            ServerFrame::Message(m) => before.push((
+                m.channel,
+                Got::Msg {
+                    seq: m.seq,
+                    epoch: m.epoch,
+                    data: m.data,
+                },
+            )),
+            other => bail!("waiting for subscribed {id}: got {other:?}"),
+        }
+    }
+}
+
+fn report(what: &str, values: &[f64]) {
+    eprintln!("{what}: {values:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 1. Broadcast across nodes, concurrent publishers on different nodes
+// ---------------------------------------------------------------------------
+
+async fn broadcast(c: &Cluster) -> R {
+    let chan = "news:cluster";
+    let mut rxs: Vec<(String, Rx)> = Vec::new();
+    for i in 0..c.len() {
+        let gw = c.node(i);
+        let token = gw.token(&format!("b{i}"), &["news:*"], &[], 600);
+        for codec in [Codec::Json, Codec::MsgPack] {
+            let (mut ws, connected) = gw.ws_connected(codec, &token).await?;
+            ensure!(connected.node == c.node_id(i), "{connected:?}");
+            let s = ws.subscribe(chan, None).await?;
+            ensure!(s.seq == 0 && s.recovered.is_none(), "{s:?}");
+            rxs.push((format!("{}/ws-{codec:?}", c.node_id(i)), Rx::Ws(ws)));
+        }
+        let mut sse = gw.sse(&[chan], Some(&token), None).await?;
+        let (_, connected) = sse_connected(&mut sse).await?;
+        ensure!(connected.node == c.node_id(i), "{connected:?}");
+        rxs.push((format!("{}/sse", c.node_id(i)), Rx::Sse(sse)));
+    }
+
+    // Two publishing lanes per node, all at once: sequences interleave
+    // across nodes (and with NATS, may reach a node out of order).
+    const LANES: usize = 2;
+    const PER_LANE: u64 = 25;
+    let total = (c.len() * LANES) as u64 * PER_LANE;
+    let lanes: Vec<(usize, usize)> = (0..c.len())
+        .flat_map(|i| (0..LANES).map(move |l| (i, l)))
+        .collect();
+    let publishers = lanes.iter().map(|&(i, lane)| async move {
+        let mut out = Vec::new();
+        for k in 0..PER_LANE {
+            let data = json!({"from": format!("{}-{lane}", c.node_id(i)), "k": k, "p": payload(k)});
+            let r = c.node(i).publish(chan, data.clone()).await?;
+            out.push((r, data));
+        }
+        anyhow::Ok(out)
+    });
+    let receivers = rxs.iter_mut().map(|(name, rx)| async move {
+        rx.take(total as usize)
+            .await
+            .with_context(|| format!("receiving on {name}"))
+    });
+    let (published, received) = tokio::join!(try_join_all(publishers), try_join_all(receivers));
+    let published = published?;
+    let received = received?;
+
+    let epoch = published[0][0].0.epoch.clone();
+    let mut by_seq: BTreeMap<u64, Value> = BTreeMap::new();
+    for lane in &published {
+        // A lane publishes one after the other: its sequences increase.
+        ensure!(
+            lane.windows(2).all(|w| w[0].0.seq < w[1].0.seq),
+            "one lane's sequences go back: {:?}",
+            lane.iter().map(|(r, _)| r.seq).collect::<Vec<_>>()
+        );
+        for (r, data) in lane {
+            ensure!(r.epoch == epoch && r.channel == chan, "{r:?}");
+            ensure!(
+                by_seq.insert(r.seq, data.clone()).is_none(),
+                "seq {} given to two publishes",
+                r.seq
+            );
+        }
+    }
+    ensure!(
+        by_seq.keys().copied().eq(1..=total),
+        "the API gave sequences other than 1..={total}"
+    );
+    let want = msgs(&epoch, by_seq.iter().map(|(s, d)| (*s, d)));
+    for ((name, _), got) in rxs.iter().zip(&received) {
+        same_items(name, got, &[(chan, want.clone())])?;
+    }
+
+    // Nothing else was pending: the next thing each gets is the next message.
+    let end = c.node(1).publish(chan, json!("end")).await?;
+    ensure!(end.seq == total + 1, "{end:?}");
+    for (name, rx) in &mut rxs {
+        expect_items(
+            name,
+            rx,
+            &[(chan, vec![Got::msg(total + 1, &epoch, json!("end"))])],
+        )
+        .await?;
+    }
+
+    let mut dup = Vec::new();
+    let mut replayed = Vec::new();
+    for i in 0..c.len() {
+        dup.push(
+            c.node(i)
+                .metric("gateway_duplicates_suppressed_total")
+                .await?,
+        );
+        replayed.push(c.node(i).metric("gateway_messages_replayed_total").await?);
+    }
+    report(
+        &format!("{:?} broadcast: duplicates suppressed per node", c.backbone),
+        &dup,
+    );
+    report(
+        &format!(
+            "{:?} broadcast: gap repairs (replayed) per node",
+            c.backbone
+        ),
+        &replayed,
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn cluster_broadcast_reaches_every_subscriber_once_in_order_redis() -> R {
+    let c = Cluster::builder(Backbone::Redis).start().await?;
+    let r = broadcast(&c).await;
+    c.check(r)
+}
+
+#[tokio::test]
+async fn cluster_broadcast_reaches_every_subscriber_once_in_order_nats() -> R {
+    let c = Cluster::builder(Backbone::Nats).start().await?;
+    let r = broadcast(&c).await;
+    c.check(r)
+}
+
+// ---------------------------------------------------------------------------
+// 2. Unicast reaches only the user's connections, only on their nodes
+// ---------------------------------------------------------------------------
+
+async fn unicast(c: &Cluster) -> R {
+    // user -> (node, transport) of each of their connections
+    let layout: [(&str, &[(usize, &str)]); 3] = [
+        ("alice", &[(0, "ws"), (1, "sse")]),
+        ("bob", &[(1, "ws"), (2, "sse")]),
+        ("carol", &[(2, "ws")]),
+    ];
+    let mut rxs: Vec<(String, String, Rx)> = Vec::new(); // (user, label, rx)
+    for (user, conns) in layout {
+        for &(node, transport) in conns {
+            let gw = c.node(node);
+            let token = gw.token(user, &["quiet:*"], &[], 600);
+            let label = format!("{user}@{}/{transport}", c.node_id(node));
+            let rx = if transport == "ws" {
+                let (ws, connected) = gw.ws_connected(Codec::MsgPack, &token).await?;
+                ensure!(connected.node == c.node_id(node), "{connected:?}");
+                Rx::Ws(ws)
+            } else {
+                let quiet = format!("quiet:{user}");
+                let mut sse = gw.sse(&[&quiet], Some(&token), None).await?;
+                sse_connected(&mut sse).await?;
+                Rx::Sse(sse)
+            };
+            rxs.push((user.to_owned(), label, rx));
+        }
+    }
+    let holders: HashMap<&str, Vec<usize>> = layout
+        .iter()
+        .map(|(u, conns)| (*u, conns.iter().map(|(n, _)| *n).collect()))
+        .collect();
+
+    let mut before = c.backbone_received().await?;
+    // (user, node the API call goes to, messages); the sending node holds
+    // none of the user's connections, or only one of them.
+    for (user, from, n) in [("alice", 2, 5u64), ("bob", 0, 3), ("carol", 1, 2)] {
+        let channel = format!("$user:{user}");
+        let mut want = Vec::new();
+        for k in 1..=n {
+            let data = json!({"to": user, "k": k, "p": payload(k)});
+            let r = c.node(from).send(user, data.clone()).await?;
+            ensure!(
+                r.seq == k && r.channel == channel && r.user.as_deref() == Some(user),
+                "{r:?}"
+            );
+            want.push(Got::msg(r.seq, &r.epoch, data));
+        }
+        for (u, label, rx) in &mut rxs {
+            if u == user {
+                expect_items(label, rx, &[(&channel, want.clone())]).await?;
+            }
+        }
+        let now = c.backbone_received().await?;
+        let grew: Vec<f64> = now.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let expected: Vec<f64> = (0..c.len())
+            .map(|i| {
+                if holders[user].contains(&i) {
+                    n as f64
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        ensure!(
+            grew == expected,
+            "{:?}: {n} sends to {user} (on nodes {:?}): backbone_received grew by {grew:?} per node, want {expected:?}",
+            c.backbone,
+            holders[user]
+        );
+        before = now;
+    }
+    // Nobody got anything else, and no node received anything late.
+    try_join_all(rxs.iter_mut().map(|(_, label, rx)| async move {
+        rx.expect_quiet(Duration::from_millis(300))
+            .await
+            .context(label.clone())
+    }))
+    .await?;
+    let after = c.backbone_received().await?;
+    ensure!(
+        after == before,
+        "late backbone messages: {before:?} -> {after:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn cluster_unicast_reaches_only_the_users_connections_and_nodes_redis() -> R {
+    let c = Cluster::builder(Backbone::Redis).start().await?;
+    let r = unicast(&c).await;
+    c.check(r)
+}
+
+#[tokio::test]
+async fn cluster_unicast_reaches_only_the_users_connections_and_nodes_nats() -> R {
+    let c = Cluster::builder(Backbone::Nats).start().await?;
+    let r = unicast(&c).await;
+    c.check(r)
+}
+
+// ---------------------------------------------------------------------------
+// 3. Resume on another node after an abrupt disconnect
+// ---------------------------------------------------------------------------
+
+async fn resume_elsewhere(c: &Cluster) -> R {
+    let chan = "room:9";
+    let (a, b, p) = (c.node(0), c.node(1), c.node(2));
+    let ws_user = "rw";
+    let sse_user = "rs";
+    let ws_token = a.token(ws_user, &["room:*"], &[], 600);
+    let sse_token = a.token(sse_user, &["room:*"], &[], 600);
+    let (ws_uchan, sse_uchan) = (format!("$user:{ws_user}"), format!("$user:{sse_user}"));
+
+    let (ws, _) = a.ws_connected(Codec::Json, &ws_token).await?;
+    let mut ws = ws;
+    let epoch = ws.subscribe(chan, None).await?.epoch;
+    let mut sse = a.sse(&[chan], Some(&sse_token), None).await?;
+    sse_connected(&mut sse).await?;
+
+    let mut room: BTreeMap<u64, Value> = BTreeMap::new();
+    let mut user_msgs: HashMap<&str, (String, BTreeMap<u64, Value>)> = HashMap::new();
+    async fn publish_n(
+        p: &Gateway,
+        chan: &str,
+        range: std::ops::RangeInclusive<u64>,
+        into: &mut BTreeMap<u64, Value>,
+    ) -> R {
+        for i in range {
+            let r = p.publish(chan, payload(i)).await?;
+            ensure!(r.seq == i, "{r:?}");
+            into.insert(i, payload(i));
+        }
+        Ok(())
+    }
+    async fn send_n(
+        p: &Gateway,
+        user: &str,
+        range: std::ops::RangeInclusive<u64>,
+        into: &mut (String, BTreeMap<u64, Value>),
+    ) -> R {
+        for i in range {
+            let data = json!({"user": user, "i": i});
+            let r = p.send(user, data.clone()).await?;
+            ensure!(r.seq == i, "{r:?}");
+            into.0 = r.epoch;
+            into.1.insert(i, data);
+        }
+        Ok(())
+    }
+    user_msgs.insert(ws_user, Default::default());
+    user_msgs.insert(sse_user, Default::default());
+
+    publish_n(p, chan, 1..=10, &mut room).await?;
+    for u in [ws_user, sse_user] {
+        send_n(p, u, 1..=3, user_msgs.get_mut(u).expect("inserted")).await?;
+    }
+    let want_room = |r: std::ops::RangeInclusive<u64>, room: &BTreeMap<u64, Value>| {
+        msgs(&epoch, r.map(|s| (s, &room[&s])))
+    };
+    let want_user = |u: &str,
+                     r: std::ops::RangeInclusive<u64>,
+                     m: &HashMap<&str, (String, BTreeMap<u64, Value>)>| {
+        let (e, d) = &m[u];
+        msgs(e, r.map(|s| (s, &d[&s])))
+    };
+    let mut ws_rx = Rx::Ws(ws);
+    expect_items(
+        "ws on A",
+        &mut ws_rx,
+        &[
+            (chan, want_room(1..=10, &room)),
+            (&ws_uchan, want_user(ws_user, 1..=3, &user_msgs)),
+        ],
+    )
+    .await?;
+    let mut sse_rx = Rx::Sse(sse);
+    expect_items(
+        "sse on A",
+        &mut sse_rx,
+        &[
+            (chan, want_room(1..=10, &room)),
+            (&sse_uchan, want_user(sse_user, 1..=3, &user_msgs)),
+        ],
+    )
+    .await?;
+    let Rx::Sse(sse) = sse_rx else { unreachable!() };
+    let cursor = sse.last_event_id.clone().context("SSE gave event ids")?;
+    let Rx::Ws(ws) = ws_rx else { unreachable!() };
+
+    // In flight when the connections die abruptly.
+    publish_n(p, chan, 11..=15, &mut room).await?;
+    ws.abort();
+    drop(sse);
+    // Published while the clients are away.
+    publish_n(p, chan, 16..=30, &mut room).await?;
+    for u in [ws_user, sse_user] {
+        send_n(p, u, 4..=5, user_msgs.get_mut(u).expect("inserted")).await?;
+    }
+
+    // Both resume on node B while node C keeps publishing.
+    let user_epoch = |u: &str| user_msgs[u].0.clone();
+    let (ws_uepoch, sse_uepoch) = (user_epoch(ws_user), user_epoch(sse_user));
+    let mut live_room = BTreeMap::new();
+    let mut live_users: (String, BTreeMap<u64, Value>, String, BTreeMap<u64, Value>) =
+        Default::default();
+    let publisher = async {
+        for i in 31..=60 {
+            let r = p.publish(chan, payload(i)).await?;
+            ensure!(r.seq == i, "{r:?}");
+            live_room.insert(i, payload(i));
+            if i % 15 == 0 {
+                let n = i / 15 + 3; // 5.. -> 6, 7
+                for (u, epoch, into) in [
+                    (ws_user, &mut live_users.0, &mut live_users.1),
+                    (sse_user, &mut live_users.2, &mut live_users.3),
+                ] {
+                    let data = json!({"user": u, "i": n});
+                    let r = p.send(u, data.clone()).await?;
+                    ensure!(r.seq == n, "{r:?}");
+                    *epoch = r.epoch;
+                    into.insert(n, data);
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+        anyhow::Ok(())
+    };
+    let ws_resume = async {
+        let mut ws = b.ws(Codec::Json).await?;
+        let connected = ws
+            .connect(Some(&ws_token), Some(pos(3, &ws_uepoch)))
+            .await?;
+        ensure!(connected.node == c.node_id(1), "{connected:?}");
+        let us = ws.recv_subscribed().await?;
+        ensure!(
+            us.channel == ws_uchan && us.recovered == Some(true) && us.epoch == ws_uepoch,
+            "{us:?}"
+        );
+        let (s, before) = subscribe_amid(&mut ws, chan, Some(pos(10, &epoch))).await?;
+        ensure!(
+            s.recovered == Some(true) && s.epoch == epoch && (30..=60).contains(&s.seq),
+            "{s:?}"
+        );
+        let mut rx = Rx::Ws(ws);
+        // room 11..=60 and user 4..=7, minus what came before `subscribed`
+        let rest = rx.take(50 + 4 - before.len()).await?;
+        anyhow::Ok((rx, before, rest))
+    };
+    let sse_resume = async {
+        let mut sse = b.sse(&[chan], Some(&sse_token), Some(&cursor)).await?;
+        let (id, connected) = sse_connected(&mut sse).await?;
+        ensure!(connected.node == c.node_id(1), "{connected:?}");
+        ensure!(
+            id == cursor,
+            "the stream restarts at its cursor: {id} vs {cursor}"
+        );
+        let mut rx = Rx::Sse(sse);
+        let got = rx.take(50 + 4).await?;
+        anyhow::Ok((rx, got))
+    };
+    let (published, ws_done, sse_done) = tokio::join!(publisher, ws_resume, sse_resume);
+    published?;
+    let (mut ws_rx, before, rest) = ws_done.context("ws resume on B")?;
+    let (mut sse_rx, sse_got) = sse_done.context("sse resume on B")?;
+    room.extend(live_room);
+    for (u, e, d) in [
+        (ws_user, live_users.0, live_users.1),
+        (sse_user, live_users.2, live_users.3),
+    ] {
+        let m = user_msgs.get_mut(u).expect("inserted");
+        ensure!(e == m.0, "user stream epoch changed");
+        m.1.extend(d);
+    }
+    let mut ws_got: Items = BTreeMap::new();
+    for (ch, g) in before {
+        ws_got.entry(ch).or_default().push(g);
+    }
+    for (ch, g) in rest {
+        ws_got.entry(ch.clone()).or_default().extend(g);
+    }
+    same_items(
+        "ws resumed on B",
+        &ws_got,
+        &[
+            (chan, want_room(11..=60, &room)),
+            (&ws_uchan, want_user(ws_user, 4..=7, &user_msgs)),
+        ],
+    )?;
+    same_items(
+        "sse resumed on B",
+        &sse_got,
+        &[
+            (chan, want_room(11..=60, &room)),
+            (&sse_uchan, want_user(sse_user, 4..=7, &user_msgs)),
+        ],
+    )?;
+    let _ = sse_uepoch;
+    // No late duplicate is pending.
+    let end = p.publish(chan, json!("end")).await?;
+    ensure!(end.seq == 61);
+    for (name, rx) in [("ws", &mut ws_rx), ("sse", &mut sse_rx)] {
+        expect_items(
+            name,
+            rx,
+            &[(chan, vec![Got::msg(61, &epoch, json!("end"))])],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cluster_resume_on_another_node_loses_and_duplicates_nothing_redis() -> R {
+    let c = Cluster::builder(Backbone::Redis).start().await?;
+    let r = resume_elsewhere(&c).await;
+    c.check(r)
+}
+
+#[tokio::test]
+async fn cluster_resume_on_another_node_loses_and_duplicates_nothing_nats() -> R {
+    let c = Cluster::builder(Backbone::Nats).start().await?;
+    let r = resume_elsewhere(&c).await;
+    c.check(r)
+}
+
+// ---------------------------------------------------------------------------
+// 4. Reconnect storm: identical resumes are merged into shared reads
+// ---------------------------------------------------------------------------
+
+async fn storm(c: &Cluster) -> R {
+    const WS: usize = 150;
+    const SSE: usize = 50;
+    const HISTORY: u64 = 60;
+    const FROM: u64 = 5;
+    let chan = "storm";
+    let gw = c.node(0);
+    let ws_token = gw.token("storm-ws", &[chan], &[], 600);
+    let sse_token = gw.token("storm-sse", &[chan], &[], 600);
+    let names = [chan, "$user:storm-sse"];
+
+    // The SSE clients share a user, so one cursor fits them all; its user
+    // stream position comes from a first stream.
+    let mut first = gw.sse(&[chan], Some(&sse_token), None).await?;
+    let (id, _) = sse_connected(&mut first).await?;
+    let start = SseCursor::decode(&id, &names)?;
+    drop(first);
+
+    let mut data = BTreeMap::new();
+    let mut epoch = String::new();
+    for i in 1..=HISTORY {
+        let d = json!({"i": i, "pad": "x".repeat(1000), "p": payload(i)});
+        let r = c.node(1).publish(chan, d.clone()).await?;
+        ensure!(r.seq == i);
+        epoch = r.epoch;
+        data.insert(i, d);
+    }
+    let cursor = SseCursor::encode(&names, &[&pos(FROM, &epoch), &start[1]]);
+
+    let mut wss = try_join_all((0..WS).map(|i| {
+        let codec = if i % 2 == 0 {
+            Codec::Json
+        } else {
+            Codec::MsgPack
+        };
+        let token = ws_token.clone();
+        async move { gw.ws_connected(codec, &token).await.map(|(ws, _)| ws) }
+    }))
+    .await?;
+    let merged_before = gw
+        .metric_with("gateway_replay_reads_total", "merged=\"true\"")
+        .await?;
+
+    // The storm: every WebSocket sends its resume at once, and the SSE
+    // streams open meanwhile.
+    let mut ids = Vec::new();
+    for ws in &mut wss {
+        let id = ws.id();
+        ws.send(&ClientFrame::Subscribe(Subscribe {
+            id: Some(id),
+            channel: chan.into(),
+            since: Some(pos(FROM, &epoch)),
+        }))
+        .await?;
+        ids.push(id);
+    }
+    let sses = try_join_all(
+        (0..SSE).map(|_| async { gw.sse(&[chan], Some(&sse_token), Some(&cursor)).await }),
+    )
+    .await?;
+
+    let want = msgs(&epoch, (FROM + 1..=HISTORY).map(|s| (s, &data[&s])));
+    let mut rxs = Vec::new();
+    for (n, (mut ws, id)) in wss.into_iter().zip(ids).enumerate() {
+        let s = ws.recv_subscribed().await?;
+        ensure!(
+            s.id == Some(id) && s.recovered == Some(true) && s.seq == HISTORY && s.epoch == epoch,
+            "ws {n}: {s:?}"
+        );
+        let mut rx = Rx::Ws(ws);
+        expect_items(&format!("ws {n}"), &mut rx, &[(chan, want.clone())]).await?;
+        rxs.push(rx);
+    }
+    for (n, mut sse) in sses.into_iter().enumerate() {
+        let (id, _) = sse_connected(&mut sse).await?;
+        ensure!(id == cursor, "sse {n}: cursor {id}");
+        let mut rx = Rx::Sse(sse);
+        expect_items(&format!("sse {n}"), &mut rx, &[(chan, want.clone())]).await?;
+        rxs.push(rx);
+    }
+    let merged = gw
+        .metric_with("gateway_replay_reads_total", "merged=\"true\"")
+        .await?
+        - merged_before;
+    let unmerged = gw
+        .metric_with("gateway_replay_reads_total", "merged=\"false\"")
+        .await?;
+    eprintln!("storm: {merged} merged replay reads, {unmerged} store reads on node0");
+    ensure!(
+        merged > 0.0,
+        "no replay read was merged during a storm of {} identical resumes ({unmerged} store reads)",
+        WS + SSE
+    );
+
+    // Live delivery goes on, exactly once, for every one of them.
+    let end = c.node(2).publish(chan, json!("end")).await?;
+    ensure!(end.seq == HISTORY + 1);
+    let last = vec![Got::msg(HISTORY + 1, &epoch, json!("end"))];
+    try_join_all(rxs.iter_mut().enumerate().map(|(n, rx)| {
+        let last = last.clone();
+        async move { expect_items(&format!("client {n}"), rx, &[(chan, last)]).await }
+    }))
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn cluster_reconnect_storm_merges_identical_replay_reads() -> R {
+    let c = Cluster::builder(Backbone::Redis).start().await?;
+    let r = storm(&c).await;
+    c.check(r)
+}
+
+// ---------------------------------------------------------------------------
+// 5. A node killed with SIGKILL
+// ---------------------------------------------------------------------------
+
+async fn node_killed(c: &mut Cluster) -> R {
+    let user = "dora";
+    let ukey = format!("gw:{{u:{user}}}");
+    let alive1 = "gw:{nodes}:alive:node1";
+    let token = c.node(0).token(user, &[], &[], 600);
+    let uchan = format!("$user:{user}");
+
+    let (ws0, _) = c.node(0).ws_connected(Codec::Json, &token).await?;
+    let (mut ws1, _) = c.node(1).ws_connected(Codec::MsgPack, &token).await?;
+    let mut ws0 = Rx::Ws(ws0);
+    let hash = c.redis_hash(&ukey).await?;
+    ensure!(
+        hash == HashMap::from([("node0".into(), "1".into()), ("node1".into(), "1".into())]),
+        "{ukey} = {hash:?}"
+    );
+    ensure!(c.redis_exists(alive1).await?, "{alive1} missing");
+
+    let r1 = c.node(2).send(user, json!({"n": 1})).await?;
+    let m1 = vec![Got::msg(1, &r1.epoch, json!({"n": 1}))];
+    expect_items("node0 ws", &mut ws0, &[(&uchan, m1.clone())]).await?;
+    let mut ws1_rx = Rx::Ws(ws1);
+    expect_items("node1 ws", &mut ws1_rx, &[(&uchan, m1)]).await?;
+    let Rx::Ws(w) = ws1_rx else { unreachable!() };
+    ws1 = w;
+
+    let killed_at = Instant::now();
+    c.kill_node(1);
+    // Its connection ends without a close frame.
+    match ws1.next().await? {
+        Incoming::Closed { code: None, .. } => {}
+        other => bail!("connection on the killed node: {other:?}"),
+    }
+    // Its liveness key expires within the TTL (it was refreshed at most a
+    // heartbeat before the kill).
+    let deadline = killed_at + c.registry_ttl + Duration::from_secs(3);
+    while c.redis_exists(alive1).await? {
+        ensure!(
+            Instant::now() < deadline,
+            "{alive1} still there {:?} after the kill (TTL {:?})",
+            killed_at.elapsed(),
+            c.registry_ttl
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let expired_after = killed_at.elapsed();
+    eprintln!(
+        "node1's alive key expired {expired_after:?} after SIGKILL (TTL {:?})",
+        c.registry_ttl
+    );
+    ensure!(
+        expired_after <= c.registry_ttl + Duration::from_millis(500),
+        "alive key expired only {expired_after:?} after the kill (TTL {:?})",
+        c.registry_ttl
+    );
+    // Lookups may lag the registry's live-node cache (a fraction of the TTL).
+    tokio::time::sleep(c.registry_ttl / 4).await;
+
+    let before = c.backbone_received().await?;
+    let r2 = c.node(2).send(user, json!({"n": 2})).await?;
+    ensure!(r2.seq == 2 && r2.epoch == r1.epoch, "{r2:?}");
+    expect_items(
+        "node0 ws after the kill",
+        &mut ws0,
+        &[(&uchan, vec![Got::msg(2, &r1.epoch, json!({"n": 2}))])],
+    )
+    .await?;
+    let after = c.backbone_received().await?;
+    ensure!(
+        after[0] - before[0] == 1.0 && after[2] == before[2],
+        "backbone received {before:?} -> {after:?}"
+    );
+    let hash = c.redis_hash(&ukey).await?;
+    ensure!(
+        hash == HashMap::from([("node0".into(), "1".into())]),
+        "after a unicast, the dead node must be gone from {ukey}: {hash:?}"
+    );
+
+    // The lost connection comes back through the balancer, lands on a live
+    // node and resumes its user stream.
+    let lb = c.lb()?;
+    let mut ws = WsClient::open_at(lb.addr, Codec::Json).await?;
+    let connected = ws.connect(Some(&token), Some(pos(1, &r1.epoch))).await?;
+    ensure!(connected.node != "node1", "{connected:?}");
+    let s = ws.recv_subscribed().await?;
+    ensure!(
+        s.channel == uchan && s.recovered == Some(true) && s.seq == 2,
+        "{s:?}"
+    );
+    let mut back = Rx::Ws(ws);
+    expect_items(
+        "resumed via LB",
+        &mut back,
+        &[(&uchan, vec![Got::msg(2, &r1.epoch, json!({"n": 2}))])],
+    )
+    .await?;
+    // New connections through the balancer only reach live nodes.
+    for _ in 0..4 {
+        let mut w = WsClient::open_at(lb.addr, Codec::Json).await?;
+        let t = c.node(0).token("eve", &[], &[], 600);
+        let conn = w.hello(Some(&t)).await?;
+        ensure!(conn.node != "node1", "{conn:?}");
+    }
+    let r3 = lb.send(user, json!({"n": 3})).await?;
+    ensure!(r3.seq == 3);
+    for (name, rx) in [("node0 ws", &mut ws0), ("resumed", &mut back)] {
+        expect_items(
+            name,
+            rx,
+            &[(&uchan, vec![Got::msg(3, &r1.epoch, json!({"n": 3}))])],
+        )
+        .await?;
+    }
+    let hash = c.redis_hash(&ukey).await?;
+    ensure!(!hash.contains_key("node1"), "{ukey} = {hash:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cluster_killed_node_expires_and_unicast_reaches_the_live_one() -> R {
+    let mut c = Cluster::builder(Backbone::Redis).haproxy().start().await?;
+    let r = node_killed(&mut c).await;
+    c.check(r)
+}
+
+// ---------------------------------------------------------------------------
+// 6. Backbone / store restarts
+// ---------------------------------------------------------------------------
+
+/// Two subscribers of `chan` (WS on node0, SSE on node1), each with a user
+/// stream; returns them with their user channel names.
+async fn two_clients(c: &Cluster, chan: &str) -> anyhow::Result<Vec<(String, String, Rx)>> {
+    let token_w = c.node(0).token("rw6", &[chan], &[], 600);
+    let token_s = c.node(1).token("rs6", &[chan], &[], 600);
+    let (mut ws, _) = c.node(0).ws_connected(Codec::Json, &token_w).await?;
+    ws.subscribe(chan, None).await?;
+    let mut sse = c.node(1).sse(&[chan], Some(&token_s), None).await?;
+    sse_connected(&mut sse).await?;
+    Ok(vec![
+        ("rw6".into(), "ws@node0".into(), Rx::Ws(ws)),
+        ("rs6".into(), "sse@node1".into(), Rx::Sse(sse)),
+    ])
+}
+
+async fn redis_restart(c: &mut Cluster) -> R {
+    let chan = "live";
+    let mut clients = two_clients(c, chan).await?;
+    let mut epoch = String::new();
+    let mut want_chan = Vec::new();
+    for i in 1..=3u64 {
+        let r = c.node((i % 2) as usize).publish(chan, payload(i)).await?;
+        epoch = r.epoch.clone();
+        want_chan.push(Got::msg(i, &epoch, payload(i)));
+    }
+    for (user, label, rx) in &mut clients {
+        let r = c.node(1).send(user, json!({"hi": user.clone()})).await?;
+        let uchan = format!("$user:{user}");
+        expect_items(
+            label,
+            rx,
+            &[
+                (chan, want_chan.clone()),
+                (
+                    &uchan,
+                    vec![Got::msg(1, &r.epoch, json!({"hi": user.clone()}))],
+                ),
+            ],
+        )
+        .await?;
+    }
+
+    c.redis.stop();
+    let stopped = Instant::now();
+    c.wait_ready(false, Duration::from_secs(10))
+        .await
+        .context("nodes must report degraded with Redis down")?;
+    eprintln!("degraded {:?} after Redis stopped", stopped.elapsed());
+    for (_, label, rx) in &mut clients {
+        rx.alive()
+            .await
+            .context(format!("{label} during the outage"))?;
+    }
+    // The API refuses what it cannot store: never 200 during the outage.
+    // (All at once: each waits out the Redis client's reconnect attempts.)
+    let calls: Vec<(usize, &str, Value)> = (0..c.len())
+        .flat_map(|i| {
+            [
+                (
+                    i,
+                    "/api/publish",
+                    json!({"channel": chan, "data": "during outage"}),
+                ),
+                (
+                    i,
+                    "/api/send",
+                    json!({"user": "rw6", "data": "during outage"}),
+                ),
+            ]
+        })
+        .collect();
+    let cr: &Cluster = c;
+    let answers = try_join_all(calls.iter().map(|(i, path, body)| async move {
+        let (status, answer) = cr.node(*i).try_post(path, body).await?;
+        anyhow::Ok((*i, *path, status, answer))
+    }))
+    .await?;
+    for (i, path, status, answer) in answers {
+        ensure!(
+            status == StatusCode::SERVICE_UNAVAILABLE
+                && answer["error"]["name"] == "unavailable"
+                && answer["error"]["temporary"] == true,
+            "{} {path} with Redis down: {status} {answer}",
+            c.node_id(i)
+        );
+    }
+    eprintln!(
+        "API refused during the outage ({:?} after the stop)",
+        stopped.elapsed()
+    );
+
+    c.redis.start().await?;
+    let restarted = Instant::now();
+    c.wait_ready(true, Duration::from_secs(15))
+        .await
+        .context("nodes must be ready again after Redis came back")?;
+    eprintln!("ready {:?} after Redis restarted", restarted.elapsed());
+
+    // Redis came back empty: every stream starts at a new epoch, and the
+    // clients are told so before its first message. Right away (no other
+    // message would reveal a lost one): one message to each user, then the
+    // channel's.
+    let mut want_user = HashMap::new();
+    for (user, _, _) in &clients {
+        let data = json!({"after": user.clone()});
+        let r = c.node(0).send(user, data.clone()).await?;
+        ensure!(r.seq == 1, "after the restart: {r:?}");
+        want_user.insert(user.clone(), Got::msg(1, &r.epoch, data));
+    }
+    let mut new_chan = Vec::new();
+    let mut new_epoch = String::new();
+    for i in 1..=4u64 {
+        let r = c
+            .node((i % 2) as usize)
+            .publish(chan, payload(100 + i))
+            .await?;
+        ensure!(r.seq == i && r.epoch != epoch, "after the restart: {r:?}");
+        new_epoch = r.epoch.clone();
+        new_chan.push(Got::msg(i, &new_epoch, payload(100 + i)));
+    }
+    let epoch_changed = |e: &str| Got::Unrecoverable {
+        reason: UnrecoverableReason::EpochChanged,
+        epoch: e.to_owned(),
+        seq: 0,
+    };
+    for (user, label, rx) in &mut clients {
+        let mut want_c = vec![epoch_changed(&new_epoch)];
+        want_c.extend(new_chan.clone());
+        let Got::Msg { epoch: uepoch, .. } = &want_user[user] else {
+            unreachable!()
+        };
+        let want_u = vec![epoch_changed(uepoch), want_user[user].clone()];
+        let uchan = format!("$user:{user}");
+        expect_items(label, rx, &[(chan, want_c), (&uchan, want_u)])
+            .await
+            .context("after the Redis restart")?;
+    }
+    for (_, label, rx) in &mut clients {
+        rx.alive()
+            .await
+            .context(format!("{label} after the outage"))?;
+        rx.expect_quiet(Duration::from_millis(200))
+            .await
+            .context(label.clone())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cluster_redis_restart_keeps_clients_and_refuses_then_delivers() -> R {
+    let mut c = Cluster::builder(Backbone::Redis).nodes(2).start().await?;
+    let r = redis_restart(&mut c).await;
+    c.check(r)
+}
+
+/// What was published to one stream: accepted (seq -> data) and refused.
+#[derive(Default)]
+struct Stream {
+    epoch: String,
+    accepted: BTreeMap<u64, Value>,
+    refused: Vec<Value>,
+}
+
+impl Stream {
+    /// Records a publish answer (200: accepted, 503: refused).
+    fn record(&mut self, status: StatusCode, answer: Value, data: Value) -> R {
+        if status == StatusCode::OK {
+            let r: PublishResult = serde_json::from_value(answer)?;
+            ensure!(
+                self.epoch.is_empty() || r.epoch == self.epoch,
+                "epoch changed: {r:?}"
+            );
+            self.epoch = r.epoch;
+            ensure!(
+                self.accepted.insert(r.seq, data).is_none(),
+                "seq {} twice",
+                r.seq
+            );
+        } else {
+            ensure!(
+                status == StatusCode::SERVICE_UNAVAILABLE && answer["error"]["temporary"] == true,
+                "publish: {status} {answer}"
+            );
+            self.refused.push(data);
+        }
+        Ok(())
+    }
+
+    fn top(&self) -> u64 {
+        self.accepted.keys().last().copied().unwrap_or(0)
+    }
+
+    /// `items` must be every seq `from..=top` once, in order: an accepted
+    /// one with its data, any other one a refused publish stored anyway.
+    fn check(&self, label: &str, items: &[Got], from: u64) -> R {
+        let mut refused = self.refused.clone();
+        ensure!(
+            items.len() as u64 == self.top() + 1 - from,
+            "{label}: {} items for seqs {from}..={}: {items:?}",
+            items.len(),
+            self.top()
+        );
+        for (n, item) in items.iter().enumerate() {
+            let seq = from + n as u64;
+            match item {
+                Got::Msg {
+                    seq: s,
+                    epoch,
+                    data,
+                } if *s == seq && *epoch == self.epoch => match self.accepted.get(&seq) {
+                    Some(d) => ensure!(d == data, "{label}: seq {seq}: {data} != {d}"),
+                    None => {
+                        let i = refused.iter().position(|r| r == data).with_context(|| {
+                            format!("{label}: seq {seq} is no publish of ours: {data}")
+                        })?;
+                        refused.remove(i);
+                        eprintln!("{label}: seq {seq} was refused by the API, stored, delivered");
+                    }
+                },
+                other => {
+                    bail!("{label}: item {n} should be message {seq}: {other:?}\nall: {items:?}")
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Publishes `data` to a channel or (`$user:<id>`) a user stream through
+/// `gw`, whatever the answer: (stream, status, answer, data).
+async fn publish_any(
+    gw: &Gateway,
+    stream: &str,
+    data: Value,
+) -> anyhow::Result<(String, StatusCode, Value, Value)> {
+    let (path, body) = match stream.strip_prefix("$user:") {
+        Some(user) => ("/api/send", json!({"user": user, "data": data})),
+        None => ("/api/publish", json!({"channel": stream, "data": data})),
+    };
+    let (status, answer) = gw.try_post(path, &body).await?;
+    Ok((stream.to_owned(), status, answer, data))
+}
+
+async fn nats_restart(c: &mut Cluster) -> R {
+    let chan = "live";
+    let mut clients = two_clients(c, chan).await?;
+    let mut streams: HashMap<String, Stream> = HashMap::new();
+    let uchans: Vec<String> = clients
+        .iter()
+        .map(|(u, _, _)| format!("$user:{u}"))
+        .collect();
+    fn record(
+        streams: &mut HashMap<String, Stream>,
+        answers: Vec<(String, StatusCode, Value, Value)>,
+        must_accept: bool,
+    ) -> anyhow::Result<Vec<u16>> {
+        let mut statuses = Vec::new();
+        for (stream, status, answer, data) in answers {
+            ensure!(
+                !must_accept || status == StatusCode::OK,
+                "{stream}: {status} {answer}"
+            );
+            statuses.push(status.as_u16());
+            streams
+                .entry(stream)
+                .or_default()
+                .record(status, answer, data)?;
+        }
+        Ok(statuses)
+    }
+
+    // Before: 3 on the channel, 1 to each user; all delivered.
+    let mut answers = Vec::new();
+    for i in 1..=3u64 {
+        answers.push(publish_any(c.node((i % 2) as usize), chan, payload(i)).await?);
+    }
+    for u in &uchans {
+        answers.push(publish_any(c.node(1), u, json!({"before": u})).await?);
+    }
+    record(&mut streams, answers, true)?;
+    let (chan_from, user_from) = (4, 2);
+    for ((_, label, rx), u) in clients.iter_mut().zip(&uchans) {
+        let got = rx.take(4).await.context(label.clone())?;
+        ensure!(got.len() == 2, "{label}: {got:?}");
+        streams[chan].check(label, &got[chan], 1)?;
+        streams[u].check(label, &got[u], 1)?;
+    }
+
+    c.nats.as_mut().context("NATS")?.stop();
+    let stopped = Instant::now();
+    c.wait_ready(false, Duration::from_secs(10))
+        .await
+        .context("nodes must report degraded with NATS down")?;
+    eprintln!("degraded {:?} after NATS stopped", stopped.elapsed());
+    for (_, label, rx) in &mut clients {
+        rx.alive()
+            .await
+            .context(format!("{label} during the outage"))?;
+    }
+    // With NATS down the API may accept (the message is in Redis) or
+    // refuse; what it accepted must reach every client once NATS is back.
+    let mut answers = Vec::new();
+    for k in 0..6u64 {
+        let data = json!({"outage": k, "p": payload(k)});
+        answers.push(publish_any(c.node((k % 2) as usize), chan, data).await?);
+    }
+    for (n, u) in uchans.iter().enumerate() {
+        answers.push(publish_any(c.node(n % 2), u, json!({"outage": u})).await?);
+    }
+    let statuses = record(&mut streams, answers, false)?;
+    eprintln!("publishes with NATS down answered {statuses:?}");
+
+    c.nats.as_mut().context("NATS")?.start().await?;
+    let restarted = Instant::now();
+    c.wait_ready(true, Duration::from_secs(15))
+        .await
+        .context("nodes must be ready again after NATS came back")?;
+    eprintln!("ready {:?} after NATS restarted", restarted.elapsed());
+    // Right away: to each user, then on the channel; all accepted.
+    let mut answers = Vec::new();
+    for (n, u) in uchans.iter().enumerate() {
+        answers.push(publish_any(c.node(n % 2), u, json!({"after": u})).await?);
+    }
+    for k in 0..4u64 {
+        answers.push(publish_any(c.node((k % 2) as usize), chan, json!({"after": k})).await?);
+    }
+    record(&mut streams, answers, true)?;
+
+    // Every seq after the first part arrives once, in order, nothing else.
+    for ((_, label, rx), u) in clients.iter_mut().zip(&uchans) {
+        let n = (streams[chan].top() + 1 - chan_from) + (streams[u].top() + 1 - user_from);
+        let got = rx.take(n as usize).await.context(label.clone())?;
+        ensure!(got.len() == 2, "{label}: {got:?}");
+        streams[chan].check(label, &got[chan], chan_from)?;
+        streams[u].check(label, &got[u], user_from)?;
+        rx.expect_quiet(Duration::from_millis(200))
+            .await
+            .context(label.clone())?;
+        rx.alive().await.context(label.clone())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn cluster_nats_restart_keeps_clients_and_delivers_every_accepted_publish() -> R {
+    let mut c = Cluster::builder(Backbone::Nats).nodes(2).start().await?;
+    let r = nats_restart(&mut c).await;
+    c.check(r)
+}
+
+// ---------------------------------------------------------------------------
+// 7. scripts/cluster.sh
+// ---------------------------------------------------------------------------
+
+/// Runs `scripts/cluster.sh` with `args`, output to `log`; waits for it.
+async fn cluster_script(args: &[&str], log: &std::path::Path) -> anyhow::Result<()> {
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace")?;
+    let out = std::fs::File::create(log)?;
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(workspace.join("scripts/cluster.sh"))
+        .args(args)
+        .current_dir(workspace)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GATEWAY_") {
+            cmd.env_remove(k);
+        }
+    }
+    let mut child = cmd.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            ensure!(status.success(), "cluster.sh {args:?}: {status}\n{text}");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "cluster.sh {args:?} still running after 60 s\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a process runs (a zombie no longer does).
+fn running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+    }
+}
+
+/// Runs `down` (and kills what is left) on drop, whatever the test did.
+struct ScriptCluster {
+    dir: TempDir,
+    pids: Vec<u32>,
+}
+
+impl Drop for ScriptCluster {
+    fn drop(&mut self) {
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        let _ = std::process::Command::new("bash")
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/cluster.sh"))
+            .args(["down", "--dir", &dir])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status();
+        for pid in &self.pids {
+            if running(*pid) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing() -> R {
+    let bin = tests::gateway_bin(); // built, for the script to find
+    let profile = bin
+        .parent()
+        .and_then(|d| d.file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug");
+    let mut sc = ScriptCluster {
+        dir: TempDir::new()?,
+        pids: Vec::new(),
+    };
+    let dir = sc.dir.path().join("cluster");
+    let dir_s = dir.to_string_lossy().into_owned();
+    let mut up: Vec<&str> = vec!["up", "--dir", &dir_s];
+    if profile == "release" {
+        up.push("--release");
+    }
+    cluster_script(&up, &sc.dir.path().join("up.log")).await?;
+    let logs = |dir: &std::path::Path| {
+        let mut out = String::new();
+        for name in [
+            "node1.log",
+            "node2.log",
+            "node3.log",
+            "haproxy.log",
+            "redis.log",
+            "nats.log",
+        ] {
+            out.push_str(&format!(
+                "---- {name} ----\n{}\n",
+                std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+            ));
+        }
+        out
+    };
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir(&dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "pid") {
+            pids.push(std::fs::read_to_string(&path)?.trim().parse::<u32>()?);
+        }
+    }
+    sc.pids = pids.clone();
+    ensure!(pids.len() == 6, "pid files: {pids:?}"); // redis, nats, 3 nodes, haproxy
+    let env: HashMap<String, String> = std::fs::read_to_string(dir.join("env"))?
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.trim_matches('"').to_owned()))
+        .collect();
+    let lb = env.get("LB_URL").context("LB_URL in env")?.clone();
+    let node_urls: Vec<String> = env
+        .get("NODE_URLS")
+        .context("NODE_URLS")?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    ensure!(node_urls.len() == 3, "{node_urls:?}");
+    ensure!(
+        env.get("BACKBONE").map(String::as_str) == Some("redis"),
+        "{env:?}"
+    );
+
+    let body = async {
+        let http = reqwest::Client::builder().no_proxy().build()?;
+        let chan = "demo";
+        let mut sse = sse_at(&http, &lb, &[chan], None, None).await?;
+        let (_, connected) = sse_connected(&mut sse).await?;
+        ensure!(connected.node.starts_with("node"), "{connected:?}");
+        let mut rx = Rx::Sse(sse);
+        let mut want = Vec::new();
+        for i in 1..=10u64 {
+            let (status, answer) = post_api(
+                &http,
+                &format!("{lb}/api/publish"),
+                &json!({"channel": chan, "data": payload(i)}),
+            )
+            .await?;
+            ensure!(
+                status == StatusCode::OK,
+                "publish via LB: {status} {answer}"
+            );
+            let r: PublishResult = serde_json::from_value(answer)?;
+            ensure!(r.seq == i, "{r:?}");
+            want.push(Got::msg(i, &r.epoch, payload(i)));
+        }
+        expect_items("sse via LB", &mut rx, &[(chan, want)]).await?;
+        anyhow::Ok(())
+    };
+    body.await.map_err(|e| e.context(logs(&dir)))?;
+
+    let down_at = Instant::now();
+    cluster_script(&["down", "--dir", &dir_s], &sc.dir.path().join("down.log")).await?;
+    while let Some(pid) = pids.iter().find(|p| running(**p)) {
+        ensure!(
+            down_at.elapsed() < TIMEOUT,
+            "process {pid} still running after `down`"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut urls = node_urls.clone();
+    urls.push(lb.clone());
+    for key in ["REDIS_URL", "NATS_URL"] {
+        urls.push(env.get(key).context("url")?.clone());
+    }
+    for url in urls {
+        let addr = url.split("://").nth(1).context("addr")?;
+        let connect = within("connect", tokio::net::TcpStream::connect(addr)).await?;
+        ensure!(
+            connect.is_err(),
+            "{addr} still accepts connections after `down`"
+        );
+    }
+    Ok(())
+}
