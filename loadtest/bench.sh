@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# The standard benchmark set (figures in BENCHMARKS.md):
+#   1. idle WebSocket connections: gateway memory per connection
+#   2. idle SSE connections: the same
+#   3. fan-out: one channel, WebSocket subscribers, fixed publish rate
+# Each run gets a fresh gateway (--dev, embedded node) pinned to core $GW_CPU;
+# the load generator is pinned to core $LT_CPU. Loopback traffic only. Every
+# step is bounded in time; the gateway is stopped between runs.
+#
+# Knobs (environment): CONNS=19000 SUBS=5000 RATE=200 DURATION=20
+#   GW_CPU=0 LT_CPU=1 OUT=target/bench NO_BUILD=1 (use existing binaries)
+#   CONNECT_RATE=5000 (new connections/s offered by the load generator)
+#   GATEWAY_ADMISSION_RATE=20000 (the gateway's admission limit, default
+#   2000/s, is raised above CONNECT_RATE so that it does not shape the runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONNS=${CONNS:-19000}
+SUBS=${SUBS:-5000}
+RATE=${RATE:-200}
+DURATION=${DURATION:-20}
+GW_CPU=${GW_CPU:-0}
+LT_CPU=${LT_CPU:-1}
+OUT=${OUT:-target/bench}
+RUN_LIMIT=${RUN_LIMIT:-300}   # seconds, per loadtest run
+CONNECT_RATE=${CONNECT_RATE:-5000}
+export GATEWAY_ADMISSION_RATE=${GATEWAY_ADMISSION_RATE:-20000}
+mkdir -p "$OUT"
+
+if [ -z "${NO_BUILD:-}" ]; then
+  cargo build --release -p gateway -p loadtest
+fi
+GW=target/release/gateway
+LT=target/release/loadtest
+
+# The gateway holds one descriptor per connection: raise the soft limit to
+# the hard one (the hard limit itself cannot be raised here).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+echo "== machine"
+echo "date:    $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+echo "cpus:    $(nproc) ($(lscpu | sed -n 's/^Model name: *//p' | head -1))"
+echo "memory:  $(free -g | awk '/^Mem:/ {print $2}') GiB"
+echo "kernel:  $(uname -r)"
+echo "rustc:   $(rustc --version)"
+if [ -n "${BENCH_COMMIT:-}" ]; then
+  echo "commit:  $BENCH_COMMIT"
+elif git rev-parse --short HEAD >/dev/null 2>&1; then
+  echo "commit:  $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- gateway || echo ' (gateway/ has uncommitted changes)')"
+fi
+echo "nofile:  soft $(ulimit -n), hard $(ulimit -Hn)"
+echo "pinning: gateway on CPU $GW_CPU, loadtest on CPU $LT_CPU"
+echo "gateway: --dev, GATEWAY_ADMISSION_RATE=$GATEWAY_ADMISSION_RATE, otherwise defaults"
+
+GW_PID=""
+GW_URL=""
+
+start_gateway() {
+  local name=$1
+  : >"$OUT/$name.gateway.out"
+  # taskset and env exec, so $! is the gateway's own pid.
+  taskset -c "$GW_CPU" env GATEWAY_LOG=warn "$GW" --dev --addr 127.0.0.1:0 \
+    >"$OUT/$name.gateway.out" 2>"$OUT/$name.gateway.err" &
+  GW_PID=$!
+  for _ in $(seq 1 100); do
+    GW_URL=$(sed -n 's/^listening on \(http:\/\/.*\)$/\1/p' "$OUT/$name.gateway.out" | head -1)
+    [ -n "$GW_URL" ] && break
+    kill -0 "$GW_PID" 2>/dev/null || { echo "gateway exited:"; cat "$OUT/$name.gateway.err"; exit 1; }
+    sleep 0.1
+  done
+  [ -n "$GW_URL" ] || { echo "gateway did not start within 10 s"; exit 1; }
+  # Let it finish starting before the baseline memory reading.
+  sleep 0.5
+}
+
+stop_gateway() {
+  [ -n "$GW_PID" ] || return 0
+  kill -TERM "$GW_PID" 2>/dev/null || true
+  for _ in $(seq 1 150); do
+    kill -0 "$GW_PID" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$GW_PID" 2>/dev/null; then
+    echo "(gateway did not stop within 15 s of SIGTERM; killing it)"
+    kill -KILL "$GW_PID" 2>/dev/null || true
+  fi
+  wait "$GW_PID" 2>/dev/null || true
+  GW_PID=""
+}
+trap stop_gateway EXIT
+
+# run NAME -- loadtest arguments (the gateway URL and pid are appended)
+run() {
+  local name=$1
+  shift
+  echo
+  echo "== $name"
+  start_gateway "$name"
+  echo "\$ taskset -c $LT_CPU loadtest $* --url $GW_URL --gateway-pid $GW_PID"
+  local rc=0
+  timeout --signal=INT --kill-after=10 "$RUN_LIMIT" \
+    taskset -c "$LT_CPU" "$LT" "$@" --url "$GW_URL" --gateway-pid "$GW_PID" 2>&1 | tee "$OUT/$name.txt" || rc=$?
+  [ "$rc" -eq 0 ] || echo "(loadtest exited with status $rc)"
+  if grep -qiE "panic|error" "$OUT/$name.gateway.err"; then
+    echo "-- gateway stderr (errors):"
+    grep -iE "panic|error" "$OUT/$name.gateway.err" | head -20
+  fi
+  stop_gateway
+}
+
+run idle-ws idle --transport ws --connections "$CONNS" --rate "$CONNECT_RATE"
+run idle-sse idle --transport sse --connections "$CONNS" --rate "$CONNECT_RATE"
+run fanout fanout --subscribers "$SUBS" --rate "$RATE" --duration "$DURATION" --connect-rate "$CONNECT_RATE"
+
+echo
+echo "== summary"
+grep -h '^RESULT' "$OUT/idle-ws.txt" "$OUT/idle-sse.txt" "$OUT/fanout.txt" || true
