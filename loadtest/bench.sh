@@ -10,6 +10,7 @@
 # Knobs (environment): CONNS=19000 SUBS=5000 RATE=200 DURATION=20
 #   GW_CPU=0 LT_CPU=1 OUT=target/bench NO_BUILD=1 (use existing binaries)
 #   CONNECT_RATE=5000 (new connections/s offered by the load generator)
+#   ONLY="idle-ws idle-sse fanout" (a subset)  GATEWAY_WORKER_THREADS=1
 #   GATEWAY_ADMISSION_RATE=20000 (the gateway's admission limit, default
 #   2000/s, is raised above CONNECT_RATE so that it does not shape the runs)
 set -euo pipefail
@@ -59,7 +60,8 @@ start_gateway() {
   local name=$1
   : >"$OUT/$name.gateway.out"
   # taskset and env exec, so $! is the gateway's own pid.
-  taskset -c "$GW_CPU" env GATEWAY_LOG=warn "$GW" --dev --addr 127.0.0.1:0 \
+  # Pinned to one core: one runtime worker (more would only contend).
+  taskset -c "$GW_CPU" env GATEWAY_LOG=warn GATEWAY_WORKER_THREADS=${GATEWAY_WORKER_THREADS:-1} "$GW" --dev --addr 127.0.0.1:0 \
     >"$OUT/$name.gateway.out" 2>"$OUT/$name.gateway.err" &
   GW_PID=$!
   for _ in $(seq 1 100); do
@@ -108,10 +110,11 @@ run() {
   stop_gateway
 }
 
-run idle-ws idle --transport ws --connections "$CONNS" --rate "$CONNECT_RATE"
-run idle-sse idle --transport sse --connections "$CONNS" --rate "$CONNECT_RATE"
-run fanout fanout --subscribers "$SUBS" --rate "$RATE" --duration "$DURATION" --connect-rate "$CONNECT_RATE"
+wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+wanted idle-ws && run idle-ws idle --transport ws --connections "$CONNS" --rate "$CONNECT_RATE"
+wanted idle-sse && run idle-sse idle --transport sse --connections "$CONNS" --rate "$CONNECT_RATE"
+wanted fanout && run fanout fanout --subscribers "$SUBS" --rate "$RATE" --duration "$DURATION" --connect-rate "$CONNECT_RATE"
 
 echo
 echo "== summary"
-grep -h '^RESULT' "$OUT/idle-ws.txt" "$OUT/idle-sse.txt" "$OUT/fanout.txt" || true
+for n in idle-ws idle-sse fanout; do wanted $n && grep -h '^RESULT' "$OUT/$n.txt"; done || true

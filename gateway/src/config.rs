@@ -70,8 +70,9 @@ pub struct Config {
     pub sse_keepalive_ms: u64,
     /// The `retry:` an SSE stream tells EventSource to wait before reconnecting.
     pub sse_retry_ms: u64,
-    /// Initial read buffer of a WebSocket, in bytes (it grows for big frames).
-    /// Small keeps idle connections cheap.
+    /// Initial read buffer of a WebSocket, in bytes. It grows to fit a
+    /// larger frame, so small costs only extra reads for bursts of client
+    /// frames (rare on a push gateway) and keeps idle connections cheap.
     pub ws_read_buffer_bytes: usize,
     /// Bytes of outgoing frames gathered before a socket write.
     pub ws_write_buffer_bytes: usize,
@@ -126,6 +127,9 @@ pub struct Config {
 
     /// How long a shutdown waits for connections to go before closing them.
     pub shutdown_timeout_ms: u64,
+    /// Runtime worker threads; 0 = one per CPU core. Set it to the cores the
+    /// node may use when it is pinned or limited to fewer than the machine has.
+    pub worker_threads: usize,
 
     /// `text` or `json`.
     pub log_format: String,
@@ -159,7 +163,7 @@ impl Default for Config {
             refresh_window_ms: 60_000,
             sse_keepalive_ms: 15_000,
             sse_retry_ms: 2_000,
-            ws_read_buffer_bytes: 1024,
+            ws_read_buffer_bytes: 256,
             ws_write_buffer_bytes: 16 * 1024,
             redis_url: None,
             nats_url: None,
@@ -179,6 +183,7 @@ impl Default for Config {
             admission_rate: 2_000,
             admission_retry_ms: 2_000,
             shutdown_timeout_ms: 10_000,
+            worker_threads: 0,
             log_format: "text".into(),
             log: "info".into(),
         }

@@ -70,8 +70,7 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let overrides = Overrides {
         addr: cli.addr,
@@ -119,6 +118,15 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", auth.mint(&claims)?);
         return Ok(());
     }
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        runtime.worker_threads(config.worker_threads);
+    }
+    runtime.enable_all().build()?.block_on(serve(config))
+}
+
+/// Runs the node until it has drained.
+async fn serve(config: Config) -> anyhow::Result<()> {
     gateway::telemetry::init_logging(&config);
     if config.dev {
         warn!("DEV MODE: anonymous connections and unauthenticated publish API calls are accepted. Never run this in production.");

@@ -6,13 +6,57 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::node::Node;
 use crate::{api, drain, ops, transport};
+
+/// Accepts connections until the drain says stop. A connection that starts
+/// with `GET /sse` is served on the raw socket ([`transport::sse_socket`]);
+/// every other one by hyper with the router (upgrades allowed, for `/ws`).
+async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
+    let router = app(node.clone());
+    let stop = node.drain.accepting_stopped();
+    tokio::pin!(stop);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = &mut stop => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, don't spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        // Real-time frames are small: never let Nagle hold one back.
+        let _ = tcp.set_nodelay(true);
+        let (node, router) = (node.clone(), router.clone());
+        tokio::spawn(async move {
+            if transport::sse_socket::wants_sse(&tcp).await {
+                transport::sse_socket::serve(node, tcp).await;
+                return;
+            }
+            let service = hyper_util::service::TowerToHyperService::new(router);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let stop = node.drain.accepting_stopped();
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+}
 
 /// Every route of a node. Tests drive it directly.
 pub fn app(node: Arc<Node>) -> Router {
@@ -46,15 +90,7 @@ pub async fn run(
         info!("shutdown requested: draining");
         drain::start(&signal_node);
     });
-    let stop_node = node.clone();
-    let stop_accepting = async move { stop_node.drain.accepting_stopped().await };
-    // Real-time frames are small: never let Nagle hold one back.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app(node.clone()))
-        .with_graceful_shutdown(stop_accepting)
-        .await?;
+    accept_until_drained(listener, node.clone()).await;
     // Upgraded WebSockets are not HTTP connections any more: the drain
     // waits for them.
     node.drain.finished().await;

@@ -63,7 +63,10 @@ pub struct Session {
     pub transport: Transport,
     subs: HashMap<Arc<str>, SubState>,
     scratch: Vec<Arc<Publication>>,
+    latency_sampled_at: Option<std::time::Instant>,
 }
+
+const LATENCY_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Session {
     pub fn new(node: Arc<Node>, codec: Codec, transport: Transport) -> Self {
@@ -83,6 +86,7 @@ impl Session {
             transport,
             subs: HashMap::new(),
             scratch: Vec::new(),
+            latency_sampled_at: None,
         }
     }
 
@@ -366,7 +370,7 @@ impl Session {
 
     /// Counts written messages and samples latency (once per batch, for its
     /// oldest message).
-    pub fn record_written(&self, count: u64, oldest_ts: Option<u64>) {
+    pub fn record_written(&mut self, count: u64, oldest_ts: Option<u64>) {
         if count == 0 {
             return;
         }
@@ -374,12 +378,16 @@ impl Session {
             Transport::Ws => self.node.metrics.delivered_ws.increment(count),
             Transport::Sse => self.node.metrics.delivered_sse.increment(count),
         }
+        // Latency is sampled at most every 100 ms per connection: enough for
+        // the distribution, without a histogram write per delivery at a
+        // million deliveries per second.
+        let now = std::time::Instant::now();
         if let Some(ts) = oldest_ts {
-            let now = crate::node::now_ms();
-            self.node
-                .metrics
-                .delivery_latency
-                .record(now.saturating_sub(ts) as f64 / 1000.0);
+            if self.latency_sampled_at.is_none_or(|t| now.duration_since(t) >= LATENCY_SAMPLE_EVERY) {
+                self.latency_sampled_at = Some(now);
+                let now_ms = crate::node::now_ms();
+                self.node.metrics.delivery_latency.record(now_ms.saturating_sub(ts) as f64 / 1000.0);
+            }
         }
     }
 

@@ -3,4 +3,5 @@
 //! in how frames reach the wire.
 
 pub mod sse;
+pub mod sse_socket;
 pub mod ws;

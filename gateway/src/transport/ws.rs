@@ -183,7 +183,7 @@ async fn send_error(
 
 /// Runs one connection to its end.
 async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
-    let Some((connect, identity, resumed)) = handshake(&node, &mut socket, codec).await else {
+    let Some((connect, identity, resumed)) = Box::pin(handshake(&node, &mut socket, codec)).await else {
         return;
     };
     let mut conn = Connection {
@@ -398,6 +398,8 @@ impl Connection {
     /// The connection's loop; returns the close code to send, if any.
     async fn serve(&mut self) -> Option<CloseCode> {
         let mut lifecycle = self.node().lifecycle();
+        let timer = sleep_until(self.next_timer().into());
+        tokio::pin!(timer);
         loop {
             let state = *lifecycle.borrow_and_update();
             match state {
@@ -418,7 +420,13 @@ impl Connection {
                     }
                 }
             }
-            let wake = self.next_timer();
+            // One timer for the connection's life, moved only when the
+            // deadline changes: re-arming a fresh one on every wake-up costs
+            // a timer-wheel insert per delivered batch.
+            let wake = tokio::time::Instant::from_std(self.next_timer());
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             tokio::select! {
                 _ = lifecycle.changed() => continue,
                 _ = self.session.queue_ready() => {
@@ -463,7 +471,7 @@ impl Connection {
                         return code;
                     }
                 }
-                _ = sleep_until(wake.into()) => {
+                _ = &mut timer => {
                     if let Some(code) = self.on_timer() {
                         return Some(code);
                     }
@@ -697,6 +705,9 @@ impl Connection {
         // overflows: watch for that here, or such a connection is never cut
         // (the loop that checks the queue waits for this write).
         tokio::select! {
+            // The write usually completes at once; only a blocked one needs
+            // the overflow watch.
+            biased;
             written = write => {
                 if written.is_err() {
                     return Err(CloseCode::InternalError);

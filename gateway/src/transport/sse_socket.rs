@@ -1,0 +1,138 @@
+//! SSE served straight on the socket, without an HTTP server's connection
+//! machinery.
+//!
+//! An SSE stream is one request and then hours of server-to-client bytes.
+//! Kept inside hyper, every stream would hold an HTTP/1 connection's read and
+//! write buffers (about 16 KiB) for its whole life; an idle stream here holds
+//! the socket, the session and a few bytes. The accept loop
+//! ([`crate::server::run`]) peeks at a new connection's first bytes: `GET
+//! /sse` comes here, everything else goes to hyper. The request head is
+//! parsed with `httparse`; the answer is the same [`super::sse::open`]
+//! response the router would give, written with `Connection: close` and a
+//! close-delimited body.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{RawQuery, State};
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::node::Node;
+
+/// Largest request head accepted on this path.
+const MAX_HEAD: usize = 16 * 1024;
+
+/// Whether the connection starts with `GET /sse` (peeked, not consumed).
+pub async fn wants_sse(tcp: &TcpStream) -> bool {
+    let mut buf = [0u8; 9];
+    // Clients send the request line in one segment; wait briefly if only a
+    // fragment is in yet, then let hyper have it.
+    for _ in 0..40 {
+        match tcp.peek(&mut buf).await {
+            Ok(9) => return &buf[..8] == b"GET /sse" && (buf[8] == b'?' || buf[8] == b' '),
+            Ok(n) if n > 0 && !b"GET /sse".starts_with(&buf[..n.min(8)]) => return false,
+            Ok(0) | Err(_) => return false,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    false
+}
+
+async fn write_response_head(tcp: &mut TcpStream, status: StatusCode, headers: &HeaderMap, length: Option<usize>) -> std::io::Result<()> {
+    let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+    for (name, value) in headers {
+        if let Ok(v) = value.to_str() {
+            head.push_str(&format!("{name}: {v}\r\n"));
+        }
+    }
+    if let Some(len) = length {
+        head.push_str(&format!("content-length: {len}\r\n"));
+    }
+    head.push_str("connection: close\r\n\r\n");
+    tcp.write_all(head.as_bytes()).await
+}
+
+async fn plain(tcp: &mut TcpStream, status: StatusCode, body: &str) {
+    let mut h = HeaderMap::new();
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    let _ = write_response_head(tcp, status, &h, Some(body.len())).await;
+    let _ = tcp.write_all(body.as_bytes()).await;
+}
+
+/// Reads and parses the request head; answers and returns `None` on error.
+async fn read_head(tcp: &mut TcpStream) -> Option<(HeaderMap, Option<String>)> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let n = match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut slots = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut slots);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(_)) => {
+                let query = req.path.and_then(|p| p.split_once('?')).map(|(_, q)| q.to_owned());
+                let mut headers = HeaderMap::new();
+                for h in req.headers.iter() {
+                    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value)) {
+                        headers.append(n, v);
+                    }
+                }
+                return Some((headers, query));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
+            Ok(httparse::Status::Partial) => {
+                plain(tcp, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, r#"{"error":{"code":106,"name":"too_large","message":"request head too large","temporary":false}}"#).await;
+                return None;
+            }
+            Err(e) => {
+                let body = format!(r#"{{"error":{{"code":115,"name":"bad_request","message":"malformed request: {e}","temporary":false}}}}"#);
+                plain(tcp, StatusCode::BAD_REQUEST, &body).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Serves one SSE request on `tcp` until the stream ends or the client goes.
+pub async fn serve(node: Arc<Node>, mut tcp: TcpStream) {
+    // Boxed: the head buffers and the subscribe path are needed once; kept
+    // inline they would sit in every idle stream's task for its whole life.
+    let Some((headers, query)) = Box::pin(read_head(&mut tcp)).await else { return };
+    let response = Box::pin(super::sse::open(State(node), headers, RawQuery(query))).await;
+    let (parts, body) = response.into_parts();
+    if parts.status != StatusCode::OK {
+        let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+        let _ = write_response_head(&mut tcp, parts.status, &parts.headers, Some(bytes.len())).await;
+        let _ = tcp.write_all(&bytes).await;
+        return;
+    }
+    if write_response_head(&mut tcp, parts.status, &parts.headers, None).await.is_err() {
+        return;
+    }
+    let mut stream = body.into_data_stream();
+    let (mut rd, mut wr) = tcp.split();
+    let mut probe = [0u8; 1];
+    loop {
+        tokio::select! {
+            chunk = stream.next() => match chunk {
+                Some(Ok(bytes)) => {
+                    if wr.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+                _ => break,
+            },
+            // An EventSource sends nothing after its request: a read that
+            // returns means the client closed (or broke the protocol).
+            _ = rd.read(&mut probe) => return,
+        }
+    }
+    let _ = wr.shutdown().await;
+}
