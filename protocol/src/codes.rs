@@ -206,8 +206,10 @@ impl CloseCode {
 }
 
 /// Whether any close code (ours or a standard one) asks the client to
-/// reconnect. Standard codes other than 1008 (policy) and 1009 (too big)
-/// are network-level events and reconnecting is right.
+/// reconnect. Among standard codes, 1002 (protocol error), 1003 (unsupported
+/// data), 1007 (invalid payload), 1008 (policy) and 1009 (too big) mean the
+/// client's own frames were at fault and are terminal; the others are
+/// network-level events and reconnecting is right.
 pub fn is_reconnect_code(code: u16) -> bool {
     match code {
         4000..=4499 => true,
