@@ -37,12 +37,19 @@ async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
         let _ = tcp.set_nodelay(true);
         let (node, router) = (node.clone(), router.clone());
         tokio::spawn(async move {
-            if transport::sse_socket::wants_sse(&tcp).await {
-                transport::sse_socket::serve(node, tcp).await;
-                return;
+            let head_deadline = Duration::from_millis(node.config.connect_timeout_ms);
+            match transport::sse_socket::wants_sse(&tcp, head_deadline).await {
+                None => return,
+                Some(true) => {
+                    transport::sse_socket::serve(node, tcp).await;
+                    return;
+                }
+                Some(false) => {}
             }
             let service = hyper_util::service::TowerToHyperService::new(router);
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(head_deadline)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
                 .with_upgrades();
             tokio::pin!(conn);

@@ -38,7 +38,19 @@ pub fn init_metrics() -> PrometheusHandle {
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &latency_buckets)
         .expect("bucket list is not empty");
     match builder.install_recorder() {
-        Ok(handle) => handle,
+        Ok(handle) => {
+            // Histograms keep raw samples until drained; without a scrape
+            // they would grow without bound. Drain them regularly.
+            let upkeep = handle.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    tick.tick().await;
+                    upkeep.run_upkeep();
+                }
+            });
+            handle
+        }
         Err(_) => PrometheusBuilder::new().build_recorder().handle(),
     }
 }

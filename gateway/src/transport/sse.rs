@@ -213,6 +213,7 @@ async fn open_stream(
         node: node.id.clone(),
         resumed: Vec::new(),
     };
+    let shared = session.shared.clone();
     let mut stream = SseStream {
         lifecycle: node.lifecycle(),
         keepalive: node.ms(node.config.sse_keepalive_ms),
@@ -246,6 +247,7 @@ async fn open_stream(
     });
     let mut res = Response::new(Body::from_stream(body));
     *res.status_mut() = StatusCode::OK;
+    res.extensions_mut().insert(shared);
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -26,11 +26,17 @@ use crate::node::Node;
 const MAX_HEAD: usize = 16 * 1024;
 
 /// Whether the connection starts with `GET /sse` (peeked, not consumed).
-pub async fn wants_sse(tcp: &TcpStream) -> bool {
+/// `None`: nothing arrived within `deadline` (drop the connection: a silent
+/// connection must not hold a file descriptor forever).
+pub async fn wants_sse(tcp: &TcpStream, deadline: Duration) -> Option<bool> {
+    tokio::time::timeout(deadline, peek_sse(tcp)).await.ok()
+}
+
+async fn peek_sse(tcp: &TcpStream) -> bool {
     let mut buf = [0u8; 9];
     // Clients send the request line in one segment; wait briefly if only a
     // fragment is in yet, then let hyper have it.
-    for _ in 0..40 {
+    loop {
         match tcp.peek(&mut buf).await {
             Ok(9) => return &buf[..8] == b"GET /sse" && (buf[8] == b'?' || buf[8] == b' '),
             Ok(n) if n > 0 && !b"GET /sse".starts_with(&buf[..n.min(8)]) => return false,
@@ -38,7 +44,6 @@ pub async fn wants_sse(tcp: &TcpStream) -> bool {
             Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     }
-    false
 }
 
 async fn write_response_head(tcp: &mut TcpStream, status: StatusCode, headers: &HeaderMap, length: Option<usize>) -> std::io::Result<()> {
@@ -105,8 +110,11 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream) {
     // Boxed: the head buffers and the subscribe path are needed once; kept
     // inline they would sit in every idle stream's task for its whole life.
     let Some((headers, query)) = Box::pin(read_head(&mut tcp)).await else { return };
-    let response = Box::pin(super::sse::open(State(node), headers, RawQuery(query))).await;
-    let (parts, body) = response.into_parts();
+    let response = Box::pin(super::sse::open(State(node.clone()), headers, RawQuery(query))).await;
+    let (mut parts, body) = response.into_parts();
+    // The stream's queue, to cut a client whose writes block while its
+    // queue overflows (the stream itself is not polled then).
+    let shared = parts.extensions.remove::<Arc<crate::hub::SessionShared>>();
     if parts.status != StatusCode::OK {
         let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
         let _ = write_response_head(&mut tcp, parts.status, &parts.headers, Some(bytes.len())).await;
@@ -123,8 +131,19 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream) {
         tokio::select! {
             chunk = stream.next() => match chunk {
                 Some(Ok(bytes)) => {
-                    if wr.write_all(&bytes).await.is_err() {
-                        return;
+                    let overflow = async {
+                        match &shared {
+                            Some(s) => s.queue.overflowed().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    tokio::select! {
+                        biased;
+                        written = wr.write_all(&bytes) => if written.is_err() { return },
+                        _ = overflow => {
+                            node.metrics.slow_consumer_disconnects.increment(1);
+                            return;
+                        }
                     }
                 }
                 _ => break,

@@ -719,6 +719,10 @@ impl Connection {
             }
         }
         self.session.record_written(delivered, oldest);
+        // A burst grows the batch vector; an idle connection should not keep it.
+        if self.out.capacity() > 64 {
+            self.out = Vec::new();
+        }
         Ok(())
     }
 }
