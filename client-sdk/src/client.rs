@@ -233,6 +233,7 @@ pub struct ClientBuilder {
     subscription_buffer: usize,
     read_buffer: usize,
     tcp_recv_buffer: Option<u32>,
+    bind_addr: Option<std::net::IpAddr>,
     dead_factor: f64,
     max_message_size: usize,
     max_frame_bytes: usize,
@@ -265,6 +266,7 @@ impl ClientBuilder {
             subscription_buffer: 1024,
             read_buffer: 8 * 1024,
             tcp_recv_buffer: None,
+            bind_addr: None,
             dead_factor: 2.5,
             max_message_size: 16 << 20,
             max_frame_bytes: 65536,
@@ -356,6 +358,19 @@ impl ClientBuilder {
         self
     }
 
+    /// Local (source) address of the client's sockets: bound, with an
+    /// ephemeral port, before connecting. Default: chosen by the system.
+    ///
+    /// Each local address has its own range of ephemeral ports (about 28,000
+    /// on Linux), so a load generator holding more connections to one
+    /// server spreads them over several addresses, e.g. 127.0.0.2,
+    /// 127.0.0.3, ... (all of 127.0.0.0/8 is local on Linux). The address
+    /// family must match the server's address.
+    pub fn bind_addr(mut self, addr: std::net::IpAddr) -> Self {
+        self.bind_addr = Some(addr);
+        self
+    }
+
     /// A connection on which nothing arrives for `factor` × the server's
     /// `ping_interval_ms` is considered dead. Default 2.5.
     pub fn heartbeat_factor(mut self, factor: f64) -> Self {
@@ -423,6 +438,7 @@ impl ClientBuilder {
             connect_timeout: self.connect_timeout,
             read_buffer: self.read_buffer,
             tcp_recv_buffer: self.tcp_recv_buffer,
+            bind_addr: self.bind_addr,
             dead_factor: self.dead_factor,
             max_message_size: self.max_message_size,
             max_frame_bytes: self.max_frame_bytes,

@@ -51,6 +51,7 @@ pub(crate) struct Config {
     pub(crate) connect_timeout: Duration,
     pub(crate) read_buffer: usize,
     pub(crate) tcp_recv_buffer: Option<u32>,
+    pub(crate) bind_addr: Option<std::net::IpAddr>,
     pub(crate) dead_factor: f64,
     pub(crate) max_message_size: usize,
     pub(crate) max_frame_bytes: usize,
@@ -748,6 +749,7 @@ impl Driver {
             codec,
             self.cfg.read_buffer,
             self.cfg.tcp_recv_buffer,
+            self.cfg.bind_addr,
             self.cfg.max_message_size,
         );
         let ws = match self
@@ -1289,8 +1291,9 @@ impl Driver {
         let (request, sent_cursor) = self.sse_request();
         let base = self.cfg.base.clone();
         let (recv_buffer, read_buffer) = (self.cfg.tcp_recv_buffer, self.cfg.read_buffer);
+        let bind = self.cfg.bind_addr;
         let opening = async move {
-            let stream = NetStream::connect(&base, recv_buffer).await?;
+            let stream = NetStream::connect(&base, recv_buffer, bind).await?;
             SseReader::open(stream, &request, read_buffer).await
         };
         let mut reader = match self
@@ -1597,9 +1600,10 @@ async fn ws_open(
     codec: Codec,
     read_buffer: usize,
     recv_buffer: Option<u32>,
+    bind: Option<std::net::IpAddr>,
     max_message_size: usize,
 ) -> Result<Ws, Outcome> {
-    let stream = NetStream::connect(&base, recv_buffer)
+    let stream = NetStream::connect(&base, recv_buffer, bind)
         .await
         .map_err(|e| retry(format!("connecting to {}:{}: {e}", base.host, base.port)))?;
     let mut request = base

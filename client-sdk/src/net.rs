@@ -136,11 +136,25 @@ pub(crate) enum NetStream {
 
 impl NetStream {
     /// Connects to the base URL's host (TLS when `https`). `recv_buffer` sets
-    /// `SO_RCVBUF` before connecting.
-    pub(crate) async fn connect(base: &BaseUrl, recv_buffer: Option<u32>) -> io::Result<Self> {
+    /// `SO_RCVBUF` before connecting; `bind` is the local address to connect
+    /// from (addresses of the other family are skipped).
+    pub(crate) async fn connect(
+        base: &BaseUrl,
+        recv_buffer: Option<u32>,
+        bind: Option<std::net::IpAddr>,
+    ) -> io::Result<Self> {
         let mut last_err = None;
         let mut tcp = None;
         for addr in tokio::net::lookup_host((base.bare_host(), base.port)).await? {
+            if bind.is_some_and(|b| b.is_ipv4() != addr.is_ipv4()) {
+                last_err.get_or_insert_with(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("bind address family does not match {addr}"),
+                    )
+                });
+                continue;
+            }
             let socket = if addr.is_ipv4() {
                 TcpSocket::new_v4()?
             } else {
@@ -148,6 +162,9 @@ impl NetStream {
             };
             if let Some(size) = recv_buffer {
                 socket.set_recv_buffer_size(size)?;
+            }
+            if let Some(ip) = bind {
+                socket.bind(std::net::SocketAddr::new(ip, 0))?;
             }
             match socket.connect(addr).await {
                 Ok(s) => {
@@ -301,6 +318,20 @@ mod tests {
         assert!(BaseUrl::parse("http://:80").is_err());
         assert!(BaseUrl::parse("http://h:notaport").is_err());
         assert!(BaseUrl::parse("http://h/x?y=1").is_err());
+    }
+
+    #[tokio::test]
+    async fn connects_from_the_bind_address() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let base = BaseUrl::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let src: std::net::IpAddr = "127.0.0.3".parse().unwrap();
+        let _stream = NetStream::connect(&base, None, Some(src)).await.unwrap();
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(peer.ip(), src);
+        // An address of the other family cannot reach an IPv4 host.
+        let v6: std::net::IpAddr = "::1".parse().unwrap();
+        assert!(NetStream::connect(&base, None, Some(v6)).await.is_err());
     }
 
     #[test]

@@ -6,6 +6,15 @@
 //! * `loadtest fanout --subscribers N --rate R --duration S --url URL`
 //!   measures deliveries per second and publish -> receive latency of one
 //!   channel fanned out to N WebSocket subscribers.
+//! * `loadtest run idle|broadcast|unicast|reconnect|drain ...` is the load
+//!   generator on the Rust client SDK (worker processes, source-address
+//!   spreading, HDR latency, loss and duplicate counts, JSON/SVG reports);
+//!   see `scenario` and loadtest/README.md.
+//!
+//! * `loadtest rolling --clients N --nodes 3 --rate R` starts a cluster
+//!   (redis, nats, nodes, HAProxy) and replaces every node, surge-style,
+//!   under load: lost, duplicated, reconnects per client, drain time per
+//!   node, delivery delay during the roll; see `rolling`.
 //!
 //! Targets are loopback addresses only. `loadtest/bench.sh` runs the standard
 //! set (see BENCHMARKS.md).
@@ -13,6 +22,8 @@
 mod fanout;
 mod idle;
 mod rawws;
+mod rolling;
+mod scenario;
 mod util;
 
 use clap::{Parser, Subcommand};
@@ -36,6 +47,19 @@ enum Command {
     /// Internal: one worker process of `idle`.
     #[command(hide = true)]
     Worker(idle::WorkerArgs),
+    /// Load generator on the Rust client SDK: `run idle|broadcast|unicast|reconnect|drain`.
+    Run(scenario::RunArgs),
+    /// Internal: one worker process of `run` (SDK clients).
+    #[command(hide = true)]
+    RunWorker(scenario::worker::RunWorkerArgs),
+    /// Internal: one TCP proxy process of `run`.
+    #[command(hide = true)]
+    RunProxy(scenario::proxy::ProxyArgs),
+    /// Rolling upgrade of a cluster behind HAProxy under load: loss, duplicates, reconnects, drain time, delay.
+    Rolling(rolling::RollingArgs),
+    /// Internal: one worker process of `rolling` (its clients).
+    #[command(hide = true)]
+    RollingWorker(rolling::RollingWorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,6 +79,11 @@ fn main() -> anyhow::Result<()> {
             Command::Idle(a) => idle::idle(a).await,
             Command::Fanout(a) => fanout::fanout(a).await,
             Command::Worker(a) => idle::worker(a).await,
+            Command::Run(a) => scenario::run(a).await,
+            Command::RunWorker(a) => scenario::worker::run_worker(a).await,
+            Command::RunProxy(a) => scenario::proxy::run_proxy(a).await,
+            Command::Rolling(a) => rolling::rolling(a).await,
+            Command::RollingWorker(a) => rolling::worker(a).await,
         }
     });
     // Don't wait for connection tasks still parked on their sockets.

@@ -7,6 +7,12 @@
 //!   `GATEWAY_BACKBONE_DOWN_THRESHOLD_MS`) and whether HAProxy fronts the
 //!   nodes. Nodes are ordinary [`Gateway`] processes (the harness builder, with
 //!   `GATEWAY_REDIS_URL`, `GATEWAY_NATS_URL`, `GATEWAY_NODE_ID` added).
+//! * Rolling upgrades: [`ClusterBuilder::slots`] declares more HAProxy
+//!   servers than nodes (on ports reserved up front; an empty slot is just a
+//!   server whose health checks fail); [`Cluster::add_node`] starts a node
+//!   in the next slot, [`Cluster::wait_lb`] waits until HAProxy (its admin
+//!   socket, [`Haproxy::servers`]) has a node up or down,
+//!   [`Cluster::drain_node`] and [`Cluster::wait_node_exit`] retire one.
 //! * [`Service`]: redis-server / nats-server that can be stopped and started
 //!   again on the same port (ports are taken below the kernel's ephemeral
 //!   range, so nothing else grabs them while the service is down).
@@ -320,13 +326,37 @@ impl Service {
     }
 }
 
-/// HAProxy in TCP mode in front of the nodes (health checks on `/readyz`).
+/// HAProxy in TCP mode in front of the nodes (health checks on `/readyz`,
+/// `leastconn`), with an admin socket the harness reads its view from.
 pub struct Haproxy {
     child: Child,
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     logs: Arc<Mutex<String>>,
+    socket: std::path::PathBuf,
     _dir: crate::TempDir,
+}
+
+/// One backend server as HAProxy sees it (`show stat`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbServer {
+    pub name: String,
+    /// `UP`, `DOWN`, `UP 1/2` (going down), `DOWN 1/2` (going up), `MAINT`, ...
+    pub status: String,
+    /// Sessions open to it now.
+    pub sessions: u64,
+}
+
+impl LbServer {
+    /// Fully up (not on its way down).
+    pub fn is_up(&self) -> bool {
+        self.status == "UP"
+    }
+
+    /// Out of rotation (down, or on its way up).
+    pub fn is_down(&self) -> bool {
+        self.status.starts_with("DOWN") || self.status.starts_with("MAINT")
+    }
 }
 
 impl std::fmt::Debug for Haproxy {
@@ -342,18 +372,30 @@ impl Drop for Haproxy {
 }
 
 impl Haproxy {
+    /// Starts HAProxy in front of `servers` (name, address). A server whose
+    /// address nothing listens on yet is simply down (its health checks
+    /// fail) until a node starts there: declaring more servers than nodes
+    /// gives slots for nodes added later (a rolling upgrade's replacements).
     pub async fn start(servers: &[(String, SocketAddr)]) -> Result<Self> {
         let dir = crate::TempDir::new()?;
         let port = {
             let l = TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?.port()
         };
+        let socket = dir.path().join("admin.sock");
+        // 9,000 proxied connections take ~18,000 descriptors: within a
+        // 20,000 open-files limit. `timeout check`: without it a check
+        // times out after `inter` (300 ms), and a busy but healthy node (a
+        // reconnect storm on two loaded cores) is taken out of rotation;
+        // a draining node answers 503 at once, a dead one refuses.
         let mut cfg = format!(
-            "global\n    maxconn 4000\ndefaults\n    mode tcp\n    timeout connect 2s\n    \
+            "global\n    maxconn 9000\n    stats socket {} mode 600 level admin\n\
+             defaults\n    mode tcp\n    maxconn 9000\n    timeout connect 2s\n    timeout check 2s\n    \
              timeout client 1h\n    timeout server 1h\n    option redispatch\n    retries 3\n\
              frontend gateway\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
              backend nodes\n    balance leastconn\n    option httpchk GET /readyz\n    \
-             http-check expect status 200\n"
+             http-check expect status 200\n",
+            socket.display()
         );
         for (name, addr) in servers {
             cfg.push_str(&format!(
@@ -377,6 +419,7 @@ impl Haproxy {
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             http: http_client(),
             logs,
+            socket,
             _dir: dir,
         };
         let deadline = Instant::now() + TIMEOUT;
@@ -399,6 +442,60 @@ impl Haproxy {
                 lb.logs()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// One command on the admin socket; its whole answer.
+    pub async fn admin(&self, command: &str) -> Result<String> {
+        within(&format!("haproxy admin {command:?}"), async {
+            let mut s = tokio::net::UnixStream::connect(&self.socket)
+                .await
+                .with_context(|| format!("connecting to {}", self.socket.display()))?;
+            s.write_all(format!("{command}\n").as_bytes()).await?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).await?;
+            Ok::<_, anyhow::Error>(out)
+        })
+        .await?
+    }
+
+    /// The backend's servers as HAProxy sees them now.
+    pub async fn servers(&self) -> Result<Vec<LbServer>> {
+        let csv = self.admin("show stat").await?;
+        Ok(csv
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f.len() > 17 && f[0] == "nodes" && f[1] != "BACKEND").then(|| LbServer {
+                    name: f[1].to_owned(),
+                    status: f[17].to_owned(),
+                    sessions: f[4].parse().unwrap_or(0),
+                })
+            })
+            .collect())
+    }
+
+    /// Waits until HAProxy has server `name` fully up (`up`) or out of
+    /// rotation; returns how long that took.
+    pub async fn wait_server(&self, name: &str, up: bool, limit: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        loop {
+            let servers = self.servers().await?;
+            let s = servers
+                .iter()
+                .find(|s| s.name == name)
+                .with_context(|| format!("haproxy has no server {name}: {servers:?}"))?;
+            if (up && s.is_up()) || (!up && s.is_down()) {
+                return Ok(t0.elapsed());
+            }
+            ensure!(
+                t0.elapsed() < limit,
+                "haproxy still sees {name} as {:?} after {limit:?} (waiting for {})",
+                s.status,
+                if up { "UP" } else { "DOWN" }
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
 
@@ -713,6 +810,7 @@ pub struct ClusterBuilder {
     backbone: Backbone,
     nodes: usize,
     haproxy: bool,
+    slots: usize,
     registry_ttl_ms: u64,
     heartbeat_interval_ms: u64,
     backbone_down_threshold_ms: u64,
@@ -728,6 +826,16 @@ impl ClusterBuilder {
     /// Puts HAProxy (TCP mode, `/readyz` health checks) in front.
     pub fn haproxy(mut self) -> Self {
         self.haproxy = true;
+        self
+    }
+
+    /// Puts HAProxy in front with `n` server slots (`node0` .. `node<n-1>`,
+    /// each on a port reserved up front): the first `nodes` hold the
+    /// cluster's nodes, the others are down until [`Cluster::add_node`]
+    /// starts a node in them.
+    pub fn slots(mut self, n: usize) -> Self {
+        self.haproxy = true;
+        self.slots = n;
         self
     }
 
@@ -755,23 +863,30 @@ impl ClusterBuilder {
             Backbone::Nats => Some(Service::start_new(ServiceKind::Nats).await?),
             Backbone::Redis => None,
         };
+        let mut template: GatewayBuilder = Gateway::builder()
+            .env("GATEWAY_REDIS_URL", redis.url())
+            .env("GATEWAY_REGISTRY_TTL_MS", self.registry_ttl_ms)
+            .env("GATEWAY_HEARTBEAT_INTERVAL_MS", self.heartbeat_interval_ms)
+            .env(
+                "GATEWAY_BACKBONE_DOWN_THRESHOLD_MS",
+                self.backbone_down_threshold_ms,
+            );
+        if let Some(n) = &nats {
+            template = template.env("GATEWAY_NATS_URL", n.url());
+        }
+        for (k, v) in &self.env {
+            template = template.env(k, v);
+        }
+        let slots: Vec<SocketAddr> = if self.slots == 0 {
+            Vec::new()
+        } else {
+            (0..self.slots.max(self.nodes))
+                .map(|_| service_port().map(|p| SocketAddr::from(([127, 0, 0, 1], p))))
+                .collect::<Result<_>>()?
+        };
         let ids: Vec<String> = (0..self.nodes).map(|i| format!("node{i}")).collect();
-        let starts = ids.iter().map(|id| {
-            let mut b: GatewayBuilder = Gateway::builder()
-                .env("GATEWAY_REDIS_URL", redis.url())
-                .env("GATEWAY_NODE_ID", id)
-                .env("GATEWAY_REGISTRY_TTL_MS", self.registry_ttl_ms)
-                .env("GATEWAY_HEARTBEAT_INTERVAL_MS", self.heartbeat_interval_ms)
-                .env(
-                    "GATEWAY_BACKBONE_DOWN_THRESHOLD_MS",
-                    self.backbone_down_threshold_ms,
-                );
-            if let Some(n) = &nats {
-                b = b.env("GATEWAY_NATS_URL", n.url());
-            }
-            for (k, v) in &self.env {
-                b = b.env(k, v);
-            }
+        let starts = ids.iter().enumerate().map(|(i, id)| {
+            let b = node_builder(&template, id, slots.get(i).copied());
             let id = id.clone();
             async move { b.start().await.with_context(|| format!("starting {id}")) }
         });
@@ -783,11 +898,19 @@ impl ClusterBuilder {
                 id,
                 gw,
                 killed: false,
+                exited: None,
             })
             .collect();
         let lb = if self.haproxy {
-            let servers: Vec<(String, SocketAddr)> =
-                nodes.iter().map(|n| (n.id.clone(), n.gw.addr)).collect();
+            let servers: Vec<(String, SocketAddr)> = if slots.is_empty() {
+                nodes.iter().map(|n| (n.id.clone(), n.gw.addr)).collect()
+            } else {
+                slots
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| (format!("node{i}"), *a))
+                    .collect()
+            };
             Some(Haproxy::start(&servers).await?)
         } else {
             None
@@ -800,12 +923,33 @@ impl ClusterBuilder {
             nats,
             redis,
             started,
+            template,
+            slots,
         };
-        // Every node is ready (backbone up) before the test starts.
+        // Every node is ready (backbone up) before the test starts, and the
+        // balancer has exactly the nodes' servers up.
         cluster
             .check(cluster.wait_ready(true, TIMEOUT).await)
             .context("cluster did not become ready")?;
+        if let Some(lb) = &cluster.lb {
+            let servers = cluster.nodes.len().max(cluster.slots.len());
+            for i in 0..servers {
+                let up = i < cluster.nodes.len();
+                let waited = lb.wait_server(&format!("node{i}"), up, TIMEOUT).await;
+                cluster
+                    .check(waited)
+                    .context("the balancer did not see the nodes")?;
+            }
+        }
         Ok(cluster)
+    }
+}
+
+fn node_builder(template: &GatewayBuilder, id: &str, addr: Option<SocketAddr>) -> GatewayBuilder {
+    let b = template.clone().env("GATEWAY_NODE_ID", id);
+    match addr {
+        Some(a) => b.addr(a),
+        None => b,
     }
 }
 
@@ -813,6 +957,8 @@ pub struct ClusterNode {
     pub id: String,
     pub gw: Gateway,
     killed: bool,
+    /// Exited by itself (after a drain), with this status.
+    exited: Option<std::process::ExitStatus>,
 }
 
 /// Redis, NATS (NATS backbone), N gateway nodes and optionally HAProxy; all
@@ -826,6 +972,10 @@ pub struct Cluster {
     pub nats: Option<Service>,
     pub redis: Service,
     started: Instant,
+    /// How every node is started (without its id and address).
+    template: GatewayBuilder,
+    /// Balancer slots (node `i` listens on `slots[i]`); empty without.
+    slots: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -855,11 +1005,77 @@ impl Cluster {
             backbone,
             nodes: 3,
             haproxy: false,
+            slots: 0,
             registry_ttl_ms: 2_000,
             heartbeat_interval_ms: 400,
             backbone_down_threshold_ms: 1_000,
             env: Vec::new(),
         }
+    }
+
+    /// Starts another node (`node<i>`, `i` = its index) in the next free
+    /// balancer slot, with the settings of the others; returns `i` once it
+    /// listens. HAProxy's health checks find it by themselves (see
+    /// [`Cluster::wait_lb`]).
+    pub async fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.len();
+        let addr = *self.slots.get(i).with_context(|| {
+            format!(
+                "no free balancer slot for node{i} ({} slots; see ClusterBuilder::slots)",
+                self.slots.len()
+            )
+        })?;
+        let id = format!("node{i}");
+        let gw = node_builder(&self.template, &id, Some(addr))
+            .start()
+            .await
+            .with_context(|| format!("starting {id}"))?;
+        self.nodes.push(ClusterNode {
+            id,
+            gw,
+            killed: false,
+            exited: None,
+        });
+        Ok(i)
+    }
+
+    /// Starts a graceful drain of node `i` (`POST /admin/drain` with the API
+    /// key, answered 202); the node exits by itself when it is over.
+    pub async fn drain_node(&self, i: usize) -> Result<()> {
+        let gw = self.node(i);
+        let res = within(
+            "POST /admin/drain",
+            gw.http
+                .post(gw.url("/admin/drain"))
+                .bearer_auth(API_KEY)
+                .send(),
+        )
+        .await??;
+        ensure!(
+            res.status() == StatusCode::ACCEPTED,
+            "{}: /admin/drain answered {}",
+            self.node_id(i),
+            res.status()
+        );
+        Ok(())
+    }
+
+    /// Waits (up to `limit`) for node `i` to exit by itself; its status. It
+    /// no longer counts as live.
+    pub async fn wait_node_exit(
+        &mut self,
+        i: usize,
+        limit: Duration,
+    ) -> Result<std::process::ExitStatus> {
+        let status = self.nodes[i].gw.wait_exit(limit).await?;
+        self.nodes[i].exited = Some(status);
+        Ok(status)
+    }
+
+    /// Waits until the balancer has node `i` fully up (`up`) or out of
+    /// rotation; returns how long that took.
+    pub async fn wait_lb(&self, i: usize, up: bool, limit: Duration) -> Result<Duration> {
+        self.lb()?.wait_server(self.node_id(i), up, limit).await
     }
 
     /// Node `i` (`node<i>`).
@@ -879,10 +1095,10 @@ impl Cluster {
         self.nodes.is_empty()
     }
 
-    /// Indices of the nodes not killed.
+    /// Indices of the nodes neither killed nor exited.
     pub fn live(&self) -> Vec<usize> {
         (0..self.nodes.len())
-            .filter(|i| !self.nodes[*i].killed)
+            .filter(|i| !self.nodes[*i].killed && self.nodes[*i].exited.is_none())
             .collect()
     }
 
@@ -909,7 +1125,11 @@ impl Cluster {
             section("nats-server", n.logs());
         }
         for n in &self.nodes {
-            let state = if n.killed { " (killed)" } else { "" };
+            let state = match (n.killed, n.exited) {
+                (true, _) => " (killed)".to_owned(),
+                (false, Some(status)) => format!(" ({status})"),
+                (false, None) => String::new(),
+            };
             section(&format!("{}{state} {}", n.id, n.gw.addr), n.gw.logs());
         }
         if let Some(lb) = &self.lb {
@@ -973,7 +1193,7 @@ impl Cluster {
     pub async fn backbone_received(&self) -> Result<Vec<f64>> {
         let mut out = Vec::new();
         for n in &self.nodes {
-            out.push(if n.killed {
+            out.push(if n.killed || n.exited.is_some() {
                 0.0
             } else {
                 n.gw.metric("gateway_backbone_received_total").await?

@@ -151,6 +151,7 @@ fn build_gateway(profile_dir: &Path) {
 pub struct GatewayBuilder {
     env: Vec<(String, Option<String>)>,
     dev: bool,
+    addr: Option<SocketAddr>,
 }
 
 impl Default for GatewayBuilder {
@@ -165,6 +166,7 @@ impl Default for GatewayBuilder {
                 ("GATEWAY_LOG".into(), Some("info".into())),
             ],
             dev: false,
+            addr: None,
         }
     }
 }
@@ -202,10 +204,20 @@ impl GatewayBuilder {
         self
     }
 
+    /// Listens on `addr` instead of a free port (e.g. a balancer slot
+    /// declared before the node exists).
+    pub fn addr(mut self, addr: SocketAddr) -> Self {
+        self.addr = Some(addr);
+        self
+    }
+
     pub async fn start(self) -> Result<Gateway> {
         let bin = gateway_bin();
         let mut cmd = Command::new(bin);
-        cmd.args(["--addr", "127.0.0.1:0"]);
+        let addr = self
+            .addr
+            .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
+        cmd.args(["--addr", addr.as_str()]);
         if self.dev {
             cmd.arg("--dev");
         }

@@ -21,6 +21,8 @@ mod heartbeat;
 mod refresh;
 #[path = "gateway/resume.rs"]
 mod resume;
+#[path = "gateway/rolling.rs"]
+mod rolling;
 #[path = "gateway/rs256.rs"]
 mod rs256;
 #[path = "gateway/sdk.rs"]

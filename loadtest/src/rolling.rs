@@ -1,0 +1,1810 @@
+//! `loadtest rolling --clients N --nodes 3 --rate R`: a surge-style rolling
+//! upgrade of a cluster under load, at benchmark scale (the integration test
+//! `tests/tests/gateway/rolling.rs` runs the same scenario with 2,000
+//! clients and asserts on it).
+//!
+//! This process starts everything itself, on loopback: redis-server,
+//! nats-server (NATS backbone; `--backbone redis` for Redis pub/sub), the
+//! gateway nodes (`target/release/gateway`, in cluster mode, each on a port
+//! reserved up front), one HAProxy process per `--clients-per-proxy` clients
+//! (TCP mode, `leastconn`, health checks on `/readyz`; every HAProxy declares
+//! a server slot for each node and each replacement), and one worker process
+//! (this binary, `rolling-worker`) per HAProxy holding that HAProxy's share
+//! of the clients: Rust-SDK WebSocket clients (JSON and MessagePack, each
+//! with a user token) and plain SSE clients that resume only through
+//! `Last-Event-ID`. Every client subscribes to `--per-client` of the
+//! `--channels` shared channels and has its own user stream; this process
+//! publishes `--rate` messages per second on every shared channel and
+//! `--send-rate` `/api/send` per second round robin over the users, through
+//! the first HAProxy, for the whole run.
+//!
+//! The roll: for each old node, start a replacement in the next slot, wait
+//! until every HAProxy has it up, `POST /admin/drain` the old node, wait for
+//! it to exit (0) and for every client to be connected again. Then stop
+//! publishing and have every worker check every stream of every client
+//! against what the publish API acknowledged: seq 1 up to at least the last
+//! acknowledged, once each, in order, no `unrecoverable`.
+//!
+//! Printed: clients, lost, duplicated, reconnects per client (mean / max),
+//! drain time per node (the node's own `drain: done` figure), delivery delay
+//! (`now - ts`) p50 / p99 / max during the roll. Logs and the summary go to
+//! `--dir`.
+//!
+//! Open files: a worker holds its clients' sockets (≤ `--clients-per-proxy`),
+//! an HAProxy two per client (`maxconn 9000`), a node its share; each
+//! process stays within a 20,000 open-files limit.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context};
+use clap::{Args, ValueEnum};
+use client_sdk::{Client, Codec, ConnectionState};
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, ChildStdin, Command};
+
+use crate::util;
+
+const JWT_SECRET: &str = "loadtest-rolling-secret-0123456789abcdef";
+const API_KEY: &str = "loadtest-rolling-key";
+
+// ---------------------------------------------------------------------------
+// Arguments
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Backbone {
+    /// Redis registry and replay store, NATS between the nodes.
+    Nats,
+    /// Redis for everything (pub/sub between the nodes).
+    Redis,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?}: expected KEY=VALUE"))
+}
+
+#[derive(Debug, Args)]
+pub struct RollingArgs {
+    /// Clients (WebSocket JSON, WebSocket MessagePack, plain SSE).
+    #[arg(long, default_value_t = 5000)]
+    pub clients: usize,
+    /// Nodes in the cluster (each is replaced once).
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Publishes per second on each shared channel.
+    #[arg(long, default_value_t = 2.0)]
+    pub rate: f64,
+    /// `/api/send` per second, round robin over the users (default: one per
+    /// ten clients).
+    #[arg(long)]
+    pub send_rate: Option<f64>,
+    /// Shared channels.
+    #[arg(long, default_value_t = 6)]
+    pub channels: usize,
+    /// Shared channels each client subscribes to.
+    #[arg(long, default_value_t = 3)]
+    pub per_client: usize,
+    /// Share of plain SSE clients; the rest are split evenly between
+    /// WebSocket JSON and WebSocket MessagePack.
+    #[arg(long, default_value_t = 0.3)]
+    pub sse_share: f64,
+    #[arg(long, value_enum, default_value = "nats")]
+    pub backbone: Backbone,
+    /// Clients per HAProxy process (and per worker process). One HAProxy
+    /// carries at most ~9,000 proxied clients within 20,000 open files.
+    #[arg(long, default_value_t = 8000)]
+    pub clients_per_proxy: usize,
+    /// The gateway binary (default: `gateway` next to this executable).
+    #[arg(long)]
+    pub gateway_bin: Option<PathBuf>,
+    /// Where logs and the summary go.
+    #[arg(long, default_value = "target/rolling")]
+    pub dir: PathBuf,
+    /// Extra environment for every node (KEY=VALUE, repeatable), e.g.
+    /// GATEWAY_DRAIN_BATCH_FRACTION=0.1.
+    #[arg(long = "node-env", value_parser = parse_kv)]
+    pub node_env: Vec<(String, String)>,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 900)]
+    pub time_limit: u64,
+}
+
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct RollingWorkerArgs {
+    /// Worker number (for logs).
+    #[arg(long)]
+    pub worker: usize,
+    /// The HAProxy this worker's clients go through.
+    #[arg(long)]
+    pub lb: SocketAddr,
+    /// Global index of the first client, and how many.
+    #[arg(long)]
+    pub first: usize,
+    #[arg(long)]
+    pub count: usize,
+    /// Clients over every worker (the mix is computed over all of them).
+    #[arg(long)]
+    pub total: usize,
+    #[arg(long)]
+    pub prefix: String,
+    #[arg(long)]
+    pub channels: usize,
+    #[arg(long)]
+    pub per_client: usize,
+    #[arg(long)]
+    pub sse_share: f64,
+}
+
+// ---------------------------------------------------------------------------
+// Shared by both sides
+// ---------------------------------------------------------------------------
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    WsJson,
+    WsMsgPack,
+    Sse,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::WsJson => "ws-json",
+            Kind::WsMsgPack => "ws-msgpack",
+            Kind::Sse => "sse",
+        }
+    }
+}
+
+/// The kind of every client, interleaved in proportion.
+fn kinds(total: usize, sse_share: f64) -> Vec<Kind> {
+    let sse = ((total as f64) * sse_share.clamp(0.0, 1.0)).round() as usize;
+    let ws = total - sse;
+    let (json, msgpack) = (ws - ws / 2, ws / 2);
+    let mut keyed: Vec<(f64, Kind)> = Vec::with_capacity(total);
+    for (count, kind) in [
+        (json, Kind::WsJson),
+        (msgpack, Kind::WsMsgPack),
+        (sse, Kind::Sse),
+    ] {
+        keyed.extend((0..count).map(|j| ((j as f64 + 0.5) / count as f64, kind)));
+    }
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    keyed.into_iter().map(|(_, k)| k).collect()
+}
+
+fn channel_names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|c| format!("{prefix}-c{c}")).collect()
+}
+
+fn user_name(prefix: &str, i: usize) -> String {
+    format!("{prefix}-u{i}")
+}
+
+/// The shared channels client `i` subscribes to.
+fn channels_of(i: usize, channels: &[String], per_client: usize) -> Vec<String> {
+    (0..per_client.min(channels.len()))
+        .map(|k| channels[(i + k * 2) % channels.len()].clone())
+        .collect()
+}
+
+/// What the publish API acknowledged of one stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AckedStream {
+    epoch: String,
+    last: u64,
+    count: u64,
+}
+
+/// A worker's findings.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+struct WorkerResult {
+    clients: u64,
+    delivered: u64,
+    lost: u64,
+    duplicated: u64,
+    gaps: u64,
+    unrecoverable: u64,
+    sdk_duplicates: u64,
+    sdk_gaps: u64,
+    /// Clients with any problem, and a few examples.
+    bad_clients: u64,
+    examples: Vec<String>,
+    reconnects_sum: u64,
+    reconnects_max: u64,
+    /// Reconnect sums per kind (label -> (clients, reconnects)).
+    by_kind: BTreeMap<String, (u64, u64)>,
+    caught_up_ms: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Processes: ports, redis, nats, nodes, HAProxy
+// ---------------------------------------------------------------------------
+
+/// Ports below the kernel's ephemeral range (so no outgoing connection takes
+/// one while a node slot waits for its node), free now, each handed out once.
+struct PortPool {
+    next: u16,
+    end: u16,
+}
+
+impl PortPool {
+    fn new() -> Self {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(32768);
+        let start = low.saturating_sub(9000).max(1024);
+        // Different runs should not collide: start at a pid-dependent place.
+        let offset = (std::process::id() % 4000) as u16;
+        Self {
+            next: start + offset,
+            end: low.saturating_sub(100),
+        }
+    }
+
+    fn take(&mut self) -> anyhow::Result<u16> {
+        while self.next < self.end {
+            let p = self.next;
+            self.next += 1;
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                return Ok(p);
+            }
+        }
+        bail!("no free port below the ephemeral range")
+    }
+}
+
+fn gateway_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    let p = std::env::current_exe()?.with_file_name("gateway");
+    ensure!(
+        p.exists(),
+        "no gateway binary at {} (cargo build --release -p gateway, or --gateway-bin)",
+        p.display()
+    );
+    Ok(p)
+}
+
+fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
+    std::fs::File::create(dir.join(name)).with_context(|| format!("creating {name}"))
+}
+
+async fn wait_tcp(addr: SocketAddr, what: &str, limit: Duration) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while TcpStream::connect(addr).await.is_err() {
+        ensure!(
+            t0.elapsed() < limit,
+            "{what} did not listen on {addr} within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn spawn_service(
+    dir: &Path,
+    program: &str,
+    args: &[String],
+    log: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<Child> {
+    let child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file(dir, log)?)
+        .stderr(log_file(dir, &format!("{log}.err"))?)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {program} (scripts/test.sh installs it)"))?;
+    wait_tcp(addr, program, Duration::from_secs(10)).await?;
+    Ok(child)
+}
+
+struct GwNode {
+    id: String,
+    addr: SocketAddr,
+    child: Child,
+    log: PathBuf,
+}
+
+async fn start_node(
+    bin: &Path,
+    dir: &Path,
+    id: &str,
+    addr: SocketAddr,
+    env: &[(String, String)],
+) -> anyhow::Result<GwNode> {
+    let log = dir.join(format!("{id}.log"));
+    let mut cmd = Command::new(bin);
+    cmd.args(["--addr", &addr.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log_file(dir, &format!("{id}.out"))?)
+        .stderr(std::fs::File::create(&log)?)
+        .kill_on_drop(true);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("GATEWAY_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("GATEWAY_NODE_ID", id);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let mut node = GwNode {
+        id: id.to_owned(),
+        addr,
+        child,
+        log,
+    };
+    let t0 = Instant::now();
+    let http = http_client();
+    loop {
+        if let Ok(Some(status)) = node.child.try_wait() {
+            bail!(
+                "{id} exited at start ({status}): {}",
+                std::fs::read_to_string(&node.log).unwrap_or_default()
+            );
+        }
+        let ready = http
+            .get(format!("http://{addr}/readyz"))
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ready {
+            return Ok(node);
+        }
+        ensure!(
+            t0.elapsed() < Duration::from_secs(20),
+            "{id} not ready within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The drain's duration as the node logged it (`drain: done seconds=..`).
+fn logged_drain_seconds(log: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let mut plain = String::with_capacity(text.len());
+    let mut in_escape = false;
+    for ch in text.chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    let line = plain.lines().find(|l| l.contains("drain: done"))?;
+    line.split("seconds=")
+        .nth(1)?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+struct Haproxy {
+    addr: SocketAddr,
+    pid: Option<u32>,
+    socket: PathBuf,
+    _child: Child,
+}
+
+impl Haproxy {
+    async fn start(
+        dir: &Path,
+        n: usize,
+        port: u16,
+        slots: &[(String, SocketAddr)],
+    ) -> anyhow::Result<Self> {
+        let socket = dir.join(format!("haproxy{n}.sock"));
+        // `timeout check`: without it a check times out after `inter`
+        // (300 ms) and a busy but healthy node (taking a reconnect storm)
+        // leaves rotation; a draining node answers 503 at once anyway.
+        let mut cfg = format!(
+            "global\n    maxconn 9000\n    stats socket {} mode 600 level admin\n\
+             defaults\n    mode tcp\n    maxconn 9000\n    timeout connect 2s\n    timeout check 2s\n    \
+             timeout client 1h\n    timeout server 1h\n    option redispatch\n    retries 3\n\
+             frontend gateway\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
+             backend nodes\n    balance leastconn\n    option httpchk GET /readyz\n    \
+             http-check expect status 200\n",
+            socket.display()
+        );
+        for (name, addr) in slots {
+            cfg.push_str(&format!(
+                "    server {name} {addr} check inter 300 fall 2 rise 2\n"
+            ));
+        }
+        let path = dir.join(format!("haproxy{n}.cfg"));
+        std::fs::write(&path, cfg)?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let child = spawn_service(
+            dir,
+            "haproxy",
+            &[
+                "-f".into(),
+                path.to_string_lossy().into_owned(),
+                "-db".into(),
+            ],
+            &format!("haproxy{n}.log"),
+            addr,
+        )
+        .await?;
+        Ok(Self {
+            addr,
+            socket,
+            pid: child.id(),
+            _child: child,
+        })
+    }
+
+    /// (server, status) as this HAProxy sees them.
+    async fn servers(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
+        let mut s = tokio::net::UnixStream::connect(&self.socket).await?;
+        s.write_all(b"show stat\n").await?;
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
+        Ok(out
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f.len() > 17 && f[0] == "nodes" && f[1] != "BACKEND")
+                    .then(|| (f[1].to_owned(), f[17].to_owned(), f[4].parse().unwrap_or(0)))
+            })
+            .collect())
+    }
+
+    async fn wait(&self, name: &str, up: bool, limit: Duration) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        loop {
+            let servers = self.servers().await?;
+            let status = servers
+                .iter()
+                .find(|s| s.0 == name)
+                .map(|s| s.1.clone())
+                .unwrap_or_default();
+            let ok = if up {
+                status == "UP"
+            } else {
+                status.starts_with("DOWN") || status.starts_with("MAINT")
+            };
+            if ok {
+                return Ok(t0.elapsed());
+            }
+            ensure!(
+                t0.elapsed() < limit,
+                "haproxy {}: {name} still {status:?} after {limit:?}",
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// CPU time of processes by group (`gateway`, `haproxy`, ...) while it
+/// runs: every 250 ms it reads each registered process's CPU time, so a
+/// process that exits (a drained node) counts up to its last reading.
+#[derive(Default)]
+struct CpuWatch {
+    /// (group, pid) -> (first reading, last reading).
+    seen: Mutex<BTreeMap<(String, u32), (Duration, Duration)>>,
+    on: AtomicBool,
+}
+
+impl CpuWatch {
+    fn add(&self, group: &str, pid: Option<u32>) {
+        let Some(pid) = pid else { return };
+        let now = util::cpu_time(pid).unwrap_or_default();
+        if let Ok(mut s) = self.seen.lock() {
+            s.insert((group.to_owned(), pid), (now, now));
+        }
+    }
+
+    fn sample(&self) {
+        if let Ok(mut s) = self.seen.lock() {
+            for ((_, pid), (_, last)) in s.iter_mut() {
+                if let Ok(t) = util::cpu_time(*pid) {
+                    *last = t;
+                }
+            }
+        }
+    }
+
+    /// Starts sampling; readings so far become the starting points.
+    fn start(self: &Arc<Self>) {
+        self.sample();
+        if let Ok(mut s) = self.seen.lock() {
+            for (first, last) in s.values_mut() {
+                *first = *last;
+            }
+        }
+        self.on.store(true, Ordering::Relaxed);
+        let me = self.clone();
+        tokio::spawn(async move {
+            while me.on.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                me.sample();
+            }
+        });
+    }
+
+    /// Stops sampling; CPU seconds per group.
+    fn stop(&self) -> BTreeMap<String, f64> {
+        self.sample();
+        self.on.store(false, Ordering::Relaxed);
+        let mut out = BTreeMap::new();
+        if let Ok(s) = self.seen.lock() {
+            for ((group, _), (first, last)) in s.iter() {
+                *out.entry(group.clone()).or_insert(0.0) +=
+                    last.saturating_sub(*first).as_secs_f64();
+            }
+        }
+        out
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(256)
+        .build()
+        .expect("an HTTP client")
+}
+
+// ---------------------------------------------------------------------------
+// Workers (seen from the coordinator)
+// ---------------------------------------------------------------------------
+
+struct WorkerProc {
+    n: usize,
+    child: Child,
+    stdin: ChildStdin,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl WorkerProc {
+    fn spawn(args: &RollingWorkerArgs, dir: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .arg("rolling-worker")
+            .args(["--worker", &args.worker.to_string()])
+            .args(["--lb", &args.lb.to_string()])
+            .args(["--first", &args.first.to_string()])
+            .args(["--count", &args.count.to_string()])
+            .args(["--total", &args.total.to_string()])
+            .args(["--prefix", &args.prefix])
+            .args(["--channels", &args.channels.to_string()])
+            .args(["--per-client", &args.per_client.to_string()])
+            .args(["--sse-share", &args.sse_share.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log_file(dir, &format!("worker{}.err", args.worker))?)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a worker")?;
+        let stdin = child.stdin.take().context("worker stdin")?;
+        let stdout = child.stdout.take().context("worker stdout")?;
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stdout).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                if tx.send(l).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Self {
+            n: args.worker,
+            child,
+            stdin,
+            lines,
+        })
+    }
+
+    async fn send(&mut self, line: &str) -> anyhow::Result<()> {
+        self.stdin.write_all(format!("{line}\n").as_bytes()).await?;
+        self.stdin.flush().await?;
+        Ok(())
+    }
+
+    /// The next line starting with `tag` (others are ignored).
+    async fn expect(&mut self, tag: &str, limit: Duration) -> anyhow::Result<String> {
+        let n = self.n;
+        tokio::time::timeout(limit, async {
+            loop {
+                match self.lines.recv().await {
+                    Some(l) => {
+                        if let Some(rest) = l.strip_prefix(tag) {
+                            return Ok(rest.trim().to_owned());
+                        }
+                    }
+                    None => bail!("worker {n} ended (see worker{n}.err)"),
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("worker {n}: no {tag} within {limit:?}"))?
+    }
+
+    async fn connected(&mut self) -> anyhow::Result<(u64, u64)> {
+        self.send("status").await?;
+        let v: Value =
+            serde_json::from_str(&self.expect("STATUS", Duration::from_secs(10)).await?)?;
+        Ok((
+            v["connected"].as_u64().unwrap_or(0),
+            v["count"].as_u64().unwrap_or(0),
+        ))
+    }
+}
+
+/// Stops recording delivery delays; every worker's histogram, merged.
+async fn collect_delays(workers: &mut [WorkerProc]) -> anyhow::Result<Histogram<u64>> {
+    let mut h = util::new_hist();
+    for w in workers.iter_mut() {
+        w.send("delays off").await?;
+        let hex = w.expect("DELAYS", Duration::from_secs(10)).await?;
+        h.add(util::hist_from_hex(&hex)?)?;
+    }
+    Ok(h)
+}
+
+async fn wait_all_connected(
+    workers: &mut [WorkerProc],
+    limit: Duration,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let mut down = 0;
+        for w in workers.iter_mut() {
+            let (c, n) = w.connected().await?;
+            down += n - c.min(n);
+        }
+        if down == 0 {
+            return Ok(t0.elapsed());
+        }
+        ensure!(
+            t0.elapsed() < limit,
+            "{down} clients still not connected after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The publisher
+// ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct PubStats {
+    ok: AtomicU64,
+    retried: AtomicU64,
+    failed: AtomicU64,
+    latency_sum_us: AtomicU64,
+    latency_max_us: AtomicU64,
+}
+
+type Acked = HashMap<String, AckedStream>;
+
+async fn post_acked(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    stats: &PubStats,
+) -> Option<(String, String, u64)> {
+    #[derive(Deserialize)]
+    struct Answer {
+        channel: String,
+        epoch: String,
+        seq: u64,
+    }
+    for _ in 0..50 {
+        let t = Instant::now();
+        let res = http
+            .post(url)
+            .bearer_auth(API_KEY)
+            .json(body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if let Ok(res) = res {
+            if res.status() == reqwest::StatusCode::OK {
+                if let Ok(a) = res.json::<Answer>().await {
+                    let us = t.elapsed().as_micros() as u64;
+                    stats.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+                    stats.latency_max_us.fetch_max(us, Ordering::Relaxed);
+                    stats.ok.fetch_add(1, Ordering::Relaxed);
+                    return Some((a.channel, a.epoch, a.seq));
+                }
+            }
+        }
+        stats.retried.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    stats.failed.fetch_add(1, Ordering::Relaxed);
+    None
+}
+
+fn record(acked: &Mutex<Acked>, (channel, epoch, seq): (String, String, u64)) {
+    let Ok(mut a) = acked.lock() else { return };
+    let e = a.entry(channel).or_insert_with(|| AckedStream {
+        epoch: epoch.clone(),
+        last: 0,
+        count: 0,
+    });
+    if e.epoch != epoch {
+        e.epoch = format!("{} then {epoch}", e.epoch);
+    }
+    e.last = e.last.max(seq);
+    e.count += 1;
+}
+
+struct Publisher {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    acked: Arc<Mutex<Acked>>,
+    stats: Arc<PubStats>,
+    started: Instant,
+}
+
+impl Publisher {
+    fn start(
+        lb: SocketAddr,
+        channels: &[String],
+        users: Vec<String>,
+        rate: f64,
+        send_rate: f64,
+    ) -> Self {
+        let http = http_client();
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Acked::new()));
+        let stats = Arc::new(PubStats::default());
+        let send_lanes = 8usize;
+        let mut lanes: Vec<(String, f64, Vec<Value>)> = channels
+            .iter()
+            .map(|c| ("/api/publish".to_owned(), rate, vec![json!({"channel": c})]))
+            .collect();
+        if send_rate > 0.0 {
+            for k in 0..send_lanes {
+                let mine: Vec<Value> = users
+                    .iter()
+                    .skip(k)
+                    .step_by(send_lanes)
+                    .map(|u| json!({"user": u}))
+                    .collect();
+                lanes.push(("/api/send".to_owned(), send_rate / send_lanes as f64, mine));
+            }
+        }
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
+        let mut tasks = Vec::new();
+        for (path, rate, items) in lanes {
+            if rate <= 0.0 || items.is_empty() {
+                continue;
+            }
+            let (http, stop, acked, stats, in_flight) = (
+                http.clone(),
+                stop.clone(),
+                acked.clone(),
+                stats.clone(),
+                in_flight.clone(),
+            );
+            let url = format!("http://{lb}{path}");
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut n = 0u64;
+                let mut requests = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    tick.tick().await;
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let mut body = items[(n as usize) % items.len()].clone();
+                    body["data"] = json!({"n": n, "at": now_ms()});
+                    n += 1;
+                    let (http, url, acked, stats) =
+                        (http.clone(), url.clone(), acked.clone(), stats.clone());
+                    requests.push(tokio::spawn(async move {
+                        if let Some(a) = post_acked(&http, &url, &body, &stats).await {
+                            record(&acked, a);
+                        }
+                        drop(permit);
+                    }));
+                    requests.retain(|r: &tokio::task::JoinHandle<()>| !r.is_finished());
+                }
+                for r in requests {
+                    let _ = r.await;
+                }
+            }));
+        }
+        Self {
+            stop,
+            tasks,
+            acked,
+            stats,
+            started: Instant::now(),
+        }
+    }
+
+    async fn stop(self) -> anyhow::Result<(Acked, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .context("the publisher did not stop within 30 s")??;
+        }
+        let acked = self
+            .acked
+            .lock()
+            .map_err(|_| anyhow::anyhow!("acked lock"))?
+            .clone();
+        let s = &self.stats;
+        let ok = s.ok.load(Ordering::Relaxed);
+        let line = format!(
+            "{ok} acknowledged in {:.1} s ({:.0}/s; {} streams; API latency mean {:.1} ms, max {:.1} ms), {} attempts retried, {} given up",
+            self.started.elapsed().as_secs_f64(),
+            ok as f64 / self.started.elapsed().as_secs_f64().max(0.001),
+            acked.len(),
+            s.latency_sum_us.load(Ordering::Relaxed) as f64 / ok.max(1) as f64 / 1000.0,
+            s.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            s.retried.load(Ordering::Relaxed),
+            s.failed.load(Ordering::Relaxed)
+        );
+        for (ch, a) in &acked {
+            ensure!(
+                !a.epoch.contains(' '),
+                "{ch} changed epoch during the run: {}",
+                a.epoch
+            );
+        }
+        Ok((acked, line))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The coordinator
+// ---------------------------------------------------------------------------
+
+pub async fn rolling(a: RollingArgs) -> anyhow::Result<()> {
+    let limit = Duration::from_secs(a.time_limit);
+    match tokio::time::timeout(limit, run(a)).await {
+        Ok(r) => r,
+        Err(_) => bail!("the run took longer than --time-limit {limit:?}"),
+    }
+}
+
+async fn run(a: RollingArgs) -> anyhow::Result<()> {
+    ensure!(
+        a.clients > 0 && a.nodes > 0,
+        "--clients and --nodes must be > 0"
+    );
+    ensure!(
+        a.channels > 0 && a.per_client > 0,
+        "--channels and --per-client must be > 0"
+    );
+    ensure!(
+        (1..=9000).contains(&a.clients_per_proxy),
+        "--clients-per-proxy must be 1..=9000 (HAProxy: maxconn 9000 within 20,000 open files)"
+    );
+    let bin = gateway_bin(a.gateway_bin.as_deref())?;
+    std::fs::create_dir_all(&a.dir)?;
+    let dir = a.dir.canonicalize()?;
+    let send_rate = a.send_rate.unwrap_or(a.clients as f64 / 10.0);
+    let proxies = a.clients.div_ceil(a.clients_per_proxy);
+    let mix = kinds(a.clients, a.sse_share);
+    let count = |k: Kind| mix.iter().filter(|m| **m == k).count();
+    let header = format!(
+        "rolling upgrade: {} clients ({} ws-json, {} ws-msgpack, {} sse) through {proxies} HAProxy process(es) / {proxies} worker process(es); {} nodes ({} backbone); {} shared channels ({} per client) at {}/s each; /api/send {send_rate}/s",
+        a.clients,
+        count(Kind::WsJson),
+        count(Kind::WsMsgPack),
+        count(Kind::Sse),
+        a.nodes,
+        match a.backbone {
+            Backbone::Nats => "NATS",
+            Backbone::Redis => "Redis",
+        },
+        a.channels,
+        a.per_client,
+        a.rate
+    );
+    println!("{header}");
+
+    // Services.
+    let mut ports = PortPool::new();
+    let redis_addr = SocketAddr::from(([127, 0, 0, 1], ports.take()?));
+    let cpu = Arc::new(CpuWatch::default());
+    let redis = spawn_service(
+        &dir,
+        "redis-server",
+        &[
+            "--port".into(),
+            redis_addr.port().to_string(),
+            "--bind".into(),
+            "127.0.0.1".into(),
+            "--save".into(),
+            String::new(),
+            "--appendonly".into(),
+            "no".into(),
+            "--maxclients".into(),
+            "10000".into(),
+        ],
+        "redis.log",
+        redis_addr,
+    )
+    .await?;
+    cpu.add("redis-server", redis.id());
+    let nats_addr = SocketAddr::from(([127, 0, 0, 1], ports.take()?));
+    let nats = match a.backbone {
+        Backbone::Nats => Some(
+            spawn_service(
+                &dir,
+                "nats-server",
+                &[
+                    "-a".into(),
+                    "127.0.0.1".into(),
+                    "-p".into(),
+                    nats_addr.port().to_string(),
+                ],
+                "nats.log",
+                nats_addr,
+            )
+            .await?,
+        ),
+        Backbone::Redis => None,
+    };
+    cpu.add("nats-server", nats.as_ref().and_then(Child::id));
+
+    // Nodes, in slots 0..nodes; replacements go in nodes..2*nodes.
+    let slots: Vec<(String, SocketAddr)> = (0..2 * a.nodes)
+        .map(|i| {
+            ports
+                .take()
+                .map(|p| (format!("node{i}"), SocketAddr::from(([127, 0, 0, 1], p))))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let mut env: Vec<(String, String)> = vec![
+        ("GATEWAY_JWT_SECRET".into(), JWT_SECRET.into()),
+        ("GATEWAY_API_KEYS".into(), API_KEY.into()),
+        ("GATEWAY_REDIS_URL".into(), format!("redis://{redis_addr}")),
+        ("GATEWAY_DRAIN_PRESTOP_DELAY_MS".into(), "800".into()),
+        ("GATEWAY_DRAIN_BATCH_INTERVAL_MS".into(), "200".into()),
+        ("GATEWAY_DRAIN_BATCH_FRACTION".into(), "0.2".into()),
+        ("GATEWAY_RECONNECT_MIN_DELAY_MS".into(), "100".into()),
+        ("GATEWAY_RECONNECT_MAX_DELAY_MS".into(), "1500".into()),
+        ("GATEWAY_DRAIN_TIMEOUT_MS".into(), "60000".into()),
+        ("GATEWAY_SSE_RETRY_MS".into(), "1000".into()),
+        ("GATEWAY_LOG".into(), "warn,gateway::drain=info".into()),
+    ];
+    if a.backbone == Backbone::Nats {
+        env.push(("GATEWAY_NATS_URL".into(), format!("nats://{nats_addr}")));
+    }
+    for (k, v) in &a.node_env {
+        env.retain(|(ek, _)| ek != k);
+        env.push((k.clone(), v.clone()));
+    }
+    let mut nodes: Vec<GwNode> = Vec::new();
+    for (id, addr) in slots.iter().take(a.nodes) {
+        nodes.push(start_node(&bin, &dir, id, *addr, &env).await?);
+    }
+    let mut lbs = Vec::new();
+    for n in 0..proxies {
+        let port = ports.take()?;
+        lbs.push(Haproxy::start(&dir, n, port, &slots).await?);
+    }
+    for lb in &lbs {
+        for (i, (name, _)) in slots.iter().enumerate() {
+            lb.wait(name, i < a.nodes, Duration::from_secs(10)).await?;
+        }
+    }
+
+    // Workers: worker w holds clients [w * per, ...) through HAProxy w.
+    let prefix = format!("roll{}", std::process::id());
+    let per = a.clients.div_ceil(proxies);
+    let t0 = Instant::now();
+    let mut workers = Vec::new();
+    for (w, lb) in lbs.iter().enumerate() {
+        let first = w * per;
+        let args = RollingWorkerArgs {
+            worker: w,
+            lb: lb.addr,
+            first,
+            count: per.min(a.clients - first),
+            total: a.clients,
+            prefix: prefix.clone(),
+            channels: a.channels,
+            per_client: a.per_client,
+            sse_share: a.sse_share,
+        };
+        let w = WorkerProc::spawn(&args, &dir)?;
+        cpu.add("workers (clients)", w.child.id());
+        workers.push(w);
+    }
+    let ready_limit = Duration::from_secs(60 + (a.clients / 200) as u64);
+    for w in &mut workers {
+        w.expect("READY", ready_limit).await?;
+    }
+    println!(
+        "connected and subscribed {} clients in {:.1} s",
+        a.clients,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let channels = channel_names(&prefix, a.channels);
+    let users: Vec<String> = (0..a.clients).map(|i| user_name(&prefix, i)).collect();
+    let publisher = Publisher::start(lbs[0].addr, &channels, users, a.rate, send_rate);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Steady state first, for comparison: 3 s without a roll.
+    for w in &mut workers {
+        w.send("delays on").await?;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let steady = collect_delays(&mut workers).await?;
+
+    // The roll.
+    for w in &mut workers {
+        w.send("delays on").await?;
+    }
+    let roll = Instant::now();
+    let cpu0 = util::cpu_jiffies();
+    for n in &nodes {
+        cpu.add("gateways", n.child.id());
+    }
+    for lb in &lbs {
+        cpu.add("haproxy", lb.pid);
+    }
+    cpu.add("coordinator (publisher)", Some(std::process::id()));
+    cpu.start();
+    let mut drains: Vec<(String, f64, Duration)> = Vec::new();
+    let settle_limit = Duration::from_secs(30 + (a.clients / 500) as u64);
+    for old in 0..a.nodes {
+        let (id, addr) = slots[a.nodes + old].clone();
+        let node = start_node(&bin, &dir, &id, addr, &env).await?;
+        let t_up = Instant::now();
+        for lb in &lbs {
+            lb.wait(&id, true, Duration::from_secs(15)).await?;
+        }
+        let up = t_up.elapsed();
+        cpu.add("gateways", node.child.id());
+        nodes.push(node);
+        let t = Instant::now();
+        let res = http_client()
+            .post(format!("http://{}/admin/drain", nodes[old].addr))
+            .bearer_auth(API_KEY)
+            .send()
+            .await?;
+        ensure!(
+            res.status() == reqwest::StatusCode::ACCEPTED,
+            "{}: /admin/drain answered {}",
+            nodes[old].id,
+            res.status()
+        );
+        let status = tokio::time::timeout(Duration::from_secs(90), nodes[old].child.wait())
+            .await
+            .with_context(|| {
+                format!("{} did not exit within 90 s of its drain", nodes[old].id)
+            })??;
+        let exited = t.elapsed();
+        ensure!(
+            status.success(),
+            "{}: the drained node exited with {status}",
+            nodes[old].id
+        );
+        let settled = wait_all_connected(&mut workers, settle_limit).await?;
+        let logged = logged_drain_seconds(&nodes[old].log).unwrap_or(f64::NAN);
+        println!(
+            "{} -> {id}: replacement up in every HAProxy after {} ms; {} drained in {logged:.2} s (its log), exited 0 {} ms after the drain request; every client connected {} ms later",
+            nodes[old].id,
+            up.as_millis(),
+            nodes[old].id,
+            exited.as_millis(),
+            settled.as_millis()
+        );
+        drains.push((nodes[old].id.clone(), logged, exited));
+    }
+    let rolled = roll.elapsed();
+    let busy = util::cpu_busy_pct(&cpu0, &util::cpu_jiffies());
+    let cpu_by_group = cpu.stop();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let delays = collect_delays(&mut workers).await?;
+    let (acked, pub_line) = publisher.stop().await?;
+
+    // The check.
+    let acked_path = dir.join("acked.json");
+    std::fs::write(&acked_path, serde_json::to_vec(&acked)?)?;
+    let mut total = WorkerResult::default();
+    let check_limit = Duration::from_secs(60 + (a.clients / 1000) as u64);
+    for w in &mut workers {
+        w.send(&format!("check {}", acked_path.display())).await?;
+    }
+    for w in &mut workers {
+        let r: WorkerResult = serde_json::from_str(&w.expect("RESULT", check_limit).await?)?;
+        total.clients += r.clients;
+        total.delivered += r.delivered;
+        total.lost += r.lost;
+        total.duplicated += r.duplicated;
+        total.gaps += r.gaps;
+        total.unrecoverable += r.unrecoverable;
+        total.sdk_duplicates += r.sdk_duplicates;
+        total.sdk_gaps += r.sdk_gaps;
+        total.bad_clients += r.bad_clients;
+        total.examples.extend(r.examples);
+        total.reconnects_sum += r.reconnects_sum;
+        total.reconnects_max = total.reconnects_max.max(r.reconnects_max);
+        total.caught_up_ms = total.caught_up_ms.max(r.caught_up_ms);
+        for (k, (c, n)) in r.by_kind {
+            let e = total.by_kind.entry(k).or_default();
+            e.0 += c;
+            e.1 += n;
+        }
+    }
+    for w in &mut workers {
+        let _ = w.stdin.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), w.child.wait()).await;
+    }
+
+    let by_kind: Vec<String> = total
+        .by_kind
+        .iter()
+        .map(|(k, (c, n))| format!("{k} {:.2}", *n as f64 / (*c).max(1) as f64))
+        .collect();
+    let q = |h: &Histogram<u64>, p: f64| util::ms(h.value_at_quantile(p));
+    let summary = format!(
+        "{header}\n\
+         rolled {} nodes in {:.1} s (surge: replacement up in HAProxy before each drain); CPUs busy during the roll: {}\n\
+         CPU time during the roll: {}\n\
+         publisher: {pub_line}\n\
+         clients: {}\n\
+         delivered: {} messages (caught up {} ms after the last publish)\n\
+         lost: {}\n\
+         duplicated: {}\n\
+         out of order (gaps): {}; unrecoverable notices: {}; duplicates the server sent (dropped by the SDK): {}\n\
+         reconnects per client: mean {:.2}, max {} ({})\n\
+         drain time per node: {}\n\
+         delivery delay during the roll: p50 {} ms, p99 {} ms, max {} ms (n={})\n\
+         delivery delay at steady state (3 s before the roll): p50 {} ms, p99 {} ms, max {} ms (n={})\n",
+        a.nodes,
+        rolled.as_secs_f64(),
+        busy.iter()
+            .map(|b| format!("{b:.0} %"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cpu_by_group
+            .iter()
+            .map(|(g, s)| format!("{g} {s:.1} s"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        total.clients,
+        total.delivered,
+        total.caught_up_ms,
+        total.lost,
+        total.duplicated,
+        total.gaps,
+        total.unrecoverable,
+        total.sdk_duplicates,
+        total.reconnects_sum as f64 / total.clients.max(1) as f64,
+        total.reconnects_max,
+        by_kind.join(", "),
+        drains
+            .iter()
+            .map(|(id, s, e)| format!("{id} {s:.2} s (exit {:.2} s after the request)", e.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        q(&delays, 0.5),
+        q(&delays, 0.99),
+        util::ms(delays.max()),
+        delays.len(),
+        q(&steady, 0.5),
+        q(&steady, 0.99),
+        util::ms(steady.max()),
+        steady.len()
+    );
+    print!("{}", summary.split_once('\n').map_or("", |s| s.1));
+    std::fs::write(dir.join("summary.txt"), &summary)?;
+    if total.bad_clients > 0 {
+        bail!(
+            "{} clients did not get every message exactly once and in order; e.g.:\n  {}",
+            total.bad_clients,
+            total.examples.join("\n  ")
+        );
+    }
+    ensure!(
+        total.clients == a.clients as u64,
+        "workers reported {} clients of {}",
+        total.clients,
+        a.clients
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The worker: the clients
+// ---------------------------------------------------------------------------
+
+/// One stream as one client received it.
+#[derive(Debug, Clone, Default)]
+struct Track {
+    epoch: String,
+    first: u64,
+    last: u64,
+    count: u64,
+    dups: u64,
+    gaps: u64,
+    skipped: u64,
+    epoch_changes: u64,
+}
+
+struct Delays {
+    on: AtomicBool,
+    hist: Mutex<Histogram<u64>>,
+}
+
+impl Delays {
+    fn record(&self, ts: Option<u64>) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(ts) = ts else { return };
+        let us = now_ms().saturating_sub(ts).max(1) * 1000;
+        if let Ok(mut h) = self.hist.lock() {
+            h.saturating_record(us);
+        }
+    }
+}
+
+struct Rec {
+    kind: Kind,
+    user: String,
+    channels: Vec<String>,
+    seen: Mutex<HashMap<String, Track>>,
+    delays: Arc<Delays>,
+    connected: AtomicBool,
+    reconnects: AtomicU64,
+    unrecoverable: AtomicU64,
+}
+
+impl Rec {
+    fn streams(&self) -> Vec<String> {
+        let mut s = self.channels.clone();
+        s.push(format!("$user:{}", self.user));
+        s
+    }
+
+    fn msg(&self, channel: &str, seq: u64, epoch: &str, ts: Option<u64>) {
+        self.delays.record(ts);
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        match seen.get_mut(channel) {
+            None => {
+                seen.insert(
+                    channel.to_owned(),
+                    Track {
+                        epoch: epoch.to_owned(),
+                        first: seq,
+                        last: seq,
+                        count: 1,
+                        ..Track::default()
+                    },
+                );
+            }
+            Some(t) if t.epoch != epoch => {
+                t.epoch_changes += 1;
+                t.epoch = epoch.to_owned();
+                t.last = seq;
+                t.count += 1;
+            }
+            Some(t) if seq <= t.last => t.dups += 1,
+            Some(t) => {
+                if seq != t.last + 1 {
+                    t.gaps += 1;
+                    t.skipped += seq - t.last - 1;
+                }
+                t.last = seq;
+                t.count += 1;
+            }
+        }
+    }
+
+    fn track(&self, channel: &str) -> Option<Track> {
+        self.seen.lock().ok()?.get(channel).cloned()
+    }
+}
+
+#[derive(Deserialize)]
+struct SseMessage {
+    channel: String,
+    seq: u64,
+    epoch: String,
+    ts: Option<u64>,
+}
+
+struct EventSourceState {
+    last_id: Option<String>,
+    retry: Duration,
+}
+
+/// The EventSource parsing rules: `id` sets the last event id buffer, a
+/// blank line commits it and dispatches the event.
+#[derive(Default)]
+struct SseParser {
+    line: Vec<u8>,
+    event: Option<String>,
+    data: Option<String>,
+    id_buffer: Option<String>,
+}
+
+impl SseParser {
+    fn feed(&mut self, bytes: &[u8], rec: &Rec, st: &mut EventSourceState) {
+        for &b in bytes {
+            if b == b'\n' {
+                let mut line = std::mem::take(&mut self.line);
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                self.on_line(&String::from_utf8_lossy(&line), rec, st);
+            } else {
+                self.line.push(b);
+            }
+        }
+    }
+
+    fn on_line(&mut self, line: &str, rec: &Rec, st: &mut EventSourceState) {
+        if line.is_empty() {
+            if self.id_buffer.is_some() {
+                st.last_id = self.id_buffer.clone();
+            }
+            let event = self.event.take();
+            if let Some(data) = self.data.take() {
+                match event.as_deref() {
+                    None | Some("message") => {
+                        if let Ok(m) = serde_json::from_str::<SseMessage>(&data) {
+                            rec.msg(&m.channel, m.seq, &m.epoch, m.ts);
+                        }
+                    }
+                    Some("connected") => rec.connected.store(true, Ordering::Relaxed),
+                    Some("unrecoverable") => {
+                        rec.unrecoverable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+            }
+            return;
+        }
+        if line.starts_with(':') {
+            return;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "id" if !value.contains('\0') => self.id_buffer = Some(value.to_owned()),
+            "retry" => {
+                if let Ok(ms) = value.parse::<u64>() {
+                    st.retry = Duration::from_millis(ms);
+                }
+            }
+            "event" => self.event = Some(value.to_owned()),
+            "data" => match &mut self.data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => self.data = Some(value.to_owned()),
+            },
+            _ => {}
+        }
+    }
+}
+
+async fn read_line(r: &mut BufReader<TcpStream>, line: &mut String) -> anyhow::Result<()> {
+    line.clear();
+    let n = tokio::time::timeout(Duration::from_secs(45), r.read_line(line))
+        .await
+        .context("no SSE line within 45 s")??;
+    ensure!(n > 0, "connection closed");
+    Ok(())
+}
+
+/// One SSE connection, to its end.
+async fn sse_connection(
+    rec: &Rec,
+    addr: SocketAddr,
+    query: &str,
+    st: &mut EventSourceState,
+) -> anyhow::Result<()> {
+    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
+        .await
+        .context("TCP connect timed out")??;
+    stream.set_nodelay(true)?;
+    let mut r = BufReader::with_capacity(2048, stream);
+    let mut req = format!(
+        "GET /sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
+    );
+    if let Some(id) = &st.last_id {
+        req.push_str(&format!("Last-Event-ID: {id}\r\n"));
+    }
+    req.push_str("\r\n");
+    r.get_mut().write_all(req.as_bytes()).await?;
+    let mut line = String::new();
+    read_line(&mut r, &mut line).await?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("status line {line:?}"))?;
+    let (mut chunked, mut length) = (false, None::<usize>);
+    loop {
+        read_line(&mut r, &mut line).await?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            } else if k == "content-length" {
+                length = v.parse().ok();
+            }
+        }
+    }
+    ensure!(status == 200, "GET /sse answered {status}");
+    let mut parser = SseParser::default();
+    if chunked {
+        loop {
+            read_line(&mut r, &mut line).await?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .with_context(|| format!("chunk size {line:?}"))?;
+            if size == 0 {
+                return Ok(());
+            }
+            let mut chunk = vec![0u8; size + 2];
+            tokio::time::timeout(Duration::from_secs(45), r.read_exact(&mut chunk))
+                .await
+                .context("SSE chunk timed out")??;
+            parser.feed(&chunk[..size], rec, st);
+        }
+    } else if let Some(len) = length {
+        let mut body = vec![0u8; len];
+        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut body))
+            .await
+            .context("SSE body timed out")??;
+        parser.feed(&body, rec, st);
+        parser.feed(b"\n", rec, st);
+        Ok(())
+    } else {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(45), r.read(&mut buf))
+                .await
+                .context("no SSE bytes within 45 s")??;
+            if n == 0 {
+                return Ok(());
+            }
+            parser.feed(&buf[..n], rec, st);
+        }
+    }
+}
+
+/// An EventSource: reconnects after `retry` with the last event id, forever.
+async fn event_source(rec: Arc<Rec>, addr: SocketAddr, query: String, start: Duration) {
+    tokio::time::sleep(start).await;
+    let mut st = EventSourceState {
+        last_id: None,
+        retry: Duration::from_millis(1000),
+    };
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::time::sleep(st.retry).await;
+            rec.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        let _ = sse_connection(&rec, addr, &query, &mut st).await;
+        rec.connected.store(false, Ordering::Relaxed);
+    }
+}
+
+fn token(user: &str, pattern: &str) -> anyhow::Result<String> {
+    #[derive(Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        exp: u64,
+        subscribe: Vec<&'a str>,
+        publish: Vec<&'a str>,
+    }
+    let exp = now_ms() / 1000 + 4 * 3600;
+    Ok(jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &Claims {
+            sub: user,
+            exp,
+            subscribe: vec![pattern],
+            publish: vec![],
+        },
+        &jsonwebtoken::EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )?)
+}
+
+pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
+    let all = kinds(a.total, a.sse_share);
+    let channels = channel_names(&a.prefix, a.channels);
+    let pattern = format!("{}-*", a.prefix);
+    let delays = Arc::new(Delays {
+        on: AtomicBool::new(false),
+        hist: Mutex::new(util::new_hist()),
+    });
+    let mut recs = Vec::with_capacity(a.count);
+    for (i, kind) in all.iter().enumerate().skip(a.first).take(a.count) {
+        recs.push(Arc::new(Rec {
+            kind: *kind,
+            user: user_name(&a.prefix, i),
+            channels: channels_of(i, &channels, a.per_client),
+            seen: Mutex::new(HashMap::new()),
+            delays: delays.clone(),
+            connected: AtomicBool::new(false),
+            reconnects: AtomicU64::new(0),
+            unrecoverable: AtomicU64::new(0),
+        }));
+    }
+    // Opening: at most 1,500 new clients per second from this worker (the
+    // nodes admit 2,000 new sessions per second each by default).
+    let open_rate = 1500.0;
+    let mut sse_tasks = Vec::new();
+    let mut sdk_starts = Vec::new();
+    for (j, rec) in recs.iter().enumerate() {
+        let token = token(&rec.user, &pattern)?;
+        let start = Duration::from_secs_f64(j as f64 / open_rate);
+        match rec.kind {
+            Kind::Sse => {
+                let mut query: Vec<String> = rec
+                    .channels
+                    .iter()
+                    .map(|c| format!("channel={c}"))
+                    .collect();
+                query.push(format!("token={token}"));
+                sse_tasks.push(tokio::spawn(event_source(
+                    rec.clone(),
+                    a.lb,
+                    query.join("&"),
+                    start,
+                )));
+            }
+            Kind::WsJson | Kind::WsMsgPack => {
+                let codec = if rec.kind == Kind::WsJson {
+                    Codec::Json
+                } else {
+                    Codec::MsgPack
+                };
+                let (rec, lb) = (rec.clone(), a.lb);
+                sdk_starts.push(async move {
+                    tokio::time::sleep(start).await;
+                    let on_user = rec.clone();
+                    let client = Client::builder(format!("http://{lb}"))
+                        .websocket(codec)
+                        .token(token)
+                        .read_buffer(2048)
+                        .on_user_message(move |m| on_user.msg(&m.channel, m.seq, &m.epoch, m.ts))
+                        .build()?;
+                    for c in &rec.channels {
+                        let r = rec.clone();
+                        tokio::time::timeout(
+                            Duration::from_secs(60),
+                            client.subscribe_with(c.clone(), move |m| {
+                                r.msg(&m.channel, m.seq, &m.epoch, m.ts)
+                            }),
+                        )
+                        .await
+                        .with_context(|| format!("{}: subscribe {c} timed out", rec.user))??;
+                    }
+                    Ok::<_, anyhow::Error>((j, client))
+                });
+            }
+        }
+    }
+    let mut sdk: Vec<Option<Client>> = (0..recs.len()).map(|_| None).collect();
+    let mut started = futures_util::stream::iter(sdk_starts).buffer_unordered(4096);
+    while let Some(r) = started.next().await {
+        let (j, client) = r?;
+        sdk[j] = Some(client);
+    }
+    let is_connected = |j: usize| match &sdk[j] {
+        Some(c) => matches!(c.state(), ConnectionState::Connected { .. }),
+        None => recs[j].connected.load(Ordering::Relaxed),
+    };
+    let t0 = Instant::now();
+    while (0..recs.len()).any(|j| !is_connected(j)) {
+        ensure!(
+            t0.elapsed() < Duration::from_secs(120),
+            "worker {}: clients not connected within 120 s",
+            a.worker
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!("READY {}", recs.len());
+
+    // Commands on stdin (a thread: tokio's stdin is not enabled here).
+    let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel::<String>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(cmd) = commands.recv().await {
+        let cmd = cmd.trim();
+        if cmd == "status" {
+            let connected = (0..recs.len()).filter(|j| is_connected(*j)).count();
+            println!(
+                "STATUS {}",
+                json!({"connected": connected, "count": recs.len()})
+            );
+        } else if cmd == "delays on" {
+            // A fresh histogram.
+            if let Ok(mut h) = delays.hist.lock() {
+                h.reset();
+            }
+            delays.on.store(true, Ordering::Relaxed);
+        } else if cmd == "delays off" {
+            delays.on.store(false, Ordering::Relaxed);
+            let hex = delays
+                .hist
+                .lock()
+                .map(|h| util::hist_to_hex(&h))
+                .unwrap_or_default();
+            println!("DELAYS {hex}");
+        } else if let Some(path) = cmd.strip_prefix("check ") {
+            let acked: Acked = serde_json::from_slice(&std::fs::read(path.trim())?)?;
+            let r = check(&recs, &sdk, &acked).await;
+            println!("RESULT {}", serde_json::to_string(&r)?);
+        }
+    }
+    for t in sse_tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+/// Waits (bounded) until every client has every stream up to what was
+/// acknowledged, then checks every stream of every client.
+async fn check(recs: &[Arc<Rec>], sdk: &[Option<Client>], acked: &Acked) -> WorkerResult {
+    let behind = |rec: &Rec| {
+        rec.streams().iter().any(|s| match acked.get(s) {
+            None => false,
+            Some(a) => rec
+                .track(s)
+                .is_none_or(|t| t.last < a.last || t.epoch != a.epoch),
+        })
+    };
+    let t0 = Instant::now();
+    while recs.iter().any(|r| behind(r)) && t0.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut r = WorkerResult {
+        clients: recs.len() as u64,
+        caught_up_ms: t0.elapsed().as_millis() as u64,
+        ..WorkerResult::default()
+    };
+    for (j, rec) in recs.iter().enumerate() {
+        let mut bad = Vec::new();
+        for s in rec.streams() {
+            let Some(a) = acked.get(&s) else { continue };
+            let Some(t) = rec.track(&s) else {
+                r.lost += a.last;
+                bad.push(format!("nothing of {s} (acked 1..={})", a.last));
+                continue;
+            };
+            r.delivered += t.count;
+            r.duplicated += t.dups;
+            r.gaps += t.gaps;
+            r.lost += t.skipped + a.last.saturating_sub(t.last) + t.first.saturating_sub(1);
+            if t.first != 1
+                || t.last < a.last
+                || t.dups > 0
+                || t.gaps > 0
+                || t.epoch_changes > 0
+                || t.epoch != a.epoch
+                || t.count != t.last - t.first + 1
+            {
+                bad.push(format!("{s}: got {}..={} ({} messages, {} duplicates, {} gaps, {} epoch changes); acked up to {}", t.first, t.last, t.count, t.dups, t.gaps, t.epoch_changes, a.last));
+            }
+        }
+        let (reconnects, unrec) = match &sdk[j] {
+            Some(c) => {
+                let st = c.stats();
+                r.sdk_duplicates += st.duplicates;
+                r.sdk_gaps += st.gaps;
+                if st.gaps > 0 {
+                    bad.push(format!("{} sequence gaps without notice", st.gaps));
+                }
+                (st.reconnects, st.unrecoverable)
+            }
+            None => (
+                rec.reconnects.load(Ordering::Relaxed),
+                rec.unrecoverable.load(Ordering::Relaxed),
+            ),
+        };
+        if unrec > 0 {
+            r.unrecoverable += unrec;
+            bad.push(format!("{unrec} unrecoverable notices"));
+        }
+        r.reconnects_sum += reconnects;
+        r.reconnects_max = r.reconnects_max.max(reconnects);
+        let e = r.by_kind.entry(rec.kind.label().to_owned()).or_default();
+        e.0 += 1;
+        e.1 += reconnects;
+        if !bad.is_empty() {
+            r.bad_clients += 1;
+            if r.examples.len() < 10 {
+                r.examples.push(format!(
+                    "{} ({}): {}",
+                    rec.user,
+                    rec.kind.label(),
+                    bad.join("; ")
+                ));
+            }
+        }
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mix_is_interleaved_and_complete() {
+        let k = kinds(10_000, 0.3);
+        assert_eq!(k.len(), 10_000);
+        assert_eq!(k.iter().filter(|x| **x == Kind::Sse).count(), 3000);
+        assert_eq!(k.iter().filter(|x| **x == Kind::WsJson).count(), 3500);
+        // Every window of 10 holds every kind.
+        for w in k.chunks(10) {
+            assert!(
+                w.contains(&Kind::Sse) && w.contains(&Kind::WsJson) && w.contains(&Kind::WsMsgPack)
+            );
+        }
+    }
+
+    #[test]
+    fn drain_seconds_from_a_coloured_log() {
+        let dir = std::env::temp_dir().join(format!("rolling-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("n.log");
+        std::fs::write(&p, "x\n\u{1b}[2mT\u{1b}[0m INFO drain: done \u{1b}[3mseconds\u{1b}[0m\u{1b}[2m=\u{1b}[0m2.5 \u{1b}[3mclosed_at_deadline\u{1b}[0m=0\n").unwrap();
+        assert_eq!(logged_drain_seconds(&p), Some(2.5));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,1323 @@
+//! Rolling upgrades under load (issue 4, items 6 and 7).
+//!
+//! A cluster (Redis registry and replay store, NATS backbone) of three nodes
+//! behind HAProxy (TCP mode, `leastconn`, health checks on `/readyz`), and
+//! 2,000 clients through the balancer: Rust-SDK WebSocket clients (JSON and
+//! MessagePack, each with a user token) and plain SSE clients that resume
+//! only through `Last-Event-ID` (a minimal EventSource: it keeps the last
+//! event id, honours `retry:`, reconnects after any end). Every client
+//! subscribes to a few shared channels and has its own user stream; a
+//! publisher publishes steadily on the shared channels (`/api/publish`) and
+//! to the users, round robin (`/api/send`), through the balancer for the
+//! whole test.
+//! Then:
+//!
+//! 1. every node is replaced, surge-style: a new node starts and HAProxy has
+//!    it up before the old one drains (`POST /admin/drain`) and exits 0;
+//! 2. a node is killed with SIGKILL;
+//! 3. some clients (behind [`FaultyLink`]s in front of HAProxy) lose their
+//!    network for 2 s, several times.
+//!
+//! Each time, every stream of every client must hold every message exactly
+//! once and in order: seq 1 (everyone subscribed before the first publish)
+//! up to at least the last sequence the publish API acknowledged, no
+//! duplicate, no gap, no `unrecoverable`. The figures (reconnects per
+//! client, drain time per node, delivery delay `now - ts` during the roll)
+//! are printed: `cargo test -p tests rolling -- --nocapture`.
+//!
+//! The three tests take turns: each holds ~2,000 sockets and keeps the two
+//! CPUs of the reference machine busy.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, ensure, Context, Result};
+use client_sdk::{Backoff, Client, Codec, ConnectionState};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tests::cluster::{Backbone, Cluster, ClusterBuilder};
+use tests::netfault::FaultyLink;
+use tests::{hs256_token, unique, within_for, Claims, JWT_SECRET};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+use super::R;
+
+/// One of these tests at a time.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The client mix and the publish rates.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    ws_json: usize,
+    ws_msgpack: usize,
+    sse: usize,
+    /// Shared channels.
+    channels: usize,
+    /// Shared channels each client subscribes to.
+    per_client: usize,
+    /// Publishes per second on each shared channel.
+    channel_rate: f64,
+    /// `/api/send` per second, round robin over the users.
+    send_rate: f64,
+}
+
+const LOAD: Load = Load {
+    ws_json: 700,
+    ws_msgpack: 700,
+    sse: 600,
+    channels: 6,
+    per_client: 3,
+    channel_rate: 1.5,
+    send_rate: 100.0,
+};
+
+impl Load {
+    fn clients(&self) -> usize {
+        self.ws_json + self.ws_msgpack + self.sse
+    }
+}
+
+/// Drain settings that keep a roll short: `/readyz` is 503 for 800 ms
+/// before the node stops accepting (HAProxy: `inter 300 fall 2`, so it
+/// notices within ~600 ms), then a fifth of the connections every 200 ms,
+/// each told to come back within 100-1,500 ms.
+fn cluster(backbone: Backbone) -> ClusterBuilder {
+    Cluster::builder(backbone)
+        .env("GATEWAY_DRAIN_PRESTOP_DELAY_MS", 800)
+        .env("GATEWAY_DRAIN_BATCH_INTERVAL_MS", 200)
+        .env("GATEWAY_DRAIN_BATCH_FRACTION", 0.2)
+        .env("GATEWAY_RECONNECT_MIN_DELAY_MS", 100)
+        .env("GATEWAY_RECONNECT_MAX_DELAY_MS", 1500)
+        .env("GATEWAY_DRAIN_TIMEOUT_MS", 20_000)
+        .env("GATEWAY_SSE_RETRY_MS", 1000)
+        .env("GATEWAY_LOG", "warn,gateway::drain=info")
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
+// What the clients received
+// ---------------------------------------------------------------------------
+
+/// Delivery delays (`now - ts`, ms) recorded while `on`: 1 ms buckets.
+struct Delays {
+    on: AtomicBool,
+    buckets: Vec<AtomicU64>,
+    max: AtomicU64,
+}
+
+impl Delays {
+    fn new() -> Self {
+        Self {
+            on: AtomicBool::new(false),
+            buckets: (0..60_000).map(|_| AtomicU64::new(0)).collect(),
+            max: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, ts: Option<u64>) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(ts) = ts else { return };
+        let d = now_ms().saturating_sub(ts);
+        let i = (d as usize).min(self.buckets.len() - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.max.fetch_max(d, Ordering::Relaxed);
+    }
+
+    fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
+    }
+
+    fn quantile(&self, q: f64) -> u64 {
+        let n = self.count();
+        let want = ((n as f64) * q).ceil() as u64;
+        let mut seen = 0;
+        for (i, b) in self.buckets.iter().enumerate() {
+            seen += b.load(Ordering::Relaxed);
+            if seen >= want.max(1) {
+                return i as u64;
+            }
+        }
+        self.max.load(Ordering::Relaxed)
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "p50 {} ms, p99 {} ms, max {} ms (n={})",
+            self.quantile(0.5),
+            self.quantile(0.99),
+            self.max.load(Ordering::Relaxed),
+            self.count()
+        )
+    }
+}
+
+/// One stream (channel or user stream) as one client received it.
+#[derive(Debug, Clone, Default)]
+struct Track {
+    epoch: String,
+    first: u64,
+    last: u64,
+    count: u64,
+    /// Messages at or below the last one (same epoch).
+    dups: u64,
+    /// Jumps past `last + 1`, and the messages they skipped.
+    gaps: u64,
+    skipped: u64,
+    epoch_changes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    WsJson,
+    WsMsgPack,
+    Sse,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::WsJson => "ws-json",
+            Kind::WsMsgPack => "ws-msgpack",
+            Kind::Sse => "sse",
+        }
+    }
+}
+
+/// A client's record: what it must receive and what it did.
+struct Rec {
+    id: usize,
+    kind: Kind,
+    user: String,
+    /// Shared channels it subscribes to.
+    channels: Vec<String>,
+    seen: Mutex<HashMap<String, Track>>,
+    delays: Arc<Delays>,
+    /// Plain SSE clients: connected now (got the `connected` event).
+    connected: AtomicBool,
+    /// Plain SSE clients: connections opened after the first.
+    reconnects: AtomicU64,
+    /// Plain SSE clients: `unrecoverable` events.
+    unrecoverable: AtomicU64,
+    /// Plain SSE clients: why the last connection ended.
+    last_end: Mutex<String>,
+}
+
+impl Rec {
+    fn user_channel(&self) -> String {
+        format!("$user:{}", self.user)
+    }
+
+    /// Every stream it must receive.
+    fn streams(&self) -> Vec<String> {
+        let mut s = self.channels.clone();
+        s.push(self.user_channel());
+        s
+    }
+
+    fn msg(&self, channel: &str, seq: u64, epoch: &str, ts: Option<u64>) {
+        self.delays.record(ts);
+        let mut seen = self.seen.lock().expect("record lock");
+        match seen.get_mut(channel) {
+            None => {
+                seen.insert(
+                    channel.to_owned(),
+                    Track {
+                        epoch: epoch.to_owned(),
+                        first: seq,
+                        last: seq,
+                        count: 1,
+                        ..Track::default()
+                    },
+                );
+            }
+            Some(t) if t.epoch != epoch => {
+                t.epoch_changes += 1;
+                t.epoch = epoch.to_owned();
+                t.last = seq;
+                t.count += 1;
+            }
+            Some(t) if seq <= t.last => t.dups += 1,
+            Some(t) => {
+                if seq != t.last + 1 {
+                    t.gaps += 1;
+                    t.skipped += seq - t.last - 1;
+                }
+                t.last = seq;
+                t.count += 1;
+            }
+        }
+    }
+
+    fn track(&self, channel: &str) -> Option<Track> {
+        self.seen.lock().expect("record lock").get(channel).cloned()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A plain EventSource: Last-Event-ID and retry:, nothing else
+// ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct SseMessage {
+    channel: String,
+    seq: u64,
+    epoch: String,
+    ts: Option<u64>,
+}
+
+/// What survives a reconnect: the last event id and the reconnection time.
+struct EventSourceState {
+    last_id: Option<String>,
+    retry: Duration,
+}
+
+#[derive(Default)]
+struct SseParser {
+    line: Vec<u8>,
+    event: Option<String>,
+    data: Option<String>,
+    id_buffer: Option<String>,
+}
+
+impl SseParser {
+    fn feed(&mut self, bytes: &[u8], rec: &Rec, st: &mut EventSourceState) {
+        for &b in bytes {
+            if b == b'\n' {
+                let mut line = std::mem::take(&mut self.line);
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                self.on_line(&String::from_utf8_lossy(&line), rec, st);
+            } else {
+                self.line.push(b);
+            }
+        }
+    }
+
+    /// The EventSource rules (HTML § 9.2.6): `id` sets the last event id
+    /// buffer, a blank line commits it and dispatches the event.
+    fn on_line(&mut self, line: &str, rec: &Rec, st: &mut EventSourceState) {
+        if line.is_empty() {
+            if self.id_buffer.is_some() {
+                st.last_id = self.id_buffer.clone();
+            }
+            let event = self.event.take();
+            if let Some(data) = self.data.take() {
+                self.dispatch(event.as_deref(), &data, rec);
+            }
+            return;
+        }
+        if line.starts_with(':') {
+            return;
+        }
+        let (field, value) = match line.split_once(':') {
+            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
+            None => (line, ""),
+        };
+        match field {
+            "id" if !value.contains('\0') => self.id_buffer = Some(value.to_owned()),
+            "retry" => {
+                if let Ok(ms) = value.parse::<u64>() {
+                    st.retry = Duration::from_millis(ms);
+                }
+            }
+            "event" => self.event = Some(value.to_owned()),
+            "data" => match &mut self.data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => self.data = Some(value.to_owned()),
+            },
+            _ => {}
+        }
+    }
+
+    fn dispatch(&mut self, event: Option<&str>, data: &str, rec: &Rec) {
+        match event {
+            None | Some("message") => match serde_json::from_str::<SseMessage>(data) {
+                Ok(m) => rec.msg(&m.channel, m.seq, &m.epoch, m.ts),
+                Err(e) => eprintln!("client {}: bad SSE message {data:?}: {e}", rec.id),
+            },
+            Some("connected") => rec.connected.store(true, Ordering::Relaxed),
+            Some("unrecoverable") => {
+                rec.unrecoverable.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Reads a line (with a bound on the silence before it).
+async fn read_line(r: &mut BufReader<TcpStream>, line: &mut String) -> Result<()> {
+    line.clear();
+    let n = within_for(Duration::from_secs(30), "an SSE line", r.read_line(line)).await??;
+    ensure!(n > 0, "connection closed");
+    Ok(())
+}
+
+/// One SSE connection, to its end (`Ok`: the server ended the stream).
+async fn sse_connection(
+    rec: &Rec,
+    addr: SocketAddr,
+    query: &str,
+    st: &mut EventSourceState,
+) -> Result<()> {
+    let stream = within_for(
+        Duration::from_secs(10),
+        "TCP connect",
+        TcpStream::connect(addr),
+    )
+    .await??;
+    stream.set_nodelay(true)?;
+    let mut r = BufReader::with_capacity(4096, stream);
+    let mut req = format!(
+        "GET /sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
+    );
+    if let Some(id) = &st.last_id {
+        req.push_str(&format!("Last-Event-ID: {id}\r\n"));
+    }
+    req.push_str("\r\n");
+    r.get_mut().write_all(req.as_bytes()).await?;
+    let mut line = String::new();
+    read_line(&mut r, &mut line).await?;
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("status line {line:?}"))?;
+    let (mut chunked, mut length) = (false, None::<usize>);
+    loop {
+        read_line(&mut r, &mut line).await?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            } else if k == "content-length" {
+                length = v.parse().ok();
+            }
+        }
+    }
+    ensure!(status == 200, "GET /sse answered {status}");
+    let mut parser = SseParser::default();
+    if chunked {
+        loop {
+            read_line(&mut r, &mut line).await?;
+            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
+                .with_context(|| format!("chunk size {line:?}"))?;
+            if size == 0 {
+                return Ok(());
+            }
+            let mut chunk = vec![0u8; size + 2];
+            within_for(
+                Duration::from_secs(30),
+                "an SSE chunk",
+                r.read_exact(&mut chunk),
+            )
+            .await??;
+            parser.feed(&chunk[..size], rec, st);
+        }
+    } else if let Some(len) = length {
+        // Admission refusal: a short body with only `retry:`.
+        let mut body = vec![0u8; len];
+        within_for(
+            Duration::from_secs(10),
+            "an SSE body",
+            r.read_exact(&mut body),
+        )
+        .await??;
+        parser.feed(&body, rec, st);
+        parser.feed(b"\n", rec, st);
+        Ok(())
+    } else {
+        // Delimited by the end of the connection.
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = within_for(Duration::from_secs(30), "SSE bytes", r.read(&mut buf)).await??;
+            if n == 0 {
+                return Ok(());
+            }
+            parser.feed(&buf[..n], rec, st);
+        }
+    }
+}
+
+/// Runs an EventSource for `rec` against `addr` until aborted.
+async fn event_source(rec: Arc<Rec>, addr: SocketAddr, query: String) {
+    let mut st = EventSourceState {
+        last_id: None,
+        retry: Duration::from_millis(1000),
+    };
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::time::sleep(st.retry).await;
+            rec.reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        first = false;
+        let end = sse_connection(&rec, addr, &query, &mut st).await;
+        rec.connected.store(false, Ordering::Relaxed);
+        if let Ok(mut e) = rec.last_end.lock() {
+            *e = match end {
+                Ok(()) => "stream ended".into(),
+                Err(err) => format!("{err:#}"),
+            };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fleet of clients
+// ---------------------------------------------------------------------------
+
+struct Fleet {
+    recs: Vec<Arc<Rec>>,
+    /// The SDK client of each WebSocket record (same index), if any.
+    sdk: Vec<Option<Client>>,
+    sse_tasks: Vec<JoinHandle<()>>,
+    delays: Arc<Delays>,
+    channels: Vec<String>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for t in &self.sse_tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The kind of every client, interleaved in proportion, so every node and
+/// every link gets every kind.
+fn kinds(load: &Load) -> Vec<Kind> {
+    let mut keyed: Vec<(f64, Kind)> = Vec::new();
+    for (count, kind) in [
+        (load.ws_json, Kind::WsJson),
+        (load.ws_msgpack, Kind::WsMsgPack),
+        (load.sse, Kind::Sse),
+    ] {
+        keyed.extend((0..count).map(|j| ((j as f64 + 0.5) / count as f64, kind)));
+    }
+    keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
+    keyed.into_iter().map(|(_, k)| k).collect()
+}
+
+impl Fleet {
+    /// Connects every client (client `i` through `route(i)`) and subscribes
+    /// it; returns once all are connected.
+    async fn connect(
+        prefix: &str,
+        load: &Load,
+        route: impl Fn(usize) -> SocketAddr,
+    ) -> Result<Self> {
+        let delays = Arc::new(Delays::new());
+        let channels: Vec<String> = (0..load.channels)
+            .map(|c| format!("{prefix}-c{c}"))
+            .collect();
+        let mut recs = Vec::new();
+        for (i, kind) in kinds(load).into_iter().enumerate() {
+            let chans = (0..load.per_client)
+                .map(|k| channels[(i + k * 2) % channels.len()].clone())
+                .collect();
+            recs.push(Arc::new(Rec {
+                id: i,
+                kind,
+                user: format!("{prefix}-u{i}"),
+                channels: chans,
+                seen: Mutex::new(HashMap::new()),
+                delays: delays.clone(),
+                connected: AtomicBool::new(false),
+                reconnects: AtomicU64::new(0),
+                unrecoverable: AtomicU64::new(0),
+                last_end: Mutex::new(String::new()),
+            }));
+        }
+        let pattern = format!("{prefix}-*");
+        let mut sse_tasks = Vec::new();
+        let mut sdk_starts = Vec::new();
+        for rec in &recs {
+            let token = hs256_token(
+                JWT_SECRET,
+                &Claims::new(&rec.user, &[pattern.as_str()], &[], 3600),
+            );
+            let addr = route(rec.id);
+            match rec.kind {
+                Kind::Sse => {
+                    let mut query: Vec<String> = rec
+                        .channels
+                        .iter()
+                        .map(|c| format!("channel={c}"))
+                        .collect();
+                    query.push(format!("token={token}"));
+                    sse_tasks.push(tokio::spawn(event_source(
+                        rec.clone(),
+                        addr,
+                        query.join("&"),
+                    )));
+                }
+                Kind::WsJson | Kind::WsMsgPack => {
+                    let codec = if rec.kind == Kind::WsJson {
+                        Codec::Json
+                    } else {
+                        Codec::MsgPack
+                    };
+                    let rec = rec.clone();
+                    sdk_starts.push(async move {
+                        let on_user = rec.clone();
+                        let client = Client::builder(format!("http://{addr}"))
+                            .websocket(codec)
+                            .token(token)
+                            .read_buffer(2048)
+                            // Back within ~2 s of a network drop (the
+                            // default, 0.5-30 s, makes the drop test long).
+                            .backoff(Backoff::new(
+                                Duration::from_millis(250),
+                                Duration::from_secs(2),
+                            ))
+                            .on_user_message(move |m| {
+                                on_user.msg(&m.channel, m.seq, &m.epoch, m.ts)
+                            })
+                            .build()?;
+                        for c in &rec.channels {
+                            let r = rec.clone();
+                            within_for(
+                                Duration::from_secs(30),
+                                "an SDK subscribe",
+                                client.subscribe_with(c.clone(), move |m| {
+                                    r.msg(&m.channel, m.seq, &m.epoch, m.ts)
+                                }),
+                            )
+                            .await?
+                            .with_context(|| format!("client {} subscribing {c}", rec.id))?;
+                        }
+                        Ok::<_, anyhow::Error>((rec.id, client))
+                    });
+                }
+            }
+        }
+        let mut sdk: Vec<Option<Client>> = (0..recs.len()).map(|_| None).collect();
+        let mut started = futures_util::stream::iter(sdk_starts).buffer_unordered(100);
+        while let Some(r) = started.next().await {
+            let (i, client) = r?;
+            sdk[i] = Some(client);
+        }
+        let fleet = Self {
+            recs,
+            sdk,
+            sse_tasks,
+            delays,
+            channels,
+        };
+        fleet.wait_connected(Duration::from_secs(60)).await?;
+        Ok(fleet)
+    }
+
+    fn is_connected(&self, i: usize) -> bool {
+        match &self.sdk[i] {
+            Some(c) => matches!(c.state(), ConnectionState::Connected { .. }),
+            None => self.recs[i].connected.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every client is connected; how long that took.
+    async fn wait_connected(&self, limit: Duration) -> Result<Duration> {
+        let t0 = Instant::now();
+        loop {
+            let down: Vec<usize> = (0..self.recs.len())
+                .filter(|i| !self.is_connected(*i))
+                .collect();
+            if down.is_empty() {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > limit {
+                let examples: Vec<String> = down
+                    .iter()
+                    .take(5)
+                    .map(|i| match &self.sdk[*i] {
+                        Some(c) => format!("#{i} {:?}", c.state()),
+                        None => format!(
+                            "#{i} sse: {}",
+                            self.recs[*i]
+                                .last_end
+                                .lock()
+                                .map(|e| e.clone())
+                                .unwrap_or_default()
+                        ),
+                    })
+                    .collect();
+                bail!(
+                    "{} of {} clients not connected after {limit:?}: {examples:?}",
+                    down.len(),
+                    self.recs.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn reconnects(&self, i: usize) -> u64 {
+        match &self.sdk[i] {
+            Some(c) => c.stats().reconnects,
+            None => self.recs[i].reconnects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every client has every stream up to what was
+    /// acknowledged (or `limit` passes; the check then says what is missing).
+    async fn wait_caught_up(&self, acked: &Acked, limit: Duration) -> Duration {
+        let t0 = Instant::now();
+        loop {
+            let behind = self
+                .recs
+                .iter()
+                .filter(|rec| {
+                    rec.streams().iter().any(|s| match acked.get(s) {
+                        None => false,
+                        Some(a) => rec
+                            .track(s)
+                            .is_none_or(|t| t.last < a.last || t.epoch != a.epoch),
+                    })
+                })
+                .count();
+            if behind == 0 || t0.elapsed() > limit {
+                return t0.elapsed();
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Every client, every stream: 1 ..= at least the last acknowledged,
+    /// each once, in order, one epoch, no notice of loss. Prints the
+    /// figures; fails with the first problems found.
+    fn check(&self, what: &str, acked: &Acked) -> Result<()> {
+        let mut problems: Vec<String> = Vec::new();
+        let (mut lost, mut dups, mut gaps, mut unrec) = (0u64, 0u64, 0u64, 0u64);
+        let (mut delivered, mut sdk_dups, mut sdk_gaps) = (0u64, 0u64, 0u64);
+        for (i, rec) in self.recs.iter().enumerate() {
+            for s in rec.streams() {
+                let Some(a) = acked.get(&s) else { continue };
+                let Some(t) = rec.track(&s) else {
+                    lost += a.last;
+                    problems.push(format!(
+                        "client {i} ({}): nothing of {s} (acked 1..={})",
+                        rec.kind.label(),
+                        a.last
+                    ));
+                    continue;
+                };
+                delivered += t.count;
+                dups += t.dups;
+                gaps += t.gaps;
+                let tail = a.last.saturating_sub(t.last);
+                lost += t.skipped + tail + t.first.saturating_sub(1);
+                if t.first != 1
+                    || t.last < a.last
+                    || t.dups > 0
+                    || t.gaps > 0
+                    || t.epoch_changes > 0
+                    || t.epoch != a.epoch
+                    || t.count != t.last - t.first + 1
+                {
+                    problems.push(format!(
+                        "client {i} ({}) {s}: got {}..={} ({} messages, {} duplicates, {} gaps skipping {}, {} epoch changes, epoch {} vs {}); acked up to {}",
+                        rec.kind.label(),
+                        t.first,
+                        t.last,
+                        t.count,
+                        t.dups,
+                        t.gaps,
+                        t.skipped,
+                        t.epoch_changes,
+                        t.epoch,
+                        a.epoch,
+                        a.last
+                    ));
+                }
+            }
+            let u = match &self.sdk[i] {
+                Some(c) => {
+                    let st = c.stats();
+                    sdk_dups += st.duplicates;
+                    sdk_gaps += st.gaps;
+                    if st.gaps > 0 {
+                        problems.push(format!(
+                            "client {i} ({}): the server sent {} sequence gaps without notice",
+                            rec.kind.label(),
+                            st.gaps
+                        ));
+                    }
+                    st.unrecoverable
+                }
+                None => rec.unrecoverable.load(Ordering::Relaxed),
+            };
+            if u > 0 {
+                unrec += u;
+                problems.push(format!(
+                    "client {i} ({}): {u} unrecoverable notices",
+                    rec.kind.label()
+                ));
+            }
+        }
+        let n = self.recs.len();
+        let rc: Vec<u64> = (0..n).map(|i| self.reconnects(i)).collect();
+        let mean = rc.iter().sum::<u64>() as f64 / n as f64;
+        let by_kind: Vec<String> = [Kind::WsJson, Kind::WsMsgPack, Kind::Sse]
+            .iter()
+            .map(|k| {
+                let v: Vec<u64> = (0..n)
+                    .filter(|i| self.recs[*i].kind == *k)
+                    .map(|i| rc[i])
+                    .collect();
+                format!(
+                    "{} {:.2}",
+                    k.label(),
+                    v.iter().sum::<u64>() as f64 / v.len().max(1) as f64
+                )
+            })
+            .collect();
+        println!(
+            "{what}: reconnects per client: mean {mean:.2}, max {} ({})",
+            rc.iter().max().copied().unwrap_or(0),
+            by_kind.join(", ")
+        );
+        println!(
+            "{what}: delivered {delivered} messages to {n} clients; lost {lost}, duplicated {dups}, out of order (gaps) {gaps}, unrecoverable {unrec}; SDK dropped {sdk_dups} duplicates the server sent, saw {sdk_gaps} gaps"
+        );
+        if !problems.is_empty() {
+            bail!(
+                "{what}: {} problems; the first:\n  {}",
+                problems.len(),
+                problems
+                    .iter()
+                    .take(15)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n  ")
+            );
+        }
+        Ok(())
+    }
+
+    fn mean_reconnects(&self) -> f64 {
+        let n = self.recs.len();
+        (0..n).map(|i| self.reconnects(i)).sum::<u64>() as f64 / n as f64
+    }
+
+    fn users(&self) -> Vec<String> {
+        self.recs.iter().map(|r| r.user.clone()).collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The publisher
+// ---------------------------------------------------------------------------
+
+/// What the publish API acknowledged of one stream.
+#[derive(Debug, Clone)]
+struct AckedStream {
+    epoch: String,
+    last: u64,
+    count: u64,
+}
+
+type Acked = HashMap<String, AckedStream>;
+
+#[derive(Default)]
+struct PubStats {
+    ok: AtomicU64,
+    /// Attempts that failed (then retried).
+    retried: AtomicU64,
+    /// Publishes given up after every retry failed.
+    failed: AtomicU64,
+    /// Sum and maximum of the answered requests' latency, µs.
+    latency_sum_us: AtomicU64,
+    latency_max_us: AtomicU64,
+}
+
+/// The backend: publishes from its own thread and runtime (as a separate
+/// process would), so the clients' load does not slow its rate down.
+struct Publisher {
+    stop: Arc<AtomicBool>,
+    done: tokio::sync::oneshot::Receiver<()>,
+    acked: Arc<Mutex<Acked>>,
+    stats: Arc<PubStats>,
+    started: Instant,
+}
+
+/// `POST` through the balancer until it is answered 200 (bounded retries:
+/// a request can meet a node that is closing its connections).
+async fn post_acked(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    stats: &PubStats,
+) -> Option<(String, String, u64)> {
+    #[derive(Deserialize)]
+    struct Answer {
+        channel: String,
+        epoch: String,
+        seq: u64,
+    }
+    for _ in 0..50 {
+        let t = Instant::now();
+        let res = http
+            .post(url)
+            .bearer_auth(tests::API_KEY)
+            .json(body)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await;
+        if let Ok(res) = res {
+            if res.status() == reqwest::StatusCode::OK {
+                if let Ok(a) = res.json::<Answer>().await {
+                    let us = t.elapsed().as_micros() as u64;
+                    stats.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+                    stats.latency_max_us.fetch_max(us, Ordering::Relaxed);
+                    stats.ok.fetch_add(1, Ordering::Relaxed);
+                    return Some((a.channel, a.epoch, a.seq));
+                }
+            }
+        }
+        stats.retried.fetch_add(1, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(40)).await;
+    }
+    stats.failed.fetch_add(1, Ordering::Relaxed);
+    None
+}
+
+fn record(acked: &Mutex<Acked>, (channel, epoch, seq): (String, String, u64)) {
+    let mut a = acked.lock().expect("acked lock");
+    let e = a.entry(channel).or_insert_with(|| AckedStream {
+        epoch: epoch.clone(),
+        last: 0,
+        count: 0,
+    });
+    if e.epoch != epoch {
+        // A stream must never change epoch here; the check says so.
+        e.epoch = format!("{} then {epoch}", e.epoch);
+    }
+    e.last = e.last.max(seq);
+    e.count += 1;
+}
+
+/// Runs every lane at its rate until `stop`, then waits for the requests
+/// in flight.
+async fn run_lanes(
+    lb: SocketAddr,
+    lanes: Vec<(String, f64, Vec<Value>)>,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Acked>>,
+    stats: Arc<PubStats>,
+) {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(64)
+        .build()
+        .expect("an HTTP client");
+    // At most this many requests in flight: the rates hold while the API
+    // answers within ~0.5 s.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = Vec::new();
+    for (path, rate, items) in lanes {
+        let (http, stop, acked, stats, in_flight) = (
+            http.clone(),
+            stop.clone(),
+            acked.clone(),
+            stats.clone(),
+            in_flight.clone(),
+        );
+        let url = format!("http://{lb}{path}");
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut n = 0u64;
+            let mut requests = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                    break;
+                };
+                let mut body = items[(n as usize) % items.len()].clone();
+                body["data"] = json!({"n": n, "at": now_ms()});
+                n += 1;
+                let (http, url, acked, stats) =
+                    (http.clone(), url.clone(), acked.clone(), stats.clone());
+                requests.push(tokio::spawn(async move {
+                    if let Some(a) = post_acked(&http, &url, &body, &stats).await {
+                        record(&acked, a);
+                    }
+                    drop(permit);
+                }));
+                requests.retain(|r| !r.is_finished());
+            }
+            for r in requests {
+                let _ = r.await;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+impl Publisher {
+    /// Publishes on every shared channel at `channel_rate` and sends to the
+    /// users round robin at `send_rate`, through `lb`, until stopped.
+    fn start(lb: SocketAddr, channels: &[String], users: Vec<String>, load: &Load) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Acked::new()));
+        let stats = Arc::new(PubStats::default());
+        // Lanes: (path, rate, bodies to cycle through).
+        let senders = 4usize;
+        let mut lanes: Vec<(String, f64, Vec<Value>)> = channels
+            .iter()
+            .map(|c| {
+                (
+                    "/api/publish".to_owned(),
+                    load.channel_rate,
+                    vec![json!({"channel": c})],
+                )
+            })
+            .collect();
+        for k in 0..senders {
+            let mine: Vec<Value> = users
+                .iter()
+                .skip(k)
+                .step_by(senders)
+                .map(|u| json!({"user": u}))
+                .collect();
+            lanes.push((
+                "/api/send".to_owned(),
+                load.send_rate / senders as f64,
+                mine,
+            ));
+        }
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        let (stop2, acked2, stats2) = (stop.clone(), acked.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("publisher".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the publisher");
+                rt.block_on(run_lanes(lb, lanes, stop2, acked2, stats2));
+                let _ = done_tx.send(());
+            })
+            .expect("spawning the publisher thread");
+        Self {
+            stop,
+            done,
+            acked,
+            stats,
+            started: Instant::now(),
+        }
+    }
+
+    /// Stops publishing; what was acknowledged.
+    async fn stop(self, what: &str) -> Result<Acked> {
+        self.stop.store(true, Ordering::Relaxed);
+        within_for(Duration::from_secs(15), "the publisher to stop", self.done)
+            .await?
+            .context("the publisher thread ended abnormally")?;
+        let acked = self.acked.lock().expect("acked lock").clone();
+        let s = &self.stats;
+        let ok = s.ok.load(Ordering::Relaxed);
+        println!(
+            "{what}: publisher: {ok} acknowledged in {:.1} s ({} streams; latency mean {:.1} ms, max {:.1} ms), {} attempts retried, {} given up",
+            self.started.elapsed().as_secs_f64(),
+            acked.len(),
+            s.latency_sum_us.load(Ordering::Relaxed) as f64 / ok.max(1) as f64 / 1000.0,
+            s.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            s.retried.load(Ordering::Relaxed),
+            s.failed.load(Ordering::Relaxed)
+        );
+        for (ch, a) in &acked {
+            ensure!(
+                !a.epoch.contains(' '),
+                "{what}: {ch} changed epoch during the test: {}",
+                a.epoch
+            );
+            ensure!(a.count <= a.last, "{what}: {ch}: {a:?}");
+        }
+        Ok(acked)
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------
+
+fn header(what: &str, load: &Load) {
+    println!(
+        "{what}: {} clients ({} ws-json, {} ws-msgpack, {} sse), {} shared channels ({} per client) at {}/s each, /api/send {}/s",
+        load.clients(),
+        load.ws_json,
+        load.ws_msgpack,
+        load.sse,
+        load.channels,
+        load.per_client,
+        load.channel_rate,
+        load.send_rate
+    );
+}
+
+async fn rolling_upgrade(c: &mut Cluster, what: &str) -> R {
+    let load = LOAD;
+    header(what, &load);
+    let lb = c.lb()?.addr;
+    let t0 = Instant::now();
+    let fleet = Fleet::connect(&unique("roll"), &load, |_| lb).await?;
+    println!(
+        "{what}: {} clients connected and subscribed in {:.1} s; sessions per node {:?}",
+        fleet.recs.len(),
+        t0.elapsed().as_secs_f64(),
+        sessions(c).await?
+    );
+    let publisher = Publisher::start(lb, &fleet.channels, fleet.users(), &load);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    fleet.delays.on.store(true, Ordering::Relaxed);
+    let roll = Instant::now();
+    let old: Vec<usize> = c.live();
+    let mut drain_times = Vec::new();
+    for o in old {
+        let new = c.add_node().await?;
+        let up = c.wait_lb(new, true, Duration::from_secs(10)).await?;
+        let t = Instant::now();
+        c.drain_node(o).await?;
+        let out = c.wait_lb(o, false, Duration::from_secs(5)).await?;
+        let status = c.wait_node_exit(o, Duration::from_secs(30)).await?;
+        let drained = t.elapsed();
+        ensure!(
+            status.success(),
+            "{}: the drained node exited with {status}",
+            c.node_id(o)
+        );
+        let settled = fleet.wait_connected(Duration::from_secs(30)).await?;
+        let logged = logged_drain_seconds(&c.node(o).logs())
+            .with_context(|| format!("{}: no `drain: done` log line", c.node_id(o)))?;
+        drain_times.push(logged);
+        println!(
+            "{what}: {} -> {}: replacement up in HAProxy after {} ms; drain of {}: out of rotation after {} ms, drain done after {:.2} s (node's log), exited ({status}) {} ms after the drain request; all clients connected {} ms later; sessions per node {:?}",
+            c.node_id(o),
+            c.node_id(new),
+            up.as_millis(),
+            c.node_id(o),
+            out.as_millis(),
+            logged,
+            drained.as_millis(),
+            settled.as_millis(),
+            sessions(c).await?
+        );
+    }
+    println!(
+        "{what}: rolled 3 nodes in {:.1} s; drain time per node {:?} s",
+        roll.elapsed().as_secs_f64(),
+        drain_times
+    );
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    fleet.delays.on.store(false, Ordering::Relaxed);
+    let acked = publisher.stop(what).await?;
+    let waited = fleet.wait_caught_up(&acked, Duration::from_secs(20)).await;
+    println!(
+        "{what}: delivery delay during the roll: {}; caught up {} ms after the last publish",
+        fleet.delays.line(),
+        waited.as_millis()
+    );
+    fleet.check(what, &acked)?;
+    let mean = fleet.mean_reconnects();
+    ensure!(
+        mean <= 1.5,
+        "{what}: {mean:.2} reconnects per client on average (a surge roll with leastconn should move each client about once)"
+    );
+    Ok(())
+}
+
+/// The drain's duration as the node logged it (`drain: done seconds=..`).
+fn logged_drain_seconds(logs: &str) -> Option<f64> {
+    // Without the terminal colours of the text log format.
+    let mut plain = String::with_capacity(logs.len());
+    let mut in_escape = false;
+    for ch in logs.chars() {
+        match (in_escape, ch) {
+            (false, '\u{1b}') => in_escape = true,
+            (true, 'm') => in_escape = false,
+            (true, _) => {}
+            (false, c) => plain.push(c),
+        }
+    }
+    let line = plain.lines().find(|l| l.contains("drain: done"))?;
+    let v = line.split("seconds=").nth(1)?;
+    v.split_whitespace().next()?.parse().ok()
+}
+
+/// HAProxy's sessions per live server.
+async fn sessions(c: &Cluster) -> Result<Vec<(String, u64)>> {
+    Ok(c.lb()?
+        .servers()
+        .await?
+        .into_iter()
+        .filter(|s| s.is_up() || s.sessions > 0)
+        .map(|s| (s.name, s.sessions))
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_upgrade_of_every_node_under_load_loses_and_duplicates_nothing() -> R {
+    let _turn = HEAVY.lock().await;
+    let mut c = cluster(Backbone::Nats).slots(6).start().await?;
+    let r = rolling_upgrade(&mut c, "rolling upgrade").await;
+    c.check(r)
+}
+
+async fn killed_node(c: &mut Cluster, what: &str) -> R {
+    let load = LOAD;
+    header(what, &load);
+    let lb = c.lb()?.addr;
+    let fleet = Fleet::connect(&unique("kill"), &load, |_| lb).await?;
+    let before = sessions(c).await?;
+    let publisher = Publisher::start(lb, &fleet.channels, fleet.users(), &load);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    fleet.delays.on.store(true, Ordering::Relaxed);
+    c.kill_node(1);
+    let out = c.wait_lb(1, false, Duration::from_secs(5)).await?;
+    let back = fleet.wait_connected(Duration::from_secs(30)).await?;
+    println!(
+        "{what}: node1 SIGKILLed (sessions per node before: {before:?}); HAProxy took it out after {} ms; every client connected again after {} ms; sessions per node {:?}",
+        out.as_millis(),
+        back.as_millis(),
+        sessions(c).await?
+    );
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    fleet.delays.on.store(false, Ordering::Relaxed);
+    let acked = publisher.stop(what).await?;
+    let waited = fleet.wait_caught_up(&acked, Duration::from_secs(20)).await;
+    println!(
+        "{what}: delivery delay from the kill on: {}; caught up {} ms after the last publish",
+        fleet.delays.line(),
+        waited.as_millis()
+    );
+    fleet.check(what, &acked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_killed_under_load_clients_resume_from_the_replay_store() -> R {
+    let _turn = HEAVY.lock().await;
+    let mut c = cluster(Backbone::Nats).haproxy().start().await?;
+    let r = killed_node(&mut c, "SIGKILL").await;
+    c.check(r)
+}
+
+async fn network_drops(c: &mut Cluster, what: &str) -> R {
+    let load = LOAD;
+    header(what, &load);
+    let lb = c.lb()?.addr;
+    // Every tenth client of each kind goes through one of four faulty links.
+    let mut links = Vec::new();
+    for _ in 0..4 {
+        links.push(FaultyLink::start(lb).await?);
+    }
+    let mut per_kind: HashMap<&str, usize> = HashMap::new();
+    let route: Vec<SocketAddr> = kinds(&load)
+        .into_iter()
+        .map(|k| {
+            let n = per_kind.entry(k.label()).or_default();
+            *n += 1;
+            if (*n - 1).is_multiple_of(10) {
+                links[((*n - 1) / 10) % links.len()].addr
+            } else {
+                lb
+            }
+        })
+        .collect();
+    let fleet = Fleet::connect(&unique("drop"), &load, |i| route[i]).await?;
+    let flaky: Vec<usize> = (0..fleet.recs.len()).filter(|i| route[*i] != lb).collect();
+    println!(
+        "{what}: {} clients behind 4 faulty links ({} ws-json, {} ws-msgpack, {} sse)",
+        flaky.len(),
+        flaky
+            .iter()
+            .filter(|i| fleet.recs[**i].kind == Kind::WsJson)
+            .count(),
+        flaky
+            .iter()
+            .filter(|i| fleet.recs[**i].kind == Kind::WsMsgPack)
+            .count(),
+        flaky
+            .iter()
+            .filter(|i| fleet.recs[**i].kind == Kind::Sse)
+            .count()
+    );
+    let publisher = Publisher::start(lb, &fleet.channels, fleet.users(), &load);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    fleet.delays.on.store(true, Ordering::Relaxed);
+    let drop = Duration::from_secs(2);
+    for round in 0..3 {
+        // Two links, then the other two a second later (overlapping); then
+        // everyone back before the next round.
+        links[0].drop_for(drop);
+        links[1].drop_for(drop);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        links[2].drop_for(drop);
+        links[3].drop_for(drop);
+        tokio::time::sleep(drop).await;
+        let back = fleet.wait_connected(Duration::from_secs(30)).await?;
+        println!(
+            "{what}: round {}: 4 links dropped for 2 s; every client connected again {} ms after the last link came back",
+            round + 1,
+            back.as_millis()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    fleet.delays.on.store(false, Ordering::Relaxed);
+    let acked = publisher.stop(what).await?;
+    let waited = fleet.wait_caught_up(&acked, Duration::from_secs(20)).await;
+    let rc: Vec<u64> = flaky.iter().map(|i| fleet.reconnects(*i)).collect();
+    println!(
+        "{what}: reconnects of the clients behind the links: mean {:.2}, max {}; delivery delay during the drops: {}; caught up {} ms after the last publish",
+        rc.iter().sum::<u64>() as f64 / rc.len().max(1) as f64,
+        rc.iter().max().copied().unwrap_or(0),
+        fleet.delays.line(),
+        waited.as_millis()
+    );
+    fleet.check(what, &acked)?;
+    let min = flaky
+        .iter()
+        .map(|i| fleet.reconnects(*i))
+        .min()
+        .unwrap_or(0);
+    ensure!(
+        min >= 3,
+        "{what}: every client behind a link lost its connection 3 times, yet one reconnected only {min} times"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_network_drops_under_load_lose_and_duplicate_nothing() -> R {
+    let _turn = HEAVY.lock().await;
+    let mut c = cluster(Backbone::Nats).haproxy().start().await?;
+    let r = network_drops(&mut c, "network drops").await;
+    c.check(r)
+}
