@@ -48,8 +48,6 @@ async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
             }
             let service = hyper_util::service::TowerToHyperService::new(router);
             let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(head_deadline)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
                 .with_upgrades();
             tokio::pin!(conn);

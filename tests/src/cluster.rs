@@ -1043,14 +1043,30 @@ impl Cluster {
     /// key, answered 202); the node exits by itself when it is over.
     pub async fn drain_node(&self, i: usize) -> Result<()> {
         let gw = self.node(i);
-        let res = within(
-            "POST /admin/drain",
-            gw.http
-                .post(gw.url("/admin/drain"))
-                .bearer_auth(API_KEY)
-                .send(),
-        )
-        .await??;
+        // A fresh connection per attempt (not the pooled keep-alive one),
+        // and a retry: starting a drain is idempotent (202 either way).
+        let mut last = None;
+        let mut res = None;
+        for _ in 0..3 {
+            let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
+            match crate::within_for(
+                std::time::Duration::from_secs(8),
+                "POST /admin/drain",
+                fresh.post(gw.url("/admin/drain")).bearer_auth(API_KEY).send(),
+            )
+            .await
+            {
+                Ok(Ok(r)) => {
+                    res = Some(r);
+                    break;
+                }
+                Ok(Err(e)) => last = Some(anyhow::Error::from(e)),
+                Err(e) => last = Some(e),
+            }
+        }
+        let Some(res) = res else {
+            return Err(last.unwrap_or_else(|| anyhow::anyhow!("POST /admin/drain failed")));
+        };
         ensure!(
             res.status() == StatusCode::ACCEPTED,
             "{}: /admin/drain answered {}",
