@@ -1048,11 +1048,16 @@ impl Cluster {
         let mut last = None;
         let mut res = None;
         for _ in 0..3 {
-            let fresh = reqwest::Client::builder().pool_max_idle_per_host(0).build()?;
+            let fresh = reqwest::Client::builder()
+                .pool_max_idle_per_host(0)
+                .build()?;
             match crate::within_for(
                 std::time::Duration::from_secs(8),
                 "POST /admin/drain",
-                fresh.post(gw.url("/admin/drain")).bearer_auth(API_KEY).send(),
+                fresh
+                    .post(gw.url("/admin/drain"))
+                    .bearer_auth(API_KEY)
+                    .send(),
             )
             .await
             {

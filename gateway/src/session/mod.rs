@@ -383,10 +383,16 @@ impl Session {
         // million deliveries per second.
         let now = std::time::Instant::now();
         if let Some(ts) = oldest_ts {
-            if self.latency_sampled_at.is_none_or(|t| now.duration_since(t) >= LATENCY_SAMPLE_EVERY) {
+            if self
+                .latency_sampled_at
+                .is_none_or(|t| now.duration_since(t) >= LATENCY_SAMPLE_EVERY)
+            {
                 self.latency_sampled_at = Some(now);
                 let now_ms = crate::node::now_ms();
-                self.node.metrics.delivery_latency.record(now_ms.saturating_sub(ts) as f64 / 1000.0);
+                self.node
+                    .metrics
+                    .delivery_latency
+                    .record(now_ms.saturating_sub(ts) as f64 / 1000.0);
             }
         }
     }

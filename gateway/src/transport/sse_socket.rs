@@ -46,8 +46,17 @@ async fn peek_sse(tcp: &TcpStream) -> bool {
     }
 }
 
-async fn write_response_head(tcp: &mut TcpStream, status: StatusCode, headers: &HeaderMap, length: Option<usize>) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or(""));
+async fn write_response_head(
+    tcp: &mut TcpStream,
+    status: StatusCode,
+    headers: &HeaderMap,
+    length: Option<usize>,
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {} {}\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
     for (name, value) in headers {
         if let Ok(v) = value.to_str() {
             head.push_str(&format!("{name}: {v}\r\n"));
@@ -62,7 +71,10 @@ async fn write_response_head(tcp: &mut TcpStream, status: StatusCode, headers: &
 
 async fn plain(tcp: &mut TcpStream, status: StatusCode, body: &str) {
     let mut h = HeaderMap::new();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     let _ = write_response_head(tcp, status, &h, Some(body.len())).await;
     let _ = tcp.write_all(body.as_bytes()).await;
 }
@@ -82,10 +94,16 @@ async fn read_head(tcp: &mut TcpStream) -> Option<(HeaderMap, Option<String>)> {
         let mut req = httparse::Request::new(&mut slots);
         match req.parse(&buf) {
             Ok(httparse::Status::Complete(_)) => {
-                let query = req.path.and_then(|p| p.split_once('?')).map(|(_, q)| q.to_owned());
+                let query = req
+                    .path
+                    .and_then(|p| p.split_once('?'))
+                    .map(|(_, q)| q.to_owned());
                 let mut headers = HeaderMap::new();
                 for h in req.headers.iter() {
-                    if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value)) {
+                    if let (Ok(n), Ok(v)) = (
+                        HeaderName::from_bytes(h.name.as_bytes()),
+                        HeaderValue::from_bytes(h.value),
+                    ) {
                         headers.append(n, v);
                     }
                 }
@@ -97,7 +115,9 @@ async fn read_head(tcp: &mut TcpStream) -> Option<(HeaderMap, Option<String>)> {
                 return None;
             }
             Err(e) => {
-                let body = format!(r#"{{"error":{{"code":115,"name":"bad_request","message":"malformed request: {e}","temporary":false}}}}"#);
+                let body = format!(
+                    r#"{{"error":{{"code":115,"name":"bad_request","message":"malformed request: {e}","temporary":false}}}}"#
+                );
                 plain(tcp, StatusCode::BAD_REQUEST, &body).await;
                 return None;
             }
@@ -109,19 +129,32 @@ async fn read_head(tcp: &mut TcpStream) -> Option<(HeaderMap, Option<String>)> {
 pub async fn serve(node: Arc<Node>, mut tcp: TcpStream) {
     // Boxed: the head buffers and the subscribe path are needed once; kept
     // inline they would sit in every idle stream's task for its whole life.
-    let Some((headers, query)) = Box::pin(read_head(&mut tcp)).await else { return };
-    let response = Box::pin(super::sse::open(State(node.clone()), headers, RawQuery(query))).await;
+    let Some((headers, query)) = Box::pin(read_head(&mut tcp)).await else {
+        return;
+    };
+    let response = Box::pin(super::sse::open(
+        State(node.clone()),
+        headers,
+        RawQuery(query),
+    ))
+    .await;
     let (mut parts, body) = response.into_parts();
     // The stream's queue, to cut a client whose writes block while its
     // queue overflows (the stream itself is not polled then).
     let shared = parts.extensions.remove::<Arc<crate::hub::SessionShared>>();
     if parts.status != StatusCode::OK {
-        let bytes = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
-        let _ = write_response_head(&mut tcp, parts.status, &parts.headers, Some(bytes.len())).await;
+        let bytes = axum::body::to_bytes(body, 64 * 1024)
+            .await
+            .unwrap_or_default();
+        let _ =
+            write_response_head(&mut tcp, parts.status, &parts.headers, Some(bytes.len())).await;
         let _ = tcp.write_all(&bytes).await;
         return;
     }
-    if write_response_head(&mut tcp, parts.status, &parts.headers, None).await.is_err() {
+    if write_response_head(&mut tcp, parts.status, &parts.headers, None)
+        .await
+        .is_err()
+    {
         return;
     }
     let mut stream = body.into_data_stream();

@@ -183,7 +183,8 @@ async fn send_error(
 
 /// Runs one connection to its end.
 async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
-    let Some((connect, identity, resumed)) = Box::pin(handshake(&node, &mut socket, codec)).await else {
+    let Some((connect, identity, resumed)) = Box::pin(handshake(&node, &mut socket, codec)).await
+    else {
         return;
     };
     let mut conn = Connection {
