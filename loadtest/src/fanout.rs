@@ -361,7 +361,12 @@ fn bucket_quantiles(m0: &str, m1: &str, name: &str, qs: &[f64]) -> Vec<(f64, Str
         return Vec::new();
     };
     qs.iter()
-        .filter_map(|&q| delta.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| (q, le.clone())))
+        .filter_map(|&q| {
+            delta
+                .iter()
+                .find(|(_, c)| *c >= q * total)
+                .map(|(le, _)| (q, le.clone()))
+        })
         .collect()
 }
 

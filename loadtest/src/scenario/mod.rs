@@ -1303,13 +1303,17 @@ async fn reconnect(a: ReconnectRun, command: String) -> anyhow::Result<()> {
             back >= cut && cx.connected() >= cut
         })
         .await;
-    let all_back_s = cx.t() - t_cut;
+    let t_back = cx.t();
+    let all_back_s = t_back - t_cut;
     // Reports in flight may still carry reconnect samples.
     cx.pump_for(1.0).await;
     recon_hist.add(&cx.recon)?;
     let reconnected = cx.sum(|r| r.marked_back);
     if all_back {
-        cx.mark(format!("all {reconnected} back"));
+        cx.markers.push(Marker {
+            t_s: t_back,
+            label: format!("all {reconnected} back"),
+        });
     } else {
         cx.errors.push(format!(
             "only {reconnected} of {cut} connections back within {} s",

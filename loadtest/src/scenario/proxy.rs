@@ -5,7 +5,10 @@
 //! * new connections go to a backend whose `GET /readyz` answers 200
 //!   (checked every 100 ms): the first ready one (`first`, so that every
 //!   client sits on one node until it drains) or the next ready one in turn
-//!   (`round-robin`);
+//!   (`round-robin`); when none is ready, the ones that answer at all, in
+//!   turn (the gateway's admission control then decides); a backend that
+//!   does not answer is taken as down only after three checks in a row (a
+//!   slow answer on a loaded machine is not a failure);
 //! * the `cut` command (a line on stdin) resets every proxied connection at
 //!   once (RST both ways), as a network failure would.
 //!
@@ -14,7 +17,7 @@
 //! they do not use up the clients' ephemeral ports.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,20 +62,46 @@ pub struct ProxyArgs {
     pub hold_max: u64,
 }
 
-/// Which backend gets the next connection: `None` when none is ready.
-pub fn choose(policy: Policy, ready: &[bool], counter: u64) -> Option<usize> {
-    match policy {
-        Policy::First => ready.iter().position(|r| *r),
-        Policy::RoundRobin => {
-            let n = ready.len();
-            (0..n)
-                .map(|k| (counter as usize + k) % n)
-                .find(|&i| ready[i])
+/// What the last health checks said of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// `/readyz` answered 200.
+    Ready = 0,
+    /// It answered, but not 200 (draining, backbone down).
+    NotReady = 1,
+    /// Three checks in a row got no answer (refused or timed out).
+    Down = 2,
+}
+
+impl Health {
+    fn from_code(c: u8) -> Self {
+        match c {
+            0 => Health::Ready,
+            1 => Health::NotReady,
+            _ => Health::Down,
         }
     }
 }
 
-async fn is_ready(addr: SocketAddr) -> bool {
+/// Which backend gets the next connection: by `policy` among the ready
+/// ones; when none is ready, the answering ones in turn (the gateway then
+/// decides, with its admission control); `None` when every one is down.
+pub fn choose(policy: Policy, health: &[Health], counter: u64) -> Option<usize> {
+    let n = health.len().max(1);
+    let in_turn = |want: Health| {
+        (0..health.len())
+            .map(|k| (counter as usize + k) % n)
+            .find(|&i| health[i] == want)
+    };
+    match policy {
+        Policy::First => health.iter().position(|h| *h == Health::Ready),
+        Policy::RoundRobin => in_turn(Health::Ready),
+    }
+    .or_else(|| in_turn(Health::NotReady))
+}
+
+/// One check: `Some(true)` 200, `Some(false)` another answer, `None` no answer.
+async fn check(addr: SocketAddr) -> Option<bool> {
     let check = async {
         let mut s = TcpStream::connect(addr).await?;
         s.write_all(b"GET /readyz HTTP/1.0\r\nHost: proxy\r\n\r\n")
@@ -86,14 +115,30 @@ async fn is_ready(addr: SocketAddr) -> bool {
             }
             got += n;
         }
+        if got < 12 {
+            return Err(std::io::Error::other("short answer"));
+        }
+        let head = &buf[..got];
         Ok::<bool, std::io::Error>(
-            buf[..got].starts_with(b"HTTP/1.1 200") || buf[..got].starts_with(b"HTTP/1.0 200"),
+            head.starts_with(b"HTTP/1.1 200") || head.starts_with(b"HTTP/1.0 200"),
         )
     };
-    matches!(
-        tokio::time::timeout(Duration::from_millis(500), check).await,
-        Ok(Ok(true))
-    )
+    match tokio::time::timeout(Duration::from_secs(2), check).await {
+        Ok(Ok(ok)) => Some(ok),
+        _ => None,
+    }
+}
+
+/// Health after a check, given the previous one and the run of checks
+/// without an answer so far (a node that does not answer is down only after
+/// three: a slow answer on a loaded machine is not a failure).
+pub fn next_health(prev: Health, answer: Option<bool>, silent_run: u32) -> Health {
+    match answer {
+        Some(true) => Health::Ready,
+        Some(false) => Health::NotReady,
+        None if silent_run >= 3 => Health::Down,
+        None => prev,
+    }
 }
 
 /// The `run-proxy` subcommand.
@@ -103,20 +148,28 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         .iter()
         .map(|u| Target::parse(u).map(|t| t.addr))
         .collect::<anyhow::Result<_>>()?;
-    let ready: Arc<Vec<AtomicBool>> =
-        Arc::new(backends.iter().map(|_| AtomicBool::new(false)).collect());
+    let health: Arc<Vec<AtomicU8>> = Arc::new(
+        backends
+            .iter()
+            .map(|_| AtomicU8::new(Health::Down as u8))
+            .collect(),
+    );
     for (i, b) in backends.iter().enumerate() {
-        ready[i].store(is_ready(*b).await, Ordering::Relaxed);
+        let h = next_health(Health::Down, check(*b).await, 3);
+        health[i].store(h as u8, Ordering::Relaxed);
     }
     {
-        let (ready, backends) = (ready.clone(), backends.clone());
+        let (health, backends) = (health.clone(), backends.clone());
         tokio::spawn(async move {
+            let mut silent = vec![0u32; backends.len()];
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                let checks = backends.iter().map(|b| is_ready(*b));
-                let states = futures_util::future::join_all(checks).await;
-                for (i, s) in states.into_iter().enumerate() {
-                    ready[i].store(s, Ordering::Relaxed);
+                let checks = backends.iter().map(|b| check(*b));
+                let answers = futures_util::future::join_all(checks).await;
+                for (i, a) in answers.into_iter().enumerate() {
+                    silent[i] = if a.is_some() { 0 } else { silent[i] + 1 };
+                    let prev = Health::from_code(health[i].load(Ordering::Relaxed));
+                    health[i].store(next_health(prev, a, silent[i]) as u8, Ordering::Relaxed);
                 }
             }
         });
@@ -155,7 +208,10 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
         tokio::select! {
             a = listener.accept() => {
                 let Ok((client, _)) = a else { continue };
-                let states: Vec<bool> = ready.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+                let states: Vec<Health> = health
+                    .iter()
+                    .map(|h| Health::from_code(h.load(Ordering::Relaxed)))
+                    .collect();
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let Some(i) = choose(args.policy, &states, n) else {
                     refused += 1;
@@ -208,10 +264,40 @@ mod tests {
 
     #[test]
     fn policies() {
-        assert_eq!(choose(Policy::First, &[false, true, true], 7), Some(1));
-        assert_eq!(choose(Policy::First, &[false, false], 0), None);
-        assert_eq!(choose(Policy::RoundRobin, &[true, true, true], 4), Some(1));
-        assert_eq!(choose(Policy::RoundRobin, &[true, false, true], 1), Some(2));
-        assert_eq!(choose(Policy::RoundRobin, &[false, false], 1), None);
+        use Health::*;
+        assert_eq!(choose(Policy::First, &[NotReady, Ready, Ready], 7), Some(1));
+        assert_eq!(
+            choose(Policy::RoundRobin, &[Ready, Ready, Ready], 4),
+            Some(1)
+        );
+        assert_eq!(
+            choose(Policy::RoundRobin, &[Ready, Down, Ready], 1),
+            Some(2)
+        );
+        // None ready: the answering ones in turn; none answering: refuse.
+        assert_eq!(
+            choose(Policy::First, &[Down, NotReady, NotReady], 0),
+            Some(1)
+        );
+        assert_eq!(
+            choose(Policy::First, &[Down, NotReady, NotReady], 1),
+            Some(1)
+        );
+        assert_eq!(
+            choose(Policy::First, &[Down, NotReady, NotReady], 2),
+            Some(2)
+        );
+        assert_eq!(choose(Policy::RoundRobin, &[Down, Down], 1), None);
+        assert_eq!(choose(Policy::First, &[], 1), None);
+    }
+
+    #[test]
+    fn health_needs_three_silent_checks_to_go_down() {
+        use Health::*;
+        assert_eq!(next_health(Ready, None, 1), Ready);
+        assert_eq!(next_health(Ready, None, 2), Ready);
+        assert_eq!(next_health(Ready, None, 3), Down);
+        assert_eq!(next_health(Down, Some(true), 0), Ready);
+        assert_eq!(next_health(Ready, Some(false), 0), NotReady);
     }
 }

@@ -289,15 +289,22 @@ pub fn render(r: &RunResult) -> String {
         escape(&r.scenario),
         escape(&r.started_at)
     );
+    // The RESULT line, in two lines when long.
+    let line = r.result_line();
+    let (a, b) = match line.char_indices().rfind(|(i, c)| *c == ';' && *i < 120) {
+        Some((i, _)) if line.len() > 130 => (&line[..=i], line[i + 1..].trim_start()),
+        _ => (line.as_str(), ""),
+    };
     let _ = writeln!(
         out,
-        r#"<text x="{LEFT}" y="44">{}</text>"#,
-        escape(&r.result_line())
+        r#"<text x="{LEFT}" y="42">{}</text><text x="{LEFT}" y="55">{}</text>"#,
+        escape(a),
+        escape(b)
     );
     let m = &r.machine;
     let _ = writeln!(
         out,
-        r#"<text x="{LEFT}" y="60" class="m">{} CPUs, {:.1} GiB; load average at start {:.2}, at end {:.2}; {} node(s), {} worker process(es)</text>"#,
+        r#"<text x="{LEFT}" y="69" class="m">{} CPUs, {:.1} GiB; load average at start {:.2}, at end {:.2}; {} node(s), {} worker process(es)</text>"#,
         m.cpus,
         m.mem_gib,
         m.load_before[0],
