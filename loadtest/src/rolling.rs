@@ -657,7 +657,7 @@ impl WorkerProc {
     async fn connected(&mut self) -> anyhow::Result<(u64, u64)> {
         self.send("status").await?;
         let v: Value =
-            serde_json::from_str(&self.expect("STATUS", Duration::from_secs(10)).await?)?;
+            serde_json::from_str(&self.expect("STATUS", Duration::from_secs(30)).await?)?;
         Ok((
             v["connected"].as_u64().unwrap_or(0),
             v["count"].as_u64().unwrap_or(0),
@@ -670,7 +670,7 @@ async fn collect_delays(workers: &mut [WorkerProc]) -> anyhow::Result<Histogram<
     let mut h = util::new_hist();
     for w in workers.iter_mut() {
         w.send("delays off").await?;
-        let hex = w.expect("DELAYS", Duration::from_secs(10)).await?;
+        let hex = w.expect("DELAYS", Duration::from_secs(30)).await?;
         h.add(util::hist_from_hex(&hex)?)?;
     }
     Ok(h)

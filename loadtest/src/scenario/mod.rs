@@ -481,8 +481,9 @@ impl Ctx {
         if self.c.urls.is_empty() {
             let k = self.c.nodes.unwrap_or(default_nodes).max(1);
             // A node holds one descriptor per connection, under the
-            // open-file limit it inherits from this process.
-            let per_node = util::nofile_limit().saturating_sub(100);
+            // open-file limit it inherits from this process (and about a
+            // dozen for itself).
+            let per_node = util::nofile_limit().saturating_sub(30);
             // With the `first` proxy policy every client sits on one node.
             let holders = if matches!(proxy, Some((Policy::First, _))) {
                 1
