@@ -74,7 +74,9 @@ pub struct Config {
     /// larger frame, so small costs only extra reads for bursts of client
     /// frames (rare on a push gateway) and keeps idle connections cheap.
     pub ws_read_buffer_bytes: usize,
-    /// Bytes of outgoing frames gathered before a socket write.
+    /// Write-buffer capacity a WebSocket keeps between writes. A batch is
+    /// always written with one call whatever its size; a buffer grown past
+    /// this by a burst is freed after it, so quiet connections stay small.
     pub ws_write_buffer_bytes: usize,
 
     /// Redis URL (`redis://host:port/db`). Set: this node is a cluster node

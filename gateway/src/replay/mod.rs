@@ -22,11 +22,11 @@ pub mod redis;
 use std::sync::{Arc, OnceLock};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use protocol::{Codec, MessageRef, Position, UnrecoverableReason};
 use serde_json::Value;
 use thiserror::Error;
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
 pub use coalesce::CoalescingStore;
 pub use memory::MemoryReplayStore;
@@ -43,9 +43,54 @@ pub struct Publication {
     /// When the publish was accepted, Unix milliseconds.
     pub ts: u64,
     // Encoded once per codec, on first use, then shared by every recipient:
-    // a broadcast costs one encode per codec, not one per subscriber.
-    json: OnceLock<Utf8Bytes>,
-    msgpack: OnceLock<Bytes>,
+    // a broadcast costs one encode per codec, not one per subscriber. Each
+    // is kept as a complete WebSocket frame (server frames are unmasked, so
+    // the bytes are the same for every recipient): a connection copies them
+    // into its write buffer as they are, with no per-recipient framing.
+    json: OnceLock<WsFrame>,
+    msgpack: OnceLock<WsFrame>,
+}
+
+/// A complete, unmasked WebSocket data frame: header, then payload.
+#[derive(Debug)]
+pub struct WsFrame {
+    bytes: Box<[u8]>,
+    header: u8,
+}
+
+impl WsFrame {
+    /// Frames `payload` as one final text (JSON) or binary (MessagePack)
+    /// frame.
+    pub fn new(codec: Codec, payload: &[u8]) -> Self {
+        let opcode = match codec {
+            Codec::Json => OpCode::Data(Data::Text),
+            Codec::MsgPack => OpCode::Data(Data::Binary),
+        };
+        let header = FrameHeader {
+            is_final: true,
+            opcode,
+            ..FrameHeader::default()
+        };
+        let mut bytes = Vec::with_capacity(header.len(payload.len() as u64) + payload.len());
+        // Writing into a Vec cannot fail.
+        let _ = header.format(payload.len() as u64, &mut bytes);
+        let header = bytes.len() as u8;
+        bytes.extend_from_slice(payload);
+        Self {
+            bytes: bytes.into_boxed_slice(),
+            header,
+        }
+    }
+
+    /// The whole frame, as it goes on the wire.
+    pub fn frame(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The payload alone.
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[self.header as usize..]
+    }
 }
 
 impl Publication {
@@ -71,27 +116,23 @@ impl Publication {
         }
     }
 
-    /// The `message` frame as JSON text.
-    pub fn json(&self) -> &Utf8Bytes {
-        self.json.get_or_init(|| {
-            let bytes = Codec::Json.encode(&self.as_ref());
-            // serde_json writes UTF-8, so this conversion cannot fail.
-            Utf8Bytes::try_from(bytes).unwrap_or_default()
-        })
+    /// The `message` frame in a codec, framed for WebSocket.
+    pub fn ws_frame(&self, codec: Codec) -> &WsFrame {
+        let cell = match codec {
+            Codec::Json => &self.json,
+            Codec::MsgPack => &self.msgpack,
+        };
+        cell.get_or_init(|| WsFrame::new(codec, &codec.encode(&self.as_ref())))
     }
 
-    /// The `message` frame as MessagePack.
-    pub fn msgpack(&self) -> &Bytes {
-        self.msgpack
-            .get_or_init(|| Codec::MsgPack.encode(&self.as_ref()))
+    /// The `message` frame as JSON text.
+    pub fn json(&self) -> &[u8] {
+        self.ws_frame(Codec::Json).payload()
     }
 
     /// Encoded size for a codec (what a connection's queue is charged).
     pub fn encoded_len(&self, codec: Codec) -> usize {
-        match codec {
-            Codec::Json => self.json().len(),
-            Codec::MsgPack => self.msgpack().len(),
-        }
+        self.ws_frame(codec).frame().len()
     }
 
     pub fn position(&self) -> Position {

@@ -19,7 +19,7 @@
 pub mod queue;
 pub mod ratelimit;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use protocol::{
@@ -42,6 +42,23 @@ pub enum Outgoing {
     Frame(ServerFrame),
 }
 
+/// Where [`Session::drain_queue`] hands what the transport must write, in
+/// order. A `Vec<Outgoing>` collects it; a transport can also encode it
+/// straight into its write buffer.
+pub trait Outbox {
+    fn publication(&mut self, p: Arc<Publication>);
+    fn frame(&mut self, f: ServerFrame);
+}
+
+impl Outbox for Vec<Outgoing> {
+    fn publication(&mut self, p: Arc<Publication>) {
+        self.push(Outgoing::Publication(p));
+    }
+    fn frame(&mut self, f: ServerFrame) {
+        self.push(Outgoing::Frame(f));
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     Ws,
@@ -61,8 +78,11 @@ pub struct Session {
     pub node: Arc<Node>,
     pub shared: Arc<SessionShared>,
     pub transport: Transport,
-    subs: HashMap<Arc<str>, SubState>,
-    scratch: Vec<Arc<Publication>>,
+    /// Looked up once per delivered message: a fast hasher (the keys are
+    /// the session's own few channel names, checked on subscribe).
+    subs: HashMap<Arc<str>, SubState, foldhash::fast::RandomState>,
+    /// Swapped with the queue's contents on every drain (no copy).
+    scratch: VecDeque<Arc<Publication>>,
     latency_sampled_at: Option<std::time::Instant>,
 }
 
@@ -84,8 +104,8 @@ impl Session {
             node,
             shared,
             transport,
-            subs: HashMap::new(),
-            scratch: Vec::new(),
+            subs: HashMap::default(),
+            scratch: VecDeque::new(),
             latency_sampled_at: None,
         }
     }
@@ -120,10 +140,8 @@ impl Session {
     /// Drops whatever is queued without delivering it (after a `reconnect`
     /// frame the client resumes elsewhere from its positions).
     pub fn discard_queue(&mut self) {
-        let mut batch = std::mem::take(&mut self.scratch);
-        self.shared.queue.drain_into(&mut batch);
-        batch.clear();
-        self.scratch = batch;
+        self.shared.queue.drain_into(&mut self.scratch);
+        self.scratch.clear();
     }
 
     /// Checks a client-given channel name and the session's limits.
@@ -276,7 +294,7 @@ impl Session {
 
     /// Turns everything queued into what the transport must write, applying
     /// the delivery invariant (module docs).
-    pub async fn drain_queue(&mut self, out: &mut Vec<Outgoing>) -> Result<(), SlowConsumer> {
+    pub async fn drain_queue(&mut self, out: &mut impl Outbox) -> Result<(), SlowConsumer> {
         let mut batch = std::mem::take(&mut self.scratch);
         if self.shared.queue.drain_into(&mut batch) {
             return Err(SlowConsumer);
@@ -284,26 +302,36 @@ impl Session {
         for p in batch.drain(..) {
             self.admit(p, out).await;
         }
+        // A burst grows the batch; a quiet connection should not keep it.
+        if batch.capacity() > 128 {
+            batch = VecDeque::new();
+        }
         self.scratch = batch;
         Ok(())
     }
 
     /// Applies the delivery invariant to one publication.
-    pub async fn admit(&mut self, p: Arc<Publication>, out: &mut Vec<Outgoing>) {
+    pub async fn admit(&mut self, p: Arc<Publication>, out: &mut impl Outbox) {
         let node = self.node.clone();
         let Some(st) = self.subs.get_mut(&*p.channel) else {
             return; // unsubscribed since it was queued
         };
-        if st.epoch != p.epoch {
+        if Arc::ptr_eq(&st.epoch, &p.epoch) {
+            // The common case: the same epoch string as the last message.
+        } else if *st.epoch == *p.epoch {
+            // Same epoch, another allocation: keep the publication's, so
+            // the next comparison is a pointer comparison.
+            st.epoch = p.epoch.clone();
+        } else {
             // The stream lost its history; say so, then follow the new epoch
             // from its start (what of it is still stored is filled below).
             node.metrics.unrecoverable_live.increment(1);
-            out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
+            out.frame(ServerFrame::Unrecoverable(Unrecoverable {
                 channel: p.channel.to_string(),
                 reason: UnrecoverableReason::EpochChanged,
                 epoch: p.epoch.to_string(),
                 seq: 0,
-            })));
+            }));
             st.epoch = p.epoch.clone();
             st.last = 0;
         }
@@ -312,6 +340,7 @@ impl Session {
             return;
         }
         if p.seq > st.last + 1 {
+            let mut announced = false;
             let since = Position::new(st.last, &*st.epoch);
             match node.store.read_since(&p.channel, &since).await {
                 Ok(Recovery::Recovered { publications, .. }) => {
@@ -323,18 +352,19 @@ impl Session {
                         if q.seq == st.last + 1 && q.seq < p.seq {
                             st.last = q.seq;
                             node.metrics.replayed.increment(1);
-                            out.push(Outgoing::Publication(q));
+                            out.publication(q);
                         }
                     }
                 }
                 Ok(Recovery::Unrecoverable { reason, .. }) => {
                     node.metrics.unrecoverable_live.increment(1);
-                    out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
+                    announced = true;
+                    out.frame(ServerFrame::Unrecoverable(Unrecoverable {
                         channel: p.channel.to_string(),
                         reason,
                         epoch: p.epoch.to_string(),
                         seq: p.seq - 1,
-                    })));
+                    }));
                 }
                 Err(e) => {
                     warn!(channel = %p.channel, error = %e, "gap repair read failed; reporting unrecoverable")
@@ -346,16 +376,13 @@ impl Session {
                 .expect("checked above; nothing removes it meanwhile");
             if p.seq > st.last + 1 {
                 // Whatever could not be filled is gone for this client.
-                if !matches!(
-                    out.last(),
-                    Some(Outgoing::Frame(ServerFrame::Unrecoverable(_)))
-                ) {
-                    out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
+                if !announced {
+                    out.frame(ServerFrame::Unrecoverable(Unrecoverable {
                         channel: p.channel.to_string(),
                         reason: UnrecoverableReason::TooOld,
                         epoch: p.epoch.to_string(),
                         seq: p.seq - 1,
-                    })));
+                    }));
                 }
                 st.last = p.seq - 1;
             }
@@ -365,7 +392,7 @@ impl Session {
             .get_mut(&*p.channel)
             .expect("checked above; nothing removes it meanwhile");
         st.last = p.seq;
-        out.push(Outgoing::Publication(p));
+        out.publication(p);
     }
 
     /// Counts written messages and samples latency (once per batch, for its

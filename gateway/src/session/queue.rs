@@ -24,7 +24,7 @@ pub enum Push {
 
 #[derive(Default)]
 struct State {
-    items: VecDeque<(Arc<Publication>, usize)>,
+    items: VecDeque<Arc<Publication>>,
     bytes: usize,
     overflowed: bool,
 }
@@ -62,7 +62,7 @@ impl OutboundQueue {
             return Push::Overflowed;
         }
         let was_empty = s.items.is_empty();
-        s.items.push_back((publication, len));
+        s.items.push_back(publication);
         s.bytes += len;
         drop(s);
         // One wake-up per batch: the consumer drains everything at once.
@@ -72,15 +72,14 @@ impl OutboundQueue {
         Push::Queued
     }
 
-    /// Moves every queued message into `out`; returns true if the queue
+    /// Moves every queued message into `out` (which must be empty: the two
+    /// buffers are swapped, nothing is copied); returns true if the queue
     /// overflowed (the connection must be cut).
-    pub fn drain_into(&self, out: &mut Vec<Arc<Publication>>) -> bool {
+    pub fn drain_into(&self, out: &mut VecDeque<Arc<Publication>>) -> bool {
+        debug_assert!(out.is_empty());
         let mut s = self.state.lock();
-        out.extend(s.items.drain(..).map(|(p, _)| p));
+        std::mem::swap(&mut s.items, out);
         s.bytes = 0;
-        if s.items.capacity() > 64 {
-            s.items.shrink_to(16);
-        }
         s.overflowed
     }
 
@@ -124,7 +123,7 @@ mod tests {
         let q = OutboundQueue::new(100);
         assert_eq!(q.push(p(1), 60), Push::Queued);
         q.ready().await;
-        let mut out = Vec::new();
+        let mut out = VecDeque::new();
         assert!(!q.drain_into(&mut out));
         assert_eq!(out.len(), 1);
         assert_eq!(q.push(p(2), 60), Push::Queued);

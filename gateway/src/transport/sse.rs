@@ -308,7 +308,7 @@ impl SseStream {
                     oldest = Some(oldest.map_or(p.ts, |t| t.min(p.ts)));
                     self.set_position(&p.channel, p.position());
                     let cursor = self.cursor();
-                    write_event(buf, None, &cursor, p.json().as_bytes());
+                    write_event(buf, None, &cursor, p.json());
                 }
                 Outgoing::Frame(ServerFrame::Unrecoverable(u)) => {
                     self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));

@@ -2,9 +2,12 @@
 //! the connection's loop (inbound commands, outbound queue, heartbeats,
 //! token expiry, shutdown).
 //!
-//! One task per connection owns both directions of the socket; outbound
-//! messages are fed into tungstenite's write buffer and flushed once per
-//! drained queue, so a burst costs one write() call, not one per message.
+//! One task per connection owns both directions of the socket. Reading and
+//! the close handshake go through tungstenite; outbound frames are gathered
+//! into the connection's own write buffer and written with one write() per
+//! drained queue, so a burst costs one system call, not one per message. A
+//! publication's frame is encoded and framed once for all recipients
+//! ([`crate::replay::WsFrame`]); each recipient only copies its bytes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +24,8 @@ use protocol::{
     ErrorCode, ErrorFrame, Pong, Position, Published, Reconnect, RefreshRequired, Refreshed,
     ServerFrame, Unsubscribed,
 };
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
@@ -32,8 +37,10 @@ use tracing::debug;
 use crate::auth::{now_secs, AuthError, Identity};
 use crate::errors::ApiError;
 use crate::node::{now_ms, Lifecycle, Node};
+use crate::replay::Publication;
+use crate::replay::WsFrame;
 use crate::session::ratelimit::RateLimit;
-use crate::session::{Outgoing, Session, Transport};
+use crate::session::{Outbox, Outgoing, Session, Transport};
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -106,15 +113,11 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         return ApiError::new(ErrorCode::BadRequest, "connection cannot be upgraded")
             .into_response();
     };
+    // tungstenite writes only what the handshake, pongs and the close need;
+    // everything else goes through `Connection::write_out`.
     let config = WebSocketConfig::default()
         .read_buffer_size(node.config.ws_read_buffer_bytes)
-        .write_buffer_size(node.config.ws_write_buffer_bytes)
-        .max_write_buffer_size(
-            node.config
-                .max_queue_bytes
-                .saturating_mul(2)
-                .max(node.config.ws_write_buffer_bytes * 2),
-        )
+        .write_buffer_size(0)
         .max_message_size(Some(node.config.max_frame_bytes))
         .max_frame_size(Some(node.config.max_frame_bytes));
     tokio::spawn(async move {
@@ -194,6 +197,8 @@ async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
         identity,
         rate: RateLimit::new(node.config.command_rate, node.config.command_burst),
         out: Vec::new(),
+        wbuf: Vec::new(),
+        wpos: 0,
         last_recv: Instant::now(),
         next_ping: Instant::now() + node.ms(node.config.ping_interval_ms),
         refresh_sent: false,
@@ -208,7 +213,39 @@ async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
         None => conn.serve().await,
     };
     if let Some(code) = code {
-        close(&mut conn.socket, code).await;
+        conn.close(code).await;
+    }
+}
+
+/// Resolves on the next lifecycle change, handing the receiver back (one
+/// registration for as long as nothing changes, instead of one per loop
+/// turn). Never resolves if the node is gone.
+async fn lifecycle_change(mut rx: watch::Receiver<Lifecycle>) -> watch::Receiver<Lifecycle> {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    rx
+}
+
+/// Encodes what a connection must write straight into its write buffer.
+struct WsOut<'a> {
+    wbuf: &'a mut Vec<u8>,
+    codec: Codec,
+    /// Publications written, and the oldest one's `ts` (for metrics).
+    delivered: u64,
+    oldest: Option<u64>,
+}
+
+impl Outbox for WsOut<'_> {
+    fn publication(&mut self, p: Arc<Publication>) {
+        self.delivered += 1;
+        self.oldest = Some(self.oldest.map_or(p.ts, |t| t.min(p.ts)));
+        self.wbuf.extend_from_slice(p.ws_frame(self.codec).frame());
+    }
+
+    fn frame(&mut self, f: ServerFrame) {
+        let frame = WsFrame::new(self.codec, &self.codec.encode(&f));
+        self.wbuf.extend_from_slice(frame.frame());
     }
 }
 
@@ -315,6 +352,10 @@ struct Connection {
     identity: Identity,
     rate: RateLimit,
     out: Vec<Outgoing>,
+    /// Framed bytes to write; `wpos` is how much of it is written (the rest
+    /// of a write cut short goes out before the close frame).
+    wbuf: Vec<u8>,
+    wpos: usize,
     last_recv: Instant,
     next_ping: Instant,
     refresh_sent: bool,
@@ -396,13 +437,31 @@ impl Connection {
         self.write_out().await.err()
     }
 
+    /// Writes what is left of a cut-short write, then the close frame.
+    async fn close(&mut self, code: CloseCode) {
+        let rest = async {
+            if self.wpos < self.wbuf.len() {
+                let _ = self
+                    .socket
+                    .get_mut()
+                    .write_all(&self.wbuf[self.wpos..])
+                    .await;
+            }
+        };
+        if timeout(Duration::from_secs(1), rest).await.is_ok() {
+            close(&mut self.socket, code).await;
+        }
+    }
+
     /// The connection's loop; returns the close code to send, if any.
     async fn serve(&mut self) -> Option<CloseCode> {
         let mut lifecycle = self.node().lifecycle();
+        let mut state = *lifecycle.borrow_and_update();
+        let changed = lifecycle_change(lifecycle);
+        tokio::pin!(changed);
         let timer = sleep_until(self.next_timer().into());
         tokio::pin!(timer);
         loop {
-            let state = *lifecycle.borrow_and_update();
             match state {
                 Lifecycle::Running => {}
                 Lifecycle::Closing => return Some(CloseCode::Shutdown),
@@ -429,7 +488,10 @@ impl Connection {
                 timer.as_mut().reset(wake);
             }
             tokio::select! {
-                _ = lifecycle.changed() => continue,
+                mut rx = &mut changed => {
+                    state = *rx.borrow_and_update();
+                    changed.set(lifecycle_change(rx));
+                }
                 _ = self.session.queue_ready() => {
                     if self.reconnect_sent_at.is_some() {
                         // Told to reconnect: the resume token's positions
@@ -437,11 +499,18 @@ impl Connection {
                         self.session.discard_queue();
                         continue;
                     }
-                    if self.session.drain_queue(&mut self.out).await.is_err() {
+                    let mut out = WsOut {
+                        wbuf: &mut self.wbuf,
+                        codec: self.codec,
+                        delivered: 0,
+                        oldest: None,
+                    };
+                    if self.session.drain_queue(&mut out).await.is_err() {
                         self.session.slow_consumer();
                         return Some(CloseCode::SlowConsumer);
                     }
-                    if let Err(code) = self.write_out().await {
+                    let (delivered, oldest) = (out.delivered, out.oldest);
+                    if let Err(code) = self.flush(delivered, oldest).await {
                         return Some(code);
                     }
                 }
@@ -682,25 +751,46 @@ impl Connection {
         if self.out.is_empty() {
             return Ok(());
         }
-        let mut delivered = 0;
-        let mut oldest = None;
-        let (codec, socket, out) = (self.codec, &mut self.socket, &mut self.out);
-        let write = async {
-            for o in out.drain(..) {
-                let msg = match o {
-                    Outgoing::Publication(p) => {
-                        delivered += 1;
-                        oldest = Some(oldest.map_or(p.ts, |t: u64| t.min(p.ts)));
-                        match codec {
-                            Codec::Json => Message::Text(p.json().clone()),
-                            Codec::MsgPack => Message::Binary(p.msgpack().clone()),
-                        }
-                    }
-                    Outgoing::Frame(f) => encode(codec, &f),
-                };
-                socket.feed(msg).await?;
+        let mut out = WsOut {
+            wbuf: &mut self.wbuf,
+            codec: self.codec,
+            delivered: 0,
+            oldest: None,
+        };
+        for o in self.out.drain(..) {
+            match o {
+                Outgoing::Publication(p) => out.publication(p),
+                Outgoing::Frame(f) => out.frame(f),
             }
-            socket.flush().await
+        }
+        let (delivered, oldest) = (out.delivered, out.oldest);
+        if self.out.capacity() > 64 {
+            self.out = Vec::new();
+        }
+        self.flush(delivered, oldest).await
+    }
+
+    /// Writes the write buffer with as few calls as the socket allows.
+    async fn flush(&mut self, delivered: u64, oldest: Option<u64>) -> Result<(), CloseCode> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let (socket, wbuf, wpos) = (&mut self.socket, &self.wbuf, &mut self.wpos);
+        let write = async {
+            // Whatever tungstenite holds (a pong to the client's ping) goes
+            // first: frames must not interleave.
+            socket
+                .flush()
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            let io = socket.get_mut();
+            while *wpos < wbuf.len() {
+                match io.write(&wbuf[*wpos..]).await? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    n => *wpos += n,
+                }
+            }
+            Ok::<(), std::io::Error>(())
         };
         // A client that stops reading blocks this write while its queue
         // overflows: watch for that here, or such a connection is never cut
@@ -720,9 +810,13 @@ impl Connection {
             }
         }
         self.session.record_written(delivered, oldest);
-        // A burst grows the batch vector; an idle connection should not keep it.
-        if self.out.capacity() > 64 {
-            self.out = Vec::new();
+        // A burst grows the buffer. A busy connection keeps it; once a write
+        // uses less than a quarter of it, traffic has calmed and it goes.
+        let (len, cap) = (self.wbuf.len(), self.wbuf.capacity());
+        self.wbuf.clear();
+        self.wpos = 0;
+        if cap > self.node().config.ws_write_buffer_bytes && len < cap / 4 {
+            self.wbuf = Vec::new();
         }
         Ok(())
     }
