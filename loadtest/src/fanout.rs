@@ -105,6 +105,9 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
     let mut last = stat.last_seq.load(Ordering::Relaxed);
     let mut pong_ws: Option<Vec<u8>> = None;
     let mut pong_app = false;
+    let seq_key = memchr::memmem::Finder::new(b"\"seq\":");
+    let ts_key = memchr::memmem::FinderRev::new(b"\"ts\":");
+    let sent_key = memchr::memmem::Finder::new(b"\"sent_us\":");
     loop {
         match ws.fill().await {
             Ok(true) => {}
@@ -129,7 +132,7 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                 match f.opcode {
                     1 if p.starts_with(MSG_PREFIX) => {
                         received += 1;
-                        let seq = rawws::int_after(p, b"\"seq\":").unwrap_or(0);
+                        let seq = rawws::int_after_with(p, &seq_key).unwrap_or(0);
                         if seq == last + 1 {
                             last = seq;
                         } else if seq > last + 1 {
@@ -138,13 +141,13 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                         } else {
                             dups += 1;
                         }
-                        if let Some(ts) = rawws::int_after_last(p, b"\"ts\":") {
+                        if let Some(ts) = rawws::int_after_last_with(p, &ts_key) {
                             let h = h.get_or_insert_with(|| {
                                 hist.lock().unwrap_or_else(|e| e.into_inner())
                             });
                             h.saturating_record(now.saturating_sub(ts * 1000).max(1));
                         }
-                        if let Some(sent) = rawws::int_after(p, b"\"sent_us\":") {
+                        if let Some(sent) = rawws::int_after_with(p, &sent_key) {
                             let h = he.get_or_insert_with(|| {
                                 hist_e2e.lock().unwrap_or_else(|e| e.into_inner())
                             });
@@ -259,7 +262,7 @@ async fn publish(
         min_seq: u64::MAX,
         max_seq: 0,
         elapsed: Duration::ZERO,
-        rtt: util::new_hist(),
+        rtt: util::new_hist_coarse(),
         max_lag: Duration::ZERO,
         first_error: None,
     };
@@ -398,8 +401,12 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     );
     let shared = Arc::new(Shared {
         stats: (0..n).map(|_| SubStat::default()).collect(),
-        hists: (0..SHARDS).map(|_| Mutex::new(util::new_hist())).collect(),
-        hists_e2e: (0..SHARDS).map(|_| Mutex::new(util::new_hist())).collect(),
+        hists: (0..SHARDS)
+            .map(|_| Mutex::new(util::new_hist_coarse()))
+            .collect(),
+        hists_e2e: (0..SHARDS)
+            .map(|_| Mutex::new(util::new_hist_coarse()))
+            .collect(),
         first_close: Mutex::new(None),
         last_recv_us: AtomicU64::new(0),
     });
@@ -559,7 +566,7 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         lost += s.gaps.load(Ordering::Relaxed) + target_seq.saturating_sub(last);
         closed += u64::from(s.closed.load(Ordering::Relaxed));
     }
-    let (mut hist, mut hist_e2e) = (util::new_hist(), util::new_hist());
+    let (mut hist, mut hist_e2e) = (util::new_hist_coarse(), util::new_hist_coarse());
     for h in &shared.hists {
         hist.add(&*h.lock().unwrap_or_else(|e| e.into_inner()))
             .context("merging histograms")?;

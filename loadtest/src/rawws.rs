@@ -85,13 +85,20 @@ pub fn parse_frame(buf: &[u8]) -> anyhow::Result<Option<(FrameAt, usize)>> {
 
 /// The unsigned integer right after the first `key` in `s`.
 pub fn int_after(s: &[u8], key: &[u8]) -> Option<u64> {
-    let at = s.windows(key.len()).position(|w| w == key)? + key.len();
+    let at = memchr::memmem::find(s, key)? + key.len();
     digits(&s[at..])
 }
 
-/// The unsigned integer right after the last `key` in `s`.
-pub fn int_after_last(s: &[u8], key: &[u8]) -> Option<u64> {
-    let at = s.windows(key.len()).rposition(|w| w == key)? + key.len();
+/// [`int_after`] with a prepared searcher (for a hot loop).
+pub fn int_after_with(s: &[u8], key: &memchr::memmem::Finder<'_>) -> Option<u64> {
+    let at = key.find(s)? + key.needle().len();
+    digits(&s[at..])
+}
+
+/// The unsigned integer right after the last occurrence of a prepared
+/// searcher's needle in `s`.
+pub fn int_after_last_with(s: &[u8], key: &memchr::memmem::FinderRev<'_>) -> Option<u64> {
+    let at = key.rfind(s)? + key.needle().len();
     digits(&s[at..])
 }
 
