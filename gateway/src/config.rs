@@ -19,6 +19,16 @@ use thiserror::Error;
 pub struct Config {
     /// Address to listen on for every route (WebSocket, SSE, API, ops).
     pub addr: SocketAddr,
+    /// Optional second address serving only the operations routes
+    /// (`/livez`, `/readyz`, `/metrics`, `/admin/drain`). Its accept queue
+    /// is not shared with clients, so probes, scrapes and drain requests
+    /// get through during a reconnect storm, and it keeps answering while
+    /// the node drains.
+    pub admin_addr: Option<SocketAddr>,
+    /// Accept-queue length asked for on each listener (the kernel caps it
+    /// at `net.core.somaxconn`). A reconnect storm beyond it drops SYNs,
+    /// and those clients wait for TCP's 1 s, 3 s, 7 s retransmissions.
+    pub listen_backlog: u32,
     /// Accept anonymous connections and unauthenticated API calls. Never in production.
     pub dev: bool,
     /// This node's name in logs, metrics and (in a cluster) the registry.
@@ -143,6 +153,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_addr: None,
+            listen_backlog: 4096,
             dev: false,
             node_id: None,
             jwt_secret: None,
@@ -206,6 +218,8 @@ pub struct Overrides {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_addr: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub dev: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
@@ -237,6 +251,15 @@ impl Config {
     /// a message naming it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        if self.listen_backlog == 0 {
+            return bad("listen_backlog must be at least 1".into());
+        }
+        if self
+            .admin_addr
+            .is_some_and(|a| a == self.addr && a.port() != 0)
+        {
+            return bad("admin_addr must differ from addr".into());
+        }
         let positive: [(&str, u64); 9] = [
             ("replay_window_ms", self.replay_window_ms),
             ("stream_meta_ttl_ms", self.stream_meta_ttl_ms),

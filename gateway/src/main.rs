@@ -20,6 +20,9 @@ struct Cli {
     /// Address to listen on (env GATEWAY_ADDR).
     #[arg(long, global = true)]
     addr: Option<std::net::SocketAddr>,
+    /// Separate address for the operations routes only (env GATEWAY_ADMIN_ADDR).
+    #[arg(long, global = true)]
+    admin_addr: Option<std::net::SocketAddr>,
     /// Dev mode: anonymous connections and API calls allowed (env GATEWAY_DEV).
     #[arg(long, global = true)]
     dev: bool,
@@ -74,6 +77,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let overrides = Overrides {
         addr: cli.addr,
+        admin_addr: cli.admin_addr,
         dev: cli.dev.then_some(true),
         node_id: cli.node_id,
     };
@@ -132,13 +136,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         warn!("DEV MODE: anonymous connections and unauthenticated publish API calls are accepted. Never run this in production.");
     }
     let prometheus = gateway::telemetry::init_metrics();
-    let listener = tokio::net::TcpListener::bind(config.addr)
-        .await
+    let listener = gateway::server::bind(config.addr, config.listen_backlog)
         .with_context(|| format!("binding {}", config.addr))?;
+    let admin = match config.admin_addr {
+        Some(a) => Some(
+            gateway::server::bind(a, config.listen_backlog)
+                .with_context(|| format!("binding admin_addr {a}"))?,
+        ),
+        None => None,
+    };
     let addr = listener.local_addr()?;
     let node = Node::build(config, prometheus).await?;
     info!(node = %node.id, %addr, mode = node.mode(), backbone = node.broker.kind(), "gateway listening");
-    // One machine-readable line on stdout, for scripts and test harnesses.
+    // Machine-readable lines on stdout, for scripts and test harnesses.
     println!("listening on http://{addr}");
+    if let Some(admin) = admin {
+        let admin_addr = admin.local_addr()?;
+        info!(%admin_addr, "operations routes listening");
+        println!("admin listening on http://{admin_addr}");
+        tokio::spawn(gateway::server::serve_ops(admin, node.clone()));
+    }
     gateway::server::run(listener, node, shutdown_signal()).await
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use axum::routing::{get, post};
 use axum::Router;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tracing::info;
 
 use crate::node::Node;
@@ -59,6 +59,53 @@ async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
                     let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
                 }
             }
+        });
+    }
+}
+
+/// Binds a listener with an accept queue of `backlog` (the kernel caps it at
+/// `net.core.somaxconn`; tokio's own default is 1,024).
+pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // A restarted node must not wait out the old one's TIME_WAIT sockets.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The operations routes alone, for `admin_addr`.
+pub fn ops_app(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/livez", get(ops::livez))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/admin/drain", post(ops::admin_drain))
+        .fallback(ops::not_found)
+        .with_state(node)
+}
+
+/// Serves the operations routes on `listener` for the process's life (the
+/// drain does not stop it: probes and scrapes keep working to the end).
+pub async fn serve_ops(listener: TcpListener, node: Arc<Node>) {
+    let router = ops_app(node);
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+            let _ = conn.await;
         });
     }
 }

@@ -410,6 +410,26 @@ impl Gateway {
         Self::builder().start().await
     }
 
+    /// The operations listener's address (`GATEWAY_ADMIN_ADDR`), from its
+    /// `admin listening on` line.
+    pub async fn admin_addr(&self) -> Result<SocketAddr> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let logs = self.logs();
+            if let Some(addr) = logs
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("admin listening on http://"))
+            {
+                return Ok(addr.parse()?);
+            }
+            ensure!(
+                tokio::time::Instant::now() < deadline,
+                "no `admin listening on` line; output:\n{logs}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Everything the process wrote so far (stdout and stderr).
     pub fn logs(&self) -> String {
         self.logs.lock().map(|l| l.clone()).unwrap_or_default()

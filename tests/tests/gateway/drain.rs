@@ -121,6 +121,62 @@ async fn drain_releases_ws_and_sse_in_batches_with_resume_tokens_then_exits_zero
 }
 
 #[tokio::test]
+async fn admin_listener_serves_only_ops_routes_and_keeps_answering_through_the_drain() -> R {
+    let mut gw = draining(Gateway::builder())
+        .env("GATEWAY_ADMIN_ADDR", "127.0.0.1:0")
+        .env("GATEWAY_DRAIN_CLOSE_GRACE_MS", 500)
+        .start()
+        .await?;
+    let admin = gw.admin_addr().await?;
+    assert_ne!(admin, gw.addr);
+    let at = |path: &str| format!("http://{admin}{path}");
+    let res = gw.http.get(at("/readyz")).send().await?;
+    assert_eq!(res.status().as_u16(), 200);
+    let metrics = gw.http.get(at("/metrics")).send().await?.text().await?;
+    assert!(metrics.contains("gateway_"), "prometheus text: {metrics}");
+    // Client and API routes are not on the admin listener.
+    let res = gw
+        .http
+        .post(at("/api/publish"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"channel": "news", "data": 1}))
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 404);
+    let body: serde_json::Value = res.json().await?;
+    assert!(body["error"]["code"].is_u64(), "JSON error body: {body}");
+    // Drain through it: the same API key rule.
+    let res = gw.http.post(at("/admin/drain")).send().await?;
+    assert_eq!(res.status().as_u16(), 401);
+
+    let token = gw.token("u1", &["news"], &[], 600);
+    let (mut ws, _) = gw.ws_connected(Codec::Json, &token).await?;
+    ws.subscribe("news", None).await?;
+    let res = gw
+        .http
+        .post(at("/admin/drain"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 202);
+    loop {
+        match ws.recv().await? {
+            ServerFrame::Reconnect(_) => break,
+            ServerFrame::Ping(_) => continue,
+            other => anyhow::bail!("expected reconnect, got {other:?}"),
+        }
+    }
+    // The client listener has stopped accepting; the admin one still says
+    // "not ready" to the balancer.
+    let res = gw.http.get(at("/readyz")).send().await?;
+    assert_eq!(res.status().as_u16(), 503);
+    drop(ws);
+    let status = gw.wait_exit(Duration::from_secs(15)).await?;
+    assert!(status.success(), "drained gateway exits 0, got {status}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn resume_token_restores_user_and_subscriptions_and_is_refused_when_misused() -> R {
     let a = draining(Gateway::builder()).start().await?;
     let b = Gateway::builder()
