@@ -54,8 +54,10 @@ pub struct Config {
 
     /// Largest WebSocket frame (message) a client may send, in bytes.
     pub max_frame_bytes: usize,
-    /// Bytes a connection may have queued for writing before it is cut as a
-    /// slow consumer (close 4001).
+    /// How far behind (in encoded bytes of one channel's messages) a
+    /// connection may fall before it is cut as a slow consumer (close 4001):
+    /// the bound of each channel's log of messages not yet read by every
+    /// local subscriber.
     pub max_queue_bytes: usize,
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,

@@ -1,89 +1,394 @@
-//! The hub: which local connections subscribe to which channel.
+//! The hub: which local connections read which channel, and the channel
+//! logs they read from.
+//!
+//! Each channel with local subscribers has one [`ChannelLog`]: the
+//! publications not yet read by every local subscriber, in sequence order,
+//! and one reader slot (a cursor) per subscribing connection. A publish
+//! appends once and wakes only the readers that are *waiting* (they found
+//! nothing new on their last read); a connection that is busy writing costs
+//! the publisher nothing, and reads everything that arrived meanwhile in one
+//! go when it comes back. So a broadcast to N subscribers is one append plus
+//! one wake-up per idle subscriber, never N queue pushes.
 //!
 //! A user's own stream is a channel (`$user:<id>`), so the channel index is
 //! also the user -> connections index ([`Hub::user_connections`]).
 //!
-//! Architecture invariant: a broadcast is encoded at most once per codec (the
-//! encoding lives on the shared [`Publication`]); each recipient costs one
-//! reference-count increment and one queue push, never a copy or an encode.
+//! Invariants:
+//! * A broadcast is encoded at most once per codec (the encoding lives on
+//!   the shared [`Publication`]); a recipient costs a reference-count
+//!   increment when it reads, never a copy or an encode.
+//! * A log holds at most `max_bytes` of publications (charged at their
+//!   encoded size). An entry leaves the log when every reader that was there
+//!   when it was appended has read it (or left); if the bound forces out an
+//!   entry a reader has not read, that reader is *behind*: its connection is
+//!   signalled (see [`Signal::overflowed`]) and cut as a slow consumer. The
+//!   publisher never blocks on a reader.
+//! * A reader joins at the log's head: it reads exactly what is appended
+//!   after it joined (the session reads the replay store after joining, so
+//!   a message is in that read, in the log, or both).
+//! * Every append gets the next number of the hub's arrival order; a session
+//!   that reads several logs at once merges them in that order, so one
+//!   connection sees this node's publications in the order they arrived,
+//!   across channels too (the contract itself is per channel).
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use parking_lot::Mutex;
 use protocol::{user_channel, Codec};
+use tokio::sync::Notify;
 
 use crate::replay::Publication;
-use crate::session::queue::{OutboundQueue, Push};
 
 /// The part of a connection the hub holds.
 pub struct SessionShared {
     pub id: u64,
     pub codec: Codec,
-    pub queue: OutboundQueue,
+    pub signal: Signal,
+}
+
+/// How the hub reaches a connection's task: "something to read" and "you
+/// fell behind".
+#[derive(Default)]
+pub struct Signal {
+    ready: Notify,
+    overflowed: AtomicBool,
+    overflow: Notify,
+}
+
+impl Signal {
+    /// Wakes the connection (a wake-up before it waits is kept, not lost).
+    pub fn wake(&self) {
+        self.ready.notify_one();
+    }
+
+    /// Waits for a [`Signal::wake`] (cancel-safe).
+    pub async fn ready(&self) {
+        self.ready.notified().await;
+    }
+
+    /// Whether the connection fell behind a log's bound.
+    pub fn is_overflowed(&self) -> bool {
+        self.overflowed.load(Ordering::Acquire)
+    }
+
+    fn set_overflowed(&self) {
+        self.overflowed.store(true, Ordering::Release);
+        self.overflow.notify_one();
+        self.ready.notify_one();
+    }
+
+    /// Waits until the connection has fallen behind (cancel-safe). It takes
+    /// no wake-up from the connection's loop, so a transport can watch for
+    /// it while it is blocked writing.
+    pub async fn overflowed(&self) {
+        loop {
+            if self.is_overflowed() {
+                return;
+            }
+            // `notify_one` keeps a permit when nobody waits, so an overflow
+            // between the check above and this wait is not missed.
+            self.overflow.notified().await;
+        }
+    }
+}
+
+/// A reader fell behind its log's byte bound: cut it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Behind;
+
+/// A publication as read from a log, with its place in the hub's arrival
+/// order.
+pub type Arrived = (u64, Arc<Publication>);
+
+struct Entry {
+    order: u64,
+    publication: Arc<Publication>,
+    len: usize,
+    /// Readers that joined before it was appended and have not read it.
+    unread: usize,
+}
+
+struct Reader {
+    session: Arc<SessionShared>,
+    /// Log index of the next entry to read.
+    cursor: u64,
+    /// In `waiters`: woken by the next append.
+    waiting: bool,
 }
 
 #[derive(Default)]
+struct LogState {
+    /// `entries[i]` has log index `base + i`.
+    entries: VecDeque<Entry>,
+    base: u64,
+    bytes: usize,
+    /// Reader slots (stable indices; `None` is free, listed in `free`).
+    readers: Vec<Option<Reader>>,
+    free: Vec<usize>,
+    live: usize,
+    waiters: Vec<usize>,
+}
+
+impl LogState {
+    fn head(&self) -> u64 {
+        self.base + self.entries.len() as u64
+    }
+
+    /// Drops fully read entries from the front.
+    fn pop_read(&mut self) {
+        while self.entries.front().is_some_and(|e| e.unread == 0) {
+            if let Some(e) = self.entries.pop_front() {
+                self.bytes -= e.len;
+                self.base += 1;
+            }
+        }
+    }
+}
+
+/// One channel's publications not yet read by every local subscriber.
+pub struct ChannelLog {
+    state: Mutex<LogState>,
+    max_bytes: usize,
+}
+
+impl ChannelLog {
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(LogState::default()),
+            max_bytes,
+        }
+    }
+
+    /// Adds a reader at the head (waiting: the next append wakes it); its slot.
+    fn join(&self, session: &Arc<SessionShared>) -> usize {
+        let mut s = self.state.lock();
+        let reader = Reader {
+            session: session.clone(),
+            cursor: s.head(),
+            waiting: true,
+        };
+        let slot = match s.free.pop() {
+            Some(i) => {
+                s.readers[i] = Some(reader);
+                i
+            }
+            None => {
+                s.readers.push(Some(reader));
+                s.readers.len() - 1
+            }
+        };
+        s.waiters.push(slot);
+        s.live += 1;
+        slot
+    }
+
+    /// Removes a reader (what it had not read no longer waits for it);
+    /// returns how many readers are left.
+    fn leave(&self, slot: usize) -> usize {
+        let mut s = self.state.lock();
+        let Some(reader) = s.readers.get_mut(slot).and_then(Option::take) else {
+            return s.live;
+        };
+        let from = reader.cursor.max(s.base);
+        let base = s.base;
+        for i in from..s.head() {
+            if let Some(e) = s.entries.get_mut((i - base) as usize) {
+                e.unread -= 1;
+            }
+        }
+        if reader.waiting {
+            s.waiters.retain(|w| *w != slot);
+        }
+        s.free.push(slot);
+        s.live -= 1;
+        s.pop_read();
+        s.live
+    }
+
+    fn readers(&self) -> usize {
+        self.state.lock().live
+    }
+
+    /// Appends a publication for every current reader; wakes the waiting
+    /// ones and signals any that the byte bound pushed behind. Returns the
+    /// number of readers.
+    fn append(&self, publication: &Arc<Publication>, order: &AtomicU64) -> usize {
+        let mut wake = Vec::new();
+        let mut behind = Vec::new();
+        let readers;
+        {
+            let mut s = self.state.lock();
+            readers = s.live;
+            if readers == 0 {
+                return 0;
+            }
+            let codec = s
+                .readers
+                .iter()
+                .flatten()
+                .next()
+                .map_or(Codec::Json, |r| r.session.codec);
+            let len = publication.encoded_len(codec);
+            s.entries.push_back(Entry {
+                order: order.fetch_add(1, Ordering::Relaxed),
+                publication: publication.clone(),
+                len,
+                unread: readers,
+            });
+            s.bytes += len;
+            let mut forced = false;
+            while s.bytes > self.max_bytes && s.entries.len() > 1 {
+                if let Some(e) = s.entries.pop_front() {
+                    s.bytes -= e.len;
+                    s.base += 1;
+                    forced |= e.unread > 0;
+                }
+            }
+            if forced {
+                // Rare (a slow consumer): find who was left behind.
+                let base = s.base;
+                for r in s.readers.iter().flatten() {
+                    if r.cursor < base && !r.session.signal.is_overflowed() {
+                        behind.push(r.session.clone());
+                    }
+                }
+            }
+            let waiters = std::mem::take(&mut s.waiters);
+            for slot in &waiters {
+                if let Some(r) = s.readers.get_mut(*slot).and_then(Option::as_mut) {
+                    r.waiting = false;
+                    wake.push(r.session.clone());
+                }
+            }
+            // Keep the allocation for the next round of waiters.
+            let mut waiters = waiters;
+            waiters.clear();
+            s.waiters = waiters;
+        }
+        for session in wake {
+            session.signal.wake();
+        }
+        for session in behind {
+            session.signal.set_overflowed();
+        }
+        readers
+    }
+
+    /// Moves everything after the reader's cursor into `out` and makes the
+    /// reader waiting (the next append wakes it); returns how many were read.
+    pub fn read(&self, slot: usize, out: &mut VecDeque<Arrived>) -> Result<usize, Behind> {
+        let mut s = self.state.lock();
+        let (base, head) = (s.base, s.head());
+        let Some(reader) = s.readers.get_mut(slot).and_then(Option::as_mut) else {
+            return Ok(0);
+        };
+        if reader.cursor < base {
+            return Err(Behind);
+        }
+        let from = reader.cursor;
+        reader.cursor = head;
+        if !reader.waiting {
+            reader.waiting = true;
+            s.waiters.push(slot);
+        }
+        if from == head {
+            return Ok(0);
+        }
+        for i in from..head {
+            let e = &mut s.entries[(i - base) as usize];
+            e.unread -= 1;
+            out.push_back((e.order, e.publication.clone()));
+        }
+        s.pop_read();
+        Ok((head - from) as usize)
+    }
+}
+
+/// A connection's place in one channel's log.
+pub struct Subscription {
+    pub log: Arc<ChannelLog>,
+    pub slot: usize,
+}
+
 pub struct Hub {
-    channels: DashMap<Arc<str>, Vec<Arc<SessionShared>>>,
+    channels: DashMap<Arc<str>, Arc<ChannelLog>>,
+    /// Arrival order of appends (see the module docs).
+    order: AtomicU64,
+    /// Bound of each channel log, in encoded bytes (`max_queue_bytes`).
+    max_bytes: usize,
 }
 
 impl Hub {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            channels: DashMap::new(),
+            order: AtomicU64::new(0),
+            max_bytes,
+        }
     }
 
     /// Adds a connection to a channel; true if it is the channel's first
     /// local subscriber (the caller then subscribes the node on the backbone).
-    pub fn subscribe(&self, channel: &str, session: &Arc<SessionShared>) -> bool {
-        if let Some(mut subs) = self.channels.get_mut(channel) {
-            subs.push(session.clone());
-            return false;
+    pub fn subscribe(&self, channel: &str, session: &Arc<SessionShared>) -> (Subscription, bool) {
+        // Join under the map's guard, so an unsubscribe that empties and
+        // removes the log cannot slip in between finding it and joining it.
+        if let Some(log) = self.channels.get(channel) {
+            let slot = log.join(session);
+            let first = log.readers() == 1;
+            return (
+                Subscription {
+                    log: log.clone(),
+                    slot,
+                },
+                first,
+            );
         }
-        let mut entry = self.channels.entry(Arc::from(channel)).or_default();
-        entry.push(session.clone());
-        entry.len() == 1
+        let entry = self
+            .channels
+            .entry(Arc::from(channel))
+            .or_insert_with(|| Arc::new(ChannelLog::new(self.max_bytes)));
+        let slot = entry.join(session);
+        let first = entry.readers() == 1;
+        (
+            Subscription {
+                log: entry.clone(),
+                slot,
+            },
+            first,
+        )
     }
 
     /// Removes a connection from a channel; true if it was the last local
     /// subscriber (the caller then unsubscribes the node on the backbone).
-    pub fn unsubscribe(&self, channel: &str, session_id: u64) -> bool {
-        let removed_last = match self.channels.get_mut(channel) {
-            Some(mut subs) => {
-                if let Some(i) = subs.iter().position(|s| s.id == session_id) {
-                    subs.swap_remove(i);
-                }
-                subs.is_empty()
-            }
-            None => false,
-        };
-        if removed_last {
-            // Re-check under the entry lock: someone may have subscribed since.
-            return self
-                .channels
-                .remove_if(channel, |_, subs| subs.is_empty())
-                .is_some();
+    pub fn unsubscribe(&self, channel: &str, sub: &Subscription) -> bool {
+        if sub.log.leave(sub.slot) > 0 {
+            return false;
         }
-        false
+        // Re-check under the entry lock: someone may have subscribed since.
+        self.channels
+            .remove_if(channel, |_, log| {
+                Arc::ptr_eq(log, &sub.log) && log.readers() == 0
+            })
+            .is_some()
     }
 
     /// Hands a publication to every local subscriber of its channel; returns
-    /// how many queued it.
+    /// how many there were.
     pub fn deliver(&self, publication: &Arc<Publication>) -> usize {
-        let Some(subs) = self.channels.get(&*publication.channel) else {
-            return 0;
-        };
-        let mut queued = 0;
-        for s in subs.iter() {
-            let len = publication.encoded_len(s.codec);
-            if s.queue.push(publication.clone(), len) == Push::Queued {
-                queued += 1;
-            }
-        }
-        queued
+        // Not under the map's guard: waking thousands of readers should not
+        // hold up subscribes to other channels of the shard. (A log removed
+        // meanwhile has no readers; one created meanwhile belongs to readers
+        // that joined after this publication was stored, so their replay
+        // read has it.)
+        let log = self.channels.get(&*publication.channel).map(|l| l.clone());
+        log.map_or(0, |log| log.append(publication, &self.order))
     }
 
     pub fn subscribers(&self, channel: &str) -> usize {
-        self.channels.get(channel).map_or(0, |s| s.len())
+        self.channels.get(channel).map_or(0, |log| log.readers())
     }
 
     /// Connections of a user on this node.
@@ -98,7 +403,7 @@ impl Hub {
             .filter_map(|e| {
                 e.key()
                     .strip_prefix(protocol::USER_CHANNEL_PREFIX)
-                    .map(|u| (u.to_owned(), e.value().len()))
+                    .map(|u| (u.to_owned(), e.value().readers()))
             })
             .filter(|(_, n)| *n > 0)
             .collect()
@@ -107,5 +412,91 @@ impl Hub {
     /// Channels with at least one local subscriber.
     pub fn channel_count(&self) -> usize {
         self.channels.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn p(seq: u64) -> Arc<Publication> {
+        Arc::new(Publication::new(
+            "c".into(),
+            seq,
+            "e".into(),
+            Value::Null,
+            0,
+        ))
+    }
+
+    fn session(id: u64) -> Arc<SessionShared> {
+        Arc::new(SessionShared {
+            id,
+            codec: Codec::Json,
+            signal: Signal::default(),
+        })
+    }
+
+    fn seqs(out: &VecDeque<Arrived>) -> Vec<u64> {
+        out.iter().map(|(_, p)| p.seq).collect()
+    }
+
+    #[tokio::test]
+    async fn readers_get_what_was_appended_after_they_joined_and_entries_go_once_read() {
+        let hub = Hub::new(1 << 20);
+        let (a, b) = (session(1), session(2));
+        let (sa, first) = hub.subscribe("c", &a);
+        assert!(first);
+        hub.deliver(&p(1));
+        let (sb, first) = hub.subscribe("c", &b);
+        assert!(!first);
+        hub.deliver(&p(2));
+        // Both were waiting: both woken.
+        a.signal.ready().await;
+        b.signal.ready().await;
+        let mut out = VecDeque::new();
+        assert_eq!(sa.log.read(sa.slot, &mut out), Ok(2));
+        assert_eq!(seqs(&out), [1, 2]);
+        out.clear();
+        assert_eq!(sb.log.read(sb.slot, &mut out), Ok(1));
+        assert_eq!(seqs(&out), [2]);
+        // Everything read by everyone: the log is empty.
+        assert_eq!(sa.log.state.lock().entries.len(), 0);
+        // Nothing new: the reader waits, and the next append wakes it.
+        out.clear();
+        assert_eq!(sa.log.read(sa.slot, &mut out), Ok(0));
+        hub.deliver(&p(3));
+        a.signal.ready().await;
+        assert_eq!(sa.log.read(sa.slot, &mut out), Ok(1));
+        // Leaving releases what the reader had not read.
+        assert!(!hub.unsubscribe("c", &sb));
+        assert_eq!(sa.log.state.lock().entries.len(), 0);
+        assert!(hub.unsubscribe("c", &sa));
+        assert_eq!(hub.channel_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_reader_pushed_past_the_bound_is_signalled_and_others_are_not() {
+        let len = p(1).encoded_len(Codec::Json);
+        let hub = Hub::new(len * 3);
+        let (slow, fast) = (session(1), session(2));
+        let (s_slow, _) = hub.subscribe("c", &slow);
+        let (s_fast, _) = hub.subscribe("c", &fast);
+        let mut out = VecDeque::new();
+        for seq in 1..=6 {
+            hub.deliver(&p(seq));
+            out.clear();
+            assert_eq!(s_fast.log.read(s_fast.slot, &mut out), Ok(1));
+        }
+        assert!(slow.signal.is_overflowed());
+        assert!(!fast.signal.is_overflowed());
+        tokio::time::timeout(std::time::Duration::from_secs(5), slow.signal.overflowed())
+            .await
+            .expect("overflow signalled");
+        assert_eq!(s_slow.log.read(s_slow.slot, &mut out), Err(Behind));
+        // Its leaving frees the log.
+        hub.unsubscribe("c", &s_slow);
+        assert_eq!(s_fast.log.state.lock().entries.len(), 0);
     }
 }

@@ -8,8 +8,8 @@
 //! * [`server`]: the router and `run(listener, node, shutdown)`.
 //! * [`transport`]: WebSocket (`/ws`) and SSE (`/sse`).
 //! * [`session`]: per-connection state and the exactly-once delivery rules;
-//!   its outbound queue, bounded in bytes; the command rate limit.
-//! * [`hub`]: local channel -> connections index; fan-out.
+//!   its place in each channel's log (`hub`); the command rate limit.
+//! * [`hub`]: local channel -> connections index; per-channel logs; fan-out.
 //! * [`interest`]: which channels the node listens to on the backbone.
 //! * [`broker`]: the backbone seam: in-memory, Redis pub/sub, NATS.
 //! * [`replay`]: the replay store seam (sequence, epoch, resumable buffer):

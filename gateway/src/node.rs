@@ -90,7 +90,7 @@ impl Node {
             .node_id
             .clone()
             .unwrap_or_else(|| format!("node-{}", crate::replay::memory::new_epoch()));
-        let hub = Arc::new(Hub::new());
+        let hub = Arc::new(Hub::new(config.max_queue_bytes));
         let window = Duration::from_millis(config.replay_window_ms);
         let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);
         let (store, broker, registry): (

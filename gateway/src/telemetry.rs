@@ -129,7 +129,7 @@ impl Metrics {
         );
         describe_counter!(
             "gateway_slow_consumer_disconnects_total",
-            "Connections cut because their outbound queue overflowed."
+            "Connections cut because they fell more than max_queue_bytes behind (slow consumers)."
         );
         describe_counter!(
             "gateway_frames_rejected_total",

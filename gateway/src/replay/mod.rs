@@ -130,7 +130,7 @@ impl Publication {
         self.ws_frame(Codec::Json).payload()
     }
 
-    /// Encoded size for a codec (what a connection's queue is charged).
+    /// Encoded size for a codec (what a channel log is charged).
     pub fn encoded_len(&self, codec: Codec) -> usize {
         self.ws_frame(codec).frame().len()
     }

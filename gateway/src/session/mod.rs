@@ -13,10 +13,14 @@
 //!
 //! Subscribe invariant: the session joins the hub *before* it reads the
 //! replay store, so every message is either in what the read returns or
-//! arrives through the queue afterwards (possibly both; then the queue copy is
-//! a duplicate and dropped).
+//! arrives through the channel's log afterwards (possibly both; then the log
+//! copy is a duplicate and dropped).
+//!
+//! Reading: when woken, the session reads each of its channels' logs
+//! ([`crate::hub`]) up to their heads; every read leaves it waiting on that
+//! log, so the next append wakes it once, and whatever arrives until the
+//! connection's task runs again is read and written as one batch.
 
-pub mod queue;
 pub mod ratelimit;
 
 use std::collections::{HashMap, VecDeque};
@@ -28,10 +32,9 @@ use protocol::{
 };
 use tracing::warn;
 
-use crate::hub::SessionShared;
+use crate::hub::{Arrived, Behind, SessionShared, Signal, Subscription};
 use crate::node::Node;
 use crate::replay::{Publication, Recovery};
-use queue::OutboundQueue;
 
 /// Something the transport must write, in order.
 #[derive(Debug)]
@@ -68,9 +71,11 @@ pub enum Transport {
 struct SubState {
     epoch: Arc<str>,
     last: u64,
+    /// The session's reader slot in the channel's log.
+    sub: Subscription,
 }
 
-/// The connection's outbound queue overflowed: cut it (4001).
+/// The connection fell behind a channel log's bound: cut it (4001).
 #[derive(Debug)]
 pub struct SlowConsumer;
 
@@ -81,8 +86,8 @@ pub struct Session {
     /// Looked up once per delivered message: a fast hasher (the keys are
     /// the session's own few channel names, checked on subscribe).
     subs: HashMap<Arc<str>, SubState, foldhash::fast::RandomState>,
-    /// Swapped with the queue's contents on every drain (no copy).
-    scratch: VecDeque<Arc<Publication>>,
+    /// What one drain read from the logs (kept between drains).
+    scratch: VecDeque<Arrived>,
     latency_sampled_at: Option<std::time::Instant>,
 }
 
@@ -93,7 +98,7 @@ impl Session {
         let shared = Arc::new(SessionShared {
             id: node.next_session_id(),
             codec,
-            queue: OutboundQueue::new(node.config.max_queue_bytes),
+            signal: Signal::default(),
         });
         node.connection_opened();
         match transport {
@@ -137,11 +142,13 @@ impl Session {
             .collect()
     }
 
-    /// Drops whatever is queued without delivering it (after a `reconnect`
+    /// Drops whatever waits in its logs without delivering it (after a `reconnect`
     /// frame the client resumes elsewhere from its positions).
     pub fn discard_queue(&mut self) {
-        self.shared.queue.drain_into(&mut self.scratch);
-        self.scratch.clear();
+        for st in self.subs.values() {
+            let _ = st.sub.log.read(st.sub.slot, &mut self.scratch);
+            self.scratch.clear();
+        }
     }
 
     /// Checks a client-given channel name and the session's limits.
@@ -168,10 +175,10 @@ impl Session {
         out: &mut Vec<Outgoing>,
     ) -> Result<(), ErrorCode> {
         let node = self.node.clone();
-        node.hub.subscribe(channel, &self.shared);
+        let (sub, _) = node.hub.subscribe(channel, &self.shared);
         if let Err(e) = node.interest.ensure(&*node.broker, channel).await {
             warn!(channel, error = %e, "backbone subscribe failed");
-            self.leave_hub(channel);
+            self.leave_hub(channel, &sub);
             return Err(ErrorCode::Unavailable);
         }
         if let Some(user) = channel.strip_prefix(USER_CHANNEL_PREFIX) {
@@ -179,7 +186,7 @@ impl Session {
             // this node; one sent before is in the read.
             if let Err(e) = node.broker.attach_user(user).await {
                 warn!(user, error = %e, "registry update failed");
-                self.leave_hub(channel);
+                self.leave_hub(channel, &sub);
                 return Err(ErrorCode::Unavailable);
             }
         }
@@ -199,7 +206,7 @@ impl Session {
             Ok(r) => r,
             Err(e) => {
                 warn!(channel, error = %e, "replay store read failed");
-                self.leave_hub(channel);
+                self.leave_hub(channel, &sub);
                 return Err(ErrorCode::Unavailable);
             }
         };
@@ -225,7 +232,7 @@ impl Session {
                         out.push(Outgoing::Publication(p));
                     }
                 }
-                self.subs.insert(key, SubState { epoch, last });
+                self.subs.insert(key, SubState { epoch, last, sub });
             }
             Recovery::Unrecoverable { reason, top } => {
                 node.metrics.resumes_unrecoverable.increment(1);
@@ -247,6 +254,7 @@ impl Session {
                     SubState {
                         epoch: Arc::from(top.epoch.as_str()),
                         last: top.seq,
+                        sub,
                     },
                 );
             }
@@ -257,16 +265,16 @@ impl Session {
 
     /// Ends a subscription; false if there was none.
     pub fn unsubscribe(&mut self, channel: &str) -> bool {
-        if self.subs.remove(channel).is_none() {
+        let Some(st) = self.subs.remove(channel) else {
             return false;
-        }
+        };
         self.node.metrics.subscriptions.decrement(1.0);
-        self.leave_hub(channel);
+        self.leave_hub(channel, &st.sub);
         true
     }
 
-    fn leave_hub(&self, channel: &str) {
-        let last = self.node.hub.unsubscribe(channel, self.shared.id);
+    fn leave_hub(&self, channel: &str, sub: &Subscription) {
+        let last = self.node.hub.unsubscribe(channel, sub);
         let user = channel.strip_prefix(USER_CHANNEL_PREFIX).map(str::to_owned);
         if !last && user.is_none() {
             return;
@@ -287,19 +295,34 @@ impl Session {
         });
     }
 
-    /// Waits until the queue has something (cancel-safe).
+    /// Waits until a log may have something for the session (cancel-safe).
     pub async fn queue_ready(&self) {
-        self.shared.queue.ready().await;
+        if self.shared.signal.is_overflowed() {
+            return;
+        }
+        self.shared.signal.ready().await;
     }
 
-    /// Turns everything queued into what the transport must write, applying
+    /// Turns everything new in its logs into what the transport must write, applying
     /// the delivery invariant (module docs).
     pub async fn drain_queue(&mut self, out: &mut impl Outbox) -> Result<(), SlowConsumer> {
-        let mut batch = std::mem::take(&mut self.scratch);
-        if self.shared.queue.drain_into(&mut batch) {
+        if self.shared.signal.is_overflowed() {
             return Err(SlowConsumer);
         }
-        for p in batch.drain(..) {
+        let mut batch = std::mem::take(&mut self.scratch);
+        let mut logs_read = 0;
+        for st in self.subs.values() {
+            match st.sub.log.read(st.sub.slot, &mut batch) {
+                Ok(0) => {}
+                Ok(_) => logs_read += 1,
+                Err(Behind) => return Err(SlowConsumer),
+            }
+        }
+        if logs_read > 1 {
+            // Merge the logs in the hub's arrival order.
+            batch.make_contiguous().sort_by_key(|(order, _)| *order);
+        }
+        for (_, p) in batch.drain(..) {
             self.admit(p, out).await;
         }
         // A burst grows the batch; a quiet connection should not keep it.
@@ -314,7 +337,7 @@ impl Session {
     pub async fn admit(&mut self, p: Arc<Publication>, out: &mut impl Outbox) {
         let node = self.node.clone();
         let Some(st) = self.subs.get_mut(&*p.channel) else {
-            return; // unsubscribed since it was queued
+            return; // unsubscribed since it was read
         };
         if Arc::ptr_eq(&st.epoch, &p.epoch) {
             // The common case: the same epoch string as the last message.

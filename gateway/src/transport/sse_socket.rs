@@ -139,8 +139,8 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream) {
     ))
     .await;
     let (mut parts, body) = response.into_parts();
-    // The stream's queue, to cut a client whose writes block while its
-    // queue overflows (the stream itself is not polled then).
+    // The stream's signal, to cut a client whose writes block while it
+    // falls behind (the stream itself is not polled then).
     let shared = parts.extensions.remove::<Arc<crate::hub::SessionShared>>();
     if parts.status != StatusCode::OK {
         let bytes = axum::body::to_bytes(body, 64 * 1024)
@@ -166,7 +166,7 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream) {
                 Some(Ok(bytes)) => {
                     let overflow = async {
                         match &shared {
-                            Some(s) => s.queue.overflowed().await,
+                            Some(s) => s.signal.overflowed().await,
                             None => std::future::pending().await,
                         }
                     };

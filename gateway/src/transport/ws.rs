@@ -1,11 +1,11 @@
 //! WebSocket transport at `/ws`: the upgrade, the `connect` handshake, and
-//! the connection's loop (inbound commands, outbound queue, heartbeats,
+//! the connection's loop (inbound commands, outbound messages, heartbeats,
 //! token expiry, shutdown).
 //!
 //! One task per connection owns both directions of the socket. Reading and
 //! the close handshake go through tungstenite; outbound frames are gathered
 //! into the connection's own write buffer and written with one write() per
-//! drained queue, so a burst costs one system call, not one per message. A
+//! wake-up, so a burst costs one system call, not one per message. A
 //! publication's frame is encoded and framed once for all recipients
 //! ([`crate::replay::WsFrame`]); each recipient only copies its bytes.
 
@@ -792,9 +792,9 @@ impl Connection {
             }
             Ok::<(), std::io::Error>(())
         };
-        // A client that stops reading blocks this write while its queue
-        // overflows: watch for that here, or such a connection is never cut
-        // (the loop that checks the queue waits for this write).
+        // A client that stops reading blocks this write while it falls
+        // behind: watch for that here, or such a connection is never cut
+        // (the loop that reads the logs waits for this write).
         tokio::select! {
             // The write usually completes at once; only a blocked one needs
             // the overflow watch.
@@ -804,7 +804,7 @@ impl Connection {
                     return Err(CloseCode::InternalError);
                 }
             }
-            _ = self.session.shared.queue.overflowed() => {
+            _ = self.session.shared.signal.overflowed() => {
                 self.session.slow_consumer();
                 return Err(CloseCode::SlowConsumer);
             }

@@ -178,7 +178,7 @@ async fn api_batch_answers_in_item_order_and_delivers() -> R {
     );
     assert_error_body(&results[5], ErrorCode::InvalidChannel);
 
-    // In item order on alice's connection (one queue, filled in that order).
+    // In item order on alice's connection (her two logs merged in arrival order).
     check_message(&alice.recv_message().await?, "b-news", 1, &epoch, &json!(1));
     check_message(
         &alice.recv_message().await?,
