@@ -151,6 +151,9 @@ impl LogState {
 /// One channel's publications not yet read by every local subscriber.
 pub struct ChannelLog {
     state: Mutex<LogState>,
+    /// The head (index of the next append), readable without the lock: a
+    /// reader whose cursor is here has nothing new.
+    head: AtomicU64,
     max_bytes: usize,
 }
 
@@ -158,16 +161,19 @@ impl ChannelLog {
     fn new(max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(LogState::default()),
+            head: AtomicU64::new(0),
             max_bytes,
         }
     }
 
-    /// Adds a reader at the head (waiting: the next append wakes it); its slot.
-    fn join(&self, session: &Arc<SessionShared>) -> usize {
+    /// Adds a reader at the head (waiting: the next append wakes it); its
+    /// slot and cursor.
+    fn join(&self, session: &Arc<SessionShared>) -> (usize, u64) {
         let mut s = self.state.lock();
+        let head = s.head();
         let reader = Reader {
             session: session.clone(),
-            cursor: s.head(),
+            cursor: head,
             waiting: true,
         };
         let slot = match s.free.pop() {
@@ -182,7 +188,12 @@ impl ChannelLog {
         };
         s.waiters.push(slot);
         s.live += 1;
-        slot
+        (slot, head)
+    }
+
+    /// Whether anything was appended after `cursor`.
+    pub fn has_news(&self, cursor: u64) -> bool {
+        self.head.load(Ordering::Acquire) > cursor
     }
 
     /// Removes a reader (what it had not read no longer waits for it);
@@ -239,6 +250,7 @@ impl ChannelLog {
                 unread: readers,
             });
             s.bytes += len;
+            self.head.store(s.head(), Ordering::Release);
             let mut forced = false;
             while s.bytes > self.max_bytes && s.entries.len() > 1 {
                 if let Some(e) = s.entries.pop_front() {
@@ -278,12 +290,22 @@ impl ChannelLog {
     }
 
     /// Moves everything after the reader's cursor into `out` and makes the
-    /// reader waiting (the next append wakes it); returns how many were read.
-    pub fn read(&self, slot: usize, out: &mut VecDeque<Arrived>) -> Result<usize, Behind> {
+    /// reader waiting (the next append wakes it); returns the new cursor.
+    pub fn read(&self, slot: usize, out: &mut VecDeque<Arrived>) -> Result<u64, Behind> {
+        self.read_with(slot, |order, p| out.push_back((order, p.clone())))
+    }
+
+    /// [`ChannelLog::read`], handing each entry to `each` under the log's
+    /// lock (no reference count touched unless `each` clones).
+    pub fn read_with(
+        &self,
+        slot: usize,
+        mut each: impl FnMut(u64, &Arc<Publication>),
+    ) -> Result<u64, Behind> {
         let mut s = self.state.lock();
         let (base, head) = (s.base, s.head());
         let Some(reader) = s.readers.get_mut(slot).and_then(Option::as_mut) else {
-            return Ok(0);
+            return Ok(head);
         };
         if reader.cursor < base {
             return Err(Behind);
@@ -295,15 +317,15 @@ impl ChannelLog {
             s.waiters.push(slot);
         }
         if from == head {
-            return Ok(0);
+            return Ok(head);
         }
         for i in from..head {
             let e = &mut s.entries[(i - base) as usize];
             e.unread -= 1;
-            out.push_back((e.order, e.publication.clone()));
+            each(e.order, &e.publication);
         }
         s.pop_read();
-        Ok((head - from) as usize)
+        Ok(head)
     }
 }
 
@@ -311,6 +333,9 @@ impl ChannelLog {
 pub struct Subscription {
     pub log: Arc<ChannelLog>,
     pub slot: usize,
+    /// The cursor as of the reader's last read (the log's own copy is the
+    /// truth; this one answers [`ChannelLog::has_news`] without the lock).
+    pub cursor: u64,
 }
 
 pub struct Hub {
@@ -336,12 +361,13 @@ impl Hub {
         // Join under the map's guard, so an unsubscribe that empties and
         // removes the log cannot slip in between finding it and joining it.
         if let Some(log) = self.channels.get(channel) {
-            let slot = log.join(session);
+            let (slot, cursor) = log.join(session);
             let first = log.readers() == 1;
             return (
                 Subscription {
                     log: log.clone(),
                     slot,
+                    cursor,
                 },
                 first,
             );
@@ -350,12 +376,13 @@ impl Hub {
             .channels
             .entry(Arc::from(channel))
             .or_insert_with(|| Arc::new(ChannelLog::new(self.max_bytes)));
-        let slot = entry.join(session);
+        let (slot, cursor) = entry.join(session);
         let first = entry.readers() == 1;
         (
             Subscription {
                 log: entry.clone(),
                 slot,
+                cursor,
             },
             first,
         )
@@ -456,19 +483,23 @@ mod tests {
         a.signal.ready().await;
         b.signal.ready().await;
         let mut out = VecDeque::new();
+        assert!(sa.log.has_news(sa.cursor));
         assert_eq!(sa.log.read(sa.slot, &mut out), Ok(2));
         assert_eq!(seqs(&out), [1, 2]);
+        assert!(!sa.log.has_news(2));
         out.clear();
-        assert_eq!(sb.log.read(sb.slot, &mut out), Ok(1));
+        assert_eq!(sb.log.read(sb.slot, &mut out), Ok(2));
         assert_eq!(seqs(&out), [2]);
         // Everything read by everyone: the log is empty.
         assert_eq!(sa.log.state.lock().entries.len(), 0);
         // Nothing new: the reader waits, and the next append wakes it.
         out.clear();
-        assert_eq!(sa.log.read(sa.slot, &mut out), Ok(0));
+        assert_eq!(sa.log.read(sa.slot, &mut out), Ok(2));
+        assert!(out.is_empty());
         hub.deliver(&p(3));
         a.signal.ready().await;
-        assert_eq!(sa.log.read(sa.slot, &mut out), Ok(1));
+        assert_eq!(sa.log.read(sa.slot, &mut out), Ok(3));
+        assert_eq!(seqs(&out), [3]);
         // Leaving releases what the reader had not read.
         assert!(!hub.unsubscribe("c", &sb));
         assert_eq!(sa.log.state.lock().entries.len(), 0);
@@ -487,7 +518,7 @@ mod tests {
         for seq in 1..=6 {
             hub.deliver(&p(seq));
             out.clear();
-            assert_eq!(s_fast.log.read(s_fast.slot, &mut out), Ok(1));
+            assert_eq!(s_fast.log.read(s_fast.slot, &mut out), Ok(seq));
         }
         assert!(slow.signal.is_overflowed());
         assert!(!fast.signal.is_overflowed());

@@ -51,6 +51,11 @@ pub enum Outgoing {
 pub trait Outbox {
     fn publication(&mut self, p: Arc<Publication>);
     fn frame(&mut self, f: ServerFrame);
+    /// A publication still inside its channel's log: an outbox that copies
+    /// its bytes at once can skip the reference count.
+    fn publication_ref(&mut self, p: &Arc<Publication>) {
+        self.publication(p.clone());
+    }
 }
 
 impl Outbox for Vec<Outgoing> {
@@ -73,6 +78,20 @@ struct SubState {
     last: u64,
     /// The session's reader slot in the channel's log.
     sub: Subscription,
+}
+
+/// Whether a publication's epoch is the subscription's. When they are equal
+/// but separate allocations, the subscription keeps the publication's, so
+/// the next check is a pointer comparison.
+fn same_epoch(mine: &mut Arc<str>, theirs: &Arc<str>) -> bool {
+    if Arc::ptr_eq(mine, theirs) {
+        return true;
+    }
+    if **mine == **theirs {
+        *mine = theirs.clone();
+        return true;
+    }
+    false
 }
 
 /// The connection fell behind a channel log's bound: cut it (4001).
@@ -145,9 +164,10 @@ impl Session {
     /// Drops whatever waits in its logs without delivering it (after a `reconnect`
     /// frame the client resumes elsewhere from its positions).
     pub fn discard_queue(&mut self) {
-        for st in self.subs.values() {
-            let _ = st.sub.log.read(st.sub.slot, &mut self.scratch);
-            self.scratch.clear();
+        for st in self.subs.values_mut() {
+            if let Ok(cursor) = st.sub.log.read_with(st.sub.slot, |_, _| {}) {
+                st.sub.cursor = cursor;
+            }
         }
     }
 
@@ -310,15 +330,44 @@ impl Session {
             return Err(SlowConsumer);
         }
         let mut batch = std::mem::take(&mut self.scratch);
-        let mut logs_read = 0;
-        for st in self.subs.values() {
-            match st.sub.log.read(st.sub.slot, &mut batch) {
-                Ok(0) => {}
-                Ok(_) => logs_read += 1,
+        let with_news = self
+            .subs
+            .values()
+            .filter(|st| st.sub.log.has_news(st.sub.cursor))
+            .count();
+        if with_news == 1 {
+            // The common case: one log has news. Its contiguous run is
+            // written straight from the log (the rest, from the first
+            // message that is not next in line, goes the general way).
+            let Some(st) = self
+                .subs
+                .values_mut()
+                .find(|st| st.sub.log.has_news(st.sub.cursor))
+            else {
+                unreachable!("counted above");
+            };
+            let SubState { epoch, last, sub } = st;
+            let mut stalled = false;
+            let read = sub.log.read_with(sub.slot, |order, p| {
+                if !stalled && p.seq == *last + 1 && same_epoch(epoch, &p.epoch) {
+                    *last = p.seq;
+                    out.publication_ref(p);
+                } else {
+                    stalled = true;
+                    batch.push_back((order, p.clone()));
+                }
+            });
+            match read {
+                Ok(cursor) => sub.cursor = cursor,
                 Err(Behind) => return Err(SlowConsumer),
             }
-        }
-        if logs_read > 1 {
+        } else if with_news > 1 {
+            for st in self.subs.values_mut() {
+                match st.sub.log.read(st.sub.slot, &mut batch) {
+                    Ok(cursor) => st.sub.cursor = cursor,
+                    Err(Behind) => return Err(SlowConsumer),
+                }
+            }
             // Merge the logs in the hub's arrival order.
             batch.make_contiguous().sort_by_key(|(order, _)| *order);
         }
@@ -339,13 +388,7 @@ impl Session {
         let Some(st) = self.subs.get_mut(&*p.channel) else {
             return; // unsubscribed since it was read
         };
-        if Arc::ptr_eq(&st.epoch, &p.epoch) {
-            // The common case: the same epoch string as the last message.
-        } else if *st.epoch == *p.epoch {
-            // Same epoch, another allocation: keep the publication's, so
-            // the next comparison is a pointer comparison.
-            st.epoch = p.epoch.clone();
-        } else {
+        if !same_epoch(&mut st.epoch, &p.epoch) {
             // The stream lost its history; say so, then follow the new epoch
             // from its start (what of it is still stored is filled below).
             node.metrics.unrecoverable_live.increment(1);

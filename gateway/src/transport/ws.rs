@@ -238,14 +238,18 @@ struct WsOut<'a> {
 
 impl Outbox for WsOut<'_> {
     fn publication(&mut self, p: Arc<Publication>) {
-        self.delivered += 1;
-        self.oldest = Some(self.oldest.map_or(p.ts, |t| t.min(p.ts)));
-        self.wbuf.extend_from_slice(p.ws_frame(self.codec).frame());
+        self.publication_ref(&p);
     }
 
     fn frame(&mut self, f: ServerFrame) {
         let frame = WsFrame::new(self.codec, &self.codec.encode(&f));
         self.wbuf.extend_from_slice(frame.frame());
+    }
+
+    fn publication_ref(&mut self, p: &Arc<Publication>) {
+        self.delivered += 1;
+        self.oldest = Some(self.oldest.map_or(p.ts, |t| t.min(p.ts)));
+        self.wbuf.extend_from_slice(p.ws_frame(self.codec).frame());
     }
 }
 
