@@ -163,7 +163,7 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                         }
                         // The publisher-side figure is sampled (1 in 8).
                         nth += 1;
-                        if nth % E2E_SAMPLE == 0 {
+                        if nth.is_multiple_of(E2E_SAMPLE) {
                             if let Some(sent) = rawws::int_after_with(p, &sent_key) {
                                 let h = he.get_or_insert_with(|| {
                                     hist_e2e.lock().unwrap_or_else(|e| e.into_inner())

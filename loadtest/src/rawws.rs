@@ -303,7 +303,10 @@ mod tests {
     fn picks_seq_and_ts() {
         let m = br#"{"type":"message","channel":"c","seq":42,"epoch":"ab","data":{"n":1,"seq":7},"ts":1700000000123}"#;
         assert_eq!(int_after(m, b"\"seq\":"), Some(42));
-        assert_eq!(int_after_last(m, b"\"ts\":"), Some(1_700_000_000_123));
+        let ts = memchr::memmem::FinderRev::new(b"\"ts\":");
+        assert_eq!(int_after_last_with(m, &ts), Some(1_700_000_000_123));
+        let seq = memchr::memmem::Finder::new(b"\"seq\":");
+        assert_eq!(int_after_with(m, &seq), Some(42));
         assert_eq!(int_after(m, b"\"nope\":"), None);
     }
 }

@@ -34,7 +34,7 @@
 //! an HAProxy two per client (`maxconn 9000`), a node its share; each
 //! process stays within a 20,000 open-files limit.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -42,6 +42,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use ::tests::delivery::{
+    event_source, run_lanes, Acked, EventSink, Lane, PubStats, SseMessage, Streams, Track,
+};
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use client_sdk::{Client, Codec, ConnectionState};
@@ -206,14 +209,6 @@ fn channels_of(i: usize, channels: &[String], per_client: usize) -> Vec<String> 
     (0..per_client.min(channels.len()))
         .map(|k| channels[(i + k * 2) % channels.len()].clone())
         .collect()
-}
-
-/// What the publish API acknowledged of one stream.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct AckedStream {
-    epoch: String,
-    last: u64,
-    count: u64,
 }
 
 /// A worker's findings.
@@ -702,70 +697,6 @@ async fn wait_all_connected(
 // The publisher
 // ---------------------------------------------------------------------------
 
-#[derive(Default)]
-struct PubStats {
-    ok: AtomicU64,
-    retried: AtomicU64,
-    failed: AtomicU64,
-    latency_sum_us: AtomicU64,
-    latency_max_us: AtomicU64,
-}
-
-type Acked = HashMap<String, AckedStream>;
-
-async fn post_acked(
-    http: &reqwest::Client,
-    url: &str,
-    body: &Value,
-    stats: &PubStats,
-) -> Option<(String, String, u64)> {
-    #[derive(Deserialize)]
-    struct Answer {
-        channel: String,
-        epoch: String,
-        seq: u64,
-    }
-    for _ in 0..50 {
-        let t = Instant::now();
-        let res = http
-            .post(url)
-            .bearer_auth(API_KEY)
-            .json(body)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        if let Ok(res) = res {
-            if res.status() == reqwest::StatusCode::OK {
-                if let Ok(a) = res.json::<Answer>().await {
-                    let us = t.elapsed().as_micros() as u64;
-                    stats.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-                    stats.latency_max_us.fetch_max(us, Ordering::Relaxed);
-                    stats.ok.fetch_add(1, Ordering::Relaxed);
-                    return Some((a.channel, a.epoch, a.seq));
-                }
-            }
-        }
-        stats.retried.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    }
-    stats.failed.fetch_add(1, Ordering::Relaxed);
-    None
-}
-
-fn record(acked: &Mutex<Acked>, (channel, epoch, seq): (String, String, u64)) {
-    let Ok(mut a) = acked.lock() else { return };
-    let e = a.entry(channel).or_insert_with(|| AckedStream {
-        epoch: epoch.clone(),
-        last: 0,
-        count: 0,
-    });
-    if e.epoch != epoch {
-        e.epoch = format!("{} then {epoch}", e.epoch);
-    }
-    e.last = e.last.max(seq);
-    e.count += 1;
-}
-
 struct Publisher {
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -782,12 +713,11 @@ impl Publisher {
         rate: f64,
         send_rate: f64,
     ) -> Self {
-        let http = http_client();
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Acked::new()));
         let stats = Arc::new(PubStats::default());
         let send_lanes = 8usize;
-        let mut lanes: Vec<(String, f64, Vec<Value>)> = channels
+        let mut lanes: Vec<Lane> = channels
             .iter()
             .map(|c| ("/api/publish".to_owned(), rate, vec![json!({"channel": c})]))
             .collect();
@@ -802,48 +732,15 @@ impl Publisher {
                 lanes.push(("/api/send".to_owned(), send_rate / send_lanes as f64, mine));
             }
         }
-        let in_flight = Arc::new(tokio::sync::Semaphore::new(512));
-        let mut tasks = Vec::new();
-        for (path, rate, items) in lanes {
-            if rate <= 0.0 || items.is_empty() {
-                continue;
-            }
-            let (http, stop, acked, stats, in_flight) = (
-                http.clone(),
-                stop.clone(),
-                acked.clone(),
-                stats.clone(),
-                in_flight.clone(),
-            );
-            let url = format!("http://{lb}{path}");
-            tasks.push(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let mut n = 0u64;
-                let mut requests = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    tick.tick().await;
-                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                        break;
-                    };
-                    let mut body = items[(n as usize) % items.len()].clone();
-                    body["data"] = json!({"n": n, "at": now_ms()});
-                    n += 1;
-                    let (http, url, acked, stats) =
-                        (http.clone(), url.clone(), acked.clone(), stats.clone());
-                    requests.push(tokio::spawn(async move {
-                        if let Some(a) = post_acked(&http, &url, &body, &stats).await {
-                            record(&acked, a);
-                        }
-                        drop(permit);
-                    }));
-                    requests.retain(|r: &tokio::task::JoinHandle<()>| !r.is_finished());
-                }
-                for r in requests {
-                    let _ = r.await;
-                }
-            }));
-        }
+        let tasks = vec![tokio::spawn(run_lanes(
+            lb,
+            API_KEY.to_owned(),
+            lanes,
+            512,
+            stop.clone(),
+            acked.clone(),
+            stats.clone(),
+        ))];
         Self {
             stop,
             tasks,
@@ -1248,19 +1145,6 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
 // The worker: the clients
 // ---------------------------------------------------------------------------
 
-/// One stream as one client received it.
-#[derive(Debug, Clone, Default)]
-struct Track {
-    epoch: String,
-    first: u64,
-    last: u64,
-    count: u64,
-    dups: u64,
-    gaps: u64,
-    skipped: u64,
-    epoch_changes: u64,
-}
-
 struct Delays {
     on: AtomicBool,
     hist: Mutex<Histogram<u64>>,
@@ -1283,7 +1167,7 @@ struct Rec {
     kind: Kind,
     user: String,
     channels: Vec<String>,
-    seen: Mutex<HashMap<String, Track>>,
+    seen: Streams,
     delays: Arc<Delays>,
     connected: AtomicBool,
     reconnects: AtomicU64,
@@ -1299,238 +1183,30 @@ impl Rec {
 
     fn msg(&self, channel: &str, seq: u64, epoch: &str, ts: Option<u64>) {
         self.delays.record(ts);
-        let Ok(mut seen) = self.seen.lock() else {
-            return;
-        };
-        match seen.get_mut(channel) {
-            None => {
-                seen.insert(
-                    channel.to_owned(),
-                    Track {
-                        epoch: epoch.to_owned(),
-                        first: seq,
-                        last: seq,
-                        count: 1,
-                        ..Track::default()
-                    },
-                );
-            }
-            Some(t) if t.epoch != epoch => {
-                t.epoch_changes += 1;
-                t.epoch = epoch.to_owned();
-                t.last = seq;
-                t.count += 1;
-            }
-            Some(t) if seq <= t.last => t.dups += 1,
-            Some(t) => {
-                if seq != t.last + 1 {
-                    t.gaps += 1;
-                    t.skipped += seq - t.last - 1;
-                }
-                t.last = seq;
-                t.count += 1;
-            }
-        }
+        self.seen.record(channel, seq, epoch);
     }
 
     fn track(&self, channel: &str) -> Option<Track> {
-        self.seen.lock().ok()?.get(channel).cloned()
+        self.seen.track(channel)
     }
 }
 
-#[derive(Deserialize)]
-struct SseMessage {
-    channel: String,
-    seq: u64,
-    epoch: String,
-    ts: Option<u64>,
-}
-
-struct EventSourceState {
-    last_id: Option<String>,
-    retry: Duration,
-}
-
-/// The EventSource parsing rules: `id` sets the last event id buffer, a
-/// blank line commits it and dispatches the event.
-#[derive(Default)]
-struct SseParser {
-    line: Vec<u8>,
-    event: Option<String>,
-    data: Option<String>,
-    id_buffer: Option<String>,
-}
-
-impl SseParser {
-    fn feed(&mut self, bytes: &[u8], rec: &Rec, st: &mut EventSourceState) {
-        for &b in bytes {
-            if b == b'\n' {
-                let mut line = std::mem::take(&mut self.line);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                self.on_line(&String::from_utf8_lossy(&line), rec, st);
-            } else {
-                self.line.push(b);
-            }
-        }
+/// A plain SSE client's record takes its EventSource's events.
+impl EventSink for Rec {
+    fn message(&self, m: SseMessage) {
+        self.msg(&m.channel, m.seq, &m.epoch, m.ts);
     }
 
-    fn on_line(&mut self, line: &str, rec: &Rec, st: &mut EventSourceState) {
-        if line.is_empty() {
-            if self.id_buffer.is_some() {
-                st.last_id = self.id_buffer.clone();
-            }
-            let event = self.event.take();
-            if let Some(data) = self.data.take() {
-                match event.as_deref() {
-                    None | Some("message") => {
-                        if let Ok(m) = serde_json::from_str::<SseMessage>(&data) {
-                            rec.msg(&m.channel, m.seq, &m.epoch, m.ts);
-                        }
-                    }
-                    Some("connected") => rec.connected.store(true, Ordering::Relaxed),
-                    Some("unrecoverable") => {
-                        rec.unrecoverable.fetch_add(1, Ordering::Relaxed);
-                    }
-                    _ => {}
-                }
-            }
-            return;
-        }
-        if line.starts_with(':') {
-            return;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        match field {
-            "id" if !value.contains('\0') => self.id_buffer = Some(value.to_owned()),
-            "retry" => {
-                if let Ok(ms) = value.parse::<u64>() {
-                    st.retry = Duration::from_millis(ms);
-                }
-            }
-            "event" => self.event = Some(value.to_owned()),
-            "data" => match &mut self.data {
-                Some(d) => {
-                    d.push('\n');
-                    d.push_str(value);
-                }
-                None => self.data = Some(value.to_owned()),
-            },
-            _ => {}
-        }
+    fn connected(&self, yes: bool, _why: Option<String>) {
+        self.connected.store(yes, Ordering::Relaxed);
     }
-}
 
-async fn read_line(r: &mut BufReader<TcpStream>, line: &mut String) -> anyhow::Result<()> {
-    line.clear();
-    let n = tokio::time::timeout(Duration::from_secs(45), r.read_line(line))
-        .await
-        .context("no SSE line within 45 s")??;
-    ensure!(n > 0, "connection closed");
-    Ok(())
-}
+    fn unrecoverable(&self) {
+        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
+    }
 
-/// One SSE connection, to its end.
-async fn sse_connection(
-    rec: &Rec,
-    addr: SocketAddr,
-    query: &str,
-    st: &mut EventSourceState,
-) -> anyhow::Result<()> {
-    let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
-        .await
-        .context("TCP connect timed out")??;
-    stream.set_nodelay(true)?;
-    let mut r = BufReader::with_capacity(2048, stream);
-    let mut req = format!(
-        "GET /sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
-    );
-    if let Some(id) = &st.last_id {
-        req.push_str(&format!("Last-Event-ID: {id}\r\n"));
-    }
-    req.push_str("\r\n");
-    r.get_mut().write_all(req.as_bytes()).await?;
-    let mut line = String::new();
-    read_line(&mut r, &mut line).await?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("status line {line:?}"))?;
-    let (mut chunked, mut length) = (false, None::<usize>);
-    loop {
-        read_line(&mut r, &mut line).await?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            } else if k == "content-length" {
-                length = v.parse().ok();
-            }
-        }
-    }
-    ensure!(status == 200, "GET /sse answered {status}");
-    let mut parser = SseParser::default();
-    if chunked {
-        loop {
-            read_line(&mut r, &mut line).await?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .with_context(|| format!("chunk size {line:?}"))?;
-            if size == 0 {
-                return Ok(());
-            }
-            let mut chunk = vec![0u8; size + 2];
-            tokio::time::timeout(Duration::from_secs(45), r.read_exact(&mut chunk))
-                .await
-                .context("SSE chunk timed out")??;
-            parser.feed(&chunk[..size], rec, st);
-        }
-    } else if let Some(len) = length {
-        let mut body = vec![0u8; len];
-        tokio::time::timeout(Duration::from_secs(10), r.read_exact(&mut body))
-            .await
-            .context("SSE body timed out")??;
-        parser.feed(&body, rec, st);
-        parser.feed(b"\n", rec, st);
-        Ok(())
-    } else {
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = tokio::time::timeout(Duration::from_secs(45), r.read(&mut buf))
-                .await
-                .context("no SSE bytes within 45 s")??;
-            if n == 0 {
-                return Ok(());
-            }
-            parser.feed(&buf[..n], rec, st);
-        }
-    }
-}
-
-/// An EventSource: reconnects after `retry` with the last event id, forever.
-async fn event_source(rec: Arc<Rec>, addr: SocketAddr, query: String, start: Duration) {
-    tokio::time::sleep(start).await;
-    let mut st = EventSourceState {
-        last_id: None,
-        retry: Duration::from_millis(1000),
-    };
-    let mut first = true;
-    loop {
-        if !first {
-            tokio::time::sleep(st.retry).await;
-            rec.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
-        first = false;
-        let _ = sse_connection(&rec, addr, &query, &mut st).await;
-        rec.connected.store(false, Ordering::Relaxed);
+    fn reconnecting(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -1569,7 +1245,7 @@ pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
             kind: *kind,
             user: user_name(&a.prefix, i),
             channels: channels_of(i, &channels, a.per_client),
-            seen: Mutex::new(HashMap::new()),
+            seen: Streams::default(),
             delays: delays.clone(),
             connected: AtomicBool::new(false),
             reconnects: AtomicU64::new(0),
@@ -1592,12 +1268,11 @@ pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
                     .map(|c| format!("channel={c}"))
                     .collect();
                 query.push(format!("token={token}"));
-                sse_tasks.push(tokio::spawn(event_source(
-                    rec.clone(),
-                    a.lb,
-                    query.join("&"),
-                    start,
-                )));
+                let (rec, lb, query) = (rec.clone(), a.lb, query.join("&"));
+                sse_tasks.push(tokio::spawn(async move {
+                    tokio::time::sleep(start).await;
+                    event_source(rec, lb, query, Duration::from_secs(45)).await;
+                }));
             }
             Kind::WsJson | Kind::WsMsgPack => {
                 let codec = if rec.kind == Kind::WsJson {

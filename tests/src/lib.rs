@@ -18,6 +18,7 @@
 pub mod netfault;
 
 pub mod cluster;
+pub mod delivery;
 
 use std::collections::VecDeque;
 use std::future::Future;

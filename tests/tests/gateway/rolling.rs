@@ -4,8 +4,9 @@
 //! behind HAProxy (TCP mode, `leastconn`, health checks on `/readyz`), and
 //! 2,000 clients through the balancer: Rust-SDK WebSocket clients (JSON and
 //! MessagePack, each with a user token) and plain SSE clients that resume
-//! only through `Last-Event-ID` (a minimal EventSource: it keeps the last
-//! event id, honours `retry:`, reconnects after any end). Every client
+//! only through `Last-Event-ID` ([`tests::delivery::event_source`], a
+//! minimal EventSource: it keeps the last event id, honours `retry:`,
+//! reconnects after any end). Every client
 //! subscribes to a few shared channels and has its own user stream; a
 //! publisher publishes steadily on the shared channels (`/api/publish`) and
 //! to the users, round robin (`/api/send`), through the balancer for the
@@ -37,13 +38,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context, Result};
 use client_sdk::{Backoff, Client, Codec, ConnectionState};
 use futures_util::StreamExt;
-use serde::Deserialize;
 use serde_json::{json, Value};
 use tests::cluster::{Backbone, Cluster, ClusterBuilder};
+use tests::delivery::{
+    event_source, run_lanes, Acked, EventSink, PubStats, SseMessage, Streams, Track,
+};
 use tests::netfault::FaultyLink;
 use tests::{hs256_token, unique, within_for, Claims, JWT_SECRET};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 use super::R;
@@ -165,21 +166,6 @@ impl Delays {
     }
 }
 
-/// One stream (channel or user stream) as one client received it.
-#[derive(Debug, Clone, Default)]
-struct Track {
-    epoch: String,
-    first: u64,
-    last: u64,
-    count: u64,
-    /// Messages at or below the last one (same epoch).
-    dups: u64,
-    /// Jumps past `last + 1`, and the messages they skipped.
-    gaps: u64,
-    skipped: u64,
-    epoch_changes: u64,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     WsJson,
@@ -204,7 +190,7 @@ struct Rec {
     user: String,
     /// Shared channels it subscribes to.
     channels: Vec<String>,
-    seen: Mutex<HashMap<String, Track>>,
+    seen: Streams,
     delays: Arc<Delays>,
     /// Plain SSE clients: connected now (got the `connected` event).
     connected: AtomicBool,
@@ -230,257 +216,33 @@ impl Rec {
 
     fn msg(&self, channel: &str, seq: u64, epoch: &str, ts: Option<u64>) {
         self.delays.record(ts);
-        let mut seen = self.seen.lock().expect("record lock");
-        match seen.get_mut(channel) {
-            None => {
-                seen.insert(
-                    channel.to_owned(),
-                    Track {
-                        epoch: epoch.to_owned(),
-                        first: seq,
-                        last: seq,
-                        count: 1,
-                        ..Track::default()
-                    },
-                );
-            }
-            Some(t) if t.epoch != epoch => {
-                t.epoch_changes += 1;
-                t.epoch = epoch.to_owned();
-                t.last = seq;
-                t.count += 1;
-            }
-            Some(t) if seq <= t.last => t.dups += 1,
-            Some(t) => {
-                if seq != t.last + 1 {
-                    t.gaps += 1;
-                    t.skipped += seq - t.last - 1;
-                }
-                t.last = seq;
-                t.count += 1;
-            }
-        }
+        self.seen.record(channel, seq, epoch);
     }
 
     fn track(&self, channel: &str) -> Option<Track> {
-        self.seen.lock().expect("record lock").get(channel).cloned()
+        self.seen.track(channel)
     }
 }
 
-// ---------------------------------------------------------------------------
-// A plain EventSource: Last-Event-ID and retry:, nothing else
-// ---------------------------------------------------------------------------
+/// A plain SSE client's record takes its EventSource's events.
+impl EventSink for Rec {
+    fn message(&self, m: SseMessage) {
+        self.msg(&m.channel, m.seq, &m.epoch, m.ts);
+    }
 
-#[derive(Deserialize)]
-struct SseMessage {
-    channel: String,
-    seq: u64,
-    epoch: String,
-    ts: Option<u64>,
-}
-
-/// What survives a reconnect: the last event id and the reconnection time.
-struct EventSourceState {
-    last_id: Option<String>,
-    retry: Duration,
-}
-
-#[derive(Default)]
-struct SseParser {
-    line: Vec<u8>,
-    event: Option<String>,
-    data: Option<String>,
-    id_buffer: Option<String>,
-}
-
-impl SseParser {
-    fn feed(&mut self, bytes: &[u8], rec: &Rec, st: &mut EventSourceState) {
-        for &b in bytes {
-            if b == b'\n' {
-                let mut line = std::mem::take(&mut self.line);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                self.on_line(&String::from_utf8_lossy(&line), rec, st);
-            } else {
-                self.line.push(b);
-            }
+    fn connected(&self, yes: bool, why: Option<String>) {
+        self.connected.store(yes, Ordering::Relaxed);
+        if let (Some(why), Ok(mut e)) = (why, self.last_end.lock()) {
+            *e = why;
         }
     }
 
-    /// The EventSource rules (HTML § 9.2.6): `id` sets the last event id
-    /// buffer, a blank line commits it and dispatches the event.
-    fn on_line(&mut self, line: &str, rec: &Rec, st: &mut EventSourceState) {
-        if line.is_empty() {
-            if self.id_buffer.is_some() {
-                st.last_id = self.id_buffer.clone();
-            }
-            let event = self.event.take();
-            if let Some(data) = self.data.take() {
-                self.dispatch(event.as_deref(), &data, rec);
-            }
-            return;
-        }
-        if line.starts_with(':') {
-            return;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        match field {
-            "id" if !value.contains('\0') => self.id_buffer = Some(value.to_owned()),
-            "retry" => {
-                if let Ok(ms) = value.parse::<u64>() {
-                    st.retry = Duration::from_millis(ms);
-                }
-            }
-            "event" => self.event = Some(value.to_owned()),
-            "data" => match &mut self.data {
-                Some(d) => {
-                    d.push('\n');
-                    d.push_str(value);
-                }
-                None => self.data = Some(value.to_owned()),
-            },
-            _ => {}
-        }
+    fn unrecoverable(&self) {
+        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn dispatch(&mut self, event: Option<&str>, data: &str, rec: &Rec) {
-        match event {
-            None | Some("message") => match serde_json::from_str::<SseMessage>(data) {
-                Ok(m) => rec.msg(&m.channel, m.seq, &m.epoch, m.ts),
-                Err(e) => eprintln!("client {}: bad SSE message {data:?}: {e}", rec.id),
-            },
-            Some("connected") => rec.connected.store(true, Ordering::Relaxed),
-            Some("unrecoverable") => {
-                rec.unrecoverable.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {}
-        }
-    }
-}
-
-/// Reads a line (with a bound on the silence before it).
-async fn read_line(r: &mut BufReader<TcpStream>, line: &mut String) -> Result<()> {
-    line.clear();
-    let n = within_for(Duration::from_secs(30), "an SSE line", r.read_line(line)).await??;
-    ensure!(n > 0, "connection closed");
-    Ok(())
-}
-
-/// One SSE connection, to its end (`Ok`: the server ended the stream).
-async fn sse_connection(
-    rec: &Rec,
-    addr: SocketAddr,
-    query: &str,
-    st: &mut EventSourceState,
-) -> Result<()> {
-    let stream = within_for(
-        Duration::from_secs(10),
-        "TCP connect",
-        TcpStream::connect(addr),
-    )
-    .await??;
-    stream.set_nodelay(true)?;
-    let mut r = BufReader::with_capacity(4096, stream);
-    let mut req = format!(
-        "GET /sse?{query} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n"
-    );
-    if let Some(id) = &st.last_id {
-        req.push_str(&format!("Last-Event-ID: {id}\r\n"));
-    }
-    req.push_str("\r\n");
-    r.get_mut().write_all(req.as_bytes()).await?;
-    let mut line = String::new();
-    read_line(&mut r, &mut line).await?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("status line {line:?}"))?;
-    let (mut chunked, mut length) = (false, None::<usize>);
-    loop {
-        read_line(&mut r, &mut line).await?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
-                chunked = true;
-            } else if k == "content-length" {
-                length = v.parse().ok();
-            }
-        }
-    }
-    ensure!(status == 200, "GET /sse answered {status}");
-    let mut parser = SseParser::default();
-    if chunked {
-        loop {
-            read_line(&mut r, &mut line).await?;
-            let size = usize::from_str_radix(line.trim().split(';').next().unwrap_or(""), 16)
-                .with_context(|| format!("chunk size {line:?}"))?;
-            if size == 0 {
-                return Ok(());
-            }
-            let mut chunk = vec![0u8; size + 2];
-            within_for(
-                Duration::from_secs(30),
-                "an SSE chunk",
-                r.read_exact(&mut chunk),
-            )
-            .await??;
-            parser.feed(&chunk[..size], rec, st);
-        }
-    } else if let Some(len) = length {
-        // Admission refusal: a short body with only `retry:`.
-        let mut body = vec![0u8; len];
-        within_for(
-            Duration::from_secs(10),
-            "an SSE body",
-            r.read_exact(&mut body),
-        )
-        .await??;
-        parser.feed(&body, rec, st);
-        parser.feed(b"\n", rec, st);
-        Ok(())
-    } else {
-        // Delimited by the end of the connection.
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = within_for(Duration::from_secs(30), "SSE bytes", r.read(&mut buf)).await??;
-            if n == 0 {
-                return Ok(());
-            }
-            parser.feed(&buf[..n], rec, st);
-        }
-    }
-}
-
-/// Runs an EventSource for `rec` against `addr` until aborted.
-async fn event_source(rec: Arc<Rec>, addr: SocketAddr, query: String) {
-    let mut st = EventSourceState {
-        last_id: None,
-        retry: Duration::from_millis(1000),
-    };
-    let mut first = true;
-    loop {
-        if !first {
-            tokio::time::sleep(st.retry).await;
-            rec.reconnects.fetch_add(1, Ordering::Relaxed);
-        }
-        first = false;
-        let end = sse_connection(&rec, addr, &query, &mut st).await;
-        rec.connected.store(false, Ordering::Relaxed);
-        if let Ok(mut e) = rec.last_end.lock() {
-            *e = match end {
-                Ok(()) => "stream ended".into(),
-                Err(err) => format!("{err:#}"),
-            };
-        }
+    fn reconnecting(&self) {
+        self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -542,7 +304,7 @@ impl Fleet {
                 kind,
                 user: format!("{prefix}-u{i}"),
                 channels: chans,
-                seen: Mutex::new(HashMap::new()),
+                seen: Streams::default(),
                 delays: delays.clone(),
                 connected: AtomicBool::new(false),
                 reconnects: AtomicU64::new(0),
@@ -571,6 +333,7 @@ impl Fleet {
                         rec.clone(),
                         addr,
                         query.join("&"),
+                        Duration::from_secs(30),
                     )));
                 }
                 Kind::WsJson | Kind::WsMsgPack => {
@@ -830,28 +593,6 @@ impl Fleet {
 // The publisher
 // ---------------------------------------------------------------------------
 
-/// What the publish API acknowledged of one stream.
-#[derive(Debug, Clone)]
-struct AckedStream {
-    epoch: String,
-    last: u64,
-    count: u64,
-}
-
-type Acked = HashMap<String, AckedStream>;
-
-#[derive(Default)]
-struct PubStats {
-    ok: AtomicU64,
-    /// Attempts that failed (then retried).
-    retried: AtomicU64,
-    /// Publishes given up after every retry failed.
-    failed: AtomicU64,
-    /// Sum and maximum of the answered requests' latency, µs.
-    latency_sum_us: AtomicU64,
-    latency_max_us: AtomicU64,
-}
-
 /// The backend: publishes from its own thread and runtime (as a separate
 /// process would), so the clients' load does not slow its rate down.
 struct Publisher {
@@ -860,122 +601,6 @@ struct Publisher {
     acked: Arc<Mutex<Acked>>,
     stats: Arc<PubStats>,
     started: Instant,
-}
-
-/// `POST` through the balancer until it is answered 200 (bounded retries:
-/// a request can meet a node that is closing its connections).
-async fn post_acked(
-    http: &reqwest::Client,
-    url: &str,
-    body: &Value,
-    stats: &PubStats,
-) -> Option<(String, String, u64)> {
-    #[derive(Deserialize)]
-    struct Answer {
-        channel: String,
-        epoch: String,
-        seq: u64,
-    }
-    for _ in 0..50 {
-        let t = Instant::now();
-        let res = http
-            .post(url)
-            .bearer_auth(tests::API_KEY)
-            .json(body)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await;
-        if let Ok(res) = res {
-            if res.status() == reqwest::StatusCode::OK {
-                if let Ok(a) = res.json::<Answer>().await {
-                    let us = t.elapsed().as_micros() as u64;
-                    stats.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-                    stats.latency_max_us.fetch_max(us, Ordering::Relaxed);
-                    stats.ok.fetch_add(1, Ordering::Relaxed);
-                    return Some((a.channel, a.epoch, a.seq));
-                }
-            }
-        }
-        stats.retried.fetch_add(1, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_millis(40)).await;
-    }
-    stats.failed.fetch_add(1, Ordering::Relaxed);
-    None
-}
-
-fn record(acked: &Mutex<Acked>, (channel, epoch, seq): (String, String, u64)) {
-    let mut a = acked.lock().expect("acked lock");
-    let e = a.entry(channel).or_insert_with(|| AckedStream {
-        epoch: epoch.clone(),
-        last: 0,
-        count: 0,
-    });
-    if e.epoch != epoch {
-        // A stream must never change epoch here; the check says so.
-        e.epoch = format!("{} then {epoch}", e.epoch);
-    }
-    e.last = e.last.max(seq);
-    e.count += 1;
-}
-
-/// Runs every lane at its rate until `stop`, then waits for the requests
-/// in flight.
-async fn run_lanes(
-    lb: SocketAddr,
-    lanes: Vec<(String, f64, Vec<Value>)>,
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Acked>>,
-    stats: Arc<PubStats>,
-) {
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(64)
-        .build()
-        .expect("an HTTP client");
-    // At most this many requests in flight: the rates hold while the API
-    // answers within ~0.5 s.
-    let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
-    let mut tasks = Vec::new();
-    for (path, rate, items) in lanes {
-        let (http, stop, acked, stats, in_flight) = (
-            http.clone(),
-            stop.clone(),
-            acked.clone(),
-            stats.clone(),
-            in_flight.clone(),
-        );
-        let url = format!("http://{lb}{path}");
-        tasks.push(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut n = 0u64;
-            let mut requests = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    break;
-                };
-                let mut body = items[(n as usize) % items.len()].clone();
-                body["data"] = json!({"n": n, "at": now_ms()});
-                n += 1;
-                let (http, url, acked, stats) =
-                    (http.clone(), url.clone(), acked.clone(), stats.clone());
-                requests.push(tokio::spawn(async move {
-                    if let Some(a) = post_acked(&http, &url, &body, &stats).await {
-                        record(&acked, a);
-                    }
-                    drop(permit);
-                }));
-                requests.retain(|r| !r.is_finished());
-            }
-            for r in requests {
-                let _ = r.await;
-            }
-        }));
-    }
-    for t in tasks {
-        let _ = t.await;
-    }
 }
 
 impl Publisher {
@@ -1019,7 +644,17 @@ impl Publisher {
                     .enable_all()
                     .build()
                     .expect("a runtime for the publisher");
-                rt.block_on(run_lanes(lb, lanes, stop2, acked2, stats2));
+                // At most 64 requests in flight: the rates hold while the
+                // API answers within ~0.5 s.
+                rt.block_on(run_lanes(
+                    lb,
+                    tests::API_KEY.to_owned(),
+                    lanes,
+                    64,
+                    stop2,
+                    acked2,
+                    stats2,
+                ));
                 let _ = done_tx.send(());
             })
             .expect("spawning the publisher thread");
