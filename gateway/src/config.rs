@@ -43,6 +43,10 @@ pub struct Config {
     pub jwt_algorithm: String,
     /// API keys for the publish API, comma-separated.
     pub api_keys: String,
+    /// Browser origins allowed to open SSE streams (CORS) and WebSockets,
+    /// comma-separated (`https://app.example.com`), or `*`. Empty: no CORS
+    /// headers and no `Origin` check.
+    pub allowed_origins: String,
 
     /// How long published messages stay resumable.
     pub replay_window_ms: u64,
@@ -163,6 +167,7 @@ impl Default for Config {
             jwt_public_key_file: None,
             jwt_algorithm: "RS256".into(),
             api_keys: String::new(),
+            allowed_origins: String::new(),
             replay_window_ms: 120_000,
             replay_max_messages: 1000,
             stream_meta_ttl_ms: 24 * 3600 * 1000,
@@ -253,6 +258,7 @@ impl Config {
     /// a message naming it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
+        crate::cors::validate(&self.allowed_origins).map_err(ConfigError::Invalid)?;
         if self.listen_backlog == 0 {
             return bad("listen_backlog must be at least 1".into());
         }

@@ -23,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod cors;
 pub mod drain;
 pub mod errors;
 pub mod hub;

@@ -116,7 +116,10 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/", get(ops::demo))
         .route("/sdk/gateway-client.js", get(ops::sdk_bundle))
         .route("/ws", get(transport::ws::upgrade))
-        .route("/sse", get(transport::sse::open))
+        .route(
+            "/sse",
+            get(transport::sse::open).options(crate::cors::preflight),
+        )
         .route("/api/publish", post(api::publish))
         .route("/api/send", post(api::send))
         .route("/api/batch", post(api::batch))

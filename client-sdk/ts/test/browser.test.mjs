@@ -336,3 +336,40 @@ test('demo page at / shows live messages through the SDK', T, () =>
     assert.equal(await page.evaluate(() => window.demo.counters.resumes), 2, 'news and chat:1 resumed');
     assert.deepEqual(env.pageLogs.filter((l) => !l.includes('closed before the connection')), [], 'no errors in the page');
   }));
+
+test('cross-origin EventSource: allowed origins get CORS headers and resume through Last-Event-ID; others are refused', T, () =>
+  withEnv(async (env) => {
+    const site = await env.gateway({}, 'site'); // the page's origin
+    const gw = await env.gateway({ GATEWAY_ALLOWED_ORIGINS: site.url, GATEWAY_SSE_RETRY_MS: '100' }, 'allowing');
+    const other = await env.gateway({}, 'same-origin-only');
+    const front = await env.proxy([gw]);
+    const browser = await env.browser();
+    const page = await env.page(browser, site.url);
+    await page.evaluate(({ allowed, refused }) => {
+      window.plain = { seqs: [], opens: 0, errors: 0 };
+      const es = new EventSource(allowed + '/sse?channel=x', { withCredentials: true });
+      es.onopen = () => window.plain.opens++;
+      es.onerror = () => window.plain.errors++;
+      es.onmessage = (e) => window.plain.seqs.push(JSON.parse(e.data).seq);
+      window.refused = { opens: 0, errors: 0, messages: 0 };
+      const bad = new EventSource(refused + '/sse?channel=x');
+      bad.onopen = () => window.refused.opens++;
+      bad.onerror = () => { window.refused.errors++; bad.close(); };
+      bad.onmessage = () => window.refused.messages++;
+    }, { allowed: front.url, refused: other.url });
+    await until(page, () => window.plain.opens === 1 && window.refused.errors >= 1);
+    for (let i = 1; i <= 5; i++) await publish(gw.url, 'x', { i });
+    await publish(other.url, 'x', { i: 1 });
+    await until(page, () => window.plain.seqs.length >= 5);
+    // The connection drops; the browser reconnects cross-origin with
+    // Last-Event-ID and gets what it missed.
+    front.cutAll();
+    for (let i = 6; i <= 10; i++) await publish(gw.url, 'x', { i });
+    await until(page, () => window.plain.seqs.length >= 10);
+    await sleep(200);
+    exactlyOnceInOrder(await page.evaluate(() => window.plain.seqs), 10, 'cross-origin EventSource');
+    assert.ok((await page.evaluate(() => window.plain.opens)) >= 2, 'it reconnected after the cut');
+    const refused = await page.evaluate(() => window.refused);
+    assert.equal(refused.opens, 0, 'no CORS headers: the browser does not open the stream');
+    assert.equal(refused.messages, 0);
+  }));

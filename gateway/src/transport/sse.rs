@@ -57,10 +57,16 @@ pub async fn open(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    match open_stream(node, headers, query).await {
+    if let Err(refused) = crate::cors::check(&node, &headers) {
+        return refused;
+    }
+    let origin = crate::cors::origin(&headers).map(str::to_owned);
+    let mut res = match open_stream(node.clone(), headers, query).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    crate::cors::allow(&node, origin.as_deref(), &mut res);
+    res
 }
 
 async fn open_stream(

@@ -71,6 +71,9 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         return ApiError::new(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13")
             .into_response();
     }
+    if let Err(refused) = crate::cors::check(&node, headers) {
+        return refused;
+    }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return ApiError::new(ErrorCode::BadRequest, "missing Sec-WebSocket-Key").into_response();
     };

@@ -160,3 +160,86 @@ async fn sse_cursor_of_another_channel_set_is_bad_position() -> R {
     assert_eq!(status, 400, "{body}");
     Ok(())
 }
+
+#[tokio::test]
+async fn allowed_origins_get_cors_headers_and_other_origins_are_refused() -> R {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Error as WsError;
+
+    let gw = Gateway::builder()
+        .env(
+            "GATEWAY_ALLOWED_ORIGINS",
+            "https://app.example, http://localhost:3000",
+        )
+        .start()
+        .await?;
+    let token = gw.token("o1", &["news"], &[], 600);
+    let url = gw.url(&format!("/sse?channel=news&token={token}"));
+
+    // A listed origin: the stream, with CORS headers (credentials allowed,
+    // so the origin is echoed, never `*`).
+    let res = gw
+        .http
+        .get(&url)
+        .header("Origin", "https://app.example")
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 200);
+    let h = res.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://app.example");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert!(h.get_all("vary").iter().any(|v| v == "Origin"), "{h:?}");
+    drop(res);
+
+    // Another origin: refused before any work, with a JSON error.
+    let res = gw
+        .http
+        .get(&url)
+        .header("Origin", "https://evil.example")
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 403);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    let body: serde_json::Value = res.json().await?;
+    assert_eq!(body["error"]["name"], "permission_denied", "{body}");
+
+    // No Origin (not a browser): served, no CORS headers.
+    let res = gw.http.get(&url).send().await?;
+    assert_eq!(res.status().as_u16(), 200);
+    assert!(res.headers().get("access-control-allow-origin").is_none());
+    drop(res);
+
+    // The preflight a browser sends before adding Last-Event-ID.
+    let res = gw
+        .http
+        .request(reqwest::Method::OPTIONS, gw.url("/sse"))
+        .header("Origin", "http://localhost:3000")
+        .header("Access-Control-Request-Method", "GET")
+        .header("Access-Control-Request-Headers", "last-event-id")
+        .send()
+        .await?;
+    assert_eq!(res.status().as_u16(), 204);
+    let h = res.headers();
+    assert_eq!(h["access-control-allow-origin"], "http://localhost:3000");
+    let allowed = h["access-control-allow-headers"]
+        .to_str()?
+        .to_ascii_lowercase();
+    assert!(allowed.contains("last-event-id"), "{allowed}");
+
+    // WebSocket upgrades: an unlisted Origin is refused with 403; a listed
+    // one connects and works.
+    let mut req = gw.ws_url().into_client_request()?;
+    req.headers_mut()
+        .insert("Origin", "https://evil.example".parse()?);
+    match tokio_tungstenite::connect_async(req).await {
+        Err(WsError::Http(res)) => assert_eq!(res.status().as_u16(), 403),
+        other => anyhow::bail!("expected a 403 refusal, got {other:?}"),
+    }
+    let mut req = gw.ws_url().into_client_request()?;
+    req.headers_mut()
+        .insert("Origin", "https://app.example".parse()?);
+    let (ws, res) = tokio_tungstenite::connect_async(req).await?;
+    assert_eq!(res.status().as_u16(), 101);
+    drop(ws);
+    Ok(())
+}
