@@ -6,42 +6,45 @@ use serde::{Deserialize, Serialize};
 /// Why a request failed. `temporary` tells whether the same request may
 /// succeed if retried later (after a backoff) without being changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
 pub enum ErrorCode {
     /// Something failed inside the gateway.
-    Internal = 100,
+    Internal,
     /// No token, or a token that does not verify.
-    Unauthorized = 101,
+    Unauthorized,
     /// The token's `exp` has passed.
-    TokenExpired = 102,
+    TokenExpired,
     /// The token does not allow this channel (subscribe or publish).
-    PermissionDenied = 103,
+    PermissionDenied,
     /// The frame could not be decoded, or a field is missing or of the wrong type.
-    BadFrame = 104,
+    BadFrame,
     /// The frame's `type` is not one this server knows.
-    UnknownFrameType = 105,
+    UnknownFrameType,
     /// The frame or request body is larger than the configured limit.
-    TooLarge = 106,
+    TooLarge,
     /// The connection already holds the configured maximum of subscriptions.
-    TooManySubscriptions = 107,
+    TooManySubscriptions,
     /// Too many commands in too short a time.
-    RateLimited = 108,
+    RateLimited,
     /// The connection is already subscribed to that channel.
-    AlreadySubscribed = 109,
+    AlreadySubscribed,
     /// The connection is not subscribed to that channel.
-    NotSubscribed = 110,
+    NotSubscribed,
     /// The channel or user name is not valid.
-    InvalidChannel = 111,
+    InvalidChannel,
     /// A command came before `connect`.
-    NotConnected = 112,
+    NotConnected,
     /// A second `connect` on the same connection.
-    AlreadyConnected = 113,
+    AlreadyConnected,
     /// A part the gateway depends on (backbone, replay store) is unavailable.
-    Unavailable = 114,
+    Unavailable,
     /// An HTTP API request is malformed (body, content type, fields).
-    BadRequest = 115,
+    BadRequest,
     /// The requested route or method does not exist.
-    NotFound = 116,
+    NotFound,
+    /// A code this version does not know (sent by a newer server). The
+    /// frame's or body's `name` and `temporary` say what it is and whether
+    /// to retry.
+    Other(u16),
 }
 
 impl ErrorCode {
@@ -66,7 +69,26 @@ impl ErrorCode {
     ];
 
     pub fn code(self) -> u16 {
-        self as u16
+        match self {
+            Self::Internal => 100,
+            Self::Unauthorized => 101,
+            Self::TokenExpired => 102,
+            Self::PermissionDenied => 103,
+            Self::BadFrame => 104,
+            Self::UnknownFrameType => 105,
+            Self::TooLarge => 106,
+            Self::TooManySubscriptions => 107,
+            Self::RateLimited => 108,
+            Self::AlreadySubscribed => 109,
+            Self::NotSubscribed => 110,
+            Self::InvalidChannel => 111,
+            Self::NotConnected => 112,
+            Self::AlreadyConnected => 113,
+            Self::Unavailable => 114,
+            Self::BadRequest => 115,
+            Self::NotFound => 116,
+            Self::Other(code) => code,
+        }
     }
 
     pub fn from_code(code: u16) -> Option<Self> {
@@ -93,6 +115,7 @@ impl ErrorCode {
             Self::Unavailable => "unavailable",
             Self::BadRequest => "bad_request",
             Self::NotFound => "not_found",
+            Self::Other(_) => "other",
         }
     }
 
@@ -126,8 +149,8 @@ impl Serialize for ErrorCode {
 impl<'de> Deserialize<'de> for ErrorCode {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let code = u16::deserialize(d)?;
-        Self::from_code(code)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown error code {code}")))
+        // Unknown codes stay readable: a newer server may add some.
+        Ok(Self::from_code(code).unwrap_or(Self::Other(code)))
     }
 }
 

@@ -237,6 +237,10 @@ pub enum UnrecoverableReason {
     EpochChanged,
     /// The client's position is ahead of the stream (not a position of it).
     BadPosition,
+    /// A reason this version does not know (sent by a newer server); the
+    /// consequence is the same: re-sync the channel.
+    #[serde(other)]
+    Other,
 }
 
 /// The client missed messages of `channel` that cannot be sent; delivery goes

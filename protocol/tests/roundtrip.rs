@@ -767,8 +767,6 @@ fn wrong_field_type_is_malformed() {
         json!({"type": "connect", "token": 12}),
     ];
     let server_cases = [
-        json!({"type": "unrecoverable", "channel": "a", "reason": "gone", "epoch": "e", "seq": 1}),
-        json!({"type": "error", "code": 999, "name": "x", "message": "m", "temporary": false}),
         json!({"type": "error", "code": "permission_denied", "name": "x", "message": "m", "temporary": false}),
         json!({"type": "subscribed", "channel": "a", "epoch": "e", "seq": 1, "recovered": "yes"}),
     ];
@@ -1251,7 +1249,11 @@ fn error_code_serializes_as_a_number() {
             code
         );
     }
-    assert!(serde_json::from_value::<ErrorCode>(json!(999)).is_err());
+    // Unknown numbers are a newer server's codes, kept as they are.
+    assert_eq!(
+        serde_json::from_value::<ErrorCode>(json!(999)).expect("deserializes"),
+        ErrorCode::Other(999)
+    );
     assert!(serde_json::from_value::<ErrorCode>(json!("bad_frame")).is_err());
 }
 
@@ -1389,4 +1391,50 @@ fn sse_cursor_worked_example() {
         SseCursor::encode(&["news"], &[&pos(42, "k3f9")]),
         "v1.4bc7bc46.k3f9-42"
     );
+}
+
+/// A newer server may send error codes and unrecoverable reasons this
+/// version does not know: the frames still decode, keeping what they say.
+#[test]
+fn unknown_error_codes_and_reasons_from_a_newer_server_still_decode() {
+    for codec in CODECS {
+        let error = json!({"type": "error", "id": 7, "code": 199, "name": "future_thing",
+                           "message": "m", "temporary": true});
+        let bytes = match codec {
+            Codec::Json => serde_json::to_vec(&error).expect("json"),
+            Codec::MsgPack => rmp_serde::to_vec_named(&error).expect("msgpack"),
+        };
+        match codec.decode_server(&bytes) {
+            Ok(ServerFrame::Error(e)) => {
+                assert_eq!(e.code, ErrorCode::Other(199));
+                assert_eq!(e.code.code(), 199);
+                assert_eq!(
+                    (e.name.as_str(), e.temporary, e.id),
+                    ("future_thing", true, Some(7))
+                );
+                // Sent on, it keeps its number.
+                let again = codec.encode(&ServerFrame::Error(e));
+                assert_eq!(codec.decode_value(&again).expect("value")["code"], 199);
+            }
+            other => panic!("{codec:?}: {other:?}"),
+        }
+        let unrec = json!({"type": "unrecoverable", "channel": "c", "reason": "future_reason",
+                           "epoch": "e1", "seq": 3});
+        let bytes = match codec {
+            Codec::Json => serde_json::to_vec(&unrec).expect("json"),
+            Codec::MsgPack => rmp_serde::to_vec_named(&unrec).expect("msgpack"),
+        };
+        match codec.decode_server(&bytes) {
+            Ok(ServerFrame::Unrecoverable(u)) => {
+                assert_eq!(u.reason, UnrecoverableReason::Other);
+                assert_eq!((u.channel.as_str(), u.seq), ("c", 3));
+            }
+            other => panic!("{codec:?}: {other:?}"),
+        }
+    }
+    // Known codes still map to their variants.
+    assert_eq!(ErrorCode::from_code(103), Some(ErrorCode::PermissionDenied));
+    for code in ErrorCode::ALL {
+        assert_eq!(ErrorCode::from_code(code.code()), Some(code));
+    }
 }
