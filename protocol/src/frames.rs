@@ -177,6 +177,13 @@ pub struct Connected {
     /// frame (and replay) next, as if the client had subscribed again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub resumed: Vec<String>,
+    /// Largest frame the server accepts from this client, in bytes (larger
+    /// ones close the connection with 4502).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_frame_bytes: Option<u64>,
+    /// Subscriptions this connection may hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_subscriptions: Option<u64>,
 }
 
 /// Answer to `subscribe`. When `recovered` is true, every message after the

@@ -116,6 +116,8 @@ fn every_server_frame() -> Vec<ServerFrame> {
     vec![
         ServerFrame::Connected(Connected {
             resumed: Vec::new(),
+            max_frame_bytes: None,
+            max_subscriptions: None,
             id: None,
             client: "c1".into(),
             user: String::new(),
@@ -385,6 +387,8 @@ fn client_frame_id_accessor() {
 fn connected_round_trips() {
     rt_server(ServerFrame::Connected(Connected {
         resumed: Vec::new(),
+        max_frame_bytes: Some(65_536),
+        max_subscriptions: Some(128),
         id: None,
         client: "c-1".into(),
         user: String::new(),
@@ -395,6 +399,8 @@ fn connected_round_trips() {
     }));
     rt_server(ServerFrame::Connected(Connected {
         resumed: Vec::new(),
+        max_frame_bytes: None,
+        max_subscriptions: None,
         id: Some(1),
         client: "c-2".into(),
         user: "alice".into(),
@@ -1020,6 +1026,8 @@ fn server_wire_shapes() {
     pin_server(
         ServerFrame::Connected(Connected {
             resumed: Vec::new(),
+            max_frame_bytes: None,
+            max_subscriptions: None,
             id: Some(1),
             client: "c-17".into(),
             user: "alice".into(),
@@ -1034,6 +1042,8 @@ fn server_wire_shapes() {
     pin_server(
         ServerFrame::Connected(Connected {
             resumed: Vec::new(),
+            max_frame_bytes: None,
+            max_subscriptions: None,
             id: None,
             client: "c-18".into(),
             user: String::new(),

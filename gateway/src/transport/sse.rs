@@ -218,6 +218,9 @@ async fn open_stream(
         ping_interval_ms: node.config.sse_keepalive_ms,
         node: node.id.clone(),
         resumed: Vec::new(),
+        // An SSE client sends no frames and names its channels up front.
+        max_frame_bytes: None,
+        max_subscriptions: None,
     };
     let shared = session.shared.clone();
     let mut stream = SseStream {

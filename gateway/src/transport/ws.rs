@@ -409,6 +409,8 @@ impl Connection {
             ping_interval_ms: node.config.ping_interval_ms,
             node: node.id.clone(),
             resumed: restore.iter().map(|(c, _)| c.clone()).collect(),
+            max_frame_bytes: Some(node.config.max_frame_bytes as u64),
+            max_subscriptions: Some(node.config.max_subscriptions as u64),
         };
         self.out
             .push(Outgoing::Frame(ServerFrame::Connected(connected)));
@@ -646,8 +648,10 @@ impl Connection {
 
     /// Handles one inbound frame; replies go to `self.out`.
     async fn handle(&mut self, frame: Result<ClientFrame, DecodeError>) -> Option<CloseCode> {
+        // Decoded first, so a refusal names the command's `id`.
+        let id = frame.as_ref().ok().and_then(ClientFrame::id);
         if !self.rate.allow() {
-            self.reply_error(None, ErrorCode::RateLimited, "too many commands; slow down");
+            self.reply_error(id, ErrorCode::RateLimited, "too many commands; slow down");
             return None;
         }
         let frame = match frame {

@@ -50,7 +50,10 @@ async fn ws_bad_frames_get_errors_and_the_connection_stays_usable() -> R {
     let mut sentinel = Sentinel::new(&gw).await?;
     let token = gw.token("bad", &["ok", "ok:*"], &["ok"], 600);
 
-    let (mut ws, _) = gw.ws_connected(Codec::Json, &token).await?;
+    let (mut ws, connected) = gw.ws_connected(Codec::Json, &token).await?;
+    // The limits a client must keep are advertised up front.
+    assert_eq!(connected.max_frame_bytes, Some(64 * 1024));
+    assert_eq!(connected.max_subscriptions, Some(128));
     // Malformed frames: 104, connection still usable.
     for bad in [
         "{not json",

@@ -87,19 +87,30 @@ async fn command_flood_is_rate_limited_with_a_temporary_error() -> R {
     for id in 1..=N {
         ws.send(&ClientFrame::Ping(Ping { id: Some(id) })).await?;
     }
-    let (mut pongs, mut limited) = (Vec::new(), 0);
+    let (mut pongs, mut limited, mut answered) = (Vec::new(), 0, Vec::new());
     for _ in 1..=N {
         match ws.recv().await? {
-            ServerFrame::Pong(p) => pongs.push(p.id.expect("pong carries the ping's id")),
+            ServerFrame::Pong(p) => {
+                let id = p.id.expect("pong carries the ping's id");
+                pongs.push(id);
+                answered.push(id);
+            }
             ServerFrame::Error(e) => {
                 assert_eq!(e.code, ErrorCode::RateLimited, "{e:?}");
                 assert_eq!(e.name, "rate_limited");
                 assert!(e.temporary, "rate_limited is temporary: {e:?}");
+                answered.push(e.id.expect("the refusal names the refused command"));
                 limited += 1;
             }
             other => bail!("unexpected {other:?}"),
         }
     }
+    answered.sort_unstable();
+    assert_eq!(
+        answered,
+        (1..=N).collect::<Vec<_>>(),
+        "every command answered once, by id"
+    );
     assert!(pongs.len() >= 5, "the burst of 5 passes: {pongs:?}");
     assert!(
         limited >= 10,
