@@ -77,15 +77,18 @@ pub fn bind(addr: std::net::SocketAddr, backlog: u32) -> std::io::Result<TcpList
     socket.listen(backlog)
 }
 
-/// The operations routes alone, for `admin_addr`.
-pub fn ops_app(node: Arc<Node>) -> Router {
+/// The operations routes (on the main listener, and alone on `admin_addr`).
+fn ops_routes() -> Router<Arc<Node>> {
     Router::new()
         .route("/livez", get(ops::livez))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/admin/drain", post(ops::admin_drain))
-        .fallback(ops::not_found)
-        .with_state(node)
+}
+
+/// The operations routes alone, for `admin_addr`.
+pub fn ops_app(node: Arc<Node>) -> Router {
+    ops_routes().fallback(ops::not_found).with_state(node)
 }
 
 /// Serves the operations routes on `listener` for the process's life (the
@@ -123,10 +126,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/publish", post(api::publish))
         .route("/api/send", post(api::send))
         .route("/api/batch", post(api::batch))
-        .route("/livez", get(ops::livez))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/admin/drain", post(ops::admin_drain))
+        .merge(ops_routes())
         .fallback(ops::not_found)
         .with_state(node)
 }

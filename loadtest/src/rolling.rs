@@ -420,23 +420,7 @@ impl Haproxy {
         slots: &[(String, SocketAddr)],
     ) -> anyhow::Result<Self> {
         let socket = dir.join(format!("haproxy{n}.sock"));
-        // `timeout check`: without it a check times out after `inter`
-        // (300 ms) and a busy but healthy node (taking a reconnect storm)
-        // leaves rotation; a draining node answers 503 at once anyway.
-        let mut cfg = format!(
-            "global\n    maxconn 9000\n    stats socket {} mode 600 level admin\n\
-             defaults\n    mode tcp\n    maxconn 9000\n    timeout connect 2s\n    timeout check 2s\n    \
-             timeout client 1h\n    timeout server 1h\n    option redispatch\n    retries 3\n\
-             frontend gateway\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
-             backend nodes\n    balance leastconn\n    option httpchk GET /readyz\n    \
-             http-check expect status 200\n",
-            socket.display()
-        );
-        for (name, addr) in slots {
-            cfg.push_str(&format!(
-                "    server {name} {addr} check inter 300 fall 2 rise 2\n"
-            ));
-        }
+        let cfg = ::tests::cluster::haproxy_config(port, &socket, slots);
         let path = dir.join(format!("haproxy{n}.cfg"));
         std::fs::write(&path, cfg)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));

@@ -371,6 +371,35 @@ impl Drop for Haproxy {
     }
 }
 
+/// HAProxy's configuration for the gateway: TCP mode, `leastconn`, health
+/// checks on `/readyz`, an admin socket (to add and drain servers), and a
+/// server line per (name, address). 9,000 proxied connections take ~18,000
+/// descriptors: within a 20,000 open-files limit. `timeout check`: without
+/// it a check times out after `inter` (300 ms), and a busy but healthy node
+/// (a reconnect storm on two loaded cores) is taken out of rotation; a
+/// draining node answers 503 at once, a dead one refuses.
+pub fn haproxy_config(
+    port: u16,
+    socket: &std::path::Path,
+    servers: &[(String, SocketAddr)],
+) -> String {
+    let mut cfg = format!(
+        "global\n    maxconn 9000\n    stats socket {} mode 600 level admin\n\
+         defaults\n    mode tcp\n    maxconn 9000\n    timeout connect 2s\n    timeout check 2s\n    \
+         timeout client 1h\n    timeout server 1h\n    option redispatch\n    retries 3\n\
+         frontend gateway\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
+         backend nodes\n    balance leastconn\n    option httpchk GET /readyz\n    \
+         http-check expect status 200\n",
+        socket.display()
+    );
+    for (name, addr) in servers {
+        cfg.push_str(&format!(
+            "    server {name} {addr} check inter 300 fall 2 rise 2\n"
+        ));
+    }
+    cfg
+}
+
 impl Haproxy {
     /// Starts HAProxy in front of `servers` (name, address). A server whose
     /// address nothing listens on yet is simply down (its health checks
@@ -383,25 +412,7 @@ impl Haproxy {
             l.local_addr()?.port()
         };
         let socket = dir.path().join("admin.sock");
-        // 9,000 proxied connections take ~18,000 descriptors: within a
-        // 20,000 open-files limit. `timeout check`: without it a check
-        // times out after `inter` (300 ms), and a busy but healthy node (a
-        // reconnect storm on two loaded cores) is taken out of rotation;
-        // a draining node answers 503 at once, a dead one refuses.
-        let mut cfg = format!(
-            "global\n    maxconn 9000\n    stats socket {} mode 600 level admin\n\
-             defaults\n    mode tcp\n    maxconn 9000\n    timeout connect 2s\n    timeout check 2s\n    \
-             timeout client 1h\n    timeout server 1h\n    option redispatch\n    retries 3\n\
-             frontend gateway\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
-             backend nodes\n    balance leastconn\n    option httpchk GET /readyz\n    \
-             http-check expect status 200\n",
-            socket.display()
-        );
-        for (name, addr) in servers {
-            cfg.push_str(&format!(
-                "    server {name} {addr} check inter 300 fall 2 rise 2\n"
-            ));
-        }
+        let cfg = haproxy_config(port, &socket, servers);
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg)?;
         let logs = Arc::new(Mutex::new(String::new()));

@@ -1189,25 +1189,17 @@ async fn broadcast(a: BroadcastRun, command: String) -> anyhow::Result<()> {
         false,
     )?;
     let conns = cx.connect_phase().await?;
-    let urls = cx.nodes.iter().map(|n| n.url.clone()).collect();
-    let publisher = Publisher::start(
-        cx.http.clone(),
-        urls,
-        PubTarget::Channels(channel_names(&p, a.channels)),
+    let target = PubTarget::Channels(channel_names(&p, a.channels));
+    publish_then_conclude(
+        cx,
+        conns,
+        target,
         a.rate,
-        Some(a.duration),
+        a.duration,
         &a.publish,
-    );
-    cx.mark(format!("publishing {}/s for {} s", a.rate, a.duration));
-    cx.pb.set_prefix("publishing");
-    cx.pump_for(a.duration).await;
-    let pubs = publisher.finish().await?;
-    cx.mark("publishing stopped");
-    cx.settle().await;
-    let finals = cx.finish(&pubs.finals).await?;
-    let m = cx.messages(&pubs, &finals)?;
-    cx.check_messages(&m, &pubs);
-    cx.conclude(conns, Some(m), None, Vec::new()).await
+        "publishing",
+    )
+    .await
 }
 
 async fn unicast(a: UnicastRun, command: String) -> anyhow::Result<()> {
@@ -1216,23 +1208,32 @@ async fn unicast(a: UnicastRun, command: String) -> anyhow::Result<()> {
     cx.setup_nodes(1, true, false, None).await?;
     cx.spawn_workers(a.users, Channels::None, true)?;
     let conns = cx.connect_phase().await?;
+    let target = PubTarget::Users {
+        n: a.users,
+        via: a.publish_via,
+    };
+    publish_then_conclude(cx, conns, target, a.rate, a.duration, &a.publish, "sending").await
+}
+
+/// The publishing half of `broadcast` and `unicast`: publishes to `target`
+/// at `rate` for `duration` s, lets delivery settle, checks every stream
+/// against what was acknowledged and writes the results.
+async fn publish_then_conclude(
+    mut cx: Ctx,
+    conns: Connections,
+    target: PubTarget,
+    rate: f64,
+    duration: f64,
+    opts: &PublishOpts,
+    verb: &str,
+) -> anyhow::Result<()> {
     let urls = cx.nodes.iter().map(|n| n.url.clone()).collect();
-    let publisher = Publisher::start(
-        cx.http.clone(),
-        urls,
-        PubTarget::Users {
-            n: a.users,
-            via: a.publish_via,
-        },
-        a.rate,
-        Some(a.duration),
-        &a.publish,
-    );
-    cx.mark(format!("sending {}/s for {} s", a.rate, a.duration));
-    cx.pb.set_prefix("sending");
-    cx.pump_for(a.duration).await;
+    let publisher = Publisher::start(cx.http.clone(), urls, target, rate, Some(duration), opts);
+    cx.mark(format!("{verb} {rate}/s for {duration} s"));
+    cx.pb.set_prefix(verb.to_owned());
+    cx.pump_for(duration).await;
     let pubs = publisher.finish().await?;
-    cx.mark("sending stopped");
+    cx.mark(format!("{verb} stopped"));
     cx.settle().await;
     let finals = cx.finish(&pubs.finals).await?;
     let m = cx.messages(&pubs, &finals)?;
