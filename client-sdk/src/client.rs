@@ -117,7 +117,8 @@ pub enum Event {
 }
 
 /// Counters of one client since it was built; see [`Client::stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Serializable, and summable over many clients ([`Stats::add`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     /// Messages handed to the application (streams and callbacks).
     pub delivered: u64,
@@ -136,6 +137,32 @@ pub struct Stats {
     /// Sequence gaps seen without an `unrecoverable` notice (each one makes
     /// the client resume from its last position).
     pub gaps: u64,
+}
+
+impl Stats {
+    /// Adds another client's (or another period's) counters.
+    pub fn add(&mut self, o: &Stats) {
+        self.delivered += o.delivered;
+        self.duplicates += o.duplicates;
+        self.reconnects += o.reconnects;
+        self.resumes += o.resumes;
+        self.unrecoverable += o.unrecoverable;
+        self.connects += o.connects;
+        self.gaps += o.gaps;
+    }
+
+    /// What was counted since `earlier` (a snapshot of the same counters).
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        Stats {
+            delivered: self.delivered.saturating_sub(earlier.delivered),
+            duplicates: self.duplicates.saturating_sub(earlier.duplicates),
+            reconnects: self.reconnects.saturating_sub(earlier.reconnects),
+            resumes: self.resumes.saturating_sub(earlier.resumes),
+            unrecoverable: self.unrecoverable.saturating_sub(earlier.unrecoverable),
+            connects: self.connects.saturating_sub(earlier.connects),
+            gaps: self.gaps.saturating_sub(earlier.gaps),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -792,5 +819,31 @@ impl Drop for Subscription {
             };
             let _ = cmds.send(cmd);
         }
+    }
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::Stats;
+
+    #[test]
+    fn stats_add_up_over_clients_and_subtract_a_snapshot() {
+        let a = Stats {
+            delivered: 10,
+            duplicates: 1,
+            reconnects: 2,
+            resumes: 2,
+            unrecoverable: 0,
+            connects: 3,
+            gaps: 1,
+        };
+        let mut total = Stats::default();
+        total.add(&a);
+        total.add(&a);
+        assert_eq!(total.delivered, 20);
+        assert_eq!(total.connects, 6);
+        assert_eq!(total.since(&a), a);
+        // A snapshot newer than the counters gives zeros, not a wrap-around.
+        assert_eq!(a.since(&total), Stats::default());
     }
 }

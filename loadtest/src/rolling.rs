@@ -1311,17 +1311,7 @@ pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
     }
     println!("READY {}", recs.len());
 
-    // Commands on stdin (a thread: tokio's stdin is not enabled here).
-    let (tx, mut commands) = tokio::sync::mpsc::unbounded_channel::<String>();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let mut commands = util::stdin_lines();
     while let Some(cmd) = commands.recv().await {
         let cmd = cmd.trim();
         if cmd == "status" {

@@ -260,3 +260,20 @@ mod tests {
         assert!(nofile_limit() > 0);
     }
 }
+
+/// Lines of standard input, read on a thread (tokio's stdin blocks a worker
+/// anyway); the channel closes at end of input. Every helper process of the
+/// load generator takes its commands this way.
+pub fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}

@@ -1324,7 +1324,7 @@ async fn reconnect(a: ReconnectRun, command: String) -> anyhow::Result<()> {
     }
     cx.pb.set_prefix("after");
     cx.pump_for(a.after).await;
-    let sdk = cx.sdk().minus(&sdk0);
+    let sdk = cx.sdk().since(&sdk0);
     let (gw1, seen1) = (cx.gateway_refusals(), cx.sum(|r| r.refusals));
     let pubs = publisher.finish().await?;
     cx.mark(format!("publishing stopped ({} sent)", pubs.ok));

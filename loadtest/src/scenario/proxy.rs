@@ -181,23 +181,7 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
     let listener = socket.listen(4096)?;
     println!("LISTENING {}", listener.local_addr()?);
 
-    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::unbounded_channel::<Option<String>>();
-    std::thread::spawn(move || {
-        let stdin = std::io::stdin();
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match std::io::BufRead::read_line(&mut stdin.lock(), &mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = cmd_tx.send(None);
-                    return;
-                }
-                Ok(_) => {
-                    let _ = cmd_tx.send(Some(line.clone()));
-                }
-            }
-        }
-    });
+    let mut cmd_rx = crate::util::stdin_lines();
 
     let counter = AtomicU64::new(0);
     let mut conns = JoinSet::new();
@@ -241,7 +225,7 @@ pub async fn run_proxy(args: ProxyArgs) -> anyhow::Result<()> {
                 });
                 while conns.try_join_next().is_some() {}
             }
-            cmd = cmd_rx.recv() => match cmd.flatten().as_deref().map(str::trim) {
+            cmd = cmd_rx.recv() => match cmd.as_deref().map(str::trim) {
                 None => break,
                 Some("cut") => {
                     cut += conns.len() as u64;

@@ -15,7 +15,7 @@ use clap::Args;
 use client_sdk::{Client, Codec, ConnectionState, Event, Message};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::report::{continuity, tail_loss, Continuity};
 use crate::util;
@@ -93,40 +93,7 @@ pub fn mint_token(secret: &str, user: &str) -> anyhow::Result<String> {
 }
 
 /// Counters summed over a worker's SDK clients (`Client::stats`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SdkStats {
-    pub delivered: u64,
-    pub duplicates: u64,
-    pub reconnects: u64,
-    pub resumes: u64,
-    pub unrecoverable: u64,
-    pub connects: u64,
-    pub gaps: u64,
-}
-
-impl SdkStats {
-    pub fn add(&mut self, o: &SdkStats) {
-        self.delivered += o.delivered;
-        self.duplicates += o.duplicates;
-        self.reconnects += o.reconnects;
-        self.resumes += o.resumes;
-        self.unrecoverable += o.unrecoverable;
-        self.connects += o.connects;
-        self.gaps += o.gaps;
-    }
-
-    pub fn minus(&self, o: &SdkStats) -> SdkStats {
-        SdkStats {
-            delivered: self.delivered.saturating_sub(o.delivered),
-            duplicates: self.duplicates.saturating_sub(o.duplicates),
-            reconnects: self.reconnects.saturating_sub(o.reconnects),
-            resumes: self.resumes.saturating_sub(o.resumes),
-            unrecoverable: self.unrecoverable.saturating_sub(o.unrecoverable),
-            connects: self.connects.saturating_sub(o.connects),
-            gaps: self.gaps.saturating_sub(o.gaps),
-        }
-    }
-}
+pub type SdkStats = client_sdk::Stats;
 
 /// Every `report_ms`. Histograms are deltas since the previous report.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -452,16 +419,7 @@ fn emit(line: &Line) {
 fn sdk_totals(conns: &[Conn]) -> SdkStats {
     let mut t = SdkStats::default();
     for c in conns {
-        let s = c.client.stats();
-        t.add(&SdkStats {
-            delivered: s.delivered,
-            duplicates: s.duplicates,
-            reconnects: s.reconnects,
-            resumes: s.resumes,
-            unrecoverable: s.unrecoverable,
-            connects: s.connects,
-            gaps: s.gaps,
-        });
+        t.add(&c.client.stats());
     }
     t
 }
@@ -510,25 +468,7 @@ pub async fn run_worker(args: RunWorkerArgs) -> anyhow::Result<()> {
     let conns: Arc<Mutex<Vec<Conn>>> = Arc::new(Mutex::new(Vec::new()));
 
     // Commands from stdin (a thread: tokio's stdin is blocking anyway).
-    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Option<Cmd>>();
-    std::thread::spawn(move || {
-        let stdin = std::io::stdin();
-        let mut line = String::new();
-        loop {
-            line.clear();
-            match std::io::BufRead::read_line(&mut stdin.lock(), &mut line) {
-                Ok(0) | Err(_) => {
-                    let _ = cmd_tx.send(None);
-                    return;
-                }
-                Ok(_) => {
-                    if let Ok(cmd) = serde_json::from_str::<Cmd>(line.trim()) {
-                        let _ = cmd_tx.send(Some(cmd));
-                    }
-                }
-            }
-        }
-    });
+    let mut cmd_rx = util::stdin_lines();
 
     // Opening phase, in the background.
     let opener = {
@@ -610,16 +550,17 @@ pub async fn run_worker(args: RunWorkerArgs) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = tick.tick() => emit(&report(&shared, &conns)),
-            cmd = cmd_rx.recv() => match cmd.flatten() {
+            line = cmd_rx.recv() => match line.map(|l| serde_json::from_str::<Cmd>(l.trim())) {
                 None => break,
-                Some(Cmd::Mark) => mark(&shared),
-                Some(Cmd::Drop) => {
+                Some(Err(_)) => {} // not a command
+                Some(Ok(Cmd::Mark)) => mark(&shared),
+                Some(Ok(Cmd::Drop)) => {
                     mark(&shared);
                     for c in lock(&conns).iter() {
                         c.client.debug_drop_connection();
                     }
                 }
-                Some(Cmd::Finish { finals }) => {
+                Some(Ok(Cmd::Finish { finals })) => {
                     emit(&report(&shared, &conns));
                     emit(&finish(&shared, &lock(&conns), &finals));
                 }
