@@ -640,13 +640,7 @@ impl WsClient {
         )
         .await?
         .context("WebSocket handshake")?;
-        Ok(Self {
-            ws,
-            codec,
-            auto_pong: true,
-            next_id: 1,
-            closed: None,
-        })
+        Ok(Self::from_stream(ws, codec))
     }
 }
 

@@ -689,6 +689,8 @@ pub struct WsClient {
     pub codec: Codec,
     /// Answer server `ping` frames with `pong` and hide them (default true).
     pub auto_pong: bool,
+    /// Payloads of the WebSocket-level pongs received, in order.
+    pub ws_pongs: Vec<Vec<u8>>,
     next_id: u64,
     closed: Option<Incoming>,
 }
@@ -737,13 +739,19 @@ impl WsClient {
                 "server agreed to subprotocol {agreed:?}"
             );
         }
-        Ok(Self {
+        Ok(Self::from_stream(ws, opts.codec.unwrap_or(Codec::Json)))
+    }
+
+    /// Wraps a WebSocket that finished its handshake.
+    pub fn from_stream(ws: WebSocketStream<TcpStream>, codec: Codec) -> Self {
+        Self {
             ws,
-            codec: opts.codec.unwrap_or(Codec::Json),
+            codec,
             auto_pong: true,
+            ws_pongs: Vec::new(),
             next_id: 1,
             closed: None,
-        })
+        }
     }
 
     /// A fresh request id.
@@ -821,7 +829,11 @@ impl WsClient {
                         .decode_server(&b)
                         .context("decoding a MessagePack frame")?
                 }
-                Ok(_) => continue, // WebSocket-level ping/pong
+                Ok(Message::Pong(p)) => {
+                    self.ws_pongs.push(p.to_vec());
+                    continue;
+                }
+                Ok(_) => continue, // WebSocket-level ping (tungstenite answers it)
             };
             if self.auto_pong && matches!(frame, ServerFrame::Ping(_)) {
                 self.send(&ClientFrame::Pong(protocol::Pong { id: None }))

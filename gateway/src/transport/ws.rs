@@ -41,6 +41,7 @@ use crate::replay::Publication;
 use crate::replay::WsFrame;
 use crate::session::ratelimit::RateLimit;
 use crate::session::{Outbox, Outgoing, Session, Transport};
+use crate::transport::read_gate::ReadGate;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -202,6 +203,9 @@ async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
         out: Vec::new(),
         wbuf: Vec::new(),
         wpos: 0,
+        read_gate: ReadGate::default(),
+        // The handshake read through tungstenite (a ping then queues a pong).
+        ws_may_hold: true,
         last_recv: Instant::now(),
         next_ping: Instant::now() + node.ms(node.config.ping_interval_ms),
         refresh_sent: false,
@@ -363,6 +367,11 @@ struct Connection {
     /// of a write cut short goes out before the close frame).
     wbuf: Vec<u8>,
     wpos: usize,
+    /// The socket's read side, polled only when its I/O asks.
+    read_gate: ReadGate,
+    /// tungstenite may hold bytes to write (a pong to a client's ping):
+    /// set whenever its read side yields, cleared by a flush.
+    ws_may_hold: bool,
     last_recv: Instant,
     next_ping: Instant,
     refresh_sent: bool,
@@ -523,7 +532,8 @@ impl Connection {
                         return Some(code);
                     }
                 }
-                msg = self.socket.next() => {
+                msg = self.read_gate.next(&mut self.socket) => {
+                    self.ws_may_hold = true;
                     let code = match msg {
                         None => return None,
                         Some(Err(WsError::Capacity(_))) => {
@@ -787,13 +797,17 @@ impl Connection {
             return Ok(());
         }
         let (socket, wbuf, wpos) = (&mut self.socket, &self.wbuf, &mut self.wpos);
+        let ws_may_hold = &mut self.ws_may_hold;
         let write = async {
             // Whatever tungstenite holds (a pong to the client's ping) goes
             // first: frames must not interleave.
-            socket
-                .flush()
-                .await
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            if *ws_may_hold {
+                socket
+                    .flush()
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                *ws_may_hold = false;
+            }
             let io = socket.get_mut();
             while *wpos < wbuf.len() {
                 match io.write(&wbuf[*wpos..]).await? {

@@ -79,3 +79,51 @@ async fn answering_pings_keeps_a_connection_and_silence_closes_it_4002() -> R {
     c?;
     Ok(())
 }
+
+/// WebSocket-level pings get their pongs while publications stream out: the
+/// pongs (written by tungstenite) and the publications (written straight to
+/// the socket) never interleave inside a frame, and none is lost.
+#[tokio::test]
+async fn websocket_pings_get_pongs_between_streamed_publications() -> R {
+    use tokio_tungstenite::tungstenite::Message;
+    let gw = Gateway::start().await?;
+    let channel = tests::unique("pongs");
+    let token = gw.token("pinger", &[&channel], &[], 600);
+    let (mut ws, _) = gw.ws_connected(Codec::Json, &token).await?;
+    let first = ws.subscribe(&channel, None).await?.seq + 1;
+    const MESSAGES: u64 = 400;
+    const PINGS: usize = 40;
+    let publisher = async {
+        for i in 0..MESSAGES {
+            gw.publish(
+                &channel,
+                serde_json::json!({ "i": i, "pad": "x".repeat(512) }),
+            )
+            .await?;
+        }
+        anyhow::Ok(())
+    };
+    let reader = async {
+        let mut got = 0;
+        let mut pinged = 0;
+        while got < MESSAGES {
+            if pinged < PINGS && got >= pinged as u64 * (MESSAGES / PINGS as u64) {
+                ws.send_raw(Message::Ping(vec![pinged as u8; 3].into()))
+                    .await?;
+                pinged += 1;
+            }
+            let m = ws.recv_messages(&channel, first + got, 1).await?;
+            assert_eq!(m[0].data["i"], got);
+            got += 1;
+        }
+        // Pongs still in flight arrive before the answer to this.
+        ws.roundtrip().await?;
+        anyhow::Ok(pinged)
+    };
+    let (p, r) = tokio::join!(publisher, reader);
+    p?;
+    let pinged = r?;
+    let want: Vec<Vec<u8>> = (0..pinged).map(|i| vec![i as u8; 3]).collect();
+    assert_eq!(ws.ws_pongs, want);
+    Ok(())
+}
