@@ -2,7 +2,6 @@
 //! only). Both drive a [`Session`](crate::session::Session); they differ only
 //! in how frames reach the wire.
 
-pub mod read_gate;
 pub mod sse;
 pub mod sse_socket;
 pub mod ws;

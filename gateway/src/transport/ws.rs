@@ -41,7 +41,6 @@ use crate::replay::Publication;
 use crate::replay::WsFrame;
 use crate::session::ratelimit::RateLimit;
 use crate::session::{Outbox, Outgoing, Session, Transport};
-use crate::transport::read_gate::ReadGate;
 
 type Socket = WebSocketStream<TokioIo<Upgraded>>;
 
@@ -203,7 +202,6 @@ async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
         out: Vec::new(),
         wbuf: Vec::new(),
         wpos: 0,
-        read_gate: ReadGate::default(),
         // The handshake read through tungstenite (a ping then queues a pong).
         ws_may_hold: true,
         last_recv: Instant::now(),
@@ -367,8 +365,6 @@ struct Connection {
     /// of a write cut short goes out before the close frame).
     wbuf: Vec<u8>,
     wpos: usize,
-    /// The socket's read side, polled only when its I/O asks.
-    read_gate: ReadGate,
     /// tungstenite may hold bytes to write (a pong to a client's ping):
     /// set whenever its read side yields, cleared by a flush.
     ws_may_hold: bool,
@@ -532,7 +528,7 @@ impl Connection {
                         return Some(code);
                     }
                 }
-                msg = self.read_gate.next(&mut self.socket) => {
+                msg = self.socket.next() => {
                     self.ws_may_hold = true;
                     let code = match msg {
                         None => return None,
