@@ -781,10 +781,14 @@ impl Connection {
             }
         }
         let (delivered, oldest) = (out.delivered, out.oldest);
-        if self.out.capacity() > 64 {
-            self.out = Vec::new();
-        }
-        self.flush(delivered, oldest).await
+        // Replies, pings and notices are rare: neither buffer is kept for
+        // them (kept, the connect burst's would stay with every idle
+        // connection, ~1 KB). Deliveries keep theirs (see `flush`).
+        self.out = Vec::new();
+        self.flush(delivered, oldest).await?;
+        // (After an error it holds the rest of a frame `close` completes.)
+        self.wbuf = Vec::new();
+        Ok(())
     }
 
     /// Writes the write buffer with as few calls as the socket allows.
