@@ -242,3 +242,87 @@ async fn api_accepts_messagepack_bodies() -> R {
     );
     Ok(())
 }
+
+/// A client may send its first frames right behind the upgrade request,
+/// before it has read the `101`: the gateway reads them from what it
+/// buffered with the request, then serves the connection as usual.
+#[tokio::test]
+async fn frames_sent_right_behind_the_upgrade_request_are_read() -> R {
+    use futures_util::StreamExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// A masked client text frame (payload under 64 KiB).
+    fn client_text(payload: &str) -> Vec<u8> {
+        let mask = [0x12u8, 0x34, 0x56, 0x78];
+        let mut f = vec![0x81];
+        match payload.len() {
+            n @ 0..=125 => f.push(0x80 | n as u8),
+            n => {
+                f.push(0x80 | 126);
+                f.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    let gw = Gateway::start().await?;
+    let token = gw.token("eager", &["eager"], &[], 600);
+    let mut tcp = tokio::net::TcpStream::connect(gw.addr).await?;
+    let mut bytes = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gw.addr
+    )
+    .into_bytes();
+    bytes.extend(client_text(&format!(
+        r#"{{"type":"connect","id":1,"token":"{token}"}}"#
+    )));
+    bytes.extend(client_text(
+        r#"{"type":"subscribe","id":2,"channel":"eager"}"#,
+    ));
+    // One write: the request and both frames reach the server together.
+    tcp.write_all(&bytes).await?;
+
+    let mut head = Vec::new();
+    let rest = loop {
+        let mut chunk = [0u8; 4096];
+        let n = tests::within("the upgrade response", tcp.read(&mut chunk)).await??;
+        anyhow::ensure!(n > 0, "closed before the response: {head:?}");
+        head.extend_from_slice(&chunk[..n]);
+        if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break head.split_off(end + 4);
+        }
+    };
+    let status = String::from_utf8_lossy(&head);
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    let mut ws =
+        tokio_tungstenite::WebSocketStream::from_partially_read(tcp, rest, Role::Client, None)
+            .await;
+    let mut next = async || -> anyhow::Result<ServerFrame> {
+        match tests::within("a frame", ws.next()).await? {
+            Some(Ok(Message::Text(t))) => Ok(Codec::Json.decode_server(t.as_bytes())?),
+            other => anyhow::bail!("expected a text frame, got {other:?}"),
+        }
+    };
+    match next().await? {
+        ServerFrame::Connected(c) => assert_eq!(c.user, "eager"),
+        other => panic!("expected connected, got {other:?}"),
+    }
+    // The user's own stream, then the channel.
+    for (id, channel) in [(None, "$user:eager"), (Some(2), "eager")] {
+        match next().await? {
+            ServerFrame::Subscribed(s) => assert_eq!((s.id, s.channel.as_str()), (id, channel)),
+            other => panic!("expected subscribed, got {other:?}"),
+        }
+    }
+    gw.publish("eager", json!({"n": 1})).await?;
+    match next().await? {
+        ServerFrame::Message(m) => assert_eq!((m.seq, &m.data), (1, &json!({"n": 1}))),
+        other => panic!("expected the message, got {other:?}"),
+    }
+    Ok(())
+}
