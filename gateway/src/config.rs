@@ -90,9 +90,10 @@ pub struct Config {
     /// larger frame, so small costs only extra reads for bursts of client
     /// frames (rare on a push gateway) and keeps idle connections cheap.
     pub ws_read_buffer_bytes: usize,
-    /// Write-buffer capacity a WebSocket keeps between writes. A batch is
-    /// always written with one call whatever its size; a buffer grown past
-    /// this by a burst is freed after it, so quiet connections stay small.
+    /// Capacity of the spare write buffer each worker thread keeps and lends
+    /// to one WebSocket at a time for a write (connections keep none between
+    /// writes). A batch is always written with one call whatever its size;
+    /// a buffer grown past this by a burst is freed after it.
     pub ws_write_buffer_bytes: usize,
 
     /// Redis URL (`redis://host:port/db`). Set: this node is a cluster node

@@ -529,6 +529,9 @@ impl Connection {
                         self.session.discard_queue();
                         continue;
                     }
+                    // Deliveries are framed into this thread's spare buffer
+                    // (hot in its cache), which goes back once written.
+                    self.wbuf = spare::take();
                     let mut out = WsOut {
                         wbuf: &mut self.wbuf,
                         codec: self.codec,
@@ -543,6 +546,8 @@ impl Connection {
                     if let Err(code) = self.flush(delivered, oldest).await {
                         return Some(code);
                     }
+                    let keep = self.node().config.ws_write_buffer_bytes;
+                    spare::give_back(std::mem::take(&mut self.wbuf), keep);
                 }
                 msg = self.socket.next() => {
                     self.ws_may_hold = true;
@@ -851,14 +856,43 @@ impl Connection {
             }
         }
         self.session.record_written(delivered, oldest);
-        // A burst grows the buffer. A busy connection keeps it; once a write
-        // uses less than a quarter of it, traffic has calmed and it goes.
-        let (len, cap) = (self.wbuf.len(), self.wbuf.capacity());
         self.wbuf.clear();
         self.wpos = 0;
-        if cap > self.node().config.ws_write_buffer_bytes && len < cap / 4 {
-            self.wbuf = Vec::new();
-        }
         Ok(())
+    }
+}
+
+/// One spare write buffer per worker thread, lent to one connection at a
+/// time for the length of a write. A broadcast wakes thousands of
+/// connections one after another; copying each one's frames into the same
+/// buffer, hot in the core's cache, costs less than into a buffer of its
+/// own that went cold since its last write, and a connection keeps no
+/// buffer between writes. A connection whose write blocks keeps the one it
+/// holds (the next connection on the thread gets a fresh one).
+mod spare {
+    use std::cell::Cell;
+
+    thread_local! {
+        static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Vec<u8> {
+        SPARE.with(Cell::take)
+    }
+
+    /// Returns a buffer; one grown past `keep` by a burst is let go.
+    pub fn give_back(mut buf: Vec<u8>, keep: usize) {
+        if buf.capacity() > keep {
+            return;
+        }
+        buf.clear();
+        SPARE.with(|s| {
+            let held = s.take();
+            s.set(if held.capacity() >= buf.capacity() {
+                held
+            } else {
+                buf
+            });
+        });
     }
 }
