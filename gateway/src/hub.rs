@@ -50,15 +50,57 @@ pub struct SessionShared {
 }
 
 /// How the hub reaches a connection's task: "something to read" and "you
-/// fell behind".
-#[derive(Default)]
+/// fell behind"; and how the connection's socket does ("I/O is ready", see
+/// [`SessionShared`]'s `Wake`).
 pub struct Signal {
     ready: Notify,
     overflowed: AtomicBool,
     overflow: Notify,
+    io: AtomicBool,
+}
+
+impl Default for Signal {
+    fn default() -> Self {
+        Self {
+            ready: Notify::new(),
+            overflowed: AtomicBool::new(false),
+            overflow: Notify::new(),
+            // Nothing is registered with the socket yet: poll it once.
+            io: AtomicBool::new(true),
+        }
+    }
+}
+
+/// A connection's task polls its socket's read side only when the socket
+/// asked for it: the socket gets a waker made of the `SessionShared`, which
+/// sets the I/O flag and wakes the task through its `ready` signal. A
+/// connection woken for deliveries (by far the most wake-ups of a
+/// broadcast) then leaves the socket alone: no waker registrations, no
+/// readiness check, no cache lines of the socket's read state touched.
+impl std::task::Wake for SessionShared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.signal.io.store(true, Ordering::Release);
+        self.signal.ready.notify_one();
+    }
 }
 
 impl Signal {
+    /// Whether the socket's I/O woke the connection since the last
+    /// [`Signal::take_io`]; clears the flag.
+    pub fn take_io(&self) -> bool {
+        self.io.load(Ordering::Acquire) && self.io.swap(false, Ordering::AcqRel)
+    }
+
+    /// Marks the socket as worth polling again (it returned something and
+    /// may hold more, which no I/O event will announce).
+    pub fn set_io(&self) {
+        self.io.store(true, Ordering::Release);
+    }
+
     /// Wakes the connection (a wake-up before it waits is kept, not lost).
     pub fn wake(&self) {
         self.ready.notify_one();

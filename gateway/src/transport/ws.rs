@@ -36,6 +36,7 @@ use tracing::debug;
 
 use crate::auth::{now_secs, AuthError, Identity};
 use crate::errors::ApiError;
+use crate::hub::SessionShared;
 use crate::node::{now_ms, Lifecycle, Node};
 use crate::replay::Publication;
 use crate::replay::WsFrame;
@@ -236,6 +237,25 @@ async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
     if let Some(code) = code {
         conn.close(code).await;
     }
+}
+
+/// Polls the socket's read side if its I/O woke the connection (see
+/// `hub::Signal`); otherwise `Pending`, with nothing to register: the
+/// socket's wake-up comes through the session's `ready` signal, which the
+/// connection's loop always waits on.
+fn poll_socket(
+    socket: &mut Socket,
+    shared: &Arc<SessionShared>,
+) -> std::task::Poll<Option<Result<Message, WsError>>> {
+    if !shared.signal.take_io() {
+        return std::task::Poll::Pending;
+    }
+    let waker = std::task::Waker::from(shared.clone());
+    let polled = socket.poll_next_unpin(&mut std::task::Context::from_waker(&waker));
+    if polled.is_ready() {
+        shared.signal.set_io();
+    }
+    polled
 }
 
 /// Resolves on the next lifecycle change, handing the receiver back (one
@@ -549,7 +569,7 @@ impl Connection {
                     let keep = self.node().config.ws_write_buffer_bytes;
                     spare::give_back(std::mem::take(&mut self.wbuf), keep);
                 }
-                msg = self.socket.next() => {
+                msg = std::future::poll_fn(|_| poll_socket(&mut self.socket, &self.session.shared)) => {
                     self.ws_may_hold = true;
                     let code = match msg {
                         None => return None,
