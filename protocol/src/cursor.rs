@@ -12,6 +12,12 @@
 //! digits, of the channel names joined by `\n`, so a cursor presented for a
 //! different set of channels is detected rather than misread. Epochs are
 //! alphanumeric, so `.` and `-` never occur inside one.
+//!
+//! A client that builds a cursor itself (after changing its channel set) may
+//! have no position yet for a channel it adds: it writes `_` in that
+//! channel's place (`v1.<hash>._.<epoch>-<seq>`), and the server starts that
+//! channel at its current top, as for a fresh subscription, with no
+//! `unrecoverable` notice. The server's own cursors never hold `_`.
 
 use thiserror::Error;
 
@@ -44,22 +50,50 @@ fn fnv1a(channels: &[&str]) -> u32 {
     hash
 }
 
+/// A channel's place in a cursor that holds no position for it.
+const NO_POSITION: &str = "_";
+
 impl SseCursor {
     /// The cursor for `positions`, one per channel of `channels`, in order.
     pub fn encode(channels: &[&str], positions: &[&Position]) -> String {
+        let positions: Vec<Option<&Position>> = positions.iter().copied().map(Some).collect();
+        Self::encode_partial(channels, &positions)
+    }
+
+    /// The cursor for `positions`, one per channel of `channels`, in order;
+    /// `None` for a channel the client has no position of yet (`_`).
+    pub fn encode_partial(channels: &[&str], positions: &[Option<&Position>]) -> String {
         debug_assert_eq!(channels.len(), positions.len());
         let mut out = format!("v1.{:08x}", fnv1a(channels));
         for p in positions {
             out.push('.');
-            out.push_str(&p.epoch);
-            out.push('-');
-            out.push_str(&p.seq.to_string());
+            match p {
+                Some(p) => {
+                    out.push_str(&p.epoch);
+                    out.push('-');
+                    out.push_str(&p.seq.to_string());
+                }
+                None => out.push_str(NO_POSITION),
+            }
         }
         out
     }
 
-    /// The positions a cursor holds, one per channel of `channels`.
+    /// The positions a cursor holds, one per channel of `channels`; every
+    /// channel must have one (as in every cursor the server sends).
     pub fn decode(cursor: &str, channels: &[&str]) -> Result<Vec<Position>, CursorError> {
+        Self::decode_partial(cursor, channels)?
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or(CursorError::Malformed)
+    }
+
+    /// The positions a cursor holds, one per channel of `channels`: `None`
+    /// where it says the client has none yet (`_`).
+    pub fn decode_partial(
+        cursor: &str,
+        channels: &[&str],
+    ) -> Result<Vec<Option<Position>>, CursorError> {
         let mut parts = cursor.trim().split('.');
         if parts.next() != Some("v1") {
             return Err(CursorError::Malformed);
@@ -68,12 +102,16 @@ impl SseCursor {
         let hash = u32::from_str_radix(hash, 16).map_err(|_| CursorError::Malformed)?;
         let mut positions = Vec::with_capacity(channels.len());
         for part in parts {
+            if part == NO_POSITION {
+                positions.push(None);
+                continue;
+            }
             let (epoch, seq) = part.split_once('-').ok_or(CursorError::Malformed)?;
             if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
                 return Err(CursorError::Malformed);
             }
             let seq = seq.parse().map_err(|_| CursorError::Malformed)?;
-            positions.push(Position::new(seq, epoch));
+            positions.push(Some(Position::new(seq, epoch)));
         }
         if hash != fnv1a(channels) || positions.len() != channels.len() {
             return Err(CursorError::OtherChannels);
@@ -116,5 +154,30 @@ mod tests {
             SseCursor::decode("v1.00000000.a-b", &["news"]),
             Err(CursorError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_channel_with_no_position_yet() {
+        let a = Position::new(42, "k3f9");
+        let chans = ["news", "sport"];
+        let id = SseCursor::encode_partial(&chans, &[Some(&a), None]);
+        assert!(id.ends_with(".k3f9-42._"), "{id}");
+        assert_eq!(
+            SseCursor::decode_partial(&id, &chans),
+            Ok(vec![Some(a.clone()), None])
+        );
+        // Strict decoding wants every position.
+        assert_eq!(SseCursor::decode(&id, &chans), Err(CursorError::Malformed));
+        // The same hash as a full cursor of the same channels.
+        let full = SseCursor::encode(&chans, &[&a, &a]);
+        assert_eq!(id.split('.').nth(1), full.split('.').nth(1));
+        // `_` is the whole segment, nothing else.
+        for bad in ["v1.00000000.__", "v1.00000000._-1", "v1.00000000.-"] {
+            assert_eq!(
+                SseCursor::decode_partial(bad, &["news"]),
+                Err(CursorError::Malformed),
+                "{bad}"
+            );
+        }
     }
 }

@@ -157,9 +157,14 @@ async fn open_stream(
                 .map(|(_, v)| v.clone())
         })
         .filter(|c| !c.trim().is_empty());
-    let (since, foreign_cursor) = match cursor.as_deref().map(|c| SseCursor::decode(c, &names)) {
+    let (since, foreign_cursor) = match cursor
+        .as_deref()
+        .map(|c| SseCursor::decode_partial(c, &names))
+    {
         None => (vec![None; names.len()], false),
-        Some(Ok(positions)) => (positions.into_iter().map(Some).collect(), false),
+        // A channel the client has no position of yet (`_`) starts at its
+        // top, like a fresh subscription.
+        Some(Ok(positions)) => (positions, false),
         Some(Err(CursorError::OtherChannels)) => (vec![None; names.len()], true),
         Some(Err(CursorError::Malformed)) => {
             return Err(ApiError::new(

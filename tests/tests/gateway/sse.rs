@@ -161,6 +161,50 @@ async fn sse_cursor_of_another_channel_set_is_bad_position() -> R {
     Ok(())
 }
 
+/// A client that adds a channel builds its own cursor with `_` for the new
+/// channel: the channels it had resume exactly, the new one starts at its
+/// top, and no `unrecoverable` notice is sent for it.
+#[tokio::test]
+async fn sse_cursor_with_no_position_for_an_added_channel() -> R {
+    let gw = Gateway::start().await?;
+    let token = gw.token("s3", &["old", "new"], &[], 600);
+    let mut sse = gw.sse(&["old"], Some(&token), None).await?;
+    sse.next_frame().await?; // connected
+    let epoch_old = gw.publish("old", json!(1)).await?.epoch;
+    let (ev, _) = sse.recv_message().await?;
+    let had = SseCursor::decode(ev.id.as_deref().expect("id"), &["old", "$user:s3"])?;
+    drop(sse);
+
+    // Missed on `old`; history on `new` from before the client wanted it.
+    gw.publish("old", json!(2)).await?;
+    let epoch_new = gw.publish("new", json!("n1")).await?.epoch;
+    gw.publish("new", json!("n2")).await?;
+
+    let names = ["old", "new", "$user:s3"];
+    let cursor = SseCursor::encode_partial(&names, &[Some(&had[0]), None, Some(&had[1])]);
+    let mut sse = gw.sse(&["old", "new"], Some(&token), Some(&cursor)).await?;
+    let (ev, _) = sse.next_frame().await?;
+    assert_eq!(ev.event.as_deref(), Some("connected"));
+    // The stream's own cursor fills in where `new` starts: its top.
+    let start = SseCursor::decode(ev.id.as_deref().expect("id"), &names)?;
+    assert_eq!(
+        (start[1].seq, start[1].epoch.as_str()),
+        (2, epoch_new.as_str())
+    );
+    // What `old` missed, then live messages of both; nothing else between.
+    let (_, m) = sse.recv_message().await?;
+    check_message(&m, "old", 2, &epoch_old, &json!(2));
+    gw.publish("new", json!("n3")).await?;
+    gw.publish("old", json!(3)).await?;
+    let (_, m) = sse.recv_message().await?;
+    check_message(&m, "new", 3, &epoch_new, &json!("n3"));
+    let (ev, m) = sse.recv_message().await?;
+    check_message(&m, "old", 3, &epoch_old, &json!(3));
+    let end = SseCursor::decode(ev.id.as_deref().expect("id"), &names)?;
+    assert_eq!((end[0].seq, end[1].seq, end[2].seq), (3, 3, 0));
+    Ok(())
+}
+
 #[tokio::test]
 async fn allowed_origins_get_cors_headers_and_other_origins_are_refused() -> R {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
