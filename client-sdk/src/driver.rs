@@ -12,7 +12,7 @@ use protocol::codes::is_reconnect_code;
 use protocol::{
     validate_channel, ClientFrame, CloseCode, Codec, Connect, Connected, DecodeError, ErrorCode,
     ErrorFrame, Message, Position, Publish, Refresh, ServerFrame, SseCursor, Subscribe, Subscribed,
-    Unrecoverable, UnrecoverableReason, Unsubscribe,
+    Unrecoverable, Unsubscribe,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, sleep_until, timeout};
@@ -57,11 +57,6 @@ pub(crate) struct Config {
     pub(crate) max_frame_bytes: usize,
 }
 
-/// Placeholder position for a channel the client has no position of yet,
-/// in an SSE cursor that must name every channel. Real epochs are random
-/// alphanumeric strings, so the server answers `unrecoverable` with the
-/// channel's top, which the client adopts silently.
-const PLACEHOLDER_EPOCH: &str = "0";
 /// How long before its expiry a cached token is replaced before connecting.
 const TOKEN_MARGIN_SECS: u64 = 5;
 /// Delay before retrying a failed token refresh.
@@ -120,8 +115,6 @@ struct Stream {
     reply: Option<oneshot::Sender<Result<(), Error>>>,
     retry_at: Option<Instant>,
     failures: u32,
-    /// SSE: this connection's cursor held a placeholder for this stream.
-    placeholder: bool,
 }
 
 impl Stream {
@@ -135,7 +128,6 @@ impl Stream {
             reply: None,
             retry_at: None,
             failures: 0,
-            placeholder: false,
         }
     }
 }
@@ -400,7 +392,6 @@ impl Driver {
         }
         for c in self.chans.iter_mut().chain(std::iter::once(&mut self.user)) {
             c.status = Status::Wanted;
-            c.placeholder = false;
             c.retry_at = None;
         }
     }
@@ -608,7 +599,6 @@ impl Driver {
         let Some(stream) = self.stream_mut(&m.channel) else {
             return Ok(()); // unsubscribed meanwhile
         };
-        stream.placeholder = false;
         match stream.tracker.admit(m.seq, &m.epoch) {
             Verdict::Deliver => {
                 let counted = !stream.sink.is_discard();
@@ -645,23 +635,13 @@ impl Driver {
         let Some(stream) = self.stream_mut(&u.channel) else {
             return;
         };
-        // SSE: a placeholder in our cursor is answered with the channel's
-        // top; that is where a new subscription starts, nothing was lost.
-        let silent = stream.placeholder
-            && matches!(
-                u.reason,
-                UnrecoverableReason::EpochChanged | UnrecoverableReason::BadPosition
-            );
-        stream.placeholder = false;
         stream.tracker.adopt(u.seq, &u.epoch);
-        if !silent {
-            Counters::add(&self.shared.counters.unrecoverable, 1);
-            self.emit(Event::Unrecoverable {
-                channel: u.channel,
-                reason: u.reason,
-                position: Position::new(u.seq, u.epoch),
-            });
-        }
+        Counters::add(&self.shared.counters.unrecoverable, 1);
+        self.emit(Event::Unrecoverable {
+            channel: u.channel,
+            reason: u.reason,
+            position: Position::new(u.seq, u.epoch),
+        });
     }
 
     fn on_subscribed(&mut self, s: Subscribed) {
@@ -1245,27 +1225,23 @@ impl Driver {
         }
         let mut cursor = None;
         let with_user = self.token.is_some() && !self.user.name.is_empty();
-        let user = with_user.then_some(&mut self.user);
-        let any_known = self.chans.iter().any(|c| c.tracker.position().is_some())
-            || user
-                .as_ref()
-                .is_some_and(|u| u.tracker.position().is_some());
         self.sse_dirty = false;
+        let user = with_user.then_some(&self.user);
+        let any_known = self
+            .chans
+            .iter()
+            .chain(user)
+            .any(|c| c.tracker.position().is_some());
         if any_known && !std::mem::take(&mut self.sse_skip_cursor) {
-            let placeholder = Position::new(0, PLACEHOLDER_EPOCH);
+            // A channel with no position yet is `_`: the server starts it
+            // at its top, as a fresh subscription.
             let mut names: Vec<&str> = Vec::with_capacity(self.chans.len() + 1);
-            let mut positions: Vec<&Position> = Vec::with_capacity(self.chans.len() + 1);
-            for c in self.chans.iter_mut().chain(user) {
+            let mut positions: Vec<Option<&Position>> = Vec::with_capacity(self.chans.len() + 1);
+            for c in self.chans.iter().chain(user) {
                 names.push(&c.name);
-                match c.tracker.position() {
-                    Some(p) => positions.push(p),
-                    None => {
-                        c.placeholder = true;
-                        positions.push(&placeholder);
-                    }
-                }
+                positions.push(c.tracker.position());
             }
-            cursor = Some(SseCursor::encode(&names, &positions));
+            cursor = Some(SseCursor::encode_partial(&names, &positions));
         }
         let mut req = format!(
             "GET {path} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\nUser-Agent: client-sdk/{}\r\n",
@@ -1432,7 +1408,7 @@ impl Driver {
         };
         let mut resumed = 0;
         for (i, s) in streams.into_iter().enumerate() {
-            let known = s.tracker.position().is_some() && !s.placeholder;
+            let known = s.tracker.position().is_some();
             if known {
                 resumed += 1;
             } else if let Some(p) = positions.as_ref().and_then(|ps| ps.get(i)) {

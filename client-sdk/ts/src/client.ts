@@ -145,8 +145,6 @@ interface Sub {
   t: Tracker;
   status: SubscriptionStatus;
   own?: boolean;
-  /** SSE: sent with a placeholder position; the `unrecoverable` it causes is not news. */
-  fresh?: boolean;
   fn?: (m: Message) => void;
   ok: () => void;
   ko: (e: GatewayError) => void;
@@ -430,18 +428,17 @@ export class GatewayClient {
     if (!names.length) return clearInterval(this.watchdog); // the stream opens with the first channel
     if (!ES) return this.lost(4501, 'no EventSource');
     // The cursor names every channel's position, so the stream resumes even
-    // when the channel set changed; a channel with no position yet gets a
-    // placeholder (the server answers `unrecoverable`, which is not news).
+    // when the channel set changed; a channel with no position yet is `_`
+    // (the server starts it at its top, as a fresh subscription).
     const all = this.userChannel ? [...names, this.userChannel] : names;
     const subs = all.map((n) => this.subs.get(n)!);
     const resuming = subs.some((s) => s.t.pos);
     let q = names.map((n) => 'channel=' + encodeURIComponent(n)).join('&');
     if (token) q += '&token=' + encodeURIComponent(token);
     if (resuming) {
-      q += '&last_event_id=' + encodeURIComponent(encodeCursor(all, subs.map((s) => s.t.pos || { seq: 0, epoch: '0' })));
+      q += '&last_event_id=' + encodeURIComponent(encodeCursor(all, subs.map((s) => s.t.pos)));
     }
     for (const s of subs) {
-      s.fresh = resuming && !s.t.pos;
       s.status = 'subscribing';
     }
     const url = this.base + '/sse?' + q;
@@ -465,7 +462,7 @@ export class GatewayClient {
       list.forEach((n, i) => {
         const s = this.subs.get(n);
         if (!s) return;
-        if (s.t.pos && !s.fresh && resuming) this.counters.resumes++;
+        if (s.t.pos && resuming) this.counters.resumes++;
         if (!s.t.pos && at) s.t.adopt(at[i].seq, at[i].epoch);
         this.ready(s);
       });
@@ -664,10 +661,6 @@ export class GatewayClient {
     const s = this.subs.get(f.channel);
     if (!s) return;
     s.t.adopt(f.seq, f.epoch);
-    if (s.fresh) {
-      s.fresh = false;
-      return;
-    }
     this.counters.unrecoverable++;
     this.emit('unrecoverable', { channel: f.channel, reason: f.reason, epoch: f.epoch, seq: f.seq });
   }

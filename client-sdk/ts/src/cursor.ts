@@ -13,14 +13,16 @@ export function channelHash(channels: readonly string[]): string {
 /**
  * The SSE cursor (event id) `v1.<hash>.<epoch>-<seq>...` for `positions`, one
  * per channel of `channels` (the `channel` query parameters in order, then
- * `$user:<sub>` for an authenticated stream).
+ * `$user:<sub>` for an authenticated stream). `null` (or `undefined`) for a channel with
+ * no position yet is written `_`: the server starts that channel at its top.
  */
-export const encodeCursor = (channels: readonly string[], positions: readonly Position[]): string =>
-  'v1.' + channelHash(channels) + positions.map((p) => '.' + p.epoch + '-' + p.seq).join('');
+export const encodeCursor = (channels: readonly string[], positions: readonly (Position | null | undefined)[]): string =>
+  'v1.' + channelHash(channels) + positions.map((p) => (p ? '.' + p.epoch + '-' + p.seq : '._')).join('');
 
 /**
  * The positions a cursor holds, one per channel of `channels`; `null` when it
- * does not parse or was made for another channel list.
+ * does not parse, was made for another channel list, or lacks a position
+ * (`_`; the server's own cursors always hold every position).
  */
 export function decodeCursor(cursor: string, channels: readonly string[]): Position[] | null {
   const [v, hash, ...parts] = cursor.trim().split('.');

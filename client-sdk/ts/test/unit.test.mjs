@@ -95,6 +95,9 @@ describe('SSE cursor', () => {
     assert.equal(channelHash(['news', '$user:alice']), 'fa8736ad');
     assert.equal(encodeCursor(['news', '$user:alice'], [{ seq: 42, epoch: 'k3f9' }, { seq: 7, epoch: 'Z1' }]), 'v1.fa8736ad.k3f9-42.Z1-7');
     assert.equal(encodeCursor(['news'], [{ seq: 42, epoch: 'k3f9' }]), 'v1.4bc7bc46.k3f9-42');
+    // No position yet: `_` in the channel's place.
+    assert.equal(encodeCursor(['news', 'sport'], [{ seq: 42, epoch: 'k3f9' }, undefined]), 'v1.' + channelHash(['news', 'sport']) + '.k3f9-42._');
+    assert.equal(decodeCursor('v1.' + channelHash(['news', 'sport']) + '.k3f9-42._', ['news', 'sport']), null);
   });
 
   test('FNV-1a 32 reference values, hex padded to 8 digits', () => {
@@ -363,20 +366,24 @@ describe('client (fake EventSource)', () => {
     es.emit('message', { type: 'message', channel: 'news', seq: 43, epoch: 'k3f9', data: 1 });
 
     // A new channel reopens the stream with a cursor of our positions; the
-    // new channel's placeholder brings an unrecoverable that is not news.
+    // new channel has none yet (`_`): the server starts it at its top, which
+    // the `connected` event's cursor names.
     c.subscribe('chat:1');
     const es2 = await eventually(() => streams[1], 'second EventSource');
     assert.equal(es.readyState, 2);
     const url = new URL(es2.url);
     assert.deepEqual(url.searchParams.getAll('channel'), ['news', 'chat:1']);
-    assert.equal(url.searchParams.get('last_event_id'), encodeCursor(['news', 'chat:1'], [{ seq: 43, epoch: 'k3f9' }, { seq: 0, epoch: '0' }]));
+    assert.equal(url.searchParams.get('last_event_id'), 'v1.' + channelHash(['news', 'chat:1']) + '.k3f9-43._');
     es2.emit('connected', connected(), encodeCursor(['news', 'chat:1'], [{ seq: 43, epoch: 'k3f9' }, { seq: 7, epoch: 'Q' }]));
-    es2.emit('unrecoverable', { type: 'unrecoverable', channel: 'chat:1', reason: 'epoch_changed', epoch: 'Q', seq: 7 });
+    assert.deepEqual(c.subscriptions()[1].position, { seq: 7, epoch: 'Q' }, 'the new channel starts at the top the cursor names');
     es2.emit('message', { type: 'message', channel: 'chat:1', seq: 8, epoch: 'Q', data: 1 });
     es2.emit('message', { type: 'message', channel: 'news', seq: 43, epoch: 'k3f9', data: 1 });
     assert.deepEqual(rec.msgs, ['news#43', 'chat:1#8']);
     assert.deepEqual(rec.unrecoverable, []);
     assert.equal(c.counters.duplicates, 1);
+    // An `unrecoverable` is news now (a placeholder no longer causes one).
+    es2.emit('unrecoverable', { type: 'unrecoverable', channel: 'chat:1', reason: 'epoch_changed', epoch: 'R', seq: 0 });
+    assert.equal(rec.unrecoverable.length, 1);
     c.close();
   });
 });
