@@ -413,8 +413,9 @@ impl ClientBuilder {
         self
     }
 
-    /// Largest frame the client sends (the server's `max_frame_bytes`,
-    /// default 65536): a larger publish is refused locally with
+    /// Largest frame the client sends to a server that does not advertise
+    /// its `max_frame_bytes` in `connected` (default 65536; a server that
+    /// does is taken at its word): a larger publish is refused locally with
     /// [`ErrorCode::TooLarge`] instead of getting the connection closed for
     /// good (4502).
     pub fn max_frame_bytes(mut self, bytes: usize) -> Self {

@@ -188,6 +188,9 @@ struct WsConn {
     refresh_retry_at: Option<Instant>,
     /// The `error` that answered `connect` (explains the close that follows).
     connect_error: Option<ErrorFrame>,
+    /// Largest frame this server takes: its `connected.max_frame_bytes`, or
+    /// the configured value for a server that does not say.
+    max_frame_bytes: usize,
 }
 
 struct Driver {
@@ -750,6 +753,7 @@ impl Driver {
             dead_after: None,
             refresh_retry_at: None,
             connect_error: None,
+            max_frame_bytes: self.cfg.max_frame_bytes,
         };
         let id = self.next_id();
         let connect = ClientFrame::Connect(Connect {
@@ -967,7 +971,7 @@ impl Driver {
                         data,
                     });
                     let msg = encode(conn.codec, &frame);
-                    if msg.len() > self.cfg.max_frame_bytes {
+                    if msg.len() > conn.max_frame_bytes {
                         // The server would close the connection as terminal
                         // (4502): refuse it here instead.
                         let _ = reply.send(Err(Error::Server {
@@ -975,7 +979,7 @@ impl Driver {
                             message: format!(
                                 "the publish frame is {} bytes, over the limit of {}",
                                 msg.len(),
-                                self.cfg.max_frame_bytes
+                                conn.max_frame_bytes
                             ),
                             temporary: false,
                         }));
@@ -1096,6 +1100,9 @@ impl Driver {
             self.take_pending(id);
         }
         self.connected = true;
+        if let Some(n) = c.max_frame_bytes {
+            conn.max_frame_bytes = usize::try_from(n).unwrap_or(usize::MAX);
+        }
         let ping = Duration::from_millis(c.ping_interval_ms.max(1));
         conn.dead_after = Some(ping.mul_f64(self.cfg.dead_factor));
         self.rearm = true;

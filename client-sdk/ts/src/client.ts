@@ -125,7 +125,8 @@ export interface ClientOptions {
 /** An error of a request, of the server, or of the transport. */
 export class GatewayError extends Error {
   /**
-   * `code`: the server's error code (number, see docs/PROTOCOL.md), or a string for
+   * `code`: the server's error code (number, see docs/PROTOCOL.md; `publish` also
+   * refuses a frame over the server's `max_frame_bytes` locally with 106), or a string for
    * client-side conditions: `not_connected`, `connection_lost`, `unsupported`,
    * `invalid_channel`, `already_subscribed`, `unsubscribed`, `token_provider`.
    * `temporary`: the same request may succeed later.
@@ -220,6 +221,8 @@ export class GatewayClient {
   private userChannel?: string;
   private pending = new Map<number, Pending>();
   private id = 0;
+  /** The server's `connected.max_frame_bytes` (WebSocket); 0 = not said. */
+  private maxFrame = 0;
   private lastRecv = 0;
   private pingMs = 25_000;
 
@@ -311,7 +314,14 @@ export class GatewayClient {
   /** Publishes over the WebSocket (allowed by the token's `publish` patterns); resolves with the message's position. */
   publish(channel: string, data: unknown): Promise<Position> {
     if (this.transport === 'sse') return Promise.reject(new GatewayError('publish is not available over SSE', 'unsupported'));
-    return this.request({ type: 'publish', channel, data }).then((r) => ({ seq: r.seq, epoch: r.epoch }));
+    const f: Frame = { type: 'publish', channel, data };
+    // Over the server's frame limit, the server would close the connection
+    // for good (4502): refuse it here, with the server's code (106 too_large).
+    const size = this.maxFrame ? new TextEncoder().encode(JSON.stringify({ ...f, id: this.id + 1 })).length : 0;
+    if (size > this.maxFrame) {
+      return Promise.reject(new GatewayError(`the publish frame is ${size} bytes, over the server's limit of ${this.maxFrame}`, 106));
+    }
+    return this.request(f).then((r) => ({ seq: r.seq, epoch: r.epoch }));
   }
 
   /** Every subscription (the user stream included), with its status and position. */
@@ -603,6 +613,7 @@ export class GatewayClient {
     this.resume = undefined;
     if (via === 'websocket') this.wsFails = 0;
     this.pingMs = f.ping_interval_ms || 25_000;
+    this.maxFrame = (via === 'websocket' && f.max_frame_bytes) || 0;
     if (this.again) {
       this.again = false;
       this.counters.reconnects++;

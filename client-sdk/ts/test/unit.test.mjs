@@ -333,6 +333,23 @@ describe('client (fake WebSocket)', () => {
     await assert.rejects(q, (e) => e.code === 103 && !e.temporary);
     c.close();
   });
+
+  test("publish over the server's advertised frame limit is refused locally", async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS });
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected({ max_frame_bytes: 200 }));
+    const sent = ws.sent.length;
+    await assert.rejects(c.publish('x', 'y'.repeat(300)), (e) => e.code === 106 && !e.temporary && /200/.test(e.message));
+    assert.equal(ws.sent.length, sent, 'nothing was sent');
+    const p = c.publish('x', 'y'.repeat(100));
+    const f = ws.sent.at(-1);
+    assert.equal(f.type, 'publish');
+    ws.recv({ type: 'published', id: f.id, channel: 'x', seq: 1, epoch: 'E' });
+    assert.deepEqual(await p, { seq: 1, epoch: 'E' });
+    c.close();
+  });
 });
 
 describe('client (fake EventSource)', () => {

@@ -944,3 +944,31 @@ async fn sdk_waits_at_least_retry_after_when_the_node_refuses_sessions() -> R {
     }
     Ok(())
 }
+
+/// The SDK takes the frame limit the server advertises in `connected`: a
+/// publish over it is refused locally (the server would close the
+/// connection for good, 4502), one under it goes through.
+#[tokio::test]
+async fn sdk_adopts_the_servers_advertised_frame_limit() -> R {
+    let gw = Gateway::builder()
+        .env("max_frame_bytes", 1024)
+        .start()
+        .await?;
+    let chan = "limits";
+    let token = gw.token("limited", &[chan], &[chan], 600);
+    // The SDK's own default (65,536) is far above the server's limit.
+    let client = within("connect", sdk(&gw).token(token).connect()).await??;
+    match within("publish", client.publish(chan, json!("x".repeat(2_000)))).await? {
+        Err(Error::Server {
+            code: ErrorCode::TooLarge,
+            temporary: false,
+            ..
+        }) => {}
+        other => bail!("expected a local too_large, got {other:?}"),
+    }
+    assert!(matches!(client.state(), ConnectionState::Connected { .. }));
+    let pos = within("publish", client.publish(chan, json!("x".repeat(500)))).await??;
+    assert_eq!(pos.seq, 1, "only the small publish reached the server");
+    assert_eq!(client.stats().connects, 1, "the connection was never cut");
+    Ok(())
+}
