@@ -55,9 +55,9 @@ pub fn origin(headers: &HeaderMap) -> Option<&str> {
     headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
 }
 
-/// `Err(403 response)` if the request comes from a browser origin the node
-/// does not allow.
-pub fn check(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
+/// `Err` (403 `permission_denied`) if the request comes from a browser
+/// origin the node does not allow.
+pub fn check(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
     let list = node.config.allowed_origins.trim();
     match origin(headers) {
         Some(o) if !list.is_empty() && !listed(list, o) => {
@@ -66,8 +66,7 @@ pub fn check(node: &Node, headers: &HeaderMap) -> Result<(), Response> {
             Err(ApiError::new(
                 ErrorCode::PermissionDenied,
                 format!("origin {o:?} is not allowed (allowed_origins)"),
-            )
-            .into_response())
+            ))
         }
         _ => Ok(()),
     }
@@ -94,7 +93,7 @@ pub fn allow(node: &Node, origin: Option<&str>, res: &mut Response) {
 /// `OPTIONS /sse`: the CORS preflight.
 pub async fn preflight(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
     if let Err(refused) = check(&node, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let mut res = StatusCode::NO_CONTENT.into_response();
     allow(&node, origin(&headers), &mut res);

@@ -35,6 +35,14 @@ pub enum Lifecycle {
     Closing,
 }
 
+/// The seams a node is built from: replay store, broker, registry (none in
+/// the embedded node).
+type Seams = (
+    Arc<dyn ReplayStore>,
+    Arc<dyn Broker>,
+    Option<Arc<dyn Registry>>,
+);
+
 pub struct Node {
     pub config: Config,
     pub id: String,
@@ -93,11 +101,7 @@ impl Node {
         let hub = Arc::new(Hub::new(config.max_queue_bytes));
         let window = Duration::from_millis(config.replay_window_ms);
         let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);
-        let (store, broker, registry): (
-            Arc<dyn ReplayStore>,
-            Arc<dyn Broker>,
-            Option<Arc<dyn Registry>>,
-        ) = match &config.redis_url {
+        let (store, broker, registry): Seams = match &config.redis_url {
             None => {
                 let store = Arc::new(MemoryReplayStore::new(
                     window,

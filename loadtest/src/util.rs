@@ -215,6 +215,23 @@ pub async fn pace(start: tokio::time::Instant, i: u64, rate: f64) {
     }
 }
 
+/// Lines of standard input, read on a thread (tokio's stdin blocks a worker
+/// anyway); the channel closes at end of input. Every helper process of the
+/// load generator takes its commands this way.
+pub fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,21 +276,4 @@ mod tests {
         assert_eq!(cpu_busy_pct(&j, &j).len(), j.len());
         assert!(nofile_limit() > 0);
     }
-}
-
-/// Lines of standard input, read on a thread (tokio's stdin blocks a worker
-/// anyway); the channel closes at end of input. Every helper process of the
-/// load generator takes its commands this way.
-pub fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }

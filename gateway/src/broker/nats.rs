@@ -84,25 +84,21 @@ impl NatsBroker {
                             warn!("nats backbone: disconnected; reconnecting");
                             health.down();
                         }
-                        Event::Connected => {
-                            if health.up() {
-                                info!(
-                                    "nats backbone: reconnected; catching up from the replay store"
-                                );
-                                tokio::spawn(async move {
-                                    // Retry until every channel was read (Redis may be
-                                    // recovering too).
-                                    for attempt in 0..20u32 {
-                                        if tracker.catch_up(&*store, &hub).await == 0 {
-                                            break;
-                                        }
-                                        tokio::time::sleep(Duration::from_millis(
-                                            250 * u64::from(attempt + 1),
-                                        ))
-                                        .await;
+                        Event::Connected if health.up() => {
+                            info!("nats backbone: reconnected; catching up from the replay store");
+                            tokio::spawn(async move {
+                                // Retry until every channel was read (Redis may be
+                                // recovering too).
+                                for attempt in 0..20u32 {
+                                    if tracker.catch_up(&*store, &hub).await == 0 {
+                                        break;
                                     }
-                                });
-                            }
+                                    tokio::time::sleep(Duration::from_millis(
+                                        250 * u64::from(attempt + 1),
+                                    ))
+                                    .await;
+                                }
+                            });
                         }
                         _ => {}
                     }

@@ -236,8 +236,7 @@ impl ReplayStore for RedisReplayStore {
         let channel: Arc<str> = Arc::from(channel);
         let epoch: Arc<str> = Arc::from(epoch);
         let mut publications = Vec::with_capacity(entries.len());
-        let mut expect = since.seq + 1;
-        for e in &entries {
+        for (expect, e) in (since.seq + 1..).zip(&entries) {
             let Some((seq, ts, data)) = parse_entry(e) else {
                 return Err(StoreError::Unavailable("malformed replay entry".into()));
             };
@@ -247,7 +246,6 @@ impl ReplayStore for RedisReplayStore {
                     top,
                 });
             }
-            expect += 1;
             publications.push(Arc::new(Publication::new(
                 channel.clone(),
                 seq,

@@ -58,7 +58,7 @@ pub async fn open(
     RawQuery(query): RawQuery,
 ) -> Response {
     if let Err(refused) = crate::cors::check(&node, &headers) {
-        return refused;
+        return refused.into_response();
     }
     let origin = crate::cors::origin(&headers).map(str::to_owned);
     let mut res = match open_stream(node.clone(), headers, query).await {
@@ -360,7 +360,7 @@ impl SseStream {
             max_delay_ms: c.reconnect_max_delay_ms,
         });
         let mut buf = BytesMut::new();
-        let _ = write!(buf, "retry: {delay}\n");
+        let _ = writeln!(buf, "retry: {delay}");
         let cursor = self.cursor();
         write_event(
             &mut buf,

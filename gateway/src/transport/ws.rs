@@ -73,7 +73,7 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
             .into_response();
     }
     if let Err(refused) = crate::cors::check(&node, headers) {
-        return refused;
+        return refused.into_response();
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
         return ApiError::new(ErrorCode::BadRequest, "missing Sec-WebSocket-Key").into_response();
