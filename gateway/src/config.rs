@@ -140,8 +140,9 @@ pub struct Config {
     /// Admission: new sessions per second this node accepts (sustained;
     /// the burst is the same number).
     pub admission_rate: u32,
-    /// Admission: `Retry-After` (rounded up to seconds) for WebSocket and
-    /// `retry:` for SSE when a session is refused; clients add jitter.
+    /// Admission: `Retry-After` (rounded up to seconds) for WebSocket (for a
+    /// browser: close 4004 with `retry_after_ms`) and `retry:` for SSE when a
+    /// session is refused; clients add jitter.
     pub admission_retry_ms: u64,
 
     /// How long a shutdown waits for connections to go before closing them.

@@ -523,7 +523,9 @@ export class GatewayClient {
     const ws = this.transport === 'websocket';
     this.drop();
     if (this.stopped) return;
-    if (ws && !wasLive) this.wsFails++;
+    // 4004: the node refused the session for now (admission control); the
+    // WebSocket itself works, so it does not count towards the SSE fallback.
+    if (ws && !wasLive && code !== 4004) this.wsFails++;
     let terminal = (code >= 4500 && code < 5000) || TERMINAL.includes(code);
     if (this.resume && !wasLive && (code === 4500 || code === 4005)) {
       this.resume = undefined; // the resume token was refused: connect without it
@@ -539,6 +541,13 @@ export class GatewayClient {
     if (ws && this.o.transport !== 'websocket' && this.wsFails >= (this.o.sseFallbackAfter ?? 3)) {
       this.transport = 'sse';
       this.counters.fallbacks++;
+    }
+    // The server's delay (`overloaded; retry_after_ms=N`) is a floor, spread
+    // over N..1.5N so refused clients do not come back together.
+    const after = code === 4004 ? /retry_after_ms=(\d+)/.exec(reason) : null;
+    if (after) {
+      const ms = +after[1];
+      return this.wait(Math.max(this.bo.delay(this.attempt++), jitter(ms, ms * 1.5)), { code, reason });
     }
     this.retry({ code, reason });
   }

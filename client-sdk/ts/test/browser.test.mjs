@@ -85,6 +85,41 @@ test('SDK over WebSocket: connects, subscribes, receives published messages in o
     assert.deepEqual(r.errors, []);
   }));
 
+test('a node refusing sessions closes a browser WebSocket with 4004 and a delay, which the SDK waits out', T, () =>
+  withEnv(async (env) => {
+    const gw = await env.gateway({ GATEWAY_MAX_CONNECTIONS: '1', GATEWAY_ADMISSION_RETRY_MS: '400' });
+    const browser = await env.browser();
+    const page = await env.page(browser, gw.url);
+    await sdkClient(page, { channels: ['news'] });
+    await allSubscribed(page, 1);
+    // A second client finds the node full: Chromium cannot see an HTTP 503,
+    // so the node accepts the upgrade and closes it with 4004.
+    await page.evaluate(async () => {
+      const { GatewayClient } = await import('/sdk/gateway-client.js');
+      const rec2 = (window.rec2 = { states: [], msgs: [] });
+      const c2 = (window.client2 = new GatewayClient({ channels: ['news'], backoff: { baseMs: 10, capMs: 20 } }));
+      c2.on('state', (s) => rec2.states.push([s.state, s.code || 0, s.delayMs || 0, s.reason || '']));
+      c2.on('message', (m) => rec2.msgs.push(m.seq));
+    });
+    await until(page, () => window.rec2.states.filter((s) => s[0] === 'reconnecting').length >= 2);
+    const refusals = await page.evaluate(() => window.rec2.states.filter((s) => s[0] === 'reconnecting'));
+    for (const [, code, delayMs, reason] of refusals) {
+      assert.equal(code, 4004);
+      assert.equal(reason, 'overloaded; retry_after_ms=400');
+      assert.ok(delayMs >= 400 && delayMs <= 600, `waited ${delayMs} ms, the node asked for 400 (backoff alone: 10-20)`);
+    }
+    // A slot frees up: the second client gets in, over WebSocket still.
+    await page.evaluate(() => window.client.close());
+    await until(page, () => window.client2.state === 'connected');
+    assert.equal(await page.evaluate(() => window.client2.transport), 'websocket');
+    await until(page, () => window.client2.subscriptions().every((s) => s.status === 'subscribed'));
+    await publish(gw.url, 'news', { i: 1 });
+    await until(page, () => window.rec2.msgs.length >= 1);
+    const c = await page.evaluate(() => window.client2.counters);
+    assert.equal(c.fallbacks, 0);
+    await page.evaluate(() => window.client2.close());
+  }));
+
 test('SDK falls back to SSE when WebSocket fails; channel changes and cut connections resume from its cursor', T, () =>
   withEnv(async (env) => {
     const gw = await env.gateway();

@@ -235,6 +235,27 @@ describe('client (fake WebSocket)', () => {
     c.close();
   });
 
+  test('close 4004 (refused for now): waits at least the retry_after_ms it names, no SSE fallback', async () => {
+    const { FakeWS, sockets, next } = fakeWebSocket();
+    const { c, rec } = client({ WebSocket: FakeWS });
+    for (let i = 0; i < 4; i++) {
+      const ws = await next(i);
+      const t0 = Date.now();
+      ws.open();
+      ws.drop(4004, 'overloaded; retry_after_ms=40');
+      assert.equal(c.state, 'reconnecting');
+      await next(i + 1);
+      const waited = Date.now() - t0;
+      assert.ok(waited >= 38 && waited < 200, `waited ${waited} ms (backoff alone is 1-5 ms)`);
+    }
+    assert.equal(c.transport, 'websocket', 'a busy node is not a broken WebSocket');
+    assert.equal(c.counters.fallbacks, 0);
+    sockets[4].open();
+    sockets[4].recv(connected());
+    assert.equal(rec.states.at(-1), 'connected');
+    c.close();
+  });
+
   test('terminal close codes stop the client; others reconnect', async () => {
     const { FakeWS, sockets, next } = fakeWebSocket();
     const { c, rec } = client({ WebSocket: FakeWS });

@@ -23,6 +23,7 @@ use protocol::{
     ErrorCode, ErrorFrame, Pong, Position, Published, Reconnect, RefreshRequired, Refreshed,
     ServerFrame, Unsubscribed,
 };
+use hyper::upgrade::Upgraded;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -101,17 +102,23 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
             .into_response()
         }
     };
-    if let Err(refusal) = node.admit() {
+    // A refused session: HTTP 503 + `Retry-After`, except for a browser
+    // (it sends `Origin`), whose WebSocket API cannot see an HTTP answer:
+    // it gets the upgrade and close 4004 with the delay in the reason.
+    let refused = node.admit().err();
+    if let Some(refusal) = refused {
         metrics::counter!("gateway_admission_rejected_total", "transport" => "ws", "reason" => refusal.reason()).increment(1);
-        return ApiError::new(
-            ErrorCode::Unavailable,
-            format!(
-                "not accepting new sessions ({}); retry later",
-                refusal.reason()
-            ),
-        )
-        .with_retry_after(node.config.admission_retry_ms.div_ceil(1000))
-        .into_response();
+        if crate::cors::origin(headers).is_none() {
+            return ApiError::new(
+                ErrorCode::Unavailable,
+                format!(
+                    "not accepting new sessions ({}); retry later",
+                    refusal.reason()
+                ),
+            )
+            .with_retry_after(node.config.admission_retry_ms.div_ceil(1000))
+            .into_response();
+        }
     }
     let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
         return ApiError::new(ErrorCode::BadRequest, "connection cannot be upgraded")
@@ -126,6 +133,9 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         .max_frame_size(Some(node.config.max_frame_bytes));
     tokio::spawn(async move {
         match on_upgrade.await {
+            Ok(upgraded) if refused.is_some() => {
+                refuse_upgraded(upgraded, node.config.admission_retry_ms).await;
+            }
             Ok(upgraded) => {
                 // The TCP stream itself, out of hyper's boxed wrapper: one
                 // indirection and one allocation less on every write.
@@ -169,6 +179,29 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         );
     }
     res
+}
+
+/// Closes an upgraded connection the node does not admit: close 4004
+/// (`overloaded`) with `retry_after_ms=<ms>` in the reason, then waits
+/// (briefly) for the client's close so the frame is read, not reset away.
+async fn refuse_upgraded(upgraded: Upgraded, retry_ms: u64) {
+    use tokio::io::AsyncReadExt;
+    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        return;
+    };
+    let mut tcp = parts.io.into_inner();
+    let reason = format!("{}; retry_after_ms={retry_ms}", CloseCode::Overloaded.reason());
+    let mut frame = vec![0x88, (2 + reason.len()) as u8];
+    frame.extend_from_slice(&CloseCode::Overloaded.code().to_be_bytes());
+    frame.extend_from_slice(reason.as_bytes());
+    let _ = timeout(Duration::from_secs(2), async {
+        tcp.write_all(&frame).await?;
+        tcp.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while tcp.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
 }
 
 fn encode(codec: Codec, frame: &ServerFrame) -> Message {

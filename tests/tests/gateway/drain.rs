@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use protocol::{ClientFrame, Codec, Connect, ServerFrame};
 use serde_json::json;
 use tests::{Gateway, Incoming, API_KEY};
+use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::R;
 
@@ -315,6 +317,25 @@ async fn admission_control_refuses_over_the_limits_with_retry_hints() -> R {
             "expected a 503 refusal, got {:?}",
             other.map(|_| "connected")
         ),
+    }
+    // A browser (it sends `Origin`) cannot read an HTTP answer to its
+    // upgrade: it gets the upgrade, then close 4004 with the delay.
+    {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = gw.ws_url().into_client_request()?;
+        req.headers_mut()
+            .insert("origin", "https://app.example".parse()?);
+        let (mut ws, res) = tokio_tungstenite::connect_async(req).await?;
+        assert_eq!(res.status().as_u16(), 101);
+        match tests::within("the close", ws.next()).await? {
+            Some(Ok(WsMessage::Close(Some(f)))) => {
+                assert_eq!(u16::from(f.code), 4004);
+                assert_eq!(f.reason.as_str(), "overloaded; retry_after_ms=3000");
+            }
+            other => panic!("expected close 4004, got {other:?}"),
+        }
+        // And no session: the two connections are still all it holds.
+        assert_eq!(gw.metric("gateway_connections").await?, 2.0);
     }
     // SSE: a stream with only `retry:` that ends at once.
     let res = gw
