@@ -17,13 +17,13 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use http::{header, HeaderValue, StatusCode};
+use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use protocol::{
     user_channel, validate_channel, ClientFrame, CloseCode, Codec, Connected, DecodeError,
     ErrorCode, ErrorFrame, Pong, Position, Published, Reconnect, RefreshRequired, Refreshed,
     ServerFrame, Unsubscribed,
 };
-use hyper::upgrade::Upgraded;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -190,7 +190,10 @@ async fn refuse_upgraded(upgraded: Upgraded, retry_ms: u64) {
         return;
     };
     let mut tcp = parts.io.into_inner();
-    let reason = format!("{}; retry_after_ms={retry_ms}", CloseCode::Overloaded.reason());
+    let reason = format!(
+        "{}; retry_after_ms={retry_ms}",
+        CloseCode::Overloaded.reason()
+    );
     let mut frame = vec![0x88, (2 + reason.len()) as u8];
     frame.extend_from_slice(&CloseCode::Overloaded.code().to_be_bytes());
     frame.extend_from_slice(reason.as_bytes());

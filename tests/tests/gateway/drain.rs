@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use protocol::{ClientFrame, Codec, Connect, ServerFrame};
 use serde_json::json;
 use tests::{Gateway, Incoming, API_KEY};
-use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
