@@ -860,7 +860,8 @@ impl Connection {
         let (delivered, oldest) = (out.delivered, out.oldest);
         // Replies, pings and notices are rare: neither buffer is kept for
         // them (kept, the connect burst's would stay with every idle
-        // connection, ~1 KB). Deliveries keep theirs (see `flush`).
+        // connection, ~1 KB). Deliveries borrow the thread's spare buffer
+        // (`spare`).
         self.out = Vec::new();
         self.flush(delivered, oldest).await?;
         // (After an error it holds the rest of a frame `close` completes.)
