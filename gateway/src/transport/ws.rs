@@ -137,20 +137,9 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
                 refuse_upgraded(upgraded, node.config.admission_retry_ms).await;
             }
             Ok(upgraded) => {
-                // The TCP stream itself, out of hyper's boxed wrapper: one
-                // indirection and one allocation less on every write.
-                let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
-                    Ok(parts) => parts,
-                    Err(_) => {
-                        tracing::error!("upgraded connection is not a TCP stream; dropped");
-                        return;
-                    }
+                let Some((tcp, early)) = into_tcp(upgraded) else {
+                    return;
                 };
-                let (tcp, read_buf) = (parts.io.into_inner(), parts.read_buf);
-                // `read_buf` may share hyper's whole request buffer: copy out
-                // what it holds and let it go before the connection's life.
-                let early = (!read_buf.is_empty()).then(|| read_buf.to_vec());
-                drop(read_buf);
                 let socket = match early {
                     None => WebSocketStream::from_raw_socket(tcp, Role::Server, Some(config)).await,
                     // The client sent frames right behind its request.
@@ -181,22 +170,42 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
     res
 }
 
+/// The TCP stream of an upgraded connection, out of hyper's boxed wrapper
+/// (one indirection and one allocation less on every write), with the bytes
+/// the client sent right behind its request, if any. `None` (logged) if the
+/// connection is not a TCP stream.
+fn into_tcp(upgraded: Upgraded) -> Option<(TcpStream, Option<Vec<u8>>)> {
+    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+        tracing::error!("upgraded connection is not a TCP stream; dropped");
+        return None;
+    };
+    // `read_buf` may share hyper's whole request buffer: copy out what it
+    // holds and let it go, rather than keep it for the connection's life.
+    let early = (!parts.read_buf.is_empty()).then(|| parts.read_buf.to_vec());
+    Some((parts.io.into_inner(), early))
+}
+
 /// Closes an upgraded connection the node does not admit: close 4004
 /// (`overloaded`) with `retry_after_ms=<ms>` in the reason, then waits
 /// (briefly) for the client's close so the frame is read, not reset away.
 async fn refuse_upgraded(upgraded: Upgraded, retry_ms: u64) {
     use tokio::io::AsyncReadExt;
-    let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let Some((mut tcp, _)) = into_tcp(upgraded) else {
         return;
     };
-    let mut tcp = parts.io.into_inner();
-    let reason = format!(
-        "{}; retry_after_ms={retry_ms}",
-        CloseCode::Overloaded.reason()
-    );
-    let mut frame = vec![0x88, (2 + reason.len()) as u8];
-    frame.extend_from_slice(&CloseCode::Overloaded.code().to_be_bytes());
-    frame.extend_from_slice(reason.as_bytes());
+    let mut frame = Vec::new();
+    let close = Frame::close(Some(CloseFrame {
+        code: WsCloseCode::from(CloseCode::Overloaded.code()),
+        reason: format!(
+            "{}; retry_after_ms={retry_ms}",
+            CloseCode::Overloaded.reason()
+        )
+        .into(),
+    }));
+    if close.format(&mut frame).is_err() {
+        return;
+    }
     let _ = timeout(Duration::from_secs(2), async {
         tcp.write_all(&frame).await?;
         tcp.shutdown().await?;

@@ -253,20 +253,15 @@ async fn frames_sent_right_behind_the_upgrade_request_are_read() -> R {
     use tokio_tungstenite::tungstenite::protocol::Role;
     use tokio_tungstenite::tungstenite::Message;
 
-    /// A masked client text frame (payload under 64 KiB).
+    /// A masked client text frame, as a client sends it.
     fn client_text(payload: &str) -> Vec<u8> {
-        let mask = [0x12u8, 0x34, 0x56, 0x78];
-        let mut f = vec![0x81];
-        match payload.len() {
-            n @ 0..=125 => f.push(0x80 | n as u8),
-            n => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.bytes().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        f
+        use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+        use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+        let mut frame = Frame::message(payload.to_owned(), OpCode::Data(Data::Text), true);
+        frame.header_mut().mask = Some([0x12, 0x34, 0x56, 0x78]);
+        let mut out = Vec::new();
+        frame.format(&mut out).expect("formatting into a Vec");
+        out
     }
 
     let gw = Gateway::start().await?;
