@@ -125,8 +125,8 @@ export interface ClientOptions {
 /** An error of a request, of the server, or of the transport. */
 export class GatewayError extends Error {
   /**
-   * `code`: the server's error code (number, see docs/PROTOCOL.md; `publish` also
-   * refuses a frame over the server's `max_frame_bytes` locally with 106), or a string for
+   * `code`: the server's error code (number, see docs/PROTOCOL.md; a request whose
+   * frame is over the server's `max_frame_bytes` is refused locally with 106), or a string for
    * client-side conditions: `not_connected`, `connection_lost`, `unsupported`,
    * `invalid_channel`, `already_subscribed`, `unsubscribed`, `token_provider`.
    * `temporary`: the same request may succeed later.
@@ -314,14 +314,7 @@ export class GatewayClient {
   /** Publishes over the WebSocket (allowed by the token's `publish` patterns); resolves with the message's position. */
   publish(channel: string, data: unknown): Promise<Position> {
     if (this.transport === 'sse') return Promise.reject(new GatewayError('publish is not available over SSE', 'unsupported'));
-    const f: Frame = { type: 'publish', channel, data };
-    // Over the server's frame limit, the server would close the connection
-    // for good (4502): refuse it here, with the server's code (106 too_large).
-    const size = this.maxFrame ? new TextEncoder().encode(JSON.stringify({ ...f, id: this.id + 1 })).length : 0;
-    if (size > this.maxFrame) {
-      return Promise.reject(new GatewayError(`the publish frame is ${size} bytes, over the server's limit of ${this.maxFrame}`, 106));
-    }
-    return this.request(f).then((r) => ({ seq: r.seq, epoch: r.epoch }));
+    return this.request({ type: 'publish', channel, data }).then((r) => ({ seq: r.seq, epoch: r.epoch }));
   }
 
   /** Every subscription (the user stream included), with its status and position. */
@@ -563,15 +556,27 @@ export class GatewayClient {
   }
 
   private send(f: Frame): void {
-    if (this.ws && this.ws.readyState === 1) this.ws.send(JSON.stringify(f));
+    this.sendText(JSON.stringify(f));
+  }
+
+  private sendText(text: string): void {
+    if (this.ws && this.ws.readyState === 1) this.ws.send(text);
   }
 
   private request(f: Frame): Promise<Frame> {
     return new Promise((ok, ko) => {
       if (!this.live || !this.ws) return ko(new GatewayError('not connected', 'not_connected', true));
       f.id = ++this.id;
+      const text = JSON.stringify(f);
+      // Over the server's frame limit the server would close the connection
+      // for good (4502): refuse it here, with its code (106 too_large). A
+      // UTF-16 unit is at most 3 UTF-8 bytes, so short frames skip the count.
+      const size = this.maxFrame && text.length * 3 > this.maxFrame ? new TextEncoder().encode(text).length : 0;
+      if (size > this.maxFrame) {
+        return ko(new GatewayError(`the ${f.type} frame is ${size} bytes, over the server's limit of ${this.maxFrame}`, 106));
+      }
       this.pending.set(f.id, { f, ok, ko });
-      this.send(f);
+      this.sendText(text);
     });
   }
 
