@@ -55,6 +55,14 @@ pub fn init_metrics() -> PrometheusHandle {
     }
 }
 
+/// A replay stream was found from an earlier life of the Redis server
+/// (restart, failover, restore) and moved to a new epoch. Rare: looked up by
+/// name when it happens.
+pub fn stream_history_lost() {
+    metrics::counter!("gateway_replay_streams_reset_total", "cause" => "store_restarted")
+        .increment(1);
+}
+
 /// Handles to every metric, created once per node.
 #[derive(Clone)]
 pub struct Metrics {
@@ -130,6 +138,10 @@ impl Metrics {
         describe_counter!(
             "gateway_slow_consumer_disconnects_total",
             "Connections cut because they fell more than max_queue_bytes behind (slow consumers)."
+        );
+        describe_counter!(
+            "gateway_replay_streams_reset_total",
+            "Replay streams moved to a new epoch because the store could not prove their history (Redis restarted, failed over or was restored)."
         );
         describe_counter!(
             "gateway_frames_rejected_total",

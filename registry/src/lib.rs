@@ -43,8 +43,9 @@ pub trait Registry: Send + Sync + 'static {
     /// Marks the node alive for one TTL, with its draining flag and load.
     /// Returns true when the registry did not know the node (first
     /// heartbeat, or the registry lost its data, e.g. a Redis restart without
-    /// persistence): the node must then re-announce its users with
-    /// [`Registry::set_user`].
+    /// persistence), or may have lost part of it (Redis came back from a
+    /// snapshot, a failover or a restore): the node must then re-announce its
+    /// users with [`Registry::set_user`].
     async fn heartbeat(&self, status: &NodeStatus) -> Result<bool, RegistryError>;
 
     /// Sets the number of connections of `user` on `node` (re-announcing

@@ -8,6 +8,11 @@
 //!   ones are removed when a listing finds their `alive` key gone).
 //! * `gw:{u:<user>}`: hash node -> connection count of that user on that
 //!   node; fields of dead nodes are ignored and removed when seen.
+//!
+//! A heartbeat also reads the server's `run_id`. When it changed, Redis
+//! restarted, failed over or was restored, possibly from a snapshot taken
+//! before this node announced some of its users: the heartbeat then asks
+//! the node to re-announce them, as it does when Redis forgot the node.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -56,6 +61,15 @@ pub struct RedisRegistry {
     /// then cost one Redis call, not two.
     live_cache: Mutex<(Instant, HashSet<String>)>,
     cache_for: Duration,
+    /// The `run_id` of the Redis process the last heartbeat reached.
+    life: Mutex<Option<String>>,
+}
+
+/// The `run_id` line of `INFO server`.
+fn run_id(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(str::trim)
 }
 
 impl RedisRegistry {
@@ -72,6 +86,7 @@ impl RedisRegistry {
             ttl,
             live_cache: Mutex::new((Instant::now() - cache_for * 2, HashSet::new())),
             cache_for,
+            life: Mutex::new(None),
         })
     }
 
@@ -94,7 +109,7 @@ impl Registry for RedisRegistry {
         let json =
             serde_json::to_string(status).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let mut c = self.conn.clone();
-        let (added,): (u64,) = redis::pipe()
+        let (added, info): (u64, String) = redis::pipe()
             .pset_ex(
                 alive_key(&status.id),
                 json,
@@ -102,10 +117,19 @@ impl Registry for RedisRegistry {
             )
             .ignore()
             .sadd(IDS, &status.id)
+            .cmd("INFO")
+            .arg("server")
             .query_async(&mut c)
             .await
             .map_err(err)?;
-        Ok(added == 1)
+        let life = run_id(&info).map(str::to_owned);
+        let new_life = {
+            let mut known = self.life.lock();
+            let changed = known.is_some() && *known != life;
+            *known = life;
+            changed
+        };
+        Ok(added == 1 || new_life)
     }
 
     async fn set_user(
@@ -228,5 +252,20 @@ impl Registry for RedisRegistry {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::run_id;
+
+    #[test]
+    fn run_id_is_read_from_info_server() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:9f914101f69cb5e1b37e8a4736bedd6c2c453bfa\r\ntcp_port:6379\r\n";
+        assert_eq!(
+            run_id(info),
+            Some("9f914101f69cb5e1b37e8a4736bedd6c2c453bfa")
+        );
+        assert_eq!(run_id("# Server\r\nredis_version:7.0.15\r\n"), None);
     }
 }

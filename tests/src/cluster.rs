@@ -166,6 +166,19 @@ pub enum ServiceKind {
     Nats,
 }
 
+/// What redis-server keeps on disk (in a directory of its own that outlives
+/// its restarts), so a test can restart it from what it saved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Persistence {
+    /// Nothing: a restart comes back empty.
+    #[default]
+    None,
+    /// An RDB snapshot (`dump.rdb`), written only when the test says `SAVE`.
+    Rdb,
+    /// An append-only file, `appendfsync everysec`.
+    Aof,
+}
+
 /// redis-server or nats-server on a fixed loopback port; can be stopped and
 /// started again on the same port. Killed on drop.
 pub struct Service {
@@ -174,6 +187,9 @@ pub struct Service {
     child: Option<Child>,
     logs: Arc<Mutex<String>>,
     starts: u32,
+    persistence: Persistence,
+    /// Redis's working directory (its RDB / AOF files), kept across restarts.
+    dir: Option<crate::TempDir>,
 }
 
 impl std::fmt::Debug for Service {
@@ -196,15 +212,31 @@ impl Drop for Service {
 impl Service {
     /// Starts a fresh service on a free port and waits until it answers.
     pub async fn start_new(kind: ServiceKind) -> Result<Self> {
+        Self::start_with(kind, Persistence::None).await
+    }
+
+    /// Starts a fresh service that keeps `persistence` on disk (Redis).
+    pub async fn start_with(kind: ServiceKind, persistence: Persistence) -> Result<Self> {
+        let dir = match persistence {
+            Persistence::None => None,
+            _ => Some(crate::TempDir::new()?),
+        };
         let mut s = Self {
             kind,
             port: service_port()?,
             child: None,
             logs: Arc::new(Mutex::new(String::new())),
             starts: 0,
+            persistence,
+            dir,
         };
         s.start().await?;
         Ok(s)
+    }
+
+    /// Redis's working directory (RDB / AOF files), if it persists anything.
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_ref().map(|d| d.path())
     }
 
     pub fn name(&self) -> &'static str {
@@ -240,23 +272,37 @@ impl Service {
         );
         let port = self.port.to_string();
         let args: Vec<String> = match self.kind {
-            ServiceKind::Redis => [
-                "--port",
-                &port,
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--loglevel",
-                "notice",
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect(),
+            ServiceKind::Redis => {
+                let dir = self
+                    .dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_else(|| ".".into());
+                let appendonly = if self.persistence == Persistence::Aof {
+                    "yes"
+                } else {
+                    "no"
+                };
+                let mut args = vec![
+                    "--port",
+                    &port,
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    appendonly,
+                    "--appendfsync",
+                    "everysec",
+                    "--daemonize",
+                    "no",
+                    "--loglevel",
+                    "notice",
+                ];
+                if self.persistence != Persistence::None {
+                    args.extend(["--dir", &dir, "--dbfilename", "dump.rdb"]);
+                }
+                args.iter().map(|s| s.to_string()).collect()
+            }
             ServiceKind::Nats => ["-a", "127.0.0.1", "-p", &port]
                 .iter()
                 .map(|s| s.to_string())
@@ -819,6 +865,7 @@ pub struct ClusterBuilder {
     registry_ttl_ms: u64,
     heartbeat_interval_ms: u64,
     backbone_down_threshold_ms: u64,
+    redis_persistence: Persistence,
     env: Vec<(String, String)>,
 }
 
@@ -855,6 +902,12 @@ impl ClusterBuilder {
         self
     }
 
+    /// What Redis keeps on disk across [`Service::stop`] / [`Service::start`].
+    pub fn redis_persistence(mut self, p: Persistence) -> Self {
+        self.redis_persistence = p;
+        self
+    }
+
     /// Any other gateway setting, for every node.
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.push((key.to_owned(), value.to_string()));
@@ -863,7 +916,7 @@ impl ClusterBuilder {
 
     pub async fn start(self) -> Result<Cluster> {
         let started = Instant::now();
-        let redis = Service::start_new(ServiceKind::Redis).await?;
+        let redis = Service::start_with(ServiceKind::Redis, self.redis_persistence).await?;
         let nats = match self.backbone {
             Backbone::Nats => Some(Service::start_new(ServiceKind::Nats).await?),
             Backbone::Redis => None,
@@ -1014,6 +1067,7 @@ impl Cluster {
             registry_ttl_ms: 2_000,
             heartbeat_interval_ms: 400,
             backbone_down_threshold_ms: 1_000,
+            redis_persistence: Persistence::None,
             env: Vec::new(),
         }
     }

@@ -7,7 +7,11 @@
 //!   sequences have no holes.
 //! * A channel's epoch stays the same for as long as its history is kept; it
 //!   changes only when the history is lost (the stream's metadata expired or
-//!   the store restarted empty). `top` of a channel never seen before creates
+//!   the store restarted empty) or can no longer be proven complete (Redis
+//!   came back from a snapshot, an AOF, a failover or a backup: see
+//!   [`redis`]). So a (channel, epoch, seq) never names two different
+//!   messages: a store that may have forgotten acknowledged sequences starts
+//!   a new epoch instead of handing them out again. `top` of a channel never seen before creates
 //!   the stream (epoch fixed, seq 0), so a subscriber that saw seq 0 resumes
 //!   cleanly when the first message comes.
 //! * `read_since` returns either *every* message after the position, in

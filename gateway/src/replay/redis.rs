@@ -8,9 +8,38 @@
 //!   at `replay_max_messages` entries and expiring `replay_window_ms` after
 //!   the last append; entries older than the window are not served.
 //!
-//! Appends run as one Lua script that assigns the sequence, stores the
-//! message and (for the Redis backbone) PUBLISHes it, so sequence order and
-//! publish order always agree.
+//! Appends run as one Lua function (a Redis function library, see
+//! [`Library`]) that assigns the sequence, stores the message and (for the
+//! Redis backbone) PUBLISHes it, so sequence order and publish order always
+//! agree.
+//!
+//! # The life check: no sequence is handed out twice
+//!
+//! Redis may come back with less history than it acknowledged: a restart
+//! from an RDB snapshot or an AOF that is behind (`appendfsync everysec`), a
+//! replica promoted by a failover (replication is asynchronous), a restore
+//! from backup. A stream's `s` would then be below sequences already given
+//! to messages, and the next appends would reuse them: subscribers that saw
+//! the old ones drop the new ones as duplicates, silently.
+//!
+//! So the meta hash also holds `l`, the `run_id` of the Redis process that
+//! created the stream's epoch. Both functions compare it with the server's
+//! own `run_id` (inside the function, so the check and the append are one
+//! atomic step) and treat a stream whose `l` differs (or is missing) as
+//! having lost its history: it starts a new epoch (seq 0, buffer dropped).
+//! Every process restart, every failover and every restore changes the
+//! `run_id`, so the stale state is never appended to. The library reads the
+//! `run_id` (`INFO server`) once per load of its Lua state and keeps it in
+//! an upvalue: a Lua state never outlives its process (a restart loads the
+//! library afresh), and a promoted replica runs its own. Reading INFO on
+//! every call instead cost 29 % of Redis's append throughput (BENCHMARKS.md).
+//! The cost that remains: a restart that lost nothing
+//! (a clean `SHUTDOWN SAVE`) also moves every stream to a new epoch; clients
+//! are then told `unrecoverable` (`epoch_changed`) once per channel and
+//! re-sync, which is honest, where trusting the snapshot could lose
+//! messages silently. A key evicted under `maxmemory` is covered without
+//! it: a missing meta hash starts a new epoch, a missing buffer reads as
+//! `too_old`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,46 +47,101 @@ use std::time::Duration;
 use async_trait::async_trait;
 use protocol::{Position, UnrecoverableReason};
 use redis::aio::ConnectionManager;
-use redis::{Script, Value as RedisValue};
+use redis::Value as RedisValue;
 use serde_json::Value;
+use tracing::warn;
 
 use super::memory::new_epoch;
 use super::{Publication, Recovery, ReplayStore, StoreError};
 use crate::node::now_ms;
 
-const APPEND: &str = r"
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
-  redis.call('DEL', KEYS[2])
+/// The Redis function library: `<name>_append` and `<name>_read`, and the
+/// life check both run first (module docs). Its name carries a hash of its
+/// code, so nodes of different versions (a rolling upgrade) each call their
+/// own functions in one Redis.
+const LIBRARY_BODY: &str = r"
+local cached_life = nil
+-- The run_id of this Redis process, read once per Lua state (module docs).
+local function current_life()
+  if not cached_life then
+    cached_life = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+  end
+  return cached_life
 end
-local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. seq, 'd', ARGV[1], 't', ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-if #ARGV > 7 then
-  local msg = seq .. '\n' .. epoch .. '\n' .. ARGV[2] .. '\n' .. ARGV[7] .. '\n' .. ARGV[1]
-  for i = 8, #ARGV do redis.call('PUBLISH', ARGV[i], msg) end
+
+-- The stream's epoch; a new one (`fresh`) when the stream is new or was
+-- created in another life of the server. Returns epoch, reset (1: the
+-- latter).
+local function life_check(meta_key, buf_key, fresh)
+  local life = current_life()
+  if not life then return error('no run_id in INFO server') end
+  local meta = redis.call('HMGET', meta_key, 'e', 'l')
+  local epoch = meta[1]
+  local reset = 0
+  if (not epoch) or meta[2] ~= life then
+    if epoch then reset = 1 end
+    epoch = fresh
+    redis.call('DEL', meta_key, buf_key)
+    redis.call('HSET', meta_key, 'e', epoch, 's', 0, 'l', life)
+  end
+  return epoch, reset
 end
-return {seq, epoch}
+
+-- KEYS: meta, buffer. ARGV: data, ts, max messages, window ms, meta ttl ms,
+-- fresh epoch, channel, then the pub/sub channels to PUBLISH to.
+local function append(KEYS, ARGV)
+  local epoch, reset = life_check(KEYS[1], KEYS[2], ARGV[6])
+  local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. seq, 'd', ARGV[1], 't', ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+  if #ARGV > 7 then
+    local msg = seq .. '\n' .. epoch .. '\n' .. ARGV[2] .. '\n' .. ARGV[7] .. '\n' .. ARGV[1]
+    for i = 8, #ARGV do redis.call('PUBLISH', ARGV[i], msg) end
+  end
+  return {seq, epoch, reset}
+end
+
+-- KEYS: meta, buffer. ARGV: first seq to read ('' for none), max messages,
+-- fresh epoch, meta ttl ms.
+local function read(KEYS, ARGV)
+  local epoch, reset = life_check(KEYS[1], KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  local s = tonumber(redis.call('HGET', KEYS[1], 's'))
+  local entries = {}
+  if ARGV[1] ~= '' then
+    entries = redis.call('XRANGE', KEYS[2], '0-' .. ARGV[1], '+', 'COUNT', ARGV[2])
+  end
+  return {epoch, s, entries, reset}
+end
 ";
 
-const READ: &str = r"
-local e = redis.call('HGET', KEYS[1], 'e')
-if not e then
-  e = ARGV[3]
-  redis.call('HSET', KEYS[1], 'e', e, 's', 0)
-  redis.call('DEL', KEYS[2])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-local s = tonumber(redis.call('HGET', KEYS[1], 's'))
-local entries = {}
-if ARGV[1] ~= '' then
-  entries = redis.call('XRANGE', KEYS[2], '0-' .. ARGV[1], '+', 'COUNT', ARGV[2])
-end
-return {e, s, entries}
-";
+/// The function library as loaded into Redis, and its function names.
+struct Library {
+    code: String,
+    append: String,
+    read: String,
+}
+
+impl Library {
+    fn new() -> Self {
+        // FNV-1a of the body: a new version of the code gets new names.
+        let hash = LIBRARY_BODY.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+        let name = format!("gw_replay_{:08x}", hash as u32);
+        let code = format!(
+            "#!lua name={name}\n{LIBRARY_BODY}\n\
+             redis.register_function('{name}_append', append)\n\
+             redis.register_function('{name}_read', read)\n"
+        );
+        Self {
+            append: format!("{name}_append"),
+            read: format!("{name}_read"),
+            code,
+        }
+    }
+}
 
 fn keys(channel: &str) -> (String, String) {
     (
@@ -72,8 +156,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 pub struct RedisReplayStore {
     conn: ConnectionManager,
-    append: Script,
-    read: Script,
+    library: Library,
     window: Duration,
     max_messages: usize,
     meta_ttl: Duration,
@@ -107,14 +190,50 @@ impl RedisReplayStore {
                 .await;
             }
         });
-        Ok(Self {
+        let store = Self {
             conn,
-            append: Script::new(APPEND),
-            read: Script::new(READ),
+            library: Library::new(),
             window,
             max_messages,
             meta_ttl,
-        })
+        };
+        store.load_library().await?;
+        Ok(store)
+    }
+
+    /// Loads (or reloads) the function library into Redis.
+    async fn load_library(&self) -> Result<(), StoreError> {
+        let mut c = self.conn.clone();
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.library.code)
+            .query_async::<String>(&mut c)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// `FCALL function 2 meta buf args...`; loads the library first if Redis
+    /// does not have it (it restarted empty, or was flushed).
+    async fn fcall<T: redis::FromRedisValue>(
+        &self,
+        function: &str,
+        channel: &str,
+        args: impl FnOnce(&mut redis::Cmd),
+    ) -> Result<T, StoreError> {
+        let (meta, buf) = keys(channel);
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(function).arg(2).arg(meta).arg(buf);
+        args(&mut cmd);
+        let mut c = self.conn.clone();
+        match cmd.query_async::<T>(&mut c).await {
+            Err(e) if e.to_string().contains("Function not found") => {
+                self.load_library().await?;
+                cmd.query_async::<T>(&mut c).await.map_err(unavailable)
+            }
+            r => r.map_err(unavailable),
+        }
     }
 
     /// Appends and, in the same atomic step, PUBLISHes the backbone envelope
@@ -127,21 +246,25 @@ impl RedisReplayStore {
         publish_to: &[String],
     ) -> Result<Arc<Publication>, StoreError> {
         let payload = serde_json::to_string(&data).map_err(unavailable)?;
-        let (meta, buf) = keys(channel);
-        let mut inv = self.append.key(meta);
-        inv.key(buf)
-            .arg(&payload)
-            .arg(ts)
-            .arg(self.max_messages)
-            .arg(self.window.as_millis() as u64)
-            .arg(self.meta_ttl.as_millis() as u64)
-            .arg(&*new_epoch())
-            .arg(channel);
-        for target in publish_to {
-            inv.arg(target);
+        let (window, meta_ttl) = (
+            self.window.as_millis() as u64,
+            self.meta_ttl.as_millis() as u64,
+        );
+        let (seq, epoch, reset): (u64, String, u8) = self
+            .fcall(&self.library.append, channel, |cmd| {
+                cmd.arg(&payload)
+                    .arg(ts)
+                    .arg(self.max_messages)
+                    .arg(window)
+                    .arg(meta_ttl)
+                    .arg(&*new_epoch())
+                    .arg(channel)
+                    .arg(publish_to);
+            })
+            .await?;
+        if reset == 1 {
+            history_lost(channel, &epoch);
         }
-        let mut c = self.conn.clone();
-        let (seq, epoch): (u64, String) = inv.invoke_async(&mut c).await.map_err(unavailable)?;
         Ok(Arc::new(Publication::new(
             Arc::from(channel),
             seq,
@@ -156,21 +279,31 @@ impl RedisReplayStore {
         channel: &str,
         from: Option<u64>,
     ) -> Result<(String, u64, Vec<RedisValue>), StoreError> {
-        let (meta, buf) = keys(channel);
-        let mut c = self.conn.clone();
-        let (epoch, top, entries): (String, u64, Vec<RedisValue>) = self
-            .read
-            .key(meta)
-            .key(buf)
-            .arg(from.map(|f| f.to_string()).unwrap_or_default())
-            .arg(self.max_messages)
-            .arg(&*new_epoch())
-            .arg(self.meta_ttl.as_millis() as u64)
-            .invoke_async(&mut c)
-            .await
-            .map_err(unavailable)?;
+        let from = from.map(|f| f.to_string()).unwrap_or_default();
+        let meta_ttl = self.meta_ttl.as_millis() as u64;
+        let (epoch, top, entries, reset): (String, u64, Vec<RedisValue>, u8) = self
+            .fcall(&self.library.read, channel, |cmd| {
+                cmd.arg(&from)
+                    .arg(self.max_messages)
+                    .arg(&*new_epoch())
+                    .arg(meta_ttl);
+            })
+            .await?;
+        if reset == 1 {
+            history_lost(channel, &epoch);
+        }
         Ok((epoch, top, entries))
     }
+}
+
+/// A stream was found from another life of the Redis server and moved to a
+/// new epoch (module docs).
+fn history_lost(channel: &str, epoch: &str) {
+    warn!(
+        channel,
+        epoch, "replay store: stream from an earlier Redis life (restart, failover or restore); its history cannot be proven, moved to a new epoch"
+    );
+    crate::telemetry::stream_history_lost();
 }
 
 /// Parses one stream entry `[id, [field, value, ...]]` into (seq, ts, data).

@@ -1360,3 +1360,10 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// 7. Redis comes back with less history than it acknowledged
+// ---------------------------------------------------------------------------
+
+#[path = "history_loss.rs"]
+mod history_loss;
