@@ -14,7 +14,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::errors::ApiError;
-use crate::node::{now_ms, Node};
+use crate::ids::now_ms;
+use crate::node::Node;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -40,7 +40,7 @@ use parking_lot::Mutex;
 use protocol::{user_channel, Codec};
 use tokio::sync::Notify;
 
-use crate::replay::Publication;
+use crate::message::Publication;
 
 /// The part of a connection the hub holds.
 pub struct SessionShared {

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
@@ -83,13 +83,6 @@ impl Refusal {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 impl Node {
     /// Builds the node the config asks for: embedded (in-memory parts) with
     /// no `redis_url`, a cluster node with one.
@@ -97,7 +90,7 @@ impl Node {
         let id = config
             .node_id
             .clone()
-            .unwrap_or_else(|| format!("node-{}", crate::replay::memory::new_epoch()));
+            .unwrap_or_else(crate::ids::new_node_id);
         let hub = Arc::new(Hub::new(config.max_queue_bytes));
         let window = Duration::from_millis(config.replay_window_ms);
         let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::replay::Publication;
+use crate::message::Publication;
 
 pub fn encode(p: &Publication) -> Vec<u8> {
     let data = serde_json::to_string(&p.data).unwrap_or_else(|_| "null".into());

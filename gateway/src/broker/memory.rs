@@ -7,7 +7,8 @@ use serde_json::Value;
 
 use super::{Broker, BrokerError};
 use crate::hub::Hub;
-use crate::replay::{Publication, ReplayStore};
+use crate::message::Publication;
+use crate::replay::ReplayStore;
 
 /// Number of ordering locks; channels hash onto them.
 const ORDER_SHARDS: usize = 64;

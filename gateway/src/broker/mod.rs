@@ -31,7 +31,8 @@ use async_trait::async_trait;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::replay::{Publication, StoreError};
+use crate::message::Publication;
+use crate::replay::StoreError;
 
 pub use memory::MemoryBroker;
 pub use nats::NatsBroker;

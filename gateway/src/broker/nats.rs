@@ -27,7 +27,8 @@ use super::envelope;
 use super::tracker::{Health, Tracker};
 use super::{Broker, BrokerError};
 use crate::hub::Hub;
-use crate::replay::{Publication, RedisReplayStore, ReplayStore};
+use crate::message::Publication;
+use crate::replay::{RedisReplayStore, ReplayStore};
 
 /// Channel names may hold `.` (the NATS token separator); hex keeps every
 /// name one token.

@@ -26,7 +26,8 @@ use super::envelope;
 use super::tracker::{Health, Tracker};
 use super::{Broker, BrokerError};
 use crate::hub::Hub;
-use crate::replay::{Publication, RedisReplayStore};
+use crate::message::Publication;
+use crate::replay::RedisReplayStore;
 
 pub fn channel_topic(channel: &str) -> String {
     format!("gw:ch:{channel}")

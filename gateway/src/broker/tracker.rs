@@ -11,7 +11,8 @@ use protocol::{Position, UnrecoverableReason};
 use tracing::{info, warn};
 
 use crate::hub::Hub;
-use crate::replay::{Publication, Recovery, ReplayStore};
+use crate::message::Publication;
+use crate::replay::{Recovery, ReplayStore};
 
 #[derive(Default)]
 pub struct Tracker {

@@ -15,7 +15,8 @@ use parking_lot::Mutex;
 use protocol::Position;
 use serde_json::Value;
 
-use super::{Publication, Recovery, ReplayStore, StoreError};
+use super::{Recovery, ReplayStore, StoreError};
+use crate::message::Publication;
 
 type Key = (String, String, u64);
 type Read = Shared<BoxFuture<'static, Result<Recovery, StoreError>>>;

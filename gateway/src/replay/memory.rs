@@ -4,14 +4,15 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::ids::new_epoch;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use protocol::{Position, UnrecoverableReason};
-use rand::Rng;
 use serde_json::Value;
 
-use super::{Publication, Recovery, ReplayStore, StoreError};
+use super::{Recovery, ReplayStore, StoreError};
+use crate::message::Publication;
 
 struct Stream {
     epoch: Arc<str>,
@@ -28,16 +29,6 @@ pub struct MemoryReplayStore {
     window: Duration,
     max_messages: usize,
     meta_ttl: Duration,
-}
-
-/// A new epoch: 8 random alphanumeric characters (alphanumeric keeps SSE
-/// cursors unambiguous).
-pub fn new_epoch() -> Arc<str> {
-    let mut rng = rand::rng();
-    (0..8)
-        .map(|_| rng.sample(rand::distr::Alphanumeric) as char)
-        .collect::<String>()
-        .into()
 }
 
 impl MemoryReplayStore {

@@ -51,9 +51,10 @@ use redis::Value as RedisValue;
 use serde_json::Value;
 use tracing::warn;
 
-use super::memory::new_epoch;
-use super::{Publication, Recovery, ReplayStore, StoreError};
-use crate::node::now_ms;
+use super::{Recovery, ReplayStore, StoreError};
+use crate::ids::new_epoch;
+use crate::ids::now_ms;
+use crate::message::Publication;
 
 /// The Redis function library: `<name>_append` and `<name>_read`, and the
 /// life check both run first (module docs). Its name carries a hash of its

@@ -33,8 +33,9 @@ use protocol::{
 use tracing::warn;
 
 use crate::hub::{Arrived, Behind, SessionShared, Signal, Subscription};
+use crate::message::Publication;
 use crate::node::Node;
-use crate::replay::{Publication, Recovery};
+use crate::replay::Recovery;
 
 /// Something the transport must write, in order.
 #[derive(Debug)]
@@ -481,7 +482,7 @@ impl Session {
                 .is_none_or(|t| now.duration_since(t) >= LATENCY_SAMPLE_EVERY)
             {
                 self.latency_sampled_at = Some(now);
-                let now_ms = crate::node::now_ms();
+                let now_ms = crate::ids::now_ms();
                 self.node
                     .metrics
                     .delivery_latency

@@ -7,7 +7,7 @@
 //! into the connection's own write buffer and written with one write() per
 //! wake-up, so a burst costs one system call, not one per message. A
 //! publication's frame is encoded and framed once for all recipients
-//! ([`crate::replay::WsFrame`]); each recipient only copies its bytes.
+//! ([`crate::message::WsFrame`]); each recipient only copies its bytes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,9 +38,10 @@ use tracing::debug;
 use crate::auth::{now_secs, AuthError, Identity};
 use crate::errors::ApiError;
 use crate::hub::SessionShared;
-use crate::node::{now_ms, Lifecycle, Node};
-use crate::replay::Publication;
-use crate::replay::WsFrame;
+use crate::ids::now_ms;
+use crate::message::Publication;
+use crate::message::WsFrame;
+use crate::node::{Lifecycle, Node};
 use crate::session::ratelimit::RateLimit;
 use crate::session::{Outbox, Outgoing, Session, Transport};
 

@@ -1,0 +1,120 @@
+//! The message as it travels through a node: a [`Publication`] (channel,
+//! position, data, accept time) shared behind an `Arc` by the replay buffer,
+//! the channel logs and every connection it is delivered to, with its
+//! encodings made once per codec ([`WsFrame`]: a complete WebSocket frame;
+//! SSE writes its payload).
+
+use std::sync::{Arc, OnceLock};
+
+use protocol::{Codec, MessageRef, Position};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+
+/// One published message, shared (behind an `Arc`) by the replay buffer and
+/// every connection it is delivered to.
+#[derive(Debug)]
+pub struct Publication {
+    pub channel: Arc<str>,
+    pub seq: u64,
+    pub epoch: Arc<str>,
+    pub data: Value,
+    /// When the publish was accepted, Unix milliseconds.
+    pub ts: u64,
+    // Encoded once per codec, on first use, then shared by every recipient:
+    // a broadcast costs one encode per codec, not one per subscriber. Each
+    // is kept as a complete WebSocket frame (server frames are unmasked, so
+    // the bytes are the same for every recipient): a connection copies them
+    // into its write buffer as they are, with no per-recipient framing.
+    json: OnceLock<WsFrame>,
+    msgpack: OnceLock<WsFrame>,
+}
+
+/// A complete, unmasked WebSocket data frame: header, then payload.
+#[derive(Debug)]
+pub struct WsFrame {
+    bytes: Box<[u8]>,
+    header: u8,
+}
+
+impl WsFrame {
+    /// Frames `payload` as one final text (JSON) or binary (MessagePack)
+    /// frame.
+    pub fn new(codec: Codec, payload: &[u8]) -> Self {
+        let opcode = match codec {
+            Codec::Json => OpCode::Data(Data::Text),
+            Codec::MsgPack => OpCode::Data(Data::Binary),
+        };
+        let header = FrameHeader {
+            is_final: true,
+            opcode,
+            ..FrameHeader::default()
+        };
+        let mut bytes = Vec::with_capacity(header.len(payload.len() as u64) + payload.len());
+        // Writing into a Vec cannot fail.
+        let _ = header.format(payload.len() as u64, &mut bytes);
+        let header = bytes.len() as u8;
+        bytes.extend_from_slice(payload);
+        Self {
+            bytes: bytes.into_boxed_slice(),
+            header,
+        }
+    }
+
+    /// The whole frame, as it goes on the wire.
+    pub fn frame(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The payload alone.
+    pub fn payload(&self) -> &[u8] {
+        &self.bytes[self.header as usize..]
+    }
+}
+
+impl Publication {
+    pub fn new(channel: Arc<str>, seq: u64, epoch: Arc<str>, data: Value, ts: u64) -> Self {
+        Self {
+            channel,
+            seq,
+            epoch,
+            data,
+            ts,
+            json: OnceLock::new(),
+            msgpack: OnceLock::new(),
+        }
+    }
+
+    fn as_ref(&self) -> MessageRef<'_> {
+        MessageRef {
+            channel: &self.channel,
+            seq: self.seq,
+            epoch: &self.epoch,
+            data: &self.data,
+            ts: Some(self.ts),
+        }
+    }
+
+    /// The `message` frame in a codec, framed for WebSocket.
+    pub fn ws_frame(&self, codec: Codec) -> &WsFrame {
+        let cell = match codec {
+            Codec::Json => &self.json,
+            Codec::MsgPack => &self.msgpack,
+        };
+        cell.get_or_init(|| WsFrame::new(codec, &codec.encode(&self.as_ref())))
+    }
+
+    /// The `message` frame as JSON text.
+    pub fn json(&self) -> &[u8] {
+        self.ws_frame(Codec::Json).payload()
+    }
+
+    /// Encoded size for a codec (what a channel log is charged).
+    pub fn encoded_len(&self, codec: Codec) -> usize {
+        self.ws_frame(codec).frame().len()
+    }
+
+    pub fn position(&self) -> Position {
+        Position::new(self.seq, &*self.epoch)
+    }
+}
