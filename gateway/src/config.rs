@@ -11,6 +11,8 @@ use figment::Figment;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::cors::AllowedOrigins;
+
 /// Every setting of a node. Field names are the config-file keys; the
 /// environment variable is the name upper-cased with a `GATEWAY_` prefix
 /// (`replay_window_ms` -> `GATEWAY_REPLAY_WINDOW_MS`).
@@ -46,7 +48,7 @@ pub struct Config {
     /// Browser origins allowed to open SSE streams (CORS) and WebSockets,
     /// comma-separated (`https://app.example.com`), or `*`. Empty: no CORS
     /// headers and no `Origin` check.
-    pub allowed_origins: String,
+    pub allowed_origins: AllowedOrigins,
 
     /// How long published messages stay resumable.
     pub replay_window_ms: u64,
@@ -169,7 +171,7 @@ impl Default for Config {
             jwt_public_key_file: None,
             jwt_algorithm: "RS256".into(),
             api_keys: String::new(),
-            allowed_origins: String::new(),
+            allowed_origins: AllowedOrigins::default(),
             replay_window_ms: 120_000,
             replay_max_messages: 1000,
             stream_meta_ttl_ms: 24 * 3600 * 1000,
@@ -260,7 +262,6 @@ impl Config {
     /// a message naming it.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        crate::cors::validate(&self.allowed_origins).map_err(ConfigError::Invalid)?;
         if self.listen_backlog == 0 {
             return bad("listen_backlog must be at least 1".into());
         }

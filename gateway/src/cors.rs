@@ -17,37 +17,68 @@
 //! Requests without `Origin` (servers, CLI tools, native apps) are never
 //! refused on this ground.
 
-use std::sync::Arc;
-
-use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use protocol::ErrorCode;
+use serde::{Deserialize, Serialize};
 
 use crate::errors::ApiError;
-use crate::node::Node;
 
-/// Whether `list` (the `allowed_origins` setting) lets `origin` in.
-fn listed(list: &str, origin: &str) -> bool {
-    list.split(',')
-        .map(str::trim)
-        .any(|o| o == "*" || o.eq_ignore_ascii_case(origin))
+/// The `allowed_origins` setting, parsed when the config is loaded (a bad
+/// entry stops the node at start). Serialized as the setting's text.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct AllowedOrigins {
+    /// `*` was listed: every origin.
+    any: bool,
+    /// The listed origins (`scheme://host[:port]`), compared ignoring case.
+    listed: Vec<String>,
 }
 
-/// Checks the setting at start: every entry `*` or `http(s)://host[:port]`.
-pub fn validate(list: &str) -> Result<(), String> {
-    for o in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
-        let host = o
-            .strip_prefix("https://")
-            .or_else(|| o.strip_prefix("http://"));
-        let ok = o == "*" || host.is_some_and(|h| !h.is_empty() && !h.contains(['/', ' ']));
-        if !ok {
-            return Err(format!(
-                "allowed_origins: {o:?} is not an origin (scheme://host[:port], no path) or *"
-            ));
+impl TryFrom<String> for AllowedOrigins {
+    type Error = String;
+
+    /// Every entry `*` or `http(s)://host[:port]`; empty entries are skipped.
+    fn try_from(list: String) -> Result<Self, String> {
+        let mut out = Self::default();
+        for o in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            let host = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"));
+            if o == "*" {
+                out.any = true;
+            } else if host.is_some_and(|h| !h.is_empty() && !h.contains(['/', ' '])) {
+                out.listed.push(o.to_owned());
+            } else {
+                return Err(format!(
+                    "allowed_origins: {o:?} is not an origin (scheme://host[:port], no path) or *"
+                ));
+            }
         }
+        Ok(out)
     }
-    Ok(())
+}
+
+impl From<AllowedOrigins> for String {
+    fn from(o: AllowedOrigins) -> String {
+        let mut all = o.listed;
+        if o.any {
+            all.push("*".into());
+        }
+        all.join(",")
+    }
+}
+
+impl AllowedOrigins {
+    /// Whether the setting lists anything (unset: no CORS, no check).
+    pub fn is_set(&self) -> bool {
+        self.any || !self.listed.is_empty()
+    }
+
+    /// Whether a request from `origin` is let in (always, when unset).
+    pub fn allows(&self, origin: &str) -> bool {
+        !self.is_set() || self.any || self.listed.iter().any(|o| o.eq_ignore_ascii_case(origin))
+    }
 }
 
 /// The request's `Origin`, if it has one.
@@ -57,25 +88,19 @@ pub fn origin(headers: &HeaderMap) -> Option<&str> {
 
 /// `Err` (403 `permission_denied`) if the request comes from a browser
 /// origin the node does not allow.
-pub fn check(node: &Node, headers: &HeaderMap) -> Result<(), ApiError> {
-    let list = node.config.allowed_origins.trim();
+pub fn check(allowed: &AllowedOrigins, headers: &HeaderMap) -> Result<(), ApiError> {
     match origin(headers) {
-        Some(o) if !list.is_empty() && !listed(list, o) => {
-            node.metrics
-                .api_request_rejected(ErrorCode::PermissionDenied.name());
-            Err(ApiError::new(
-                ErrorCode::PermissionDenied,
-                format!("origin {o:?} is not allowed (allowed_origins)"),
-            ))
-        }
+        Some(o) if !allowed.allows(o) => Err(ApiError::new(
+            ErrorCode::PermissionDenied,
+            format!("origin {o:?} is not allowed (allowed_origins)"),
+        )),
         _ => Ok(()),
     }
 }
 
 /// Adds the CORS response headers for an allowed `origin`.
-pub fn allow(node: &Node, origin: Option<&str>, res: &mut Response) {
-    let list = node.config.allowed_origins.trim();
-    let Some(o) = origin.filter(|o| !list.is_empty() && listed(list, o)) else {
+pub fn allow(allowed: &AllowedOrigins, origin: Option<&str>, res: &mut Response) {
+    let Some(o) = origin.filter(|o| allowed.is_set() && allowed.allows(o)) else {
         return;
     };
     let Ok(value) = HeaderValue::from_str(o) else {
@@ -90,13 +115,11 @@ pub fn allow(node: &Node, origin: Option<&str>, res: &mut Response) {
     h.append(header::VARY, HeaderValue::from_static("Origin"));
 }
 
-/// `OPTIONS /sse`: the CORS preflight.
-pub async fn preflight(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
-    if let Err(refused) = check(&node, &headers) {
-        return refused.into_response();
-    }
+/// The answer to a CORS preflight (`OPTIONS /sse`).
+pub fn preflight(allowed: &AllowedOrigins, headers: &HeaderMap) -> Result<Response, ApiError> {
+    check(allowed, headers)?;
     let mut res = StatusCode::NO_CONTENT.into_response();
-    allow(&node, origin(&headers), &mut res);
+    allow(allowed, origin(headers), &mut res);
     let h = res.headers_mut();
     h.insert(
         header::ACCESS_CONTROL_ALLOW_METHODS,
@@ -110,31 +133,43 @@ pub async fn preflight(State(node): State<Arc<Node>>, headers: HeaderMap) -> Res
         header::ACCESS_CONTROL_MAX_AGE,
         HeaderValue::from_static("600"),
     );
-    res
+    Ok(res)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn parse(s: &str) -> Result<AllowedOrigins, String> {
+        AllowedOrigins::try_from(s.to_owned())
+    }
+
     #[test]
     fn origins_match_exactly_or_by_star() {
-        assert!(listed(
-            "https://a.example, https://b.example",
-            "https://b.example"
-        ));
-        assert!(!listed("https://a.example", "https://a.example.evil"));
-        assert!(!listed("https://a.example", "http://a.example"));
-        assert!(listed("*", "https://anything.example"));
+        let two = parse("https://a.example, https://b.example").unwrap();
+        assert!(two.allows("https://b.example"));
+        assert!(two.allows("HTTPS://A.example"));
+        let one = parse("https://a.example").unwrap();
+        assert!(!one.allows("https://a.example.evil"));
+        assert!(!one.allows("http://a.example"));
+        assert!(parse("*").unwrap().allows("https://anything.example"));
+        assert!(parse("").unwrap().allows("https://anything.example"));
+        assert!(!parse("").unwrap().is_set());
     }
 
     #[test]
     fn the_setting_is_checked() {
-        assert!(validate("").is_ok());
-        assert!(validate("*").is_ok());
-        assert!(validate("https://a.example, http://localhost:3000").is_ok());
-        assert!(validate("a.example").is_err());
-        assert!(validate("https://a.example/path").is_err());
-        assert!(validate("https://a.example/").is_err());
+        assert!(parse("").is_ok());
+        assert!(parse("*").is_ok());
+        assert!(parse("https://a.example, http://localhost:3000").is_ok());
+        assert!(parse("a.example").is_err());
+        assert!(parse("https://a.example/path").is_err());
+        assert!(parse("https://a.example/").is_err());
+    }
+
+    #[test]
+    fn the_setting_round_trips_as_text() {
+        let o = parse("https://a.example, *").unwrap();
+        assert_eq!(parse(&String::from(o.clone())).unwrap(), o);
     }
 }

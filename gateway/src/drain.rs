@@ -14,34 +14,117 @@
 //!    rest are closed with 4000; the node deregisters and `run` returns (the
 //!    process exits 0).
 
+//!
+//! This module also owns what the drain decides from: the node's
+//! [`Lifecycle`] (which sessions watch), the count of open connections
+//! (which the drain and shutdown wait on, woken when it changes, never
+//! polled), and admission control for new sessions ([`Drain::admit`]).
+//! The node side of the drain (registry updates) comes in through
+//! [`Registration`], so this module depends on no node type.
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::node::{Lifecycle, Node};
+use crate::config::Config;
+use crate::session::ratelimit::RateLimit;
 
-pub struct Drain {
-    started: AtomicBool,
-    tickets: AtomicU64,
-    stop_accepting: watch::Sender<bool>,
-    finished: watch::Sender<bool>,
+/// Where the node is in its life; sessions watch it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Running,
+    /// Leaving: `/readyz` is 503; connections whose drain ticket is below
+    /// `released` are told to reconnect elsewhere.
+    Draining {
+        released: u64,
+    },
+    /// The drain deadline passed (or all were released): close now with 4000.
+    Closing,
 }
 
-impl Default for Drain {
-    fn default() -> Self {
-        Self {
-            started: AtomicBool::new(false),
-            tickets: AtomicU64::new(0),
-            stop_accepting: watch::channel(false).0,
-            finished: watch::channel(false).0,
+/// Why a new session was refused (admission control).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    Draining,
+    TooManyConnections,
+    RateLimited,
+}
+
+impl Refusal {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Draining => "draining",
+            Self::TooManyConnections => "max_connections",
+            Self::RateLimited => "admission_rate",
         }
     }
 }
 
+/// What the drain asks of the node it drains: keep the registry told.
+#[async_trait]
+pub trait Registration: Send + Sync + 'static {
+    /// Tells the registry the node's current state (now: draining).
+    async fn announce(&self);
+    /// Removes the node from the registry (the drain is over).
+    async fn deregister(&self);
+}
+
+/// The drain settings, taken from the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub prestop_delay: Duration,
+    pub timeout: Duration,
+    pub batch_interval: Duration,
+    pub batch_fraction: f64,
+    /// After the deadline, how long the last connections get to close.
+    pub close_grace: Duration,
+}
+
+impl Settings {
+    pub fn from_config(c: &Config) -> Self {
+        Self {
+            prestop_delay: Duration::from_millis(c.drain_prestop_delay_ms),
+            timeout: Duration::from_millis(c.drain_timeout_ms),
+            batch_interval: Duration::from_millis(c.drain_batch_interval_ms),
+            batch_fraction: c.drain_batch_fraction,
+            close_grace: Duration::from_secs(2),
+        }
+    }
+}
+
+pub struct Drain {
+    settings: Settings,
+    started: AtomicBool,
+    tickets: AtomicU64,
+    lifecycle: watch::Sender<Lifecycle>,
+    /// Open connections of every transport (a session counts itself in and
+    /// out); a watch, so the drain and shutdown wait for a change.
+    connections: watch::Sender<usize>,
+    stop_accepting: watch::Sender<bool>,
+    finished: watch::Sender<bool>,
+    max_connections: usize,
+    admission: parking_lot::Mutex<RateLimit>,
+}
+
 impl Drain {
+    pub fn new(settings: Settings, max_connections: usize, admission_rate: u32) -> Self {
+        Self {
+            settings,
+            started: AtomicBool::new(false),
+            tickets: AtomicU64::new(0),
+            lifecycle: watch::channel(Lifecycle::Running).0,
+            connections: watch::channel(0).0,
+            stop_accepting: watch::channel(false).0,
+            finished: watch::channel(false).0,
+            max_connections,
+            admission: parking_lot::Mutex::new(RateLimit::new(admission_rate, admission_rate)),
+        }
+    }
+
     /// A connection's place in the drain order.
     pub fn take_ticket(&self) -> u64 {
         self.tickets.fetch_add(1, Ordering::Relaxed)
@@ -49,6 +132,48 @@ impl Drain {
 
     pub fn started(&self) -> bool {
         self.started.load(Ordering::Acquire)
+    }
+
+    pub fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
+        self.lifecycle.subscribe()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.lifecycle.borrow() != Lifecycle::Running
+    }
+
+    /// Admission control for a new session.
+    pub fn admit(&self) -> Result<(), Refusal> {
+        if self.is_draining() || self.started() {
+            return Err(Refusal::Draining);
+        }
+        if self.open_connections() >= self.max_connections {
+            return Err(Refusal::TooManyConnections);
+        }
+        if !self.admission.lock().allow() {
+            return Err(Refusal::RateLimited);
+        }
+        Ok(())
+    }
+
+    pub fn connection_opened(&self) {
+        self.connections.send_modify(|n| *n += 1);
+    }
+
+    pub fn connection_closed(&self) {
+        self.connections.send_modify(|n| *n = n.saturating_sub(1));
+    }
+
+    pub fn open_connections(&self) -> usize {
+        *self.connections.borrow()
+    }
+
+    /// Waits until no connection is open, or `limit` passes; returns how
+    /// many are left.
+    pub async fn connections_gone(&self, limit: Duration) -> usize {
+        let mut rx = self.connections.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+        self.open_connections()
     }
 
     /// Completes when the node must stop accepting connections.
@@ -64,63 +189,189 @@ impl Drain {
     }
 }
 
-/// Starts draining `node` in the background (once; later calls do nothing).
-pub fn start(node: &Arc<Node>) {
-    if node.drain.started.swap(true, Ordering::AcqRel) {
+/// Starts draining in the background (once; later calls do nothing).
+pub fn start(drain: &Arc<Drain>, node: Arc<dyn Registration>) {
+    if drain.started.swap(true, Ordering::AcqRel) {
         return;
     }
-    let node = node.clone();
-    tokio::spawn(async move { run(node).await });
+    let drain = drain.clone();
+    tokio::spawn(async move { run(&drain, &*node).await });
 }
 
-async fn run(node: Arc<Node>) {
-    let c = &node.config;
+async fn run(drain: &Drain, node: &dyn Registration) {
+    let s = drain.settings;
     let t0 = Instant::now();
-    let deadline = t0 + Duration::from_millis(c.drain_timeout_ms);
-    let remaining = metrics::gauge!("gateway_drain_connections_remaining");
+    let deadline = t0 + s.timeout;
     info!(
-        connections = node.open_connections(),
+        connections = drain.open_connections(),
         "drain: started; readiness is now 503"
     );
-    node.set_lifecycle(Lifecycle::Draining { released: 0 });
-    let _ = node.heartbeat().await;
+    drain
+        .lifecycle
+        .send_replace(Lifecycle::Draining { released: 0 });
+    node.announce().await;
 
-    tokio::time::sleep(Duration::from_millis(c.drain_prestop_delay_ms)).await;
-    node.drain.stop_accepting.send_replace(true);
-    let total = node.open_connections();
-    let per_batch = ((total as f64 * c.drain_batch_fraction).ceil() as u64).max(1);
+    tokio::time::sleep(s.prestop_delay).await;
+    drain.stop_accepting.send_replace(true);
+    let total = drain.open_connections();
+    let per_batch = ((total as f64 * s.batch_fraction).ceil() as u64).max(1);
     info!(
         connections = total,
         per_batch, "drain: no longer accepting; releasing connections in batches"
     );
 
     let mut released = 0u64;
-    while node.open_connections() > 0 && Instant::now() < deadline {
+    let mut connections = drain.connections.subscribe();
+    while drain.open_connections() > 0 && Instant::now() < deadline {
         if released < u64::MAX - per_batch {
             released += per_batch;
         }
-        node.set_lifecycle(Lifecycle::Draining { released });
-        remaining.set(node.open_connections() as f64);
-        tokio::time::sleep(
-            Duration::from_millis(c.drain_batch_interval_ms)
-                .min(deadline.saturating_duration_since(Instant::now())),
-        )
-        .await;
+        drain
+            .lifecycle
+            .send_replace(Lifecycle::Draining { released });
+        crate::telemetry::drain_remaining(drain.open_connections());
+        // The next batch after the interval, or at once when the last
+        // connection has gone.
+        let pause = s
+            .batch_interval
+            .min(deadline.saturating_duration_since(Instant::now()));
+        let _ = tokio::time::timeout(pause, connections.wait_for(|n| *n == 0)).await;
     }
-    let left = node.open_connections();
-    node.set_lifecycle(Lifecycle::Closing);
-    let close_by = Instant::now() + Duration::from_secs(2);
-    while node.open_connections() > 0 && Instant::now() < close_by {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    remaining.set(node.open_connections() as f64);
+    let left = drain.open_connections();
+    drain.lifecycle.send_replace(Lifecycle::Closing);
+    let remaining = drain.connections_gone(s.close_grace).await;
+    crate::telemetry::drain_remaining(remaining);
     let took = t0.elapsed();
-    metrics::gauge!("gateway_drain_duration_seconds").set(took.as_secs_f64());
+    crate::telemetry::drain_took(took);
     info!(
         seconds = took.as_secs_f64(),
         closed_at_deadline = left,
         "drain: done"
     );
     node.deregister().await;
-    node.drain.finished.send_replace(true);
+    drain.finished.send_replace(true);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parking_lot::Mutex;
+
+    /// Records what the drain asked of the registry, in order.
+    #[derive(Default)]
+    struct Calls(Mutex<Vec<&'static str>>);
+
+    #[async_trait]
+    impl Registration for Calls {
+        async fn announce(&self) {
+            self.0.lock().push("announce");
+        }
+        async fn deregister(&self) {
+            self.0.lock().push("deregister");
+        }
+    }
+
+    fn settings(timeout_ms: u64) -> Settings {
+        Settings {
+            prestop_delay: Duration::from_millis(30),
+            timeout: Duration::from_millis(timeout_ms),
+            batch_interval: Duration::from_millis(60),
+            batch_fraction: 0.25,
+            close_grace: Duration::from_millis(300),
+        }
+    }
+
+    /// A connection as the transports run it: a ticket when the drain
+    /// begins, released once `released` passes it; returns its ticket and
+    /// the batch (count of lifecycle changes seen) it went in.
+    async fn connection(drain: Arc<Drain>, out: Arc<Mutex<Vec<(u64, u64)>>>) {
+        let mut rx = drain.lifecycle();
+        let mut ticket = None;
+        let mut changes = 0;
+        loop {
+            let state = *rx.borrow_and_update();
+            match state {
+                Lifecycle::Running => {}
+                Lifecycle::Closing => break,
+                Lifecycle::Draining { released } => {
+                    let t = *ticket.get_or_insert_with(|| drain.take_ticket());
+                    if t < released {
+                        out.lock().push((t, changes));
+                        break;
+                    }
+                }
+            }
+            if rx.changed().await.is_err() {
+                break;
+            }
+            changes += 1;
+        }
+        drain.connection_closed();
+    }
+
+    #[tokio::test]
+    async fn connections_are_released_in_ticket_order_in_batches_then_the_node_deregisters() {
+        let drain = Arc::new(Drain::new(settings(5_000), 100, 1_000));
+        let released = Arc::new(Mutex::new(Vec::new()));
+        for _ in 0..8 {
+            drain.connection_opened();
+            tokio::spawn(connection(drain.clone(), released.clone()));
+        }
+        assert_eq!(drain.admit(), Ok(()));
+        let calls = Arc::new(Calls::default());
+        start(&drain, calls.clone());
+        start(&drain, calls.clone()); // a second start does nothing
+        assert_eq!(drain.admit(), Err(Refusal::Draining));
+        tokio::time::timeout(Duration::from_secs(5), drain.finished())
+            .await
+            .expect("the drain finished");
+        assert_eq!(drain.open_connections(), 0);
+        assert_eq!(*calls.0.lock(), ["announce", "deregister"]);
+        let mut got = released.lock().clone();
+        got.sort();
+        // 8 connections, a quarter per batch: tickets 0-1 in the first
+        // batch, 2-3 in the next, and so on; none before the prestop delay.
+        let tickets: Vec<u64> = got.iter().map(|(t, _)| *t).collect();
+        assert_eq!(tickets, (0..8).collect::<Vec<_>>());
+        let batches: Vec<u64> = got.iter().map(|(_, b)| *b).collect();
+        for pair in batches.chunks(2) {
+            assert_eq!(pair[0], pair[1], "two per batch: {got:?}");
+        }
+        assert!(batches.windows(3).all(|w| w[0] <= w[2]), "{got:?}");
+        assert!(batches[0] < batches[7], "more than one batch: {got:?}");
+    }
+
+    #[tokio::test]
+    async fn at_the_deadline_the_rest_are_told_to_close() {
+        let drain = Arc::new(Drain::new(settings(100), 100, 1_000));
+        // A connection that ignores its release: only Closing ends it.
+        drain.connection_opened();
+        let d = drain.clone();
+        let stubborn = tokio::spawn(async move {
+            let mut rx = d.lifecycle();
+            let _ = rx.wait_for(|l| *l == Lifecycle::Closing).await;
+            d.connection_closed();
+        });
+        start(&drain, Arc::new(Calls::default()));
+        tokio::time::timeout(Duration::from_secs(5), drain.finished())
+            .await
+            .expect("the drain finished");
+        stubborn.await.expect("the connection saw Closing");
+        assert_eq!(drain.open_connections(), 0);
+    }
+
+    #[test]
+    fn admission_counts_connections_and_rate() {
+        let drain = Drain::new(settings(100), 2, 3);
+        drain.connection_opened();
+        assert_eq!(drain.admit(), Ok(()));
+        drain.connection_opened();
+        assert_eq!(drain.admit(), Err(Refusal::TooManyConnections));
+        drain.connection_closed();
+        drain.connection_closed();
+        // The burst is the rate (3): the first admission above took one.
+        assert_eq!(drain.admit(), Ok(()));
+        assert_eq!(drain.admit(), Ok(()));
+        assert_eq!(drain.admit(), Err(Refusal::RateLimited));
+    }
 }

@@ -1,7 +1,7 @@
 //! The node: every part a connection or request handler needs, built once
 //! from the config.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,25 +15,11 @@ use tracing::warn;
 
 use crate::broker::{Broker, MemoryBroker, NatsBroker, RedisBroker};
 use crate::config::Config;
-use crate::drain::Drain;
+use crate::drain::{self, Drain, Lifecycle, Refusal, Registration};
 use crate::hub::Hub;
 use crate::interest::Interest;
 use crate::replay::{CoalescingStore, MemoryReplayStore, RedisReplayStore, ReplayStore};
-use crate::session::ratelimit::RateLimit;
 use crate::telemetry::Metrics;
-
-/// Where the node is in its life; sessions watch it (see [`crate::drain`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lifecycle {
-    Running,
-    /// Leaving: `/readyz` is 503; connections whose drain ticket is below
-    /// `released` are told to reconnect elsewhere.
-    Draining {
-        released: u64,
-    },
-    /// The drain deadline passed (or all were released): close now with 4000.
-    Closing,
-}
 
 /// The seams a node is built from: replay store, broker, registry (none in
 /// the embedded node).
@@ -56,31 +42,10 @@ pub struct Node {
     pub auth: Auth,
     pub metrics: Metrics,
     pub prometheus: PrometheusHandle,
-    lifecycle: watch::Sender<Lifecycle>,
-    pub drain: Drain,
-    admission: parking_lot::Mutex<RateLimit>,
+    /// The drain, and what it decides from: lifecycle, open connections,
+    /// admission.
+    pub drain: Arc<Drain>,
     next_session: AtomicU64,
-    /// Open connections of every transport (a session counts itself in and
-    /// out), so shutdown can wait for them.
-    connections: AtomicUsize,
-}
-
-/// Why a new session was refused (admission control).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    Draining,
-    TooManyConnections,
-    RateLimited,
-}
-
-impl Refusal {
-    pub fn reason(self) -> &'static str {
-        match self {
-            Self::Draining => "draining",
-            Self::TooManyConnections => "max_connections",
-            Self::RateLimited => "admission_rate",
-        }
-    }
 }
 
 impl Node {
@@ -151,9 +116,11 @@ impl Node {
             }
         };
         let auth = Auth::from_config(&config)?;
-        let (lifecycle, _) = watch::channel(Lifecycle::Running);
-        let admission =
-            parking_lot::Mutex::new(RateLimit::new(config.admission_rate, config.admission_rate));
+        let drain = Arc::new(Drain::new(
+            drain::Settings::from_config(&config),
+            config.max_connections,
+            config.admission_rate,
+        ));
         let node = Arc::new(Self {
             config,
             id,
@@ -165,11 +132,8 @@ impl Node {
             auth,
             metrics: Metrics::new(),
             prometheus,
-            admission,
-            lifecycle,
-            drain: Drain::default(),
+            drain,
             next_session: AtomicU64::new(1),
-            connections: AtomicUsize::new(0),
         });
         if node.registry.is_some() {
             node.heartbeat().await.context("first registry heartbeat")?;
@@ -249,44 +213,49 @@ impl Node {
     }
 
     pub fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
-        self.lifecycle.subscribe()
+        self.drain.lifecycle()
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.lifecycle.borrow() != Lifecycle::Running
+        self.drain.is_draining()
     }
 
-    pub fn set_lifecycle(&self, state: Lifecycle) {
-        self.lifecycle.send_replace(state);
-    }
-
-    /// Admission control for a new session.
+    /// Admission control for a new session (see [`Drain::admit`]).
     pub fn admit(&self) -> Result<(), Refusal> {
-        if self.is_draining() || self.drain.started() {
-            return Err(Refusal::Draining);
-        }
-        if self.open_connections() >= self.config.max_connections {
-            return Err(Refusal::TooManyConnections);
-        }
-        if !self.admission.lock().allow() {
-            return Err(Refusal::RateLimited);
-        }
-        Ok(())
+        self.drain.admit()
     }
 
     pub fn connection_opened(&self) {
-        self.connections.fetch_add(1, Ordering::AcqRel);
+        self.drain.connection_opened();
     }
 
     pub fn connection_closed(&self) {
-        self.connections.fetch_sub(1, Ordering::AcqRel);
+        self.drain.connection_closed();
     }
 
     pub fn open_connections(&self) -> usize {
-        self.connections.load(Ordering::Acquire)
+        self.drain.open_connections()
+    }
+
+    /// Starts the graceful drain (once; see [`crate::drain`]).
+    pub fn start_drain(self: &Arc<Self>) {
+        drain::start(&self.drain, self.clone());
     }
 
     pub fn ms(&self, v: u64) -> Duration {
         Duration::from_millis(v)
+    }
+}
+
+#[async_trait::async_trait]
+impl Registration for Node {
+    async fn announce(&self) {
+        if let Err(e) = self.heartbeat().await {
+            warn!(error = %e, "registry heartbeat failed");
+        }
+    }
+
+    async fn deregister(&self) {
+        Node::deregister(self).await;
     }
 }

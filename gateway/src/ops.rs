@@ -50,7 +50,7 @@ pub async fn admin_drain(State(node): State<Arc<Node>>, headers: http::HeaderMap
             .api_request_rejected(ErrorCode::Unauthorized.name());
         return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response();
     }
-    crate::drain::start(&node);
+    node.start_drain();
     (
         StatusCode::ACCEPTED,
         Json(json!({ "status": "draining", "node": node.id })),

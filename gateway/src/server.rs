@@ -3,7 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::Router;
@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpSocket};
 use tracing::info;
 
 use crate::node::Node;
-use crate::{api, drain, ops, transport};
+use crate::{api, ops, transport};
 
 /// Accepts connections until the drain says stop. A connection that starts
 /// with `GET /sse` is served on the raw socket ([`transport::sse_socket`]);
@@ -121,7 +121,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/ws", get(transport::ws::upgrade))
         .route(
             "/sse",
-            get(transport::sse::open).options(crate::cors::preflight),
+            get(transport::sse::open).options(transport::sse::preflight),
         )
         .route("/api/publish", post(api::publish))
         .route("/api/send", post(api::send))
@@ -143,16 +143,16 @@ pub async fn run(
     tokio::spawn(async move {
         shutdown.await;
         info!("shutdown requested: draining");
-        drain::start(&signal_node);
+        signal_node.start_drain();
     });
     accept_until_drained(listener, node.clone()).await;
     // Upgraded WebSockets are not HTTP connections any more: the drain
     // waits for them.
     node.drain.finished().await;
-    let deadline = Instant::now() + Duration::from_millis(node.config.shutdown_timeout_ms);
-    while node.open_connections() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    info!(remaining = node.open_connections(), "stopped");
+    let remaining = node
+        .drain
+        .connections_gone(Duration::from_millis(node.config.shutdown_timeout_ms))
+        .await;
+    info!(remaining, "stopped");
     Ok(())
 }

@@ -63,6 +63,16 @@ pub fn stream_history_lost() {
         .increment(1);
 }
 
+/// Connections the drain still waits for.
+pub fn drain_remaining(connections: usize) {
+    metrics::gauge!("gateway_drain_connections_remaining").set(connections as f64);
+}
+
+/// How long the last drain took.
+pub fn drain_took(took: std::time::Duration) {
+    metrics::gauge!("gateway_drain_duration_seconds").set(took.as_secs_f64());
+}
+
 /// Handles to every metric, created once per node.
 #[derive(Clone)]
 pub struct Metrics {

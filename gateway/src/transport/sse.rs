@@ -23,8 +23,9 @@ use protocol::{
 use tokio::sync::watch;
 
 use crate::auth::{now_secs, AuthError, Identity};
+use crate::drain::Lifecycle;
 use crate::errors::ApiError;
-use crate::node::{Lifecycle, Node};
+use crate::node::Node;
 use crate::session::{Outgoing, Session, Transport};
 
 /// The connection's token: `?token=`, `Authorization: Bearer`, or the
@@ -57,7 +58,8 @@ pub async fn open(
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
-    if let Err(refused) = crate::cors::check(&node, &headers) {
+    if let Err(refused) = crate::cors::check(&node.config.allowed_origins, &headers) {
+        node.metrics.api_request_rejected(refused.code.name());
         return refused.into_response();
     }
     let origin = crate::cors::origin(&headers).map(str::to_owned);
@@ -65,8 +67,16 @@ pub async fn open(
         Ok(r) => r,
         Err(e) => e.into_response(),
     };
-    crate::cors::allow(&node, origin.as_deref(), &mut res);
+    crate::cors::allow(&node.config.allowed_origins, origin.as_deref(), &mut res);
     res
+}
+
+/// `OPTIONS /sse`: the CORS preflight.
+pub async fn preflight(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    crate::cors::preflight(&node.config.allowed_origins, &headers).unwrap_or_else(|refused| {
+        node.metrics.api_request_rejected(refused.code.name());
+        refused.into_response()
+    })
 }
 
 async fn open_stream(

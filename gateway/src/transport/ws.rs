@@ -36,12 +36,13 @@ use tokio_tungstenite::WebSocketStream;
 use tracing::debug;
 
 use crate::auth::{now_secs, AuthError, Identity};
+use crate::drain::Lifecycle;
 use crate::errors::ApiError;
 use crate::hub::SessionShared;
 use crate::ids::now_ms;
 use crate::message::Publication;
 use crate::message::WsFrame;
-use crate::node::{Lifecycle, Node};
+use crate::node::Node;
 use crate::session::ratelimit::RateLimit;
 use crate::session::{Outbox, Outgoing, Session, Transport};
 
@@ -74,7 +75,8 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
         return ApiError::new(ErrorCode::BadRequest, "Sec-WebSocket-Version must be 13")
             .into_response();
     }
-    if let Err(refused) = crate::cors::check(&node, headers) {
+    if let Err(refused) = crate::cors::check(&node.config.allowed_origins, headers) {
+        node.metrics.api_request_rejected(refused.code.name());
         return refused.into_response();
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
