@@ -42,7 +42,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::tests::delivery::{
+use ::harness::delivery::{
     event_source, run_lanes, Acked, EventSink, Lane, PubStats, SseMessage, Streams, Track,
 };
 use anyhow::{bail, ensure, Context};
@@ -420,7 +420,7 @@ impl Haproxy {
         slots: &[(String, SocketAddr)],
     ) -> anyhow::Result<Self> {
         let socket = dir.join(format!("haproxy{n}.sock"));
-        let cfg = ::tests::cluster::haproxy_config(port, &socket, slots);
+        let cfg = ::harness::cluster::haproxy_config(port, &socket, slots);
         let path = dir.join(format!("haproxy{n}.cfg"));
         std::fs::write(&path, cfg)?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));

@@ -1,5 +1,5 @@
 //! Integration tests of a single gateway node: every test starts its own
-//! gateway process (see the `tests` crate's harness) and talks to it over
+//! gateway process (see the `harness` crate) and talks to it over
 //! loopback with real WebSocket, SSE and HTTP clients.
 
 use protocol::{Message, Position, ServerFrame};

@@ -1,9 +1,9 @@
 //! Bad input of every class gets its documented error, and the node keeps
 //! serving other clients.
 
+use harness::{assert_error_body, hs256_token, Claims, Gateway, WsClient, API_KEY};
 use protocol::{ClientFrame, Codec, Connect, ErrorCode, Publish, Subscribe};
 use serde_json::json;
-use tests::{assert_error_body, hs256_token, Claims, Gateway, WsClient, API_KEY};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::{check_message, R};
@@ -440,7 +440,7 @@ async fn sse_bad_requests_get_http_errors() -> R {
             .header(header.0, header.1.as_str())
             .send()
             .await?;
-        let mut sse = tests::SseClient::from_response(res).await?;
+        let mut sse = harness::SseClient::from_response(res).await?;
         let (ev, _) = sse.next_frame().await?;
         assert_eq!(ev.event.as_deref(), Some("connected"));
         let p = gw.publish("pub:1", json!(header.0)).await?;

@@ -3,9 +3,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, ensure};
+use harness::{Gateway, TIMEOUT};
 use protocol::{ClientFrame, Codec, ErrorCode, Ping, Publish, ServerFrame, Subscribe};
 use serde_json::json;
-use tests::{Gateway, TIMEOUT};
 
 use super::{check_message, payload, R};
 

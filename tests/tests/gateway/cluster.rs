@@ -1,5 +1,5 @@
 //! Cluster mode: real redis-server, nats-server, several gateway nodes (and
-//! HAProxy) on loopback; see `tests::cluster`. Every test asserts message by
+//! HAProxy) on loopback; see `harness::cluster`. Every test asserts message by
 //! message: per channel, sequences contiguous, data intact, exactly once.
 
 use std::collections::{BTreeMap, HashMap};
@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use futures_util::future::try_join_all;
+use harness::cluster::{msgs, post_api, sse_at, Backbone, Cluster, Got, Rx};
+use harness::{within, Gateway, Incoming, PublishResult, SseClient, TempDir, WsClient, TIMEOUT};
 use protocol::{
     ClientFrame, Codec, Position, ServerFrame, SseCursor, Subscribe, Subscribed,
     UnrecoverableReason,
 };
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tests::cluster::{msgs, post_api, sse_at, Backbone, Cluster, Got, Rx};
-use tests::{within, Gateway, Incoming, PublishResult, SseClient, TempDir, WsClient, TIMEOUT};
 
 use super::{payload, pos, R};
 
@@ -1247,7 +1247,7 @@ impl Drop for ScriptCluster {
 
 #[tokio::test]
 async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing() -> R {
-    let bin = tests::gateway_bin(); // built, for the script to find
+    let bin = harness::gateway_bin(); // built, for the script to find
     let profile = bin
         .parent()
         .and_then(|d| d.file_name())

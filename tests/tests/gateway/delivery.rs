@@ -1,8 +1,8 @@
 //! Publish API -> WebSocket (both codecs) and SSE delivery.
 
+use harness::{assert_error_body, Gateway, API_KEY};
 use protocol::{Codec, ErrorCode, ServerFrame, SseCursor};
 use serde_json::json;
-use tests::{assert_error_body, Gateway, API_KEY};
 
 use super::{check_message, payload, R};
 
@@ -285,7 +285,7 @@ async fn frames_sent_right_behind_the_upgrade_request_are_read() -> R {
     let mut head = Vec::new();
     let rest = loop {
         let mut chunk = [0u8; 4096];
-        let n = tests::within("the upgrade response", tcp.read(&mut chunk)).await??;
+        let n = harness::within("the upgrade response", tcp.read(&mut chunk)).await??;
         anyhow::ensure!(n > 0, "closed before the response: {head:?}");
         head.extend_from_slice(&chunk[..n]);
         if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -298,7 +298,7 @@ async fn frames_sent_right_behind_the_upgrade_request_are_read() -> R {
         tokio_tungstenite::WebSocketStream::from_partially_read(tcp, rest, Role::Client, None)
             .await;
     let mut next = async || -> anyhow::Result<ServerFrame> {
-        match tests::within("a frame", ws.next()).await? {
+        match harness::within("a frame", ws.next()).await? {
             Some(Ok(Message::Text(t))) => Ok(Codec::Json.decode_server(t.as_bytes())?),
             other => anyhow::bail!("expected a text frame, got {other:?}"),
         }

@@ -5,15 +5,15 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
+use harness::{Gateway, Incoming, API_KEY};
 use protocol::{ClientFrame, Codec, Connect, ServerFrame};
 use serde_json::json;
-use tests::{Gateway, Incoming, API_KEY};
 use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::R;
 
-fn draining(gw: tests::GatewayBuilder) -> tests::GatewayBuilder {
+fn draining(gw: harness::GatewayBuilder) -> harness::GatewayBuilder {
     gw.env("GATEWAY_DRAIN_PRESTOP_DELAY_MS", 200)
         .env("GATEWAY_DRAIN_BATCH_INTERVAL_MS", 250)
         .env("GATEWAY_DRAIN_BATCH_FRACTION", 0.25)
@@ -327,7 +327,7 @@ async fn admission_control_refuses_over_the_limits_with_retry_hints() -> R {
             .insert("origin", "https://app.example".parse()?);
         let (mut ws, res) = tokio_tungstenite::connect_async(req).await?;
         assert_eq!(res.status().as_u16(), 101);
-        match tests::within("the close", ws.next()).await? {
+        match harness::within("the close", ws.next()).await? {
             Some(Ok(WsMessage::Close(Some(f)))) => {
                 assert_eq!(u16::from(f.code), 4004);
                 assert_eq!(f.reason.as_str(), "overloaded; retry_after_ms=3000");

@@ -3,8 +3,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use harness::{Gateway, Incoming};
 use protocol::{ClientFrame, Codec, Pong, ServerFrame};
-use tests::{Gateway, Incoming};
 
 use super::R;
 
@@ -87,7 +87,7 @@ async fn answering_pings_keeps_a_connection_and_silence_closes_it_4002() -> R {
 async fn websocket_pings_get_pongs_between_streamed_publications() -> R {
     use tokio_tungstenite::tungstenite::Message;
     let gw = Gateway::start().await?;
-    let channel = tests::unique("pongs");
+    let channel = harness::unique("pongs");
     let token = gw.token("pinger", &[&channel], &[], 600);
     let (mut ws, _) = gw.ws_connected(Codec::Json, &token).await?;
     let first = ws.subscribe(&channel, None).await?.seq + 1;

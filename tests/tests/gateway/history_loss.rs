@@ -6,8 +6,8 @@
 //! the channel first. Never a new message dropped as a duplicate.
 
 use client_sdk::{Backoff, Client, Event};
+use harness::cluster::{Persistence, Service};
 use protocol::Message;
-use tests::cluster::{Persistence, Service};
 
 use super::*;
 

@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
+use harness::{now_secs, Gateway, Incoming, WsClient};
 use protocol::{ClientFrame, Codec, ErrorCode, Refresh, ServerFrame};
 use serde_json::json;
-use tests::{now_secs, Gateway, Incoming, WsClient};
 
 use super::{check_message, R};
 

@@ -1,9 +1,9 @@
 //! WebSocket resume after a forced disconnect: channels (`subscribe.since`)
 //! and the user stream (`connect.since`).
 
+use harness::Gateway;
 use protocol::{Codec, ServerFrame};
 use serde_json::json;
-use tests::Gateway;
 
 use super::{as_subscribed, check_message, payload, pos, R};
 

@@ -4,7 +4,7 @@
 //! behind HAProxy (TCP mode, `leastconn`, health checks on `/readyz`), and
 //! 2,000 clients through the balancer: Rust-SDK WebSocket clients (JSON and
 //! MessagePack, each with a user token) and plain SSE clients that resume
-//! only through `Last-Event-ID` ([`tests::delivery::event_source`], a
+//! only through `Last-Event-ID` ([`harness::delivery::event_source`], a
 //! minimal EventSource: it keeps the last event id, honours `retry:`,
 //! reconnects after any end). Every client
 //! subscribes to a few shared channels and has its own user stream; a
@@ -24,7 +24,7 @@
 //! up to at least the last sequence the publish API acknowledged, no
 //! duplicate, no gap, no `unrecoverable`. The figures (reconnects per
 //! client, drain time per node, delivery delay `now - ts` during the roll)
-//! are printed: `cargo test -p tests rolling -- --nocapture`.
+//! are printed: `cargo test -p harness --test gateway rolling -- --nocapture`.
 //!
 //! The three tests take turns: each holds ~2,000 sockets and keeps the two
 //! CPUs of the reference machine busy.
@@ -38,13 +38,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, ensure, Context, Result};
 use client_sdk::{Backoff, Client, Codec, ConnectionState};
 use futures_util::StreamExt;
-use serde_json::{json, Value};
-use tests::cluster::{Backbone, Cluster, ClusterBuilder};
-use tests::delivery::{
+use harness::cluster::{Backbone, Cluster, ClusterBuilder};
+use harness::delivery::{
     event_source, run_lanes, Acked, EventSink, PubStats, SseMessage, Streams, Track,
 };
-use tests::netfault::FaultyLink;
-use tests::{hs256_token, unique, within_for, Claims, JWT_SECRET};
+use harness::netfault::FaultyLink;
+use harness::{hs256_token, unique, within_for, Claims, JWT_SECRET};
+use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
 use super::R;
@@ -648,7 +648,7 @@ impl Publisher {
                 // API answers within ~0.5 s.
                 rt.block_on(run_lanes(
                     lb,
-                    tests::API_KEY.to_owned(),
+                    harness::API_KEY.to_owned(),
                     lanes,
                     64,
                     stop2,

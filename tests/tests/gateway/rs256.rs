@@ -1,9 +1,9 @@
 //! RS256 connection tokens verified with a public key file.
 
+use harness::{openssl_rsa_keypair, sign, Claims, Gateway, TempDir};
 use jsonwebtoken::{Algorithm, EncodingKey};
 use protocol::{ClientFrame, Codec, Connect, ErrorCode};
 use serde_json::json;
-use tests::{openssl_rsa_keypair, sign, Claims, Gateway, TempDir};
 
 use super::{check_message, R};
 
@@ -47,7 +47,7 @@ async fn rs256_tokens_from_the_configured_key_connect_and_others_are_refused() -
         Algorithm::RS256,
         &EncodingKey::from_rsa_pem(&other_private)?,
     );
-    let hs = tests::hs256_token(tests::JWT_SECRET, &claims);
+    let hs = harness::hs256_token(harness::JWT_SECRET, &claims);
     for bad in [forged, hs] {
         let mut ws = gw.ws(Codec::MsgPack).await?;
         ws.send(&ClientFrame::Connect(Connect {

@@ -12,9 +12,9 @@ use anyhow::{bail, ensure, Context};
 use client_sdk::{
     Backoff, Client, ClientBuilder, Codec, ConnectionState, Error, Event, Subscription,
 };
+use harness::{now_secs, within, Gateway, TIMEOUT};
 use protocol::{ErrorCode, Message};
 use serde_json::{json, Value};
-use tests::{now_secs, within, Gateway, TIMEOUT};
 use tokio::sync::broadcast;
 
 use super::{check_message, payload, R};
@@ -753,7 +753,7 @@ async fn sdk_follows_a_drain_to_another_node_with_its_resume_token() -> R {
     let res = a
         .http
         .post(a.url("/admin/drain"))
-        .bearer_auth(tests::API_KEY)
+        .bearer_auth(harness::API_KEY)
         .send()
         .await?;
     assert_eq!(res.status().as_u16(), 202);

@@ -4,9 +4,9 @@
 use std::time::Instant;
 
 use anyhow::ensure;
+use harness::{Gateway, WsClient, WsOptions, TIMEOUT};
 use protocol::{Codec, ServerFrame};
 use serde_json::{json, Value};
-use tests::{Gateway, WsClient, WsOptions, TIMEOUT};
 
 use super::{check_message, pos, R};
 

@@ -1,8 +1,8 @@
 //! SSE resume through `Last-Event-ID`, and cursors of other channel sets.
 
+use harness::Gateway;
 use protocol::{ServerFrame, SseCursor, UnrecoverableReason};
 use serde_json::json;
-use tests::Gateway;
 
 use super::{check_message, payload, R};
 
@@ -101,7 +101,7 @@ async fn sse_resume_with_last_event_id_has_no_gap_and_no_duplicate() -> R {
         ])
         .send()
         .await?;
-    let mut sse = tests::SseClient::from_response(res).await?;
+    let mut sse = harness::SseClient::from_response(res).await?;
     let (ev, _) = sse.next_frame().await?;
     assert_eq!(
         (ev.event.as_deref(), ev.id.as_deref()),

@@ -3,8 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use harness::{Gateway, WsClient};
 use protocol::{Codec, ServerFrame, Unrecoverable, UnrecoverableReason};
-use tests::{Gateway, WsClient};
 
 use super::{as_subscribed, check_message, payload, pos, R};
 
