@@ -484,6 +484,12 @@ impl Hub {
     }
 }
 
+impl crate::broker::Deliver for Hub {
+    fn deliver(&self, publication: &Arc<Publication>) {
+        Hub::deliver(self, publication);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,11 +9,12 @@ use registry::Registry;
 
 use super::tracker::{Health, Tracker};
 use super::BrokerError;
-use crate::replay::{RedisReplayStore, ReplayStore};
+use crate::replay::ReplayStore;
 
 pub struct ClusterParts {
     pub node_id: String,
-    pub store: Arc<RedisReplayStore>,
+    /// The shared replay store (Redis in a cluster).
+    pub store: Arc<dyn ReplayStore>,
     pub registry: Arc<dyn Registry>,
     pub tracker: Arc<Tracker>,
     pub health: Arc<Health>,

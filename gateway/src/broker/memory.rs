@@ -5,8 +5,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde_json::Value;
 
-use super::{Broker, BrokerError};
-use crate::hub::Hub;
+use super::{Broker, BrokerError, Deliver};
 use crate::message::Publication;
 use crate::replay::ReplayStore;
 
@@ -18,12 +17,12 @@ const ORDER_SHARDS: usize = 64;
 /// even when several publishers race on one channel.
 pub struct MemoryBroker {
     store: Arc<dyn ReplayStore>,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Deliver>,
     order: Vec<tokio::sync::Mutex<()>>,
 }
 
 impl MemoryBroker {
-    pub fn new(store: Arc<dyn ReplayStore>, hub: Arc<Hub>) -> Self {
+    pub fn new(store: Arc<dyn ReplayStore>, hub: Arc<dyn Deliver>) -> Self {
         Self {
             store,
             hub,

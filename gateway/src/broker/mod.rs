@@ -1,9 +1,13 @@
 //! The backbone: how a publish on any node reaches every node whose
 //! connections subscribe to the channel.
 //!
+//! A broker knows nothing of the node around it: it hands what it receives
+//! to a [`Deliver`] (the node's hub), as centrifuge's brokers call their
+//! `BrokerEventHandler`.
+//!
 //! Contract of every [`Broker`]:
 //! * `publish` appends the message to the replay store (which assigns its
-//!   sequence) and delivers it to the [`Hub`](crate::hub::Hub) of every node
+//!   sequence) and delivers it to the [`Deliver`] (hub) of every node
 //!   that subscribed to the channel. It returns only once the message is in
 //!   the replay store: a publish that returned `Ok` is never lost within the
 //!   replay window, even if delivery is late.
@@ -17,6 +21,23 @@
 //! * `subscribe` returns once messages published afterwards will be
 //!   delivered to this node; the hub calls it when a channel gets its first
 //!   local subscriber and `unsubscribe` when the last one leaves.
+//!
+//! # Broker and history: what is atomic
+//!
+//! Stated here once for every implementation. The append to the history
+//! (replay store) is what makes a message exist: its sequence is assigned
+//! there, and a publish is acknowledged only after it. Delivery is separate
+//! and may lag, reorder or drop; sessions repair by sequence.
+//! * [`MemoryBroker`]: append and hand-over to the hub under the channel's
+//!   ordering lock: the hub sees each channel in sequence order.
+//! * [`RedisBroker`]: append and `PUBLISH` in one Redis function
+//!   (`replay/redis.rs`): every node sees a channel in sequence order; a
+//!   node that misses messages (subscriber connection lost) fetches them
+//!   from the replay store when it is back.
+//! * [`NatsBroker`]: append, then publish on NATS: two steps, so nodes may
+//!   receive a channel out of order (several publishers) or not at all (NATS
+//!   down); sessions fill gaps from the replay store, nodes catch up on
+//!   reconnect.
 
 pub mod cluster;
 pub mod envelope;
@@ -37,6 +58,12 @@ use crate::replay::StoreError;
 pub use memory::MemoryBroker;
 pub use nats::NatsBroker;
 pub use redis::RedisBroker;
+
+/// Where a broker hands the messages this node must deliver (the hub).
+pub trait Deliver: Send + Sync + 'static {
+    /// Called per channel in the order the backbone hands messages over.
+    fn deliver(&self, publication: &Arc<Publication>);
+}
 
 #[derive(Debug, Error)]
 pub enum BrokerError {
@@ -75,7 +102,7 @@ pub trait Broker: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Hands the hub, from the replay store, whatever this node missed of the
+    /// Hands the [`Deliver`], from the replay store, whatever this node missed of the
     /// channels it listens to (sessions drop what they already had); returns
     /// how many channels could not be read. Called after the registry had
     /// forgotten this node: unicasts sent meanwhile are stored but reached

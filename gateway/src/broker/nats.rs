@@ -25,10 +25,9 @@ use tracing::{info, warn};
 use super::cluster::{user_of, ClusterParts};
 use super::envelope;
 use super::tracker::{Health, Tracker};
-use super::{Broker, BrokerError};
-use crate::hub::Hub;
+use super::{Broker, BrokerError, Deliver};
 use crate::message::Publication;
-use crate::replay::{RedisReplayStore, ReplayStore};
+use crate::replay::ReplayStore;
 
 /// Channel names may hold `.` (the NATS token separator); hex keeps every
 /// name one token.
@@ -52,7 +51,7 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 pub struct NatsBroker {
     cluster: ClusterParts,
     client: Client,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Deliver>,
     subscriptions: Mutex<HashMap<String, JoinHandle<()>>>,
 }
 
@@ -60,9 +59,9 @@ impl NatsBroker {
     pub async fn connect(
         url: &str,
         node_id: &str,
-        store: Arc<RedisReplayStore>,
+        store: Arc<dyn ReplayStore>,
         registry: Arc<dyn Registry>,
-        hub: Arc<Hub>,
+        hub: Arc<dyn Deliver>,
         down_threshold: Duration,
     ) -> Result<Arc<Self>, BrokerError> {
         let tracker = Arc::new(Tracker::default());
@@ -91,7 +90,7 @@ impl NatsBroker {
                                 // Retry until every channel was read (Redis may be
                                 // recovering too).
                                 for attempt in 0..20u32 {
-                                    if tracker.catch_up(&*store, &hub).await == 0 {
+                                    if tracker.catch_up(&*store, &*hub).await == 0 {
                                         break;
                                     }
                                     tokio::time::sleep(Duration::from_millis(
@@ -214,7 +213,7 @@ impl Broker for NatsBroker {
     async fn catch_up(&self) -> usize {
         self.cluster
             .tracker
-            .catch_up(&*self.cluster.store, &self.hub)
+            .catch_up(&*self.cluster.store, &*self.hub)
             .await
     }
 

@@ -24,8 +24,7 @@ use tracing::{info, warn};
 use super::cluster::{user_of, ClusterParts};
 use super::envelope;
 use super::tracker::{Health, Tracker};
-use super::{Broker, BrokerError};
-use crate::hub::Hub;
+use super::{Broker, BrokerError, Deliver};
 use crate::message::Publication;
 use crate::replay::RedisReplayStore;
 
@@ -54,8 +53,10 @@ fn unavailable(e: impl std::fmt::Display) -> BrokerError {
 
 pub struct RedisBroker {
     cluster: ClusterParts,
+    /// The same store as `cluster.store`: its append also PUBLISHes.
+    store: Arc<RedisReplayStore>,
     subscriber: ConnectionManager,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Deliver>,
 }
 
 impl RedisBroker {
@@ -64,7 +65,7 @@ impl RedisBroker {
         node_id: &str,
         store: Arc<RedisReplayStore>,
         registry: Arc<dyn Registry>,
-        hub: Arc<Hub>,
+        hub: Arc<dyn Deliver>,
         down_threshold: Duration,
     ) -> Result<Arc<Self>, BrokerError> {
         let client = redis::Client::open(resp3(url)).map_err(unavailable)?;
@@ -90,6 +91,7 @@ impl RedisBroker {
                 tracker: tracker.clone(),
                 health: health.clone(),
             },
+            store,
             subscriber: subscriber.clone(),
             hub: hub.clone(),
         });
@@ -141,7 +143,7 @@ impl RedisBroker {
                     b.cluster.health.down();
                 } else if b.cluster.health.up() {
                     info!("redis backbone: reconnected; catching up from the replay store");
-                    if b.cluster.tracker.catch_up(&*b.cluster.store, &hub).await > 0 {
+                    if b.cluster.tracker.catch_up(&*b.cluster.store, &*hub).await > 0 {
                         // Not everything could be read yet: try again next tick.
                         b.cluster.health.down();
                     }
@@ -165,7 +167,6 @@ impl Broker for RedisBroker {
             .route(channel, channel_topic, node_topic)
             .await?;
         let result = self
-            .cluster
             .store
             .append_and_publish(channel, data, ts, &targets)
             .await;
@@ -225,7 +226,7 @@ impl Broker for RedisBroker {
     async fn catch_up(&self) -> usize {
         self.cluster
             .tracker
-            .catch_up(&*self.cluster.store, &self.hub)
+            .catch_up(&*self.cluster.store, &*self.hub)
             .await
     }
 

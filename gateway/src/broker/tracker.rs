@@ -10,7 +10,7 @@ use dashmap::DashMap;
 use protocol::{Position, UnrecoverableReason};
 use tracing::{info, warn};
 
-use crate::hub::Hub;
+use super::Deliver;
 use crate::message::Publication;
 use crate::replay::{Recovery, ReplayStore};
 
@@ -41,7 +41,7 @@ impl Tracker {
 
     /// Reads every tracked channel's missed messages and delivers them;
     /// returns how many channels could not be read (the caller retries).
-    pub async fn catch_up(&self, store: &dyn ReplayStore, hub: &Hub) -> usize {
+    pub async fn catch_up(&self, store: &dyn ReplayStore, hub: &dyn Deliver) -> usize {
         let channels: Vec<(Arc<str>, Position)> = self
             .seen
             .iter()
