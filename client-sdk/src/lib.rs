@@ -135,17 +135,18 @@
 
 mod backoff;
 mod client;
+mod config;
 mod driver;
 mod net;
+mod shared;
 mod sse;
 mod tracker;
 
 pub use backoff::Backoff;
-pub use client::{
-    Client, ClientBuilder, ConnectionState, Event, Stats, Subscription, TokenError, TokenFuture,
-    TokenProvider, Transport,
-};
+pub use client::{Client, ClientBuilder, Subscription};
+pub use config::{TokenError, TokenFuture, TokenProvider, Transport};
 pub use protocol::{Codec, ErrorCode, Message, Position, UnrecoverableReason};
+pub use shared::{ConnectionState, Event, Stats};
 
 /// Errors of the client's operations.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,210 @@
+//! What happens to the streams the client follows (its channels and the
+//! user's own stream), whichever the transport: subscriptions added and
+//! removed, their positions, and the frames both transports deliver about
+//! them: `message` (dedupe and gap detection through the stream's
+//! [`Tracker`](crate::tracker::Tracker)), `unrecoverable`, `subscribed`, and
+//! a refused subscribe.
+
+use std::time::{Duration, Instant};
+
+use protocol::{
+    validate_channel, ErrorCode, ErrorFrame, Message, Position, Subscribed, Unrecoverable,
+};
+use tokio::sync::oneshot;
+use tracing::warn;
+
+use super::{retry, Driver, Outcome, Pending, Status, Stream};
+use crate::shared::{Counters, Event, Sink};
+use crate::tracker::Verdict;
+use crate::Error;
+
+impl Driver {
+    fn chan_index(&self, name: &str) -> Option<usize> {
+        self.chans.iter().position(|c| c.name == name)
+    }
+
+    /// The stream a server frame names: a channel or the user's stream.
+    fn stream_mut(&mut self, name: &str) -> Option<&mut Stream> {
+        if !self.user.name.is_empty() && self.user.name == name {
+            return Some(&mut self.user);
+        }
+        self.chans.iter_mut().find(|c| c.name == name)
+    }
+
+    pub(super) fn positions(&self) -> Vec<(String, Position)> {
+        let user = (!self.user.name.is_empty()).then_some(&self.user);
+        self.chans
+            .iter()
+            .chain(user)
+            .filter_map(|c| c.tracker.position().map(|p| (c.name.clone(), p.clone())))
+            .collect()
+    }
+
+    /// Registers a subscription; answers the caller itself on failure.
+    pub(super) fn add_subscription(
+        &mut self,
+        channel: String,
+        sink: Sink,
+        sub_id: u64,
+        reply: oneshot::Sender<Result<(), Error>>,
+    ) -> Option<usize> {
+        if let Err(e) = validate_channel(&channel) {
+            let _ = reply.send(Err(Error::InvalidChannel {
+                channel,
+                reason: e.to_string(),
+            }));
+            return None;
+        }
+        if self.chan_index(&channel).is_some() {
+            let _ = reply.send(Err(Error::AlreadySubscribed(channel)));
+            return None;
+        }
+        let mut s = Stream::new(channel, sink, sub_id);
+        s.reply = Some(reply);
+        self.chans.push(s);
+        Some(self.chans.len() - 1)
+    }
+
+    /// Removes a subscription (only the one with `sub_id`, when given).
+    pub(super) fn remove_subscription(
+        &mut self,
+        channel: &str,
+        sub_id: Option<u64>,
+    ) -> Option<Stream> {
+        let i = self.chan_index(channel)?;
+        if sub_id.is_some_and(|id| id != self.chans[i].sub_id) {
+            return None;
+        }
+        Some(self.chans.remove(i))
+    }
+
+    /// Learns the user's stream name from `connected`.
+    pub(super) fn set_user_channel(&mut self, user_channel: Option<&str>) {
+        let name = user_channel.unwrap_or_default();
+        if self.user.name != name {
+            self.user.name.clear();
+            self.user.name.push_str(name);
+            self.user.tracker.reset();
+        }
+        self.user.status = Status::Requested;
+    }
+
+    pub(super) async fn on_message(&mut self, m: Message) -> Result<(), Outcome> {
+        let Some(stream) = self.stream_mut(&m.channel) else {
+            return Ok(()); // unsubscribed meanwhile
+        };
+        match stream.tracker.admit(m.seq, &m.epoch) {
+            Verdict::Deliver => {
+                let counted = !stream.sink.is_discard();
+                let alive = match &mut stream.sink {
+                    Sink::Stream(tx) => tx.send(m).await.is_ok(),
+                    Sink::Callback(f) => {
+                        f(m);
+                        true
+                    }
+                    Sink::Discard => true,
+                };
+                if counted && alive {
+                    Counters::add(&self.shared.counters.delivered, 1);
+                }
+                Ok(())
+            }
+            Verdict::Duplicate => {
+                Counters::add(&self.shared.counters.duplicates, 1);
+                Ok(())
+            }
+            Verdict::Gap => {
+                let last = stream.tracker.position().map_or(0, |p| p.seq);
+                Counters::add(&self.shared.counters.gaps, 1);
+                warn!(channel = %m.channel, last, got = m.seq, "sequence gap without notice; resuming");
+                Err(retry(format!(
+                    "sequence gap in {}: after {last} came {}",
+                    m.channel, m.seq
+                )))
+            }
+        }
+    }
+
+    pub(super) fn on_unrecoverable(&mut self, u: Unrecoverable) {
+        let Some(stream) = self.stream_mut(&u.channel) else {
+            return;
+        };
+        stream.tracker.adopt(u.seq, &u.epoch);
+        Counters::add(&self.shared.counters.unrecoverable, 1);
+        self.emit(Event::Unrecoverable {
+            channel: u.channel,
+            reason: u.reason,
+            position: Position::new(u.seq, u.epoch),
+        });
+    }
+
+    pub(super) fn on_subscribed(&mut self, s: Subscribed) {
+        // The answer to which subscription (one given up since is ignored).
+        let sub_id = match s.id.and_then(|id| self.take_pending(id)) {
+            Some(Pending::Subscribe(_, sub_id)) => Some(sub_id),
+            _ => None,
+        };
+        let resumes = &self.shared.counters.resumes;
+        let is_user = !self.user.name.is_empty() && self.user.name == s.channel;
+        let stream = if is_user {
+            Some(&mut self.user)
+        } else {
+            self.chans
+                .iter_mut()
+                .find(|c| c.name == s.channel && sub_id.is_none_or(|id| id == c.sub_id))
+        };
+        let Some(stream) = stream else { return };
+        stream.tracker.subscribed(s.seq, &s.epoch, s.recovered);
+        if s.recovered == Some(true) {
+            Counters::add(resumes, 1);
+        }
+        stream.status = Status::Active;
+        stream.failures = 0;
+        stream.retry_at = None;
+        if let Some(r) = stream.reply.take() {
+            let _ = r.send(Ok(()));
+        }
+    }
+
+    /// A subscription the server refused.
+    pub(super) fn subscribe_failed(&mut self, channel: &str, sub_id: u64, e: &ErrorFrame) {
+        let Some(i) = self.chan_index(channel) else {
+            return;
+        };
+        if self.chans[i].sub_id != sub_id {
+            return; // the answer to a subscription given up since
+        }
+        if e.code == ErrorCode::AlreadySubscribed {
+            self.chans[i].status = Status::Active;
+            if let Some(r) = self.chans[i].reply.take() {
+                let _ = r.send(Ok(()));
+            }
+            return;
+        }
+        if e.temporary {
+            let backoff = self.cfg.backoff;
+            let c = &mut self.chans[i];
+            c.status = Status::Wanted;
+            c.retry_at =
+                Some(Instant::now() + backoff.delay(c.failures).max(Duration::from_millis(50)));
+            c.failures = c.failures.saturating_add(1);
+            self.rearm = true;
+            return;
+        }
+        let chan = self.chans.remove(i);
+        let error = Error::Server {
+            code: e.code,
+            message: e.message.clone(),
+            temporary: e.temporary,
+        };
+        match chan.reply {
+            Some(r) => {
+                let _ = r.send(Err(error));
+            }
+            None => self.emit(Event::SubscriptionFailed {
+                channel: chan.name,
+                error,
+            }),
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! What the handles ([`Client`](crate::Client),
+//! [`Subscription`](crate::Subscription)) and the connection task share: the
+//! state, events and counters the task publishes ([`Shared`]:
+//! [`ConnectionState`], [`Event`], [`Stats`]), and the commands the handles
+//! send it ([`Command`], [`Sink`]).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use protocol::{ErrorCode, Message, Position, UnrecoverableReason};
+use serde_json::Value;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::Error;
+
+/// The connection's state, as published on [`Client::state_watch`] and as
+/// [`Event::State`].
+///
+/// [`Client::state_watch`]: crate::Client::state_watch
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Opening a connection (TCP, handshake, `connect`).
+    Connecting,
+    /// The server answered `connected`.
+    Connected {
+        /// The node holding the connection.
+        node: String,
+        /// The connection's id on that node.
+        client: String,
+    },
+    /// Waiting before the next connection attempt.
+    Reconnecting {
+        /// 1 for the first attempt after a loss, counting up until a
+        /// connection succeeds.
+        attempt: u32,
+        /// How long the client waits before it.
+        delay: Duration,
+    },
+    /// The connection ended. When `terminal` the client has stopped for good
+    /// (closed by the application, a terminal close code, a refused token);
+    /// otherwise a [`ConnectionState::Reconnecting`] follows.
+    Closed {
+        /// The WebSocket close code, if the server sent one.
+        code: Option<u16>,
+        /// What happened.
+        reason: String,
+        /// Whether the client stopped for good.
+        terminal: bool,
+    },
+}
+
+/// Something the application may want to know about; see [`Client::events`].
+///
+/// [`Client::events`]: crate::Client::events
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The connection state changed.
+    State(ConnectionState),
+    /// Messages of `channel` were missed and cannot be sent (server
+    /// `unrecoverable`): delivery goes on after `position`. Re-sync that
+    /// channel's state from the application's source of truth.
+    Unrecoverable {
+        /// The channel (or `$user:<id>`).
+        channel: String,
+        /// Why the messages cannot be sent.
+        reason: UnrecoverableReason,
+        /// Where delivery continues after.
+        position: Position,
+    },
+    /// A subscription the server refused while resubscribing after a
+    /// reconnect (e.g. the new token no longer allows it). Its stream ends.
+    SubscriptionFailed {
+        /// The channel.
+        channel: String,
+        /// The server's answer.
+        error: Error,
+    },
+    /// The connection's token was replaced (`refreshed`).
+    TokenRefreshed {
+        /// The new token's expiry, Unix seconds.
+        expires_at: Option<u64>,
+    },
+    /// The token provider failed, or the server refused the new token.
+    TokenError {
+        /// What went wrong.
+        message: String,
+    },
+    /// An `error` frame that answered no request of this client.
+    ServerError {
+        /// The error code.
+        code: ErrorCode,
+        /// The server's detail.
+        message: String,
+    },
+}
+
+/// Counters of one client since it was built; see [`Client::stats`].
+/// Serializable, and summable over many clients ([`Stats::add`]).
+///
+/// [`Client::stats`]: crate::Client::stats
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Stats {
+    /// Messages handed to the application (streams and callbacks).
+    pub delivered: u64,
+    /// Messages dropped as duplicates (`seq` at or below the last delivered).
+    pub duplicates: u64,
+    /// Reconnection attempts started (each [`ConnectionState::Reconnecting`]).
+    pub reconnects: u64,
+    /// Streams resumed without loss: WebSocket `subscribed{recovered:true}`
+    /// (channels and the user stream); SSE channels reopened with a position
+    /// in the cursor.
+    pub resumes: u64,
+    /// `unrecoverable` notices passed to the application.
+    pub unrecoverable: u64,
+    /// Connections established (`connected` received).
+    pub connects: u64,
+    /// Sequence gaps seen without an `unrecoverable` notice (each one makes
+    /// the client resume from its last position).
+    pub gaps: u64,
+}
+
+impl Stats {
+    /// Adds another client's (or another period's) counters.
+    pub fn add(&mut self, o: &Stats) {
+        self.delivered += o.delivered;
+        self.duplicates += o.duplicates;
+        self.reconnects += o.reconnects;
+        self.resumes += o.resumes;
+        self.unrecoverable += o.unrecoverable;
+        self.connects += o.connects;
+        self.gaps += o.gaps;
+    }
+
+    /// What was counted since `earlier` (a snapshot of the same counters).
+    pub fn since(&self, earlier: &Stats) -> Stats {
+        Stats {
+            delivered: self.delivered.saturating_sub(earlier.delivered),
+            duplicates: self.duplicates.saturating_sub(earlier.duplicates),
+            reconnects: self.reconnects.saturating_sub(earlier.reconnects),
+            resumes: self.resumes.saturating_sub(earlier.resumes),
+            unrecoverable: self.unrecoverable.saturating_sub(earlier.unrecoverable),
+            connects: self.connects.saturating_sub(earlier.connects),
+            gaps: self.gaps.saturating_sub(earlier.gaps),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) resumes: AtomicU64,
+    pub(crate) unrecoverable: AtomicU64,
+    pub(crate) connects: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn snapshot(&self) -> Stats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        Stats {
+            delivered: get(&self.delivered),
+            duplicates: get(&self.duplicates),
+            reconnects: get(&self.reconnects),
+            resumes: get(&self.resumes),
+            unrecoverable: get(&self.unrecoverable),
+            connects: get(&self.connects),
+            gaps: get(&self.gaps),
+        }
+    }
+}
+
+/// State shared by the handle(s) and the connection task.
+pub(crate) struct Shared {
+    pub(crate) counters: Counters,
+    pub(crate) state: watch::Sender<ConnectionState>,
+    pub(crate) events: broadcast::Sender<Event>,
+    pub(crate) next_sub_id: AtomicU64,
+}
+
+/// Where a subscription's messages go.
+pub(crate) enum Sink {
+    Stream(mpsc::Sender<Message>),
+    Callback(Box<dyn FnMut(Message) + Send>),
+    Discard,
+}
+
+impl Sink {
+    pub(crate) fn is_discard(&self) -> bool {
+        matches!(self, Self::Discard)
+    }
+}
+
+/// Requests from the handles to the connection task.
+pub(crate) enum Command {
+    Subscribe {
+        channel: String,
+        sink: Sink,
+        sub_id: u64,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Unsubscribe {
+        channel: String,
+        sub_id: Option<u64>,
+        reply: Option<oneshot::Sender<Result<(), Error>>>,
+    },
+    Publish {
+        channel: String,
+        data: Value,
+        reply: oneshot::Sender<Result<Position, Error>>,
+    },
+    UserSink {
+        sink: Sink,
+        sub_id: u64,
+    },
+    DropUserSink {
+        sub_id: u64,
+    },
+    Positions {
+        reply: oneshot::Sender<Vec<(String, Position)>>,
+    },
+    DropConnection,
+    Close {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+#[cfg(test)]
+mod stats_tests {
+    use super::Stats;
+
+    #[test]
+    fn stats_add_up_over_clients_and_subtract_a_snapshot() {
+        let a = Stats {
+            delivered: 10,
+            duplicates: 1,
+            reconnects: 2,
+            resumes: 2,
+            unrecoverable: 0,
+            connects: 3,
+            gaps: 1,
+        };
+        let mut total = Stats::default();
+        total.add(&a);
+        total.add(&a);
+        assert_eq!(total.delivered, 20);
+        assert_eq!(total.connects, 6);
+        assert_eq!(total.since(&a), a);
+        // A snapshot newer than the counters gives zeros, not a wrap-around.
+        assert_eq!(a.since(&total), Stats::default());
+    }
+}
