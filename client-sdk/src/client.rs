@@ -16,9 +16,9 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::backoff::Backoff;
 use crate::config::{Config, TokenError, TokenProvider, TokenSource, Transport};
 use crate::driver;
+use crate::error::Error;
 use crate::net::BaseUrl;
 use crate::shared::{Command, ConnectionState, Counters, Event, Shared, Sink, Stats};
-use crate::Error;
 
 /// Configures a [`Client`]. Start with [`Client::builder`].
 pub struct ClientBuilder {

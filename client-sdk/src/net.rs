@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::Error;
+use crate::error::Error;
 
 /// A parsed `http(s)://host[:port][/prefix]` base URL.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use protocol::{ErrorCode, Message, Position, UnrecoverableReason};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::Error;
+use crate::error::Error;
 
 /// The connection's state, as published on [`Client::state_watch`] and as
 /// [`Event::State`].

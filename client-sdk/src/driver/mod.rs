@@ -23,9 +23,9 @@ use tokio::time::sleep;
 use tracing::debug;
 
 use crate::config::{Config, TokenSource, Transport};
+use crate::error::Error;
 use crate::shared::{Command, ConnectionState, Counters, Event, Shared, Sink};
 use crate::tracker::Tracker;
-use crate::Error;
 
 mod sse_session;
 mod streams;

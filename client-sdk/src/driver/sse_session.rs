@@ -12,10 +12,10 @@ use tracing::{debug, warn};
 
 use super::{retry, Delay, Driver, Outcome, Status, Stream};
 use crate::backoff::jitter;
+use crate::error::Error;
 use crate::net::{push_query_value, NetStream};
 use crate::shared::{Command, ConnectionState, Counters};
 use crate::sse::{EventKind, SseReader};
-use crate::Error;
 
 impl Driver {
     /// The `GET /sse` request for the current channel set, with a cursor

@@ -14,9 +14,9 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::{retry, Driver, Outcome, Pending, Status, Stream};
+use crate::error::Error;
 use crate::shared::{Counters, Event, Sink};
 use crate::tracker::Verdict;
-use crate::Error;
 
 impl Driver {
     fn chan_index(&self, name: &str) -> Option<usize> {

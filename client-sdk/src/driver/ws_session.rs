@@ -24,9 +24,9 @@ use tracing::{debug, warn};
 use super::{now_secs, retry, Delay, Driver, Outcome, Pending, Status};
 use crate::backoff::jitter;
 use crate::config::{TokenFuture, TokenSource};
+use crate::error::Error;
 use crate::net::{BaseUrl, NetStream};
 use crate::shared::{Command, ConnectionState, Counters, Event};
-use crate::Error;
 
 type Ws = WebSocketStream<NetStream>;
 
