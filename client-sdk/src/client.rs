@@ -18,7 +18,9 @@ use crate::config::{Config, TokenError, TokenProvider, TokenSource, Transport};
 use crate::driver;
 use crate::error::Error;
 use crate::net::BaseUrl;
-use crate::shared::{Command, ConnectionState, Counters, Event, Shared, Sink, Stats};
+use crate::shared::{
+    Command, ConnectionState, Counters, Event, Shared, Sink, Stats, SubscribeRequest,
+};
 
 /// Configures a [`Client`]. Start with [`Client::builder`].
 pub struct ClientBuilder {
@@ -347,11 +349,13 @@ impl Client {
             user: false,
         };
         let answer = self
-            .ask(|reply| Command::Subscribe {
-                channel,
-                sink: Sink::Stream(tx),
-                sub_id,
-                reply,
+            .ask(|reply| {
+                Command::Subscribe(SubscribeRequest {
+                    channel,
+                    sink: Sink::Stream(tx),
+                    sub_id,
+                    reply,
+                })
             })
             .await;
         match answer {
@@ -375,11 +379,13 @@ impl Client {
         let channel = channel.into();
         Self::check_channel(&channel)?;
         let sub_id = self.next_sub_id();
-        self.ask(|reply| Command::Subscribe {
-            channel,
-            sink: Sink::Callback(Box::new(callback)),
-            sub_id,
-            reply,
+        self.ask(|reply| {
+            Command::Subscribe(SubscribeRequest {
+                channel,
+                sink: Sink::Callback(Box::new(callback)),
+                sub_id,
+                reply,
+            })
         })
         .await?
     }

@@ -196,14 +196,18 @@ impl Sink {
     }
 }
 
+/// A subscription the application asks for, as the connection task takes it.
+pub(crate) struct SubscribeRequest {
+    pub(crate) channel: String,
+    pub(crate) sink: Sink,
+    pub(crate) sub_id: u64,
+    /// Answered once the server confirmed the subscription, or refused it.
+    pub(crate) reply: oneshot::Sender<Result<(), Error>>,
+}
+
 /// Requests from the handles to the connection task.
 pub(crate) enum Command {
-    Subscribe {
-        channel: String,
-        sink: Sink,
-        sub_id: u64,
-        reply: oneshot::Sender<Result<(), Error>>,
-    },
+    Subscribe(SubscribeRequest),
     Unsubscribe {
         channel: String,
         sub_id: Option<u64>,

@@ -304,8 +304,8 @@ impl Driver {
 
     fn reject(&mut self, cmd: Command, error: &Error) {
         match cmd {
-            Command::Subscribe { reply, .. } => {
-                let _ = reply.send(Err(error.clone()));
+            Command::Subscribe(request) => {
+                let _ = request.reply.send(Err(error.clone()));
             }
             Command::Unsubscribe {
                 reply: Some(reply), ..
@@ -366,15 +366,8 @@ impl Driver {
     /// A command while not connected. `Some` ends the wait.
     fn command_offline(&mut self, cmd: Command) -> Option<Outcome> {
         match cmd {
-            Command::Subscribe {
-                channel,
-                sink,
-                sub_id,
-                reply,
-            } => {
-                let added = self
-                    .add_subscription(channel, sink, sub_id, reply)
-                    .is_some();
+            Command::Subscribe(request) => {
+                let added = self.add_subscription(request).is_some();
                 self.sse_dirty |= added;
                 // SSE waiting for its first channel: open now.
                 if added && self.is_sse() && self.chans.len() == 1 {

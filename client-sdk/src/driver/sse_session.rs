@@ -234,16 +234,8 @@ impl Driver {
 
     fn command_sse(&mut self, cmd: Command) -> Result<(), Outcome> {
         match cmd {
-            Command::Subscribe {
-                channel,
-                sink,
-                sub_id,
-                reply,
-            } => {
-                if self
-                    .add_subscription(channel, sink, sub_id, reply)
-                    .is_some()
-                {
+            Command::Subscribe(request) => {
+                if self.add_subscription(request).is_some() {
                     return Err(Outcome::Reopen);
                 }
                 Ok(())

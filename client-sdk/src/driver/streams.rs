@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 use protocol::{
     validate_channel, ErrorCode, ErrorFrame, Message, Position, Subscribed, Unrecoverable,
 };
-use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::{retry, Driver, Outcome, Pending, Status, Stream};
 use crate::error::Error;
-use crate::shared::{Counters, Event, Sink};
+use crate::shared::{Counters, Event, Sink, SubscribeRequest};
 use crate::tracker::Verdict;
 
 impl Driver {
@@ -41,13 +40,13 @@ impl Driver {
     }
 
     /// Registers a subscription; answers the caller itself on failure.
-    pub(super) fn add_subscription(
-        &mut self,
-        channel: String,
-        sink: Sink,
-        sub_id: u64,
-        reply: oneshot::Sender<Result<(), Error>>,
-    ) -> Option<usize> {
+    pub(super) fn add_subscription(&mut self, request: SubscribeRequest) -> Option<usize> {
+        let SubscribeRequest {
+            channel,
+            sink,
+            sub_id,
+            reply,
+        } = request;
         if let Err(e) = validate_channel(&channel) {
             let _ = reply.send(Err(Error::InvalidChannel {
                 channel,

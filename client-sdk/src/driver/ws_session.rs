@@ -240,17 +240,8 @@ impl Driver {
 
     async fn command_ws(&mut self, conn: &mut WsConn, cmd: Command) -> Result<(), Outcome> {
         let sent = match cmd {
-            Command::Subscribe {
-                channel,
-                sink,
-                sub_id,
-                reply,
-            } => {
-                if self
-                    .add_subscription(channel, sink, sub_id, reply)
-                    .is_some()
-                    && self.connected
-                {
+            Command::Subscribe(request) => {
+                if self.add_subscription(request).is_some() && self.connected {
                     self.ws_subscribe_due(conn, Instant::now()).await
                 } else {
                     Ok(())
