@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::Config;
-use crate::session::ratelimit::RateLimit;
+use crate::ratelimit::RateLimit;
 
 /// Where the node is in its life; sessions watch it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

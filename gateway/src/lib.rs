@@ -8,7 +8,8 @@
 //! * [`server`]: the router and `run(listener, node, shutdown)`.
 //! * [`transport`]: WebSocket (`/ws`) and SSE (`/sse`).
 //! * [`session`]: per-connection state and the exactly-once delivery rules;
-//!   its place in each channel's log (`hub`); the command rate limit.
+//!   its place in each channel's log (`hub`).
+//! * [`ratelimit`]: the token bucket of the command rate and admission.
 //! * [`hub`]: local channel -> connections index; per-channel logs; fan-out.
 //! * [`interest`]: which channels the node listens to on the backbone.
 //! * [`broker`]: the backbone seam: in-memory, Redis pub/sub, NATS.
@@ -32,6 +33,7 @@ pub mod interest;
 pub mod message;
 pub mod node;
 pub mod ops;
+pub mod ratelimit;
 pub mod replay;
 pub mod server;
 pub mod session;

@@ -1,7 +1,6 @@
 //! The node: every part a connection or request handler needs, built once
 //! from the config.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,8 +16,8 @@ use crate::broker::{Broker, MemoryBroker, NatsBroker, RedisBroker};
 use crate::config::Config;
 use crate::drain::{self, Drain, Lifecycle, Refusal, Registration};
 use crate::hub::Hub;
-use crate::interest::Interest;
 use crate::replay::{CoalescingStore, MemoryReplayStore, RedisReplayStore, ReplayStore};
+use crate::session::SessionContext;
 use crate::telemetry::Metrics;
 
 /// The seams a node is built from: replay store, broker, registry (none in
@@ -38,14 +37,15 @@ pub struct Node {
     /// The registry (cluster mode only; the embedded node's hub answers the
     /// same questions).
     pub registry: Option<Arc<dyn Registry>>,
-    pub interest: Interest,
+    /// What sessions use of the node (hub, store, broker, interest,
+    /// metrics, limits): their whole view of it.
+    pub sessions: Arc<SessionContext>,
     pub auth: Auth,
     pub metrics: Metrics,
     pub prometheus: PrometheusHandle,
     /// The drain, and what it decides from: lifecycle, open connections,
     /// admission.
     pub drain: Arc<Drain>,
-    next_session: AtomicU64,
 }
 
 impl Node {
@@ -121,6 +121,16 @@ impl Node {
             config.max_connections,
             config.admission_rate,
         ));
+        let metrics = Metrics::new();
+        let sessions = Arc::new(SessionContext::new(
+            id.clone(),
+            hub.clone(),
+            store.clone(),
+            broker.clone(),
+            metrics.clone(),
+            drain.clone(),
+            config.max_subscriptions,
+        ));
         let node = Arc::new(Self {
             config,
             id,
@@ -128,12 +138,11 @@ impl Node {
             broker,
             store,
             registry,
-            interest: Interest::default(),
+            sessions,
             auth,
-            metrics: Metrics::new(),
+            metrics,
             prometheus,
             drain,
-            next_session: AtomicU64::new(1),
         });
         if node.registry.is_some() {
             node.heartbeat().await.context("first registry heartbeat")?;
@@ -208,10 +217,6 @@ impl Node {
         }
     }
 
-    pub fn next_session_id(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
-    }
-
     pub fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
         self.drain.lifecycle()
     }
@@ -223,14 +228,6 @@ impl Node {
     /// Admission control for a new session (see [`Drain::admit`]).
     pub fn admit(&self) -> Result<(), Refusal> {
         self.drain.admit()
-    }
-
-    pub fn connection_opened(&self) {
-        self.drain.connection_opened();
-    }
-
-    pub fn connection_closed(&self) {
-        self.drain.connection_closed();
     }
 
     pub fn open_connections(&self) -> usize {

@@ -1,10 +1,11 @@
-//! Merges identical concurrent replay reads.
+//! Merges identical concurrent replay reads (and `top` lookups).
 //!
 //! After a node dies, thousands of its clients resume on the others within
 //! seconds, most from the same position of the same channels. Without this,
 //! each would cost one replay-store read; with it, one read per distinct
 //! (channel, epoch, seq) in flight serves every client that asks for it
-//! meanwhile.
+//! meanwhile. The same holds for `top`: at an epoch switch every session
+//! of a channel asks the store which epoch is current, at once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,10 +21,12 @@ use crate::message::Publication;
 
 type Key = (String, String, u64);
 type Read = Shared<BoxFuture<'static, Result<Recovery, StoreError>>>;
+type Top = Shared<BoxFuture<'static, Result<Position, StoreError>>>;
 
 pub struct CoalescingStore {
     inner: Arc<dyn ReplayStore>,
     inflight: Arc<Mutex<HashMap<Key, Read>>>,
+    tops: Arc<Mutex<HashMap<String, Top>>>,
 }
 
 impl CoalescingStore {
@@ -31,6 +34,7 @@ impl CoalescingStore {
         Self {
             inner,
             inflight: Arc::new(Mutex::new(HashMap::new())),
+            tops: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 }
@@ -73,6 +77,25 @@ impl ReplayStore for CoalescingStore {
     }
 
     async fn top(&self, channel: &str) -> Result<Position, StoreError> {
-        self.inner.top(channel).await
+        let top = {
+            let mut tops = self.tops.lock();
+            match tops.get(channel) {
+                Some(t) => t.clone(),
+                None => {
+                    let (inner, map, c) =
+                        (self.inner.clone(), self.tops.clone(), channel.to_owned());
+                    let t = async move {
+                        let r = inner.top(&c).await;
+                        map.lock().remove(&c);
+                        r
+                    }
+                    .boxed()
+                    .shared();
+                    tops.insert(channel.to_owned(), t.clone());
+                    t
+                }
+            }
+        };
+        top.await
     }
 }

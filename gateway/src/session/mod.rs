@@ -21,8 +21,6 @@
 //! log, so the next append wakes it once, and whatever arrives until the
 //! connection's task runs again is read and written as one batch.
 
-pub mod ratelimit;
-
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -32,10 +30,13 @@ use protocol::{
 };
 use tracing::warn;
 
-use crate::hub::{Arrived, Behind, SessionShared, Signal, Subscription};
+use crate::broker::Broker;
+use crate::drain::Drain;
+use crate::hub::{Arrived, Behind, Hub, SessionShared, Signal, Subscription};
+use crate::interest::Interest;
 use crate::message::Publication;
-use crate::node::Node;
-use crate::replay::Recovery;
+use crate::replay::{Recovery, ReplayStore};
+use crate::telemetry::Metrics;
 
 /// Something the transport must write, in order.
 #[derive(Debug)]
@@ -95,12 +96,59 @@ fn same_epoch(mine: &mut Arc<str>, theirs: &Arc<str>) -> bool {
     false
 }
 
+/// What a session needs of its node, and nothing more: the seams that
+/// deliver and store messages, the metrics it counts in, its limits. Built
+/// once per node ([`crate::node::Node::sessions`]); tests build one from
+/// the in-memory parts.
+pub struct SessionContext {
+    pub node_id: String,
+    pub hub: Arc<Hub>,
+    pub store: Arc<dyn ReplayStore>,
+    pub broker: Arc<dyn Broker>,
+    pub interest: Interest,
+    pub metrics: Metrics,
+    /// The drain counts open connections (sessions count themselves).
+    pub drain: Arc<Drain>,
+    /// Subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    next_session: std::sync::atomic::AtomicU64,
+}
+
+impl SessionContext {
+    pub fn new(
+        node_id: String,
+        hub: Arc<Hub>,
+        store: Arc<dyn ReplayStore>,
+        broker: Arc<dyn Broker>,
+        metrics: Metrics,
+        drain: Arc<Drain>,
+        max_subscriptions: usize,
+    ) -> Self {
+        Self {
+            node_id,
+            hub,
+            store,
+            broker,
+            interest: Interest::default(),
+            metrics,
+            drain,
+            max_subscriptions,
+            next_session: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn next_session_id(&self) -> u64 {
+        self.next_session
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
 /// The connection fell behind a channel log's bound: cut it (4001).
 #[derive(Debug)]
 pub struct SlowConsumer;
 
 pub struct Session {
-    pub node: Arc<Node>,
+    pub ctx: Arc<SessionContext>,
     pub shared: Arc<SessionShared>,
     pub transport: Transport,
     /// Looked up once per delivered message: a fast hasher (the keys are
@@ -114,19 +162,19 @@ pub struct Session {
 const LATENCY_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Session {
-    pub fn new(node: Arc<Node>, codec: Codec, transport: Transport) -> Self {
+    pub fn new(ctx: Arc<SessionContext>, codec: Codec, transport: Transport) -> Self {
         let shared = Arc::new(SessionShared {
-            id: node.next_session_id(),
+            id: ctx.next_session_id(),
             codec,
             signal: Signal::default(),
         });
-        node.connection_opened();
+        ctx.drain.connection_opened();
         match transport {
-            Transport::Ws => node.metrics.connections_ws.increment(1.0),
-            Transport::Sse => node.metrics.connections_sse.increment(1.0),
+            Transport::Ws => ctx.metrics.connections_ws.increment(1.0),
+            Transport::Sse => ctx.metrics.connections_sse.increment(1.0),
         }
         Self {
-            node,
+            ctx,
             shared,
             transport,
             subs: HashMap::default(),
@@ -136,15 +184,7 @@ impl Session {
     }
 
     pub fn client_id(&self) -> String {
-        format!("{}-{}", self.node.id, self.shared.id)
-    }
-
-    pub fn is_subscribed(&self, channel: &str) -> bool {
-        self.subs.contains_key(channel)
-    }
-
-    pub fn subscription_count(&self) -> usize {
-        self.subs.len()
+        format!("{}-{}", self.ctx.node_id, self.shared.id)
     }
 
     /// Where the client is in `channel` (after everything handed out so far).
@@ -178,7 +218,7 @@ impl Session {
         if self.subs.contains_key(channel) {
             return Err(ErrorCode::AlreadySubscribed);
         }
-        if self.subs.len() >= self.node.config.max_subscriptions {
+        if self.subs.len() >= self.ctx.max_subscriptions {
             return Err(ErrorCode::TooManySubscriptions);
         }
         Ok(())
@@ -195,7 +235,7 @@ impl Session {
         since: Option<Position>,
         out: &mut Vec<Outgoing>,
     ) -> Result<(), ErrorCode> {
-        let node = self.node.clone();
+        let node = self.ctx.clone();
         let (sub, _) = node.hub.subscribe(channel, &self.shared);
         if let Err(e) = node.interest.ensure(&*node.broker, channel).await {
             warn!(channel, error = %e, "backbone subscribe failed");
@@ -289,18 +329,18 @@ impl Session {
         let Some(st) = self.subs.remove(channel) else {
             return false;
         };
-        self.node.metrics.subscriptions.decrement(1.0);
+        self.ctx.metrics.subscriptions.decrement(1.0);
         self.leave_hub(channel, &st.sub);
         true
     }
 
     fn leave_hub(&self, channel: &str, sub: &Subscription) {
-        let last = self.node.hub.unsubscribe(channel, sub);
+        let last = self.ctx.hub.unsubscribe(channel, sub);
         let user = channel.strip_prefix(USER_CHANNEL_PREFIX).map(str::to_owned);
         if !last && user.is_none() {
             return;
         }
-        let node = self.node.clone();
+        let node = self.ctx.clone();
         let channel = channel.to_owned();
         tokio::spawn(async move {
             if let Some(user) = user {
@@ -385,11 +425,26 @@ impl Session {
 
     /// Applies the delivery invariant to one publication.
     pub async fn admit(&mut self, p: Arc<Publication>, out: &mut impl Outbox) {
-        let node = self.node.clone();
+        let node = self.ctx.clone();
         let Some(st) = self.subs.get_mut(&*p.channel) else {
             return; // unsubscribed since it was read
         };
         if !same_epoch(&mut st.epoch, &p.epoch) {
+            // Another epoch: either the stream lost its history (follow the
+            // new epoch), or this message was published before the switch
+            // and arrives late (a reordering backbone): then it is stale and
+            // must not switch the client back. Epochs have no order; the
+            // store says which one is current. (If it cannot be asked, the
+            // message is followed: announced, never silently dropped.)
+            if let Ok(top) = node.store.top(&p.channel).await {
+                if *top.epoch != *p.epoch {
+                    node.metrics.duplicates_suppressed.increment(1);
+                    return;
+                }
+            }
+            let Some(st) = self.subs.get_mut(&*p.channel) else {
+                return; // unsubscribed meanwhile
+            };
             // The stream lost its history; say so, then follow the new epoch
             // from its start (what of it is still stored is filled below).
             node.metrics.unrecoverable_live.increment(1);
@@ -402,6 +457,9 @@ impl Session {
             st.epoch = p.epoch.clone();
             st.last = 0;
         }
+        let Some(st) = self.subs.get_mut(&*p.channel) else {
+            return;
+        };
         if p.seq <= st.last {
             node.metrics.duplicates_suppressed.increment(1);
             return;
@@ -469,8 +527,8 @@ impl Session {
             return;
         }
         match self.transport {
-            Transport::Ws => self.node.metrics.delivered_ws.increment(count),
-            Transport::Sse => self.node.metrics.delivered_sse.increment(count),
+            Transport::Ws => self.ctx.metrics.delivered_ws.increment(count),
+            Transport::Sse => self.ctx.metrics.delivered_sse.increment(count),
         }
         // Latency is sampled at most every 100 ms per connection: enough for
         // the distribution, without a histogram write per delivery at a
@@ -483,7 +541,7 @@ impl Session {
             {
                 self.latency_sampled_at = Some(now);
                 let now_ms = crate::ids::now_ms();
-                self.node
+                self.ctx
                     .metrics
                     .delivery_latency
                     .record(now_ms.saturating_sub(ts) as f64 / 1000.0);
@@ -492,7 +550,7 @@ impl Session {
     }
 
     pub fn slow_consumer(&self) {
-        self.node.metrics.slow_consumer_disconnects.increment(1);
+        self.ctx.metrics.slow_consumer_disconnects.increment(1);
     }
 }
 
@@ -503,9 +561,12 @@ impl Drop for Session {
             self.unsubscribe(&c);
         }
         match self.transport {
-            Transport::Ws => self.node.metrics.connections_ws.decrement(1.0),
-            Transport::Sse => self.node.metrics.connections_sse.decrement(1.0),
+            Transport::Ws => self.ctx.metrics.connections_ws.decrement(1.0),
+            Transport::Sse => self.ctx.metrics.connections_sse.decrement(1.0),
         }
-        self.node.connection_closed();
+        self.ctx.drain.connection_closed();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -184,7 +184,7 @@ async fn open_stream(
         }
     };
 
-    let mut session = Session::new(node.clone(), Codec::Json, Transport::Sse);
+    let mut session = Session::new(node.sessions.clone(), Codec::Json, Transport::Sse);
     let mut out = Vec::new();
     for (name, since) in names.iter().zip(since.iter().cloned()) {
         session
@@ -239,6 +239,7 @@ async fn open_stream(
     };
     let shared = session.shared.clone();
     let mut stream = SseStream {
+        node: node.clone(),
         lifecycle: node.lifecycle(),
         keepalive: node.ms(node.config.sse_keepalive_ms),
         expires_at: identity.expires_at,
@@ -294,6 +295,7 @@ fn write_event(buf: &mut BytesMut, event: Option<&str>, id: &str, data: &[u8]) {
 }
 
 struct SseStream {
+    node: Arc<Node>,
     session: Session,
     /// The stream's channels in cursor order.
     channels: Vec<String>,
@@ -356,7 +358,7 @@ impl SseStream {
     /// jitter window (EventSource waits that long, then reconnects with
     /// `Last-Event-ID`), and the frame with a resume token for SDKs.
     fn reconnect_event(&mut self) -> Bytes {
-        let node = self.session.node.clone();
+        let node = self.node.clone();
         let c = &node.config;
         let delay = rand::random_range(c.reconnect_min_delay_ms..=c.reconnect_max_delay_ms);
         let token = node.auth.mint_resume(
@@ -396,7 +398,7 @@ impl SseStream {
                     return Some(Bytes::from_static(b": node closing, reconnect\n\n"));
                 }
                 Lifecycle::Draining { released } => {
-                    let node = self.session.node.clone();
+                    let node = self.node.clone();
                     let ticket = *self
                         .drain_ticket
                         .get_or_insert_with(|| node.drain.take_ticket());

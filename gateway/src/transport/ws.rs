@@ -43,7 +43,7 @@ use crate::ids::now_ms;
 use crate::message::Publication;
 use crate::message::WsFrame;
 use crate::node::Node;
-use crate::session::ratelimit::RateLimit;
+use crate::ratelimit::RateLimit;
 use crate::session::{Outbox, Outgoing, Session, Transport};
 
 type Socket = WebSocketStream<TcpStream>;
@@ -259,7 +259,8 @@ async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
         return;
     };
     let mut conn = Connection {
-        session: Session::new(node.clone(), codec, Transport::Ws),
+        session: Session::new(node.sessions.clone(), codec, Transport::Ws),
+        node: node.clone(),
         socket,
         codec,
         identity,
@@ -439,6 +440,7 @@ fn authenticate(
 }
 
 struct Connection {
+    node: Arc<Node>,
     session: Session,
     socket: Socket,
     codec: Codec,
@@ -463,7 +465,7 @@ struct Connection {
 
 impl Connection {
     fn node(&self) -> &Arc<Node> {
-        &self.session.node
+        &self.node
     }
 
     /// Answers `connect` and subscribes the user's own stream.

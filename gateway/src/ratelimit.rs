@@ -1,4 +1,5 @@
-//! Per-connection command rate limit: a token bucket.
+//! A token bucket: a connection's command rate, and the node's admission
+//! rate of new sessions.
 
 use std::time::Instant;
 
