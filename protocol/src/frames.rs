@@ -116,6 +116,11 @@ pub struct Pong {
     pub id: Option<u64>,
 }
 
+/// The connection's token expired and the server ends it: SSE sends this as
+/// its `token_expired` event (WebSocket closes with 4005 instead).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct TokenExpired {}
+
 /// Frames the server sends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -132,11 +137,12 @@ pub enum ServerFrame {
     Error(ErrorFrame),
     Ping(Ping),
     Pong(Pong),
+    TokenExpired(TokenExpired),
 }
 
 impl ServerFrame {
     /// Every `type` value a server frame may have.
-    pub const TYPES: [&'static str; 12] = [
+    pub const TYPES: [&'static str; 13] = [
         "connected",
         "subscribed",
         "unsubscribed",
@@ -149,6 +155,7 @@ impl ServerFrame {
         "error",
         "ping",
         "pong",
+        "token_expired",
     ];
 }
 

@@ -404,6 +404,10 @@ impl Driver {
                 Ok(())
             }
             ServerFrame::Pong(_) => Ok(()),
+            // SSE's frame; a WebSocket server closes with 4005 instead.
+            ServerFrame::TokenExpired(_) => {
+                return Err(self.token_expired(None, "the token expired".into()))
+            }
         };
         sent.map_err(|e| retry(format!("send failed: {e}")))
     }

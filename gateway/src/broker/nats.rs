@@ -133,10 +133,11 @@ impl NatsBroker {
             .map_err(unavailable)?;
         let (tracker, hub) = (self.cluster.tracker.clone(), self.hub.clone());
         let task = tokio::spawn(async move {
+            let received = crate::telemetry::backbone_received();
             while let Some(msg) = sub.next().await {
                 match envelope::decode(&msg.payload) {
                     Some(p) => {
-                        metrics::counter!("gateway_backbone_received_total").increment(1);
+                        received.increment(1);
                         tracker.saw(&p);
                         hub.deliver(&p);
                     }

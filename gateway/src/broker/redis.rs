@@ -100,6 +100,7 @@ impl RedisBroker {
         // order Redis sent them.
         let (rx_tracker, rx_hub, rx_health) = (tracker.clone(), hub.clone(), health.clone());
         tokio::spawn(async move {
+            let received = crate::telemetry::backbone_received();
             while let Some(push) = rx.recv().await {
                 match push.kind {
                     PushKind::Message => {
@@ -108,7 +109,7 @@ impl RedisBroker {
                         };
                         match envelope::decode(payload) {
                             Some(p) => {
-                                metrics::counter!("gateway_backbone_received_total").increment(1);
+                                received.increment(1);
                                 rx_tracker.saw(&p);
                                 rx_hub.deliver(&p);
                             }

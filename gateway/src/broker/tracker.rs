@@ -112,7 +112,7 @@ impl Health {
     pub fn down(&self) {
         let mut d = self.down_since.lock();
         if d.is_none() {
-            metrics::counter!("gateway_backbone_errors_total").increment(1);
+            crate::telemetry::backbone_error();
             *d = Some(std::time::Instant::now());
         }
     }

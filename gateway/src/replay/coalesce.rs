@@ -55,10 +55,10 @@ impl ReplayStore for CoalescingStore {
         let read = {
             let mut inflight = self.inflight.lock();
             if let Some(read) = inflight.get(&key) {
-                metrics::counter!("gateway_replay_reads_total", "merged" => "true").increment(1);
+                crate::telemetry::replay_read(true);
                 read.clone()
             } else {
-                metrics::counter!("gateway_replay_reads_total", "merged" => "false").increment(1);
+                crate::telemetry::replay_read(false);
                 let inner = self.inner.clone();
                 let map = self.inflight.clone();
                 let (c, s, k) = (channel.to_owned(), since.clone(), key.clone());

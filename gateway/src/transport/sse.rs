@@ -94,7 +94,7 @@ async fn open_stream(
     if let Err(refusal) = node.admit() {
         // A browser EventSource gives up on an error status, so a refusal is
         // a stream that asks it to come back later (with jitter) and ends.
-        metrics::counter!("gateway_admission_rejected_total", "transport" => "sse", "reason" => refusal.reason()).increment(1);
+        crate::telemetry::admission_rejected("sse", refusal.reason());
         let c = node.config.admission_retry_ms;
         let delay = rand::random_range(c / 2..=c + c / 2);
         let body = format!(
@@ -257,7 +257,7 @@ async fn open_stream(
     write_event(
         &mut first,
         Some("connected"),
-        &cursor,
+        Some(&cursor),
         &Codec::Json.encode(&ServerFrame::Connected(connected)),
     );
     stream.write_all(&mut first, out);
@@ -284,11 +284,14 @@ async fn open_stream(
     Ok(res)
 }
 
-fn write_event(buf: &mut BytesMut, event: Option<&str>, id: &str, data: &[u8]) {
+fn write_event(buf: &mut BytesMut, event: Option<&str>, id: Option<&str>, data: &[u8]) {
     if let Some(event) = event {
         let _ = writeln!(buf, "event: {event}");
     }
-    let _ = write!(buf, "id: {id}\ndata: ");
+    if let Some(id) = id {
+        let _ = writeln!(buf, "id: {id}");
+    }
+    let _ = write!(buf, "data: ");
     // Our JSON has no raw newlines (serde_json escapes them), so one data line.
     buf.extend_from_slice(data);
     buf.extend_from_slice(b"\n\n");
@@ -334,7 +337,7 @@ impl SseStream {
                     oldest = Some(oldest.map_or(p.ts, |t| t.min(p.ts)));
                     self.set_position(&p.channel, p.position());
                     let cursor = self.cursor();
-                    write_event(buf, None, &cursor, p.json());
+                    write_event(buf, None, Some(&cursor), p.json());
                 }
                 Outgoing::Frame(ServerFrame::Unrecoverable(u)) => {
                     self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));
@@ -342,7 +345,7 @@ impl SseStream {
                     write_event(
                         buf,
                         Some("unrecoverable"),
-                        &cursor,
+                        Some(&cursor),
                         &Codec::Json.encode(&ServerFrame::Unrecoverable(u)),
                     );
                 }
@@ -377,10 +380,10 @@ impl SseStream {
         write_event(
             &mut buf,
             Some("reconnect"),
-            &cursor,
+            Some(&cursor),
             &Codec::Json.encode(&frame),
         );
-        metrics::counter!("gateway_drain_reconnects_sent_total", "transport" => "sse").increment(1);
+        crate::telemetry::drain_reconnect_sent("sse");
         buf.freeze()
     }
 
@@ -430,7 +433,10 @@ impl SseStream {
                 _ = tokio::time::sleep(self.keepalive) => return Some(Bytes::from_static(b": ka\n\n")),
                 _ = tokio::time::sleep(expiry.unwrap_or(Duration::MAX / 4)), if expiry.is_some() => {
                     self.done = true;
-                    return Some(Bytes::from_static(b"event: token_expired\ndata: {\"type\":\"token_expired\"}\n\n"));
+                    let mut buf = BytesMut::new();
+                    let frame = ServerFrame::TokenExpired(protocol::TokenExpired {});
+                    write_event(&mut buf, Some("token_expired"), None, &Codec::Json.encode(&frame));
+                    return Some(buf.freeze());
                 }
             }
         }

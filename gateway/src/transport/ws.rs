@@ -110,7 +110,7 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
     // it gets the upgrade and close 4004 with the delay in the reason.
     let refused = node.admit().err();
     if let Some(refusal) = refused {
-        metrics::counter!("gateway_admission_rejected_total", "transport" => "ws", "reason" => refusal.reason()).increment(1);
+        crate::telemetry::admission_rejected("ws", refusal.reason());
         if crate::cors::origin(headers).is_none() {
             return ApiError::new(
                 ErrorCode::Unavailable,
@@ -732,7 +732,7 @@ impl Connection {
                 max_delay_ms: node.config.reconnect_max_delay_ms,
             })));
         self.reconnect_sent_at = Some(Instant::now());
-        metrics::counter!("gateway_drain_reconnects_sent_total", "transport" => "ws").increment(1);
+        crate::telemetry::drain_reconnect_sent("ws");
     }
 
     fn reply_error(&mut self, id: Option<u64>, code: ErrorCode, message: impl Into<String>) {

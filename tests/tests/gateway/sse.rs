@@ -287,3 +287,19 @@ async fn allowed_origins_get_cors_headers_and_other_origins_are_refused() -> R {
     drop(ws);
     Ok(())
 }
+
+#[tokio::test]
+async fn sse_stream_whose_token_expires_gets_token_expired_then_ends() -> R {
+    let gw = Gateway::start().await?;
+    let token = gw.token("exp1", &["feed"], &[], 2);
+    let mut sse = gw.sse(&["feed"], Some(&token), None).await?;
+    let (ev, _) = sse.next_frame().await?;
+    assert_eq!(ev.event.as_deref(), Some("connected"));
+    let (ev, frame) = sse.next_frame().await?;
+    assert_eq!(ev.event.as_deref(), Some("token_expired"), "{ev:?}");
+    assert!(matches!(frame, ServerFrame::TokenExpired(_)), "{frame:?}");
+    assert_eq!(ev.data, r#"{"type":"token_expired"}"#);
+    let end = sse.next_event().await;
+    assert!(end.is_err(), "the stream ends after token_expired: {end:?}");
+    Ok(())
+}
