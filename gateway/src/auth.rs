@@ -152,8 +152,33 @@ pub struct Auth {
     api_keys: Vec<String>,
 }
 
+/// Why the node's token keys could not be set up (at start).
+#[derive(Debug, Error)]
+pub enum KeyError {
+    #[error("reading jwt_public_key_file {path}: {source}")]
+    Read {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("jwt_public_key_file {path}: not a {algorithm} public key in PEM: {source}")]
+    Parse {
+        path: std::path::PathBuf,
+        algorithm: &'static str,
+        source: jsonwebtoken::errors::Error,
+    },
+}
+
+/// Why a token could not be minted.
+#[derive(Debug, Error)]
+pub enum MintError {
+    #[error("minting tokens needs GATEWAY_JWT_SECRET (HS256)")]
+    NoSecret,
+    #[error("encoding the token: {0}")]
+    Encode(#[from] jsonwebtoken::errors::Error),
+}
+
 impl Auth {
-    pub fn from_config(config: &Config) -> anyhow::Result<Self> {
+    pub fn from_config(config: &Config) -> Result<Self, KeyError> {
         let mut verifiers = Vec::new();
         let validation = |alg| {
             let mut v = Validation::new(alg);
@@ -172,11 +197,23 @@ impl Auth {
             minting = Some(EncodingKey::from_secret(secret.as_bytes()));
         }
         if let Some(path) = &config.jwt_public_key_file {
-            let pem = std::fs::read(path)?;
-            let (key, alg) = match config.jwt_algorithm.as_str() {
-                "ES256" => (DecodingKey::from_ec_pem(&pem)?, Algorithm::ES256),
-                _ => (DecodingKey::from_rsa_pem(&pem)?, Algorithm::RS256),
+            let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            let parsed = match config.jwt_algorithm.as_str() {
+                "ES256" => DecodingKey::from_ec_pem(&pem).map(|k| (k, Algorithm::ES256)),
+                _ => DecodingKey::from_rsa_pem(&pem).map(|k| (k, Algorithm::RS256)),
             };
+            let (key, alg) = parsed.map_err(|source| KeyError::Parse {
+                path: path.clone(),
+                algorithm: if config.jwt_algorithm == "ES256" {
+                    "ES256 (EC)"
+                } else {
+                    "RS256 (RSA)"
+                },
+                source,
+            })?;
             verifiers.push((key, validation(alg)));
         }
         // Resume tokens use their own key, so one can never pass for a
@@ -339,11 +376,8 @@ impl Auth {
     }
 
     /// Mints an HS256 connection token (for `gateway token` and tests).
-    pub fn mint(&self, claims: &Claims) -> anyhow::Result<String> {
-        let key = self
-            .minting
-            .as_ref()
-            .ok_or_else(|| anyhow::anyhow!("minting tokens needs GATEWAY_JWT_SECRET (HS256)"))?;
+    pub fn mint(&self, claims: &Claims) -> Result<String, MintError> {
+        let key = self.minting.as_ref().ok_or(MintError::NoSecret)?;
         Ok(encode(&Header::new(Algorithm::HS256), claims, key)?)
     }
 }

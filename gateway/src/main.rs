@@ -156,5 +156,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         println!("admin listening on http://{admin_addr}");
         tokio::spawn(gateway::server::serve_ops(admin, node.clone()));
     }
-    gateway::server::run(listener, node, shutdown_signal()).await
+    gateway::server::run(listener, node, shutdown_signal()).await;
+    Ok(())
 }

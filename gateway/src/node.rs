@@ -8,7 +8,6 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
-use anyhow::Context;
 use registry::{NodeStatus, RedisRegistry, Registry};
 use tracing::warn;
 
@@ -19,6 +18,24 @@ use crate::hub::Hub;
 use crate::replay::{CoalescingStore, MemoryReplayStore, RedisReplayStore, ReplayStore};
 use crate::session::SessionContext;
 use crate::telemetry::Metrics;
+
+/// Why a node could not be built (at start).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Keys(#[from] crate::auth::KeyError),
+    #[error("connecting the registry to Redis: {0}")]
+    Registry(registry::RegistryError),
+    #[error("connecting the replay store to Redis: {0}")]
+    Store(crate::replay::StoreError),
+    #[error("connecting the {backbone} backbone: {source}")]
+    Backbone {
+        backbone: &'static str,
+        source: crate::broker::BrokerError,
+    },
+    #[error("first registry heartbeat: {0}")]
+    Heartbeat(registry::RegistryError),
+}
 
 /// The seams a node is built from: replay store, broker, registry (none in
 /// the embedded node).
@@ -51,7 +68,10 @@ pub struct Node {
 impl Node {
     /// Builds the node the config asks for: embedded (in-memory parts) with
     /// no `redis_url`, a cluster node with one.
-    pub async fn build(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<Arc<Self>> {
+    pub async fn build(
+        config: Config,
+        prometheus: PrometheusHandle,
+    ) -> Result<Arc<Self>, BuildError> {
         let id = config
             .node_id
             .clone()
@@ -77,7 +97,7 @@ impl Node {
                 let registry: Arc<dyn Registry> = Arc::new(
                     RedisRegistry::connect(redis_url, ttl)
                         .await
-                        .context("connecting the registry to Redis")?,
+                        .map_err(BuildError::Registry)?,
                 );
                 let redis_store = Arc::new(
                     RedisReplayStore::connect(
@@ -87,7 +107,7 @@ impl Node {
                         meta_ttl,
                     )
                     .await
-                    .context("connecting the replay store to Redis")?,
+                    .map_err(BuildError::Store)?,
                 );
                 let broker: Arc<dyn Broker> = match &config.nats_url {
                     None => RedisBroker::connect(
@@ -99,7 +119,10 @@ impl Node {
                         down,
                     )
                     .await
-                    .context("connecting the Redis backbone")?,
+                    .map_err(|source| BuildError::Backbone {
+                        backbone: "Redis",
+                        source,
+                    })?,
                     Some(nats_url) => NatsBroker::connect(
                         nats_url,
                         &id,
@@ -109,7 +132,10 @@ impl Node {
                         down,
                     )
                     .await
-                    .context("connecting the NATS backbone")?,
+                    .map_err(|source| BuildError::Backbone {
+                        backbone: "NATS",
+                        source,
+                    })?,
                 };
                 let store: Arc<dyn ReplayStore> = Arc::new(CoalescingStore::new(redis_store));
                 (store, broker, Some(registry))
@@ -145,7 +171,7 @@ impl Node {
             drain,
         });
         if node.registry.is_some() {
-            node.heartbeat().await.context("first registry heartbeat")?;
+            node.heartbeat().await.map_err(BuildError::Heartbeat)?;
             let weak = Arc::downgrade(&node);
             let every = Duration::from_millis(node.config.heartbeat_interval_ms);
             tokio::spawn(async move {

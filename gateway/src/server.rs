@@ -138,7 +138,7 @@ pub async fn run(
     listener: TcpListener,
     node: Arc<Node>,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) {
     let signal_node = node.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -154,5 +154,4 @@ pub async fn run(
         .connections_gone(Duration::from_millis(node.config.shutdown_timeout_ms))
         .await;
     info!(remaining, "stopped");
-    Ok(())
 }
