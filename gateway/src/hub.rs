@@ -15,8 +15,10 @@
 //!
 //! Invariants:
 //! * A broadcast is encoded at most once per codec (the encoding lives on
-//!   the shared [`Publication`]); a recipient costs a reference-count
-//!   increment when it reads, never a copy or an encode.
+//!   the shared [`Publication`]), never once per recipient. A recipient
+//!   costs a copy of the encoded frame's bytes into the write buffer its
+//!   transport lends it (`Outbox::publication_ref`); an `Arc` clone only
+//!   when a message must be held back or reordered.
 //! * A log holds at most `max_bytes` of publications (charged at their
 //!   encoded size). An entry leaves the log when every reader that was there
 //!   when it was appended has read it (or left); if the bound forces out an

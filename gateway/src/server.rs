@@ -113,7 +113,8 @@ pub async fn serve_ops(listener: TcpListener, node: Arc<Node>) {
     }
 }
 
-/// Every route of a node. Tests drive it directly.
+/// Every route of a node (served by hyper for every connection that is not
+/// `GET /sse`; see `accept_until_drained`).
 pub fn app(node: Arc<Node>) -> Router {
     Router::new()
         .route("/", get(ops::demo))

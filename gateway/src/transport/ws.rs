@@ -4,8 +4,11 @@
 //!
 //! One task per connection owns both directions of the socket. Reading and
 //! the close handshake go through tungstenite; outbound frames are gathered
-//! into the connection's own write buffer and written with one write() per
-//! wake-up, so a burst costs one system call, not one per message. A
+//! into a write buffer and written with one write() per wake-up, so a burst
+//! costs one system call, not one per message. Deliveries borrow the worker
+//! thread's spare buffer (`spare`, hot in the core's cache) for the length
+//! of one write; a connection keeps a buffer only while its write is
+//! blocked. A
 //! publication's frame is encoded and framed once for all recipients
 //! ([`crate::message::WsFrame`]); each recipient only copies its bytes.
 
@@ -317,7 +320,8 @@ async fn lifecycle_change(mut rx: watch::Receiver<Lifecycle>) -> watch::Receiver
     rx
 }
 
-/// Encodes what a connection must write straight into its write buffer.
+/// Encodes what a connection must write straight into the write buffer it
+/// holds for this write (the thread's spare, or its own while blocked).
 struct WsOut<'a> {
     wbuf: &'a mut Vec<u8>,
     codec: Codec,
