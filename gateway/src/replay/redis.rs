@@ -9,7 +9,7 @@
 //!   the last append; entries older than the window are not served.
 //!
 //! Appends run as one Lua function (a Redis function library, see
-//! [`Library`]) that assigns the sequence, stores the message and (for the
+//! `Library`) that assigns the sequence, stores the message and (for the
 //! Redis backbone) PUBLISHes it, so sequence order and publish order always
 //! agree.
 //!

@@ -1,0 +1,109 @@
+//! The `connect` phase: waits for the first frame, authenticates it
+//! (connection token, resume token), and answers or closes.
+
+use futures_util::StreamExt;
+use protocol::{ClientFrame, CloseCode, Codec, ErrorCode, Position};
+use tokio::time::timeout;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::auth::{AuthError, Identity};
+use crate::node::Node;
+
+use super::connection::{close, send_error};
+use super::Socket;
+
+/// Waits for `connect` and authenticates it; on failure answers and closes.
+pub(super) async fn handshake(
+    node: &Node,
+    socket: &mut Socket,
+    codec: Codec,
+) -> Option<(protocol::Connect, Identity, Vec<(String, Position)>)> {
+    let deadline = node.ms(node.config.connect_timeout_ms);
+    let first = loop {
+        match timeout(deadline, socket.next()).await {
+            Err(_) => {
+                close(socket, CloseCode::IdleTimeout).await;
+                return None;
+            }
+            Ok(None) | Ok(Some(Err(_))) => return None,
+            Ok(Some(Ok(Message::Close(_)))) => return None,
+            Ok(Some(Ok(m @ (Message::Text(_) | Message::Binary(_))))) => break m,
+            Ok(Some(Ok(_))) => continue,
+        }
+    };
+    let decoded = match &first {
+        Message::Text(t) => Codec::Json.decode_client(t.as_bytes()),
+        Message::Binary(b) => Codec::MsgPack.decode_client(b),
+        _ => unreachable!("only data frames break the loop"),
+    };
+    let connect = match decoded {
+        Ok(ClientFrame::Connect(c)) => c,
+        Ok(other) => {
+            node.metrics.frame_rejected(ErrorCode::NotConnected.name());
+            send_error(
+                socket,
+                codec,
+                other.id(),
+                ErrorCode::NotConnected,
+                "the first frame must be `connect`".into(),
+            )
+            .await;
+            close(socket, CloseCode::BadProtocol).await;
+            return None;
+        }
+        Err(e) => {
+            node.metrics.frame_rejected(e.code().name());
+            send_error(
+                socket,
+                codec,
+                None,
+                e.code(),
+                format!("{e}; the first frame must be `connect`"),
+            )
+            .await;
+            close(socket, CloseCode::BadProtocol).await;
+            return None;
+        }
+    };
+    match authenticate(node, &connect) {
+        Ok((identity, resumed)) => Some((connect, identity, resumed)),
+        Err(e) => {
+            node.metrics.frame_rejected(e.code().name());
+            send_error(socket, codec, connect.id, e.code(), e.to_string()).await;
+            let code = if e == AuthError::Expired {
+                CloseCode::TokenExpired
+            } else {
+                CloseCode::Unauthorized
+            };
+            close(socket, code).await;
+            None
+        }
+    }
+}
+
+/// The identity of a `connect`, and the subscriptions a resume token
+/// restores. A resume token that does not verify is ignored when a valid
+/// connection token comes with it (the client resubscribes itself); with
+/// both, they must name the same user.
+pub(super) fn authenticate(
+    node: &Node,
+    connect: &protocol::Connect,
+) -> Result<(Identity, Vec<(String, Position)>), AuthError> {
+    let Some(resume) = connect.resume.as_deref() else {
+        return Ok((node.auth.identify(connect.token.as_deref())?, Vec::new()));
+    };
+    match (node.auth.verify_resume(resume), connect.token.as_deref()) {
+        (Ok((identity, channels)), None) => Ok((identity, channels)),
+        (Ok((identity, channels)), Some(token)) => {
+            let fresh = node.auth.verify(token)?;
+            if fresh.user != identity.user {
+                return Err(AuthError::Invalid(
+                    "the resume token is for another user".into(),
+                ));
+            }
+            Ok((fresh, channels))
+        }
+        (Err(_), Some(token)) => Ok((node.auth.verify(token)?, Vec::new())),
+        (Err(e), None) => Err(e),
+    }
+}

@@ -1,0 +1,161 @@
+//! The write path: what the session hands out is framed into one buffer
+//! (publications as their shared pre-framed bytes, other frames framed on
+//! the spot) and written with as few write() calls as the socket takes.
+
+use std::sync::Arc;
+
+use futures_util::SinkExt;
+use protocol::{CloseCode, Codec, ServerFrame};
+use tokio::io::AsyncWriteExt;
+
+use crate::message::Publication;
+use crate::message::WsFrame;
+use crate::session::{Outbox, Outgoing};
+
+use super::connection::Connection;
+
+/// Encodes what a connection must write straight into the write buffer it
+/// holds for this write (the thread's spare, or its own while blocked).
+pub(super) struct WsOut<'a> {
+    pub(super) wbuf: &'a mut Vec<u8>,
+    pub(super) codec: Codec,
+    /// Publications written, and the oldest one's `ts` (for metrics).
+    pub(super) delivered: u64,
+    pub(super) oldest: Option<u64>,
+}
+
+impl Outbox for WsOut<'_> {
+    fn publication(&mut self, p: Arc<Publication>) {
+        self.publication_ref(&p);
+    }
+
+    fn frame(&mut self, f: ServerFrame) {
+        let frame = WsFrame::new(self.codec, &self.codec.encode(&f));
+        self.wbuf.extend_from_slice(frame.frame());
+    }
+
+    fn publication_ref(&mut self, p: &Arc<Publication>) {
+        self.delivered += 1;
+        self.oldest = Some(self.oldest.map_or(p.ts, |t| t.min(p.ts)));
+        self.wbuf.extend_from_slice(p.ws_frame(self.codec).frame());
+    }
+}
+
+impl Connection {
+    /// Writes everything in `out` with one flush.
+    pub(super) async fn write_out(&mut self) -> Result<(), CloseCode> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let mut out = WsOut {
+            wbuf: &mut self.wbuf,
+            codec: self.codec,
+            delivered: 0,
+            oldest: None,
+        };
+        for o in self.out.drain(..) {
+            match o {
+                Outgoing::Publication(p) => out.publication(p),
+                Outgoing::Frame(f) => out.frame(f),
+            }
+        }
+        let (delivered, oldest) = (out.delivered, out.oldest);
+        // Replies, pings and notices are rare: neither buffer is kept for
+        // them (kept, the connect burst's would stay with every idle
+        // connection, ~1 KB). Deliveries borrow the thread's spare buffer
+        // (`spare`).
+        self.out = Vec::new();
+        self.flush(delivered, oldest).await?;
+        // (After an error it holds the rest of a frame `close` completes.)
+        self.wbuf = Vec::new();
+        Ok(())
+    }
+
+    /// Writes the write buffer with as few calls as the socket allows.
+    pub(super) async fn flush(
+        &mut self,
+        delivered: u64,
+        oldest: Option<u64>,
+    ) -> Result<(), CloseCode> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let (socket, wbuf, wpos) = (&mut self.socket, &self.wbuf, &mut self.wpos);
+        let ws_may_hold = &mut self.ws_may_hold;
+        let write = async {
+            // Whatever tungstenite holds (a pong to the client's ping) goes
+            // first: frames must not interleave.
+            if *ws_may_hold {
+                socket
+                    .flush()
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                *ws_may_hold = false;
+            }
+            let io = socket.get_mut();
+            while *wpos < wbuf.len() {
+                match io.write(&wbuf[*wpos..]).await? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    n => *wpos += n,
+                }
+            }
+            Ok::<(), std::io::Error>(())
+        };
+        // A client that stops reading blocks this write while it falls
+        // behind: watch for that here, or such a connection is never cut
+        // (the loop that reads the logs waits for this write).
+        tokio::select! {
+            // The write usually completes at once; only a blocked one needs
+            // the overflow watch.
+            biased;
+            written = write => {
+                if written.is_err() {
+                    return Err(CloseCode::InternalError);
+                }
+            }
+            _ = self.session.shared.signal.overflowed() => {
+                self.session.slow_consumer();
+                return Err(CloseCode::SlowConsumer);
+            }
+        }
+        self.session.record_written(delivered, oldest);
+        self.wbuf.clear();
+        self.wpos = 0;
+        Ok(())
+    }
+}
+
+/// One spare write buffer per worker thread, lent to one connection at a
+/// time for the length of a write. A broadcast wakes thousands of
+/// connections one after another; copying each one's frames into the same
+/// buffer, hot in the core's cache, costs less than into a buffer of its
+/// own that went cold since its last write, and a connection keeps no
+/// buffer between writes. A connection whose write blocks keeps the one it
+/// holds (the next connection on the thread gets a fresh one).
+pub(super) mod spare {
+    use std::cell::Cell;
+
+    thread_local! {
+        static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+    }
+
+    pub fn take() -> Vec<u8> {
+        SPARE.with(Cell::take)
+    }
+
+    /// Returns a buffer; one grown past `keep` by a burst is let go.
+    pub fn give_back(mut buf: Vec<u8>, keep: usize) {
+        if buf.capacity() > keep {
+            return;
+        }
+        buf.clear();
+        SPARE.with(|s| {
+            let held = s.take();
+            s.set(if held.capacity() >= buf.capacity() {
+                held
+            } else {
+                buf
+            });
+        });
+    }
+}
