@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use futures_util::{SinkExt, StreamExt};
+use harness::sse::SseParser;
 use hdrhistogram::Histogram;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -224,11 +225,12 @@ async fn open_sse(
                     String::from_utf8_lossy(&buf).lines().next().unwrap_or("")
                 );
             }
-            let body = &buf[head_end + 4..];
-            if let Some(at) = find(body, b"event: connected\n") {
-                if find(&body[at..], b"\n\n").is_some() {
-                    return Ok(stream);
-                }
+            let mut events = SseParser::default();
+            events.feed(&buf[head_end + 4..]);
+            if std::iter::from_fn(|| events.next_event())
+                .any(|e| e.event.as_deref() == Some("connected"))
+            {
+                return Ok(stream);
             }
         }
         if buf.len() > 64 * 1024 {

@@ -42,19 +42,22 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ::harness::delivery::{
-    event_source, run_lanes, Acked, EventSink, Lane, PubStats, SseMessage, Streams, Track,
-};
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use client_sdk::{Client, Codec, ConnectionState};
 use futures_util::StreamExt;
+use harness::cluster::{Haproxy, Service, ServiceKind, ServiceOptions};
+use harness::delivery::{
+    event_source, run_lanes, Acked, EventSink, Lane, PubStats, SseMessage, Streams, Track,
+};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
 use tokio::process::{Child, ChildStdin, Command};
+
+use harness::{Gateway, GatewayBuilder};
 
 use crate::util;
 
@@ -236,95 +239,26 @@ struct WorkerResult {
 // Processes: ports, redis, nats, nodes, HAProxy
 // ---------------------------------------------------------------------------
 
-/// Ports below the kernel's ephemeral range (so no outgoing connection takes
+/// A port below the kernel's ephemeral range (so no outgoing connection takes
 /// one while a node slot waits for its node), free now, each handed out once.
-struct PortPool {
-    next: u16,
-    end: u16,
-}
-
-impl PortPool {
-    fn new() -> Self {
-        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-            .ok()
-            .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse().ok()))
-            .unwrap_or(32768);
-        let start = low.saturating_sub(9000).max(1024);
-        // Different runs should not collide: start at a pid-dependent place.
-        let offset = (std::process::id() % 4000) as u16;
-        Self {
-            next: start + offset,
-            end: low.saturating_sub(100),
-        }
-    }
-
-    fn take(&mut self) -> anyhow::Result<u16> {
-        while self.next < self.end {
-            let p = self.next;
-            self.next += 1;
-            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-                return Ok(p);
-            }
-        }
-        bail!("no free port below the ephemeral range")
-    }
-}
-
-fn gateway_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_owned());
-    }
-    let p = std::env::current_exe()?.with_file_name("gateway");
-    ensure!(
-        p.exists(),
-        "no gateway binary at {} (cargo build --release -p gateway, or --gateway-bin)",
-        p.display()
-    );
-    Ok(p)
+fn port() -> anyhow::Result<u16> {
+    harness::cluster::service_port()
 }
 
 fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     std::fs::File::create(dir.join(name)).with_context(|| format!("creating {name}"))
 }
 
-async fn wait_tcp(addr: SocketAddr, what: &str, limit: Duration) -> anyhow::Result<()> {
-    let t0 = Instant::now();
-    while TcpStream::connect(addr).await.is_err() {
-        ensure!(
-            t0.elapsed() < limit,
-            "{what} did not listen on {addr} within {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
-}
-
-async fn spawn_service(
-    dir: &Path,
-    program: &str,
-    args: &[String],
-    log: &str,
-    addr: SocketAddr,
-) -> anyhow::Result<Child> {
-    let child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log_file(dir, log)?)
-        .stderr(log_file(dir, &format!("{log}.err"))?)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {program} (scripts/test.sh installs it)"))?;
-    wait_tcp(addr, program, Duration::from_secs(10)).await?;
-    Ok(child)
-}
-
 struct GwNode {
     id: String,
     addr: SocketAddr,
-    child: Child,
+    gw: Gateway,
     log: PathBuf,
 }
 
+/// A cluster node on `addr` (the harness starts it; only `env` and
+/// `GATEWAY_NODE_ID` set), ready (`/readyz`); stdout to `dir/ID.out`, the
+/// log (stderr) to `dir/ID.log`.
 async fn start_node(
     bin: &Path,
     dir: &Path,
@@ -333,38 +267,20 @@ async fn start_node(
     env: &[(String, String)],
 ) -> anyhow::Result<GwNode> {
     let log = dir.join(format!("{id}.log"));
-    let mut cmd = Command::new(bin);
-    cmd.args(["--addr", &addr.to_string()])
-        .stdin(Stdio::null())
-        .stdout(log_file(dir, &format!("{id}.out"))?)
-        .stderr(std::fs::File::create(&log)?)
-        .kill_on_drop(true);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("GATEWAY_") {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("GATEWAY_NODE_ID", id);
+    let mut b = GatewayBuilder::bare()
+        .bin(bin)
+        .addr(addr)
+        .log_files(dir.join(format!("{id}.out")), &log)
+        .env("GATEWAY_NODE_ID", id);
     for (k, v) in env {
-        cmd.env(k, v);
+        b = b.env(k, v);
     }
-    let child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut node = GwNode {
-        id: id.to_owned(),
-        addr,
-        child,
-        log,
-    };
+    let mut gw = b.start().await.with_context(|| format!("starting {id}"))?;
     let t0 = Instant::now();
     let http = http_client();
     loop {
-        if let Ok(Some(status)) = node.child.try_wait() {
-            bail!(
-                "{id} exited at start ({status}): {}",
-                std::fs::read_to_string(&node.log).unwrap_or_default()
-            );
+        if let Some(status) = gw.exited() {
+            bail!("{id} exited at start ({status}): {}", gw.logs());
         }
         let ready = http
             .get(format!("http://{addr}/readyz"))
@@ -373,7 +289,12 @@ async fn start_node(
             .await
             .is_ok_and(|r| r.status().is_success());
         if ready {
-            return Ok(node);
+            return Ok(GwNode {
+                id: id.to_owned(),
+                addr,
+                gw,
+                log,
+            });
         }
         ensure!(
             t0.elapsed() < Duration::from_secs(20),
@@ -403,89 +324,6 @@ fn logged_drain_seconds(log: &Path) -> Option<f64> {
         .next()?
         .parse()
         .ok()
-}
-
-struct Haproxy {
-    addr: SocketAddr,
-    pid: Option<u32>,
-    socket: PathBuf,
-    _child: Child,
-}
-
-impl Haproxy {
-    async fn start(
-        dir: &Path,
-        n: usize,
-        port: u16,
-        slots: &[(String, SocketAddr)],
-    ) -> anyhow::Result<Self> {
-        let socket = dir.join(format!("haproxy{n}.sock"));
-        let cfg = ::harness::cluster::haproxy_config(port, &socket, slots);
-        let path = dir.join(format!("haproxy{n}.cfg"));
-        std::fs::write(&path, cfg)?;
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let child = spawn_service(
-            dir,
-            "haproxy",
-            &[
-                "-f".into(),
-                path.to_string_lossy().into_owned(),
-                "-db".into(),
-            ],
-            &format!("haproxy{n}.log"),
-            addr,
-        )
-        .await?;
-        Ok(Self {
-            addr,
-            socket,
-            pid: child.id(),
-            _child: child,
-        })
-    }
-
-    /// (server, status) as this HAProxy sees them.
-    async fn servers(&self) -> anyhow::Result<Vec<(String, String, u64)>> {
-        let mut s = tokio::net::UnixStream::connect(&self.socket).await?;
-        s.write_all(b"show stat\n").await?;
-        let mut out = String::new();
-        tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out)).await??;
-        Ok(out
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split(',').collect();
-                (f.len() > 17 && f[0] == "nodes" && f[1] != "BACKEND")
-                    .then(|| (f[1].to_owned(), f[17].to_owned(), f[4].parse().unwrap_or(0)))
-            })
-            .collect())
-    }
-
-    async fn wait(&self, name: &str, up: bool, limit: Duration) -> anyhow::Result<Duration> {
-        let t0 = Instant::now();
-        loop {
-            let servers = self.servers().await?;
-            let status = servers
-                .iter()
-                .find(|s| s.0 == name)
-                .map(|s| s.1.clone())
-                .unwrap_or_default();
-            let ok = if up {
-                status == "UP"
-            } else {
-                status.starts_with("DOWN") || status.starts_with("MAINT")
-            };
-            if ok {
-                return Ok(t0.elapsed());
-            }
-            ensure!(
-                t0.elapsed() < limit,
-                "haproxy {}: {name} still {status:?} after {limit:?}",
-                self.addr
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
 }
 
 /// CPU time of processes by group (`gateway`, `haproxy`, ...) while it
@@ -794,7 +632,7 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
         (1..=9000).contains(&a.clients_per_proxy),
         "--clients-per-proxy must be 1..=9000 (HAProxy: maxconn 9000 within 20,000 open files)"
     );
-    let bin = gateway_bin(a.gateway_bin.as_deref())?;
+    let bin = crate::scenario::nodes::node_binary(a.gateway_bin.as_deref());
     std::fs::create_dir_all(&a.dir)?;
     let dir = a.dir.canonicalize()?;
     let send_rate = a.send_rate.unwrap_or(a.clients as f64 / 10.0);
@@ -819,62 +657,37 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
     println!("{header}");
 
     // Services.
-    let mut ports = PortPool::new();
-    let redis_addr = SocketAddr::from(([127, 0, 0, 1], ports.take()?));
     let cpu = Arc::new(CpuWatch::default());
-    let redis = spawn_service(
-        &dir,
-        "redis-server",
-        &[
-            "--port".into(),
-            redis_addr.port().to_string(),
-            "--bind".into(),
-            "127.0.0.1".into(),
-            "--save".into(),
-            String::new(),
-            "--appendonly".into(),
-            "no".into(),
-            "--maxclients".into(),
-            "10000".into(),
-        ],
-        "redis.log",
-        redis_addr,
+    let service = |log: &str, args: &[&str]| -> anyhow::Result<ServiceOptions> {
+        Ok(ServiceOptions {
+            port: Some(port()?),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            log_file: Some(dir.join(log)),
+            ..ServiceOptions::default()
+        })
+    };
+    let redis = Service::start_opts(
+        ServiceKind::Redis,
+        service("redis.log", &["--maxclients", "10000"])?,
     )
     .await?;
-    cpu.add("redis-server", redis.id());
-    let nats_addr = SocketAddr::from(([127, 0, 0, 1], ports.take()?));
+    cpu.add("redis-server", redis.pid());
     let nats = match a.backbone {
-        Backbone::Nats => Some(
-            spawn_service(
-                &dir,
-                "nats-server",
-                &[
-                    "-a".into(),
-                    "127.0.0.1".into(),
-                    "-p".into(),
-                    nats_addr.port().to_string(),
-                ],
-                "nats.log",
-                nats_addr,
-            )
-            .await?,
-        ),
+        Backbone::Nats => {
+            Some(Service::start_opts(ServiceKind::Nats, service("nats.log", &[])?).await?)
+        }
         Backbone::Redis => None,
     };
-    cpu.add("nats-server", nats.as_ref().and_then(Child::id));
+    cpu.add("nats-server", nats.as_ref().and_then(Service::pid));
 
     // Nodes, in slots 0..nodes; replacements go in nodes..2*nodes.
     let slots: Vec<(String, SocketAddr)> = (0..2 * a.nodes)
-        .map(|i| {
-            ports
-                .take()
-                .map(|p| (format!("node{i}"), SocketAddr::from(([127, 0, 0, 1], p))))
-        })
+        .map(|i| port().map(|p| (format!("node{i}"), SocketAddr::from(([127, 0, 0, 1], p)))))
         .collect::<anyhow::Result<_>>()?;
     let mut env: Vec<(String, String)> = vec![
         ("GATEWAY_JWT_SECRET".into(), JWT_SECRET.into()),
         ("GATEWAY_API_KEYS".into(), API_KEY.into()),
-        ("GATEWAY_REDIS_URL".into(), format!("redis://{redis_addr}")),
+        ("GATEWAY_REDIS_URL".into(), redis.url()),
         ("GATEWAY_DRAIN_PRESTOP_DELAY_MS".into(), "800".into()),
         ("GATEWAY_DRAIN_BATCH_INTERVAL_MS".into(), "200".into()),
         ("GATEWAY_DRAIN_BATCH_FRACTION".into(), "0.2".into()),
@@ -884,8 +697,8 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
         ("GATEWAY_SSE_RETRY_MS".into(), "1000".into()),
         ("GATEWAY_LOG".into(), "warn,gateway::drain=info".into()),
     ];
-    if a.backbone == Backbone::Nats {
-        env.push(("GATEWAY_NATS_URL".into(), format!("nats://{nats_addr}")));
+    if let Some(nats) = &nats {
+        env.push(("GATEWAY_NATS_URL".into(), nats.url()));
     }
     for (k, v) in &a.node_env {
         env.retain(|(ek, _)| ek != k);
@@ -897,12 +710,12 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
     }
     let mut lbs = Vec::new();
     for n in 0..proxies {
-        let port = ports.take()?;
-        lbs.push(Haproxy::start(&dir, n, port, &slots).await?);
+        lbs.push(Haproxy::start_in(&dir, &format!("haproxy{n}"), port()?, &slots).await?);
     }
     for lb in &lbs {
         for (i, (name, _)) in slots.iter().enumerate() {
-            lb.wait(name, i < a.nodes, Duration::from_secs(10)).await?;
+            lb.wait_server(name, i < a.nodes, Duration::from_secs(10))
+                .await?;
         }
     }
 
@@ -956,10 +769,10 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
     let roll = Instant::now();
     let cpu0 = util::cpu_jiffies();
     for n in &nodes {
-        cpu.add("gateways", n.child.id());
+        cpu.add("gateways", Some(n.gw.pid()));
     }
     for lb in &lbs {
-        cpu.add("haproxy", lb.pid);
+        cpu.add("haproxy", Some(lb.pid()));
     }
     cpu.add("coordinator (publisher)", Some(std::process::id()));
     cpu.start();
@@ -970,10 +783,10 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
         let node = start_node(&bin, &dir, &id, addr, &env).await?;
         let t_up = Instant::now();
         for lb in &lbs {
-            lb.wait(&id, true, Duration::from_secs(15)).await?;
+            lb.wait_server(&id, true, Duration::from_secs(15)).await?;
         }
         let up = t_up.elapsed();
-        cpu.add("gateways", node.child.id());
+        cpu.add("gateways", Some(node.gw.pid()));
         nodes.push(node);
         let t = Instant::now();
         let res = http_client()
@@ -987,11 +800,11 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
             nodes[old].id,
             res.status()
         );
-        let status = tokio::time::timeout(Duration::from_secs(90), nodes[old].child.wait())
+        let status = nodes[old]
+            .gw
+            .wait_exit(Duration::from_secs(90))
             .await
-            .with_context(|| {
-                format!("{} did not exit within 90 s of its drain", nodes[old].id)
-            })??;
+            .with_context(|| format!("{} did not exit within 90 s of its drain", nodes[old].id))?;
         let exited = t.elapsed();
         ensure!(
             status.success(),

@@ -102,8 +102,18 @@ pub fn service_port() -> Result<u16> {
     bail!("no free port found in {from}..{to}")
 }
 
-/// Spawns a process whose stdout and stderr go (line by line) to `logs`.
-fn spawn_logged(program: &str, args: &[String], logs: &Arc<Mutex<String>>) -> Result<Child> {
+/// Spawns a process whose stdout and stderr go (line by line) to `logs`,
+/// and to `file` if given.
+fn spawn_logged(
+    program: &str,
+    args: &[String],
+    logs: &Arc<Mutex<String>>,
+    file: Option<&std::path::Path>,
+) -> Result<Child> {
+    let file = match file {
+        Some(path) => Some(Arc::new(Mutex::new(crate::create_log(path)?))),
+        None => None,
+    };
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::null())
@@ -126,12 +136,16 @@ fn spawn_logged(program: &str, args: &[String], logs: &Arc<Mutex<String>>) -> Re
     .flatten()
     {
         let logs = logs.clone();
+        let file = file.clone();
         std::thread::spawn(move || {
             let mut reader = BufReader::new(pipe);
             let mut line = Vec::new();
             while let Ok(n) = read_line_lossy(&mut reader, &mut line) {
                 if n == 0 {
                     break;
+                }
+                if let Some(Ok(mut f)) = file.as_ref().map(|f| f.lock()) {
+                    let _ = std::io::Write::write_all(&mut *f, &line);
                 }
                 push_log(&logs, String::from_utf8_lossy(&line).trim_end());
             }
@@ -179,6 +193,18 @@ pub enum Persistence {
     Aof,
 }
 
+/// How to start a [`Service`]; `Default` is what the tests use.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceOptions {
+    pub persistence: Persistence,
+    /// The port (default: [`service_port`]).
+    pub port: Option<u16>,
+    /// More command-line arguments (e.g. `--maxclients 10000`).
+    pub args: Vec<String>,
+    /// A file the output is also written to (anew at every start).
+    pub log_file: Option<std::path::PathBuf>,
+}
+
 /// redis-server or nats-server on a fixed loopback port; can be stopped and
 /// started again on the same port. Killed on drop.
 pub struct Service {
@@ -188,6 +214,8 @@ pub struct Service {
     logs: Arc<Mutex<String>>,
     starts: u32,
     persistence: Persistence,
+    args: Vec<String>,
+    log_file: Option<std::path::PathBuf>,
     /// Redis's working directory (its RDB / AOF files), kept across restarts.
     dir: Option<crate::TempDir>,
 }
@@ -217,17 +245,35 @@ impl Service {
 
     /// Starts a fresh service that keeps `persistence` on disk (Redis).
     pub async fn start_with(kind: ServiceKind, persistence: Persistence) -> Result<Self> {
-        let dir = match persistence {
+        Self::start_opts(
+            kind,
+            ServiceOptions {
+                persistence,
+                ..ServiceOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Starts a fresh service as `opts` say.
+    pub async fn start_opts(kind: ServiceKind, opts: ServiceOptions) -> Result<Self> {
+        let dir = match opts.persistence {
             Persistence::None => None,
             _ => Some(crate::TempDir::new()?),
         };
+        let port = match opts.port {
+            Some(p) => p,
+            None => service_port()?,
+        };
         let mut s = Self {
             kind,
-            port: service_port()?,
+            port,
             child: None,
             logs: Arc::new(Mutex::new(String::new())),
             starts: 0,
-            persistence,
+            persistence: opts.persistence,
+            args: opts.args,
+            log_file: opts.log_file,
             dir,
         };
         s.start().await?;
@@ -253,6 +299,11 @@ impl Service {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.is_some()
     }
@@ -271,7 +322,7 @@ impl Service {
             &format!("=== harness: start #{} on port {}", self.starts, self.port),
         );
         let port = self.port.to_string();
-        let args: Vec<String> = match self.kind {
+        let mut args: Vec<String> = match self.kind {
             ServiceKind::Redis => {
                 let dir = self
                     .dir()
@@ -308,7 +359,8 @@ impl Service {
                 .map(|s| s.to_string())
                 .collect(),
         };
-        let child = spawn_logged(self.name(), &args, &self.logs)?;
+        args.extend(self.args.iter().cloned());
+        let child = spawn_logged(self.name(), &args, &self.logs, self.log_file.as_deref())?;
         self.child = Some(child);
         let deadline = Instant::now() + TIMEOUT;
         loop {
@@ -380,7 +432,8 @@ pub struct Haproxy {
     pub http: reqwest::Client,
     logs: Arc<Mutex<String>>,
     socket: std::path::PathBuf,
-    _dir: crate::TempDir,
+    /// The directory of its files, when the harness made it.
+    _dir: Option<crate::TempDir>,
 }
 
 /// One backend server as HAProxy sees it (`show stat`).
@@ -457,9 +510,36 @@ impl Haproxy {
             let l = TcpListener::bind("127.0.0.1:0")?;
             l.local_addr()?.port()
         };
-        let socket = dir.path().join("admin.sock");
+        let (cfg, socket) = (
+            dir.path().join("haproxy.cfg"),
+            dir.path().join("admin.sock"),
+        );
+        Self::launch(port, cfg, socket, None, servers, Some(dir)).await
+    }
+
+    /// Like [`Haproxy::start`], on `port`, with its files in `dir`:
+    /// `NAME.cfg`, `NAME.sock` (admin socket), `NAME.log` (its output).
+    pub async fn start_in(
+        dir: &std::path::Path,
+        name: &str,
+        port: u16,
+        servers: &[(String, SocketAddr)],
+    ) -> Result<Self> {
+        let cfg = dir.join(format!("{name}.cfg"));
+        let socket = dir.join(format!("{name}.sock"));
+        let log = dir.join(format!("{name}.log"));
+        Self::launch(port, cfg, socket, Some(log), servers, None).await
+    }
+
+    async fn launch(
+        port: u16,
+        path: std::path::PathBuf,
+        socket: std::path::PathBuf,
+        log: Option<std::path::PathBuf>,
+        servers: &[(String, SocketAddr)],
+        dir: Option<crate::TempDir>,
+    ) -> Result<Self> {
         let cfg = haproxy_config(port, &socket, servers);
-        let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg)?;
         let logs = Arc::new(Mutex::new(String::new()));
         let child = spawn_logged(
@@ -470,6 +550,7 @@ impl Haproxy {
                 "-db".into(),
             ],
             &logs,
+            log.as_deref(),
         )?;
         let mut lb = Self {
             child,
@@ -558,6 +639,10 @@ impl Haproxy {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn logs(&self) -> String {

@@ -20,6 +20,7 @@ use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+use crate::sse::SseParser;
 use crate::within_for;
 
 /// One stream as one client received it.
@@ -112,74 +113,25 @@ struct EventSourceState {
     retry: Duration,
 }
 
-#[derive(Default)]
-struct SseParser {
-    line: Vec<u8>,
-    event: Option<String>,
-    data: Option<String>,
-    id_buffer: Option<String>,
-}
-
-impl SseParser {
-    fn feed(&mut self, bytes: &[u8], sink: &dyn EventSink, st: &mut EventSourceState) {
-        for &b in bytes {
-            if b == b'\n' {
-                let mut line = std::mem::take(&mut self.line);
-                if line.last() == Some(&b'\r') {
-                    line.pop();
-                }
-                self.on_line(&String::from_utf8_lossy(&line), sink, st);
-            } else {
-                self.line.push(b);
-            }
-        }
-    }
-
-    /// The EventSource rules (HTML § 9.2.6): `id` sets the last event id
-    /// buffer, a blank line commits it and dispatches the event.
-    fn on_line(&mut self, line: &str, sink: &dyn EventSink, st: &mut EventSourceState) {
-        if line.is_empty() {
-            if self.id_buffer.is_some() {
-                st.last_id = self.id_buffer.clone();
-            }
-            let event = self.event.take();
-            if let Some(data) = self.data.take() {
-                match event.as_deref() {
-                    None | Some("message") => match serde_json::from_str::<SseMessage>(&data) {
-                        Ok(m) => sink.message(m),
-                        Err(e) => eprintln!("event source: bad message {data:?}: {e}"),
-                    },
-                    Some("connected") => sink.connected(true, None),
-                    Some("unrecoverable") => sink.unrecoverable(),
-                    _ => {}
-                }
-            }
-            return;
-        }
-        if line.starts_with(':') {
-            return;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        match field {
-            "id" if !value.contains('\0') => self.id_buffer = Some(value.to_owned()),
-            "retry" => {
-                if let Ok(ms) = value.parse::<u64>() {
-                    st.retry = Duration::from_millis(ms);
-                }
-            }
-            "event" => self.event = Some(value.to_owned()),
-            "data" => match &mut self.data {
-                Some(d) => {
-                    d.push('\n');
-                    d.push_str(value);
-                }
-                None => self.data = Some(value.to_owned()),
+/// Feeds `bytes` to the connection's parser and hands its events to `sink`.
+fn feed(parser: &mut SseParser, bytes: &[u8], sink: &dyn EventSink, st: &mut EventSourceState) {
+    parser.feed(bytes);
+    while let Some(e) = parser.next_event() {
+        match e.event.as_deref() {
+            None | Some("message") => match serde_json::from_str::<SseMessage>(&e.data) {
+                Ok(m) => sink.message(m),
+                Err(err) => eprintln!("event source: bad message {:?}: {err}", e.data),
             },
+            Some("connected") => sink.connected(true, None),
+            Some("unrecoverable") => sink.unrecoverable(),
             _ => {}
         }
+    }
+    if parser.last_event_id.is_some() {
+        st.last_id.clone_from(&parser.last_event_id);
+    }
+    if let Some(ms) = parser.retry.take() {
+        st.retry = Duration::from_millis(ms);
     }
 }
 
@@ -254,7 +206,7 @@ async fn sse_connection(
             }
             let mut chunk = vec![0u8; size + 2];
             within_for(silence, "an SSE chunk", r.read_exact(&mut chunk)).await??;
-            parser.feed(&chunk[..size], sink, st);
+            feed(&mut parser, &chunk[..size], sink, st);
         }
     } else if let Some(len) = length {
         // Admission refusal: a short body with only `retry:`.
@@ -265,8 +217,8 @@ async fn sse_connection(
             r.read_exact(&mut body),
         )
         .await??;
-        parser.feed(&body, sink, st);
-        parser.feed(b"\n", sink, st);
+        feed(&mut parser, &body, sink, st);
+        feed(&mut parser, b"\n", sink, st);
         Ok(())
     } else {
         // Delimited by the end of the connection.
@@ -276,7 +228,7 @@ async fn sse_connection(
             if n == 0 {
                 return Ok(());
             }
-            parser.feed(&buf[..n], sink, st);
+            feed(&mut parser, &buf[..n], sink, st);
         }
     }
 }

@@ -19,10 +19,12 @@ pub mod netfault;
 
 pub mod cluster;
 pub mod delivery;
+pub mod sse;
 
-use std::collections::VecDeque;
+pub use sse::SseEvent;
+
 use std::future::Future;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -84,8 +86,9 @@ pub fn unique(prefix: &str) -> String {
 // Finding (and if needed building) the gateway binary
 // ---------------------------------------------------------------------------
 
-/// `target/<profile>`: the directory the test binary was built into
-/// (`target/<profile>/deps/<test>-<hash>`).
+/// `target/<profile>`: the directory the running binary was built into
+/// (a test binary: `target/<profile>/deps/<test>-<hash>`; `loadtest`:
+/// `target/<profile>/loadtest`).
 fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the test binary knows its own path");
     exe.ancestors()
@@ -96,7 +99,9 @@ fn profile_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// Path of the gateway binary; builds it (once per test process) if missing.
+/// Path of the gateway binary, `target/<profile>/gateway` beside the running
+/// test binary or load generator; builds it (once per process) if missing.
+/// The one place the harness and `loadtest` find it.
 pub fn gateway_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -153,6 +158,11 @@ pub struct GatewayBuilder {
     env: Vec<(String, Option<String>)>,
     dev: bool,
     addr: Option<SocketAddr>,
+    /// Files the process's stdout / stderr are copied to, line by line (the
+    /// load generator keeps its nodes' logs; tests keep them in memory).
+    log_files: Option<(PathBuf, PathBuf)>,
+    /// The binary (default: [`gateway_bin`]).
+    bin: Option<PathBuf>,
 }
 
 impl Default for GatewayBuilder {
@@ -168,6 +178,8 @@ impl Default for GatewayBuilder {
             ],
             dev: false,
             addr: None,
+            log_files: None,
+            bin: None,
         }
     }
 }
@@ -182,6 +194,27 @@ fn env_name(key: &str) -> String {
 }
 
 impl GatewayBuilder {
+    /// A builder without the harness's settings (secret, API keys, log
+    /// level): the process gets only what the caller sets.
+    pub fn bare() -> Self {
+        Self {
+            env: Vec::new(),
+            ..Self::default()
+        }
+    }
+
+    /// Runs this binary instead of [`gateway_bin`].
+    pub fn bin(mut self, bin: impl Into<PathBuf>) -> Self {
+        self.bin = Some(bin.into());
+        self
+    }
+
+    /// Also writes the process's stdout and stderr to these files.
+    pub fn log_files(mut self, stdout: impl Into<PathBuf>, stderr: impl Into<PathBuf>) -> Self {
+        self.log_files = Some((stdout.into(), stderr.into()));
+        self
+    }
+
     /// Sets a setting: `env("max_queue_bytes", 4096)` or
     /// `env("GATEWAY_MAX_QUEUE_BYTES", 4096)`.
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
@@ -213,7 +246,7 @@ impl GatewayBuilder {
     }
 
     pub async fn start(self) -> Result<Gateway> {
-        let bin = gateway_bin();
+        let bin = self.bin.as_deref().unwrap_or_else(|| gateway_bin());
         let mut cmd = Command::new(bin);
         let addr = self
             .addr
@@ -241,6 +274,10 @@ impl GatewayBuilder {
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
         let logs = Arc::new(Mutex::new(String::new()));
+        let (mut out_file, mut err_file) = match &self.log_files {
+            Some((out, err)) => (Some(create_log(out)?), Some(create_log(err)?)),
+            None => (None, None),
+        };
 
         let stdout = child.stdout.take().expect("stdout is piped");
         let stderr = child.stderr.take().expect("stderr is piped");
@@ -255,6 +292,9 @@ impl GatewayBuilder {
                         let _ = tx.send(addr);
                     }
                 }
+                if let Some(f) = &mut out_file {
+                    let _ = writeln!(f, "{line}");
+                }
                 push_log(&out_logs, &line);
             }
         });
@@ -265,6 +305,9 @@ impl GatewayBuilder {
             while let Ok(n) = read_line_lossy(&mut reader, &mut line) {
                 if n == 0 {
                     break;
+                }
+                if let Some(f) = &mut err_file {
+                    let _ = f.write_all(&line);
                 }
                 push_log(&err_logs, String::from_utf8_lossy(&line).trim_end());
             }
@@ -294,6 +337,11 @@ impl GatewayBuilder {
             ),
         }
     }
+}
+
+/// Creates (truncates) a log file a process's output is copied to.
+fn create_log(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))
 }
 
 fn read_line_lossy(reader: &mut impl BufRead, line: &mut Vec<u8>) -> std::io::Result<usize> {
@@ -442,6 +490,11 @@ impl Gateway {
     }
 
     /// Waits (up to `limit`) for the process to exit by itself; its status.
+    /// Its exit status if it has exited (does not wait).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub async fn wait_exit(&mut self, limit: Duration) -> Result<std::process::ExitStatus> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
@@ -1018,16 +1071,6 @@ impl WsClient {
 // SSE client
 // ---------------------------------------------------------------------------
 
-/// One dispatched SSE event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SseEvent {
-    /// `event:` (None: the default `message` type).
-    pub event: Option<String>,
-    /// The `id:` of this event, if it had one.
-    pub id: Option<String>,
-    pub data: String,
-}
-
 impl SseEvent {
     /// The event's data as a server frame.
     pub fn frame(&self) -> Result<ServerFrame> {
@@ -1042,12 +1085,7 @@ type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 /// A streaming `text/event-stream` client.
 pub struct SseClient {
     body: ByteStream,
-    buf: Vec<u8>,
-    pending: VecDeque<SseEvent>,
-    // The event being assembled.
-    event: Option<String>,
-    id: Option<String>,
-    data: Option<String>,
+    parser: sse::SseParser,
     /// The last `retry:` value seen.
     pub retry: Option<u64>,
     /// The last event id seen (what EventSource would send back).
@@ -1105,11 +1143,7 @@ impl SseClient {
         ensure!(ct.starts_with("text/event-stream"), "content type {ct:?}");
         Ok(Self {
             body: Box::pin(res.bytes_stream()),
-            buf: Vec::new(),
-            pending: VecDeque::new(),
-            event: None,
-            id: None,
-            data: None,
+            parser: sse::SseParser::default(),
             retry: None,
             last_event_id: None,
             comments: 0,
@@ -1120,7 +1154,7 @@ impl SseClient {
     pub async fn next_event(&mut self) -> Result<SseEvent> {
         within("an SSE event", async {
             loop {
-                if let Some(e) = self.pending.pop_front() {
+                if let Some(e) = self.parser.next_event() {
                     return Ok(e);
                 }
                 match self.body.next().await {
@@ -1150,65 +1184,10 @@ impl SseClient {
     }
 
     fn feed(&mut self, chunk: &[u8]) {
-        self.buf.extend_from_slice(chunk);
-        // Lines end with \n, \r\n or \r. A trailing \r may be the first half
-        // of \r\n: keep it for the next chunk.
-        while let Some(pos) = self.buf.iter().position(|b| *b == b'\n' || *b == b'\r') {
-            if self.buf[pos] == b'\r' && pos + 1 == self.buf.len() {
-                break;
-            }
-            let end = if self.buf[pos] == b'\r' && self.buf.get(pos + 1) == Some(&b'\n') {
-                pos + 2
-            } else {
-                pos + 1
-            };
-            let line = String::from_utf8_lossy(&self.buf[..pos]).into_owned();
-            self.buf.drain(..end);
-            self.line(&line);
-        }
-    }
-
-    fn line(&mut self, line: &str) {
-        if line.is_empty() {
-            if let Some(data) = self.data.take() {
-                self.pending.push_back(SseEvent {
-                    event: self.event.take(),
-                    id: self.id.take(),
-                    data,
-                });
-            }
-            self.event = None;
-            self.id = None;
-            return;
-        }
-        if line.starts_with(':') {
-            self.comments += 1;
-            return;
-        }
-        let (field, value) = match line.split_once(':') {
-            Some((f, v)) => (f, v.strip_prefix(' ').unwrap_or(v)),
-            None => (line, ""),
-        };
-        match field {
-            "data" => match &mut self.data {
-                Some(d) => {
-                    d.push('\n');
-                    d.push_str(value);
-                }
-                None => self.data = Some(value.to_owned()),
-            },
-            "event" => self.event = Some(value.to_owned()),
-            "id" if !value.contains('\0') => {
-                self.id = Some(value.to_owned());
-                self.last_event_id = Some(value.to_owned());
-            }
-            "retry" => {
-                if let Ok(ms) = value.parse() {
-                    self.retry = Some(ms);
-                }
-            }
-            _ => {}
-        }
+        self.parser.feed(chunk);
+        self.retry = self.parser.retry;
+        self.last_event_id.clone_from(&self.parser.last_event_id);
+        self.comments = self.parser.comments;
     }
 }
 

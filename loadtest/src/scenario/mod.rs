@@ -41,7 +41,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use self::nodes::{LineChild, Node, Redis};
+use self::nodes::{LineChild, Node};
 use self::proxy::Policy;
 use self::report::{
     Connections, Drain, Latency, Machine, Marker, Messages, NodeInfo, Reconnect, RunResult, Sample,
@@ -342,7 +342,7 @@ struct Ctx {
     unix0: u64,
     machine: Machine,
     http: reqwest::Client,
-    redis: Option<Redis>,
+    redis: Option<harness::cluster::Service>,
     nodes: Vec<Node>,
     node_seen: Arc<Mutex<Vec<NodeSeen>>>,
     node_rss: Vec<Option<u64>>,
@@ -498,13 +498,13 @@ impl Ctx {
                     util::nofile_limit()
                 );
             }
-            let bin = nodes::gateway_bin(self.c.gateway_bin.as_deref())?;
+            let bin = nodes::node_binary(self.c.gateway_bin.as_deref());
             self.cluster = force_cluster || self.c.redis || (cluster_if_several && k > 1);
             let mut env = vec![("GATEWAY_JWT_SECRET".to_owned(), self.c.jwt_secret.clone())];
             if self.cluster {
                 let redis = nodes::start_redis(&self.out).await?;
-                env.push(("GATEWAY_REDIS_URL".into(), redis.url.clone()));
-                self.say(format!("redis-server at {}", redis.url));
+                env.push(("GATEWAY_REDIS_URL".into(), redis.url()));
+                self.say(format!("redis-server at {}", redis.url()));
                 self.redis = Some(redis);
             }
             env.extend(self.c.node_env.iter().cloned());
@@ -932,13 +932,11 @@ impl Ctx {
         }
         for n in &mut self.nodes {
             if let Some(c) = n.child.as_mut() {
-                let _ = c.start_kill();
-                let _ = c.wait().await;
+                c.sigkill();
             }
         }
         if let Some(r) = self.redis.as_mut() {
-            let _ = r.child.start_kill();
-            let _ = r.child.wait().await;
+            r.stop();
         }
         self.pb.finish_and_clear();
         let mut machine = self.machine.clone();
@@ -1447,9 +1445,9 @@ async fn drain(a: DrainRun, command: String) -> anyhow::Result<()> {
         {
             let gone_at = gone_at.clone();
             let t0 = cx.t0;
-            if let Some(mut child) = cx.nodes[i].child.take() {
+            if let Some(mut node) = cx.nodes[i].child.take() {
                 tokio::spawn(async move {
-                    let _ = child.wait().await;
+                    let _ = node.wait_exit(Duration::from_secs(86_400)).await;
                     gone_at.store(t0.elapsed().as_micros() as u64, Ordering::Release);
                 });
             } else {

@@ -1,11 +1,14 @@
-//! Processes a scenario starts for itself: redis-server, gateway nodes,
-//! proxies and workers; and reading a node's `/metrics`.
+//! Processes a scenario starts for itself: redis-server and gateway nodes
+//! (through the harness, which alone starts those), proxies and workers
+//! (this binary); and reading a node's `/metrics`.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use harness::cluster::{Service, ServiceKind, ServiceOptions};
+use harness::{Gateway, GatewayBuilder};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
@@ -15,112 +18,71 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// The gateway binary: `--gateway-bin`, else next to this executable.
-pub fn gateway_bin(given: Option<&Path>) -> anyhow::Result<PathBuf> {
-    if let Some(p) = given {
-        return Ok(p.to_owned());
-    }
-    let exe = std::env::current_exe()?;
-    let p = exe.with_file_name("gateway");
-    if !p.exists() {
-        bail!(
-            "no gateway binary at {} (build it: cargo build --release -p gateway, or pass --gateway-bin)",
-            p.display()
-        );
-    }
-    Ok(p)
+/// The gateway binary: `--gateway-bin`, else the harness's (`gateway` next
+/// to this executable, built if missing).
+pub fn node_binary(given: Option<&Path>) -> PathBuf {
+    given.map_or_else(|| harness::gateway_bin().to_owned(), Path::to_owned)
 }
 
-pub struct Redis {
-    pub url: String,
-    pub child: Child,
-}
-
-pub async fn start_redis(dir: &Path) -> anyhow::Result<Redis> {
-    let port = free_port()?;
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-        .args(["--maxclients", "10000"])
-        .arg("--logfile")
-        .arg(dir.join("redis.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting redis-server (is it installed? scripts/test.sh installs it)")?;
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            return Ok(Redis {
-                url: format!("redis://{addr}"),
-                child,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("redis-server did not listen on {addr} within 5 s")
+/// redis-server for the nodes of a cluster run (the harness's service, with
+/// its output in `dir/redis.log`).
+pub async fn start_redis(dir: &Path) -> anyhow::Result<Service> {
+    Service::start_opts(
+        ServiceKind::Redis,
+        ServiceOptions {
+            port: Some(free_port()?),
+            args: vec!["--maxclients".into(), "10000".into()],
+            log_file: Some(dir.join("redis.log")),
+            ..ServiceOptions::default()
+        },
+    )
+    .await
 }
 
 pub struct Node {
     pub name: String,
     pub url: String,
-    pub child: Option<Child>,
+    pub child: Option<Gateway>,
     pub pid: Option<u32>,
     /// When the process was seen gone (drained or died).
     pub exited: bool,
 }
 
-/// Starts `gateway --dev --addr 127.0.0.1:0 --node-id NAME` with `env`;
-/// stdout and stderr go to `dir/NAME.out|err`.
+/// Starts `gateway --dev` on a free port with node id NAME, this process's
+/// `GATEWAY_*` variables (`GATEWAY_LOG` default `warn`) and `env`; stdout
+/// and stderr go to `dir/NAME.out|err`.
 pub async fn start_node(
     bin: &Path,
     name: &str,
     env: &[(String, String)],
     dir: &Path,
 ) -> anyhow::Result<Node> {
-    let out_path = dir.join(format!("{name}.out"));
-    let out = std::fs::File::create(&out_path)?;
-    let err = std::fs::File::create(dir.join(format!("{name}.err")))?;
-    let mut cmd = Command::new(bin);
-    cmd.args(["--dev", "--addr", "127.0.0.1:0", "--node-id", name])
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true);
-    if std::env::var_os("GATEWAY_LOG").is_none() {
-        cmd.env("GATEWAY_LOG", "warn");
+    let mut b = GatewayBuilder::bare()
+        .bin(bin)
+        .dev()
+        .env("GATEWAY_LOG", "warn")
+        .log_files(
+            dir.join(format!("{name}.out")),
+            dir.join(format!("{name}.err")),
+        );
+    for (k, v) in std::env::vars().filter(|(k, _)| k.starts_with("GATEWAY_")) {
+        b = b.env(&k, v);
     }
     for (k, v) in env {
-        cmd.env(k, v);
+        b = b.env(k, v);
     }
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let pid = child.id();
-    for _ in 0..300 {
-        let text = std::fs::read_to_string(&out_path).unwrap_or_default();
-        if let Some(url) = text
-            .lines()
-            .find_map(|l| l.strip_prefix("listening on "))
-            .map(|u| u.trim().to_owned())
-        {
-            return Ok(Node {
-                name: name.to_owned(),
-                url,
-                child: Some(child),
-                pid,
-                exited: false,
-            });
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            let err = std::fs::read_to_string(dir.join(format!("{name}.err"))).unwrap_or_default();
-            bail!("gateway {name} exited ({status}): {}", err.trim());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("gateway {name} did not print its address within 15 s")
+    let gw = b
+        .env("GATEWAY_NODE_ID", name)
+        .start()
+        .await
+        .with_context(|| format!("gateway {name}"))?;
+    Ok(Node {
+        name: name.to_owned(),
+        url: format!("http://{}", gw.addr),
+        pid: Some(gw.pid()),
+        child: Some(gw),
+        exited: false,
+    })
 }
 
 /// A child process spoken to with lines: the worker and proxy processes.
