@@ -14,7 +14,7 @@ use crate::node::Node;
 use crate::{api, ops, transport};
 
 /// Accepts connections until the drain says stop. A connection that starts
-/// with `GET /sse` is served on the raw socket ([`transport::sse_socket`]);
+/// with `GET /sse` is served on the raw socket ([`transport::sse::socket`]);
 /// every other one by hyper with the router (upgrades allowed, for `/ws`).
 async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
     let router = app(node.clone());
@@ -38,10 +38,10 @@ async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
         let (node, router) = (node.clone(), router.clone());
         tokio::spawn(async move {
             let head_deadline = Duration::from_millis(node.config.connect_timeout_ms);
-            match transport::sse_socket::wants_sse(&tcp, head_deadline).await {
+            match transport::sse::socket::wants_sse(&tcp, head_deadline).await {
                 None => return,
                 Some(true) => {
-                    transport::sse_socket::serve(node, tcp).await;
+                    transport::sse::socket::serve(node, tcp).await;
                     return;
                 }
                 Some(false) => {}

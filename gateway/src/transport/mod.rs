@@ -3,5 +3,4 @@
 //! in how frames reach the wire.
 
 pub mod sse;
-pub mod sse_socket;
 pub mod ws;

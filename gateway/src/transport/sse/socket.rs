@@ -7,7 +7,7 @@
 //! the socket, the session and a few bytes. The accept loop
 //! ([`crate::server::run`]) peeks at a new connection's first bytes: `GET
 //! /sse` comes here, everything else goes to hyper. The request head is
-//! parsed with `httparse`; the answer is the same [`super::sse::open`]
+//! parsed with `httparse`; the answer is the same [`super::open`]
 //! response the router would give, written with `Connection: close` and a
 //! close-delimited body.
 
@@ -132,12 +132,7 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream) {
     let Some((headers, query)) = Box::pin(read_head(&mut tcp)).await else {
         return;
     };
-    let response = Box::pin(super::sse::open(
-        State(node.clone()),
-        headers,
-        RawQuery(query),
-    ))
-    .await;
+    let response = Box::pin(super::open(State(node.clone()), headers, RawQuery(query))).await;
     let (mut parts, body) = response.into_parts();
     // The stream's signal, to cut a client whose writes block while it
     // falls behind (the stream itself is not polled then).

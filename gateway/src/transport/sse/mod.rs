@@ -1,0 +1,211 @@
+//! SSE transport at `/sse?channel=a&channel=b`.
+//!
+//! Every event's `id` is a cursor over all the stream's channels (see
+//! [`protocol::SseCursor`]), so a plain browser `EventSource` resumes through
+//! `Last-Event-ID` with no SDK and gets exactly what it missed.
+//!
+//! Files: `mod.rs` (`GET /sse`: admission, subscribe, the response),
+//! `request.rs` (parse and authorise: channels, token, permissions, and
+//! where the SSE cursor is parsed), `stream.rs` (the event stream:
+//! deliveries, keep-alives, drain, token expiry), `socket.rs` (serving it
+//! on the raw socket, outside hyper).
+
+mod request;
+pub mod socket;
+mod stream;
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderValue, StatusCode};
+use protocol::{
+    user_channel, Codec, Connected, Position, ServerFrame, Unrecoverable, UnrecoverableReason,
+};
+
+use crate::errors::ApiError;
+use crate::node::Node;
+use crate::session::{Outgoing, Session, Transport};
+
+use request::SseRequest;
+use stream::SseStream;
+
+pub use request::token_from;
+
+/// `GET /sse`: validates everything up front (answering errors with an HTTP
+/// status and a JSON body), subscribes, and returns the event stream.
+pub async fn open(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    if let Err(refused) = crate::cors::check(&node.config.allowed_origins, &headers) {
+        node.metrics.api_request_rejected(refused.code.name());
+        return refused.into_response();
+    }
+    let origin = crate::cors::origin(&headers).map(str::to_owned);
+    let mut res = match open_stream(node.clone(), headers, query).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    crate::cors::allow(&node.config.allowed_origins, origin.as_deref(), &mut res);
+    res
+}
+
+/// `OPTIONS /sse`: the CORS preflight.
+pub async fn preflight(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    crate::cors::preflight(&node.config.allowed_origins, &headers).unwrap_or_else(|refused| {
+        node.metrics.api_request_rejected(refused.code.name());
+        refused.into_response()
+    })
+}
+
+async fn open_stream(
+    node: Arc<Node>,
+    headers: HeaderMap,
+    query: Option<String>,
+) -> Result<Response, ApiError> {
+    let query = request::parse_query(query.as_deref())?;
+    if let Err(refusal) = node.admit() {
+        // A browser EventSource gives up on an error status, so a refusal is
+        // a stream that asks it to come back later (with jitter) and ends.
+        crate::telemetry::admission_rejected("sse", refusal.reason());
+        let c = node.config.admission_retry_ms;
+        let delay = rand::random_range(c / 2..=c + c / 2);
+        let body = format!(
+            "retry: {delay}\n: not accepting new sessions ({}); retry later\n\n",
+            refusal.reason()
+        );
+        let mut res = Response::new(Body::from(body));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        res.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        return Ok(res);
+    }
+    let SseRequest {
+        channels,
+        identity,
+        since,
+        foreign_cursor,
+    } = request::authorise(&node, &query, &headers)?;
+    let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+
+    let mut session = Session::new(node.sessions.clone(), Codec::Json, Transport::Sse);
+    let mut out = Vec::new();
+    for (name, since) in names.iter().zip(since.iter().cloned()) {
+        session
+            .subscribe(None, name, since, &mut out)
+            .await
+            .map_err(|code| {
+                ApiError::new(
+                    code,
+                    format!("could not subscribe to {name:?}; retry later"),
+                )
+            })?;
+        if foreign_cursor {
+            let p = session
+                .position(name)
+                .unwrap_or_else(|| Position::new(0, "0"));
+            out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
+                channel: (*name).to_owned(),
+                reason: UnrecoverableReason::BadPosition,
+                epoch: p.epoch,
+                seq: p.seq,
+            })));
+        }
+    }
+    // The cursor starts where each channel starts: `since` for a resumed
+    // channel (its missed messages follow), the top for a fresh one.
+    let positions: Vec<Position> = names
+        .iter()
+        .zip(since)
+        .map(|(name, since)| {
+            let now = session
+                .position(name)
+                .unwrap_or_else(|| Position::new(0, "0"));
+            match since {
+                Some(s) if s.epoch == now.epoch && s.seq <= now.seq => s,
+                _ => now,
+            }
+        })
+        .collect();
+
+    let connected = Connected {
+        id: None,
+        client: session.client_id(),
+        user: identity.user.clone(),
+        user_channel: (!identity.is_anonymous()).then(|| user_channel(&identity.user)),
+        expires_at: identity.expires_at,
+        ping_interval_ms: node.config.sse_keepalive_ms,
+        node: node.id.clone(),
+        resumed: Vec::new(),
+        // An SSE client sends no frames and names its channels up front.
+        max_frame_bytes: None,
+        max_subscriptions: None,
+    };
+    let shared = session.shared.clone();
+    let mut stream = SseStream {
+        node: node.clone(),
+        lifecycle: node.lifecycle(),
+        keepalive: node.ms(node.config.sse_keepalive_ms),
+        expires_at: identity.expires_at,
+        identity: identity.clone(),
+        drain_ticket: None,
+        channels,
+        positions,
+        session,
+        out: Vec::new(),
+        done: false,
+    };
+    let mut first = BytesMut::new();
+    let _ = write!(first, "retry: {}\n\n", node.config.sse_retry_ms);
+    let cursor = stream.cursor();
+    write_event(
+        &mut first,
+        Some("connected"),
+        Some(&cursor),
+        &Codec::Json.encode(&ServerFrame::Connected(connected)),
+    );
+    stream.write_all(&mut first, out);
+    let first = first.freeze();
+
+    let body = futures_util::stream::unfold((Some(first), stream), |(first, mut st)| async move {
+        if let Some(first) = first {
+            return Some((Ok::<Bytes, Infallible>(first), (None, st)));
+        }
+        let chunk = st.next_chunk().await?;
+        Some((Ok(chunk), (None, st)))
+    });
+    let mut res = Response::new(Body::from_stream(body));
+    *res.status_mut() = StatusCode::OK;
+    res.extensions_mut().insert(shared);
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(res)
+}
+
+pub(super) fn write_event(buf: &mut BytesMut, event: Option<&str>, id: Option<&str>, data: &[u8]) {
+    if let Some(event) = event {
+        let _ = writeln!(buf, "event: {event}");
+    }
+    if let Some(id) = id {
+        let _ = writeln!(buf, "id: {id}");
+    }
+    let _ = write!(buf, "data: ");
+    // Our JSON has no raw newlines (serde_json escapes them), so one data line.
+    buf.extend_from_slice(data);
+    buf.extend_from_slice(b"\n\n");
+}

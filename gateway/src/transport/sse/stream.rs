@@ -1,0 +1,164 @@
+//! An open SSE stream: what the session hands out, written as events
+//! whose `id` is the cursor as of that event; keep-alives; the drain's
+//! `reconnect` event; token expiry.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use protocol::{Codec, Position, Reconnect, ServerFrame, SseCursor};
+use tokio::sync::watch;
+
+use crate::auth::{now_secs, Identity};
+use crate::drain::Lifecycle;
+use crate::node::Node;
+use crate::session::{Outgoing, Session};
+
+use super::write_event;
+
+pub(super) struct SseStream {
+    pub(super) node: Arc<Node>,
+    pub(super) session: Session,
+    /// The stream's channels in cursor order.
+    pub(super) channels: Vec<String>,
+    /// Each channel's position after the last event written.
+    pub(super) positions: Vec<Position>,
+    pub(super) out: Vec<Outgoing>,
+    pub(super) lifecycle: watch::Receiver<Lifecycle>,
+    pub(super) keepalive: Duration,
+    pub(super) expires_at: Option<u64>,
+    pub(super) identity: Identity,
+    pub(super) drain_ticket: Option<u64>,
+    pub(super) done: bool,
+}
+
+impl SseStream {
+    pub(super) fn cursor(&self) -> String {
+        let names: Vec<&str> = self.channels.iter().map(String::as_str).collect();
+        let positions: Vec<&Position> = self.positions.iter().collect();
+        SseCursor::encode(&names, &positions)
+    }
+
+    pub(super) fn set_position(&mut self, channel: &str, p: Position) {
+        if let Some(i) = self.channels.iter().position(|c| c == channel) {
+            self.positions[i] = p;
+        }
+    }
+
+    /// Writes events for `out`, each with the cursor as of that event.
+    pub(super) fn write_all(&mut self, buf: &mut BytesMut, out: Vec<Outgoing>) {
+        let mut delivered = 0;
+        let mut oldest: Option<u64> = None;
+        for o in out {
+            match o {
+                Outgoing::Publication(p) => {
+                    delivered += 1;
+                    oldest = Some(oldest.map_or(p.ts, |t| t.min(p.ts)));
+                    self.set_position(&p.channel, p.position());
+                    let cursor = self.cursor();
+                    write_event(buf, None, Some(&cursor), p.json());
+                }
+                Outgoing::Frame(ServerFrame::Unrecoverable(u)) => {
+                    self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));
+                    let cursor = self.cursor();
+                    write_event(
+                        buf,
+                        Some("unrecoverable"),
+                        Some(&cursor),
+                        &Codec::Json.encode(&ServerFrame::Unrecoverable(u)),
+                    );
+                }
+                // `subscribed` has no SSE event: the `connected` event and the
+                // cursor say the same.
+                Outgoing::Frame(_) => {}
+            }
+        }
+        self.session.record_written(delivered, oldest);
+    }
+
+    /// The drain's `reconnect` event: `retry:` set to a random delay in the
+    /// jitter window (EventSource waits that long, then reconnects with
+    /// `Last-Event-ID`), and the frame with a resume token for SDKs.
+    pub(super) fn reconnect_event(&mut self) -> Bytes {
+        let node = self.node.clone();
+        let c = &node.config;
+        let delay = rand::random_range(c.reconnect_min_delay_ms..=c.reconnect_max_delay_ms);
+        let token = node.auth.mint_resume(
+            &self.identity,
+            self.session.positions(),
+            c.resume_token_ttl_ms / 1000,
+        );
+        let frame = ServerFrame::Reconnect(Reconnect {
+            token,
+            min_delay_ms: c.reconnect_min_delay_ms,
+            max_delay_ms: c.reconnect_max_delay_ms,
+        });
+        let mut buf = BytesMut::new();
+        let _ = writeln!(buf, "retry: {delay}");
+        let cursor = self.cursor();
+        write_event(
+            &mut buf,
+            Some("reconnect"),
+            Some(&cursor),
+            &Codec::Json.encode(&frame),
+        );
+        crate::telemetry::drain_reconnect_sent("sse");
+        buf.freeze()
+    }
+
+    /// The next body chunk, or `None` to end the stream.
+    pub(super) async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let state = *self.lifecycle.borrow_and_update();
+            match state {
+                Lifecycle::Running => {}
+                Lifecycle::Closing => {
+                    self.done = true;
+                    return Some(Bytes::from_static(b": node closing, reconnect\n\n"));
+                }
+                Lifecycle::Draining { released } => {
+                    let node = self.node.clone();
+                    let ticket = *self
+                        .drain_ticket
+                        .get_or_insert_with(|| node.drain.take_ticket());
+                    if ticket < released {
+                        self.done = true;
+                        return Some(self.reconnect_event());
+                    }
+                }
+            }
+            let expiry = self
+                .expires_at
+                .map(|exp| Duration::from_secs(exp.saturating_sub(now_secs())));
+            tokio::select! {
+                _ = self.lifecycle.changed() => continue,
+                _ = self.session.queue_ready() => {
+                    let mut out = std::mem::take(&mut self.out);
+                    if self.session.drain_queue(&mut out).await.is_err() {
+                        self.session.slow_consumer();
+                        return None;
+                    }
+                    if out.is_empty() {
+                        self.out = out;
+                        continue;
+                    }
+                    let mut buf = BytesMut::new();
+                    self.write_all(&mut buf, out);
+                    return Some(buf.freeze());
+                }
+                _ = tokio::time::sleep(self.keepalive) => return Some(Bytes::from_static(b": ka\n\n")),
+                _ = tokio::time::sleep(expiry.unwrap_or(Duration::MAX / 4)), if expiry.is_some() => {
+                    self.done = true;
+                    let mut buf = BytesMut::new();
+                    let frame = ServerFrame::TokenExpired(protocol::TokenExpired {});
+                    write_event(&mut buf, Some("token_expired"), None, &Codec::Json.encode(&frame));
+                    return Some(buf.freeze());
+                }
+            }
+        }
+    }
+}
