@@ -1,6 +1,7 @@
 //! The publish API for backends: `POST /api/publish`, `/api/send`,
 //! `/api/batch`. Bodies are JSON or MessagePack (by `Content-Type`); answers
-//! are JSON. Auth: `Authorization: Bearer <api key>`.
+//! are JSON. Auth: `Authorization: Bearer <api key>`. The bodies and answers
+//! are [`protocol::api`]'s types.
 
 use std::sync::Arc;
 
@@ -8,44 +9,17 @@ use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, StatusCode};
+use protocol::api::{
+    BatchItem, BatchRequest, BatchResult, ItemResult, PublishRequest, PublishResult, SendRequest,
+    MAX_BATCH_ITEMS,
+};
 use protocol::{user_channel, validate_channel, validate_user, ErrorCode};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::errors::ApiError;
 use crate::ids::now_ms;
 use crate::node::Node;
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PublishRequest {
-    pub channel: String,
-    pub data: Value,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SendRequest {
-    pub user: String,
-    pub data: Value,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum BatchItem {
-    Publish(PublishRequest),
-    Send(SendRequest),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BatchRequest {
-    pub items: Vec<BatchItem>,
-}
-
-/// Most items one batch may hold.
-pub const MAX_BATCH_ITEMS: usize = 1000;
 
 /// Checks the API key and reads the body in its codec.
 async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiError> {
@@ -113,17 +87,22 @@ async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiEr
 }
 
 /// Publishes one message to a stream; the answer names its position.
-async fn publish_to(node: &Node, channel: &str, data: Value) -> Result<Value, ApiError> {
+async fn publish_to(node: &Node, channel: &str, data: Value) -> Result<PublishResult, ApiError> {
     let p = node
         .broker
         .publish(channel, data, now_ms())
         .await
         .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()).with_retry_after(1))?;
     node.metrics.published.increment(1);
-    Ok(json!({ "channel": channel, "seq": p.seq, "epoch": &*p.epoch }))
+    Ok(PublishResult {
+        channel: channel.to_owned(),
+        seq: p.seq,
+        epoch: p.epoch.to_string(),
+        user: None,
+    })
 }
 
-async fn publish_item(node: &Node, item: BatchItem) -> Result<Value, ApiError> {
+async fn publish_item(node: &Node, item: BatchItem) -> Result<PublishResult, ApiError> {
     match item {
         BatchItem::Publish(p) => {
             validate_channel(&p.channel).map_err(|e| {
@@ -138,14 +117,14 @@ async fn publish_item(node: &Node, item: BatchItem) -> Result<Value, ApiError> {
             validate_user(&s.user).map_err(|e| {
                 ApiError::new(ErrorCode::InvalidChannel, format!("user {:?}: {e}", s.user))
             })?;
-            let mut v = publish_to(node, &user_channel(&s.user), s.data).await?;
-            v["user"] = Value::String(s.user);
-            Ok(v)
+            let mut r = publish_to(node, &user_channel(&s.user), s.data).await?;
+            r.user = Some(s.user);
+            Ok(r)
         }
     }
 }
 
-fn answer(r: Result<Value, ApiError>) -> Response {
+fn answer(r: Result<PublishResult, ApiError>) -> Response {
     match r {
         Ok(v) => Json(v).into_response(),
         Err(e) => e.into_response(),
@@ -187,9 +166,9 @@ pub async fn batch(State(node): State<Arc<Node>>, req: Request) -> Response {
     let mut results = Vec::with_capacity(batch.items.len());
     for item in batch.items {
         results.push(match publish_item(&node, item).await {
-            Ok(v) => v,
-            Err(e) => e.body(),
+            Ok(r) => ItemResult::Published(r),
+            Err(e) => ItemResult::Failed(e.body()),
         });
     }
-    Json(json!({ "results": results })).into_response()
+    Json(BatchResult { results }).into_response()
 }

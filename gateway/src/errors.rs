@@ -36,8 +36,10 @@ impl ApiError {
         self
     }
 
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({ "error": ErrorFrame::new(None, self.code, self.message.clone()) })
+    pub fn body(&self) -> protocol::api::ErrorBody {
+        protocol::api::ErrorBody {
+            error: ErrorFrame::new(None, self.code, self.message.clone()),
+        }
     }
 }
 

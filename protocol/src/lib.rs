@@ -12,6 +12,7 @@
 //! `docs/PROTOCOL.md` describes the same for client authors in other languages;
 //! keep the two in step.
 
+pub mod api;
 pub mod channel;
 pub mod codec;
 pub mod codes;

@@ -1,0 +1,127 @@
+//! The HTTP API for backends (`POST /api/publish`, `/api/send`,
+//! `/api/batch`): request bodies (JSON or MessagePack) and answers (JSON).
+//! The gateway decodes these; clients, tests and the load generator build
+//! them, so a change of shape breaks their build, not their run.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{ErrorFrame, Position};
+
+/// `POST /api/publish`: one message to a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub channel: String,
+    pub data: Value,
+}
+
+/// `POST /api/send`: one message to a user's own stream (`$user:<user>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub user: String,
+    pub data: Value,
+}
+
+/// One item of a batch: a publish or a send (told apart by their fields).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BatchItem {
+    Publish(PublishRequest),
+    Send(SendRequest),
+}
+
+/// `POST /api/batch`: items published in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub items: Vec<BatchItem>,
+}
+
+/// Most items one batch may hold.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
+/// The answer to a publish or send: where the message is in its stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishResult {
+    /// The stream: the channel, or `$user:<user>` for a send.
+    pub channel: String,
+    pub seq: u64,
+    pub epoch: String,
+    /// For a send: the user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl PublishResult {
+    pub fn position(&self) -> Position {
+        Position::new(self.seq, self.epoch.clone())
+    }
+}
+
+/// The answer to a batch: one entry per item, in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchResult {
+    pub results: Vec<ItemResult>,
+}
+
+/// One batch item's outcome.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ItemResult {
+    Published(PublishResult),
+    Failed(ErrorBody),
+}
+
+/// Every error answer of the API (and a failed batch item):
+/// `{"error": {"code", "name", "message", "temporary"}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorFrame,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn answers_have_their_documented_shape() {
+        let r = PublishResult {
+            channel: "news".into(),
+            seq: 1,
+            epoch: "ILeFSwuf".into(),
+            user: None,
+        };
+        assert_eq!(
+            serde_json::to_value(&r).unwrap(),
+            json!({"channel": "news", "epoch": "ILeFSwuf", "seq": 1})
+        );
+        let batch: BatchResult = serde_json::from_value(json!({"results": [
+            {"channel": "$user:a", "seq": 2, "epoch": "e", "user": "a"},
+            {"error": {"code": 111, "name": "invalid_channel", "message": "m", "temporary": false}}
+        ]}))
+        .unwrap();
+        assert!(
+            matches!(&batch.results[0], ItemResult::Published(p) if p.user.as_deref() == Some("a"))
+        );
+        assert!(
+            matches!(&batch.results[1], ItemResult::Failed(e) if e.error.name == "invalid_channel")
+        );
+    }
+
+    #[test]
+    fn batch_items_are_told_apart_by_their_fields() {
+        let b: BatchRequest = serde_json::from_value(json!({"items": [
+            {"channel": "c", "data": 1}, {"user": "u", "data": 2}
+        ]}))
+        .unwrap();
+        assert!(matches!(b.items[0], BatchItem::Publish(_)));
+        assert!(matches!(b.items[1], BatchItem::Send(_)));
+        assert!(serde_json::from_value::<PublishRequest>(
+            json!({"channel": "c", "data": 1, "x": 2})
+        )
+        .is_err());
+    }
+}
