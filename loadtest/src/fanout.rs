@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use harness::delivery::{Continuity, StreamPos};
 use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
@@ -110,6 +111,8 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
     let seq_key = memchr::memmem::Finder::new(b"\"seq\":");
     let ts_key = memchr::memmem::FinderRev::new(b"\"ts\":");
     let sent_key = memchr::memmem::Finder::new(b"\"sent_us\":");
+    let epoch_key = memchr::memmem::Finder::new(b"\"epoch\":\"");
+    let mut pos = StreamPos::default();
     let mut nth = 0u64;
     loop {
         match ws.fill().await {
@@ -139,14 +142,24 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                     1 if p.starts_with(MSG_PREFIX) => {
                         received += 1;
                         let seq = rawws::int_after_with(p, &seq_key).unwrap_or(0);
-                        if seq == last + 1 {
-                            last = seq;
-                        } else if seq > last + 1 {
-                            gaps += seq - last - 1;
-                            last = seq;
-                        } else {
-                            dups += 1;
+                        pos.seq = last;
+                        // The harness's rule: a new epoch is a new start.
+                        let c = match rawws::str_after_with(p, &epoch_key) {
+                            Some(epoch) => pos.advance(epoch, seq),
+                            None => {
+                                // No epoch: the current one.
+                                let epoch = std::mem::take(&mut pos.epoch);
+                                let c = pos.advance(&epoch, seq);
+                                pos.epoch = epoch;
+                                c
+                            }
+                        };
+                        match c {
+                            Continuity::Next | Continuity::NewEpoch => {}
+                            Continuity::Gap(n) => gaps += n,
+                            Continuity::Duplicate => dups += 1,
                         }
+                        last = pos.seq;
                         if let Some(ts) = rawws::int_after_last_with(p, &ts_key) {
                             let v = now.saturating_sub(ts * 1000).max(1);
                             match &mut run {

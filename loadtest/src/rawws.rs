@@ -95,6 +95,14 @@ pub fn int_after_with(s: &[u8], key: &memchr::memmem::Finder<'_>) -> Option<u64>
     digits(&s[at..])
 }
 
+/// The JSON string (without escapes) right after a prepared searcher's
+/// needle (which ends with the opening quote).
+pub fn str_after_with<'a>(s: &'a [u8], key: &memchr::memmem::Finder<'_>) -> Option<&'a str> {
+    let at = key.find(s)? + key.needle().len();
+    let len = memchr::memchr(b'"', &s[at..])?;
+    std::str::from_utf8(&s[at..at + len]).ok()
+}
+
 /// The unsigned integer right after the last occurrence of a prepared
 /// searcher's needle in `s`.
 pub fn int_after_last_with(s: &[u8], key: &memchr::memmem::FinderRev<'_>) -> Option<u64> {
@@ -303,6 +311,12 @@ mod tests {
     fn picks_seq_and_ts() {
         let m = br#"{"type":"message","channel":"c","seq":42,"epoch":"ab","data":{"n":1,"seq":7},"ts":1700000000123}"#;
         assert_eq!(int_after(m, b"\"seq\":"), Some(42));
+        let epoch = memchr::memmem::Finder::new(b"\"epoch\":\"");
+        assert_eq!(
+            str_after_with(br#"{"seq":1,"epoch":"e7","ts":2}"#, &epoch),
+            Some("e7")
+        );
+        assert_eq!(str_after_with(br#"{"seq":1}"#, &epoch), None);
         let ts = memchr::memmem::FinderRev::new(b"\"ts\":");
         assert_eq!(int_after_last_with(m, &ts), Some(1_700_000_000_123));
         let seq = memchr::memmem::Finder::new(b"\"seq\":");

@@ -23,6 +23,68 @@ use tokio::net::TcpStream;
 use crate::sse::SseParser;
 use crate::within_for;
 
+/// What a delivered message is to its stream, given the last message the
+/// client got on it: the one rule every delivery check here applies (the
+/// harness's [`Streams`], the load generator's workers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continuity {
+    /// `last + 1`, same epoch.
+    Next,
+    /// At or below the last one, same epoch: delivered before.
+    Duplicate,
+    /// Beyond `last + 1`, same epoch: this many messages were skipped.
+    Gap(u64),
+    /// Another epoch than the last message's: the stream started again
+    /// (a Redis restart; the client was told `unrecoverable`). A new start,
+    /// not a duplicate, whatever its sequence.
+    NewEpoch,
+}
+
+/// Classifies a message of (`epoch`, `seq`) after the stream's last one,
+/// (`last_epoch`, `last_seq`). An empty `last_epoch` (nothing received yet,
+/// only a position) matches any epoch.
+pub fn continuity((last_epoch, last_seq): (&str, u64), epoch: &str, seq: u64) -> Continuity {
+    if !last_epoch.is_empty() && last_epoch != epoch {
+        Continuity::NewEpoch
+    } else if seq == last_seq + 1 {
+        Continuity::Next
+    } else if seq <= last_seq {
+        Continuity::Duplicate
+    } else {
+        Continuity::Gap(seq - last_seq - 1)
+    }
+}
+
+/// A stream's position as a client sees it: the epoch and seq of the last
+/// message (or of the position it subscribed at). `Default`: nothing yet.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StreamPos {
+    pub epoch: String,
+    pub seq: u64,
+}
+
+impl StreamPos {
+    /// Classifies a message ([`continuity`]) and moves past it (not on a
+    /// duplicate).
+    pub fn advance(&mut self, epoch: &str, seq: u64) -> Continuity {
+        let c = continuity((&self.epoch, self.seq), epoch, seq);
+        match c {
+            Continuity::Duplicate => {}
+            Continuity::NewEpoch => {
+                epoch.clone_into(&mut self.epoch);
+                self.seq = seq;
+            }
+            Continuity::Next | Continuity::Gap(_) => {
+                if self.epoch.is_empty() {
+                    epoch.clone_into(&mut self.epoch);
+                }
+                self.seq = seq;
+            }
+        }
+        c
+    }
+}
+
 /// One stream as one client received it.
 #[derive(Debug, Clone, Default)]
 pub struct Track {
@@ -48,35 +110,36 @@ impl Streams {
         let Ok(mut seen) = self.0.lock() else {
             return;
         };
-        match seen.get_mut(channel) {
-            None => {
-                seen.insert(
-                    channel.to_owned(),
-                    Track {
-                        epoch: epoch.to_owned(),
-                        first: seq,
-                        last: seq,
-                        count: 1,
-                        ..Track::default()
-                    },
-                );
+        let Some(t) = seen.get_mut(channel) else {
+            seen.insert(
+                channel.to_owned(),
+                Track {
+                    epoch: epoch.to_owned(),
+                    first: seq,
+                    last: seq,
+                    count: 1,
+                    ..Track::default()
+                },
+            );
+            return;
+        };
+        match continuity((&t.epoch, t.last), epoch, seq) {
+            Continuity::Duplicate => {
+                t.dups += 1;
+                return;
             }
-            Some(t) if t.epoch != epoch => {
+            Continuity::NewEpoch => {
                 t.epoch_changes += 1;
                 t.epoch = epoch.to_owned();
-                t.last = seq;
-                t.count += 1;
             }
-            Some(t) if seq <= t.last => t.dups += 1,
-            Some(t) => {
-                if seq != t.last + 1 {
-                    t.gaps += 1;
-                    t.skipped += seq - t.last - 1;
-                }
-                t.last = seq;
-                t.count += 1;
+            Continuity::Gap(n) => {
+                t.gaps += 1;
+                t.skipped += n;
             }
+            Continuity::Next => {}
         }
+        t.last = seq;
+        t.count += 1;
     }
 
     /// What the client received on `channel`, if anything.
@@ -426,5 +489,58 @@ pub async fn run_lanes(
     }
     for t in tasks {
         let _ = t.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequence_rules_within_an_epoch() {
+        assert_eq!(continuity(("e", 4), "e", 5), Continuity::Next);
+        assert_eq!(continuity(("e", 4), "e", 4), Continuity::Duplicate);
+        assert_eq!(continuity(("e", 4), "e", 1), Continuity::Duplicate);
+        assert_eq!(continuity(("e", 4), "e", 8), Continuity::Gap(3));
+        // Only a position (no epoch yet): sequence rules alone.
+        assert_eq!(continuity(("", 0), "e", 1), Continuity::Next);
+        assert_eq!(continuity(("", 0), "e", 3), Continuity::Gap(2));
+    }
+
+    #[test]
+    fn a_new_epoch_is_a_new_start_not_duplicates() {
+        // After a Redis restart the stream starts again at 1 in a new epoch:
+        // 401 messages at or below the old last seq are not duplicates.
+        let s = Streams::default();
+        for seq in 1..=500 {
+            s.record("c", seq, "old");
+        }
+        for seq in 1..=401 {
+            s.record("c", seq, "new");
+        }
+        let t = s.track("c").expect("tracked");
+        assert_eq!((t.dups, t.gaps, t.epoch_changes), (0, 0, 1));
+        assert_eq!((t.epoch.as_str(), t.last, t.count), ("new", 401, 901));
+        // A repeat within the new epoch still is one.
+        s.record("c", 401, "new");
+        assert_eq!(s.track("c").expect("tracked").dups, 1);
+        assert_eq!(continuity(("old", 500), "new", 1), Continuity::NewEpoch);
+        assert_eq!(continuity(("old", 5), "new", 900), Continuity::NewEpoch);
+    }
+
+    #[test]
+    fn a_position_adopts_the_first_epoch_and_moves_on_a_new_one() {
+        let mut p = StreamPos::default();
+        assert_eq!(p.advance("a", 3), Continuity::Gap(2));
+        assert_eq!(p.advance("a", 3), Continuity::Duplicate);
+        assert_eq!(p.advance("b", 1), Continuity::NewEpoch);
+        assert_eq!(p.advance("b", 2), Continuity::Next);
+        assert_eq!(
+            p,
+            StreamPos {
+                epoch: "b".into(),
+                seq: 2
+            }
+        );
     }
 }

@@ -60,27 +60,6 @@ pub fn merge_hex(into: &mut Histogram<u64>, parts: &[&str]) -> anyhow::Result<()
     Ok(())
 }
 
-/// What a delivered sequence number says about a stream's continuity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Continuity {
-    /// `last + 1`: in order.
-    Next,
-    /// At or below `last`: delivered twice.
-    Duplicate,
-    /// Beyond `last + 1`: this many messages were skipped.
-    Gap(u64),
-}
-
-pub fn continuity(last: u64, seq: u64) -> Continuity {
-    if seq == last + 1 {
-        Continuity::Next
-    } else if seq <= last {
-        Continuity::Duplicate
-    } else {
-        Continuity::Gap(seq - last - 1)
-    }
-}
-
 /// Messages a stream never got at the end of a run: from its last delivered
 /// sequence to the last one the publisher was given.
 pub fn tail_loss(last_delivered: u64, final_published: u64) -> u64 {
@@ -499,12 +478,7 @@ mod tests {
     }
 
     #[test]
-    fn continuity_and_tail_loss() {
-        assert_eq!(continuity(4, 5), Continuity::Next);
-        assert_eq!(continuity(4, 4), Continuity::Duplicate);
-        assert_eq!(continuity(4, 1), Continuity::Duplicate);
-        assert_eq!(continuity(4, 8), Continuity::Gap(3));
-        assert_eq!(continuity(0, 1), Continuity::Next);
+    fn tail_loss_counts_the_end() {
         assert_eq!(tail_loss(10, 12), 2);
         assert_eq!(tail_loss(12, 10), 0);
     }

@@ -17,7 +17,9 @@ use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Semaphore;
 
-use super::report::{continuity, tail_loss, Continuity};
+use harness::delivery::{Continuity, StreamPos};
+
+use super::report::tail_loss;
 use crate::util;
 
 /// What the coordinator asks of a worker (command line, as JSON).
@@ -179,7 +181,9 @@ struct Track {
     name: String,
     /// Seq at subscription (its position then).
     base: AtomicU64,
-    last: AtomicU64,
+    /// The last message (or the position at subscription): one client's
+    /// stream, so the lock is never contended.
+    last: Mutex<StreamPos>,
     ready: AtomicBool,
 }
 
@@ -188,9 +192,23 @@ impl Track {
         Arc::new(Self {
             name,
             base: AtomicU64::new(0),
-            last: AtomicU64::new(0),
+            last: Mutex::new(StreamPos::default()),
             ready: AtomicBool::new(false),
         })
+    }
+
+    /// The position at subscription: where counting starts.
+    fn start_at(&self, epoch: &str, seq: u64) {
+        self.base.store(seq, Ordering::Relaxed);
+        let mut last = lock(&self.last);
+        if last.epoch.is_empty() || last.epoch == epoch {
+            epoch.clone_into(&mut last.epoch);
+            last.seq = last.seq.max(seq);
+        }
+    }
+
+    fn last_seq(&self) -> u64 {
+        lock(&self.last).seq
     }
 }
 
@@ -248,10 +266,11 @@ impl Shared {
     /// A message the SDK handed over: continuity and latency.
     fn on_message(&self, track: &Track, shard: usize, m: &Message) {
         let now = util::now_us();
+        // The harness's rule: a new epoch is a new start, not duplicates.
+        let c = lock(&track.last).advance(&m.epoch, m.seq);
         if track.ready.load(Ordering::Acquire) {
-            let prev = track.last.load(Ordering::Relaxed);
-            match continuity(prev, m.seq) {
-                Continuity::Next => {}
+            match c {
+                Continuity::Next | Continuity::NewEpoch => {}
                 Continuity::Duplicate => {
                     self.dup_app.fetch_add(1, Ordering::Relaxed);
                 }
@@ -260,7 +279,6 @@ impl Shared {
                 }
             }
         }
-        track.last.fetch_max(m.seq, Ordering::AcqRel);
         self.delivered.fetch_add(1, Ordering::Relaxed);
         if let Some(sent) = m.data.get("sent_us").and_then(serde_json::Value::as_u64) {
             lock(&self.lat[shard % SHARDS]).saturating_record(now.saturating_sub(sent).max(1));
@@ -383,12 +401,11 @@ async fn open_one(spec: &WorkerSpec, shared: &Arc<Shared>, i: u64) -> anyhow::Re
         }
         let positions = client.positions().await?;
         for t in &tracks {
-            let seq = positions
+            let (epoch, seq) = positions
                 .iter()
                 .find(|(name, _)| *name == t.name)
-                .map_or(0, |(_, p)| p.seq);
-            t.base.store(seq, Ordering::Relaxed);
-            t.last.fetch_max(seq, Ordering::AcqRel);
+                .map_or(("", 0), |(_, p)| (p.epoch.as_str(), p.seq));
+            t.start_at(epoch, seq);
             t.ready.store(true, Ordering::Release);
         }
         Ok::<_, client_sdk::Error>(())
@@ -587,7 +604,7 @@ fn finish(shared: &Shared, conns: &[Conn], finals: &HashMap<String, u64>) -> Lin
             if let Some(&f) = finals.get(&t.name) {
                 let base = t.base.load(Ordering::Relaxed);
                 expected += f.saturating_sub(base);
-                tail += tail_loss(t.last.load(Ordering::Relaxed), f);
+                tail += tail_loss(t.last_seq(), f);
             }
         }
     }
@@ -671,18 +688,17 @@ mod tests {
     fn message_accounting() {
         let shared = Shared::new();
         let t = Track::new("c".into());
-        t.base.store(10, Ordering::Relaxed);
-        t.last.store(10, Ordering::Relaxed);
+        t.start_at("e", 10);
         t.ready.store(true, Ordering::Relaxed);
-        let msg = |seq: u64| Message {
+        let msg = |seq: u64, epoch: &str| Message {
             channel: "c".into(),
             seq,
-            epoch: "e".into(),
+            epoch: epoch.into(),
             data: serde_json::json!({"sent_us": util::now_us()}),
             ts: None,
         };
         for seq in [11, 12, 12, 15, 16] {
-            shared.on_message(&t, 0, &msg(seq));
+            shared.on_message(&t, 0, &msg(seq, "e"));
         }
         assert_eq!(shared.delivered.load(Ordering::Relaxed), 5);
         assert_eq!(shared.dup_app.load(Ordering::Relaxed), 1);
@@ -700,6 +716,35 @@ mod tests {
             })
         ));
         assert!(is_refusal("WebSocket upgrade refused: HTTP 503: {}"));
+    }
+
+    #[test]
+    fn an_epoch_change_is_not_counted_as_duplicates() {
+        // A Redis restart: the stream starts again at 1 in a new epoch, below
+        // the old last seq. Before, each of these counted as a duplicate.
+        let shared = Shared::new();
+        let t = Track::new("c".into());
+        t.start_at("old", 0);
+        t.ready.store(true, Ordering::Relaxed);
+        let msg = |seq: u64, epoch: &str| Message {
+            channel: "c".into(),
+            seq,
+            epoch: epoch.into(),
+            data: serde_json::Value::Null,
+            ts: None,
+        };
+        for seq in 1..=500 {
+            shared.on_message(&t, 0, &msg(seq, "old"));
+        }
+        for seq in 1..=401 {
+            shared.on_message(&t, 0, &msg(seq, "new"));
+        }
+        assert_eq!(shared.dup_app.load(Ordering::Relaxed), 0);
+        assert_eq!(shared.gaps_app.load(Ordering::Relaxed), 0);
+        assert_eq!(t.last_seq(), 401);
+        // Still a duplicate within the new epoch.
+        shared.on_message(&t, 0, &msg(401, "new"));
+        assert_eq!(shared.dup_app.load(Ordering::Relaxed), 1);
         assert!(!is_refusal("connection reset"));
     }
 }
