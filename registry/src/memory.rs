@@ -52,11 +52,18 @@ impl Registry for MemoryRegistry {
         connections: u64,
     ) -> Result<(), RegistryError> {
         let mut s = self.state.lock();
-        let nodes = s.users.entry(user.to_owned()).or_default();
         if connections == 0 {
-            nodes.remove(node);
+            if let Some(nodes) = s.users.get_mut(user) {
+                nodes.remove(node);
+                if nodes.is_empty() {
+                    s.users.remove(user);
+                }
+            }
         } else {
-            nodes.insert(node.to_owned(), connections);
+            s.users
+                .entry(user.to_owned())
+                .or_default()
+                .insert(node.to_owned(), connections);
         }
         Ok(())
     }
@@ -64,9 +71,10 @@ impl Registry for MemoryRegistry {
     async fn deregister(&self, node: &str) -> Result<(), RegistryError> {
         let mut s = self.state.lock();
         s.nodes.remove(node);
-        for nodes in s.users.values_mut() {
+        s.users.retain(|_, nodes| {
             nodes.remove(node);
-        }
+            !nodes.is_empty()
+        });
         Ok(())
     }
 
@@ -122,5 +130,84 @@ impl Registry for MemoryRegistry {
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(id: &str) -> NodeStatus {
+        NodeStatus {
+            id: id.into(),
+            draining: false,
+            connections: 0,
+        }
+    }
+
+    /// The memory registry's futures never wait: poll once.
+    fn block<T>(f: impl std::future::Future<Output = T>) -> T {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        let mut f = std::pin::pin!(f);
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("the memory registry never waits"),
+        }
+    }
+
+    #[test]
+    fn users_are_counted_per_node_and_only_live_nodes_are_named() {
+        let r = MemoryRegistry::new(Duration::from_secs(60));
+        assert!(block(r.heartbeat(&status("a"))).unwrap(), "a new node");
+        assert!(!block(r.heartbeat(&status("a"))).unwrap(), "known now");
+        block(r.heartbeat(&status("b"))).unwrap();
+        for node in ["a", "a", "b"] {
+            block(r.add_user("u", node)).unwrap();
+        }
+        block(r.add_user("u", "ghost")).unwrap(); // never heartbeated
+        assert_eq!(block(r.nodes_for_user("u")).unwrap(), ["a", "b"]);
+        block(r.remove_user("u", "a")).unwrap();
+        assert_eq!(
+            block(r.nodes_for_user("u")).unwrap(),
+            ["a", "b"],
+            "a still has one"
+        );
+        block(r.remove_user("u", "a")).unwrap();
+        block(r.remove_user("u", "a")).unwrap(); // one too many: no underflow
+        assert_eq!(block(r.nodes_for_user("u")).unwrap(), ["b"]);
+        block(r.deregister("b")).unwrap();
+        assert!(block(r.nodes_for_user("u")).unwrap().is_empty());
+        assert_eq!(block(r.live_nodes()).unwrap(), [status("a")]);
+    }
+
+    #[test]
+    fn re_announcing_sets_counts_and_empty_entries_go() {
+        let r = MemoryRegistry::new(Duration::from_secs(60));
+        block(r.heartbeat(&status("a"))).unwrap();
+        block(r.set_user("u", "a", 3)).unwrap();
+        block(r.remove_user("u", "a")).unwrap();
+        assert_eq!(block(r.nodes_for_user("u")).unwrap(), ["a"]);
+        block(r.set_user("u", "a", 0)).unwrap();
+        assert!(block(r.nodes_for_user("u")).unwrap().is_empty());
+        block(r.add_user("v", "a")).unwrap();
+        block(r.deregister("a")).unwrap();
+        assert!(
+            r.state.lock().users.is_empty(),
+            "no empty user entries kept"
+        );
+    }
+
+    #[test]
+    fn a_node_that_stops_heartbeating_is_dead_after_the_ttl() {
+        let r = MemoryRegistry::new(Duration::from_millis(30));
+        block(r.heartbeat(&status("a"))).unwrap();
+        block(r.add_user("u", "a")).unwrap();
+        assert_eq!(block(r.nodes_for_user("u")).unwrap(), ["a"]);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(block(r.nodes_for_user("u")).unwrap().is_empty());
+        assert!(block(r.live_nodes()).unwrap().is_empty());
+        block(r.heartbeat(&status("a"))).unwrap();
+        assert_eq!(block(r.nodes_for_user("u")).unwrap(), ["a"], "alive again");
     }
 }
