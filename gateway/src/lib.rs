@@ -2,14 +2,17 @@
 //!
 //! Code map (see ARCHITECTURE.md for the invariants):
 //! * [`config`]: every setting, loaded and validated once.
-//! * [`node`]: the parts of a running node, built from the config;
-//!   admission control.
-//! * [`drain`]: graceful drain (Running -> Draining -> Closing).
+//! * [`node`]: the parts of a running node, built from the config; the
+//!   registry heartbeat.
+//! * [`drain`]: graceful drain (Running -> Draining -> Closing), the
+//!   lifecycle sessions watch, the connection count, admission control.
 //! * [`server`]: the router and `run(listener, node, shutdown)`.
 //! * [`transport`]: WebSocket (`/ws`) and SSE (`/sse`).
 //! * [`session`]: per-connection state and the exactly-once delivery rules;
 //!   its place in each channel's log (`hub`).
 //! * [`ratelimit`]: the token bucket of the command rate and admission.
+//! * [`message`]: the message as it travels: `Publication` and its shared
+//!   encodings.
 //! * [`hub`]: local channel -> connections index; per-channel logs; fan-out.
 //! * [`interest`]: which channels the node listens to on the backbone.
 //! * [`broker`]: the backbone seam: in-memory, Redis pub/sub, NATS.
@@ -18,7 +21,10 @@
 //! * [`api`]: the publish API for backends.
 //! * [`auth`]: JWT connection tokens and API keys.
 //! * [`ops`]: health, readiness, metrics, demo page.
-//! * [`telemetry`]: logs and metric handles.
+//! * [`telemetry`]: logs, and every metric the node exports.
+//! * [`cors`]: `allowed_origins` (parsed at config load), CORS headers.
+//! * [`ids`]: epochs, node ids, secrets, `now_ms`.
+//! * [`errors`]: the HTTP API's error answer.
 
 pub mod api;
 pub mod auth;
