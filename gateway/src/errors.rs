@@ -63,27 +63,15 @@ mod tests {
     /// is for the binary (`main.rs`) and tests only.
     #[test]
     fn the_library_has_typed_errors() {
-        fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
-            for entry in std::fs::read_dir(dir).expect("src is readable").flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, found);
-                } else if path.extension().is_some_and(|e| e == "rs")
-                    && !path.ends_with("main.rs")
+        let found: Vec<String> = crate::sources()
+            .into_iter()
+            .filter(|(path, text)| {
+                !path.ends_with("main.rs")
                     && !path.ends_with("errors.rs")
-                {
-                    let text = std::fs::read_to_string(&path).expect("readable");
-                    if text.contains("anyhow") {
-                        found.push(path.display().to_string());
-                    }
-                }
-            }
-        }
-        let mut found = Vec::new();
-        walk(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-            &mut found,
-        );
+                    && text.contains("anyhow")
+            })
+            .map(|(path, _)| path.display().to_string())
+            .collect();
         assert!(found.is_empty(), "anyhow in library code: {found:?}");
     }
 }

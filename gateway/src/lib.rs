@@ -45,3 +45,26 @@ pub mod server;
 pub mod session;
 pub mod telemetry;
 pub mod transport;
+
+/// For tests that hold the sources to an invariant (see `telemetry.rs`,
+/// `errors.rs`): every `.rs` file under `src/`, with its text.
+#[cfg(test)]
+pub(crate) fn sources() -> Vec<(std::path::PathBuf, String)> {
+    fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, String)>) {
+        for entry in std::fs::read_dir(dir).expect("src is readable").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).expect("readable");
+                out.push((path, text));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut out,
+    );
+    out
+}

@@ -246,31 +246,20 @@ mod tests {
     /// (the test suite): no other file of the gateway names a metric.
     #[test]
     fn metrics_are_named_only_here() {
-        fn walk(dir: &std::path::Path, found: &mut Vec<String>) {
-            for entry in std::fs::read_dir(dir).expect("src is readable").flatten() {
-                let path = entry.path();
-                if path.is_dir() {
-                    walk(&path, found);
-                } else if path.extension().is_some_and(|e| e == "rs")
-                    && !path.ends_with("telemetry.rs")
+        let mut found = Vec::new();
+        for (path, text) in crate::sources() {
+            if path.ends_with("telemetry.rs") {
+                continue;
+            }
+            for (n, line) in text.lines().enumerate() {
+                if ["counter!(", "gauge!(", "histogram!(", "describe_"]
+                    .iter()
+                    .any(|m| line.contains(m))
                 {
-                    let text = std::fs::read_to_string(&path).expect("readable");
-                    for (n, line) in text.lines().enumerate() {
-                        if ["counter!(", "gauge!(", "histogram!(", "describe_"]
-                            .iter()
-                            .any(|m| line.contains(m))
-                        {
-                            found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
-                        }
-                    }
+                    found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
                 }
             }
         }
-        let mut found = Vec::new();
-        walk(
-            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-            &mut found,
-        );
         assert!(
             found.is_empty(),
             "metrics named outside telemetry.rs:\n{}",
