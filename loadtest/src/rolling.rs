@@ -38,18 +38,16 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use client_sdk::{Client, Codec, ConnectionState};
 use futures_util::StreamExt;
 use harness::cluster::{Haproxy, Service, ServiceKind, ServiceOptions};
-use harness::delivery::{
-    event_source, run_lanes, Acked, EventSink, Lane, PubStats, SseMessage, Streams, Track,
-};
+use harness::delivery::{event_source, run_lanes, Acked, Lane, PubStats};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -57,6 +55,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use tokio::process::{Child, ChildStdin, Command};
 
+use harness::rolling::{
+    channel_names, channels_of, check_client, kinds, now_ms, user_name, DelaySink, Kind, Rec, Tally,
+};
 use harness::{Gateway, GatewayBuilder};
 
 use crate::util;
@@ -158,60 +159,12 @@ pub struct RollingWorkerArgs {
 // Shared by both sides
 // ---------------------------------------------------------------------------
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    WsJson,
-    WsMsgPack,
-    Sse,
-}
-
-impl Kind {
-    fn label(self) -> &'static str {
-        match self {
-            Kind::WsJson => "ws-json",
-            Kind::WsMsgPack => "ws-msgpack",
-            Kind::Sse => "sse",
-        }
-    }
-}
-
-/// The kind of every client, interleaved in proportion.
-fn kinds(total: usize, sse_share: f64) -> Vec<Kind> {
+/// The kind of every client: `sse_share` plain SSE, the rest split evenly
+/// between WebSocket JSON and MessagePack, interleaved in proportion.
+fn mix(total: usize, sse_share: f64) -> Vec<Kind> {
     let sse = ((total as f64) * sse_share.clamp(0.0, 1.0)).round() as usize;
     let ws = total - sse;
-    let (json, msgpack) = (ws - ws / 2, ws / 2);
-    let mut keyed: Vec<(f64, Kind)> = Vec::with_capacity(total);
-    for (count, kind) in [
-        (json, Kind::WsJson),
-        (msgpack, Kind::WsMsgPack),
-        (sse, Kind::Sse),
-    ] {
-        keyed.extend((0..count).map(|j| ((j as f64 + 0.5) / count as f64, kind)));
-    }
-    keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
-    keyed.into_iter().map(|(_, k)| k).collect()
-}
-
-fn channel_names(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|c| format!("{prefix}-c{c}")).collect()
-}
-
-fn user_name(prefix: &str, i: usize) -> String {
-    format!("{prefix}-u{i}")
-}
-
-/// The shared channels client `i` subscribes to.
-fn channels_of(i: usize, channels: &[String], per_client: usize) -> Vec<String> {
-    (0..per_client.min(channels.len()))
-        .map(|k| channels[(i + k * 2) % channels.len()].clone())
-        .collect()
+    kinds(ws - ws / 2, ws / 2, sse)
 }
 
 /// A worker's findings.
@@ -304,26 +257,9 @@ async fn start_node(
     }
 }
 
-/// The drain's duration as the node logged it (`drain: done seconds=..`).
+/// The drain's duration as the node logged it in its log file.
 fn logged_drain_seconds(log: &Path) -> Option<f64> {
-    let text = std::fs::read_to_string(log).ok()?;
-    let mut plain = String::with_capacity(text.len());
-    let mut in_escape = false;
-    for ch in text.chars() {
-        match (in_escape, ch) {
-            (false, '\u{1b}') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (true, _) => {}
-            (false, c) => plain.push(c),
-        }
-    }
-    let line = plain.lines().find(|l| l.contains("drain: done"))?;
-    line.split("seconds=")
-        .nth(1)?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    harness::rolling::logged_drain_seconds(&std::fs::read_to_string(log).ok()?)
 }
 
 /// CPU time of processes by group (`gateway`, `haproxy`, ...) while it
@@ -637,7 +573,7 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
     let dir = a.dir.canonicalize()?;
     let send_rate = a.send_rate.unwrap_or(a.clients as f64 / 10.0);
     let proxies = a.clients.div_ceil(a.clients_per_proxy);
-    let mix = kinds(a.clients, a.sse_share);
+    let mix = mix(a.clients, a.sse_share);
     let count = |k: Kind| mix.iter().filter(|m| **m == k).count();
     let header = format!(
         "rolling upgrade: {} clients ({} ws-json, {} ws-msgpack, {} sse) through {proxies} HAProxy process(es) / {proxies} worker process(es); {} nodes ({} backbone); {} shared channels ({} per client) at {}/s each; /api/send {send_rate}/s",
@@ -947,7 +883,7 @@ struct Delays {
     hist: Mutex<Histogram<u64>>,
 }
 
-impl Delays {
+impl DelaySink for Delays {
     fn record(&self, ts: Option<u64>) {
         if !self.on.load(Ordering::Relaxed) {
             return;
@@ -957,53 +893,6 @@ impl Delays {
         if let Ok(mut h) = self.hist.lock() {
             h.saturating_record(us);
         }
-    }
-}
-
-struct Rec {
-    kind: Kind,
-    user: String,
-    channels: Vec<String>,
-    seen: Streams,
-    delays: Arc<Delays>,
-    connected: AtomicBool,
-    reconnects: AtomicU64,
-    unrecoverable: AtomicU64,
-}
-
-impl Rec {
-    fn streams(&self) -> Vec<String> {
-        let mut s = self.channels.clone();
-        s.push(format!("$user:{}", self.user));
-        s
-    }
-
-    fn msg(&self, channel: &str, seq: u64, epoch: &str, ts: Option<u64>) {
-        self.delays.record(ts);
-        self.seen.record(channel, seq, epoch);
-    }
-
-    fn track(&self, channel: &str) -> Option<Track> {
-        self.seen.track(channel)
-    }
-}
-
-/// A plain SSE client's record takes its EventSource's events.
-impl EventSink for Rec {
-    fn message(&self, m: SseMessage) {
-        self.msg(&m.channel, m.seq, &m.epoch, m.ts);
-    }
-
-    fn connected(&self, yes: bool, _why: Option<String>) {
-        self.connected.store(yes, Ordering::Relaxed);
-    }
-
-    fn unrecoverable(&self) {
-        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn reconnecting(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -1029,7 +918,7 @@ fn token(user: &str, pattern: &str) -> anyhow::Result<String> {
 }
 
 pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
-    let all = kinds(a.total, a.sse_share);
+    let all = mix(a.total, a.sse_share);
     let channels = channel_names(&a.prefix, a.channels);
     let pattern = format!("{}-*", a.prefix);
     let delays = Arc::new(Delays {
@@ -1038,16 +927,13 @@ pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
     });
     let mut recs = Vec::with_capacity(a.count);
     for (i, kind) in all.iter().enumerate().skip(a.first).take(a.count) {
-        recs.push(Arc::new(Rec {
-            kind: *kind,
-            user: user_name(&a.prefix, i),
-            channels: channels_of(i, &channels, a.per_client),
-            seen: Streams::default(),
-            delays: delays.clone(),
-            connected: AtomicBool::new(false),
-            reconnects: AtomicU64::new(0),
-            unrecoverable: AtomicU64::new(0),
-        }));
+        recs.push(Arc::new(Rec::new(
+            i,
+            *kind,
+            user_name(&a.prefix, i),
+            channels_of(i, &channels, a.per_client),
+            delays.clone(),
+        )));
     }
     // Opening: at most 1,500 new clients per second from this worker (the
     // nodes admit 2,000 new sessions per second each by default).
@@ -1162,16 +1048,8 @@ pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
 /// Waits (bounded) until every client has every stream up to what was
 /// acknowledged, then checks every stream of every client.
 async fn check(recs: &[Arc<Rec>], sdk: &[Option<Client>], acked: &Acked) -> WorkerResult {
-    let behind = |rec: &Rec| {
-        rec.streams().iter().any(|s| match acked.get(s) {
-            None => false,
-            Some(a) => rec
-                .track(s)
-                .is_none_or(|t| t.last < a.last || t.epoch != a.epoch),
-        })
-    };
     let t0 = Instant::now();
-    while recs.iter().any(|r| behind(r)) && t0.elapsed() < Duration::from_secs(30) {
+    while recs.iter().any(|r| r.behind(acked)) && t0.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut r = WorkerResult {
@@ -1179,49 +1057,9 @@ async fn check(recs: &[Arc<Rec>], sdk: &[Option<Client>], acked: &Acked) -> Work
         caught_up_ms: t0.elapsed().as_millis() as u64,
         ..WorkerResult::default()
     };
+    let mut t = Tally::default();
     for (j, rec) in recs.iter().enumerate() {
-        let mut bad = Vec::new();
-        for s in rec.streams() {
-            let Some(a) = acked.get(&s) else { continue };
-            let Some(t) = rec.track(&s) else {
-                r.lost += a.last;
-                bad.push(format!("nothing of {s} (acked 1..={})", a.last));
-                continue;
-            };
-            r.delivered += t.count;
-            r.duplicated += t.dups;
-            r.gaps += t.gaps;
-            r.lost += t.skipped + a.last.saturating_sub(t.last) + t.first.saturating_sub(1);
-            if t.first != 1
-                || t.last < a.last
-                || t.dups > 0
-                || t.gaps > 0
-                || t.epoch_changes > 0
-                || t.epoch != a.epoch
-                || t.count != t.last - t.first + 1
-            {
-                bad.push(format!("{s}: got {}..={} ({} messages, {} duplicates, {} gaps, {} epoch changes); acked up to {}", t.first, t.last, t.count, t.dups, t.gaps, t.epoch_changes, a.last));
-            }
-        }
-        let (reconnects, unrec) = match &sdk[j] {
-            Some(c) => {
-                let st = c.stats();
-                r.sdk_duplicates += st.duplicates;
-                r.sdk_gaps += st.gaps;
-                if st.gaps > 0 {
-                    bad.push(format!("{} sequence gaps without notice", st.gaps));
-                }
-                (st.reconnects, st.unrecoverable)
-            }
-            None => (
-                rec.reconnects.load(Ordering::Relaxed),
-                rec.unrecoverable.load(Ordering::Relaxed),
-            ),
-        };
-        if unrec > 0 {
-            r.unrecoverable += unrec;
-            bad.push(format!("{unrec} unrecoverable notices"));
-        }
+        let (reconnects, bad) = check_client(rec, sdk[j].as_ref(), acked, &mut t);
         r.reconnects_sum += reconnects;
         r.reconnects_max = r.reconnects_max.max(reconnects);
         let e = r.by_kind.entry(rec.kind.label().to_owned()).or_default();
@@ -1239,6 +1077,13 @@ async fn check(recs: &[Arc<Rec>], sdk: &[Option<Client>], acked: &Acked) -> Work
             }
         }
     }
+    r.delivered = t.delivered;
+    r.lost = t.lost;
+    r.duplicated = t.duplicated;
+    r.gaps = t.gaps;
+    r.unrecoverable = t.unrecoverable;
+    r.sdk_duplicates = t.sdk_duplicates;
+    r.sdk_gaps = t.sdk_gaps;
     r
 }
 
@@ -1248,7 +1093,7 @@ mod tests {
 
     #[test]
     fn mix_is_interleaved_and_complete() {
-        let k = kinds(10_000, 0.3);
+        let k = mix(10_000, 0.3);
         assert_eq!(k.len(), 10_000);
         assert_eq!(k.iter().filter(|x| **x == Kind::Sse).count(), 3000);
         assert_eq!(k.iter().filter(|x| **x == Kind::WsJson).count(), 3500);

@@ -19,6 +19,7 @@ pub mod netfault;
 
 pub mod cluster;
 pub mod delivery;
+pub mod rolling;
 pub mod sse;
 
 pub use sse::SseEvent;

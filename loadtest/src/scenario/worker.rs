@@ -684,19 +684,23 @@ mod tests {
         ));
     }
 
+    /// A message on channel `c`, stamped with the time it was sent.
+    fn msg(seq: u64, epoch: &str) -> Message {
+        Message {
+            channel: "c".into(),
+            seq,
+            epoch: epoch.into(),
+            data: serde_json::json!({"sent_us": util::now_us()}),
+            ts: None,
+        }
+    }
+
     #[test]
     fn message_accounting() {
         let shared = Shared::new();
         let t = Track::new("c".into());
         t.start_at("e", 10);
         t.ready.store(true, Ordering::Relaxed);
-        let msg = |seq: u64, epoch: &str| Message {
-            channel: "c".into(),
-            seq,
-            epoch: epoch.into(),
-            data: serde_json::json!({"sent_us": util::now_us()}),
-            ts: None,
-        };
         for seq in [11, 12, 12, 15, 16] {
             shared.on_message(&t, 0, &msg(seq, "e"));
         }
@@ -726,13 +730,6 @@ mod tests {
         let t = Track::new("c".into());
         t.start_at("old", 0);
         t.ready.store(true, Ordering::Relaxed);
-        let msg = |seq: u64, epoch: &str| Message {
-            channel: "c".into(),
-            seq,
-            epoch: epoch.into(),
-            data: serde_json::Value::Null,
-            ts: None,
-        };
         for seq in 1..=500 {
             shared.on_message(&t, 0, &msg(seq, "old"));
         }

@@ -33,16 +33,18 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use client_sdk::{Backoff, Client, Codec, ConnectionState};
 use futures_util::StreamExt;
 use harness::cluster::{Backbone, Cluster, ClusterBuilder};
-use harness::delivery::{
-    event_source, run_lanes, Acked, EventSink, PubStats, SseMessage, Streams, Track,
-};
+use harness::delivery::{event_source, run_lanes, Acked, PubStats};
 use harness::netfault::FaultyLink;
+use harness::rolling::{
+    channel_names, channels_of, check_client, kinds, logged_drain_seconds, now_ms, user_name,
+    DelaySink, Kind, Rec, Tally,
+};
 use harness::{hs256_token, unique, within_for, Claims, JWT_SECRET};
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
@@ -100,13 +102,6 @@ fn cluster(backbone: Backbone) -> ClusterBuilder {
         .env("GATEWAY_LOG", "warn,gateway::drain=info")
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 // ---------------------------------------------------------------------------
 // What the clients received
 // ---------------------------------------------------------------------------
@@ -125,17 +120,6 @@ impl Delays {
             buckets: (0..60_000).map(|_| AtomicU64::new(0)).collect(),
             max: AtomicU64::new(0),
         }
-    }
-
-    fn record(&self, ts: Option<u64>) {
-        if !self.on.load(Ordering::Relaxed) {
-            return;
-        }
-        let Some(ts) = ts else { return };
-        let d = now_ms().saturating_sub(ts);
-        let i = (d as usize).min(self.buckets.len() - 1);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.max.fetch_max(d, Ordering::Relaxed);
     }
 
     fn count(&self) -> u64 {
@@ -166,83 +150,16 @@ impl Delays {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    WsJson,
-    WsMsgPack,
-    Sse,
-}
-
-impl Kind {
-    fn label(self) -> &'static str {
-        match self {
-            Kind::WsJson => "ws-json",
-            Kind::WsMsgPack => "ws-msgpack",
-            Kind::Sse => "sse",
+impl DelaySink for Delays {
+    fn record(&self, ts: Option<u64>) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
         }
-    }
-}
-
-/// A client's record: what it must receive and what it did.
-struct Rec {
-    id: usize,
-    kind: Kind,
-    user: String,
-    /// Shared channels it subscribes to.
-    channels: Vec<String>,
-    seen: Streams,
-    delays: Arc<Delays>,
-    /// Plain SSE clients: connected now (got the `connected` event).
-    connected: AtomicBool,
-    /// Plain SSE clients: connections opened after the first.
-    reconnects: AtomicU64,
-    /// Plain SSE clients: `unrecoverable` events.
-    unrecoverable: AtomicU64,
-    /// Plain SSE clients: why the last connection ended.
-    last_end: Mutex<String>,
-}
-
-impl Rec {
-    fn user_channel(&self) -> String {
-        format!("$user:{}", self.user)
-    }
-
-    /// Every stream it must receive.
-    fn streams(&self) -> Vec<String> {
-        let mut s = self.channels.clone();
-        s.push(self.user_channel());
-        s
-    }
-
-    fn msg(&self, channel: &str, seq: u64, epoch: &str, ts: Option<u64>) {
-        self.delays.record(ts);
-        self.seen.record(channel, seq, epoch);
-    }
-
-    fn track(&self, channel: &str) -> Option<Track> {
-        self.seen.track(channel)
-    }
-}
-
-/// A plain SSE client's record takes its EventSource's events.
-impl EventSink for Rec {
-    fn message(&self, m: SseMessage) {
-        self.msg(&m.channel, m.seq, &m.epoch, m.ts);
-    }
-
-    fn connected(&self, yes: bool, why: Option<String>) {
-        self.connected.store(yes, Ordering::Relaxed);
-        if let (Some(why), Ok(mut e)) = (why, self.last_end.lock()) {
-            *e = why;
-        }
-    }
-
-    fn unrecoverable(&self) {
-        self.unrecoverable.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn reconnecting(&self) {
-        self.reconnects.fetch_add(1, Ordering::Relaxed);
+        let Some(ts) = ts else { return };
+        let d = now_ms().saturating_sub(ts);
+        let i = (d as usize).min(self.buckets.len() - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.max.fetch_max(d, Ordering::Relaxed);
     }
 }
 
@@ -267,21 +184,6 @@ impl Drop for Fleet {
     }
 }
 
-/// The kind of every client, interleaved in proportion, so every node and
-/// every link gets every kind.
-fn kinds(load: &Load) -> Vec<Kind> {
-    let mut keyed: Vec<(f64, Kind)> = Vec::new();
-    for (count, kind) in [
-        (load.ws_json, Kind::WsJson),
-        (load.ws_msgpack, Kind::WsMsgPack),
-        (load.sse, Kind::Sse),
-    ] {
-        keyed.extend((0..count).map(|j| ((j as f64 + 0.5) / count as f64, kind)));
-    }
-    keyed.sort_by(|a, b| a.0.total_cmp(&b.0));
-    keyed.into_iter().map(|(_, k)| k).collect()
-}
-
 impl Fleet {
     /// Connects every client (client `i` through `route(i)`) and subscribes
     /// it; returns once all are connected.
@@ -291,26 +193,20 @@ impl Fleet {
         route: impl Fn(usize) -> SocketAddr,
     ) -> Result<Self> {
         let delays = Arc::new(Delays::new());
-        let channels: Vec<String> = (0..load.channels)
-            .map(|c| format!("{prefix}-c{c}"))
-            .collect();
+        let channels = channel_names(prefix, load.channels);
         let mut recs = Vec::new();
-        for (i, kind) in kinds(load).into_iter().enumerate() {
-            let chans = (0..load.per_client)
-                .map(|k| channels[(i + k * 2) % channels.len()].clone())
-                .collect();
-            recs.push(Arc::new(Rec {
-                id: i,
+        for (i, kind) in kinds(load.ws_json, load.ws_msgpack, load.sse)
+            .into_iter()
+            .enumerate()
+        {
+            let chans = channels_of(i, &channels, load.per_client);
+            recs.push(Arc::new(Rec::new(
+                i,
                 kind,
-                user: format!("{prefix}-u{i}"),
-                channels: chans,
-                seen: Streams::default(),
-                delays: delays.clone(),
-                connected: AtomicBool::new(false),
-                reconnects: AtomicU64::new(0),
-                unrecoverable: AtomicU64::new(0),
-                last_end: Mutex::new(String::new()),
-            }));
+                user_name(prefix, i),
+                chans,
+                delays.clone(),
+            )));
         }
         let pattern = format!("{prefix}-*");
         let mut sse_tasks = Vec::new();
@@ -448,18 +344,7 @@ impl Fleet {
     async fn wait_caught_up(&self, acked: &Acked, limit: Duration) -> Duration {
         let t0 = Instant::now();
         loop {
-            let behind = self
-                .recs
-                .iter()
-                .filter(|rec| {
-                    rec.streams().iter().any(|s| match acked.get(s) {
-                        None => false,
-                        Some(a) => rec
-                            .track(s)
-                            .is_none_or(|t| t.last < a.last || t.epoch != a.epoch),
-                    })
-                })
-                .count();
+            let behind = self.recs.iter().filter(|rec| rec.behind(acked)).count();
             if behind == 0 || t0.elapsed() > limit {
                 return t0.elapsed();
             }
@@ -472,72 +357,13 @@ impl Fleet {
     /// figures; fails with the first problems found.
     fn check(&self, what: &str, acked: &Acked) -> Result<()> {
         let mut problems: Vec<String> = Vec::new();
-        let (mut lost, mut dups, mut gaps, mut unrec) = (0u64, 0u64, 0u64, 0u64);
-        let (mut delivered, mut sdk_dups, mut sdk_gaps) = (0u64, 0u64, 0u64);
+        let mut t = Tally::default();
         for (i, rec) in self.recs.iter().enumerate() {
-            for s in rec.streams() {
-                let Some(a) = acked.get(&s) else { continue };
-                let Some(t) = rec.track(&s) else {
-                    lost += a.last;
-                    problems.push(format!(
-                        "client {i} ({}): nothing of {s} (acked 1..={})",
-                        rec.kind.label(),
-                        a.last
-                    ));
-                    continue;
-                };
-                delivered += t.count;
-                dups += t.dups;
-                gaps += t.gaps;
-                let tail = a.last.saturating_sub(t.last);
-                lost += t.skipped + tail + t.first.saturating_sub(1);
-                if t.first != 1
-                    || t.last < a.last
-                    || t.dups > 0
-                    || t.gaps > 0
-                    || t.epoch_changes > 0
-                    || t.epoch != a.epoch
-                    || t.count != t.last - t.first + 1
-                {
-                    problems.push(format!(
-                        "client {i} ({}) {s}: got {}..={} ({} messages, {} duplicates, {} gaps skipping {}, {} epoch changes, epoch {} vs {}); acked up to {}",
-                        rec.kind.label(),
-                        t.first,
-                        t.last,
-                        t.count,
-                        t.dups,
-                        t.gaps,
-                        t.skipped,
-                        t.epoch_changes,
-                        t.epoch,
-                        a.epoch,
-                        a.last
-                    ));
-                }
-            }
-            let u = match &self.sdk[i] {
-                Some(c) => {
-                    let st = c.stats();
-                    sdk_dups += st.duplicates;
-                    sdk_gaps += st.gaps;
-                    if st.gaps > 0 {
-                        problems.push(format!(
-                            "client {i} ({}): the server sent {} sequence gaps without notice",
-                            rec.kind.label(),
-                            st.gaps
-                        ));
-                    }
-                    st.unrecoverable
-                }
-                None => rec.unrecoverable.load(Ordering::Relaxed),
-            };
-            if u > 0 {
-                unrec += u;
-                problems.push(format!(
-                    "client {i} ({}): {u} unrecoverable notices",
-                    rec.kind.label()
-                ));
-            }
+            let (_, bad) = check_client(rec, self.sdk[i].as_ref(), acked, &mut t);
+            problems.extend(
+                bad.into_iter()
+                    .map(|b| format!("client {i} ({}): {b}", rec.kind.label())),
+            );
         }
         let n = self.recs.len();
         let rc: Vec<u64> = (0..n).map(|i| self.reconnects(i)).collect();
@@ -562,7 +388,8 @@ impl Fleet {
             by_kind.join(", ")
         );
         println!(
-            "{what}: delivered {delivered} messages to {n} clients; lost {lost}, duplicated {dups}, out of order (gaps) {gaps}, unrecoverable {unrec}; SDK dropped {sdk_dups} duplicates the server sent, saw {sdk_gaps} gaps"
+            "{what}: delivered {} messages to {n} clients; lost {}, duplicated {}, out of order (gaps) {}, unrecoverable {}; SDK dropped {} duplicates the server sent, saw {} gaps",
+            t.delivered, t.lost, t.duplicated, t.gaps, t.unrecoverable, t.sdk_duplicates, t.sdk_gaps
         );
         if !problems.is_empty() {
             bail!(
@@ -787,24 +614,6 @@ async fn rolling_upgrade(c: &mut Cluster, what: &str) -> R {
     Ok(())
 }
 
-/// The drain's duration as the node logged it (`drain: done seconds=..`).
-fn logged_drain_seconds(logs: &str) -> Option<f64> {
-    // Without the terminal colours of the text log format.
-    let mut plain = String::with_capacity(logs.len());
-    let mut in_escape = false;
-    for ch in logs.chars() {
-        match (in_escape, ch) {
-            (false, '\u{1b}') => in_escape = true,
-            (true, 'm') => in_escape = false,
-            (true, _) => {}
-            (false, c) => plain.push(c),
-        }
-    }
-    let line = plain.lines().find(|l| l.contains("drain: done"))?;
-    let v = line.split("seconds=").nth(1)?;
-    v.split_whitespace().next()?.parse().ok()
-}
-
 /// HAProxy's sessions per live server.
 async fn sessions(c: &Cluster) -> Result<Vec<(String, u64)>> {
     Ok(c.lb()?
@@ -873,7 +682,7 @@ async fn network_drops(c: &mut Cluster, what: &str) -> R {
         links.push(FaultyLink::start(lb).await?);
     }
     let mut per_kind: HashMap<&str, usize> = HashMap::new();
-    let route: Vec<SocketAddr> = kinds(&load)
+    let route: Vec<SocketAddr> = kinds(load.ws_json, load.ws_msgpack, load.sse)
         .into_iter()
         .map(|k| {
             let n = per_kind.entry(k.label()).or_default();
