@@ -150,6 +150,10 @@ pub struct Auth {
     resume: (EncodingKey, DecodingKey, Validation),
     dev: bool,
     api_keys: Vec<String>,
+    /// `token_exp_required`.
+    exp_required: bool,
+    /// `max_token_lifetime_secs`.
+    max_lifetime: u64,
 }
 
 /// Why the node's token keys could not be set up (at start).
@@ -183,9 +187,11 @@ impl Auth {
         let validation = |alg| {
             let mut v = Validation::new(alg);
             v.leeway = 0;
-            // Tokens without `exp` never expire; with it, it is checked.
+            // `exp` is checked when present; whether it must be is
+            // `token_exp_required` (checked in `verify`, with a clear error).
             v.required_spec_claims = ["sub".to_owned()].into_iter().collect();
             v.validate_exp = true;
+            v.validate_nbf = true;
             v
         };
         let mut minting = None;
@@ -240,6 +246,8 @@ impl Auth {
             resume,
             dev: config.dev,
             api_keys: config.api_keys(),
+            exp_required: config.token_exp_required,
+            max_lifetime: config.max_token_lifetime_secs,
         })
     }
 
@@ -337,6 +345,20 @@ impl Auth {
                     }
                     protocol::validate_user(&c.sub)
                         .map_err(|e| AuthError::Invalid(e.to_string()))?;
+                    match c.exp {
+                        None if self.exp_required => {
+                            return Err(AuthError::Invalid(
+                                "the token has no exp (token_exp_required)".into(),
+                            ))
+                        }
+                        Some(exp) if exp > now_secs().saturating_add(self.max_lifetime) => {
+                            return Err(AuthError::Invalid(format!(
+                                "the token expires more than {} s from now (max_token_lifetime_secs)",
+                                self.max_lifetime
+                            )))
+                        }
+                        _ => {}
+                    }
                     return Ok(Identity {
                         user: c.sub,
                         expires_at: c.exp,
@@ -389,6 +411,54 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Signs any claims with the test secret.
+    fn signed(claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"0123456789abcdef0123"),
+        )
+        .expect("encode")
+    }
+
+    #[test]
+    fn token_lifetimes_are_bounded() {
+        let a = auth();
+        let now = now_secs();
+        // No exp: refused by default (it would never expire).
+        let e = a
+            .verify(&signed(serde_json::json!({"sub": "u"})))
+            .unwrap_err();
+        assert!(e.to_string().contains("token_exp_required"), "{e}");
+        // Further ahead than max_token_lifetime_secs (7 days), up to u64::MAX.
+        for exp in [now + 8 * 24 * 3600, u64::MAX] {
+            let e = a
+                .verify(&signed(serde_json::json!({"sub": "u", "exp": exp})))
+                .unwrap_err();
+            assert!(e.to_string().contains("max_token_lifetime_secs"), "{e}");
+        }
+        // Not yet valid (nbf in the future).
+        let e = a
+            .verify(&signed(
+                serde_json::json!({"sub": "u", "exp": now + 60, "nbf": now + 600}),
+            ))
+            .unwrap_err();
+        assert!(matches!(e, AuthError::Invalid(_)), "{e}");
+        assert!(a
+            .verify(&signed(
+                serde_json::json!({"sub": "u", "exp": now + 60, "nbf": now - 1})
+            ))
+            .is_ok());
+        // Configurable: a node may accept tokens without exp.
+        let lax = Auth::from_config(&Config {
+            jwt_secret: Some("0123456789abcdef0123".into()),
+            token_exp_required: false,
+            ..Config::default()
+        })
+        .expect("auth");
+        assert!(lax.verify(&signed(serde_json::json!({"sub": "u"}))).is_ok());
+    }
 
     fn auth() -> Auth {
         let config = Config {

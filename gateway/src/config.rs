@@ -132,6 +132,11 @@ pub struct Config {
     pub reconnect_max_delay_ms: u64,
     /// How long a resume token from a `reconnect` frame stays valid.
     pub resume_token_ttl_ms: u64,
+    /// Refuse connection tokens without `exp` (they would never expire).
+    pub token_exp_required: bool,
+    /// Refuse connection tokens that expire further ahead than this (a
+    /// stolen token's worth is bounded; long sessions refresh).
+    pub max_token_lifetime_secs: u64,
     /// Key that signs resume tokens; every node of a cluster needs the same.
     /// Default: derived from `jwt_secret` (a fixed development key in dev
     /// mode without one).
@@ -203,6 +208,8 @@ impl Default for Config {
             reconnect_min_delay_ms: 100,
             reconnect_max_delay_ms: 5_000,
             resume_token_ttl_ms: 120_000,
+            token_exp_required: true,
+            max_token_lifetime_secs: 7 * 24 * 3600,
             resume_secret: None,
             max_connections: 100_000,
             admission_rate: 2_000,
@@ -271,7 +278,8 @@ impl Config {
         {
             return bad("admin_addr must differ from addr".into());
         }
-        let positive: [(&str, u64); 9] = [
+        let positive: [(&str, u64); 10] = [
+            ("max_token_lifetime_secs", self.max_token_lifetime_secs),
             ("replay_window_ms", self.replay_window_ms),
             ("stream_meta_ttl_ms", self.stream_meta_ttl_ms),
             ("ping_interval_ms", self.ping_interval_ms),

@@ -113,7 +113,7 @@ fn main() -> anyhow::Result<()> {
         let now = now_secs();
         let claims = Claims {
             sub: user,
-            exp: Some(now + ttl),
+            exp: Some(now.saturating_add(ttl)),
             iat: Some(now),
             subscribe,
             publish,

@@ -115,3 +115,43 @@ async fn refresh_keeps_the_connection_and_no_refresh_closes_4005() -> R {
     b?;
     Ok(())
 }
+
+/// A token's `exp` is client input: the far future (`u64::MAX`), on a node
+/// that allows any lifetime, must not overflow the connection's timers
+/// (it panicked the connection task once), and the default node refuses it.
+#[tokio::test]
+async fn far_future_token_expiry_neither_panics_nor_passes_the_lifetime_bound() -> R {
+    let claims = harness::Claims {
+        exp: Some(u64::MAX),
+        ..harness::Claims::new("forever", &["f"], &[], 60)
+    };
+    let token = harness::hs256_token(harness::JWT_SECRET, &claims);
+
+    let lax = Gateway::builder()
+        .env("max_token_lifetime_secs", u64::MAX)
+        .start()
+        .await?;
+    let mut ws = lax.ws(Codec::Json).await?;
+    let connected = ws.hello(Some(&token)).await?;
+    ensure!(connected.expires_at == Some(u64::MAX), "{connected:?}");
+    ws.subscribe("f", None).await?;
+    let r = lax.publish("f", json!({"n": 1})).await?;
+    let m = ws.recv_message().await?;
+    check_message(&m, "f", r.seq, &r.epoch, &json!({"n": 1}));
+    ws.roundtrip().await?;
+
+    let strict = Gateway::start().await?;
+    let mut ws = strict.ws(Codec::Json).await?;
+    ws.send(&ClientFrame::Connect(protocol::Connect {
+        token: Some(token),
+        ..Default::default()
+    }))
+    .await?;
+    match ws.recv().await? {
+        ServerFrame::Error(e) if e.code == ErrorCode::Unauthorized => {
+            ensure!(e.message.contains("max_token_lifetime_secs"), "{e:?}");
+        }
+        other => bail!("expected unauthorized, got {other:?}"),
+    }
+    Ok(())
+}

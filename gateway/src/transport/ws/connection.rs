@@ -364,10 +364,15 @@ impl Connection {
             let now_s = now_secs();
             let until_exp = Duration::from_secs(exp.saturating_sub(now_s));
             let refresh_at = until_exp.saturating_sub(node.ms(node.config.refresh_window_ms));
+            // `exp` comes from the client's token: far-future values must
+            // not overflow the clock (they cannot pass `verify`'s lifetime
+            // bound, but a timer never trusts its input).
             let now = Instant::now();
-            t = t.min(now + until_exp);
-            if !self.refresh_sent {
-                t = t.min(now + refresh_at);
+            if let Some(at) = now.checked_add(until_exp) {
+                t = t.min(at);
+            }
+            if let Some(at) = now.checked_add(refresh_at).filter(|_| !self.refresh_sent) {
+                t = t.min(at);
             }
         }
         t
@@ -390,7 +395,9 @@ impl Connection {
             if now_s >= exp {
                 return Some(CloseCode::TokenExpired);
             }
-            if !self.refresh_sent && (exp - now_s) * 1000 <= node.config.refresh_window_ms {
+            if !self.refresh_sent
+                && (exp - now_s).saturating_mul(1000) <= node.config.refresh_window_ms
+            {
                 self.refresh_sent = true;
                 self.out.push(Outgoing::Frame(ServerFrame::RefreshRequired(
                     RefreshRequired { expires_at: exp },
