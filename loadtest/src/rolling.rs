@@ -47,7 +47,7 @@ use clap::{Args, ValueEnum};
 use client_sdk::{Client, Codec, ConnectionState};
 use futures_util::StreamExt;
 use harness::cluster::{Haproxy, Service, ServiceKind, ServiceOptions};
-use harness::delivery::{event_source, run_lanes, Acked, Lane, PubStats};
+use harness::delivery::{event_source, run_lanes, Acked, PubStats};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -56,7 +56,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 use harness::rolling::{
-    channel_names, channels_of, check_client, kinds, now_ms, user_name, DelaySink, Kind, Rec, Tally,
+    channel_names, channels_of, check_client, kinds, lanes, now_ms, one_epoch_each, publisher_line,
+    user_name, DelaySink, Kind, Rec, Tally,
 };
 use harness::{Gateway, GatewayBuilder};
 
@@ -474,22 +475,7 @@ impl Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Acked::new()));
         let stats = Arc::new(PubStats::default());
-        let send_lanes = 8usize;
-        let mut lanes: Vec<Lane> = channels
-            .iter()
-            .map(|c| ("/api/publish".to_owned(), rate, vec![json!({"channel": c})]))
-            .collect();
-        if send_rate > 0.0 {
-            for k in 0..send_lanes {
-                let mine: Vec<Value> = users
-                    .iter()
-                    .skip(k)
-                    .step_by(send_lanes)
-                    .map(|u| json!({"user": u}))
-                    .collect();
-                lanes.push(("/api/send".to_owned(), send_rate / send_lanes as f64, mine));
-            }
-        }
+        let lanes = lanes(channels, rate, &users, send_rate, 8);
         let tasks = vec![tokio::spawn(run_lanes(
             lb,
             API_KEY.to_owned(),
@@ -520,25 +506,8 @@ impl Publisher {
             .lock()
             .map_err(|_| anyhow::anyhow!("acked lock"))?
             .clone();
-        let s = &self.stats;
-        let ok = s.ok.load(Ordering::Relaxed);
-        let line = format!(
-            "{ok} acknowledged in {:.1} s ({:.0}/s; {} streams; API latency mean {:.1} ms, max {:.1} ms), {} attempts retried, {} given up",
-            self.started.elapsed().as_secs_f64(),
-            ok as f64 / self.started.elapsed().as_secs_f64().max(0.001),
-            acked.len(),
-            s.latency_sum_us.load(Ordering::Relaxed) as f64 / ok.max(1) as f64 / 1000.0,
-            s.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
-            s.retried.load(Ordering::Relaxed),
-            s.failed.load(Ordering::Relaxed)
-        );
-        for (ch, a) in &acked {
-            ensure!(
-                !a.epoch.contains(' '),
-                "{ch} changed epoch during the run: {}",
-                a.epoch
-            );
-        }
+        let line = publisher_line(&self.stats, self.started.elapsed(), acked.len());
+        one_epoch_each(&acked)?;
         Ok((acked, line))
     }
 }

@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use anyhow::{ensure, Result};
 use client_sdk::Client;
+use serde_json::{json, Value};
 
-use crate::delivery::{Acked, EventSink, SseMessage, Streams, Track};
+use crate::delivery::{Acked, EventSink, Lane, PubStats, SseMessage, Streams, Track};
 
 /// Wall-clock milliseconds (what the gateway's `ts` is in).
 pub fn now_ms() -> u64 {
@@ -244,6 +246,61 @@ pub fn check_client(
         bad.push(format!("{unrec} unrecoverable notices"));
     }
     (reconnects, bad)
+}
+
+/// The backend's publishing lanes: every shared channel at `rate` per
+/// second, and `/api/send` at `send_rate` per second round robin over the
+/// users, spread over `send_lanes` lanes.
+pub fn lanes(
+    channels: &[String],
+    rate: f64,
+    users: &[String],
+    send_rate: f64,
+    send_lanes: usize,
+) -> Vec<Lane> {
+    let mut lanes: Vec<Lane> = channels
+        .iter()
+        .map(|c| ("/api/publish".to_owned(), rate, vec![json!({"channel": c})]))
+        .collect();
+    if send_rate > 0.0 {
+        for k in 0..send_lanes {
+            let mine: Vec<Value> = users
+                .iter()
+                .skip(k)
+                .step_by(send_lanes)
+                .map(|u| json!({"user": u}))
+                .collect();
+            lanes.push(("/api/send".to_owned(), send_rate / send_lanes as f64, mine));
+        }
+    }
+    lanes
+}
+
+/// The publisher's line: acknowledged, rate, streams, API latency, retries.
+pub fn publisher_line(s: &PubStats, elapsed: std::time::Duration, streams: usize) -> String {
+    let ok = s.ok.load(Ordering::Relaxed);
+    format!(
+        "{ok} acknowledged in {:.1} s ({:.0}/s; {streams} streams; API latency mean {:.1} ms, max {:.1} ms), {} attempts retried, {} given up",
+        elapsed.as_secs_f64(),
+        ok as f64 / elapsed.as_secs_f64().max(0.001),
+        s.latency_sum_us.load(Ordering::Relaxed) as f64 / ok.max(1) as f64 / 1000.0,
+        s.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        s.retried.load(Ordering::Relaxed),
+        s.failed.load(Ordering::Relaxed)
+    )
+}
+
+/// No stream changed epoch while the publisher ran (the scenario restarts
+/// no Redis: an epoch change there is a bug).
+pub fn one_epoch_each(acked: &Acked) -> Result<()> {
+    for (ch, a) in acked {
+        ensure!(
+            !a.epoch.contains(' '),
+            "{ch} changed epoch during the run: {}",
+            a.epoch
+        );
+    }
+    Ok(())
 }
 
 /// The drain's duration as the node logged it (`drain: done seconds=..`),

@@ -42,11 +42,10 @@ use harness::cluster::{Backbone, Cluster, ClusterBuilder};
 use harness::delivery::{event_source, run_lanes, Acked, PubStats};
 use harness::netfault::FaultyLink;
 use harness::rolling::{
-    channel_names, channels_of, check_client, kinds, logged_drain_seconds, now_ms, user_name,
-    DelaySink, Kind, Rec, Tally,
+    channel_names, channels_of, check_client, kinds, lanes, logged_drain_seconds, now_ms,
+    one_epoch_each, publisher_line, user_name, DelaySink, Kind, Rec, Tally,
 };
 use harness::{hs256_token, unique, within_for, Claims, JWT_SECRET};
-use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
 use super::R;
@@ -437,31 +436,7 @@ impl Publisher {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Acked::new()));
         let stats = Arc::new(PubStats::default());
-        // Lanes: (path, rate, bodies to cycle through).
-        let senders = 4usize;
-        let mut lanes: Vec<(String, f64, Vec<Value>)> = channels
-            .iter()
-            .map(|c| {
-                (
-                    "/api/publish".to_owned(),
-                    load.channel_rate,
-                    vec![json!({"channel": c})],
-                )
-            })
-            .collect();
-        for k in 0..senders {
-            let mine: Vec<Value> = users
-                .iter()
-                .skip(k)
-                .step_by(senders)
-                .map(|u| json!({"user": u}))
-                .collect();
-            lanes.push((
-                "/api/send".to_owned(),
-                load.send_rate / senders as f64,
-                mine,
-            ));
-        }
+        let lanes = lanes(channels, load.channel_rate, &users, load.send_rate, 4);
         let (done_tx, done) = tokio::sync::oneshot::channel();
         let (stop2, acked2, stats2) = (stop.clone(), acked.clone(), stats.clone());
         std::thread::Builder::new()
@@ -501,23 +476,12 @@ impl Publisher {
             .await?
             .context("the publisher thread ended abnormally")?;
         let acked = self.acked.lock().expect("acked lock").clone();
-        let s = &self.stats;
-        let ok = s.ok.load(Ordering::Relaxed);
         println!(
-            "{what}: publisher: {ok} acknowledged in {:.1} s ({} streams; latency mean {:.1} ms, max {:.1} ms), {} attempts retried, {} given up",
-            self.started.elapsed().as_secs_f64(),
-            acked.len(),
-            s.latency_sum_us.load(Ordering::Relaxed) as f64 / ok.max(1) as f64 / 1000.0,
-            s.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
-            s.retried.load(Ordering::Relaxed),
-            s.failed.load(Ordering::Relaxed)
+            "{what}: publisher: {}",
+            publisher_line(&self.stats, self.started.elapsed(), acked.len())
         );
+        one_epoch_each(&acked).with_context(|| what.to_owned())?;
         for (ch, a) in &acked {
-            ensure!(
-                !a.epoch.contains(' '),
-                "{what}: {ch} changed epoch during the test: {}",
-                a.epoch
-            );
             ensure!(a.count <= a.last, "{what}: {ch}: {a:?}");
         }
         Ok(acked)
