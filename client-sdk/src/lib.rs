@@ -128,6 +128,10 @@
 //!   sequence of their epoch are dropped (counted in [`Stats::duplicates`]);
 //!   a message beyond `last + 1` without an `unrecoverable` notice is not
 //!   delivered and the client resumes from its last position instead.
+//! * **A message that does not decode** (e.g. `data` this client's decoder
+//!   refuses) is not delivered and does not make the client resume: it is
+//!   reported as [`Event::UndecodableMessage`] with its channel and position,
+//!   counted ([`Stats::undecodable`]), and the stream goes on after it.
 //! * **Heartbeats**: server `ping`s are answered; a connection on which
 //!   nothing arrived for 2.5 × `ping_interval_ms` is considered dead.
 
@@ -141,6 +145,8 @@ mod error;
 mod net;
 mod shared;
 mod sse;
+#[cfg(test)]
+mod tests;
 mod tracker;
 
 pub use backoff::Backoff;

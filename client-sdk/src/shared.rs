@@ -85,6 +85,20 @@ pub enum Event {
         /// What went wrong.
         message: String,
     },
+    /// A `message` frame this client could not decode (e.g. its `data` is
+    /// not something its decoder takes). The message is not delivered; it is
+    /// counted as received ([`Stats::undecodable`]), so the stream goes on
+    /// after it: the next message is not a gap, and the client does not
+    /// reconnect for it. Its channel and position are what could be read of
+    /// the frame; a message whose position cannot be read is only reported.
+    UndecodableMessage {
+        /// The channel (or `$user:<id>`), if it could be read.
+        channel: Option<String>,
+        /// The message's position (`seq`, `epoch`), if it could be read.
+        position: Option<Position>,
+        /// Why it could not be decoded.
+        error: String,
+    },
     /// An `error` frame that answered no request of this client.
     ServerError {
         /// The error code.
@@ -117,6 +131,10 @@ pub struct Stats {
     /// Sequence gaps seen without an `unrecoverable` notice (each one makes
     /// the client resume from its last position).
     pub gaps: u64,
+    /// `message` frames that could not be decoded, skipped and reported
+    /// ([`Event::UndecodableMessage`]).
+    #[serde(default)]
+    pub undecodable: u64,
 }
 
 impl Stats {
@@ -129,6 +147,7 @@ impl Stats {
         self.unrecoverable += o.unrecoverable;
         self.connects += o.connects;
         self.gaps += o.gaps;
+        self.undecodable += o.undecodable;
     }
 
     /// What was counted since `earlier` (a snapshot of the same counters).
@@ -141,6 +160,7 @@ impl Stats {
             unrecoverable: self.unrecoverable.saturating_sub(earlier.unrecoverable),
             connects: self.connects.saturating_sub(earlier.connects),
             gaps: self.gaps.saturating_sub(earlier.gaps),
+            undecodable: self.undecodable.saturating_sub(earlier.undecodable),
         }
     }
 }
@@ -154,6 +174,7 @@ pub(crate) struct Counters {
     pub(crate) unrecoverable: AtomicU64,
     pub(crate) connects: AtomicU64,
     pub(crate) gaps: AtomicU64,
+    pub(crate) undecodable: AtomicU64,
 }
 
 impl Counters {
@@ -171,6 +192,7 @@ impl Counters {
             unrecoverable: get(&self.unrecoverable),
             connects: get(&self.connects),
             gaps: get(&self.gaps),
+            undecodable: get(&self.undecodable),
         }
     }
 }
@@ -248,6 +270,7 @@ mod stats_tests {
             unrecoverable: 0,
             connects: 3,
             gaps: 1,
+            undecodable: 1,
         };
         let mut total = Stats::default();
         total.add(&a);

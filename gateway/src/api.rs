@@ -1,7 +1,8 @@
 //! The publish API for backends: `POST /api/publish`, `/api/send`,
 //! `/api/batch`. Bodies are JSON or MessagePack (by `Content-Type`); answers
 //! are JSON. Auth: `Authorization: Bearer <api key>`. The bodies and answers
-//! are [`protocol::api`]'s types.
+//! are [`protocol::api`]'s types; a body nested deeper than
+//! [`protocol::MAX_DEPTH`] is refused (400 `bad_request`) in either codec.
 
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use protocol::api::{
     BatchItem, BatchRequest, BatchResult, ItemResult, PublishRequest, PublishResult, SendRequest,
     MAX_BATCH_ITEMS,
 };
-use protocol::{user_channel, validate_channel, validate_user, ErrorCode};
+use protocol::{user_channel, validate_channel, validate_user, Codec, DecodeError, ErrorCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -74,15 +75,17 @@ async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiEr
                 format!("body larger than {limit} bytes (max_api_body_bytes)"),
             )
         })?;
-    let parsed = if msgpack {
-        rmp_serde::from_slice(&body).map_err(|e| e.to_string())
-    } else {
-        serde_json::from_slice(&body).map_err(|e| e.to_string())
-    };
-    parsed.map_err(|e| {
+    // Both codecs refuse a body nested deeper than `protocol::MAX_DEPTH`
+    // (the same limit as client frames), before decoding it.
+    let codec = if msgpack { Codec::MsgPack } else { Codec::Json };
+    codec.decode_input(&body).map_err(|e| {
         node.metrics
             .api_request_rejected(ErrorCode::BadRequest.name());
-        ApiError::new(ErrorCode::BadRequest, format!("malformed body: {e}"))
+        let message = match e {
+            DecodeError::Malformed(e) => format!("malformed body: {e}"),
+            other => format!("body refused: {other}"),
+        };
+        ApiError::new(ErrorCode::BadRequest, message)
     })
 }
 

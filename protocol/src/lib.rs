@@ -2,7 +2,8 @@
 //!
 //! * [`frames`]: every client and server frame.
 //! * [`codec`]: JSON text frames and MessagePack binary frames, chosen by the
-//!   WebSocket subprotocol.
+//!   WebSocket subprotocol; the one nesting limit of every input
+//!   ([`MAX_DEPTH`]).
 //! * [`codes`]: error codes (with a "temporary" flag) and WebSocket close codes
 //!   (split into a "reconnect" and a "terminal" range).
 //! * [`position`]: a place in a channel stream (sequence + epoch).
@@ -19,11 +20,12 @@ pub mod codes;
 pub mod cursor;
 pub mod frames;
 pub mod position;
+mod scan;
 
 pub use channel::{
     user_channel, validate_channel, validate_user, ChannelError, USER_CHANNEL_PREFIX,
 };
-pub use codec::{Codec, DecodeError};
+pub use codec::{Codec, DecodeError, MessageHead, MAX_DEPTH};
 pub use codes::{CloseCode, ErrorCode};
 pub use cursor::{CursorError, SseCursor};
 pub use frames::*;

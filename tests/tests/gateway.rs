@@ -17,6 +17,8 @@ mod delivery;
 mod drain;
 #[path = "gateway/heartbeat.rs"]
 mod heartbeat;
+#[path = "gateway/poison.rs"]
+mod poison;
 #[path = "gateway/refresh.rs"]
 mod refresh;
 #[path = "gateway/resume.rs"]

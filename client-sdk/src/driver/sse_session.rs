@@ -171,7 +171,15 @@ impl Driver {
                                 }
                                 Ok(ServerFrame::Unrecoverable(u)) => self.on_unrecoverable(u),
                                 Ok(other) => debug!(?other, "ignoring an SSE event"),
-                                Err(e) => warn!(error = %e, "ignoring a malformed SSE event"),
+                                // Skipped, not resumed for (see `on_undecodable`).
+                                Err(e) => match Codec::Json.peek_message(event.data) {
+                                    Some(head) => {
+                                        if let Err(o) = self.on_undecodable(head, e.to_string()) {
+                                            return o;
+                                        }
+                                    }
+                                    None => warn!(error = %e, "ignoring a malformed SSE event"),
+                                },
                             }
                         }
                     }

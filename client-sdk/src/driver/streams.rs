@@ -2,13 +2,15 @@
 //! user's own stream), whichever the transport: subscriptions added and
 //! removed, their positions, and the frames both transports deliver about
 //! them: `message` (dedupe and gap detection through the stream's
-//! [`Tracker`](crate::tracker::Tracker)), `unrecoverable`, `subscribed`, and
-//! a refused subscribe.
+//! [`Tracker`](crate::tracker::Tracker)), a `message` that does not decode
+//! (reported and skipped, never resumed for), `unrecoverable`, `subscribed`,
+//! and a refused subscribe.
 
 use std::time::{Duration, Instant};
 
 use protocol::{
-    validate_channel, ErrorCode, ErrorFrame, Message, Position, Subscribed, Unrecoverable,
+    validate_channel, ErrorCode, ErrorFrame, Message, MessageHead, Position, Subscribed,
+    Unrecoverable,
 };
 use tracing::warn;
 
@@ -122,6 +124,52 @@ impl Driver {
                 )))
             }
         }
+    }
+
+    /// A `message` frame that did not decode (`head`: what could be read of
+    /// it). Reported, and counted as received so that the stream goes on
+    /// after it: resuming would only get it replayed, and fail again, for as
+    /// long as it stays in the server's window. A gap before it is a gap.
+    pub(super) fn on_undecodable(
+        &mut self,
+        head: MessageHead,
+        error: String,
+    ) -> Result<(), Outcome> {
+        let MessageHead {
+            channel,
+            seq,
+            epoch,
+        } = head;
+        let position = seq.zip(epoch).map(|(seq, epoch)| Position::new(seq, epoch));
+        if let (Some(name), Some(p)) = (&channel, &position) {
+            let Some(stream) = self.stream_mut(name) else {
+                return Ok(()); // unsubscribed meanwhile
+            };
+            match stream.tracker.admit(p.seq, &p.epoch) {
+                Verdict::Deliver => {}
+                Verdict::Duplicate => {
+                    Counters::add(&self.shared.counters.duplicates, 1);
+                    return Ok(());
+                }
+                Verdict::Gap => {
+                    let last = stream.tracker.position().map_or(0, |p| p.seq);
+                    Counters::add(&self.shared.counters.gaps, 1);
+                    warn!(channel = %name, last, got = p.seq, "sequence gap without notice; resuming");
+                    return Err(retry(format!(
+                        "sequence gap in {name}: after {last} came {}",
+                        p.seq
+                    )));
+                }
+            }
+        }
+        warn!(?channel, ?position, %error, "skipping a message that does not decode");
+        Counters::add(&self.shared.counters.undecodable, 1);
+        self.emit(Event::UndecodableMessage {
+            channel,
+            position,
+            error,
+        });
+        Ok(())
     }
 
     pub(super) fn on_unrecoverable(&mut self, u: Unrecoverable) {

@@ -132,20 +132,30 @@ impl Driver {
                         Some(Ok(m)) => m,
                     };
                     conn.last_recv = Instant::now();
-                    let frame = match msg {
-                        WsMessage::Text(t) => Codec::Json.decode_server(t.as_bytes()),
-                        WsMessage::Binary(b) => Codec::MsgPack.decode_server(&b),
-                        WsMessage::Close(frame) => return self.on_close(conn, frame),
+                    let (codec, bytes) = match &msg {
+                        WsMessage::Text(t) => (Codec::Json, t.as_bytes()),
+                        WsMessage::Binary(b) => (Codec::MsgPack, &b[..]),
+                        WsMessage::Close(frame) => return self.on_close(conn, frame.clone()),
                         _ => continue, // WebSocket-level ping/pong: answered by tungstenite
                     };
-                    match frame {
-                        Ok(frame) => {
-                            if let Err(o) = self.on_ws_frame(conn, frame, &mut refresh).await {
-                                return o;
-                            }
+                    let handled = match codec.decode_server(bytes) {
+                        Ok(frame) => self.on_ws_frame(conn, frame, &mut refresh).await,
+                        Err(DecodeError::UnknownType(t)) => {
+                            debug!(frame_type = %t, "ignoring a frame of an unknown type");
+                            Ok(())
                         }
-                        Err(DecodeError::UnknownType(t)) => debug!(frame_type = %t, "ignoring a frame of an unknown type"),
-                        Err(e) => warn!(error = %e, "ignoring a malformed frame"),
+                        // A message that does not decode is skipped, not
+                        // resumed for (it would come back in the replay).
+                        Err(e) => match codec.peek_message(bytes) {
+                            Some(head) => self.on_undecodable(head, e.to_string()),
+                            None => {
+                                warn!(error = %e, "ignoring a malformed frame");
+                                Ok(())
+                            }
+                        },
+                    };
+                    if let Err(o) = handled {
+                        return o;
                     }
                 }
                 cmd = self.cmds.recv() => {

@@ -1,5 +1,6 @@
 import { Backoff, jitter } from './backoff.js';
 import { decodeCursor, encodeCursor } from './cursor.js';
+import { peekMessage, type MessageHead } from './peek.js';
 import { Tracker, type Position } from './tracker.js';
 
 /** Connection state, as reported by the `state` event. */
@@ -76,6 +77,8 @@ export interface Counters {
   refreshes: number;
   /** Times the client fell back from WebSocket to SSE. */
   fallbacks: number;
+  /** `message` frames that could not be decoded: skipped, reported as `error` events (code `undecodable`). */
+  undecodable: number;
 }
 
 /** Events of {@link GatewayClient.on}. */
@@ -128,15 +131,20 @@ export class GatewayError extends Error {
    * `code`: the server's error code (number, see docs/PROTOCOL.md; a request whose
    * frame is over the server's `max_frame_bytes` is refused locally with 106), or a string for
    * client-side conditions: `not_connected`, `connection_lost`, `unsupported`,
-   * `invalid_channel`, `already_subscribed`, `unsubscribed`, `token_provider`.
+   * `invalid_channel`, `already_subscribed`, `unsubscribed`, `token_provider`,
+   * `undecodable` (a `message` frame that could not be decoded: it was
+   * skipped, counted as received so the stream goes on after it without a
+   * reconnection; `channel` and `position` say which, when they could be read).
    * `temporary`: the same request may succeed later.
    */
   constructor(message: string, readonly code: number | string, readonly temporary = false) {
     super(message);
     this.name = 'GatewayError';
   }
-  /** The channel a refused subscription was for. */
+  /** The channel a refused subscription (or an undecodable message) was for. */
   channel?: string;
+  /** `undecodable`: the skipped message's position, when it could be read. */
+  position?: Position;
 }
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
@@ -192,6 +200,7 @@ export class GatewayClient {
     unrecoverable: 0,
     refreshes: 0,
     fallbacks: 0,
+    undecodable: 0,
   };
 
   private o: ClientOptions;
@@ -417,8 +426,8 @@ export class GatewayClient {
       let f: Frame;
       try {
         f = JSON.parse(e.data);
-      } catch {
-        return;
+      } catch (err) {
+        return this.undecodable(e.data, err);
       }
       this.frame(f);
     };
@@ -453,7 +462,8 @@ export class GatewayClient {
         let f: Frame;
         try {
           f = JSON.parse((e as MessageEvent).data);
-        } catch {
+        } catch (err) {
+          if (type === 'message') this.undecodable((e as MessageEvent).data, err);
           return;
         }
         fn(f, e as MessageEvent);
@@ -664,6 +674,13 @@ export class GatewayClient {
   }
 
   private message(f: Frame): void {
+    if (typeof f.channel !== 'string' || !Number.isSafeInteger(f.seq) || f.seq < 0 || typeof f.epoch !== 'string') {
+      const head: MessageHead = {};
+      if (typeof f.channel === 'string') head.channel = f.channel;
+      if (Number.isSafeInteger(f.seq) && f.seq >= 0) head.seq = f.seq;
+      if (typeof f.epoch === 'string') head.epoch = f.epoch;
+      return this.skip(head, 'its channel, seq or epoch is not valid');
+    }
     const s = this.subs.get(f.channel);
     if (!s) return;
     const v = s.t.admit(f.seq, f.epoch);
@@ -680,6 +697,41 @@ export class GatewayClient {
     if (f.ts != null) m.ts = f.ts;
     if (s.fn) call(s.fn, m);
     this.emit('message', m);
+  }
+
+  /** A frame `JSON.parse` refused: a `message` is reported and skipped; anything else is ignored. */
+  private undecodable(text: unknown, err: unknown): void {
+    const head = typeof text === 'string' ? peekMessage(text) : null;
+    if (head) this.skip(head, String(err));
+  }
+
+  /**
+   * A message that cannot be delivered: reported as an `error` (`undecodable`)
+   * and counted as received, so the stream goes on after it. Resuming instead
+   * would only get it replayed, and fail again, for as long as it stays in
+   * the server's window. A gap before it is a gap.
+   */
+  private skip(h: MessageHead, why: string): void {
+    const s = h.channel != null ? this.subs.get(h.channel) : undefined;
+    if (h.channel != null && !s) return; // not (or no longer) subscribed
+    const position = h.seq != null && h.epoch != null ? { seq: h.seq, epoch: h.epoch } : undefined;
+    if (s && position) {
+      const v = s.t.admit(position.seq, position.epoch);
+      if (v === 'duplicate') {
+        this.counters.duplicates++;
+        return;
+      }
+      if (v === 'gap') {
+        this.counters.gaps++;
+        return this.lost(4003, 'gap in ' + s.name);
+      }
+    }
+    this.counters.undecodable++;
+    const at = position ? ` at ${position.epoch}/${position.seq}` : '';
+    const e = new GatewayError(`skipped a message${h.channel != null ? ' of ' + h.channel : ''}${at} that could not be decoded: ${why}`, 'undecodable');
+    if (h.channel != null) e.channel = h.channel;
+    if (position) e.position = position;
+    this.emit('error', e);
   }
 
   private unrecoverable(f: Frame): void {

@@ -24,3 +24,5 @@ export { Backoff, jitter } from './backoff.js';
 export { Tracker } from './tracker.js';
 export type { Position, Verdict } from './tracker.js';
 export { channelHash, decodeCursor, encodeCursor } from './cursor.js';
+export { peekMessage } from './peek.js';
+export type { MessageHead } from './peek.js';

@@ -3,7 +3,7 @@
 // They run against dist/ (`npm run build` first; `npm test` does).
 import assert from 'node:assert/strict';
 import { describe, test } from 'node:test';
-import { Backoff, GatewayClient, Tracker, channelHash, decodeCursor, encodeCursor, jitter } from '../dist/index.js';
+import { Backoff, GatewayClient, Tracker, channelHash, decodeCursor, encodeCursor, jitter, peekMessage } from '../dist/index.js';
 
 describe('backoff', () => {
   test('ceiling doubles from the base, then stays at the cap', () => {
@@ -90,6 +90,26 @@ describe('de-duplication (Tracker)', () => {
   });
 });
 
+describe('peekMessage', () => {
+  test("reads a message frame's channel and position whatever follows, at any depth", () => {
+    const deep = '['.repeat(100_000) + ']'.repeat(100_000);
+    assert.deepEqual(peekMessage(`{"type":"message","channel":"news","seq":42,"epoch":"k3f9","data":${deep}}`), {
+      channel: 'news',
+      seq: 42,
+      epoch: 'k3f9',
+    });
+    // Any order; keys inside `data` are not the frame's; escapes; broken tails.
+    assert.deepEqual(
+      peekMessage(' {"data":{"seq":7,"channel":"x","a":["\\\\"]},"epoch":"k3f9","channel":"ne\\u0077s","seq":42,"type":"message","z":NaN'),
+      { channel: 'news', seq: 42, epoch: 'k3f9' },
+    );
+    assert.deepEqual(peekMessage('{"type":"message","channel":"news","seq":"7","data":[[['), { channel: 'news' });
+    assert.equal(peekMessage('{"type":"ping"}'), null);
+    assert.equal(peekMessage('[{"type":"message"}]'), null);
+    assert.equal(peekMessage('not json'), null);
+  });
+});
+
 describe('SSE cursor', () => {
   test('the worked examples of docs/PROTOCOL.md', () => {
     assert.equal(channelHash(['news', '$user:alice']), 'fa8736ad');
@@ -155,6 +175,9 @@ function fakeWebSocket() {
     }
     recv(f) {
       this.onmessage?.({ data: JSON.stringify(f) });
+    }
+    recvText(data) {
+      this.onmessage?.({ data });
     }
     drop(code = 1006, reason = '') {
       this.readyState = 3;
@@ -334,6 +357,54 @@ describe('client (fake WebSocket)', () => {
     ws.recv({ type: 'message', channel: 'u', seq: 51, epoch: 'E', data: 1 });
     assert.deepEqual(rec.msgs, ['u#51']);
     assert.deepEqual(rec.unrecoverable, [{ channel: 'u', reason: 'too_old', epoch: 'E', seq: 50 }]);
+    c.close();
+  });
+
+  test('a message that does not decode is reported with its position and skipped, without reconnecting', async () => {
+    const { FakeWS, sockets, next } = fakeWebSocket();
+    const { c, rec } = client({ WebSocket: FakeWS, channels: ['news'] });
+    const errors = [];
+    c.on('error', (e) => errors.push(e));
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    ws.recv({ type: 'subscribed', id: ws.sent[1].id, channel: 'news', epoch: 'E', seq: 0 });
+    ws.recv({ type: 'message', channel: 'news', seq: 1, epoch: 'E', data: 1 });
+    // Not JSON (NaN), and deeply nested: JSON.parse refuses it; the server
+    // replays it on every resume, so resuming for it would loop.
+    const poison = (seq) =>
+      `{"type":"message","channel":"news","seq":${seq},"epoch":"E","data":${'['.repeat(500)}NaN${']'.repeat(500)}}`;
+    ws.recvText(poison(2));
+    ws.recvText(poison(2)); // the same again: a duplicate, reported once
+    ws.recv({ type: 'message', channel: 'news', seq: 3, epoch: 'E', data: 3 });
+    // Parsed, but its seq is not a number: reported, position unknown.
+    ws.recv({ type: 'message', channel: 'news', seq: 'x', epoch: 'E', data: 4 });
+    ws.recv({ type: 'message', channel: 'news', seq: 4, epoch: 'E', data: 4 });
+    // Another malformed frame (not a message) is ignored as before.
+    ws.recvText('{"type":"ping",');
+    await tick(20);
+    assert.deepEqual(rec.msgs, ['news#1', 'news#3', 'news#4']);
+    assert.equal(errors.length, 2);
+    assert.equal(errors[0].code, 'undecodable');
+    assert.equal(errors[0].channel, 'news');
+    assert.deepEqual(errors[0].position, { seq: 2, epoch: 'E' });
+    assert.equal(errors[0].temporary, false);
+    assert.equal(errors[1].channel, 'news');
+    assert.equal(errors[1].position, undefined);
+    assert.equal(c.counters.undecodable, 2);
+    assert.equal(c.counters.duplicates, 1);
+    assert.equal(c.counters.gaps, 0);
+    assert.equal(c.counters.reconnects, 0);
+    assert.equal(sockets.length, 1, 'no reconnection');
+    assert.equal(c.state, 'connected');
+    assert.deepEqual(c.subscriptions()[0].position, { seq: 4, epoch: 'E' });
+    // A gap before an undecodable message is still a gap (resumed from 4).
+    ws.recvText(poison(6));
+    assert.equal(c.counters.gaps, 1);
+    const ws2 = await next(1);
+    ws2.open();
+    ws2.recv(connected());
+    assert.deepEqual(ws2.sent[1].since, { seq: 4, epoch: 'E' });
     c.close();
   });
 
