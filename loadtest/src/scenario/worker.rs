@@ -74,16 +74,20 @@ pub fn user_of(i: u64) -> String {
     format!("u{i}")
 }
 
-/// A connection token for `user` (HS256, no expiry, may subscribe and publish anywhere).
+/// A connection token for `user` (HS256, may subscribe and publish
+/// anywhere). It expires in six days: the gateway requires an `exp`, at most
+/// `max_token_lifetime_secs` (default seven days) ahead.
 pub fn mint_token(secret: &str, user: &str) -> anyhow::Result<String> {
     #[derive(Serialize)]
     struct Claims<'a> {
         sub: &'a str,
+        exp: u64,
         subscribe: [&'a str; 1],
         publish: [&'a str; 1],
     }
     let claims = Claims {
         sub: user,
+        exp: util::now_us() / 1_000_000 + 6 * 24 * 3600,
         subscribe: ["*"],
         publish: ["*"],
     };
@@ -646,7 +650,6 @@ mod tests {
         let t = mint_token("s3cret", "u1").unwrap();
         let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::HS256);
         v.required_spec_claims = ["sub".to_owned()].into_iter().collect();
-        v.validate_exp = false;
         let d = jsonwebtoken::decode::<serde_json::Value>(
             &t,
             &jsonwebtoken::DecodingKey::from_secret(b"s3cret"),
