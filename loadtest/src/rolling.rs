@@ -44,10 +44,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
-use client_sdk::{Client, Codec, ConnectionState};
+use client_sdk::{Client, ConnectionState};
 use futures_util::StreamExt;
 use harness::cluster::{Haproxy, Service, ServiceKind, ServiceOptions};
-use harness::delivery::{event_source, run_lanes, Acked, PubStats};
+use harness::delivery::{run_lanes, Acked, PubStats};
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -57,7 +57,7 @@ use tokio::process::{Child, ChildStdin, Command};
 
 use harness::rolling::{
     channel_names, channels_of, check_client, kinds, lanes, now_ms, one_epoch_each, publisher_line,
-    user_name, DelaySink, Kind, Rec, Tally,
+    start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Tally,
 };
 use harness::{Gateway, GatewayBuilder};
 
@@ -914,45 +914,13 @@ pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
         let start = Duration::from_secs_f64(j as f64 / open_rate);
         match rec.kind {
             Kind::Sse => {
-                let mut query: Vec<String> = rec
-                    .channels
-                    .iter()
-                    .map(|c| format!("channel={c}"))
-                    .collect();
-                query.push(format!("token={token}"));
-                let (rec, lb, query) = (rec.clone(), a.lb, query.join("&"));
-                sse_tasks.push(tokio::spawn(async move {
-                    tokio::time::sleep(start).await;
-                    event_source(rec, lb, query, Duration::from_secs(45)).await;
-                }));
+                sse_tasks.push(start_sse(rec, a.lb, &token, start, Duration::from_secs(45)));
             }
             Kind::WsJson | Kind::WsMsgPack => {
-                let codec = if rec.kind == Kind::WsJson {
-                    Codec::Json
-                } else {
-                    Codec::MsgPack
-                };
                 let (rec, lb) = (rec.clone(), a.lb);
                 sdk_starts.push(async move {
                     tokio::time::sleep(start).await;
-                    let on_user = rec.clone();
-                    let client = Client::builder(format!("http://{lb}"))
-                        .websocket(codec)
-                        .token(token)
-                        .read_buffer(2048)
-                        .on_user_message(move |m| on_user.msg(&m.channel, m.seq, &m.epoch, m.ts))
-                        .build()?;
-                    for c in &rec.channels {
-                        let r = rec.clone();
-                        tokio::time::timeout(
-                            Duration::from_secs(60),
-                            client.subscribe_with(c.clone(), move |m| {
-                                r.msg(&m.channel, m.seq, &m.epoch, m.ts)
-                            }),
-                        )
-                        .await
-                        .with_context(|| format!("{}: subscribe {c} timed out", rec.user))??;
-                    }
+                    let client = start_sdk(rec, lb, token, None, Duration::from_secs(60)).await?;
                     Ok::<_, anyhow::Error>((j, client))
                 });
             }

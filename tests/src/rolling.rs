@@ -8,11 +8,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{ensure, Result};
-use client_sdk::Client;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use client_sdk::{Backoff, Client, Codec};
 use serde_json::{json, Value};
 
-use crate::delivery::{Acked, EventSink, Lane, PubStats, SseMessage, Streams, Track};
+use crate::delivery::{event_source, Acked, EventSink, Lane, PubStats, SseMessage, Streams, Track};
 
 /// Wall-clock milliseconds (what the gateway's `ts` is in).
 pub fn now_ms() -> u64 {
@@ -171,6 +174,66 @@ impl EventSink for Rec {
     fn reconnecting(&self) {
         self.reconnects.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// Starts `rec`'s plain EventSource on its channels at `addr` (a task, after
+/// `delay`); a connection silent for `silence` counts as broken.
+pub fn start_sse(
+    rec: &Arc<Rec>,
+    addr: SocketAddr,
+    token: &str,
+    delay: Duration,
+    silence: Duration,
+) -> tokio::task::JoinHandle<()> {
+    let mut query: Vec<String> = rec
+        .channels
+        .iter()
+        .map(|c| format!("channel={c}"))
+        .collect();
+    query.push(format!("token={token}"));
+    let (rec, query) = (rec.clone(), query.join("&"));
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        event_source(rec, addr, query, silence).await;
+    })
+}
+
+/// Connects `rec`'s Rust SDK client (WebSocket, its kind's codec) at `addr`
+/// and subscribes it to its channels (each within `subscribe_limit`); its
+/// user stream and channels feed the record.
+pub async fn start_sdk(
+    rec: Arc<Rec>,
+    addr: SocketAddr,
+    token: String,
+    backoff: Option<Backoff>,
+    subscribe_limit: Duration,
+) -> Result<Client> {
+    let codec = if rec.kind == Kind::WsMsgPack {
+        Codec::MsgPack
+    } else {
+        Codec::Json
+    };
+    let on_user = rec.clone();
+    let mut b = Client::builder(format!("http://{addr}"))
+        .websocket(codec)
+        .token(token)
+        .read_buffer(2048)
+        .on_user_message(move |m| on_user.msg(&m.channel, m.seq, &m.epoch, m.ts));
+    if let Some(backoff) = backoff {
+        b = b.backoff(backoff);
+    }
+    let client = b.build()?;
+    for c in &rec.channels {
+        let r = rec.clone();
+        tokio::time::timeout(
+            subscribe_limit,
+            client.subscribe_with(c.clone(), move |m| r.msg(&m.channel, m.seq, &m.epoch, m.ts)),
+        )
+        .await
+        .with_context(|| format!("client {} subscribing {c}: timed out", rec.id))?
+        .with_context(|| format!("client {} subscribing {c}", rec.id))?;
+    }
+    Ok(client)
 }
 
 /// Totals over the clients checked.

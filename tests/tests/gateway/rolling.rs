@@ -36,14 +36,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use client_sdk::{Backoff, Client, Codec, ConnectionState};
+use client_sdk::{Backoff, Client, ConnectionState};
 use futures_util::StreamExt;
 use harness::cluster::{Backbone, Cluster, ClusterBuilder};
-use harness::delivery::{event_source, run_lanes, Acked, PubStats};
+use harness::delivery::{run_lanes, Acked, PubStats};
 use harness::netfault::FaultyLink;
 use harness::rolling::{
     channel_names, channels_of, check_client, kinds, lanes, logged_drain_seconds, now_ms,
-    one_epoch_each, publisher_line, user_name, DelaySink, Kind, Rec, Tally,
+    one_epoch_each, publisher_line, start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Tally,
 };
 use harness::{hs256_token, unique, within_for, Claims, JWT_SECRET};
 use tokio::task::JoinHandle;
@@ -218,55 +218,26 @@ impl Fleet {
             let addr = route(rec.id);
             match rec.kind {
                 Kind::Sse => {
-                    let mut query: Vec<String> = rec
-                        .channels
-                        .iter()
-                        .map(|c| format!("channel={c}"))
-                        .collect();
-                    query.push(format!("token={token}"));
-                    sse_tasks.push(tokio::spawn(event_source(
-                        rec.clone(),
+                    sse_tasks.push(start_sse(
+                        rec,
                         addr,
-                        query.join("&"),
+                        &token,
+                        Duration::ZERO,
                         Duration::from_secs(30),
-                    )));
+                    ));
                 }
                 Kind::WsJson | Kind::WsMsgPack => {
-                    let codec = if rec.kind == Kind::WsJson {
-                        Codec::Json
-                    } else {
-                        Codec::MsgPack
-                    };
                     let rec = rec.clone();
                     sdk_starts.push(async move {
-                        let on_user = rec.clone();
-                        let client = Client::builder(format!("http://{addr}"))
-                            .websocket(codec)
-                            .token(token)
-                            .read_buffer(2048)
-                            // Back within ~2 s of a network drop (the
-                            // default, 0.5-30 s, makes the drop test long).
-                            .backoff(Backoff::new(
-                                Duration::from_millis(250),
-                                Duration::from_secs(2),
-                            ))
-                            .on_user_message(move |m| {
-                                on_user.msg(&m.channel, m.seq, &m.epoch, m.ts)
-                            })
-                            .build()?;
-                        for c in &rec.channels {
-                            let r = rec.clone();
-                            within_for(
-                                Duration::from_secs(30),
-                                "an SDK subscribe",
-                                client.subscribe_with(c.clone(), move |m| {
-                                    r.msg(&m.channel, m.seq, &m.epoch, m.ts)
-                                }),
-                            )
-                            .await?
-                            .with_context(|| format!("client {} subscribing {c}", rec.id))?;
-                        }
-                        Ok::<_, anyhow::Error>((rec.id, client))
+                        let id = rec.id;
+                        // Back within ~2 s of a network drop (the default,
+                        // 0.5-30 s, makes the drop test long).
+                        let backoff =
+                            Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
+                        let client =
+                            start_sdk(rec, addr, token, Some(backoff), Duration::from_secs(30))
+                                .await?;
+                        Ok::<_, anyhow::Error>((id, client))
                     });
                 }
             }
