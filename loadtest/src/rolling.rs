@@ -57,7 +57,7 @@ use tokio::process::{Child, ChildStdin, Command};
 
 use harness::rolling::{
     channel_names, channels_of, check_client, kinds, lanes, now_ms, one_epoch_each, publisher_line,
-    start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Tally,
+    start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Step, Surge, Tally,
 };
 use harness::{Gateway, GatewayBuilder};
 
@@ -256,11 +256,6 @@ async fn start_node(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// The drain's duration as the node logged it in its log file.
-fn logged_drain_seconds(log: &Path) -> Option<f64> {
-    harness::rolling::logged_drain_seconds(&std::fs::read_to_string(log).ok()?)
 }
 
 /// CPU time of processes by group (`gateway`, `haproxy`, ...) while it
@@ -671,7 +666,7 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
     for w in &mut workers {
         w.send("delays on").await?;
     }
-    let roll = Instant::now();
+    let rolling = Instant::now();
     let cpu0 = util::cpu_jiffies();
     for n in &nodes {
         cpu.add("gateways", Some(n.gw.pid()));
@@ -681,54 +676,23 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
     }
     cpu.add("coordinator (publisher)", Some(std::process::id()));
     cpu.start();
-    let mut drains: Vec<(String, f64, Duration)> = Vec::new();
-    let settle_limit = Duration::from_secs(30 + (a.clients / 500) as u64);
-    for old in 0..a.nodes {
-        let (id, addr) = slots[a.nodes + old].clone();
-        let node = start_node(&bin, &dir, &id, addr, &env).await?;
-        let t_up = Instant::now();
-        for lb in &lbs {
-            lb.wait_server(&id, true, Duration::from_secs(15)).await?;
-        }
-        let up = t_up.elapsed();
-        cpu.add("gateways", Some(node.gw.pid()));
-        nodes.push(node);
-        let t = Instant::now();
-        let res = http_client()
-            .post(format!("http://{}/admin/drain", nodes[old].addr))
-            .bearer_auth(API_KEY)
-            .send()
-            .await?;
-        ensure!(
-            res.status() == reqwest::StatusCode::ACCEPTED,
-            "{}: /admin/drain answered {}",
-            nodes[old].id,
-            res.status()
-        );
-        let status = nodes[old]
-            .gw
-            .wait_exit(Duration::from_secs(90))
-            .await
-            .with_context(|| format!("{} did not exit within 90 s of its drain", nodes[old].id))?;
-        let exited = t.elapsed();
-        ensure!(
-            status.success(),
-            "{}: the drained node exited with {status}",
-            nodes[old].id
-        );
-        let settled = wait_all_connected(&mut workers, settle_limit).await?;
-        let logged = logged_drain_seconds(&nodes[old].log).unwrap_or(f64::NAN);
-        println!(
-            "{} -> {id}: replacement up in every HAProxy after {} ms; {} drained in {logged:.2} s (its log), exited 0 {} ms after the drain request; every client connected {} ms later",
-            nodes[old].id,
-            up.as_millis(),
-            nodes[old].id,
-            exited.as_millis(),
-            settled.as_millis()
-        );
-        drains.push((nodes[old].id.clone(), logged, exited));
-    }
-    let rolled = roll.elapsed();
+    let mut surge = LoadSurge {
+        bin: &bin,
+        dir: &dir,
+        env: &env,
+        slots: &slots,
+        first_new: a.nodes,
+        nodes: &mut nodes,
+        lbs: &lbs,
+        workers: &mut workers,
+        cpu: &cpu,
+        settle_limit: Duration::from_secs(30 + (a.clients / 500) as u64),
+        drains: Vec::new(),
+    };
+    let old: Vec<usize> = (0..a.nodes).collect();
+    harness::rolling::roll(&mut surge, &old).await?;
+    let drains = surge.drains;
+    let rolled = rolling.elapsed();
     let busy = util::cpu_busy_pct(&cpu0, &util::cpu_jiffies());
     let cpu_by_group = cpu.stop();
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -841,6 +805,91 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
         a.clients
     );
     Ok(())
+}
+
+/// The roll at benchmark scale: nodes in reserved slots behind every
+/// HAProxy, clients in the worker processes.
+struct LoadSurge<'a> {
+    bin: &'a Path,
+    dir: &'a Path,
+    env: &'a [(String, String)],
+    slots: &'a [(String, SocketAddr)],
+    /// The slot of the first replacement.
+    first_new: usize,
+    nodes: &'a mut Vec<GwNode>,
+    lbs: &'a [Haproxy],
+    workers: &'a mut Vec<WorkerProc>,
+    cpu: &'a CpuWatch,
+    settle_limit: Duration,
+    /// (node, drain seconds in its log, exit after the drain request).
+    drains: Vec<(String, f64, Duration)>,
+}
+
+impl Surge for LoadSurge<'_> {
+    async fn start_replacement(&mut self, old: usize) -> anyhow::Result<usize> {
+        let (id, addr) = self.slots[self.first_new + old].clone();
+        let node = start_node(self.bin, self.dir, &id, addr, self.env).await?;
+        self.cpu.add("gateways", Some(node.gw.pid()));
+        self.nodes.push(node);
+        Ok(self.nodes.len() - 1)
+    }
+
+    async fn wait_up(&mut self, new: usize) -> anyhow::Result<()> {
+        for lb in self.lbs {
+            lb.wait_server(&self.nodes[new].id, true, Duration::from_secs(15))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn drain(&mut self, old: usize) -> anyhow::Result<()> {
+        let res = http_client()
+            .post(format!("http://{}/admin/drain", self.nodes[old].addr))
+            .bearer_auth(API_KEY)
+            .send()
+            .await?;
+        ensure!(
+            res.status() == reqwest::StatusCode::ACCEPTED,
+            "{}: /admin/drain answered {}",
+            self.nodes[old].id,
+            res.status()
+        );
+        Ok(())
+    }
+
+    async fn wait_exit(&mut self, old: usize) -> anyhow::Result<std::process::ExitStatus> {
+        let node = &mut self.nodes[old];
+        node.gw
+            .wait_exit(Duration::from_secs(90))
+            .await
+            .with_context(|| format!("{} did not exit within 90 s of its drain", node.id))
+    }
+
+    async fn wait_clients(&mut self) -> anyhow::Result<()> {
+        wait_all_connected(self.workers, self.settle_limit).await?;
+        Ok(())
+    }
+
+    fn node_name(&self, i: usize) -> String {
+        self.nodes[i].id.clone()
+    }
+
+    fn node_log(&self, i: usize) -> String {
+        std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    async fn after(&mut self, step: &Step) -> anyhow::Result<()> {
+        let (old, new) = (&self.nodes[step.old].id, &self.nodes[step.new].id);
+        let logged = step.logged.unwrap_or(f64::NAN);
+        println!(
+            "{old} -> {new}: replacement up in every HAProxy after {} ms; {old} drained in {logged:.2} s (its log), exited 0 {} ms after the drain request; every client connected {} ms later",
+            step.up.as_millis(),
+            step.exited.as_millis(),
+            step.settled.as_millis()
+        );
+        self.drains.push((old.clone(), logged, step.exited));
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1040,15 +1089,5 @@ mod tests {
                 w.contains(&Kind::Sse) && w.contains(&Kind::WsJson) && w.contains(&Kind::WsMsgPack)
             );
         }
-    }
-
-    #[test]
-    fn drain_seconds_from_a_coloured_log() {
-        let dir = std::env::temp_dir().join(format!("rolling-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let p = dir.join("n.log");
-        std::fs::write(&p, "x\n\u{1b}[2mT\u{1b}[0m INFO drain: done \u{1b}[3mseconds\u{1b}[0m\u{1b}[2m=\u{1b}[0m2.5 \u{1b}[3mclosed_at_deadline\u{1b}[0m=0\n").unwrap();
-        assert_eq!(logged_drain_seconds(&p), Some(2.5));
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use client_sdk::{Backoff, Client, Codec};
@@ -366,6 +368,80 @@ pub fn one_epoch_each(acked: &Acked) -> Result<()> {
     Ok(())
 }
 
+/// One replacement of a roll, as [`roll`] measured it.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// The node replaced and its replacement (the side's node indexes).
+    pub old: usize,
+    pub new: usize,
+    /// From the replacement started to up in every balancer.
+    pub up: Duration,
+    /// From the drain request to the old node's exit.
+    pub exited: Duration,
+    /// From the exit to every client connected again.
+    pub settled: Duration,
+    /// The drain's duration in the old node's own log (`drain: done`).
+    pub logged: Option<f64>,
+}
+
+/// The cluster side of a surge-style rolling upgrade, as [`roll`] drives
+/// it: the integration test (one process, one HAProxy) and `loadtest
+/// rolling` (worker processes, several HAProxies) each implement it.
+pub trait Surge {
+    /// Starts the replacement of node `old` in the next balancer slot; its
+    /// node index.
+    fn start_replacement(&mut self, old: usize) -> impl Future<Output = Result<usize>>;
+    /// Waits until every balancer has node `new` up.
+    fn wait_up(&mut self, new: usize) -> impl Future<Output = Result<()>>;
+    /// Asks node `old` to drain (and waits for what the side watches before
+    /// its exit).
+    fn drain(&mut self, old: usize) -> impl Future<Output = Result<()>>;
+    /// Waits for node `old` to exit.
+    fn wait_exit(&mut self, old: usize) -> impl Future<Output = Result<ExitStatus>>;
+    /// Waits until every client is connected again.
+    fn wait_clients(&mut self) -> impl Future<Output = Result<()>>;
+    /// Node `i`'s name and its log text.
+    fn node_name(&self, i: usize) -> String;
+    fn node_log(&self, i: usize) -> String;
+    /// After each replacement: the side's figures and output.
+    fn after(&mut self, step: &Step) -> impl Future<Output = Result<()>>;
+}
+
+/// The roll: for each old node, start a replacement, wait until the
+/// balancers have it up, drain the old node, wait for its exit (0) and for
+/// every client to be connected again.
+pub async fn roll(s: &mut impl Surge, old: &[usize]) -> Result<Vec<Step>> {
+    let mut steps = Vec::with_capacity(old.len());
+    for &o in old {
+        let new = s.start_replacement(o).await?;
+        let t = Instant::now();
+        s.wait_up(new).await?;
+        let up = t.elapsed();
+        let t = Instant::now();
+        s.drain(o).await?;
+        let status = s.wait_exit(o).await?;
+        let exited = t.elapsed();
+        ensure!(
+            status.success(),
+            "{}: the drained node exited with {status}",
+            s.node_name(o)
+        );
+        let t = Instant::now();
+        s.wait_clients().await?;
+        let step = Step {
+            old: o,
+            new,
+            up,
+            exited,
+            settled: t.elapsed(),
+            logged: logged_drain_seconds(&s.node_log(o)),
+        };
+        s.after(&step).await?;
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
 /// The drain's duration as the node logged it (`drain: done seconds=..`),
 /// from its log text.
 pub fn logged_drain_seconds(logs: &str) -> Option<f64> {
@@ -403,6 +479,9 @@ mod tests {
     #[test]
     fn drain_seconds_from_a_coloured_log() {
         let log = "x\n\u{1b}[32mINFO\u{1b}[0m drain: done seconds=2.5 released=3\n";
+        assert_eq!(logged_drain_seconds(log), Some(2.5));
+        // The text format colours names and values apart.
+        let log = "x\n\u{1b}[2mT\u{1b}[0m INFO drain: done \u{1b}[3mseconds\u{1b}[0m\u{1b}[2m=\u{1b}[0m2.5 \u{1b}[3mclosed_at_deadline\u{1b}[0m=0\n";
         assert_eq!(logged_drain_seconds(log), Some(2.5));
         assert_eq!(logged_drain_seconds("nothing"), None);
     }

@@ -42,8 +42,8 @@ use harness::cluster::{Backbone, Cluster, ClusterBuilder};
 use harness::delivery::{run_lanes, Acked, PubStats};
 use harness::netfault::FaultyLink;
 use harness::rolling::{
-    channel_names, channels_of, check_client, kinds, lanes, logged_drain_seconds, now_ms,
-    one_epoch_each, publisher_line, start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Tally,
+    channel_names, channels_of, check_client, kinds, lanes, now_ms, one_epoch_each, publisher_line,
+    roll, start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Step, Surge, Tally,
 };
 use harness::{hs256_token, unique, within_for, Claims, JWT_SECRET};
 use tokio::task::JoinHandle;
@@ -493,42 +493,19 @@ async fn rolling_upgrade(c: &mut Cluster, what: &str) -> R {
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     fleet.delays.on.store(true, Ordering::Relaxed);
-    let roll = Instant::now();
+    let rolling = Instant::now();
     let old: Vec<usize> = c.live();
-    let mut drain_times = Vec::new();
-    for o in old {
-        let new = c.add_node().await?;
-        let up = c.wait_lb(new, true, Duration::from_secs(10)).await?;
-        let t = Instant::now();
-        c.drain_node(o).await?;
-        let out = c.wait_lb(o, false, Duration::from_secs(5)).await?;
-        let status = c.wait_node_exit(o, Duration::from_secs(30)).await?;
-        let drained = t.elapsed();
-        ensure!(
-            status.success(),
-            "{}: the drained node exited with {status}",
-            c.node_id(o)
-        );
-        let settled = fleet.wait_connected(Duration::from_secs(30)).await?;
-        let logged = logged_drain_seconds(&c.node(o).logs())
-            .with_context(|| format!("{}: no `drain: done` log line", c.node_id(o)))?;
-        drain_times.push(logged);
-        println!(
-            "{what}: {} -> {}: replacement up in HAProxy after {} ms; drain of {}: out of rotation after {} ms, drain done after {:.2} s (node's log), exited ({status}) {} ms after the drain request; all clients connected {} ms later; sessions per node {:?}",
-            c.node_id(o),
-            c.node_id(new),
-            up.as_millis(),
-            c.node_id(o),
-            out.as_millis(),
-            logged,
-            drained.as_millis(),
-            settled.as_millis(),
-            sessions(c).await?
-        );
-    }
+    let mut surge = TestSurge {
+        c,
+        fleet: &fleet,
+        what,
+        out: Duration::ZERO,
+    };
+    let steps = roll(&mut surge, &old).await?;
+    let drain_times: Vec<f64> = steps.iter().filter_map(|s| s.logged).collect();
     println!(
         "{what}: rolled 3 nodes in {:.1} s; drain time per node {:?} s",
-        roll.elapsed().as_secs_f64(),
+        rolling.elapsed().as_secs_f64(),
         drain_times
     );
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -547,6 +524,69 @@ async fn rolling_upgrade(c: &mut Cluster, what: &str) -> R {
         "{what}: {mean:.2} reconnects per client on average (a surge roll with leastconn should move each client about once)"
     );
     Ok(())
+}
+
+/// The roll on the harness cluster: one HAProxy, the fleet in this process.
+struct TestSurge<'a> {
+    c: &'a mut Cluster,
+    fleet: &'a Fleet,
+    what: &'a str,
+    /// How long HAProxy took to take the draining node out of rotation.
+    out: Duration,
+}
+
+impl Surge for TestSurge<'_> {
+    async fn start_replacement(&mut self, _old: usize) -> Result<usize> {
+        self.c.add_node().await
+    }
+
+    async fn wait_up(&mut self, new: usize) -> Result<()> {
+        self.c.wait_lb(new, true, Duration::from_secs(10)).await?;
+        Ok(())
+    }
+
+    async fn drain(&mut self, old: usize) -> Result<()> {
+        self.c.drain_node(old).await?;
+        self.out = self.c.wait_lb(old, false, Duration::from_secs(5)).await?;
+        Ok(())
+    }
+
+    async fn wait_exit(&mut self, old: usize) -> Result<std::process::ExitStatus> {
+        self.c.wait_node_exit(old, Duration::from_secs(30)).await
+    }
+
+    async fn wait_clients(&mut self) -> Result<()> {
+        self.fleet.wait_connected(Duration::from_secs(30)).await?;
+        Ok(())
+    }
+
+    fn node_name(&self, i: usize) -> String {
+        self.c.node_id(i).to_owned()
+    }
+
+    fn node_log(&self, i: usize) -> String {
+        self.c.node(i).logs()
+    }
+
+    async fn after(&mut self, step: &Step) -> Result<()> {
+        let (c, o) = (&*self.c, step.old);
+        let logged = step
+            .logged
+            .with_context(|| format!("{}: no `drain: done` log line", c.node_id(o)))?;
+        println!(
+            "{}: {} -> {}: replacement up in HAProxy after {} ms; drain of {}: out of rotation after {} ms, drain done after {logged:.2} s (node's log), exited {} ms after the drain request; all clients connected {} ms later; sessions per node {:?}",
+            self.what,
+            c.node_id(o),
+            c.node_id(step.new),
+            step.up.as_millis(),
+            c.node_id(o),
+            self.out.as_millis(),
+            step.exited.as_millis(),
+            step.settled.as_millis(),
+            sessions(c).await?
+        );
+        Ok(())
+    }
 }
 
 /// HAProxy's sessions per live server.
