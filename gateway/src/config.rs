@@ -142,8 +142,22 @@ pub struct Config {
     /// mode without one).
     pub resume_secret: Option<String>,
 
-    /// Admission: most connections (WebSocket + SSE) this node holds.
+    /// Admission: most connections (WebSocket + SSE) this node holds. A
+    /// WebSocket takes its place at the upgrade, before `connect`.
     pub max_connections: usize,
+    /// Most connections that are not (yet) sessions: HTTP requests and
+    /// keep-alive API connections, SSE requests whose head is still coming.
+    /// Beyond it a new connection is closed at once, so such connections
+    /// cannot take the places of sessions.
+    pub max_pending_connections: usize,
+    /// File descriptors kept free of client connections, so the operations
+    /// listener, Redis and NATS still get one when clients take the rest of
+    /// the process's limit (`ulimit -n`).
+    pub fd_reserve: usize,
+    /// A request's head must arrive within this, counted from the
+    /// connection's start or the end of the previous response: the deadline
+    /// of a slow request head and the keep-alive idle timeout.
+    pub request_head_timeout_ms: u64,
     /// Admission: new sessions per second this node accepts (sustained;
     /// the burst is the same number).
     pub admission_rate: u32,
@@ -212,6 +226,9 @@ impl Default for Config {
             max_token_lifetime_secs: 7 * 24 * 3600,
             resume_secret: None,
             max_connections: 100_000,
+            max_pending_connections: 4_096,
+            fd_reserve: 256,
+            request_head_timeout_ms: 10_000,
             admission_rate: 2_000,
             admission_retry_ms: 2_000,
             shutdown_timeout_ms: 10_000,
@@ -278,7 +295,12 @@ impl Config {
         {
             return bad("admin_addr must differ from addr".into());
         }
-        let positive: [(&str, u64); 10] = [
+        let positive: [(&str, u64); 12] = [
+            ("request_head_timeout_ms", self.request_head_timeout_ms),
+            (
+                "max_pending_connections",
+                self.max_pending_connections as u64,
+            ),
             ("max_token_lifetime_secs", self.max_token_lifetime_secs),
             ("replay_window_ms", self.replay_window_ms),
             ("stream_meta_ttl_ms", self.stream_meta_ttl_ms),

@@ -96,8 +96,80 @@ impl Settings {
     }
 }
 
+/// The connection limits admission enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sessions (WebSocket + SSE), counting WebSockets from their upgrade.
+    pub max_connections: usize,
+    /// Connections that are not (yet) sessions.
+    pub max_pending: usize,
+    /// Sessions and pending connections together: the process's open-file
+    /// limit less `fd_reserve`.
+    pub fd_budget: usize,
+    /// New sessions per second (and burst).
+    pub admission_rate: u32,
+}
+
+impl Limits {
+    pub fn from_config(c: &Config) -> Self {
+        let fd_budget = open_file_limit().map_or(usize::MAX, |n| {
+            n.saturating_sub(c.fd_reserve as u64) as usize
+        });
+        Self {
+            max_connections: c.max_connections,
+            max_pending: c.max_pending_connections,
+            fd_budget,
+            admission_rate: c.admission_rate,
+        }
+    }
+}
+
+/// The process's soft limit of open files (Linux `/proc/self/limits`).
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+/// A place among `max_connections`, reserved when a connection is admitted
+/// (the WebSocket upgrade, the SSE request), before any other work. The
+/// session made from it keeps it ([`Slot::keep`]) and frees it when it
+/// ends; a slot dropped unused frees it at once.
+#[must_use]
+pub struct Slot(Option<Arc<Drain>>);
+
+impl Slot {
+    /// Hands the place to a session, which gives it back when it ends
+    /// (`Drain::connection_closed`); the slot costs the session nothing.
+    pub fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(d) = self.0.take() {
+            d.connection_closed();
+        }
+    }
+}
+
+/// A connection accepted on the client listener that is not a session (yet):
+/// counted against `max_pending_connections` while it lives.
+#[must_use]
+pub struct Arrival(Arc<Drain>);
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 pub struct Drain {
     settings: Settings,
+    limits: Limits,
+    /// Accepted connections that are not sessions (see [`Arrival`]).
+    pending: std::sync::atomic::AtomicUsize,
     started: AtomicBool,
     tickets: AtomicU64,
     lifecycle: watch::Sender<Lifecycle>,
@@ -106,22 +178,25 @@ pub struct Drain {
     connections: watch::Sender<usize>,
     stop_accepting: watch::Sender<bool>,
     finished: watch::Sender<bool>,
-    max_connections: usize,
     admission: parking_lot::Mutex<RateLimit>,
 }
 
 impl Drain {
-    pub fn new(settings: Settings, max_connections: usize, admission_rate: u32) -> Self {
+    pub fn new(settings: Settings, limits: Limits) -> Self {
         Self {
             settings,
+            limits,
+            pending: std::sync::atomic::AtomicUsize::new(0),
             started: AtomicBool::new(false),
             tickets: AtomicU64::new(0),
             lifecycle: watch::channel(Lifecycle::Running).0,
             connections: watch::channel(0).0,
             stop_accepting: watch::channel(false).0,
             finished: watch::channel(false).0,
-            max_connections,
-            admission: parking_lot::Mutex::new(RateLimit::new(admission_rate, admission_rate)),
+            admission: parking_lot::Mutex::new(RateLimit::new(
+                limits.admission_rate,
+                limits.admission_rate,
+            )),
         }
     }
 
@@ -142,24 +217,49 @@ impl Drain {
         *self.lifecycle.borrow() != Lifecycle::Running
     }
 
-    /// Admission control for a new session.
-    pub fn admit(&self) -> Result<(), Refusal> {
+    /// Admission control for a new session: reserves its place at once, so
+    /// concurrent admissions never pass `max_connections` together.
+    pub fn admit(self: &Arc<Self>) -> Result<Slot, Refusal> {
         if self.is_draining() || self.started() {
             return Err(Refusal::Draining);
         }
-        if self.open_connections() >= self.max_connections {
+        let room = self.limits.max_connections.min(
+            self.limits
+                .fd_budget
+                .saturating_sub(self.pending_connections()),
+        );
+        let reserved = self.connections.send_if_modified(|n| {
+            if *n >= room {
+                return false;
+            }
+            *n += 1;
+            true
+        });
+        if !reserved {
             return Err(Refusal::TooManyConnections);
         }
+        let slot = Slot(Some(self.clone()));
         if !self.admission.lock().allow() {
-            return Err(Refusal::RateLimited);
+            return Err(Refusal::RateLimited); // the slot is freed on drop
         }
-        Ok(())
+        Ok(slot)
     }
 
-    pub fn connection_opened(&self) {
-        self.connections.send_modify(|n| *n += 1);
+    /// Counts a connection just accepted on the client listener; `None`
+    /// when `max_pending_connections` are pending, or sessions and pending
+    /// connections fill the file-descriptor budget: close it at once.
+    pub fn arrive(self: &Arc<Self>) -> Option<Arrival> {
+        let pending = self.pending.fetch_add(1, Ordering::AcqRel) + 1;
+        let arrival = Arrival(self.clone());
+        let total = pending.saturating_add(self.open_connections());
+        (pending <= self.limits.max_pending && total <= self.limits.fd_budget).then_some(arrival)
     }
 
+    pub fn pending_connections(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// A session ended (it was counted in by its [`Slot`]).
     pub fn connection_closed(&self) {
         self.connections.send_modify(|n| *n = n.saturating_sub(1));
     }
@@ -271,6 +371,20 @@ mod tests {
         }
     }
 
+    fn limits(max_connections: usize, admission_rate: u32) -> Limits {
+        Limits {
+            max_connections,
+            max_pending: 4,
+            fd_budget: usize::MAX,
+            admission_rate,
+        }
+    }
+
+    /// The outcome of an admission, as a comparable value.
+    fn admitted(d: &Arc<Drain>) -> Result<(), Refusal> {
+        d.admit().map(Slot::keep)
+    }
+
     fn settings(timeout_ms: u64) -> Settings {
         Settings {
             prestop_delay: Duration::from_millis(30),
@@ -311,17 +425,16 @@ mod tests {
 
     #[tokio::test]
     async fn connections_are_released_in_ticket_order_in_batches_then_the_node_deregisters() {
-        let drain = Arc::new(Drain::new(settings(5_000), 100, 1_000));
+        let drain = Arc::new(Drain::new(settings(5_000), limits(100, 1_000)));
         let released = Arc::new(Mutex::new(Vec::new()));
         for _ in 0..8 {
-            drain.connection_opened();
+            assert_eq!(admitted(&drain), Ok(()));
             tokio::spawn(connection(drain.clone(), released.clone()));
         }
-        assert_eq!(drain.admit(), Ok(()));
         let calls = Arc::new(Calls::default());
         start(&drain, calls.clone());
         start(&drain, calls.clone()); // a second start does nothing
-        assert_eq!(drain.admit(), Err(Refusal::Draining));
+        assert_eq!(admitted(&drain), Err(Refusal::Draining));
         tokio::time::timeout(Duration::from_secs(5), drain.finished())
             .await
             .expect("the drain finished");
@@ -343,9 +456,9 @@ mod tests {
 
     #[tokio::test]
     async fn at_the_deadline_the_rest_are_told_to_close() {
-        let drain = Arc::new(Drain::new(settings(100), 100, 1_000));
+        let drain = Arc::new(Drain::new(settings(100), limits(100, 1_000)));
         // A connection that ignores its release: only Closing ends it.
-        drain.connection_opened();
+        assert_eq!(admitted(&drain), Ok(()));
         let d = drain.clone();
         let stubborn = tokio::spawn(async move {
             let mut rx = d.lifecycle();
@@ -361,17 +474,57 @@ mod tests {
     }
 
     #[test]
-    fn admission_counts_connections_and_rate() {
-        let drain = Drain::new(settings(100), 2, 3);
-        drain.connection_opened();
-        assert_eq!(drain.admit(), Ok(()));
-        drain.connection_opened();
-        assert_eq!(drain.admit(), Err(Refusal::TooManyConnections));
+    fn admission_reserves_places_and_counts_the_rate() {
+        let drain = Arc::new(Drain::new(settings(100), limits(2, 4)));
+        // Two admissions in flight hold both places before either becomes
+        // a session: a third is refused (it once passed).
+        let a = drain.admit().expect("first");
+        let b = drain.admit().expect("second");
+        assert_eq!(admitted(&drain), Err(Refusal::TooManyConnections));
+        // An admission that comes to nothing gives its place back.
+        drop(a);
+        assert_eq!(drain.open_connections(), 1);
+        b.keep(); // a session now: it gives the place back when it ends
+        assert_eq!(admitted(&drain), Ok(()));
+        assert_eq!(drain.open_connections(), 2);
         drain.connection_closed();
         drain.connection_closed();
-        // The burst is the rate (3): the first admission above took one.
-        assert_eq!(drain.admit(), Ok(()));
-        assert_eq!(drain.admit(), Ok(()));
-        assert_eq!(drain.admit(), Err(Refusal::RateLimited));
+        // The burst is the rate (4): three were admitted above.
+        assert_eq!(admitted(&drain), Ok(()));
+        assert_eq!(drain.admit().err(), Some(Refusal::RateLimited));
+        assert_eq!(
+            drain.open_connections(),
+            1,
+            "a refused admission holds no place"
+        );
+    }
+
+    #[test]
+    fn pending_connections_are_capped_and_counted_until_dropped() {
+        let drain = Arc::new(Drain::new(settings(100), limits(100, 1_000)));
+        let held: Vec<Arrival> = (0..4)
+            .map(|_| drain.arrive().expect("under the cap"))
+            .collect();
+        assert!(drain.arrive().is_none(), "max_pending is 4");
+        assert_eq!(drain.pending_connections(), 4);
+        drop(held);
+        assert_eq!(drain.pending_connections(), 0);
+        assert!(drain.arrive().is_some());
+    }
+
+    #[test]
+    fn the_descriptor_budget_bounds_sessions_and_pending_together() {
+        let drain = Arc::new(Drain::new(
+            settings(100),
+            Limits {
+                fd_budget: 3,
+                ..limits(100, 1_000)
+            },
+        ));
+        let _p = drain.arrive().expect("1 of 3");
+        admitted(&drain).expect("2 of 3");
+        admitted(&drain).expect("3 of 3");
+        assert_eq!(admitted(&drain), Err(Refusal::TooManyConnections));
+        assert!(drain.arrive().is_none());
     }
 }

@@ -13,7 +13,7 @@ use tracing::warn;
 
 use crate::broker::{Broker, MemoryBroker, NatsBroker, RedisBroker};
 use crate::config::Config;
-use crate::drain::{self, Drain, Lifecycle, Refusal, Registration};
+use crate::drain::{self, Drain, Lifecycle, Refusal, Registration, Slot};
 use crate::hub::Hub;
 use crate::replay::{CoalescingStore, MemoryReplayStore, RedisReplayStore, ReplayStore};
 use crate::session::SessionContext;
@@ -144,8 +144,7 @@ impl Node {
         let auth = Auth::from_config(&config)?;
         let drain = Arc::new(Drain::new(
             drain::Settings::from_config(&config),
-            config.max_connections,
-            config.admission_rate,
+            drain::Limits::from_config(&config),
         ));
         let metrics = Metrics::new();
         let sessions = Arc::new(SessionContext::new(
@@ -252,7 +251,7 @@ impl Node {
     }
 
     /// Admission control for a new session (see [`Drain::admit`]).
-    pub fn admit(&self) -> Result<(), Refusal> {
+    pub fn admit(&self) -> Result<Slot, Refusal> {
         self.drain.admit()
     }
 

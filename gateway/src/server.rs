@@ -33,23 +33,39 @@ async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
                 }
             },
         };
+        // Counted from here until it is a session (or gone): beyond
+        // `max_pending_connections`, or the file-descriptor budget, it is
+        // closed at once, so the operations listener keeps its descriptors
+        // and requests cannot crowd out sessions.
+        let Some(arrival) = node.drain.arrive() else {
+            crate::telemetry::connection_shed();
+            drop(tcp);
+            continue;
+        };
         // Real-time frames are small: never let Nagle hold one back.
         let _ = tcp.set_nodelay(true);
         let (node, router) = (node.clone(), router.clone());
         tokio::spawn(async move {
-            let head_deadline = Duration::from_millis(node.config.connect_timeout_ms);
+            let head_deadline = Duration::from_millis(node.config.request_head_timeout_ms);
             match transport::sse::socket::wants_sse(&tcp, head_deadline).await {
                 None => return,
                 Some(true) => {
-                    transport::sse::socket::serve(node, tcp).await;
+                    transport::sse::socket::serve(node, tcp, arrival).await;
                     return;
                 }
                 Some(false) => {}
             }
             let service = hyper_util::service::TowerToHyperService::new(router);
+            // The timer gives hyper its head deadline, which also bounds an
+            // idle keep-alive connection (it starts after each response).
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(head_deadline)
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
                 .with_upgrades();
+            // An upgraded WebSocket holds its session slot; this counts the
+            // HTTP connection until hyper lets it go.
+            let _arrival = arrival;
             tokio::pin!(conn);
             let stop = node.drain.accepting_stopped();
             tokio::select! {

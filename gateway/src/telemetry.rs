@@ -83,6 +83,12 @@ pub fn admission_rejected(transport: &'static str, reason: &'static str) {
         .increment(1);
 }
 
+/// A connection closed at accept: too many pending, or the descriptor
+/// budget full.
+pub fn connection_shed() {
+    metrics::counter!("gateway_connections_shed_total").increment(1);
+}
+
 /// A drain `reconnect` frame (or SSE event) sent.
 pub fn drain_reconnect_sent(transport: &'static str) {
     metrics::counter!("gateway_drain_reconnects_sent_total", "transport" => transport).increment(1);
@@ -201,6 +207,10 @@ impl Metrics {
         describe_counter!(
             "gateway_admission_rejected_total",
             "New sessions refused by admission control, by transport and reason."
+        );
+        describe_counter!(
+            "gateway_connections_shed_total",
+            "Connections closed at accept: max_pending_connections pending, or the file-descriptor budget (ulimit -n less fd_reserve) full."
         );
         describe_counter!(
             "gateway_drain_reconnects_sent_total",

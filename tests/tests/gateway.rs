@@ -5,6 +5,8 @@
 use protocol::{Message, Position, ServerFrame};
 use serde_json::{json, Value};
 
+#[path = "gateway/abuse.rs"]
+mod abuse;
 #[path = "gateway/bad_input.rs"]
 mod bad_input;
 #[path = "gateway/client_publish.rs"]

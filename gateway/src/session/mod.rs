@@ -31,7 +31,7 @@ use protocol::{
 use tracing::warn;
 
 use crate::broker::Broker;
-use crate::drain::Drain;
+use crate::drain::{Drain, Slot};
 use crate::hub::{Arrived, Behind, Hub, SessionShared, Signal, Subscription};
 use crate::interest::Interest;
 use crate::message::Publication;
@@ -162,13 +162,15 @@ pub struct Session {
 const LATENCY_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl Session {
-    pub fn new(ctx: Arc<SessionContext>, codec: Codec, transport: Transport) -> Self {
+    /// A session in the place admission reserved for it (`slot`), which it
+    /// gives back when it ends.
+    pub fn new(ctx: Arc<SessionContext>, slot: Slot, codec: Codec, transport: Transport) -> Self {
         let shared = Arc::new(SessionShared {
             id: ctx.next_session_id(),
             codec,
             signal: Signal::default(),
         });
-        ctx.drain.connection_opened();
+        slot.keep();
         match transport {
             Transport::Ws => ctx.metrics.connections_ws.increment(1.0),
             Transport::Sse => ctx.metrics.connections_sse.increment(1.0),

@@ -33,8 +33,7 @@ fn parts(max_messages: usize, meta_ttl: Duration) -> Parts {
     let config = crate::config::Config::default();
     let drain = Arc::new(Drain::new(
         drain::Settings::from_config(&config),
-        config.max_connections,
-        config.admission_rate,
+        drain::Limits::from_config(&config),
     ));
     let ctx = Arc::new(SessionContext::new(
         "test".into(),
@@ -49,7 +48,8 @@ fn parts(max_messages: usize, meta_ttl: Duration) -> Parts {
 }
 
 fn session(p: &Parts) -> Session {
-    Session::new(p.ctx.clone(), Codec::Json, Transport::Ws)
+    let slot = p.ctx.drain.admit().expect("admitted");
+    Session::new(p.ctx.clone(), slot, Codec::Json, Transport::Ws)
 }
 
 /// What the transport was handed, readably: `3@E` for a message,

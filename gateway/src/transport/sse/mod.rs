@@ -70,25 +70,28 @@ async fn open_stream(
     query: Option<String>,
 ) -> Result<Response, ApiError> {
     let query = request::parse_query(query.as_deref())?;
-    if let Err(refusal) = node.admit() {
-        // A browser EventSource gives up on an error status, so a refusal is
-        // a stream that asks it to come back later (with jitter) and ends.
-        crate::telemetry::admission_rejected("sse", refusal.reason());
-        let c = node.config.admission_retry_ms;
-        let delay = rand::random_range(c / 2..=c + c / 2);
-        let body = format!(
-            "retry: {delay}\n: not accepting new sessions ({}); retry later\n\n",
-            refusal.reason()
-        );
-        let mut res = Response::new(Body::from(body));
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        res.headers_mut()
-            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        return Ok(res);
-    }
+    let slot = match node.admit() {
+        Ok(slot) => slot,
+        Err(refusal) => {
+            // A browser EventSource gives up on an error status, so a refusal is
+            // a stream that asks it to come back later (with jitter) and ends.
+            crate::telemetry::admission_rejected("sse", refusal.reason());
+            let c = node.config.admission_retry_ms;
+            let delay = rand::random_range(c / 2..=c + c / 2);
+            let body = format!(
+                "retry: {delay}\n: not accepting new sessions ({}); retry later\n\n",
+                refusal.reason()
+            );
+            let mut res = Response::new(Body::from(body));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            res.headers_mut()
+                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            return Ok(res);
+        }
+    };
     let SseRequest {
         channels,
         identity,
@@ -97,7 +100,7 @@ async fn open_stream(
     } = request::authorise(&node, &query, &headers)?;
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
 
-    let mut session = Session::new(node.sessions.clone(), Codec::Json, Transport::Sse);
+    let mut session = Session::new(node.sessions.clone(), slot, Codec::Json, Transport::Sse);
     let mut out = Vec::new();
     for (name, since) in names.iter().zip(since.iter().cloned()) {
         session

@@ -20,6 +20,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::drain::Arrival;
 use crate::node::Node;
 
 /// Largest request head accepted on this path.
@@ -80,10 +81,12 @@ async fn plain(tcp: &mut TcpStream, status: StatusCode, body: &str) {
 }
 
 /// Reads and parses the request head; answers and returns `None` on error.
-async fn read_head(tcp: &mut TcpStream) -> Option<(HeaderMap, Option<String>)> {
+async fn read_head(
+    tcp: &mut TcpStream,
+    deadline: tokio::time::Instant,
+) -> Option<(HeaderMap, Option<String>)> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         let n = match tokio::time::timeout_at(deadline, tcp.read(&mut chunk)).await {
             Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
@@ -126,13 +129,16 @@ async fn read_head(tcp: &mut TcpStream) -> Option<(HeaderMap, Option<String>)> {
 }
 
 /// Serves one SSE request on `tcp` until the stream ends or the client goes.
-pub async fn serve(node: Arc<Node>, mut tcp: TcpStream) {
+pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
     // Boxed: the head buffers and the subscribe path are needed once; kept
     // inline they would sit in every idle stream's task for its whole life.
-    let Some((headers, query)) = Box::pin(read_head(&mut tcp)).await else {
+    let deadline = tokio::time::Instant::now() + node.ms(node.config.request_head_timeout_ms);
+    let Some((headers, query)) = Box::pin(read_head(&mut tcp, deadline)).await else {
         return;
     };
     let response = Box::pin(super::open(State(node.clone()), headers, RawQuery(query))).await;
+    // A session now (its slot counts it), or refused: no longer pending.
+    drop(arrival);
     let (mut parts, body) = response.into_parts();
     // The stream's signal, to cut a client whose writes block while it
     // falls behind (the stream itself is not polled then).

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 
 use crate::auth::{now_secs, Identity};
-use crate::drain::Lifecycle;
+use crate::drain::{Lifecycle, Slot};
 use crate::hub::SessionShared;
 use crate::ids::now_ms;
 use crate::node::Node;
@@ -64,13 +64,13 @@ pub(super) async fn send_error(
 }
 
 /// Runs one connection to its end.
-pub(super) async fn run(node: Arc<Node>, mut socket: Socket, codec: Codec) {
+pub(super) async fn run(node: Arc<Node>, slot: Slot, mut socket: Socket, codec: Codec) {
     let Some((connect, identity, resumed)) = Box::pin(handshake(&node, &mut socket, codec)).await
     else {
         return;
     };
     let mut conn = Connection {
-        session: Session::new(node.sessions.clone(), codec, Transport::Ws),
+        session: Session::new(node.sessions.clone(), slot, codec, Transport::Ws),
         node: node.clone(),
         socket,
         codec,

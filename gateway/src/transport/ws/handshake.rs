@@ -3,7 +3,7 @@
 
 use futures_util::StreamExt;
 use protocol::{ClientFrame, CloseCode, Codec, ErrorCode, Position};
-use tokio::time::timeout;
+use tokio::time::timeout_at;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::auth::{AuthError, Identity};
@@ -18,9 +18,11 @@ pub(super) async fn handshake(
     socket: &mut Socket,
     codec: Codec,
 ) -> Option<(protocol::Connect, Identity, Vec<(String, Position)>)> {
-    let deadline = node.ms(node.config.connect_timeout_ms);
+    // One deadline from the upgrade: pings, pongs and other control frames
+    // do not extend it (a client could otherwise hold the slot forever).
+    let deadline = tokio::time::Instant::now() + node.ms(node.config.connect_timeout_ms);
     let first = loop {
-        match timeout(deadline, socket.next()).await {
+        match timeout_at(deadline, socket.next()).await {
             Err(_) => {
                 close(socket, CloseCode::IdleTimeout).await;
                 return None;

@@ -85,7 +85,10 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
     // A refused session: HTTP 503 + `Retry-After`, except for a browser
     // (it sends `Origin`), whose WebSocket API cannot see an HTTP answer:
     // it gets the upgrade and close 4004 with the delay in the reason.
-    let refused = node.admit().err();
+    // The place is reserved now, before `connect` (it is the WebSocket's
+    // from the upgrade; `connect_timeout` bounds how long it may wait).
+    let admitted = node.admit();
+    let refused = admitted.as_ref().err().copied();
     if let Some(refusal) = refused {
         crate::telemetry::admission_rejected("ws", refusal.reason());
         if crate::cors::origin(headers).is_none() {
@@ -117,6 +120,7 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
                 refuse_upgraded(upgraded, node.config.admission_retry_ms).await;
             }
             Ok(upgraded) => {
+                let Ok(slot) = admitted else { return };
                 let Some((tcp, early)) = into_tcp(upgraded) else {
                     return;
                 };
@@ -128,7 +132,7 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
                             .await
                     }
                 };
-                run(node, socket, codec.unwrap_or(Codec::Json)).await;
+                run(node, slot, socket, codec.unwrap_or(Codec::Json)).await;
             }
             Err(e) => debug!(error = %e, "websocket upgrade failed"),
         }

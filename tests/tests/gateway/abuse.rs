@@ -1,0 +1,167 @@
+//! Hostile clients, at a size this machine takes: every connection has a
+//! deadline in every state, and limits hold under concurrency. After each,
+//! the node is checked healthy: both listeners answer `/livez`, and a fresh
+//! client subscribes and receives.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure};
+use harness::{Gateway, WsClient};
+use protocol::Codec;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::R;
+
+/// `/livez` on the client listener and on the operations listener, and a
+/// fresh WebSocket client that subscribes and receives.
+async fn healthy(gw: &Gateway) -> R {
+    let (status, _) = gw.get("/livez").await?;
+    ensure!(
+        status.is_success(),
+        "/livez on the client listener: {status}"
+    );
+    let admin = gw.admin_addr().await?;
+    let mut tcp = TcpStream::connect(admin).await?;
+    tcp.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_string(&mut answer)).await??;
+    ensure!(
+        answer.starts_with("HTTP/1.1 200"),
+        "/livez on the operations listener: {answer}"
+    );
+    let mut ws = gw.ws(Codec::Json).await?;
+    ws.hello(Some(&gw.token("healthy", &["h"], &[], 600)))
+        .await?;
+    ws.subscribe("h", None).await?;
+    let r = gw.publish("h", json!({"ok": true})).await?;
+    let m = ws.recv_message().await?;
+    ensure!(m.seq == r.seq, "{m:?}");
+    Ok(())
+}
+
+/// Waits until the server closes `tcp` (EOF or reset); how long it took.
+async fn closed_by_server(tcp: &mut TcpStream, limit: Duration) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((t0 + limit).into(), tcp.read(&mut buf)).await {
+            Err(_) => bail!("still open after {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return Ok(t0.elapsed()),
+            Ok(Ok(_)) => {} // a response, then the close
+        }
+    }
+}
+
+#[tokio::test]
+async fn slow_heads_and_idle_keep_alive_connections_are_closed() -> R {
+    let gw = Gateway::builder()
+        .env("request_head_timeout_ms", 600)
+        .env("admin_addr", "127.0.0.1:0")
+        .start()
+        .await?;
+    // A request line, then a header byte now and then: never a whole head.
+    let mut slow = TcpStream::connect(gw.addr).await?;
+    slow.write_all(b"GET /livez HTTP/1.1\r\n").await?;
+    let dribble = async {
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow.write_all(b"x").await.is_err() {
+                break;
+            }
+        }
+    };
+    dribble.await;
+    let took = closed_by_server(&mut slow, Duration::from_secs(5)).await?;
+    eprintln!("slow head closed {took:?} after its last byte");
+    // One request, then nothing: the keep-alive connection goes.
+    let mut idle = TcpStream::connect(gw.addr).await?;
+    idle.write_all(b"GET /livez HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await?;
+    let took = closed_by_server(&mut idle, Duration::from_secs(5)).await?;
+    ensure!(
+        took >= Duration::from_millis(500),
+        "closed too early: {took:?}"
+    );
+    // A slow SSE head on the raw-socket path has the same deadline.
+    let mut sse = TcpStream::connect(gw.addr).await?;
+    sse.write_all(b"GET /sse?channel=x HTTP/1.1\r\n").await?;
+    closed_by_server(&mut sse, Duration::from_secs(5)).await?;
+    healthy(&gw).await
+}
+
+#[tokio::test]
+async fn control_frames_do_not_extend_the_connect_deadline() -> R {
+    let gw = Gateway::builder()
+        .env("connect_timeout_ms", 800)
+        .env("admin_addr", "127.0.0.1:0")
+        .start()
+        .await?;
+    let mut ws = gw.ws(Codec::Json).await?;
+    let t0 = Instant::now();
+    // A ping every 200 ms, never `connect`.
+    let closed = loop {
+        if t0.elapsed() > Duration::from_secs(5) {
+            bail!("still open after 5 s of pings without connect");
+        }
+        let ping = tokio_tungstenite::tungstenite::Message::Ping(vec![1].into());
+        if ws.send_raw(ping).await.is_err() {
+            break t0.elapsed();
+        }
+        match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+            Ok(Ok(harness::Incoming::Frame(_))) | Err(_) => {}
+            Ok(_) => break t0.elapsed(),
+        }
+    };
+    ensure!(closed < Duration::from_secs(3), "closed after {closed:?}");
+    healthy(&gw).await
+}
+
+#[tokio::test]
+async fn max_connections_holds_for_upgrades_that_never_send_connect() -> R {
+    let gw = Gateway::builder()
+        .env("max_connections", 5)
+        .env("admin_addr", "127.0.0.1:0")
+        .start()
+        .await?;
+    // Ten upgrades at once, none sends `connect`: five places only.
+    let opens = (0..10).map(|_| WsClient::open_at(gw.addr, Codec::Json));
+    let results = futures_util::future::join_all(opens).await;
+    let held: Vec<WsClient> = results.into_iter().filter_map(Result::ok).collect();
+    ensure!(
+        held.len() == 5,
+        "{} upgrades accepted with max_connections = 5",
+        held.len()
+    );
+    drop(held);
+    // The places come back when they go.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    healthy(&gw).await
+}
+
+#[tokio::test]
+async fn pending_connections_are_capped_and_the_operations_listener_answers() -> R {
+    let gw = Gateway::builder()
+        .env("max_pending_connections", 3)
+        .env("admin_addr", "127.0.0.1:0")
+        .start()
+        .await?;
+    // Three silent connections take the pending places; more are closed
+    // at once, while the operations listener keeps answering.
+    let mut silent = Vec::new();
+    for _ in 0..3 {
+        silent.push(TcpStream::connect(gw.addr).await?);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = TcpStream::connect(gw.addr).await?;
+    let took = closed_by_server(&mut extra, Duration::from_secs(2)).await?;
+    eprintln!("a connection over max_pending_connections closed after {took:?}");
+    drop(silent);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    healthy(&gw).await?;
+    let shed = gw.metric_with("gateway_connections_shed_total", "").await?;
+    ensure!(shed >= 1.0, "shed connections not counted");
+    Ok(())
+}
