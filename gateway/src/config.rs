@@ -154,6 +154,10 @@ pub struct Config {
     /// listener, Redis and NATS still get one when clients take the rest of
     /// the process's limit (`ulimit -n`).
     pub fd_reserve: usize,
+    /// A write that cannot go on for this long (the client stopped reading)
+    /// closes the connection (4001 on WebSocket), so one socket holds no
+    /// task, idle timeout or drain hostage.
+    pub write_stall_timeout_ms: u64,
     /// A request's head must arrive within this, counted from the
     /// connection's start or the end of the previous response: the deadline
     /// of a slow request head and the keep-alive idle timeout.
@@ -229,6 +233,7 @@ impl Default for Config {
             max_pending_connections: 4_096,
             fd_reserve: 256,
             request_head_timeout_ms: 10_000,
+            write_stall_timeout_ms: 30_000,
             admission_rate: 2_000,
             admission_retry_ms: 2_000,
             shutdown_timeout_ms: 10_000,
@@ -295,7 +300,8 @@ impl Config {
         {
             return bad("admin_addr must differ from addr".into());
         }
-        let positive: [(&str, u64); 12] = [
+        let positive: [(&str, u64); 13] = [
+            ("write_stall_timeout_ms", self.write_stall_timeout_ms),
             ("request_head_timeout_ms", self.request_head_timeout_ms),
             (
                 "max_pending_connections",

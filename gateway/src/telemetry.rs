@@ -89,6 +89,12 @@ pub fn connection_shed() {
     metrics::counter!("gateway_connections_shed_total").increment(1);
 }
 
+/// A connection closed because a write could not go on for
+/// `write_stall_timeout_ms`.
+pub fn write_stalled(transport: &'static str) {
+    metrics::counter!("gateway_write_stalls_total", "transport" => transport).increment(1);
+}
+
 /// A drain `reconnect` frame (or SSE event) sent.
 pub fn drain_reconnect_sent(transport: &'static str) {
     metrics::counter!("gateway_drain_reconnects_sent_total", "transport" => transport).increment(1);
@@ -207,6 +213,10 @@ impl Metrics {
         describe_counter!(
             "gateway_admission_rejected_total",
             "New sessions refused by admission control, by transport and reason."
+        );
+        describe_counter!(
+            "gateway_write_stalls_total",
+            "Connections closed because a write could not go on for write_stall_timeout_ms (the client stopped reading)."
         );
         describe_counter!(
             "gateway_connections_shed_total",

@@ -165,3 +165,54 @@ async fn pending_connections_are_capped_and_the_operations_listener_answers() ->
     ensure!(shed >= 1.0, "shed connections not counted");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_that_never_reads_is_cut_after_the_write_stall_deadline() -> R {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let gw = Gateway::builder()
+        .env("write_stall_timeout_ms", 1_000)
+        .env("admin_addr", "127.0.0.1:0")
+        .start()
+        .await?;
+    // A small receive window, so the node's writes block soon.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let tcp = socket.connect(gw.addr).await?;
+    let request = format!("ws://{}/ws", gw.addr).into_client_request()?;
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tcp).await?;
+    let token = gw.token("mute", &[], &[], 600);
+    ws.send(Message::text(format!(
+        r#"{{"type":"connect","token":"{token}"}}"#
+    )))
+    .await?;
+    // Commands, and never a read of their replies (pongs, rate-limit errors).
+    let ping = Message::text(r#"{"type":"ping","id":1}"#);
+    let t0 = Instant::now();
+    let cut = loop {
+        ensure!(t0.elapsed() < Duration::from_secs(20), "not cut after 20 s");
+        let sent = tokio::time::timeout(Duration::from_millis(200), async {
+            for _ in 0..500 {
+                ws.feed(ping.clone()).await?;
+            }
+            ws.flush().await
+        })
+        .await;
+        if matches!(sent, Ok(Err(_))) {
+            break t0.elapsed();
+        }
+        let stalls = gw.metric_with("gateway_write_stalls_total", "ws").await?;
+        if stalls >= 1.0 {
+            break t0.elapsed();
+        }
+    };
+    eprintln!("a client that never reads was cut after {cut:?}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while gw.metric_with("gateway_connections", "ws").await? > 0.0 {
+        ensure!(Instant::now() < deadline, "the connection is still counted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    healthy(&gw).await
+}

@@ -159,6 +159,7 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
         return;
     }
     let mut stream = body.into_data_stream();
+    let write_stall = node.ms(node.config.write_stall_timeout_ms);
     let (mut rd, mut wr) = tcp.split();
     let mut probe = [0u8; 1];
     loop {
@@ -176,6 +177,10 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
                         written = wr.write_all(&bytes) => if written.is_err() { return },
                         _ = overflow => {
                             node.metrics.slow_consumer_disconnects.increment(1);
+                            return;
+                        }
+                        _ = tokio::time::sleep(write_stall) => {
+                            crate::telemetry::write_stalled("sse");
                             return;
                         }
                     }

@@ -3,6 +3,7 @@
 //! the spot) and written with as few write() calls as the socket takes.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures_util::SinkExt;
 use protocol::{CloseCode, Codec, ServerFrame};
@@ -80,6 +81,7 @@ impl Connection {
         if self.wbuf.is_empty() {
             return Ok(());
         }
+        let stall = Duration::from_millis(self.node.config.write_stall_timeout_ms);
         let (socket, wbuf, wpos) = (&mut self.socket, &self.wbuf, &mut self.wpos);
         let ws_may_hold = &mut self.ws_may_hold;
         let write = async {
@@ -115,6 +117,13 @@ impl Connection {
             }
             _ = self.session.shared.signal.overflowed() => {
                 self.session.slow_consumer();
+                return Err(CloseCode::SlowConsumer);
+            }
+            // A client that reads nothing at all (not even a channel's
+            // worth to overflow it: replies to its own commands) is cut
+            // after `write_stall_timeout_ms` all the same.
+            _ = tokio::time::sleep(stall) => {
+                crate::telemetry::write_stalled("ws");
                 return Err(CloseCode::SlowConsumer);
             }
         }
