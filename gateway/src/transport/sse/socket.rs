@@ -35,14 +35,23 @@ pub async fn wants_sse(tcp: &TcpStream, deadline: Duration) -> Option<bool> {
 
 async fn peek_sse(tcp: &TcpStream) -> bool {
     let mut buf = [0u8; 9];
-    // Clients send the request line in one segment; wait briefly if only a
-    // fragment is in yet, then let hyper have it.
+    // Clients send the request line in one segment: the first peek decides.
+    // A fragment that may still become `GET /sse` is peeked again after a
+    // growing pause (5 ms doubling to 320 ms): a peek that finds data does
+    // not clear the socket's readiness, so waiting on readiness would spin,
+    // and a fixed short pause let 1,000 clients dribbling `GET /sse` cost a
+    // third of a core. (Reading the bytes instead would need a rewinding
+    // stream, and the WebSocket path runs on the raw TcpStream.)
+    let mut pause = Duration::from_millis(5);
     loop {
         match tcp.peek(&mut buf).await {
             Ok(9) => return &buf[..8] == b"GET /sse" && (buf[8] == b'?' || buf[8] == b' '),
             Ok(n) if n > 0 && !b"GET /sse".starts_with(&buf[..n.min(8)]) => return false,
             Ok(0) | Err(_) => return false,
-            Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+            Ok(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(320));
+            }
         }
     }
 }
