@@ -45,7 +45,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use clap::{Args, ValueEnum};
 use client_sdk::{Client, ConnectionState};
-use futures_util::StreamExt;
 use harness::cluster::{Haproxy, Service, ServiceKind, ServiceOptions};
 use harness::delivery::{run_lanes, Acked, PubStats};
 use hdrhistogram::Histogram;
@@ -56,8 +55,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 
 use harness::rolling::{
-    channel_names, channels_of, check_client, kinds, lanes, now_ms, one_epoch_each, publisher_line,
-    start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Step, Surge, Tally,
+    channel_names, channels_of, check_client, gather_clients, kinds, lanes, now_ms, one_epoch_each,
+    publisher_line, start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Step, Surge, Tally,
 };
 use harness::{Gateway, GatewayBuilder};
 
@@ -975,12 +974,7 @@ pub async fn worker(a: RollingWorkerArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let mut sdk: Vec<Option<Client>> = (0..recs.len()).map(|_| None).collect();
-    let mut started = futures_util::stream::iter(sdk_starts).buffer_unordered(4096);
-    while let Some(r) = started.next().await {
-        let (j, client) = r?;
-        sdk[j] = Some(client);
-    }
+    let sdk = gather_clients(recs.len(), sdk_starts, 4096).await?;
     let is_connected = |j: usize| match &sdk[j] {
         Some(c) => matches!(c.state(), ConnectionState::Connected { .. }),
         None => recs[j].connected.load(Ordering::Relaxed),

@@ -238,6 +238,24 @@ pub async fn start_sdk(
     Ok(client)
 }
 
+/// Runs the SDK clients' starts (each gives its record index and client),
+/// `concurrency` at a time; the clients by record index (`None`: not an
+/// SDK client).
+pub async fn gather_clients(
+    n: usize,
+    starts: Vec<impl Future<Output = Result<(usize, Client)>>>,
+    concurrency: usize,
+) -> Result<Vec<Option<Client>>> {
+    use futures_util::StreamExt;
+    let mut sdk: Vec<Option<Client>> = (0..n).map(|_| None).collect();
+    let mut started = futures_util::stream::iter(starts).buffer_unordered(concurrency);
+    while let Some(r) = started.next().await {
+        let (i, client) = r?;
+        sdk[i] = Some(client);
+    }
+    Ok(sdk)
+}
+
 /// Totals over the clients checked.
 #[derive(Debug, Clone, Default)]
 pub struct Tally {

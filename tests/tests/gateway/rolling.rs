@@ -37,13 +37,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use client_sdk::{Backoff, Client, ConnectionState};
-use futures_util::StreamExt;
 use harness::cluster::{Backbone, Cluster, ClusterBuilder};
 use harness::delivery::{run_lanes, Acked, PubStats};
 use harness::netfault::FaultyLink;
 use harness::rolling::{
-    channel_names, channels_of, check_client, kinds, lanes, now_ms, one_epoch_each, publisher_line,
-    roll, start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Step, Surge, Tally,
+    channel_names, channels_of, check_client, gather_clients, kinds, lanes, now_ms, one_epoch_each,
+    publisher_line, roll, start_sdk, start_sse, user_name, DelaySink, Kind, Rec, Step, Surge,
+    Tally,
 };
 use harness::{hs256_token, unique, within_for, Claims, JWT_SECRET};
 use tokio::task::JoinHandle;
@@ -242,12 +242,7 @@ impl Fleet {
                 }
             }
         }
-        let mut sdk: Vec<Option<Client>> = (0..recs.len()).map(|_| None).collect();
-        let mut started = futures_util::stream::iter(sdk_starts).buffer_unordered(100);
-        while let Some(r) = started.next().await {
-            let (i, client) = r?;
-            sdk[i] = Some(client);
-        }
+        let sdk = gather_clients(recs.len(), sdk_starts, 100).await?;
         let fleet = Self {
             recs,
             sdk,
