@@ -57,19 +57,47 @@ enum Command {
     },
 }
 
+/// Resolves when the node must drain and exit: SIGTERM, SIGINT or SIGQUIT.
+/// SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored (nothing is
+/// reloadable at run time: configuration changes roll out as a restart,
+/// which the drain makes lossless); by default each would kill the process
+/// with no drain and no close frames.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the node can only be killed; keep serving.
+    let kinds = [
+        ("SIGTERM", SignalKind::terminate(), true),
+        ("SIGINT", SignalKind::interrupt(), true),
+        ("SIGQUIT", SignalKind::quit(), true),
+        ("SIGHUP", SignalKind::hangup(), false),
+        ("SIGUSR1", SignalKind::user_defined1(), false),
+        ("SIGUSR2", SignalKind::user_defined2(), false),
+    ];
+    let mut streams = Vec::new();
+    for (name, kind, drains) in kinds {
+        match signal(kind) {
+            Ok(s) => streams.push((name, s, drains)),
+            Err(e) => warn!(signal = name, error = %e, "cannot handle signal"),
+        }
+    }
+    if streams.is_empty() {
+        // No handler: the node can only be killed; keep serving.
         std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    }
+    loop {
+        let next = futures_util::future::select_all(streams.iter_mut().map(|(name, s, drains)| {
+            Box::pin(async move { s.recv().await.map(|_| (*name, *drains)) })
+        }));
+        match next.await.0 {
+            Some((name, true)) => {
+                info!(signal = name, "draining");
+                return;
+            }
+            Some((name, false)) => info!(
+                signal = name,
+                "signal ignored (nothing to reload; roll out a restart instead)"
+            ),
+            None => {}
+        }
     }
 }
 

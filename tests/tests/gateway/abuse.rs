@@ -216,3 +216,33 @@ async fn a_client_that_never_reads_is_cut_after_the_write_stall_deadline() -> R 
     }
     healthy(&gw).await
 }
+
+#[tokio::test]
+async fn hangup_and_user_signals_are_ignored_and_quit_drains() -> R {
+    let mut gw = Gateway::builder()
+        .env("admin_addr", "127.0.0.1:0")
+        .env("drain_prestop_delay_ms", 100)
+        .env("drain_timeout_ms", 2_000)
+        .start()
+        .await?;
+    let pid = gw.pid().to_string();
+    let kill = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()?;
+        ensure!(status.success(), "kill {sig} {pid}: {status}");
+        anyhow::Ok(())
+    };
+    for sig in ["-HUP", "-USR1", "-USR2"] {
+        kill(sig)?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        ensure!(gw.is_running(), "{sig} killed the node");
+    }
+    healthy(&gw).await?;
+    ensure!(gw.logs().contains("signal ignored"), "not logged");
+    kill("-QUIT")?;
+    let status = gw.wait_exit(Duration::from_secs(15)).await?;
+    ensure!(status.success(), "after SIGQUIT: {status}");
+    ensure!(gw.logs().contains("drain: done"), "SIGQUIT did not drain");
+    Ok(())
+}
