@@ -11,8 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, StatusCode};
 use protocol::api::{
-    BatchItem, BatchRequest, BatchResult, ItemResult, PublishRequest, PublishResult, SendRequest,
-    MAX_BATCH_ITEMS,
+    BatchItem, BatchResult, ItemResult, PublishRequest, PublishResult, SendRequest, MAX_BATCH_ITEMS,
 };
 use protocol::{user_channel, validate_channel, validate_user, Codec, DecodeError, ErrorCode};
 use serde::de::DeserializeOwned;
@@ -155,7 +154,14 @@ pub async fn send(State(node): State<Arc<Node>>, req: Request) -> Response {
 /// `POST /api/batch` `{"items": [...]}`: each item published in order; the
 /// answer has one result (or error) per item, in the same order.
 pub async fn batch(State(node): State<Arc<Node>>, req: Request) -> Response {
-    let batch = match read::<BatchRequest>(&node, req).await {
+    // Items are decoded one by one: a malformed item fails alone, with its
+    // error in its place, as for any other per-item error.
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RawBatch {
+        items: Vec<Value>,
+    }
+    let batch = match read::<RawBatch>(&node, req).await {
         Ok(b) => b,
         Err(e) => return e.into_response(),
     };
@@ -168,7 +174,17 @@ pub async fn batch(State(node): State<Arc<Node>>, req: Request) -> Response {
     }
     let mut results = Vec::with_capacity(batch.items.len());
     for item in batch.items {
-        results.push(match publish_item(&node, item).await {
+        let item = serde_json::from_value::<BatchItem>(item).map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "malformed item: {\"channel\", \"data\"} or {\"user\", \"data\"}",
+            )
+        });
+        let result = match item {
+            Ok(item) => publish_item(&node, item).await,
+            Err(e) => Err(e),
+        };
+        results.push(match result {
             Ok(r) => ItemResult::Published(r),
             Err(e) => ItemResult::Failed(e.body()),
         });

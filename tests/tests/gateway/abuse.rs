@@ -246,3 +246,93 @@ async fn hangup_and_user_signals_are_ignored_and_quit_drains() -> R {
     ensure!(gw.logs().contains("drain: done"), "SIGQUIT did not drain");
     Ok(())
 }
+
+/// The smaller findings: each answered clearly, nothing lost.
+#[tokio::test]
+async fn odd_inputs_get_clear_answers() -> R {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let gw = Gateway::builder()
+        .env("admin_addr", "127.0.0.1:0")
+        .start()
+        .await?;
+    let token = gw.token("odd", &["odd"], &[], 600);
+
+    // A non-ASCII Last-Event-ID is no cursor: 400, not a stream from the top.
+    let mut tcp = TcpStream::connect(gw.addr).await?;
+    let head = format!(
+        "GET /sse?channel=odd&token={token} HTTP/1.1\r\nhost: x\r\nlast-event-id: v1.\u{e9}t\u{e9}\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer)).await??;
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(
+        answer.starts_with("HTTP/1.1 400"),
+        "non-ASCII Last-Event-ID: {answer}"
+    );
+
+    // A 1 MB Last-Event-ID on the raw SSE path: a readable 431, not a reset.
+    let mut tcp = TcpStream::connect(gw.addr).await?;
+    let big = format!(
+        "GET /sse?channel=odd HTTP/1.1\r\nhost: x\r\nlast-event-id: {}\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let (mut rd, mut wr) = tcp.split();
+    let write = async {
+        let _ = wr.write_all(big.as_bytes()).await;
+    };
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut answer));
+    let (_, read) = tokio::join!(write, read);
+    read??;
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(
+        answer.starts_with("HTTP/1.1 431"),
+        "1 MB Last-Event-ID: {answer:.80}"
+    );
+
+    // A close frame with a code no endpoint may send (999): answered with a
+    // close frame (1002), not a dropped connection.
+    let mut ws = gw.ws(Codec::Json).await?;
+    ws.hello(Some(&token)).await?;
+    ws.send_raw(Message::Close(Some(CloseFrame {
+        code: WsCloseCode::from(999),
+        reason: "".into(),
+    })))
+    .await?;
+    let code = loop {
+        match ws.next().await? {
+            harness::Incoming::Frame(_) => continue,
+            harness::Incoming::Closed { code, .. } => break code,
+        }
+    };
+    ensure!(code == Some(1002), "close 999 answered with {code:?}");
+
+    // A batch with one malformed item: that item fails alone.
+    let (status, body) = gw
+        .post_raw(
+            "/api/batch",
+            json!({"items": [
+                {"channel": "odd", "data": 1},
+                {"channel": "odd"},
+                {"user": "odd", "data": 2}
+            ]})
+            .to_string(),
+            Some("application/json"),
+            Some(harness::API_KEY),
+        )
+        .await?;
+    ensure!(status.is_success(), "batch: {status} {body}");
+    let results = body["results"].as_array().cloned().unwrap_or_default();
+    ensure!(
+        results.len() == 3
+            && results[0]["seq"] == 1
+            && results[1]["error"]["name"] == "bad_request"
+            && results[2]["channel"] == "$user:odd",
+        "batch results: {body}"
+    );
+    healthy(&gw).await
+}

@@ -109,10 +109,19 @@ pub fn authorise(
         channels.push(user_channel(&identity.user));
     }
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
-    let cursor = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
+    let header = match headers.get("last-event-id").map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => Some(v.to_owned()),
+        // Not visible ASCII: no cursor of this gateway (it must not be
+        // taken for "no cursor" and start the stream over).
+        Some(Err(_)) => {
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "malformed Last-Event-ID (not a cursor of this gateway)",
+            ))
+        }
+    };
+    let cursor = header
         .or_else(|| {
             query
                 .iter()

@@ -89,6 +89,23 @@ async fn plain(tcp: &mut TcpStream, status: StatusCode, body: &str) {
     let _ = tcp.write_all(body.as_bytes()).await;
 }
 
+/// Closes after an answer sent while the client may still be sending: our
+/// side is shut, then what still arrives is read and dropped (briefly, and
+/// at most 1 MiB), so the close is a FIN the client reads the answer
+/// before, not a reset that can destroy it.
+async fn linger(tcp: &mut TcpStream) {
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 8192];
+    let mut left: usize = 1 << 20;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while left > 0 {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 => left = left.saturating_sub(n),
+            _ => return,
+        }
+    }
+}
+
 /// Reads and parses the request head; answers and returns `None` on error.
 async fn read_head(
     tcp: &mut TcpStream,
@@ -124,6 +141,7 @@ async fn read_head(
             Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
             Ok(httparse::Status::Partial) => {
                 plain(tcp, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, r#"{"error":{"code":106,"name":"too_large","message":"request head too large","temporary":false}}"#).await;
+                linger(tcp).await;
                 return None;
             }
             Err(e) => {

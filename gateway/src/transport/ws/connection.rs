@@ -325,7 +325,13 @@ impl Connection {
                             match m {
                                 Message::Text(t) => Box::pin(self.handle(Codec::Json.decode_client(t.as_bytes()))).await,
                                 Message::Binary(b) => Box::pin(self.handle(Codec::MsgPack.decode_client(&b))).await,
-                                Message::Close(_) => return None,
+                                // tungstenite queued the reply (an echo, or
+                                // 1002 for a close code no endpoint may
+                                // send): flush it before letting go.
+                                Message::Close(_) => {
+                                    let _ = timeout(Duration::from_secs(1), self.socket.flush()).await;
+                                    return None;
+                                }
                                 _ => None,
                             }
                         }
