@@ -9,6 +9,7 @@
 #
 # Knobs (environment): CONNS=19000 SUBS=5000 RATE=200 DURATION=20
 #   GW_CPU=0 LT_CPU=1 OUT=target/bench NO_BUILD=1 (use existing binaries)
+#   GW=path (another gateway binary, e.g. an older build, for an A/B)
 #   CONNECT_RATE=5000 (new connections/s offered by the load generator)
 #   ONLY="idle-ws idle-sse fanout" (a subset)  GATEWAY_WORKER_THREADS=N
 #   GATEWAY_ADMISSION_RATE=20000 (the gateway's admission limit, default
@@ -31,7 +32,7 @@ mkdir -p "$OUT"
 if [ -z "${NO_BUILD:-}" ]; then
   cargo build --release -p gateway -p loadtest
 fi
-GW=target/release/gateway
+GW=${GW:-target/release/gateway}   # GW=path/to/other/gateway for an A/B
 LT=target/release/loadtest
 
 # The gateway holds one descriptor per connection: raise the soft limit to
