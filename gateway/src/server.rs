@@ -55,27 +55,41 @@ async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
                 }
                 Some(false) => {}
             }
-            let service = hyper_util::service::TowerToHyperService::new(router);
-            // The timer gives hyper its head deadline, which also bounds an
-            // idle keep-alive connection (it starts after each response).
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(head_deadline)
-                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
-                .with_upgrades();
-            // An upgraded WebSocket holds its session slot; this counts the
-            // HTTP connection until hyper lets it go.
-            let _arrival = arrival;
-            tokio::pin!(conn);
-            let stop = node.drain.accepting_stopped();
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = stop => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-                }
-            }
+            // Boxed: an SSE stream lives in this task for its whole life and
+            // must not carry the room of an HTTP connection's state.
+            Box::pin(serve_http(node, router, tcp, head_deadline, arrival)).await;
         });
+    }
+}
+
+/// Serves one HTTP/1 connection (the API, ops routes, WebSocket upgrades)
+/// with hyper until it ends or the drain stops accepting.
+async fn serve_http(
+    node: Arc<Node>,
+    router: Router,
+    tcp: tokio::net::TcpStream,
+    head_deadline: Duration,
+    arrival: crate::drain::Arrival,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    // The timer gives hyper its head deadline, which also bounds an idle
+    // keep-alive connection (it starts after each response).
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(head_deadline)
+        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    // An upgraded WebSocket holds its session slot; this counts the HTTP
+    // connection until hyper lets it go.
+    let _arrival = arrival;
+    let stop = node.drain.accepting_stopped();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stop => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        }
     }
 }
 

@@ -654,7 +654,10 @@ impl Haproxy {
         let (status, body) = post_api(
             &self.http,
             &self.url("/api/publish"),
-            &serde_json::json!({"channel": channel, "data": data}),
+            &serde_json::to_value(protocol::api::PublishRequest {
+                channel: channel.to_owned(),
+                data,
+            })?,
         )
         .await?;
         ensure!(status == StatusCode::OK, "publish via LB: {status} {body}");
@@ -666,7 +669,10 @@ impl Haproxy {
         let (status, body) = post_api(
             &self.http,
             &self.url("/api/send"),
-            &serde_json::json!({"user": user, "data": data}),
+            &serde_json::to_value(protocol::api::SendRequest {
+                user: user.to_owned(),
+                data,
+            })?,
         )
         .await?;
         ensure!(status == StatusCode::OK, "send via LB: {status} {body}");

@@ -368,21 +368,9 @@ fn http_client() -> reqwest::Client {
         .expect("building an HTTP client")
 }
 
-/// Answer of `POST /api/publish` (and an item of `/api/batch`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-pub struct PublishResult {
-    pub channel: String,
-    pub seq: u64,
-    pub epoch: String,
-    #[serde(default)]
-    pub user: Option<String>,
-}
-
-impl PublishResult {
-    pub fn position(&self) -> Position {
-        Position::new(self.seq, self.epoch.clone())
-    }
-}
+/// Answer of `POST /api/publish` (and an item of `/api/batch`): the
+/// protocol's own type, so a changed answer breaks the build, not a run.
+pub use protocol::api::PublishResult;
 
 /// Claims of a connection token (mirrors the gateway's).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -576,7 +564,10 @@ impl Gateway {
         let answer = self
             .post_json(
                 "/api/publish",
-                &serde_json::json!({ "channel": channel, "data": data }),
+                &serde_json::to_value(protocol::api::PublishRequest {
+                    channel: channel.to_owned(),
+                    data,
+                })?,
             )
             .await?;
         Ok(serde_json::from_value(answer)?)
@@ -587,7 +578,10 @@ impl Gateway {
         let answer = self
             .post_json(
                 "/api/send",
-                &serde_json::json!({ "user": user, "data": data }),
+                &serde_json::to_value(protocol::api::SendRequest {
+                    user: user.to_owned(),
+                    data,
+                })?,
             )
             .await?;
         Ok(serde_json::from_value(answer)?)

@@ -1,6 +1,7 @@
-//! Integration tests of a single gateway node: every test starts its own
-//! gateway process (see the `harness` crate) and talks to it over
-//! loopback with real WebSocket, SSE and HTTP clients.
+//! The integration tests, one binary: every test starts the real processes
+//! it needs (gateway nodes; for the cluster tests also redis-server,
+//! nats-server and HAProxy; see the `harness` crate) and talks to them over
+//! loopback with real WebSocket, SSE and HTTP clients and the SDK.
 
 use protocol::{Message, Position, ServerFrame};
 use serde_json::{json, Value};

@@ -199,17 +199,30 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
                             None => std::future::pending().await,
                         }
                     };
-                    tokio::select! {
-                        biased;
-                        written = wr.write_all(&bytes) => if written.is_err() { return },
-                        _ = overflow => {
-                            node.metrics.slow_consumer_disconnects.increment(1);
-                            return;
+                    // Tried first: most writes complete at once, and only a
+                    // blocked one needs the watches (the timer is boxed so
+                    // an idle stream's task does not hold one).
+                    let mut write = std::pin::pin!(wr.write_all(&bytes));
+                    let written = match futures_util::poll!(write.as_mut()) {
+                        std::task::Poll::Ready(written) => written,
+                        std::task::Poll::Pending => {
+                            let stall = Box::pin(tokio::time::sleep(write_stall));
+                            tokio::select! {
+                                biased;
+                                written = write => written,
+                                _ = overflow => {
+                                    node.metrics.slow_consumer_disconnects.increment(1);
+                                    return;
+                                }
+                                _ = stall => {
+                                    crate::telemetry::write_stalled("sse");
+                                    return;
+                                }
+                            }
                         }
-                        _ = tokio::time::sleep(write_stall) => {
-                            crate::telemetry::write_stalled("sse");
-                            return;
-                        }
+                    };
+                    if written.is_err() {
+                        return;
                     }
                 }
                 _ => break,

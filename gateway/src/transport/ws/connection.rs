@@ -329,7 +329,10 @@ impl Connection {
                                 // 1002 for a close code no endpoint may
                                 // send): flush it before letting go.
                                 Message::Close(_) => {
-                                    let _ = timeout(Duration::from_secs(1), self.socket.flush()).await;
+                                    // Boxed: a timer inline would grow every
+                                    // idle connection's task.
+                                    let flush = timeout(Duration::from_secs(1), self.socket.flush());
+                                    let _ = Box::pin(flush).await;
                                     return None;
                                 }
                                 _ => None,

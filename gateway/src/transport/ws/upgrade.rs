@@ -132,7 +132,10 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
                             .await
                     }
                 };
-                run(node, slot, socket, codec.unwrap_or(Codec::Json)).await;
+                // A task of its own: this one's captures (the upgrade, the
+                // socket config, the admission result) would otherwise sit
+                // in every connection's task for its whole life.
+                tokio::spawn(run(node, slot, socket, codec.unwrap_or(Codec::Json)));
             }
             Err(e) => debug!(error = %e, "websocket upgrade failed"),
         }

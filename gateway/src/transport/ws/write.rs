@@ -81,7 +81,6 @@ impl Connection {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let stall = Duration::from_millis(self.node.config.write_stall_timeout_ms);
         let (socket, wbuf, wpos) = (&mut self.socket, &self.wbuf, &mut self.wpos);
         let ws_may_hold = &mut self.ws_may_hold;
         let write = async {
@@ -103,34 +102,50 @@ impl Connection {
             }
             Ok::<(), std::io::Error>(())
         };
-        // A client that stops reading blocks this write while it falls
-        // behind: watch for that here, or such a connection is never cut
-        // (the loop that reads the logs waits for this write).
-        tokio::select! {
-            // The write usually completes at once; only a blocked one needs
-            // the overflow watch.
-            biased;
-            written = write => {
-                if written.is_err() {
-                    return Err(CloseCode::InternalError);
-                }
+        // The write usually completes at once: try it before anything else,
+        // so neither a timer nor the overflow watch costs it anything (and
+        // the connection's task holds no timer, which would grow every
+        // idle connection).
+        let mut write = std::pin::pin!(write);
+        let written = match futures_util::poll!(write.as_mut()) {
+            std::task::Poll::Ready(written) => written,
+            std::task::Poll::Pending => {
+                let stall = Duration::from_millis(self.node.config.write_stall_timeout_ms);
+                // Boxed: this rare path's futures stay out of every idle
+                // connection's task.
+                Box::pin(blocked_write(write, &self.session, stall)).await?
             }
-            _ = self.session.shared.signal.overflowed() => {
-                self.session.slow_consumer();
-                return Err(CloseCode::SlowConsumer);
-            }
-            // A client that reads nothing at all (not even a channel's
-            // worth to overflow it: replies to its own commands) is cut
-            // after `write_stall_timeout_ms` all the same.
-            _ = tokio::time::sleep(stall) => {
-                crate::telemetry::write_stalled("ws");
-                return Err(CloseCode::SlowConsumer);
-            }
+        };
+        if written.is_err() {
+            return Err(CloseCode::InternalError);
         }
         self.session.record_written(delivered, oldest);
         self.wbuf.clear();
         self.wpos = 0;
         Ok(())
+    }
+}
+
+/// A write the socket cannot take now: the client is not reading. Waits for
+/// it, and watches for the client falling behind a channel's bound (4001)
+/// and for a client that reads nothing at all, not even enough to overflow
+/// one (replies to its own commands): `write_stall_timeout_ms` (4001).
+async fn blocked_write(
+    write: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
+    session: &crate::session::Session,
+    stall: Duration,
+) -> Result<std::io::Result<()>, CloseCode> {
+    tokio::select! {
+        biased;
+        written = write => Ok(written),
+        _ = session.shared.signal.overflowed() => {
+            session.slow_consumer();
+            Err(CloseCode::SlowConsumer)
+        }
+        _ = tokio::time::sleep(stall) => {
+            crate::telemetry::write_stalled("ws");
+            Err(CloseCode::SlowConsumer)
+        }
     }
 }
 
