@@ -28,15 +28,7 @@ use crate::scan;
 /// browsers' `JSON.parse` far deeper.
 pub const MAX_DEPTH: usize = 64;
 
-/// What can be read of a `message` frame that does not decode as a whole
-/// ([`Codec::peek_message`]): enough for a client to report it and to count
-/// it as received, so that the next message is not taken for a gap.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct MessageHead {
-    pub channel: Option<String>,
-    pub seq: Option<u64>,
-    pub epoch: Option<String>,
-}
+pub use crate::scan::MessageHead;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Codec {

@@ -4,7 +4,15 @@
 //! that does not decode (its channel and position, so a client can report it
 //! and move past it). Both work at any depth: nothing here recurses.
 
-use crate::codec::MessageHead;
+/// What can be read of a `message` frame that does not decode as a whole
+/// ([`crate::Codec::peek_message`]): enough for a client to report it and to count
+/// it as received, so that the next message is not taken for a gap.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MessageHead {
+    pub channel: Option<String>,
+    pub seq: Option<u64>,
+    pub epoch: Option<String>,
+}
 
 // ---- JSON --------------------------------------------------------------------
 

@@ -14,11 +14,9 @@ use protocol::{
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::auth::{now_secs, Identity};
+use crate::auth::now_secs;
 use crate::drain::{Lifecycle, Slot};
 use crate::hub::SessionShared;
 use crate::ids::now_ms;
@@ -27,41 +25,10 @@ use crate::ratelimit::RateLimit;
 use crate::session::{Outgoing, Session, Transport};
 
 use super::handshake::handshake;
+use super::io::close;
+use super::state::Connection;
 use super::write::{spare, WsOut};
 use super::Socket;
-
-pub(super) fn encode(codec: Codec, frame: &ServerFrame) -> Message {
-    let bytes = codec.encode(frame);
-    match codec {
-        Codec::MsgPack => Message::Binary(bytes),
-        // JSON encoding is UTF-8 by construction.
-        Codec::Json => Message::Text(Utf8Bytes::try_from(bytes).unwrap_or_default()),
-    }
-}
-
-/// Sends a close frame and lets the socket go.
-pub(super) async fn close(socket: &mut Socket, code: CloseCode) {
-    let frame = CloseFrame {
-        code: WsCloseCode::from(code.code()),
-        reason: code.reason().into(),
-    };
-    let _ = timeout(Duration::from_secs(1), socket.close(Some(frame))).await;
-}
-
-pub(super) async fn send_error(
-    socket: &mut Socket,
-    codec: Codec,
-    id: Option<u64>,
-    code: ErrorCode,
-    message: String,
-) {
-    let _ = socket
-        .send(encode(
-            codec,
-            &ServerFrame::Error(ErrorFrame::new(id, code, message)),
-        ))
-        .await;
-}
 
 /// Runs one connection to its end.
 pub(super) async fn run(node: Arc<Node>, slot: Slot, mut socket: Socket, codec: Codec) {
@@ -128,30 +95,6 @@ pub(super) async fn lifecycle_change(
         std::future::pending::<()>().await;
     }
     rx
-}
-
-pub(super) struct Connection {
-    pub(super) node: Arc<Node>,
-    pub(super) session: Session,
-    pub(super) socket: Socket,
-    pub(super) codec: Codec,
-    pub(super) identity: Identity,
-    pub(super) rate: RateLimit,
-    pub(super) out: Vec<Outgoing>,
-    /// Framed bytes to write; `wpos` is how much of it is written (the rest
-    /// of a write cut short goes out before the close frame).
-    pub(super) wbuf: Vec<u8>,
-    pub(super) wpos: usize,
-    /// tungstenite may hold bytes to write (a pong to a client's ping):
-    /// set whenever its read side yields, cleared by a flush.
-    pub(super) ws_may_hold: bool,
-    pub(super) last_recv: Instant,
-    pub(super) next_ping: Instant,
-    pub(super) refresh_sent: bool,
-    /// Place in the drain order, taken when the drain begins.
-    pub(super) drain_ticket: Option<u64>,
-    /// When the `reconnect` frame went out (drain).
-    pub(super) reconnect_sent_at: Option<Instant>,
 }
 
 impl Connection {

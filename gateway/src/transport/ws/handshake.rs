@@ -9,7 +9,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::auth::{AuthError, Identity};
 use crate::node::Node;
 
-use super::connection::{close, send_error};
+use super::io::{close, send_error};
 use super::Socket;
 
 /// Waits for `connect` and authenticates it; on failure answers and closes.

@@ -15,11 +15,15 @@
 //! Files: `upgrade.rs` (`GET /ws`, admission, the upgraded TCP stream),
 //! `handshake.rs` (`connect`: authentication, resume token),
 //! `connection.rs` (the loop: commands, deliveries, timers, drain),
+//! `state.rs` (the connection's state the loop and the write path share),
+//! `io.rs` (sending an error or the close frame through tungstenite),
 //! `write.rs` (the write path: frames into a borrowed buffer, one write()
 //! per wake-up, the thread's spare buffer).
 
 mod connection;
 mod handshake;
+mod io;
+mod state;
 mod upgrade;
 mod write;
 

@@ -13,7 +13,7 @@ use crate::message::Publication;
 use crate::message::WsFrame;
 use crate::session::{Outbox, Outgoing};
 
-use super::connection::Connection;
+use super::state::Connection;
 
 /// Encodes what a connection must write straight into the write buffer it
 /// holds for this write (the thread's spare, or its own while blocked).
