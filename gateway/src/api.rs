@@ -64,16 +64,30 @@ async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiEr
         }
     };
     let limit = node.config.max_api_body_bytes;
-    let body = axum::body::to_bytes(req.into_body(), limit)
-        .await
-        .map_err(|_| {
+    // The body has the head's deadline too: a body dribbled byte by byte
+    // must not hold the connection (hyper's timer covers only the head).
+    let deadline = std::time::Duration::from_millis(node.config.request_head_timeout_ms);
+    let read = tokio::time::timeout(deadline, axum::body::to_bytes(req.into_body(), limit));
+    let body = match read.await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
             node.metrics
                 .api_request_rejected(ErrorCode::TooLarge.name());
-            ApiError::new(
+            return Err(ApiError::new(
                 ErrorCode::TooLarge,
                 format!("body larger than {limit} bytes (max_api_body_bytes)"),
+            ));
+        }
+        Err(_) => {
+            node.metrics
+                .api_request_rejected(ErrorCode::BadRequest.name());
+            return Err(ApiError::new(
+                ErrorCode::BadRequest,
+                "the body did not arrive within request_head_timeout_ms",
             )
-        })?;
+            .with_status(http::StatusCode::REQUEST_TIMEOUT));
+        }
+    };
     // Both codecs refuse a body nested deeper than `protocol::MAX_DEPTH`
     // (the same limit as client frames), before decoding it.
     let codec = if msgpack { Codec::MsgPack } else { Codec::Json };

@@ -160,7 +160,8 @@ pub struct Config {
     pub write_stall_timeout_ms: u64,
     /// A request's head must arrive within this, counted from the
     /// connection's start or the end of the previous response: the deadline
-    /// of a slow request head and the keep-alive idle timeout.
+    /// of a slow request head and the keep-alive idle timeout. An API
+    /// request's body has as long again.
     pub request_head_timeout_ms: u64,
     /// Admission: new sessions per second this node accepts (sustained;
     /// the burst is the same number).

@@ -336,3 +336,43 @@ async fn odd_inputs_get_clear_answers() -> R {
     );
     healthy(&gw).await
 }
+
+#[tokio::test]
+async fn a_dribbled_api_body_gets_408_within_the_deadline() -> R {
+    let gw = Gateway::builder()
+        .env("request_head_timeout_ms", 600)
+        .env("admin_addr", "127.0.0.1:0")
+        .start()
+        .await?;
+    let mut tcp = TcpStream::connect(gw.addr).await?;
+    let head = format!(
+        "POST /api/publish HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{",
+        harness::API_KEY
+    );
+    tcp.write_all(head.as_bytes()).await?;
+    let t0 = Instant::now();
+    let (mut rd, mut wr) = tcp.split();
+    let dribble = async {
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if wr.write_all(b" ").await.is_err() {
+                break;
+            }
+        }
+    };
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), rd.read_to_end(&mut answer));
+    let (_, read) = tokio::join!(dribble, read);
+    read??;
+    let answer = String::from_utf8_lossy(&answer);
+    ensure!(
+        answer.starts_with("HTTP/1.1 408"),
+        "dribbled body: {answer:.200}"
+    );
+    ensure!(
+        t0.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        t0.elapsed()
+    );
+    healthy(&gw).await
+}
