@@ -54,6 +54,10 @@ pub struct Config {
     pub replay_window_ms: u64,
     /// How many messages per channel stay resumable.
     pub replay_max_messages: usize,
+    /// Embedded node: bytes of all resumable messages together (each is
+    /// charged its JSON size plus 256 B); past it the oldest, of any
+    /// channel, go first. (Cluster mode: Redis's `maxmemory` bounds them.)
+    pub replay_max_bytes: usize,
     /// How long a channel's sequence and epoch survive with no publish. When
     /// they expire the channel restarts at a new epoch.
     pub stream_meta_ttl_ms: u64,
@@ -198,6 +202,7 @@ impl Default for Config {
             allowed_origins: AllowedOrigins::default(),
             replay_window_ms: 120_000,
             replay_max_messages: 1000,
+            replay_max_bytes: 256 * 1024 * 1024,
             stream_meta_ttl_ms: 24 * 3600 * 1000,
             max_frame_bytes: 64 * 1024,
             max_queue_bytes: 1024 * 1024,
@@ -301,7 +306,8 @@ impl Config {
         {
             return bad("admin_addr must differ from addr".into());
         }
-        let positive: [(&str, u64); 13] = [
+        let positive: [(&str, u64); 14] = [
+            ("replay_max_bytes", self.replay_max_bytes as u64),
             ("write_stall_timeout_ms", self.write_stall_timeout_ms),
             ("request_head_timeout_ms", self.request_head_timeout_ms),
             (

@@ -81,11 +81,10 @@ impl Node {
         let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);
         let (store, broker, registry): Seams = match &config.redis_url {
             None => {
-                let store = Arc::new(MemoryReplayStore::new(
-                    window,
-                    config.replay_max_messages,
-                    meta_ttl,
-                ));
+                let store = Arc::new(
+                    MemoryReplayStore::new(window, config.replay_max_messages, meta_ttl)
+                        .with_max_bytes(config.replay_max_bytes),
+                );
                 store.spawn_sweeper();
                 let store: Arc<dyn ReplayStore> = store;
                 let broker = Arc::new(MemoryBroker::new(store.clone(), hub.clone()));

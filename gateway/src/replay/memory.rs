@@ -1,4 +1,10 @@
 //! In-memory replay store: the embedded default of a single node.
+//!
+//! Bounded per channel (`replay_max_messages`, `replay_window_ms`) and in
+//! all (`replay_max_bytes`): past the byte budget the oldest messages go
+//! first, whatever their channel. An evicted position reads as `too_old`
+//! (the buffer no longer starts at it): a client is told, never left with a
+//! silent gap.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -29,6 +35,30 @@ pub struct MemoryReplayStore {
     window: Duration,
     max_messages: usize,
     meta_ttl: Duration,
+    /// `replay_max_bytes` (`usize::MAX`: none).
+    max_bytes: usize,
+    budget: Mutex<Budget>,
+}
+
+/// What a buffered message is charged: its JSON encoding (made once and
+/// shared with the subscribers) and the room of its entry and value tree.
+const ENTRY_OVERHEAD: usize = 256;
+
+/// Every buffered message in append order, with what it is charged, so the
+/// oldest goes first when the store is over its byte budget. An entry whose
+/// message a channel's own bounds already dropped stays until it comes up
+/// (it is then dropped for nothing) or the window passes (`sweep`).
+#[derive(Default)]
+struct Budget {
+    order: VecDeque<Charged>,
+    bytes: usize,
+}
+
+struct Charged {
+    stream: std::sync::Weak<Mutex<Stream>>,
+    seq: u64,
+    bytes: usize,
+    at: Instant,
 }
 
 impl MemoryReplayStore {
@@ -38,7 +68,58 @@ impl MemoryReplayStore {
             window,
             max_messages,
             meta_ttl,
+            max_bytes: usize::MAX,
+            budget: Mutex::new(Budget::default()),
         }
+    }
+
+    /// Bounds the bytes of all buffered messages together
+    /// (`replay_max_bytes`).
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Charges a message to the budget and drops the oldest messages, of
+    /// any channel, while the store is over it. Called with no stream lock
+    /// held (it takes the locks of the streams it evicts from).
+    fn charge(&self, stream: &Arc<Mutex<Stream>>, p: &Publication) {
+        if self.max_bytes == usize::MAX {
+            return;
+        }
+        let bytes = p.json().len() + ENTRY_OVERHEAD;
+        let mut evict = Vec::new();
+        {
+            let mut b = self.budget.lock();
+            b.order.push_back(Charged {
+                stream: Arc::downgrade(stream),
+                seq: p.seq,
+                bytes,
+                at: Instant::now(),
+            });
+            b.bytes += bytes;
+            while b.bytes > self.max_bytes {
+                let Some(oldest) = b.order.pop_front() else {
+                    break;
+                };
+                b.bytes -= oldest.bytes;
+                evict.push(oldest);
+            }
+        }
+        for c in evict {
+            if let Some(stream) = c.stream.upgrade() {
+                let mut s = stream.lock();
+                // Buffers are in append order too: what goes is at the front.
+                while s.buffer.front().is_some_and(|(_, q)| q.seq <= c.seq) {
+                    s.buffer.pop_front();
+                }
+            }
+        }
+    }
+
+    /// Bytes charged to the budget now (for tests and metrics).
+    pub fn charged_bytes(&self) -> usize {
+        self.budget.lock().bytes
     }
 
     fn stream(&self, channel: &str) -> Arc<Mutex<Stream>> {
@@ -75,6 +156,19 @@ impl MemoryReplayStore {
     /// Run periodically (see [`MemoryReplayStore::spawn_sweeper`]).
     pub fn sweep(&self) {
         let now = Instant::now();
+        {
+            // Entries past the window are gone from their buffers.
+            let mut b = self.budget.lock();
+            while b
+                .order
+                .front()
+                .is_some_and(|c| now.duration_since(c.at) > self.window)
+            {
+                if let Some(c) = b.order.pop_front() {
+                    b.bytes -= c.bytes;
+                }
+            }
+        }
         self.streams.retain(|_, s| {
             let mut s = s.lock();
             self.trim(&mut s, now);
@@ -118,6 +212,8 @@ impl ReplayStore for MemoryReplayStore {
         let publication = Arc::new(Publication::new(channel, s.top, s.epoch.clone(), data, ts));
         s.buffer.push_back((now, publication.clone()));
         self.trim(&mut s, now);
+        drop(s);
+        self.charge(&stream, &publication);
         Ok(publication)
     }
 
@@ -178,6 +274,59 @@ mod tests {
             }
             Recovery::Unrecoverable { .. } => panic!("unrecoverable: {r:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn the_byte_budget_drops_the_oldest_of_any_channel_and_says_so() {
+        // Room for 4 messages of ~1 KiB (each is charged its JSON frame,
+        // about 1,130 B, and the entry's 256 B), not 5.
+        let budget = 4 * 1500;
+        let store = MemoryReplayStore::new(Duration::from_secs(60), 100, Duration::from_secs(60))
+            .with_max_bytes(budget);
+        let big = Value::from("x".repeat(1024));
+        let a0 = store.top("a").await.unwrap();
+        let b0 = store.top("b").await.unwrap();
+        for _ in 0..3 {
+            store.append("a", big.clone(), 0).await.unwrap();
+        }
+        for _ in 0..3 {
+            store.append("b", big.clone(), 0).await.unwrap();
+        }
+        assert!(store.charged_bytes() <= budget);
+        // a's first two went first (the oldest of all): a resume from
+        // before them is told, not left with a gap.
+        let r = store
+            .read_since("a", &Position::new(0, &*a0.epoch))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                r,
+                Recovery::Unrecoverable {
+                    reason: UnrecoverableReason::TooOld,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert_eq!(
+            seqs(
+                &store
+                    .read_since("a", &Position::new(2, &*a0.epoch))
+                    .await
+                    .unwrap()
+            ),
+            vec![3]
+        );
+        assert_eq!(
+            seqs(
+                &store
+                    .read_since("b", &Position::new(0, &*b0.epoch))
+                    .await
+                    .unwrap()
+            ),
+            vec![1, 2, 3]
+        );
     }
 
     #[tokio::test]
