@@ -23,8 +23,9 @@ use crate::message::Publication;
 struct Stream {
     epoch: Arc<str>,
     top: u64,
-    /// (accepted at, message), oldest first, seqs contiguous ending at `top`.
-    buffer: VecDeque<(Instant, Arc<Publication>)>,
+    /// (accepted at, message, its key in the byte budget), oldest first,
+    /// seqs contiguous ending at `top`.
+    buffer: VecDeque<(Instant, Arc<Publication>, u64)>,
     touched: Instant,
 }
 
@@ -44,21 +45,22 @@ pub struct MemoryReplayStore {
 /// shared with the subscribers) and the room of its entry and value tree.
 const ENTRY_OVERHEAD: usize = 256;
 
-/// Every buffered message in append order, with what it is charged, so the
-/// oldest goes first when the store is over its byte budget. An entry whose
-/// message a channel's own bounds already dropped stays until it comes up
-/// (it is then dropped for nothing) or the window passes (`sweep`).
+/// Every buffered message, keyed in append order, with what it is charged,
+/// so the oldest goes first when the store is over its byte budget. A
+/// message that leaves its buffer by a channel's own bounds leaves this map
+/// too (`trim`), so only buffered messages are charged and the map holds
+/// one entry per buffered message.
 #[derive(Default)]
 struct Budget {
-    order: VecDeque<Charged>,
+    charged: std::collections::BTreeMap<u64, Charged>,
     bytes: usize,
+    next: u64,
 }
 
 struct Charged {
     stream: std::sync::Weak<Mutex<Stream>>,
     seq: u64,
     bytes: usize,
-    at: Instant,
 }
 
 impl MemoryReplayStore {
@@ -80,38 +82,73 @@ impl MemoryReplayStore {
         self
     }
 
-    /// Charges a message to the budget and drops the oldest messages, of
-    /// any channel, while the store is over it. Called with no stream lock
-    /// held (it takes the locks of the streams it evicts from).
-    fn charge(&self, stream: &Arc<Mutex<Stream>>, p: &Publication) {
-        if self.max_bytes == usize::MAX {
-            return;
+    fn budgeted(&self) -> bool {
+        self.max_bytes != usize::MAX
+    }
+
+    /// Charges a message to the budget; its key. Lock order: a stream's
+    /// lock, then the budget's (never the other way round).
+    fn charge(&self, stream: &Arc<Mutex<Stream>>, p: &Publication) -> u64 {
+        if !self.budgeted() {
+            return 0;
         }
         let bytes = p.json().len() + ENTRY_OVERHEAD;
-        let mut evict = Vec::new();
-        {
-            let mut b = self.budget.lock();
-            b.order.push_back(Charged {
+        let mut b = self.budget.lock();
+        let key = b.next;
+        b.next += 1;
+        b.charged.insert(
+            key,
+            Charged {
                 stream: Arc::downgrade(stream),
                 seq: p.seq,
                 bytes,
-                at: Instant::now(),
-            });
-            b.bytes += bytes;
-            while b.bytes > self.max_bytes {
-                let Some(oldest) = b.order.pop_front() else {
-                    break;
-                };
-                b.bytes -= oldest.bytes;
-                evict.push(oldest);
-            }
+            },
+        );
+        b.bytes += bytes;
+        key
+    }
+
+    /// A message left its buffer: it is charged no more.
+    fn uncharge(&self, key: u64) {
+        if !self.budgeted() {
+            return;
         }
-        for c in evict {
-            if let Some(stream) = c.stream.upgrade() {
+        let mut b = self.budget.lock();
+        if let Some(c) = b.charged.remove(&key) {
+            b.bytes -= c.bytes;
+        }
+    }
+
+    /// Drops the oldest messages, of any channel, while the store is over
+    /// its budget. Called with no stream lock held: it takes the budget's
+    /// lock alone, then a stream's.
+    fn evict_over_budget(&self) {
+        if !self.budgeted() {
+            return;
+        }
+        loop {
+            let oldest = {
+                let mut b = self.budget.lock();
+                if b.bytes <= self.max_bytes {
+                    return;
+                }
+                let Some((_, c)) = b.charged.pop_first() else {
+                    return;
+                };
+                b.bytes -= c.bytes;
+                c
+            };
+            if let Some(stream) = oldest.stream.upgrade() {
                 let mut s = stream.lock();
                 // Buffers are in append order too: what goes is at the front.
-                while s.buffer.front().is_some_and(|(_, q)| q.seq <= c.seq) {
-                    s.buffer.pop_front();
+                while s
+                    .buffer
+                    .front()
+                    .is_some_and(|(_, q, _)| q.seq <= oldest.seq)
+                {
+                    if let Some((_, _, key)) = s.buffer.pop_front() {
+                        self.uncharge(key);
+                    }
                 }
             }
         }
@@ -140,15 +177,14 @@ impl MemoryReplayStore {
     }
 
     fn trim(&self, s: &mut Stream, now: Instant) {
-        while s.buffer.len() > self.max_messages {
-            s.buffer.pop_front();
-        }
-        while s
-            .buffer
-            .front()
-            .is_some_and(|(at, _)| now.duration_since(*at) > self.window)
+        while s.buffer.len() > self.max_messages
+            || s.buffer
+                .front()
+                .is_some_and(|(at, _, _)| now.duration_since(*at) > self.window)
         {
-            s.buffer.pop_front();
+            if let Some((_, _, key)) = s.buffer.pop_front() {
+                self.uncharge(key);
+            }
         }
     }
 
@@ -156,19 +192,6 @@ impl MemoryReplayStore {
     /// Run periodically (see [`MemoryReplayStore::spawn_sweeper`]).
     pub fn sweep(&self) {
         let now = Instant::now();
-        {
-            // Entries past the window are gone from their buffers.
-            let mut b = self.budget.lock();
-            while b
-                .order
-                .front()
-                .is_some_and(|c| now.duration_since(c.at) > self.window)
-            {
-                if let Some(c) = b.order.pop_front() {
-                    b.bytes -= c.bytes;
-                }
-            }
-        }
         self.streams.retain(|_, s| {
             let mut s = s.lock();
             self.trim(&mut s, now);
@@ -206,14 +229,15 @@ impl ReplayStore for MemoryReplayStore {
         s.top += 1;
         s.touched = now;
         let channel: Arc<str> = match s.buffer.back() {
-            Some((_, p)) => p.channel.clone(),
+            Some((_, p, _)) => p.channel.clone(),
             None => Arc::from(channel),
         };
         let publication = Arc::new(Publication::new(channel, s.top, s.epoch.clone(), data, ts));
-        s.buffer.push_back((now, publication.clone()));
+        let key = self.charge(&stream, &publication);
+        s.buffer.push_back((now, publication.clone(), key));
         self.trim(&mut s, now);
         drop(s);
-        self.charge(&stream, &publication);
+        self.evict_over_budget();
         Ok(publication)
     }
 
@@ -242,11 +266,16 @@ impl ReplayStore for MemoryReplayStore {
             });
         }
         // The oldest message still held must be at most since.seq + 1.
-        let oldest = s.buffer.front().map(|(_, p)| p.seq);
+        let oldest = s.buffer.front().map(|(_, p, _)| p.seq);
         match oldest {
             Some(oldest) if oldest <= since.seq + 1 => {
                 let skip = (since.seq + 1 - oldest) as usize;
-                let publications = s.buffer.iter().skip(skip).map(|(_, p)| p.clone()).collect();
+                let publications = s
+                    .buffer
+                    .iter()
+                    .skip(skip)
+                    .map(|(_, p, _)| p.clone())
+                    .collect();
                 Ok(Recovery::Recovered { publications, top })
             }
             _ => Ok(Recovery::Unrecoverable {
@@ -326,6 +355,39 @@ mod tests {
                     .unwrap()
             ),
             vec![1, 2, 3]
+        );
+    }
+
+    #[tokio::test]
+    async fn only_buffered_messages_are_charged() {
+        // A busy channel its own count bound trims must not push a quiet
+        // channel's history out of the budget: what it dropped is uncharged.
+        let store = MemoryReplayStore::new(Duration::from_secs(60), 3, Duration::from_secs(60))
+            .with_max_bytes(8 * 1500);
+        let quiet = store.top("quiet").await.unwrap();
+        store.append("quiet", Value::from("q"), 0).await.unwrap();
+        let big = Value::from("x".repeat(1024));
+        for _ in 0..100 {
+            store.append("busy", big.clone(), 0).await.unwrap();
+        }
+        assert!(
+            store.charged_bytes() <= 4 * 1500,
+            "{}",
+            store.charged_bytes()
+        );
+        assert_eq!(
+            store.budget.lock().charged.len(),
+            4,
+            "one entry per buffered message"
+        );
+        assert_eq!(
+            seqs(
+                &store
+                    .read_since("quiet", &Position::new(0, &*quiet.epoch))
+                    .await
+                    .unwrap()
+            ),
+            vec![1]
         );
     }
 
