@@ -296,42 +296,34 @@ async fn history_loss(c: &mut Cluster, loss: Loss) -> R {
     Ok(())
 }
 
-#[tokio::test]
-async fn cluster_redis_restart_from_rdb_moves_streams_to_a_new_epoch_redis() -> R {
-    let mut c = Cluster::builder(Backbone::Redis)
+/// A two-node cluster on `backbone` whose Redis keeps `persistence`, put
+/// through `loss`.
+async fn run(backbone: Backbone, persistence: Persistence, loss: Loss) -> R {
+    let mut c = Cluster::builder(backbone)
         .nodes(2)
-        .redis_persistence(Persistence::Rdb)
+        .redis_persistence(persistence)
         .start()
         .await?;
-    let r = history_loss(&mut c, Loss::Rdb).await;
+    let r = history_loss(&mut c, loss).await;
     c.check(r)
+}
+
+#[tokio::test]
+async fn cluster_redis_restart_from_rdb_moves_streams_to_a_new_epoch_redis() -> R {
+    run(Backbone::Redis, Persistence::Rdb, Loss::Rdb).await
 }
 
 #[tokio::test]
 async fn cluster_redis_restart_from_rdb_moves_streams_to_a_new_epoch_nats() -> R {
-    let mut c = Cluster::builder(Backbone::Nats)
-        .nodes(2)
-        .redis_persistence(Persistence::Rdb)
-        .start()
-        .await?;
-    let r = history_loss(&mut c, Loss::Rdb).await;
-    c.check(r)
+    run(Backbone::Nats, Persistence::Rdb, Loss::Rdb).await
 }
 
 #[tokio::test]
 async fn cluster_redis_restart_from_an_aof_behind_moves_streams_to_a_new_epoch() -> R {
-    let mut c = Cluster::builder(Backbone::Redis)
-        .nodes(2)
-        .redis_persistence(Persistence::Aof)
-        .start()
-        .await?;
-    let r = history_loss(&mut c, Loss::AofBehind).await;
-    c.check(r)
+    run(Backbone::Redis, Persistence::Aof, Loss::AofBehind).await
 }
 
 #[tokio::test]
 async fn cluster_redis_keys_evicted_under_maxmemory_move_streams_to_a_new_epoch() -> R {
-    let mut c = Cluster::builder(Backbone::Redis).nodes(2).start().await?;
-    let r = history_loss(&mut c, Loss::Evicted).await;
-    c.check(r)
+    run(Backbone::Redis, Persistence::None, Loss::Evicted).await
 }
