@@ -113,7 +113,10 @@ pub struct Config {
     pub registry_ttl_ms: u64,
     /// How often the node refreshes its registry entry.
     pub heartbeat_interval_ms: u64,
-    /// `/readyz` turns 503 once the backbone has been down this long.
+    /// The backbone counts as down once it has been unreachable this long:
+    /// `gateway_backbone_up` turns 0 and the `/readyz` body says `degraded`
+    /// (readiness stays 200: an outage shared by every node must not take
+    /// them all out of the balancer).
     pub backbone_down_threshold_ms: u64,
 
     /// Drain: how long `/readyz` says 503 before the node stops accepting

@@ -268,6 +268,20 @@ impl Drain {
         *self.connections.borrow()
     }
 
+    /// Full: no new session would be admitted for lack of room
+    /// (`max_connections`, or the file-descriptor budget less the pending
+    /// connections). Readiness says so, so the balancer sends new
+    /// connections elsewhere; it is local to the node, unlike a backbone
+    /// outage (see `ops::readyz`).
+    pub fn at_capacity(&self) -> bool {
+        let room = self.limits.max_connections.min(
+            self.limits
+                .fd_budget
+                .saturating_sub(self.pending_connections()),
+        );
+        self.open_connections() >= room
+    }
+
     /// Waits until no connection is open, or `limit` passes; returns how
     /// many are left.
     pub async fn connections_gone(&self, limit: Duration) -> usize {

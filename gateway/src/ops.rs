@@ -18,25 +18,43 @@ pub async fn livez() -> Response {
     Json(json!({ "status": "ok" })).into_response()
 }
 
-/// Whether the balancer should send new connections here: not while
-/// draining, not while the backbone is down.
+/// Whether the balancer should send new connections here. Only what is
+/// local to this node decides it: draining, or full (no room for another
+/// session). Not a shared dependency: when Redis or NATS is down every node
+/// would fail together, the balancer would have no server left and would
+/// close every new connection unanswered. So with the backbone down the node
+/// stays ready (the body says `degraded`, `backbone_status: down`), new
+/// clients still connect, the API answers its own JSON 503, and the outage
+/// shows in `gateway_backbone_up` and its alert. ("Not started" needs no
+/// check: the listeners open only once the node is built.)
 pub async fn readyz(State(node): State<Arc<Node>>) -> Response {
     let draining = node.is_draining();
+    let full = node.drain.at_capacity();
     let backbone = node.broker.healthy();
+    let status = if draining {
+        "draining"
+    } else if full {
+        "full"
+    } else if !backbone {
+        "degraded"
+    } else {
+        "ready"
+    };
     let body = json!({
-        "status": if draining { "draining" } else if !backbone { "degraded" } else { "ready" },
+        "status": status,
+        "ready": !draining && !full,
         "node": node.id,
         "mode": node.mode(),
         "backbone": node.broker.kind(),
         "backbone_status": if backbone { "up" } else { "down" },
         "connections": node.open_connections(),
     });
-    let status = if draining || !backbone {
+    let code = if draining || full {
         StatusCode::SERVICE_UNAVAILABLE
     } else {
         StatusCode::OK
     };
-    (status, Json(body)).into_response()
+    (code, Json(body)).into_response()
 }
 
 /// `POST /admin/drain` (API key): starts the graceful drain; the process
@@ -59,6 +77,7 @@ pub async fn admin_drain(State(node): State<Arc<Node>>, headers: http::HeaderMap
 }
 
 pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    crate::telemetry::backbone_up(node.broker.healthy());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         node.prometheus.render(),

@@ -70,6 +70,11 @@ pub fn backbone_error() {
     metrics::counter!("gateway_backbone_errors_total").increment(1);
 }
 
+/// Whether the backbone is up (set at each scrape from the broker's health).
+pub fn backbone_up(up: bool) {
+    metrics::gauge!("gateway_backbone_up").set(if up { 1.0 } else { 0.0 });
+}
+
 /// A resume read of the replay store; `merged`: it joined an identical read
 /// already in flight.
 pub fn replay_read(merged: bool) {
@@ -103,9 +108,10 @@ pub fn drain_reconnect_sent(transport: &'static str) {
 /// A replay stream was found from an earlier life of the Redis server
 /// (restart, failover, restore) and moved to a new epoch. Rare: looked up by
 /// name when it happens.
-pub fn stream_history_lost() {
-    metrics::counter!("gateway_replay_streams_reset_total", "cause" => "store_restarted")
-        .increment(1);
+/// Streams whose history was lost: `store_restarted` (Redis came back from
+/// another life), `stream_limit` (dropped over `replay_max_streams`).
+pub fn stream_history_lost(cause: &'static str, streams: u64) {
+    metrics::counter!("gateway_replay_streams_reset_total", "cause" => cause).increment(streams);
 }
 
 /// Connections the drain still waits for.
@@ -201,6 +207,10 @@ impl Metrics {
         describe_counter!(
             "gateway_backbone_received_total",
             "Messages this node received from the backbone."
+        );
+        describe_gauge!(
+            "gateway_backbone_up",
+            "1 while the backbone (Redis or NATS) is reachable, 0 once it has been down longer than backbone_down_threshold_ms. Readiness does not follow it."
         );
         describe_counter!(
             "gateway_backbone_errors_total",

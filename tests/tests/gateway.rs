@@ -22,6 +22,8 @@ mod drain;
 mod heartbeat;
 #[path = "gateway/poison.rs"]
 mod poison;
+#[path = "gateway/readiness.rs"]
+mod readiness;
 #[path = "gateway/refresh.rs"]
 mod refresh;
 #[path = "gateway/resume.rs"]

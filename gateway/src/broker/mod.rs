@@ -111,8 +111,9 @@ pub trait Broker: Send + Sync + 'static {
         0
     }
 
-    /// Whether the backbone is reachable now (for `/readyz`): false once it
-    /// has been down for longer than `backbone_down_threshold_ms`.
+    /// Whether the backbone is reachable now (`gateway_backbone_up`, the
+    /// `/readyz` body; never readiness itself): false once it has been down
+    /// for longer than `backbone_down_threshold_ms`.
     fn healthy(&self) -> bool;
 
     /// Which backbone this is (for logs and `/readyz`).
