@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Writes helm/gateway/values.schema.json. The `config` section lists every
+gateway setting of gateway/src/config.rs (its type and doc) except those the
+chart sets itself, so a typo or an unknown key fails before rendering, as the
+gateway's own config file would at start. Run it after adding a setting:
+    python3 helm/tests/gen_schema.py
+(helm/tests/run.py fails when the checked-in schema is stale.)
+"""
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA = ROOT / "helm/gateway/values.schema.json"
+
+# Settings the chart writes itself, from other values (addresses, node id,
+# secrets, URLs, drain, logs) or never wants (dev mode).
+MANAGED = {
+    "addr", "admin_addr", "node_id", "dev", "jwt_secret", "jwt_public_key_file",
+    "jwt_algorithm", "api_keys", "resume_secret", "redis_url", "nats_url",
+    "drain_prestop_delay_ms", "drain_batch_fraction", "drain_batch_interval_ms",
+    "drain_timeout_ms", "drain_close_grace_ms", "shutdown_timeout_ms",
+    "reconnect_min_delay_ms", "reconnect_max_delay_ms", "log", "log_format",
+    "worker_threads",
+}
+
+
+def config_fields():
+    """(name, rust type, doc) of every `Config` field."""
+    src = (ROOT / "gateway/src/config.rs").read_text()
+    struct = src.split("pub struct Config {")[1].split("\n}\n")[0]
+    docs, out = [], []
+    for line in struct.split("\n"):
+        line = line.strip()
+        if line.startswith("///"):
+            docs.append(line[3:].strip())
+            continue
+        m = re.match(r"pub (\w+): (.+),", line)
+        if m:
+            out.append((m.group(1), m.group(2), " ".join(docs)))
+            docs = []
+    return out
+
+
+def config_props():
+    props = {}
+    for name, ty, doc in config_fields():
+        if name in MANAGED:
+            continue
+        if ty in ("u64", "usize", "u32"):
+            t = {"type": "integer", "minimum": 0}
+        elif ty == "f64":
+            t = {"type": "number"}
+        elif ty == "bool":
+            t = {"type": "boolean"}
+        else:
+            t = {"type": "string"}
+        t["description"] = doc
+        props[name] = t
+    return props
+
+
+def obj(props, required=None, extra=False):
+    o = {"type": "object", "additionalProperties": extra, "properties": props}
+    if required:
+        o["required"] = required
+    return o
+
+
+INT = {"type": "integer", "minimum": 0}
+POS = {"type": "integer", "minimum": 1}
+PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+STR = {"type": "string"}
+BOOL = {"type": "boolean"}
+MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+ANYMAP = {"type": "object"}
+LIST = {"type": "array"}
+INT_OR_PCT = {"anyOf": [INT, {"type": "string", "pattern": "^[0-9]+%$"}]}
+RESOURCES = obj({"requests": ANYMAP, "limits": ANYMAP, "claims": LIST})
+PROBE = obj({"periodSeconds": POS, "failureThreshold": POS, "timeoutSeconds": POS},
+            ["periodSeconds", "failureThreshold", "timeoutSeconds"])
+BUNDLED = obj({"enabled": BOOL, "image": {"type": "string", "minLength": 1},
+               "resources": RESOURCES}, ["enabled", "image"])
+
+
+def schema():
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "title": "gateway chart values",
+        **obj({
+            "replicaCount": POS,
+            "image": obj({"repository": {"type": "string", "minLength": 1}, "tag": STR,
+                          "pullPolicy": {"enum": ["Always", "IfNotPresent", "Never"]}},
+                         ["repository"]),
+            "imagePullSecrets": LIST,
+            "nameOverride": STR,
+            "fullnameOverride": STR,
+            "ports": obj({"client": PORT, "ops": PORT}, ["client", "ops"]),
+            "drain": obj({
+                "prestopDelayMs": INT,
+                "batchFraction": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                "batchIntervalMs": POS,
+                "timeoutMs": POS,
+                "closeGraceMs": INT,
+                "shutdownTimeoutMs": INT,
+                "reconnectMinDelayMs": INT,
+                "reconnectMaxDelayMs": INT,
+                "marginSeconds": INT,
+            }, ["prestopDelayMs", "batchFraction", "batchIntervalMs", "timeoutMs",
+                "closeGraceMs", "shutdownTimeoutMs", "reconnectMinDelayMs",
+                "reconnectMaxDelayMs", "marginSeconds"]),
+            "terminationGracePeriodSeconds": {"type": ["integer", "null"], "minimum": 1},
+            "minReadySeconds": INT,
+            "rollingUpdate": obj({"maxSurge": INT_OR_PCT, "maxUnavailable": INT_OR_PCT},
+                                 ["maxSurge", "maxUnavailable"]),
+            "revisionHistoryLimit": INT,
+            "auth": obj({"algorithm": {"enum": ["HS256", "RS256", "ES256"]}}, ["algorithm"]),
+            "secrets": obj({
+                "existingSecret": STR,
+                "jwtSecret": {"type": "string", "anyOf": [{"maxLength": 0}, {"minLength": 16}]},
+                "jwtPublicKey": STR,
+                "apiKeys": {"type": "array", "items": {"type": "string", "minLength": 1,
+                                                       "pattern": "^[^,]+$"}},
+                "resumeSecret": {"type": "string", "anyOf": [{"maxLength": 0}, {"minLength": 16}]},
+                "keys": obj({k: {"type": "string", "minLength": 1} for k in
+                             ["jwtSecret", "jwtPublicKey", "apiKeys", "resumeSecret",
+                              "redisUrl", "natsUrl"]}),
+            }),
+            "redis": obj({"url": {"type": "string", "pattern": "^$|^rediss?://"},
+                          "bundled": BUNDLED}),
+            "nats": obj({"url": {"type": "string", "pattern": "^$|^(nats|tls)://"},
+                         "bundled": BUNDLED}),
+            "logFormat": {"enum": ["json", "text"]},
+            "logLevel": {"type": "string", "minLength": 1},
+            "config": obj(config_props()),
+            "service": obj({
+                "type": {"enum": ["LoadBalancer", "NodePort", "ClusterIP"]},
+                "port": PORT,
+                "externalTrafficPolicy": {"enum": ["Local", "Cluster"]},
+                "annotations": MAP,
+                "loadBalancerSourceRanges": {"type": "array", "items": {
+                    "type": "string", "pattern": "^[0-9a-fA-F:.]+/[0-9]{1,3}$"}},
+                "loadBalancerIP": STR,
+                "loadBalancerClass": STR,
+            }, ["type", "port"]),
+            "apiService": obj({"port": PORT, "annotations": MAP}),
+            "commonLabels": MAP,
+            "podAnnotations": MAP,
+            "podLabels": MAP,
+            "resources": RESOURCES,
+            "podSecurityContext": ANYMAP,
+            "securityContext": ANYMAP,
+            "probes": obj({"readiness": PROBE, "liveness": PROBE, "startup": PROBE}),
+            "topologySpread": obj({"zones": BOOL, "nodes": BOOL, "maxSkew": POS,
+                                   "whenUnsatisfiable": {"enum": ["ScheduleAnyway",
+                                                                  "DoNotSchedule"]}}),
+            "nodeSelector": MAP,
+            "tolerations": LIST,
+            "affinity": ANYMAP,
+            "priorityClassName": STR,
+            "podDisruptionBudget": obj({"enabled": BOOL, "maxUnavailable": INT_OR_PCT}),
+            "autoscaling": obj({
+                "enabled": BOOL, "minReplicas": POS, "maxReplicas": POS,
+                "targetCPUUtilizationPercentage": {"type": "integer", "minimum": 0,
+                                                   "maximum": 1000},
+                "targetConnectionsPerPod": INT,
+                "connectionsMetric": {"type": "string", "minLength": 1},
+                "scaleDownStabilizationSeconds": INT,
+            }),
+            "metrics": obj({
+                "serviceMonitor": obj({"enabled": BOOL, "interval": {
+                    "type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}, "labels": MAP}),
+                "prometheusRule": obj({"enabled": BOOL, "labels": MAP}),
+            }),
+            "networkPolicy": obj({"enabled": BOOL, "clientFrom": LIST, "opsFrom": LIST}),
+            # Helm passes this to every chart (subchart values); allowed.
+            "global": ANYMAP,
+        }),
+    }
+
+
+def render():
+    return json.dumps(schema(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--check"]:
+        sys.exit(0 if SCHEMA.read_text() == render() else 1)
+    SCHEMA.write_text(render())
+    print(f"wrote {SCHEMA.relative_to(ROOT)}")
