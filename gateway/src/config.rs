@@ -61,6 +61,16 @@ pub struct Config {
     /// How long a channel's sequence and epoch survive with no publish. When
     /// they expire the channel restarts at a new epoch.
     pub stream_meta_ttl_ms: u64,
+    /// How long the stream of a channel nobody has published to survives its
+    /// last subscribe, when no node has a subscriber to it any more (streams
+    /// with subscribers are kept). Bounds what subscribing to made-up names
+    /// can hold.
+    pub stream_empty_ttl_ms: u64,
+    /// Embedded node: streams (channels with a sequence) held at most; past
+    /// it the least recently used go first, never-published ones before
+    /// the rest, and a client holding a position in one is told
+    /// `epoch_changed`. (Cluster mode: Redis's `maxmemory`.)
+    pub replay_max_streams: usize,
 
     /// Largest WebSocket frame (message) a client may send, in bytes.
     pub max_frame_bytes: usize,
@@ -75,6 +85,17 @@ pub struct Config {
     pub command_rate: u32,
     /// Commands a connection may send in a burst.
     pub command_burst: u32,
+    /// Subscribes per second one connection may make (sustained; each may
+    /// create a stream), on top of `command_rate`.
+    pub subscribe_rate: u32,
+    /// Subscribes one connection may make in a burst.
+    pub subscribe_burst: u32,
+    /// Subscribes per second one user may make over all their connections
+    /// on a node (sustained).
+    pub user_subscribe_rate: u32,
+    /// Subscribes one user may make in a burst, over all their connections
+    /// on a node.
+    pub user_subscribe_burst: u32,
     /// Largest publish API request body, in bytes.
     pub max_api_body_bytes: usize,
     /// Channels one SSE stream may name.
@@ -207,10 +228,16 @@ impl Default for Config {
             replay_max_messages: 1000,
             replay_max_bytes: 256 * 1024 * 1024,
             stream_meta_ttl_ms: 24 * 3600 * 1000,
+            stream_empty_ttl_ms: 5 * 60 * 1000,
+            replay_max_streams: 1_000_000,
             max_frame_bytes: 64 * 1024,
             max_queue_bytes: 1024 * 1024,
             max_subscriptions: 128,
             command_rate: 100,
+            subscribe_rate: 20,
+            subscribe_burst: 200,
+            user_subscribe_rate: 50,
+            user_subscribe_burst: 500,
             command_burst: 200,
             max_api_body_bytes: 1024 * 1024,
             max_sse_channels: 32,
@@ -274,7 +301,47 @@ pub struct Overrides {
     pub node_id: Option<String>,
 }
 
+/// The prefix of the environment variables that set a setting.
+const ENV_PREFIX: &str = "GATEWAY_";
+
+/// Every setting's name (the config-file keys).
+fn setting_names() -> Vec<String> {
+    match serde_json::to_value(Config::default()) {
+        Ok(serde_json::Value::Object(m)) => m.into_iter().map(|(k, _)| k).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The names among `vars` that carry the `GATEWAY_` prefix but name no
+/// setting (nor `GATEWAY_CONFIG`), sorted.
+fn unknown_names(vars: impl IntoIterator<Item = String>) -> Vec<String> {
+    let known = setting_names();
+    let mut unknown: Vec<String> = vars
+        .into_iter()
+        .filter(|name| {
+            name.get(..ENV_PREFIX.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+                && {
+                    let key = &name[ENV_PREFIX.len()..];
+                    !key.eq_ignore_ascii_case("config")
+                        && !known.iter().any(|n| n.eq_ignore_ascii_case(key))
+                }
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 impl Config {
+    /// The `GATEWAY_*` environment variables that name no setting: ignored
+    /// (the node logs a warning naming them), so the variables Kubernetes
+    /// injects for a Service named `gateway` cannot stop a pod. The config
+    /// file stays strict, and a known variable with a bad value still
+    /// stops the node.
+    pub fn unknown_env() -> Vec<String> {
+        unknown_names(std::env::vars_os().filter_map(|(k, _)| k.into_string().ok()))
+    }
+
     /// Loads defaults, then `file` (if any), then `GATEWAY_*` variables, then
     /// `overrides`, and validates the result.
     pub fn load(file: Option<&Path>, overrides: Overrides) -> Result<Self, ConfigError> {
@@ -288,8 +355,17 @@ impl Config {
             }
             fig = fig.merge(Toml::file(file));
         }
-        // GATEWAY_CONFIG names the file and is not a setting itself.
-        fig = fig.merge(Env::prefixed("GATEWAY_").ignore(&["config"]));
+        // Only the variables that name a setting: others with the prefix
+        // (Kubernetes' service links for a Service named `gateway`:
+        // GATEWAY_PORT=tcp://..., GATEWAY_SERVICE_HOST; a script's
+        // GATEWAY_BIN) are not ours, and `unknown_env` names them for a
+        // warning. GATEWAY_CONFIG names the file and is not a setting itself.
+        let known = setting_names();
+        fig = fig.merge(
+            Env::prefixed(ENV_PREFIX)
+                .ignore(&["config"])
+                .filter(move |k| known.iter().any(|n| k.as_str().eq_ignore_ascii_case(n))),
+        );
         fig = fig.merge(Serialized::defaults(overrides));
         let config: Config = fig.extract().map_err(Box::new)?;
         config.validate()?;
@@ -309,7 +385,13 @@ impl Config {
         {
             return bad("admin_addr must differ from addr".into());
         }
-        let positive: [(&str, u64); 14] = [
+        let positive: [(&str, u64); 20] = [
+            ("stream_empty_ttl_ms", self.stream_empty_ttl_ms),
+            ("replay_max_streams", self.replay_max_streams as u64),
+            ("subscribe_rate", u64::from(self.subscribe_rate)),
+            ("subscribe_burst", u64::from(self.subscribe_burst)),
+            ("user_subscribe_rate", u64::from(self.user_subscribe_rate)),
+            ("user_subscribe_burst", u64::from(self.user_subscribe_burst)),
             ("replay_max_bytes", self.replay_max_bytes as u64),
             ("write_stall_timeout_ms", self.write_stall_timeout_ms),
             ("request_head_timeout_ms", self.request_head_timeout_ms),
@@ -341,6 +423,9 @@ impl Config {
         }
         if self.stream_meta_ttl_ms < self.replay_window_ms {
             return bad("stream_meta_ttl_ms must be at least replay_window_ms".into());
+        }
+        if self.stream_empty_ttl_ms > self.stream_meta_ttl_ms {
+            return bad("stream_empty_ttl_ms must not exceed stream_meta_ttl_ms".into());
         }
         if self.max_frame_bytes < 256 {
             return bad("max_frame_bytes must be at least 256".into());
@@ -455,6 +540,29 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unknown_prefixed_names_are_named_not_loaded() {
+        let vars = [
+            "GATEWAY_SERVICE_HOST",
+            "GATEWAY_PORT",
+            "GATEWAY_PORT_8080_TCP_ADDR",
+            "GATEWAY_MAX_CONNECTIONS",
+            "GATEWAY_CONFIG",
+            "gateway_log",
+            "PATH",
+        ]
+        .map(String::from);
+        assert_eq!(
+            unknown_names(vars),
+            [
+                "GATEWAY_PORT",
+                "GATEWAY_PORT_8080_TCP_ADDR",
+                "GATEWAY_SERVICE_HOST"
+            ]
+        );
+        assert!(setting_names().iter().any(|n| n == "drain_timeout_ms"));
+    }
 
     #[test]
     fn defaults_need_dev_or_keys() {

@@ -480,6 +480,11 @@ impl Hub {
             .collect()
     }
 
+    /// The channels with local subscribers.
+    pub fn channels(&self) -> Vec<Arc<str>> {
+        self.channels.iter().map(|e| e.key().clone()).collect()
+    }
+
     /// Channels with at least one local subscriber.
     pub fn channel_count(&self) -> usize {
         self.channels.len()

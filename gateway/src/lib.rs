@@ -39,6 +39,7 @@ pub mod interest;
 pub mod message;
 pub mod node;
 pub mod ops;
+pub mod quota;
 pub mod ratelimit;
 pub mod replay;
 pub mod server;

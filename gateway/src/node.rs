@@ -79,11 +79,13 @@ impl Node {
         let hub = Arc::new(Hub::new(config.max_queue_bytes));
         let window = Duration::from_millis(config.replay_window_ms);
         let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);
+        let empty_ttl = Duration::from_millis(config.stream_empty_ttl_ms);
         let (store, broker, registry): Seams = match &config.redis_url {
             None => {
                 let store = Arc::new(
                     MemoryReplayStore::new(window, config.replay_max_messages, meta_ttl)
-                        .with_max_bytes(config.replay_max_bytes),
+                        .with_max_bytes(config.replay_max_bytes)
+                        .with_stream_limits(empty_ttl, config.replay_max_streams),
                 );
                 store.spawn_sweeper();
                 let store: Arc<dyn ReplayStore> = store;
@@ -103,7 +105,7 @@ impl Node {
                         redis_url,
                         window,
                         config.replay_max_messages,
-                        meta_ttl,
+                        (meta_ttl, empty_ttl),
                     )
                     .await
                     .map_err(BuildError::Store)?,
@@ -146,15 +148,21 @@ impl Node {
             drain::Limits::from_config(&config),
         ));
         let metrics = Metrics::new();
-        let sessions = Arc::new(SessionContext::new(
-            id.clone(),
-            hub.clone(),
-            store.clone(),
-            broker.clone(),
-            metrics.clone(),
-            drain.clone(),
-            config.max_subscriptions,
-        ));
+        let sessions = Arc::new(
+            SessionContext::new(
+                id.clone(),
+                hub.clone(),
+                store.clone(),
+                broker.clone(),
+                metrics.clone(),
+                drain.clone(),
+                config.max_subscriptions,
+            )
+            .with_subscribe_limits(
+                (config.subscribe_rate, config.subscribe_burst),
+                (config.user_subscribe_rate, config.user_subscribe_burst),
+            ),
+        );
         let node = Arc::new(Self {
             config,
             id,
@@ -168,6 +176,7 @@ impl Node {
             prometheus,
             drain,
         });
+        node.spawn_stream_keeper(empty_ttl);
         if node.registry.is_some() {
             node.heartbeat().await.map_err(BuildError::Heartbeat)?;
             let weak = Arc::downgrade(&node);
@@ -184,6 +193,26 @@ impl Node {
             });
         }
         Ok(node)
+    }
+
+    /// Keeps the streams of every channel with local subscribers alive
+    /// ([`ReplayStore::keep_alive`]), three times per `stream_empty_ttl_ms`,
+    /// so a quiet channel's epoch never expires under its subscribers.
+    fn spawn_stream_keeper(self: &Arc<Self>, empty_ttl: Duration) {
+        let weak = Arc::downgrade(self);
+        let every = (empty_ttl / 3).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = weak.upgrade() else { return };
+                let channels = node.hub.channels();
+                if let Err(e) = node.store.keep_alive(&channels).await {
+                    warn!(error = %e, channels = channels.len(), "keeping subscribed streams alive failed; retrying next tick");
+                }
+            }
+        });
     }
 
     /// Refreshes this node's registry entry (cluster mode). If the registry

@@ -20,6 +20,8 @@ mod delivery;
 mod drain;
 #[path = "gateway/heartbeat.rs"]
 mod heartbeat;
+#[path = "gateway/kubernetes.rs"]
+mod kubernetes;
 #[path = "gateway/poison.rs"]
 mod poison;
 #[path = "gateway/readiness.rs"]
@@ -38,6 +40,8 @@ mod sdk;
 mod slow_consumer;
 #[path = "gateway/sse.rs"]
 mod sse;
+#[path = "gateway/stream_bounds.rs"]
+mod stream_bounds;
 #[path = "gateway/unrecoverable.rs"]
 mod unrecoverable;
 

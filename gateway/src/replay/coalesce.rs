@@ -98,4 +98,8 @@ impl ReplayStore for CoalescingStore {
         };
         top.await
     }
+
+    async fn keep_alive(&self, channels: &[Arc<str>]) -> Result<(), StoreError> {
+        self.inner.keep_alive(channels).await
+    }
 }

@@ -5,6 +5,13 @@
 //! first, whatever their channel. An evicted position reads as `too_old`
 //! (the buffer no longer starts at it): a client is told, never left with a
 //! silent gap.
+//!
+//! Streams themselves are bounded too. One nobody ever published to lives
+//! `stream_empty_ttl_ms` after its last use, one with messages
+//! `stream_meta_ttl_ms`, and either is kept while a node has subscribers to
+//! it ([`ReplayStore::keep_alive`]). Past `replay_max_streams` the least
+//! recently used go first (never-published ones before the rest); a client
+//! holding a position of a dropped stream is told `epoch_changed`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -36,6 +43,12 @@ pub struct MemoryReplayStore {
     window: Duration,
     max_messages: usize,
     meta_ttl: Duration,
+    /// How long a stream nobody published to outlives its last use.
+    empty_ttl: Duration,
+    /// `replay_max_streams` (`usize::MAX`: none).
+    max_streams: usize,
+    /// Set while a thread drops streams over `max_streams`.
+    evicting: std::sync::atomic::AtomicBool,
     /// `replay_max_bytes` (`usize::MAX`: none).
     max_bytes: usize,
     budget: Mutex<Budget>,
@@ -70,9 +83,65 @@ impl MemoryReplayStore {
             window,
             max_messages,
             meta_ttl,
+            empty_ttl: meta_ttl,
+            max_streams: usize::MAX,
+            evicting: std::sync::atomic::AtomicBool::new(false),
             max_bytes: usize::MAX,
             budget: Mutex::new(Budget::default()),
         }
+    }
+
+    /// Bounds the streams: a never-published one lives `empty_ttl` after its
+    /// last use (`stream_empty_ttl_ms`), and at most `max_streams` are held
+    /// (`replay_max_streams`).
+    pub fn with_stream_limits(mut self, empty_ttl: Duration, max_streams: usize) -> Self {
+        self.empty_ttl = empty_ttl.min(self.meta_ttl);
+        self.max_streams = max_streams.max(1);
+        self
+    }
+
+    /// Streams held now.
+    pub fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Drops the least recently used streams while more than `max_streams`
+    /// are held, down to 15/16 of it (so this runs once per many creations):
+    /// never-published streams first, then the rest. Their buffered
+    /// messages are uncharged; a position in a dropped stream reads as
+    /// `epoch_changed` afterwards. One thread at a time.
+    fn evict_streams(&self) {
+        use std::sync::atomic::Ordering;
+        if self.streams.len() <= self.max_streams || self.evicting.swap(true, Ordering::Acquire) {
+            return;
+        }
+        let target = self.max_streams - self.max_streams / 16;
+        let mut candidates: Vec<(bool, Instant, Arc<str>)> = self
+            .streams
+            .iter()
+            .map(|e| {
+                let s = e.value().lock();
+                (s.top > 0, s.touched, e.key().clone())
+            })
+            .collect();
+        let excess = candidates.len().saturating_sub(target);
+        if excess > 0 {
+            candidates.select_nth_unstable_by(excess - 1, |a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        }
+        let mut dropped_history = 0u64;
+        for (published, _, name) in candidates.into_iter().take(excess) {
+            if let Some((_, stream)) = self.streams.remove(&name) {
+                let mut s = stream.lock();
+                while let Some((_, _, key)) = s.buffer.pop_front() {
+                    self.uncharge(key);
+                }
+                dropped_history += u64::from(published);
+            }
+        }
+        if dropped_history > 0 {
+            crate::telemetry::stream_history_lost("stream_limit", dropped_history);
+        }
+        self.evicting.store(false, Ordering::Release);
     }
 
     /// Bounds the bytes of all buffered messages together
@@ -163,6 +232,12 @@ impl MemoryReplayStore {
         if let Some(s) = self.streams.get(channel) {
             return s.clone();
         }
+        // Room first, so the stream being made is never the one dropped.
+        // Some slack over the bound, so the sweep of the excess (a sort of
+        // every stream) runs once per max/16 creations, not at each.
+        if self.streams.len() >= self.max_streams.saturating_add(self.max_streams / 16) {
+            self.evict_streams();
+        }
         self.streams
             .entry(Arc::from(channel))
             .or_insert_with(|| {
@@ -188,20 +263,29 @@ impl MemoryReplayStore {
         }
     }
 
-    /// Drops expired messages and streams idle for longer than the meta TTL.
-    /// Run periodically (see [`MemoryReplayStore::spawn_sweeper`]).
+    /// Drops expired messages, and streams idle for longer than their TTL
+    /// (`empty_ttl` for one never published to, the meta TTL otherwise),
+    /// then the excess over `max_streams`. Run periodically (see
+    /// [`MemoryReplayStore::spawn_sweeper`]).
     pub fn sweep(&self) {
         let now = Instant::now();
         self.streams.retain(|_, s| {
             let mut s = s.lock();
             self.trim(&mut s, now);
-            now.duration_since(s.touched) <= self.meta_ttl
+            let ttl = if s.top == 0 {
+                self.empty_ttl
+            } else {
+                self.meta_ttl
+            };
+            now.duration_since(s.touched) <= ttl
         });
+        self.evict_streams();
     }
 
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let store = Arc::downgrade(self);
-        let every = (self.window / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+        let every = (self.window.min(self.empty_ttl) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
@@ -245,6 +329,7 @@ impl ReplayStore for MemoryReplayStore {
         let stream = self.stream(channel);
         let mut s = stream.lock();
         let now = Instant::now();
+        s.touched = now;
         self.trim(&mut s, now);
         let top = Position::new(s.top, &*s.epoch);
         if since.epoch != *s.epoch {
@@ -287,8 +372,19 @@ impl ReplayStore for MemoryReplayStore {
 
     async fn top(&self, channel: &str) -> Result<Position, StoreError> {
         let stream = self.stream(channel);
-        let s = stream.lock();
+        let mut s = stream.lock();
+        s.touched = Instant::now();
         Ok(Position::new(s.top, &*s.epoch))
+    }
+
+    async fn keep_alive(&self, channels: &[Arc<str>]) -> Result<(), StoreError> {
+        let now = Instant::now();
+        for c in channels {
+            if let Some(stream) = self.streams.get(&**c) {
+                stream.lock().touched = now;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -388,6 +484,83 @@ mod tests {
                     .unwrap()
             ),
             vec![1]
+        );
+    }
+
+    #[tokio::test]
+    async fn never_published_streams_live_a_short_ttl_unless_kept_alive() {
+        let store = MemoryReplayStore::new(Duration::from_millis(50), 10, Duration::from_secs(60))
+            .with_stream_limits(Duration::from_millis(100), 1000);
+        let quiet = store.top("quiet").await.unwrap();
+        let kept = store.top("kept").await.unwrap();
+        store.top("used").await.unwrap();
+        store.append("used", Value::from(1), 0).await.unwrap();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+            store.keep_alive(&[Arc::from("kept")]).await.unwrap();
+            store.sweep();
+        }
+        // "quiet" went (a subscribe now gets a new epoch); "kept" (a node
+        // has subscribers) and "used" (published to) did not.
+        assert_eq!(store.stream_count(), 2);
+        assert_ne!(store.top("quiet").await.unwrap().epoch, quiet.epoch);
+        assert_eq!(store.top("kept").await.unwrap().epoch, kept.epoch);
+        assert_eq!(store.top("used").await.unwrap().seq, 1);
+    }
+
+    #[tokio::test]
+    async fn past_max_streams_the_least_recently_used_go_never_published_first() {
+        let store = MemoryReplayStore::new(Duration::from_secs(60), 10, Duration::from_secs(60))
+            .with_max_bytes(1 << 20)
+            .with_stream_limits(Duration::from_secs(60), 32);
+        let published = store.top("published").await.unwrap();
+        store
+            .append("published", Value::from("x"), 0)
+            .await
+            .unwrap();
+        let charged = store.charged_bytes();
+        for i in 0..1000 {
+            store.top(&format!("made-up-{i}")).await.unwrap();
+            assert!(store.stream_count() <= 32 + 2, "{}", store.stream_count());
+        }
+        // The published stream was older than all of them, yet it stays:
+        // never-published streams go first.
+        let r = store
+            .read_since("published", &Position::new(0, &*published.epoch))
+            .await
+            .unwrap();
+        assert_eq!(seqs(&r), vec![1]);
+        assert_eq!(store.charged_bytes(), charged);
+        // Published streams go too when they are all that is left to drop;
+        // their messages are uncharged.
+        for i in 0..40 {
+            store
+                .append(&format!("p{i}"), Value::from("x"), 0)
+                .await
+                .unwrap();
+        }
+        assert!(store.stream_count() <= 34);
+        let r = store
+            .read_since("published", &Position::new(0, &*published.epoch))
+            .await
+            .unwrap();
+        assert!(
+            matches!(
+                r,
+                Recovery::Unrecoverable {
+                    reason: UnrecoverableReason::EpochChanged,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
+        assert_eq!(
+            store.budget.lock().charged.len(),
+            store
+                .streams
+                .iter()
+                .map(|e| e.value().lock().buffer.len())
+                .sum::<usize>()
         );
     }
 

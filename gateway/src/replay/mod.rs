@@ -18,6 +18,10 @@
 //!   order, up to the top at the time of the read, or says why it cannot.
 //!   It never returns part of a gap.
 //! * Messages stay readable for the configured window (time and count).
+//! * A stream lives while a node has subscribers to it (`keep_alive`), and
+//!   for a TTL after its last use otherwise: `stream_empty_ttl_ms` if nobody
+//!   ever published to it, `stream_meta_ttl_ms` if someone did. A stream
+//!   that expired comes back at a new epoch.
 
 pub mod coalesce;
 pub mod memory;
@@ -73,4 +77,10 @@ pub trait ReplayStore: Send + Sync + 'static {
 
     /// The stream's current position (creating the stream if it is new).
     async fn top(&self, channel: &str) -> Result<Position, StoreError>;
+
+    /// Channels this node has subscribers to: their streams are in use (the
+    /// subscribers hold their epochs), so none of them expires, even one
+    /// nobody has published to (whose TTL is short: `stream_empty_ttl_ms`).
+    /// A node calls it at least once per that TTL. Creates nothing.
+    async fn keep_alive(&self, channels: &[Arc<str>]) -> Result<(), StoreError>;
 }

@@ -1,8 +1,12 @@
 //! Redis replay store, shared by every node of a cluster.
 //!
 //! Per channel `c`, two keys in one hash slot (`{ch:c}`):
-//! * `gw:{ch:c}:m`: hash `e` (epoch), `s` (top sequence); lives for
-//!   `stream_meta_ttl_ms` after the last use.
+//! * `gw:{ch:c}:m`: hash `e` (epoch), `s` (top sequence), `l` (life, below);
+//!   lives `stream_meta_ttl_ms` after the last use, or `stream_empty_ttl_ms`
+//!   while nobody has published to it; nodes with subscribers extend it
+//!   (`keep_alive`, `PEXPIRE … GT`, which never shortens). Every key has a
+//!   TTL, so a `maxmemory` with a `volatile-*` policy bounds them all; an
+//!   evicted key is covered (below).
 //! * `gw:{ch:c}:b`: a Redis Stream of the recent messages, entry id
 //!   `0-<seq>`, fields `d` (JSON data) and `t` (accept time, Unix ms); capped
 //!   at `replay_max_messages` entries and expiring `replay_window_ms` after
@@ -104,11 +108,17 @@ local function append(KEYS, ARGV)
 end
 
 -- KEYS: meta, buffer. ARGV: first seq to read ('' for none), max messages,
--- fresh epoch, meta ttl ms.
+-- fresh epoch, meta ttl ms, empty-stream ttl ms. A stream nobody published
+-- to gets the short TTL (never shortening a longer one it has).
 local function read(KEYS, ARGV)
   local epoch, reset = life_check(KEYS[1], KEYS[2], ARGV[3])
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
   local s = tonumber(redis.call('HGET', KEYS[1], 's'))
+  if s == 0 then
+    local ttl = redis.call('PTTL', KEYS[1])
+    if ttl < tonumber(ARGV[5]) then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+  else
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  end
   local entries = {}
   if ARGV[1] ~= '' then
     entries = redis.call('XRANGE', KEYS[2], '0-' .. ARGV[1], '+', 'COUNT', ARGV[2])
@@ -161,14 +171,17 @@ pub struct RedisReplayStore {
     window: Duration,
     max_messages: usize,
     meta_ttl: Duration,
+    empty_ttl: Duration,
 }
 
 impl RedisReplayStore {
+    /// `meta_ttl` and `empty_ttl`: `stream_meta_ttl_ms` and
+    /// `stream_empty_ttl_ms`.
     pub async fn connect(
         url: &str,
         window: Duration,
         max_messages: usize,
-        meta_ttl: Duration,
+        (meta_ttl, empty_ttl): (Duration, Duration),
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(unavailable)?;
         let config = registry::redis::connection_config();
@@ -197,6 +210,7 @@ impl RedisReplayStore {
             window,
             max_messages,
             meta_ttl,
+            empty_ttl: empty_ttl.min(meta_ttl),
         };
         store.load_library().await?;
         Ok(store)
@@ -287,7 +301,8 @@ impl RedisReplayStore {
                 cmd.arg(&from)
                     .arg(self.max_messages)
                     .arg(&*new_epoch())
-                    .arg(meta_ttl);
+                    .arg(meta_ttl)
+                    .arg(self.empty_ttl.as_millis() as u64);
             })
             .await?;
         if reset == 1 {
@@ -304,7 +319,7 @@ fn history_lost(channel: &str, epoch: &str) {
         channel,
         epoch, "replay store: stream from an earlier Redis life (restart, failover or restore); its history cannot be proven, moved to a new epoch"
     );
-    crate::telemetry::stream_history_lost();
+    crate::telemetry::stream_history_lost("store_restarted", 1);
 }
 
 /// Parses one stream entry `[id, [field, value, ...]]` into (seq, ts, data).
@@ -402,5 +417,26 @@ impl ReplayStore for RedisReplayStore {
     async fn top(&self, channel: &str) -> Result<Position, StoreError> {
         let (epoch, seq, _) = self.read_raw(channel, None).await?;
         Ok(Position::new(seq, epoch))
+    }
+
+    async fn keep_alive(&self, channels: &[Arc<str>]) -> Result<(), StoreError> {
+        // One pipeline per 1,000 channels: `PEXPIRE … GT` lengthens a short
+        // (never-published) TTL and leaves a longer one alone.
+        let ttl = self.empty_ttl.as_millis() as u64;
+        for chunk in channels.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for c in chunk {
+                pipe.cmd("PEXPIRE")
+                    .arg(keys(c).0)
+                    .arg(ttl)
+                    .arg("GT")
+                    .ignore();
+            }
+            let mut conn = self.conn.clone();
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
     }
 }

@@ -35,6 +35,7 @@ use crate::drain::{Drain, Slot};
 use crate::hub::{Arrived, Behind, Hub, SessionShared, Signal, Subscription};
 use crate::interest::Interest;
 use crate::message::Publication;
+use crate::quota::{SubscribeQuota, UserQuotas};
 use crate::replay::{Recovery, ReplayStore};
 use crate::telemetry::Metrics;
 
@@ -111,6 +112,10 @@ pub struct SessionContext {
     pub drain: Arc<Drain>,
     /// Subscriptions one connection may hold.
     pub max_subscriptions: usize,
+    /// How fast a connection may subscribe: (`subscribe_rate`,
+    /// `subscribe_burst`); the per-user buckets.
+    pub subscribe_rate: (u32, u32),
+    pub user_quotas: Arc<UserQuotas>,
     next_session: std::sync::atomic::AtomicU64,
 }
 
@@ -133,8 +138,18 @@ impl SessionContext {
             metrics,
             drain,
             max_subscriptions,
+            subscribe_rate: (u32::MAX, u32::MAX),
+            user_quotas: Arc::new(UserQuotas::new(u32::MAX, u32::MAX)),
             next_session: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    /// Limits how fast sessions subscribe: per connection (`rate`, `burst`)
+    /// and per user over their connections (`user`: rate, burst).
+    pub fn with_subscribe_limits(mut self, rate: (u32, u32), user: (u32, u32)) -> Self {
+        self.subscribe_rate = rate;
+        self.user_quotas = Arc::new(UserQuotas::new(user.0, user.1));
+        self
     }
 
     fn next_session_id(&self) -> u64 {
@@ -157,6 +172,8 @@ pub struct Session {
     /// What one drain read from the logs (kept between drains).
     scratch: VecDeque<Arrived>,
     latency_sampled_at: Option<std::time::Instant>,
+    /// How fast this connection (and its user) may still subscribe.
+    quota: SubscribeQuota,
 }
 
 const LATENCY_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -171,6 +188,7 @@ impl Session {
             signal: Signal::default(),
         });
         slot.keep();
+        let quota = SubscribeQuota::new(ctx.subscribe_rate.0, ctx.subscribe_rate.1);
         match transport {
             Transport::Ws => ctx.metrics.connections_ws.increment(1.0),
             Transport::Sse => ctx.metrics.connections_sse.increment(1.0),
@@ -182,7 +200,22 @@ impl Session {
             subs: HashMap::default(),
             scratch: VecDeque::new(),
             latency_sampled_at: None,
+            quota,
         }
+    }
+
+    /// The authenticated user of this session: their subscribes count
+    /// against one bucket over all their connections on this node.
+    pub fn set_user(&mut self, user: &str) {
+        let (rate, burst) = self.ctx.subscribe_rate;
+        self.quota = SubscribeQuota::new(rate, burst).for_user(&self.ctx.user_quotas, user);
+    }
+
+    /// Takes one subscribe from the connection's and the user's quota;
+    /// false: refuse it with `rate_limited`. (Client-asked subscribes only:
+    /// the user's own stream and a resume token's restores are not asked.)
+    pub fn allow_subscribe(&mut self) -> bool {
+        self.quota.allow()
     }
 
     pub fn client_id(&self) -> String {
@@ -214,14 +247,18 @@ impl Session {
         }
     }
 
-    /// Checks a client-given channel name and the session's limits.
-    pub fn check_new_subscription(&self, channel: &str) -> Result<(), ErrorCode> {
+    /// Checks a client-given channel name and the session's limits, and
+    /// takes the subscribe from its quota.
+    pub fn check_new_subscription(&mut self, channel: &str) -> Result<(), ErrorCode> {
         validate_channel(channel).map_err(|_| ErrorCode::InvalidChannel)?;
         if self.subs.contains_key(channel) {
             return Err(ErrorCode::AlreadySubscribed);
         }
         if self.subs.len() >= self.ctx.max_subscriptions {
             return Err(ErrorCode::TooManySubscriptions);
+        }
+        if !self.allow_subscribe() {
+            return Err(ErrorCode::RateLimited);
         }
         Ok(())
     }

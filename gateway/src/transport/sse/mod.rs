@@ -10,7 +10,7 @@
 //! deliveries, keep-alives, drain, token expiry), `socket.rs` (serving it
 //! on the raw socket, outside hyper).
 
-mod request;
+pub mod request;
 pub mod socket;
 mod stream;
 
@@ -101,8 +101,15 @@ async fn open_stream(
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
 
     let mut session = Session::new(node.sessions.clone(), slot, Codec::Json, Transport::Sse);
+    session.set_user(&identity.user);
     let mut out = Vec::new();
     for (name, since) in names.iter().zip(since.iter().cloned()) {
+        if !session.allow_subscribe() {
+            return Err(ApiError::new(
+                protocol::ErrorCode::RateLimited,
+                "too many subscribes (subscribe_rate, user_subscribe_rate); retry later",
+            ));
+        }
         session
             .subscribe(None, name, since, &mut out)
             .await

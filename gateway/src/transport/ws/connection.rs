@@ -54,6 +54,7 @@ pub(super) async fn run(node: Arc<Node>, slot: Slot, mut socket: Socket, codec: 
         drain_ticket: None,
         reconnect_sent_at: None,
     };
+    conn.session.set_user(&conn.identity.user);
     // Boxed: the connect path is large and runs once; keeping it out of the
     // loop's future keeps every idle connection small.
     let code = Box::pin(conn.start(connect, resumed)).await;
