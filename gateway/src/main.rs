@@ -160,6 +160,13 @@ fn main() -> anyhow::Result<()> {
 /// Runs the node until it has drained.
 async fn serve(config: Config) -> anyhow::Result<()> {
     gateway::telemetry::init_logging(&config);
+    let unknown = Config::unknown_env();
+    if !unknown.is_empty() {
+        warn!(
+            variables = %unknown.join(", "),
+            "ignoring GATEWAY_* environment variables that name no setting (Kubernetes service links, scripts' own variables?)"
+        );
+    }
     if config.dev {
         warn!("DEV MODE: anonymous connections and unauthenticated publish API calls are accepted. Never run this in production.");
     }
