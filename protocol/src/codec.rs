@@ -28,6 +28,14 @@ use crate::scan;
 /// browsers' `JSON.parse` far deeper.
 pub const MAX_DEPTH: usize = 64;
 
+/// How deep a frame the server sent may nest for [`Codec::decode_server`]
+/// to decode it, in both codecs: what serde_json decodes (it stops at 128
+/// levels). Without it a MessagePack frame would be decoded 1,024 levels
+/// deep, past the stack of a small thread on a debug build (found by the
+/// fuzzer, target `server_frame_msgpack`). Above [`MAX_DEPTH`], so a server
+/// that raises its input limit does not make older clients fail at once.
+pub const MAX_SERVER_DEPTH: usize = 127;
+
 pub use crate::scan::MessageHead;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,8 +51,9 @@ pub enum DecodeError {
     Malformed(String),
     #[error("unknown frame type {0:?}")]
     UnknownType(String),
-    /// Arrays and maps nest deeper than [`MAX_DEPTH`].
-    #[error("arrays and maps nest deeper than the limit of {MAX_DEPTH} levels")]
+    /// Arrays and maps nest deeper than [`MAX_DEPTH`] (an input) or
+    /// [`MAX_SERVER_DEPTH`] (a frame from the server).
+    #[error("arrays and maps nest deeper than the limit ({MAX_DEPTH} levels for an input, {MAX_SERVER_DEPTH} for a server frame)")]
     TooDeep,
 }
 
@@ -160,7 +169,17 @@ impl Codec {
     /// Decodes a frame the server sent (for clients). A frame of a type this
     /// version does not know is [`DecodeError::UnknownType`]: clients should
     /// ignore it, so servers can add frames without breaking them.
+    ///
+    /// A frame deeper than [`MAX_SERVER_DEPTH`] is [`DecodeError::TooDeep`],
+    /// refused before decoding.
     pub fn decode_server(self, bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
+        let too_deep = match self {
+            Self::Json => scan::json_too_deep(bytes, MAX_SERVER_DEPTH),
+            Self::MsgPack => scan::msgpack_too_deep(bytes, MAX_SERVER_DEPTH),
+        };
+        if too_deep {
+            return Err(DecodeError::TooDeep);
+        }
         let value = self.decode_value(bytes)?;
         decode_typed(value, &ServerFrame::TYPES)
     }
@@ -351,6 +370,47 @@ mod tests {
         ));
     }
 
+    /// Found by the fuzzer (`server_frame_json`): the peek stopped at the
+    /// first complete head, the decoders take a key's last value.
+    #[test]
+    fn a_key_given_twice_is_peeked_as_the_decoders_read_it() {
+        let json = br#"{"type":"message","channel":"a","seq":1,"epoch":"E","channel":"b","seq":2,"data":1}"#;
+        let mut mp = vec![0x87];
+        for (k, v) in [("type", "message"), ("channel", "a")] {
+            mp_str(&mut mp, k);
+            mp_str(&mut mp, v);
+        }
+        mp_str(&mut mp, "seq");
+        mp.push(0x01);
+        for (k, v) in [("epoch", "E"), ("channel", "b")] {
+            mp_str(&mut mp, k);
+            mp_str(&mut mp, v);
+        }
+        mp_str(&mut mp, "seq");
+        mp.push(0x02);
+        mp_str(&mut mp, "data");
+        mp.push(0x01);
+        for (codec, bytes) in [(Codec::Json, &json[..]), (Codec::MsgPack, &mp[..])] {
+            let Ok(ServerFrame::Message(m)) = codec.decode_server(bytes) else {
+                panic!("{codec:?}: decodes");
+            };
+            assert_eq!((m.channel.as_str(), m.seq), ("b", 2), "{codec:?}");
+            let head = codec.peek_message(bytes).expect("a message");
+            assert_eq!(
+                (head.channel.as_deref(), head.seq),
+                (Some("b"), Some(2)),
+                "{codec:?}"
+            );
+        }
+        // A later `type` decides too.
+        let ping = br#"{"type":"message","channel":"a","seq":1,"epoch":"E","type":"ping"}"#;
+        assert!(matches!(
+            Codec::Json.decode_server(ping),
+            Ok(ServerFrame::Ping(_))
+        ));
+        assert_eq!(Codec::Json.peek_message(ping), None);
+    }
+
     #[test]
     fn the_head_of_an_undecodable_message_can_be_read() {
         let head = MessageHead {
@@ -388,11 +448,13 @@ mod tests {
             if codec == Codec::Json {
                 b.push(b'}');
             }
-            if codec == Codec::Json {
-                // (rmp-serde refuses it too, at 1024 levels, but on a debug
-                // build's stack decoding that deep may overflow first.)
-                assert!(codec.decode_server(&b).is_err(), "too deep to decode");
-            }
+            // Refused before decoding, in both codecs (rmp-serde alone
+            // would go 1,024 levels deep, past a small stack).
+            assert_eq!(
+                codec.decode_server(&b),
+                Err(DecodeError::TooDeep),
+                "{codec:?}"
+            );
             assert_eq!(codec.peek_message(&b), Some(head.clone()), "{codec:?}");
             // Fields in another order, `data` first.
             let mut data_first = match codec {

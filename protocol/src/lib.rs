@@ -25,7 +25,7 @@ mod scan;
 pub use channel::{
     user_channel, validate_channel, validate_user, ChannelError, USER_CHANNEL_PREFIX,
 };
-pub use codec::{Codec, DecodeError, MessageHead, MAX_DEPTH};
+pub use codec::{Codec, DecodeError, MessageHead, MAX_DEPTH, MAX_SERVER_DEPTH};
 pub use codes::{CloseCode, ErrorCode};
 pub use cursor::{CursorError, SseCursor};
 pub use frames::*;

@@ -92,10 +92,6 @@ struct Head {
 }
 
 impl Head {
-    fn complete(&self) -> bool {
-        self.ty.is_some() && self.channel.is_some() && self.seq.is_some() && self.epoch.is_some()
-    }
-
     fn into_message_head(self) -> Option<MessageHead> {
         (self.ty.as_deref() == Some("message")).then_some(MessageHead {
             channel: self.channel,
@@ -106,14 +102,17 @@ impl Head {
 }
 
 /// The top-level `type`, `channel`, `seq` and `epoch` of a JSON object,
-/// read without decoding (or even validating) the rest of it.
+/// read without decoding (or even validating) the rest of it. The whole
+/// object is scanned: a key given twice is read as its last value, as the
+/// decoders read it (found by the fuzzer: stopping at the first complete
+/// head disagreed with `decode_server`).
 pub(crate) fn json_head(b: &[u8]) -> Option<MessageHead> {
     let mut head = Head::default();
     let mut depth = 0usize;
     let mut expect_key = false;
     let mut key: Option<Field> = None;
     let mut i = 0;
-    while i < b.len() && !head.complete() {
+    while i < b.len() {
         let c = b[i];
         if depth == 0 && !c.is_ascii_whitespace() && c != b'{' {
             return None; // not an object
@@ -285,7 +284,8 @@ fn mp_uint(b: &[u8], i: usize) -> Option<u64> {
 }
 
 /// The top-level `type`, `channel`, `seq` and `epoch` of a MessagePack map,
-/// read without decoding the rest of it.
+/// read without decoding the rest of it; a key given twice is read as its
+/// last value, as the decoders read it.
 pub(crate) fn msgpack_head(b: &[u8]) -> Option<MessageHead> {
     let (mut i, children, container) = mp_item(b, 0)?;
     if !container || !matches!(b[0], 0x80..=0x8f | 0xde | 0xdf) {
@@ -304,9 +304,6 @@ pub(crate) fn msgpack_head(b: &[u8]) -> Option<MessageHead> {
                     set_str(&mut head, f, s);
                 }
             }
-        }
-        if head.complete() {
-            break;
         }
         let Some(next) = mp_skip(b, i) else { break };
         i = next;
