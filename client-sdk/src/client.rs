@@ -179,7 +179,9 @@ impl ClientBuilder {
         self
     }
 
-    /// Largest WebSocket message accepted from the server. Default 16 MiB.
+    /// Largest message accepted from the server: a WebSocket message, or an
+    /// SSE event (its `data:` lines together). A larger one ends the
+    /// connection, which is retried. Default 16 MiB.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes;
         self

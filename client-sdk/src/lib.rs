@@ -142,6 +142,9 @@ mod client;
 mod config;
 mod driver;
 mod error;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod net;
 mod shared;
 mod sse;

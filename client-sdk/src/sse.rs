@@ -35,7 +35,19 @@ pub(crate) fn parse_retry_after(value: &str) -> Option<Duration> {
     value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
-fn parse_head(bytes: &[u8]) -> io::Result<Head> {
+/// Where the response head in `raw` ends (just after its blank line), if
+/// it has; an error once it is longer than [`MAX_HEAD`] without ending.
+pub(crate) fn head_end(raw: &[u8]) -> io::Result<Option<usize>> {
+    if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+        return Ok(Some(i + 4));
+    }
+    if raw.len() > MAX_HEAD {
+        return Err(bad("response head too long"));
+    }
+    Ok(None)
+}
+
+pub(crate) fn parse_head(bytes: &[u8]) -> io::Result<Head> {
     let text = std::str::from_utf8(bytes).map_err(|_| bad("response head is not UTF-8"))?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();
@@ -74,7 +86,7 @@ fn parse_head(bytes: &[u8]) -> io::Result<Head> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
+pub(crate) enum Chunk {
     Size,
     Data(u64),
     DataEnd,
@@ -83,14 +95,14 @@ enum Chunk {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Body {
+pub(crate) enum Body {
     Chunked(Chunk),
     Length(u64),
     UntilEof,
 }
 
 impl Body {
-    fn of(head: &Head) -> Self {
+    pub(crate) fn of(head: &Head) -> Self {
         if head.chunked {
             Self::Chunked(Chunk::Size)
         } else if let Some(n) = head.content_length {
@@ -100,12 +112,12 @@ impl Body {
         }
     }
 
-    fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         matches!(self, Self::Chunked(Chunk::Done) | Self::Length(0))
     }
 
     /// Moves decoded body bytes from `raw` to `out`.
-    fn decode(&mut self, raw: &mut BytesMut, out: &mut BytesMut) -> io::Result<()> {
+    pub(crate) fn decode(&mut self, raw: &mut BytesMut, out: &mut BytesMut) -> io::Result<()> {
         loop {
             match self {
                 Self::UntilEof => {
@@ -298,6 +310,11 @@ impl Parser {
         }
     }
 
+    /// Bytes of the event being read that [`Parser::advance`] holds.
+    fn pending(&self) -> usize {
+        self.data.len() + self.id.len()
+    }
+
     /// The event completed by the last [`Parser::advance`] that returned true.
     pub(crate) fn event(&self) -> Event<'_> {
         Event {
@@ -308,6 +325,27 @@ impl Parser {
     }
 }
 
+/// Decodes body bytes from `raw` (into `text`) and reads events from them:
+/// true when an event is complete (read it from `parser`), false when more
+/// bytes are needed. An event (or a line) that grows past `max_event` bytes
+/// is an error: a stream must not make the client hold unbounded memory.
+pub(crate) fn step(
+    body: &mut Body,
+    parser: &mut Parser,
+    raw: &mut BytesMut,
+    text: &mut BytesMut,
+    max_event: usize,
+) -> io::Result<bool> {
+    body.decode(raw, text)?;
+    if parser.advance(text) {
+        return Ok(true);
+    }
+    if text.len().saturating_add(parser.pending()) > max_event {
+        return Err(bad("an SSE event larger than max_message_size"));
+    }
+    Ok(false)
+}
+
 /// An open `GET /sse` response: its head, then its events.
 pub(crate) struct SseReader {
     stream: NetStream,
@@ -315,6 +353,8 @@ pub(crate) struct SseReader {
     text: BytesMut,
     body: Body,
     parser: Parser,
+    /// Largest event accepted (the client's `max_message_size`).
+    max_event: usize,
     eof: bool,
     /// When bytes last arrived (any: events, keep-alive comments).
     pub(crate) last_recv: Instant,
@@ -327,16 +367,14 @@ impl SseReader {
         mut stream: NetStream,
         request: &[u8],
         read_buffer: usize,
+        max_event: usize,
     ) -> io::Result<Self> {
         stream.write_all(request).await?;
         stream.flush().await?;
         let mut raw = BytesMut::with_capacity(read_buffer.max(512));
         let head_end = loop {
-            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            if raw.len() > MAX_HEAD {
-                return Err(bad("response head too long"));
+            if let Some(end) = head_end(&raw)? {
+                break end;
             }
             if raw.capacity() - raw.len() < 256 {
                 raw.reserve(1024);
@@ -357,6 +395,7 @@ impl SseReader {
             text: BytesMut::new(),
             body,
             parser: Parser::default(),
+            max_event,
             eof: false,
             last_recv: Instant::now(),
             head,
@@ -396,8 +435,8 @@ impl SseReader {
     /// The next event; `None` when the stream ended. Cancel-safe.
     pub(crate) async fn next_event(&mut self) -> io::Result<Option<Event<'_>>> {
         loop {
-            self.body.decode(&mut self.raw, &mut self.text)?;
-            if self.parser.advance(&mut self.text) {
+            let (body, parser) = (&mut self.body, &mut self.parser);
+            if step(body, parser, &mut self.raw, &mut self.text, self.max_event)? {
                 return Ok(Some(self.parser.event()));
             }
             if self.body.done() || self.eof {
@@ -480,6 +519,36 @@ mod tests {
         assert!(body
             .decode(&mut BytesMut::from(&b"zz\r\n"[..]), &mut BytesMut::new())
             .is_err());
+    }
+
+    /// The bounded-read property of the fuzz target `sdk_sse_stream`: an
+    /// event that never ends (one endless line, or `data:` lines with no
+    /// blank line) grew the reader's buffers without bound; now it stops at
+    /// `max_event`.
+    #[test]
+    fn an_event_larger_than_the_limit_is_an_error() {
+        for piece in [&b"data: xxxxxxxx\n"[..], &b"xxxxxxxxxxxxxxx"[..]] {
+            let (mut body, mut parser) = (Body::UntilEof, Parser::default());
+            let (mut raw, mut text) = (BytesMut::new(), BytesMut::new());
+            raw.extend_from_slice(b"data: ");
+            let mut fed = 0;
+            let err = loop {
+                match step(&mut body, &mut parser, &mut raw, &mut text, 1024) {
+                    Ok(ready) => assert!(!ready),
+                    Err(e) => break e,
+                }
+                raw.extend_from_slice(piece);
+                fed += piece.len();
+                assert!(fed < 2048, "not refused");
+            };
+            assert!(err.to_string().contains("max_message_size"), "{err}");
+        }
+        // Below the limit: read.
+        let (mut body, mut parser) = (Body::UntilEof, Parser::default());
+        let mut raw = BytesMut::from(&b"data: short\n\n"[..]);
+        let mut text = BytesMut::new();
+        assert!(step(&mut body, &mut parser, &mut raw, &mut text, 1024).unwrap());
+        assert_eq!(parser.event().data, b"short");
     }
 
     #[test]

@@ -74,9 +74,11 @@ impl Driver {
         let base = self.cfg.base.clone();
         let (recv_buffer, read_buffer) = (self.cfg.tcp_recv_buffer, self.cfg.read_buffer);
         let bind = self.cfg.bind_addr;
+        // An event is a message: the same bound as a WebSocket message.
+        let max_event = self.cfg.max_message_size;
         let opening = async move {
             let stream = NetStream::connect(&base, recv_buffer, bind).await?;
-            SseReader::open(stream, &request, read_buffer).await
+            SseReader::open(stream, &request, read_buffer, max_event).await
         };
         let mut reader = match self
             .offline(timeout(self.cfg.connect_timeout, opening))
