@@ -109,6 +109,26 @@ pub fn authorise(
         channels.push(user_channel(&identity.user));
     }
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+    let (since, foreign_cursor) = resume_positions(query, headers, &names)?;
+    Ok(SseRequest {
+        channels,
+        identity,
+        since,
+        foreign_cursor,
+    })
+}
+
+/// Where a stream resumes: the SSE cursor of `Last-Event-ID` (or, without
+/// that header, `?last_event_id=`) as a position per channel of `names`
+/// (`None`: from its top), and whether the cursor was made for another
+/// channel set (then every channel starts at its top). A cursor that is not
+/// one of this gateway's is refused (400), never taken for "no cursor".
+/// Fuzzed by `fuzz/` (targets `sse_cursor`, `sse_request_head`).
+pub fn resume_positions(
+    query: &[(String, String)],
+    headers: &HeaderMap,
+    names: &[&str],
+) -> Result<(Vec<Option<Position>>, bool), ApiError> {
     let header = match headers.get("last-event-id").map(|v| v.to_str()) {
         None => None,
         Some(Ok(v)) => Some(v.to_owned()),
@@ -129,26 +149,18 @@ pub fn authorise(
                 .map(|(_, v)| v.clone())
         })
         .filter(|c| !c.trim().is_empty());
-    let (since, foreign_cursor) = match cursor
+    match cursor
         .as_deref()
-        .map(|c| SseCursor::decode_partial(c, &names))
+        .map(|c| SseCursor::decode_partial(c, names))
     {
-        None => (vec![None; names.len()], false),
+        None => Ok((vec![None; names.len()], false)),
         // A channel the client has no position of yet (`_`) starts at its
         // top, like a fresh subscription.
-        Some(Ok(positions)) => (positions, false),
-        Some(Err(CursorError::OtherChannels)) => (vec![None; names.len()], true),
-        Some(Err(CursorError::Malformed)) => {
-            return Err(ApiError::new(
-                ErrorCode::BadRequest,
-                "malformed Last-Event-ID (not a cursor of this gateway)",
-            ))
-        }
-    };
-    Ok(SseRequest {
-        channels,
-        identity,
-        since,
-        foreign_cursor,
-    })
+        Some(Ok(positions)) => Ok((positions, false)),
+        Some(Err(CursorError::OtherChannels)) => Ok((vec![None; names.len()], true)),
+        Some(Err(CursorError::Malformed)) => Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "malformed Last-Event-ID (not a cursor of this gateway)",
+        )),
+    }
 }

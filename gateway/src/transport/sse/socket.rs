@@ -106,6 +106,49 @@ async fn linger(tcp: &mut TcpStream) {
     }
 }
 
+/// What the bytes of a request head read so far are.
+#[derive(Debug)]
+pub enum Head {
+    /// A whole head: its headers (those `http` takes; others are left out)
+    /// and the query string of its target.
+    Complete {
+        headers: HeaderMap,
+        query: Option<String>,
+    },
+    /// The head has not ended yet.
+    Partial,
+    /// Not an HTTP/1 request head (the parser's reason).
+    Malformed(String),
+}
+
+/// Parses the request head at the start of `buf` (the raw SSE path's only
+/// parser of client bytes before the cursor; fuzzed by `fuzz/`, target
+/// `sse_request_head`).
+pub fn parse_head(buf: &[u8]) -> Head {
+    let mut slots = [httparse::EMPTY_HEADER; 64];
+    let mut req = httparse::Request::new(&mut slots);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(_)) => {
+            let query = req
+                .path
+                .and_then(|p| p.split_once('?'))
+                .map(|(_, q)| q.to_owned());
+            let mut headers = HeaderMap::new();
+            for h in req.headers.iter() {
+                if let (Ok(n), Ok(v)) = (
+                    HeaderName::from_bytes(h.name.as_bytes()),
+                    HeaderValue::from_bytes(h.value),
+                ) {
+                    headers.append(n, v);
+                }
+            }
+            Head::Complete { headers, query }
+        }
+        Ok(httparse::Status::Partial) => Head::Partial,
+        Err(e) => Head::Malformed(e.to_string()),
+    }
+}
+
 /// Reads and parses the request head; answers and returns `None` on error.
 async fn read_head(
     tcp: &mut TcpStream,
@@ -119,32 +162,15 @@ async fn read_head(
             Ok(Ok(n)) => n,
         };
         buf.extend_from_slice(&chunk[..n]);
-        let mut slots = [httparse::EMPTY_HEADER; 64];
-        let mut req = httparse::Request::new(&mut slots);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(_)) => {
-                let query = req
-                    .path
-                    .and_then(|p| p.split_once('?'))
-                    .map(|(_, q)| q.to_owned());
-                let mut headers = HeaderMap::new();
-                for h in req.headers.iter() {
-                    if let (Ok(n), Ok(v)) = (
-                        HeaderName::from_bytes(h.name.as_bytes()),
-                        HeaderValue::from_bytes(h.value),
-                    ) {
-                        headers.append(n, v);
-                    }
-                }
-                return Some((headers, query));
-            }
-            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => continue,
-            Ok(httparse::Status::Partial) => {
+        match parse_head(&buf) {
+            Head::Complete { headers, query } => return Some((headers, query)),
+            Head::Partial if buf.len() < MAX_HEAD => continue,
+            Head::Partial => {
                 plain(tcp, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, r#"{"error":{"code":106,"name":"too_large","message":"request head too large","temporary":false}}"#).await;
                 linger(tcp).await;
                 return None;
             }
-            Err(e) => {
+            Head::Malformed(e) => {
                 let body = format!(
                     r#"{{"error":{{"code":115,"name":"bad_request","message":"malformed request: {e}","temporary":false}}}}"#
                 );
@@ -170,6 +196,9 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
     // The stream's signal, to cut a client whose writes block while it
     // falls behind (the stream itself is not polled then).
     let shared = parts.extensions.remove::<Arc<crate::hub::SessionShared>>();
+    let end = parts
+        .extensions
+        .remove::<Arc<crate::telemetry::ConnectionEnd>>();
     if parts.status != StatusCode::OK {
         let bytes = axum::body::to_bytes(body, 64 * 1024)
             .await
@@ -212,10 +241,18 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
                                 written = write => written,
                                 _ = overflow => {
                                     node.metrics.slow_consumer_disconnects.increment(1);
+                                    if let Some(e) = &end {
+                                        e.set(protocol::CloseCode::SlowConsumer);
+                                    }
+                                    let id = shared.as_ref().map_or(0, |s| s.id);
+                                    crate::telemetry::slow_consumer_cut("sse", &format!("{}-{id}", node.id));
                                     return;
                                 }
                                 _ = stall => {
                                     crate::telemetry::write_stalled("sse");
+                                    if let Some(e) = &end {
+                                        e.set(protocol::CloseCode::SlowConsumer);
+                                    }
                                     return;
                                 }
                             }
