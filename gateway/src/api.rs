@@ -30,6 +30,7 @@ async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiEr
     node.auth.check_api_key(auth).map_err(|e| {
         node.metrics
             .api_request_rejected(ErrorCode::Unauthorized.name());
+        crate::telemetry::auth_failed("api", &crate::telemetry::arrival_id("api"), &e);
         ApiError::new(ErrorCode::Unauthorized, e.to_string())
     })?;
     let content_type = req

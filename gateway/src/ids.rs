@@ -31,6 +31,14 @@ pub fn new_secret() -> String {
 }
 
 /// Unix time in milliseconds (0 if the clock is before 1970).
+/// Unix time in microseconds (latency samples finer than `ts`'s millisecond).
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

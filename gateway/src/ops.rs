@@ -66,6 +66,7 @@ pub async fn admin_drain(State(node): State<Arc<Node>>, headers: http::HeaderMap
     if let Err(e) = node.auth.check_api_key(auth) {
         node.metrics
             .api_request_rejected(ErrorCode::Unauthorized.name());
+        crate::telemetry::auth_failed("api", &crate::telemetry::arrival_id("api"), &e);
         return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response();
     }
     node.start_drain();
@@ -77,7 +78,7 @@ pub async fn admin_drain(State(node): State<Arc<Node>>, headers: http::HeaderMap
 }
 
 pub async fn metrics(State(node): State<Arc<Node>>) -> Response {
-    crate::telemetry::backbone_up(node.broker.healthy());
+    crate::telemetry::before_scrape(node.broker.healthy(), node.is_draining());
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         node.prometheus.render(),

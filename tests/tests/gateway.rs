@@ -22,6 +22,8 @@ mod drain;
 mod heartbeat;
 #[path = "gateway/kubernetes.rs"]
 mod kubernetes;
+#[path = "gateway/metrics.rs"]
+mod metrics;
 #[path = "gateway/poison.rs"]
 mod poison;
 #[path = "gateway/readiness.rs"]

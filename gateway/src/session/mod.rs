@@ -42,8 +42,11 @@ use crate::telemetry::Metrics;
 /// Something the transport must write, in order.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// A `message` frame (already encoded on the publication).
+    /// A `message` frame (already encoded on the publication), live.
     Publication(Arc<Publication>),
+    /// A `message` frame sent from the replay store (resume, gap repair):
+    /// written the same, counted apart (its age is not a delivery latency).
+    Replayed(Arc<Publication>),
     /// Any other frame.
     Frame(ServerFrame),
 }
@@ -59,6 +62,29 @@ pub trait Outbox {
     fn publication_ref(&mut self, p: &Arc<Publication>) {
         self.publication(p.clone());
     }
+    /// A publication from the replay store (see [`Outgoing::Replayed`]).
+    fn replayed(&mut self, p: Arc<Publication>);
+}
+
+/// What one write delivered, for the metrics: how many publications, and
+/// the oldest `ts` among the live ones and among the replayed ones.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Written {
+    pub count: u64,
+    pub oldest_live: Option<u64>,
+    pub oldest_replayed: Option<u64>,
+}
+
+impl Written {
+    pub fn live(&mut self, ts: u64) {
+        self.count += 1;
+        self.oldest_live = Some(self.oldest_live.map_or(ts, |t| t.min(ts)));
+    }
+
+    pub fn replayed(&mut self, ts: u64) {
+        self.count += 1;
+        self.oldest_replayed = Some(self.oldest_replayed.map_or(ts, |t| t.min(ts)));
+    }
 }
 
 impl Outbox for Vec<Outgoing> {
@@ -67,6 +93,9 @@ impl Outbox for Vec<Outgoing> {
     }
     fn frame(&mut self, f: ServerFrame) {
         self.push(Outgoing::Frame(f));
+    }
+    fn replayed(&mut self, p: Arc<Publication>) {
+        self.push(Outgoing::Replayed(p));
     }
 }
 
@@ -329,7 +358,7 @@ impl Session {
                 for p in publications {
                     if p.seq == last + 1 {
                         last = p.seq;
-                        out.push(Outgoing::Publication(p));
+                        out.push(Outgoing::Replayed(p));
                     }
                 }
                 self.subs.insert(key, SubState { epoch, last, sub });
@@ -516,7 +545,7 @@ impl Session {
                         if q.seq == st.last + 1 && q.seq < p.seq {
                             st.last = q.seq;
                             node.metrics.replayed.increment(1);
-                            out.publication(q);
+                            out.replayed(q);
                         }
                     }
                 }
@@ -559,31 +588,35 @@ impl Session {
         out.publication(p);
     }
 
-    /// Counts written messages and samples latency (once per batch, for its
-    /// oldest message).
-    pub fn record_written(&mut self, count: u64, oldest_ts: Option<u64>) {
-        if count == 0 {
+    /// Counts written messages and samples latency: live deliveries at most
+    /// every 100 ms per connection (a batch's oldest), replays (a batch's
+    /// oldest) in their own histogram.
+    pub fn record_written(&mut self, w: Written) {
+        if w.count == 0 {
             return;
         }
         match self.transport {
-            Transport::Ws => self.ctx.metrics.delivered_ws.increment(count),
-            Transport::Sse => self.ctx.metrics.delivered_sse.increment(count),
+            Transport::Ws => self.ctx.metrics.delivered_ws.increment(w.count),
+            Transport::Sse => self.ctx.metrics.delivered_sse.increment(w.count),
         }
-        // Latency is sampled at most every 100 ms per connection: enough for
-        // the distribution, without a histogram write per delivery at a
-        // million deliveries per second.
+        // The clock is read in microseconds, so samples are not whole
+        // milliseconds; `ts` (the wire's accept time) is whole milliseconds,
+        // truncated, so a sample may read up to 1 ms long.
+        let age = |ts: u64| crate::ids::now_us().saturating_sub(ts * 1000) as f64 / 1e6;
+        if let Some(ts) = w.oldest_replayed {
+            self.ctx.metrics.replay_age.record(age(ts));
+        }
+        // Live latency is sampled at most every 100 ms per connection:
+        // enough for the distribution, without a histogram write per
+        // delivery at a million deliveries per second.
         let now = std::time::Instant::now();
-        if let Some(ts) = oldest_ts {
+        if let Some(ts) = w.oldest_live {
             if self
                 .latency_sampled_at
                 .is_none_or(|t| now.duration_since(t) >= LATENCY_SAMPLE_EVERY)
             {
                 self.latency_sampled_at = Some(now);
-                let now_ms = crate::ids::now_ms();
-                self.ctx
-                    .metrics
-                    .delivery_latency
-                    .record(now_ms.saturating_sub(ts) as f64 / 1000.0);
+                self.ctx.metrics.delivery_latency.record(age(ts));
             }
         }
     }

@@ -57,7 +57,7 @@ fn session(p: &Parts) -> Session {
 fn seen(out: &[Outgoing]) -> Vec<String> {
     out.iter()
         .map(|o| match o {
-            Outgoing::Publication(p) => format!("{}@{}", p.seq, p.epoch),
+            Outgoing::Publication(p) | Outgoing::Replayed(p) => format!("{}@{}", p.seq, p.epoch),
             Outgoing::Frame(ServerFrame::Unrecoverable(u)) => {
                 format!("!{} {}@{}", wire_name(&u.reason), u.seq, u.epoch)
             }

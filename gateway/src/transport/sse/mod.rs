@@ -97,7 +97,12 @@ async fn open_stream(
         identity,
         since,
         foreign_cursor,
-    } = request::authorise(&node, &query, &headers)?;
+    } = request::authorise(&node, &query, &headers).inspect_err(|e| {
+        if matches!(e.code, protocol::ErrorCode::Unauthorized | protocol::ErrorCode::TokenExpired) {
+            let conn = crate::telemetry::arrival_id("sse");
+            crate::telemetry::auth_failed("sse", &conn, &e.message);
+        }
+    })?;
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
 
     let mut session = Session::new(node.sessions.clone(), slot, Codec::Json, Transport::Sse);
@@ -161,7 +166,9 @@ async fn open_stream(
         max_subscriptions: None,
     };
     let shared = session.shared.clone();
+    let end = Arc::new(crate::telemetry::ConnectionEnd::open("sse"));
     let mut stream = SseStream {
+        end: end.clone(),
         node: node.clone(),
         lifecycle: node.lifecycle(),
         keepalive: node.ms(node.config.sse_keepalive_ms),
@@ -196,6 +203,7 @@ async fn open_stream(
     let mut res = Response::new(Body::from_stream(body));
     *res.status_mut() = StatusCode::OK;
     res.extensions_mut().insert(shared);
+    res.extensions_mut().insert(end);
     let h = res.headers_mut();
     h.insert(
         header::CONTENT_TYPE,

@@ -196,6 +196,9 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
     // The stream's signal, to cut a client whose writes block while it
     // falls behind (the stream itself is not polled then).
     let shared = parts.extensions.remove::<Arc<crate::hub::SessionShared>>();
+    let end = parts
+        .extensions
+        .remove::<Arc<crate::telemetry::ConnectionEnd>>();
     if parts.status != StatusCode::OK {
         let bytes = axum::body::to_bytes(body, 64 * 1024)
             .await
@@ -238,10 +241,18 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
                                 written = write => written,
                                 _ = overflow => {
                                     node.metrics.slow_consumer_disconnects.increment(1);
+                                    if let Some(e) = &end {
+                                        e.set(protocol::CloseCode::SlowConsumer);
+                                    }
+                                    let id = shared.as_ref().map_or(0, |s| s.id);
+                                    crate::telemetry::slow_consumer_cut("sse", &format!("{}-{id}", node.id));
                                     return;
                                 }
                                 _ = stall => {
                                     crate::telemetry::write_stalled("sse");
+                                    if let Some(e) = &end {
+                                        e.set(protocol::CloseCode::SlowConsumer);
+                                    }
                                     return;
                                 }
                             }

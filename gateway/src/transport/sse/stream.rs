@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use protocol::{Codec, Position, Reconnect, ServerFrame, SseCursor};
+use protocol::{CloseCode, Codec, Position, Reconnect, ServerFrame, SseCursor};
 use tokio::sync::watch;
 
 use crate::auth::{now_secs, Identity};
@@ -31,6 +31,9 @@ pub(super) struct SseStream {
     pub(super) identity: Identity,
     pub(super) drain_ticket: Option<u64>,
     pub(super) done: bool,
+    /// Counts the stream closed, with the close code of its end, when both
+    /// this and the socket's serving task have let go of it.
+    pub(super) end: Arc<crate::telemetry::ConnectionEnd>,
 }
 
 impl SseStream {
@@ -48,33 +51,46 @@ impl SseStream {
 
     /// Writes events for `out`, each with the cursor as of that event.
     pub(super) fn write_all(&mut self, buf: &mut BytesMut, out: Vec<Outgoing>) {
-        let mut delivered = 0;
-        let mut oldest: Option<u64> = None;
+        let mut written = crate::session::Written::default();
         for o in out {
-            match o {
-                Outgoing::Publication(p) => {
-                    delivered += 1;
-                    oldest = Some(oldest.map_or(p.ts, |t| t.min(p.ts)));
-                    self.set_position(&p.channel, p.position());
-                    let cursor = self.cursor();
-                    write_event(buf, None, Some(&cursor), p.json());
+            let (p, live) = match o {
+                Outgoing::Publication(p) => (p, true),
+                Outgoing::Replayed(p) => (p, false),
+                other => {
+                    self.write_frame(buf, other);
+                    continue;
                 }
-                Outgoing::Frame(ServerFrame::Unrecoverable(u)) => {
-                    self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));
-                    let cursor = self.cursor();
-                    write_event(
-                        buf,
-                        Some("unrecoverable"),
-                        Some(&cursor),
-                        &Codec::Json.encode(&ServerFrame::Unrecoverable(u)),
-                    );
-                }
-                // `subscribed` has no SSE event: the `connected` event and the
-                // cursor say the same.
-                Outgoing::Frame(_) => {}
+            };
+            if live {
+                written.live(p.ts);
+            } else {
+                written.replayed(p.ts);
             }
+            self.set_position(&p.channel, p.position());
+            let cursor = self.cursor();
+            write_event(buf, None, Some(&cursor), p.json());
         }
-        self.session.record_written(delivered, oldest);
+        self.session.record_written(written);
+    }
+
+    /// Writes a frame that is not a message (an `unrecoverable` notice; the
+    /// rest has no SSE event).
+    fn write_frame(&mut self, buf: &mut BytesMut, o: Outgoing) {
+        match o {
+            Outgoing::Frame(ServerFrame::Unrecoverable(u)) => {
+                self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));
+                let cursor = self.cursor();
+                write_event(
+                    buf,
+                    Some("unrecoverable"),
+                    Some(&cursor),
+                    &Codec::Json.encode(&ServerFrame::Unrecoverable(u)),
+                );
+            }
+            // `subscribed` has no SSE event: the `connected` event and the
+            // cursor say the same.
+            _ => {}
+        }
     }
 
     /// The drain's `reconnect` event: `retry:` set to a random delay in the
@@ -118,6 +134,7 @@ impl SseStream {
                 Lifecycle::Running => {}
                 Lifecycle::Closing => {
                     self.done = true;
+                    self.end.set(CloseCode::Shutdown);
                     return Some(Bytes::from_static(b": node closing, reconnect\n\n"));
                 }
                 Lifecycle::Draining { released } => {
@@ -127,6 +144,7 @@ impl SseStream {
                         .get_or_insert_with(|| node.drain.take_ticket());
                     if ticket < released {
                         self.done = true;
+                        self.end.set(CloseCode::Shutdown);
                         return Some(self.reconnect_event());
                     }
                 }
@@ -140,6 +158,8 @@ impl SseStream {
                     let mut out = std::mem::take(&mut self.out);
                     if self.session.drain_queue(&mut out).await.is_err() {
                         self.session.slow_consumer();
+                        self.end.set(CloseCode::SlowConsumer);
+                        crate::telemetry::slow_consumer_cut("sse", &self.session.client_id());
                         return None;
                     }
                     if out.is_empty() {
@@ -153,6 +173,7 @@ impl SseStream {
                 _ = tokio::time::sleep(self.keepalive) => return Some(Bytes::from_static(b": ka\n\n")),
                 _ = tokio::time::sleep(expiry.unwrap_or(Duration::MAX / 4)), if expiry.is_some() => {
                     self.done = true;
+                    self.end.set(CloseCode::TokenExpired);
                     let mut buf = BytesMut::new();
                     let frame = ServerFrame::TokenExpired(protocol::TokenExpired {});
                     write_event(&mut buf, Some("token_expired"), None, &Codec::Json.encode(&frame));

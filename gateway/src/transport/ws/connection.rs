@@ -55,6 +55,7 @@ pub(super) async fn run(node: Arc<Node>, slot: Slot, mut socket: Socket, codec: 
         reconnect_sent_at: None,
     };
     conn.session.set_user(&conn.identity.user);
+    let end = crate::telemetry::ConnectionEnd::open("ws");
     // Boxed: the connect path is large and runs once; keeping it out of the
     // loop's future keeps every idle connection small.
     let code = Box::pin(conn.start(connect, resumed)).await;
@@ -63,6 +64,10 @@ pub(super) async fn run(node: Arc<Node>, slot: Slot, mut socket: Socket, codec: 
         None => conn.serve().await,
     };
     if let Some(code) = code {
+        end.set(code);
+        if code == CloseCode::SlowConsumer {
+            crate::telemetry::slow_consumer_cut("ws", &conn.session.client_id());
+        }
         conn.close(code).await;
     }
 }
@@ -240,15 +245,14 @@ impl Connection {
                     let mut out = WsOut {
                         wbuf: &mut self.wbuf,
                         codec: self.codec,
-                        delivered: 0,
-                        oldest: None,
+                        written: crate::session::Written::default(),
                     };
                     if self.session.drain_queue(&mut out).await.is_err() {
                         self.session.slow_consumer();
                         return Some(CloseCode::SlowConsumer);
                     }
-                    let (delivered, oldest) = (out.delivered, out.oldest);
-                    if let Err(code) = self.flush(delivered, oldest).await {
+                    let written = out.written;
+                    if let Err(code) = self.flush(written).await {
                         return Some(code);
                     }
                     let keep = self.node().config.ws_write_buffer_bytes;

@@ -71,6 +71,8 @@ pub(super) async fn handshake(
         Ok((identity, resumed)) => Some((connect, identity, resumed)),
         Err(e) => {
             node.metrics.frame_rejected(e.code().name());
+            let conn = crate::telemetry::arrival_id("ws");
+            crate::telemetry::auth_failed("ws", &conn, &e);
             send_error(socket, codec, connect.id, e.code(), e.to_string()).await;
             let code = if e == AuthError::Expired {
                 CloseCode::TokenExpired

@@ -11,7 +11,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::message::Publication;
 use crate::message::WsFrame;
-use crate::session::{Outbox, Outgoing};
+use crate::session::{Outbox, Outgoing, Written};
 
 use super::state::Connection;
 
@@ -20,9 +20,8 @@ use super::state::Connection;
 pub(super) struct WsOut<'a> {
     pub(super) wbuf: &'a mut Vec<u8>,
     pub(super) codec: Codec,
-    /// Publications written, and the oldest one's `ts` (for metrics).
-    pub(super) delivered: u64,
-    pub(super) oldest: Option<u64>,
+    /// Publications written, and the oldest ones' `ts` (for metrics).
+    pub(super) written: Written,
 }
 
 impl Outbox for WsOut<'_> {
@@ -36,8 +35,12 @@ impl Outbox for WsOut<'_> {
     }
 
     fn publication_ref(&mut self, p: &Arc<Publication>) {
-        self.delivered += 1;
-        self.oldest = Some(self.oldest.map_or(p.ts, |t| t.min(p.ts)));
+        self.written.live(p.ts);
+        self.wbuf.extend_from_slice(p.ws_frame(self.codec).frame());
+    }
+
+    fn replayed(&mut self, p: Arc<Publication>) {
+        self.written.replayed(p.ts);
         self.wbuf.extend_from_slice(p.ws_frame(self.codec).frame());
     }
 }
@@ -51,33 +54,29 @@ impl Connection {
         let mut out = WsOut {
             wbuf: &mut self.wbuf,
             codec: self.codec,
-            delivered: 0,
-            oldest: None,
+            written: Written::default(),
         };
         for o in self.out.drain(..) {
             match o {
                 Outgoing::Publication(p) => out.publication(p),
+                Outgoing::Replayed(p) => out.replayed(p),
                 Outgoing::Frame(f) => out.frame(f),
             }
         }
-        let (delivered, oldest) = (out.delivered, out.oldest);
+        let written = out.written;
         // Replies, pings and notices are rare: neither buffer is kept for
         // them (kept, the connect burst's would stay with every idle
         // connection, ~1 KB). Deliveries borrow the thread's spare buffer
         // (`spare`).
         self.out = Vec::new();
-        self.flush(delivered, oldest).await?;
+        self.flush(written).await?;
         // (After an error it holds the rest of a frame `close` completes.)
         self.wbuf = Vec::new();
         Ok(())
     }
 
     /// Writes the write buffer with as few calls as the socket allows.
-    pub(super) async fn flush(
-        &mut self,
-        delivered: u64,
-        oldest: Option<u64>,
-    ) -> Result<(), CloseCode> {
+    pub(super) async fn flush(&mut self, delivered: Written) -> Result<(), CloseCode> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -119,7 +118,7 @@ impl Connection {
         if written.is_err() {
             return Err(CloseCode::InternalError);
         }
-        self.session.record_written(delivered, oldest);
+        self.session.record_written(delivered);
         self.wbuf.clear();
         self.wpos = 0;
         Ok(())
