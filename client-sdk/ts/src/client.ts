@@ -169,6 +169,8 @@ interface Pending {
 const TERMINAL = [1002, 1003, 1007, 1008, 1009];
 const CHANNEL = /^[A-Za-z0-9_\-:.@/=+]{1,200}$/;
 const noop = () => {};
+/** Whether parsed JSON can be a frame (an object): `null`, a number or an array is not one. */
+const isFrame = (f: unknown): f is Frame => typeof f === 'object' && f !== null && !Array.isArray(f);
 const call = <T>(fn: (v: T) => void, v: T) => {
   try {
     fn(v);
@@ -429,6 +431,7 @@ export class GatewayClient {
       } catch (err) {
         return this.undecodable(e.data, err);
       }
+      if (!isFrame(f)) return this.undecodable(e.data, 'not a frame (a JSON object)');
       this.frame(f);
     };
     ws.onclose = (e) => gen === this.gen && this.lost(e.code, e.reason);
@@ -464,6 +467,10 @@ export class GatewayClient {
           f = JSON.parse((e as MessageEvent).data);
         } catch (err) {
           if (type === 'message') this.undecodable((e as MessageEvent).data, err);
+          return;
+        }
+        if (!isFrame(f)) {
+          if (type === 'message') this.undecodable((e as MessageEvent).data, 'not a frame (a JSON object)');
           return;
         }
         fn(f, e as MessageEvent);

@@ -21,15 +21,17 @@ export const encodeCursor = (channels: readonly string[], positions: readonly (P
 
 /**
  * The positions a cursor holds, one per channel of `channels`; `null` when it
- * does not parse, was made for another channel list, or lacks a position
- * (`_`; the server's own cursors always hold every position).
+ * does not parse, was made for another channel list, lacks a position
+ * (`_`; the server's own cursors always hold every position), or has a seq
+ * past `Number.MAX_SAFE_INTEGER`.
  */
 export function decodeCursor(cursor: string, channels: readonly string[]): Position[] | null {
   const [v, hash, ...parts] = cursor.trim().split('.');
   const out: Position[] = [];
   for (const part of parts) {
     const m = /^([A-Za-z0-9]+)-(\d+)$/.exec(part);
-    if (!m) return null;
+    // A seq past 2^53 - 1 cannot be held exactly: no position of ours.
+    if (!m || !Number.isSafeInteger(+m[2])) return null;
     out.push({ epoch: m[1], seq: +m[2] });
   }
   return v === 'v1' && hash === channelHash(channels) && out.length === channels.length ? out : null;
