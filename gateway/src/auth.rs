@@ -138,6 +138,20 @@ pub struct ResumeClaims {
     pub publish: Vec<String>,
     /// (channel, epoch, seq) of every subscription, the user's stream included.
     pub channels: Vec<(String, String, u64)>,
+    /// The token's id: a resume token is accepted once, cluster-wide (the
+    /// registry records its use). Absent only in tokens of versions before
+    /// it was added, which live at most `resume_token_ttl_ms` after an
+    /// upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+}
+
+/// A verified resume token's id and its expiry (Unix seconds), to claim it
+/// once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeTicket {
+    pub id: Option<String>,
+    pub exp: u64,
 }
 
 const RESUME_TYP: &str = "resume";
@@ -266,17 +280,19 @@ impl Auth {
             subscribe: identity.subscribe.sources().to_vec(),
             publish: identity.publish.sources().to_vec(),
             channels,
+            jti: Some(crate::ids::new_secret()),
         };
         // HS256 over serializable claims cannot fail.
         encode(&Header::new(Algorithm::HS256), &claims, &self.resume.0).unwrap_or_default()
     }
 
-    /// Checks a resume token and returns the identity it restores and the
-    /// subscriptions with their positions.
+    /// Checks a resume token and returns the identity it restores, the
+    /// subscriptions with their positions, and its ticket (the caller claims
+    /// it: a token is used once).
     pub fn verify_resume(
         &self,
         token: &str,
-    ) -> Result<(Identity, Vec<(String, Position)>), AuthError> {
+    ) -> Result<(Identity, Vec<(String, Position)>, ResumeTicket), AuthError> {
         let data = decode::<ResumeClaims>(token, &self.resume.1, &self.resume.2).map_err(|e| {
             match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
@@ -310,7 +326,11 @@ impl Auth {
             .into_iter()
             .map(|(ch, epoch, seq)| (ch, Position::new(seq, epoch)))
             .collect();
-        Ok((identity, channels))
+        let ticket = ResumeTicket {
+            id: c.jti,
+            exp: c.exp,
+        };
+        Ok((identity, channels, ticket))
     }
 
     pub fn dev(&self) -> bool {
@@ -510,7 +530,8 @@ mod tests {
         };
         let id = a.verify(&a.mint(&claims).expect("mint")).expect("verify");
         let t = a.mint_resume(&id, vec![("news".into(), "E1".into(), 7)], 60);
-        let (back, channels) = a.verify_resume(&t).expect("resume verifies");
+        let (back, channels, ticket) = a.verify_resume(&t).expect("resume verifies");
+        assert!(ticket.id.as_ref().is_some_and(|id| id.len() >= 16));
         assert_eq!(back.user, "alice");
         assert!(back.publish.allows("chat:x") && !back.publish.allows("news"));
         assert_eq!(channels, vec![("news".to_owned(), Position::new(7, "E1"))]);

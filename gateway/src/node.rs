@@ -8,7 +8,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
-use registry::{NodeStatus, RedisRegistry, Registry};
+use registry::{MemoryRegistry, NodeStatus, RedisRegistry, Registry};
 use tracing::warn;
 
 use crate::broker::{Broker, MemoryBroker, NatsBroker, RedisBroker};
@@ -54,6 +54,9 @@ pub struct Node {
     /// The registry (cluster mode only; the embedded node's hub answers the
     /// same questions).
     pub registry: Option<Arc<dyn Registry>>,
+    /// Where one-time credentials (resume tokens) are claimed: the
+    /// cluster's registry, or an in-process one on the embedded node.
+    pub one_time: Arc<dyn Registry>,
     /// What sessions use of the node (hub, store, broker, interest,
     /// metrics, limits): their whole view of it.
     pub sessions: Arc<SessionContext>,
@@ -163,7 +166,14 @@ impl Node {
                 (config.user_subscribe_rate, config.user_subscribe_burst),
             ),
         );
+        let one_time: Arc<dyn Registry> = match &registry {
+            Some(r) => r.clone(),
+            None => Arc::new(MemoryRegistry::new(Duration::from_millis(
+                config.registry_ttl_ms,
+            ))),
+        };
         let node = Arc::new(Self {
+            one_time,
             config,
             id,
             hub,

@@ -16,11 +16,17 @@
 //!   under load: lost, duplicated, reconnects per client, drain time per
 //!   node, delivery delay during the roll; see `rolling`.
 //!
+//! * `loadtest names --url URL --gateway-pid PID --jwt-secret S` is the
+//!   distinct-name attack: gateway RSS while clients subscribe (and an API
+//!   client publishes) to new names as fast as allowed; see `names` and
+//!   `loadtest/bench-names.sh`.
+//!
 //! Targets are loopback addresses only. `loadtest/bench.sh` runs the standard
 //! set (see BENCHMARKS.md).
 
 mod fanout;
 mod idle;
+mod names;
 mod rawws;
 mod rolling;
 mod scenario;
@@ -60,6 +66,8 @@ enum Command {
     /// Internal: one worker process of `rolling` (its clients).
     #[command(hide = true)]
     RollingWorker(rolling::RollingWorkerArgs),
+    /// The distinct-name attack: subscribes and publishes to new names; gateway RSS over time.
+    Names(names::NamesArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -84,6 +92,7 @@ fn main() -> anyhow::Result<()> {
             Command::RunProxy(a) => scenario::proxy::run_proxy(a).await,
             Command::Rolling(a) => rolling::rolling(a).await,
             Command::RollingWorker(a) => rolling::worker(a).await,
+            Command::Names(a) => names::names(a).await,
         }
     });
     // Don't wait for connection tasks still parked on their sockets.

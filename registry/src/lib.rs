@@ -67,4 +67,9 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Every live node.
     async fn live_nodes(&self) -> Result<Vec<NodeStatus>, RegistryError>;
+
+    /// Claims a one-time credential (a resume token's id) for `ttl`, its
+    /// remaining lifetime: true the first time, false on every later claim,
+    /// on any node sharing this registry.
+    async fn claim_once(&self, id: &str, ttl: std::time::Duration) -> Result<bool, RegistryError>;
 }

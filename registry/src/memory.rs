@@ -12,7 +12,13 @@ use crate::{NodeStatus, Registry, RegistryError};
 struct State {
     nodes: HashMap<String, (NodeStatus, Instant)>,
     users: HashMap<String, HashMap<String, u64>>,
+    /// Claimed one-time ids and when each may be forgotten.
+    once: HashMap<String, Instant>,
 }
+
+/// One-time ids held at most (a claim past it, with none expired, fails:
+/// the credential is refused, never accepted twice).
+const MAX_ONCE: usize = 100_000;
 
 pub struct MemoryRegistry {
     ttl: Duration,
@@ -36,6 +42,26 @@ impl MemoryRegistry {
 
 #[async_trait]
 impl Registry for MemoryRegistry {
+    async fn claim_once(&self, id: &str, ttl: Duration) -> Result<bool, RegistryError> {
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        if let Some(until) = s.once.get(id) {
+            if *until > now {
+                return Ok(false);
+            }
+        }
+        if s.once.len() >= MAX_ONCE {
+            s.once.retain(|_, until| *until > now);
+            if s.once.len() >= MAX_ONCE {
+                return Err(RegistryError::Unavailable(
+                    "too many one-time credentials in use".into(),
+                ));
+            }
+        }
+        s.once.insert(id.to_owned(), now + ttl);
+        Ok(true)
+    }
+
     async fn heartbeat(&self, status: &NodeStatus) -> Result<bool, RegistryError> {
         Ok(self
             .state

@@ -153,6 +153,22 @@ impl Registry for RedisRegistry {
             .map_err(err)
     }
 
+    async fn claim_once(&self, id: &str, ttl: Duration) -> Result<bool, RegistryError> {
+        let mut c = self.conn.clone();
+        // SET NX PX: one claim wins, on any node; the key goes with the
+        // credential's lifetime.
+        let set: Option<String> = redis::cmd("SET")
+            .arg(format!("gw:once:{id}"))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64)
+            .query_async(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(set.is_some())
+    }
+
     async fn deregister(&self, node: &str) -> Result<(), RegistryError> {
         let mut c = self.conn.clone();
         redis::pipe()

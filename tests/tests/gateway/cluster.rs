@@ -1367,3 +1367,40 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
 
 #[path = "history_loss.rs"]
 mod history_loss;
+
+/// A resume token is a bearer credential for its lifetime: it is accepted
+/// once, on any node (the claim is in the registry, Redis).
+#[tokio::test]
+async fn a_resume_token_is_accepted_once_across_the_cluster() -> R {
+    let c = Cluster::builder(Backbone::Redis).nodes(3).start().await?;
+    let token = c.node(0).token("ann", &["news"], &[], 600);
+    let (mut ws, _) = c.node(0).ws_connected(Codec::Json, &token).await?;
+    ws.subscribe("news", None).await?;
+    c.drain_node(0).await?;
+    let resume = loop {
+        if let ServerFrame::Reconnect(r) = ws.recv().await? {
+            break r.token;
+        }
+    };
+    let connect = |id| {
+        ClientFrame::Connect(protocol::Connect {
+            id: Some(id),
+            token: None,
+            since: None,
+            resume: Some(resume.clone()),
+        })
+    };
+    let mut first = WsClient::open_at(c.node(1).addr, Codec::Json).await?;
+    first.send(&connect(1)).await?;
+    match first.recv().await? {
+        ServerFrame::Connected(k) => ensure!(k.user == "ann" && k.resumed == ["news"], "{k:?}"),
+        other => bail!("expected connected, got {other:?}"),
+    }
+    let mut again = WsClient::open_at(c.node(2).addr, Codec::Json).await?;
+    again.send(&connect(2)).await?;
+    let e = again
+        .expect_error(protocol::ErrorCode::Unauthorized, Some(2))
+        .await?;
+    ensure!(e.message.contains("already used"), "{e:?}");
+    Ok(())
+}

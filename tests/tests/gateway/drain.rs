@@ -227,6 +227,34 @@ async fn resume_token_restores_user_and_subscriptions_and_is_refused_when_misuse
     subscribed.sort();
     assert_eq!(subscribed, vec!["$user:alice", "chat:1", "news"]);
 
+    // Used once: alone it is refused the second time; with alice's own
+    // token she connects, but it restores nothing (she resubscribes).
+    let mut c = b.ws(Codec::Json).await?;
+    c.send(&ClientFrame::Connect(Connect {
+        id: Some(7),
+        token: None,
+        since: None,
+        resume: Some(resume.clone()),
+    }))
+    .await?;
+    let refused = c
+        .expect_error(protocol::ErrorCode::Unauthorized, Some(7))
+        .await?;
+    assert!(refused.message.contains("already used"), "{refused:?}");
+    assert_eq!(c.expect_close().await?, 4500);
+    let mut c = b.ws(Codec::Json).await?;
+    c.send(&ClientFrame::Connect(Connect {
+        id: Some(8),
+        token: Some(b.token("alice", &["news", "chat:*"], &[], 600)),
+        since: None,
+        resume: Some(resume.clone()),
+    }))
+    .await?;
+    match c.recv().await? {
+        ServerFrame::Connected(c) => assert!(c.resumed.is_empty(), "{c:?}"),
+        other => panic!("expected connected, got {other:?}"),
+    }
+
     // Presented with another user's token: refused, terminal.
     let bob = b.token("bob", &["news"], &[], 600);
     let mut c = b.ws(Codec::Json).await?;

@@ -60,7 +60,10 @@ async fn subscribes_are_rate_limited_per_connection_and_per_user() -> R {
     // user's bucket (50) is shared: about 20 are left.
     let (mut b, _) = gw.ws_connected(Codec::Json, &token).await?;
     let (ok, _) = flood(&mut b, "room:b", 100).await?;
-    ensure!((19..=22).contains(&ok), "second connection: {ok} subscribed");
+    ensure!(
+        (19..=22).contains(&ok),
+        "second connection: {ok} subscribed"
+    );
     // SSE counts against the same user: refused with a readable 429.
     let (status, body) = gw
         .sse_error(
@@ -80,10 +83,7 @@ async fn subscribes_are_rate_limited_per_connection_and_per_user() -> R {
 /// A quiet channel's subscriber keeps its epoch past `stream_empty_ttl_ms`
 /// (the node keeps the stream alive); a made-up name nobody subscribes to
 /// any more is forgotten: a resume from it is told `epoch_changed`.
-async fn empty_streams_expire_unless_subscribed(
-    quiet_node: &Gateway,
-    other_node: &Gateway,
-) -> R {
+async fn empty_streams_expire_unless_subscribed(quiet_node: &Gateway, other_node: &Gateway) -> R {
     let token = quiet_node.token("u", &["*"], &[], 600);
     let (mut sub, _) = quiet_node.ws_connected(Codec::Json, &token).await?;
     let quiet = sub.subscribe("quiet", None).await?;

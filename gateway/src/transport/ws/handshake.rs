@@ -6,7 +6,7 @@ use protocol::{ClientFrame, CloseCode, Codec, ErrorCode, Position};
 use tokio::time::timeout_at;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::auth::{AuthError, Identity};
+use crate::auth::{AuthError, Identity, ResumeTicket};
 use crate::node::Node;
 
 use super::io::{close, send_error};
@@ -67,7 +67,7 @@ pub(super) async fn handshake(
             return None;
         }
     };
-    match authenticate(node, &connect) {
+    match authenticate(node, &connect).await {
         Ok((identity, resumed)) => Some((connect, identity, resumed)),
         Err(e) => {
             node.metrics.frame_rejected(e.code().name());
@@ -86,28 +86,60 @@ pub(super) async fn handshake(
 }
 
 /// The identity of a `connect`, and the subscriptions a resume token
-/// restores. A resume token that does not verify is ignored when a valid
-/// connection token comes with it (the client resubscribes itself); with
-/// both, they must name the same user.
-pub(super) fn authenticate(
+/// restores. A resume token that does not verify, or was used before (on
+/// any node), is ignored when a valid connection token comes with it (the
+/// client resubscribes itself); with both, they must name the same user.
+pub(super) async fn authenticate(
     node: &Node,
     connect: &protocol::Connect,
 ) -> Result<(Identity, Vec<(String, Position)>), AuthError> {
     let Some(resume) = connect.resume.as_deref() else {
         return Ok((node.auth.identify(connect.token.as_deref())?, Vec::new()));
     };
+    // The one use is claimed last, once everything else holds: a refused
+    // attempt does not spend the token.
     match (node.auth.verify_resume(resume), connect.token.as_deref()) {
-        (Ok((identity, channels)), None) => Ok((identity, channels)),
-        (Ok((identity, channels)), Some(token)) => {
+        (Ok((identity, channels, ticket)), None) => {
+            claim(node, &ticket).await?;
+            Ok((identity, channels))
+        }
+        (Ok((identity, channels, ticket)), Some(token)) => {
             let fresh = node.auth.verify(token)?;
             if fresh.user != identity.user {
                 return Err(AuthError::Invalid(
                     "the resume token is for another user".into(),
                 ));
             }
-            Ok((fresh, channels))
+            match claim(node, &ticket).await {
+                Ok(()) => Ok((fresh, channels)),
+                Err(_) => Ok((fresh, Vec::new())),
+            }
         }
         (Err(_), Some(token)) => Ok((node.auth.verify(token)?, Vec::new())),
         (Err(e), None) => Err(e),
+    }
+}
+
+/// Claims a resume token's one use, cluster-wide (the registry; in-process
+/// on the embedded node). A token already used, or one whose use cannot be
+/// recorded (Redis down), is refused: never accepted twice.
+async fn claim(node: &Node, ticket: &ResumeTicket) -> Result<(), AuthError> {
+    let Some(id) = &ticket.id else {
+        return Ok(()); // minted by a version before ids (module docs of auth)
+    };
+    let left = ticket.exp.saturating_sub(crate::ids::now_ms() / 1000) + 1;
+    match node
+        .one_time
+        .claim_once(
+            &format!("resume:{id}"),
+            std::time::Duration::from_secs(left),
+        )
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(AuthError::Invalid("resume token already used".into())),
+        Err(e) => Err(AuthError::Invalid(format!(
+            "resume token use cannot be recorded: {e}"
+        ))),
     }
 }
