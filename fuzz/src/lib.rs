@@ -28,8 +28,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+/// A target: its properties checked on one input.
+pub type Check = fn(&[u8]);
+
 /// Every target, by name, as `cargo fuzz` and the corpus know them.
-pub const TARGETS: [(&str, fn(&[u8])); 9] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("frame_json", frame_json),
     ("frame_msgpack", frame_msgpack),
     ("server_frame_json", server_frame_json),
