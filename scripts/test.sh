@@ -18,6 +18,10 @@ declare -A NEED=(
   [npm]=npm
   [podman]=podman
   [runc]=runc
+  # promtool checks and unit-tests the alert rules; a Prometheus server
+  # scrapes a local cluster (tests/tests/gateway/prometheus.rs).
+  [promtool]=prometheus
+  [prometheus]=prometheus
 )
 missing=()
 for cmd in "${!NEED[@]}"; do

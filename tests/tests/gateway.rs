@@ -26,6 +26,8 @@ mod kubernetes;
 mod metrics;
 #[path = "gateway/poison.rs"]
 mod poison;
+#[path = "gateway/prometheus.rs"]
+mod prometheus;
 #[path = "gateway/readiness.rs"]
 mod readiness;
 #[path = "gateway/refresh.rs"]
