@@ -482,18 +482,56 @@ pub fn haproxy_config(
     socket: &std::path::Path,
     servers: &[(String, SocketAddr)],
 ) -> String {
+    haproxy_config_with(port, socket, servers, &HealthCheck::default())
+}
+
+/// How HAProxy health-checks the servers: `GET path` on the server's
+/// address (or on `port` of its host: a pod's readiness probe on its
+/// operations port), every `inter_ms`, `fall` failures out, `rise`
+/// successes in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub port: Option<u16>,
+    pub inter_ms: u64,
+    pub fall: u32,
+    pub rise: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            path: "/readyz".into(),
+            port: None,
+            inter_ms: 300,
+            fall: 2,
+            rise: 2,
+        }
+    }
+}
+
+/// [`haproxy_config`] with another health check.
+pub fn haproxy_config_with(
+    port: u16,
+    socket: &std::path::Path,
+    servers: &[(String, SocketAddr)],
+    check: &HealthCheck,
+) -> String {
     let mut cfg = format!(
         "global\n    maxconn 9000\n    stats socket {} mode 600 level admin\n\
          defaults\n    mode tcp\n    maxconn 9000\n    timeout connect 2s\n    timeout check 2s\n    \
          timeout client 1h\n    timeout server 1h\n    option redispatch\n    retries 3\n\
          frontend gateway\n    bind 127.0.0.1:{port}\n    default_backend nodes\n\
-         backend nodes\n    balance leastconn\n    option httpchk GET /readyz\n    \
+         backend nodes\n    balance leastconn\n    option httpchk GET {}\n    \
          http-check expect status 200\n",
-        socket.display()
+        socket.display(),
+        check.path
     );
+    let check_port = check.port.map(|p| format!(" port {p}")).unwrap_or_default();
     for (name, addr) in servers {
         cfg.push_str(&format!(
-            "    server {name} {addr} check inter 300 fall 2 rise 2\n"
+            "    server {name} {addr} check{check_port} inter {} fall {} rise {}\n",
+            check.inter_ms, check.fall, check.rise
         ));
     }
     cfg
@@ -514,7 +552,33 @@ impl Haproxy {
             dir.path().join("haproxy.cfg"),
             dir.path().join("admin.sock"),
         );
-        Self::launch(port, cfg, socket, None, servers, Some(dir)).await
+        Self::launch(
+            port,
+            cfg,
+            socket,
+            None,
+            servers,
+            &HealthCheck::default(),
+            Some(dir),
+        )
+        .await
+    }
+
+    /// Like [`Haproxy::start`], health-checking the servers with `check`.
+    pub async fn start_checked(
+        servers: &[(String, SocketAddr)],
+        check: &HealthCheck,
+    ) -> Result<Self> {
+        let dir = crate::TempDir::new()?;
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0")?;
+            l.local_addr()?.port()
+        };
+        let (cfg, socket) = (
+            dir.path().join("haproxy.cfg"),
+            dir.path().join("admin.sock"),
+        );
+        Self::launch(port, cfg, socket, None, servers, check, Some(dir)).await
     }
 
     /// Like [`Haproxy::start`], on `port`, with its files in `dir`:
@@ -528,7 +592,16 @@ impl Haproxy {
         let cfg = dir.join(format!("{name}.cfg"));
         let socket = dir.join(format!("{name}.sock"));
         let log = dir.join(format!("{name}.log"));
-        Self::launch(port, cfg, socket, Some(log), servers, None).await
+        Self::launch(
+            port,
+            cfg,
+            socket,
+            Some(log),
+            servers,
+            &HealthCheck::default(),
+            None,
+        )
+        .await
     }
 
     async fn launch(
@@ -537,9 +610,10 @@ impl Haproxy {
         socket: std::path::PathBuf,
         log: Option<std::path::PathBuf>,
         servers: &[(String, SocketAddr)],
+        check: &HealthCheck,
         dir: Option<crate::TempDir>,
     ) -> Result<Self> {
-        let cfg = haproxy_config(port, &socket, servers);
+        let cfg = haproxy_config_with(port, &socket, servers, check);
         std::fs::write(&path, cfg)?;
         let logs = Arc::new(Mutex::new(String::new()));
         let child = spawn_logged(

@@ -164,6 +164,9 @@ pub struct GatewayBuilder {
     log_files: Option<(PathBuf, PathBuf)>,
     /// The binary (default: [`gateway_bin`]).
     bin: Option<PathBuf>,
+    /// Exactly these arguments instead of `--addr ADDR` (a pod's rendered
+    /// args: the address then comes from its config file).
+    args: Option<Vec<String>>,
 }
 
 impl Default for GatewayBuilder {
@@ -181,6 +184,7 @@ impl Default for GatewayBuilder {
             addr: None,
             log_files: None,
             bin: None,
+            args: None,
         }
     }
 }
@@ -233,6 +237,13 @@ impl GatewayBuilder {
         self
     }
 
+    /// Runs with exactly `args` (no `--addr`, no `--dev`): the listening
+    /// address comes from the settings, e.g. a config file the args name.
+    pub fn args(mut self, args: Vec<String>) -> Self {
+        self.args = Some(args);
+        self
+    }
+
     /// Runs with `--dev`.
     pub fn dev(mut self) -> Self {
         self.dev = true;
@@ -252,9 +263,16 @@ impl GatewayBuilder {
         let addr = self
             .addr
             .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string());
-        cmd.args(["--addr", addr.as_str()]);
-        if self.dev {
-            cmd.arg("--dev");
+        match &self.args {
+            Some(args) => {
+                cmd.args(args);
+            }
+            None => {
+                cmd.args(["--addr", addr.as_str()]);
+                if self.dev {
+                    cmd.arg("--dev");
+                }
+            }
         }
         // Only what this builder says: nothing inherited from the caller.
         for (k, _) in std::env::vars() {

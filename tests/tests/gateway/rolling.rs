@@ -51,11 +51,11 @@ use tokio::task::JoinHandle;
 use super::R;
 
 /// One of these tests at a time.
-static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// The client mix and the publish rates.
 #[derive(Debug, Clone, Copy)]
-struct Load {
+pub(crate) struct Load {
     ws_json: usize,
     ws_msgpack: usize,
     sse: usize,
@@ -69,7 +69,7 @@ struct Load {
     send_rate: f64,
 }
 
-const LOAD: Load = Load {
+pub(crate) const LOAD: Load = Load {
     ws_json: 700,
     ws_msgpack: 700,
     sse: 600,
@@ -80,7 +80,7 @@ const LOAD: Load = Load {
 };
 
 impl Load {
-    fn clients(&self) -> usize {
+    pub(crate) fn clients(&self) -> usize {
         self.ws_json + self.ws_msgpack + self.sse
     }
 }
@@ -106,8 +106,8 @@ fn cluster(backbone: Backbone) -> ClusterBuilder {
 // ---------------------------------------------------------------------------
 
 /// Delivery delays (`now - ts`, ms) recorded while `on`: 1 ms buckets.
-struct Delays {
-    on: AtomicBool,
+pub(crate) struct Delays {
+    pub(crate) on: AtomicBool,
     buckets: Vec<AtomicU64>,
     max: AtomicU64,
 }
@@ -138,7 +138,7 @@ impl Delays {
         self.max.load(Ordering::Relaxed)
     }
 
-    fn line(&self) -> String {
+    pub(crate) fn line(&self) -> String {
         format!(
             "p50 {} ms, p99 {} ms, max {} ms (n={})",
             self.quantile(0.5),
@@ -166,13 +166,13 @@ impl DelaySink for Delays {
 // The fleet of clients
 // ---------------------------------------------------------------------------
 
-struct Fleet {
-    recs: Vec<Arc<Rec>>,
+pub(crate) struct Fleet {
+    pub(crate) recs: Vec<Arc<Rec>>,
     /// The SDK client of each WebSocket record (same index), if any.
-    sdk: Vec<Option<Client>>,
+    pub(crate) sdk: Vec<Option<Client>>,
     sse_tasks: Vec<JoinHandle<()>>,
-    delays: Arc<Delays>,
-    channels: Vec<String>,
+    pub(crate) delays: Arc<Delays>,
+    pub(crate) channels: Vec<String>,
 }
 
 impl Drop for Fleet {
@@ -186,7 +186,7 @@ impl Drop for Fleet {
 impl Fleet {
     /// Connects every client (client `i` through `route(i)`) and subscribes
     /// it; returns once all are connected.
-    async fn connect(
+    pub(crate) async fn connect(
         prefix: &str,
         load: &Load,
         route: impl Fn(usize) -> SocketAddr,
@@ -262,7 +262,7 @@ impl Fleet {
     }
 
     /// Waits until every client is connected; how long that took.
-    async fn wait_connected(&self, limit: Duration) -> Result<Duration> {
+    pub(crate) async fn wait_connected(&self, limit: Duration) -> Result<Duration> {
         let t0 = Instant::now();
         loop {
             let down: Vec<usize> = (0..self.recs.len())
@@ -297,7 +297,7 @@ impl Fleet {
         }
     }
 
-    fn reconnects(&self, i: usize) -> u64 {
+    pub(crate) fn reconnects(&self, i: usize) -> u64 {
         match &self.sdk[i] {
             Some(c) => c.stats().reconnects,
             None => self.recs[i].reconnects.load(Ordering::Relaxed),
@@ -306,7 +306,7 @@ impl Fleet {
 
     /// Waits until every client has every stream up to what was
     /// acknowledged (or `limit` passes; the check then says what is missing).
-    async fn wait_caught_up(&self, acked: &Acked, limit: Duration) -> Duration {
+    pub(crate) async fn wait_caught_up(&self, acked: &Acked, limit: Duration) -> Duration {
         let t0 = Instant::now();
         loop {
             let behind = self.recs.iter().filter(|rec| rec.behind(acked)).count();
@@ -320,7 +320,7 @@ impl Fleet {
     /// Every client, every stream: 1 ..= at least the last acknowledged,
     /// each once, in order, one epoch, no notice of loss. Prints the
     /// figures; fails with the first problems found.
-    fn check(&self, what: &str, acked: &Acked) -> Result<()> {
+    pub(crate) fn check(&self, what: &str, acked: &Acked) -> Result<()> {
         let mut problems: Vec<String> = Vec::new();
         let mut t = Tally::default();
         for (i, rec) in self.recs.iter().enumerate() {
@@ -371,12 +371,12 @@ impl Fleet {
         Ok(())
     }
 
-    fn mean_reconnects(&self) -> f64 {
+    pub(crate) fn mean_reconnects(&self) -> f64 {
         let n = self.recs.len();
         (0..n).map(|i| self.reconnects(i)).sum::<u64>() as f64 / n as f64
     }
 
-    fn users(&self) -> Vec<String> {
+    pub(crate) fn users(&self) -> Vec<String> {
         self.recs.iter().map(|r| r.user.clone()).collect()
     }
 }
@@ -387,7 +387,7 @@ impl Fleet {
 
 /// The backend: publishes from its own thread and runtime (as a separate
 /// process would), so the clients' load does not slow its rate down.
-struct Publisher {
+pub(crate) struct Publisher {
     stop: Arc<AtomicBool>,
     done: tokio::sync::oneshot::Receiver<()>,
     acked: Arc<Mutex<Acked>>,
@@ -398,7 +398,12 @@ struct Publisher {
 impl Publisher {
     /// Publishes on every shared channel at `channel_rate` and sends to the
     /// users round robin at `send_rate`, through `lb`, until stopped.
-    fn start(lb: SocketAddr, channels: &[String], users: Vec<String>, load: &Load) -> Self {
+    pub(crate) fn start(
+        lb: SocketAddr,
+        channels: &[String],
+        users: Vec<String>,
+        load: &Load,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Acked::new()));
         let stats = Arc::new(PubStats::default());
@@ -436,7 +441,7 @@ impl Publisher {
     }
 
     /// Stops publishing; what was acknowledged.
-    async fn stop(self, what: &str) -> Result<Acked> {
+    pub(crate) async fn stop(self, what: &str) -> Result<Acked> {
         self.stop.store(true, Ordering::Relaxed);
         within_for(Duration::from_secs(15), "the publisher to stop", self.done)
             .await?
@@ -458,7 +463,7 @@ impl Publisher {
 // The tests
 // ---------------------------------------------------------------------------
 
-fn header(what: &str, load: &Load) {
+pub(crate) fn header(what: &str, load: &Load) {
     println!(
         "{what}: {} clients ({} ws-json, {} ws-msgpack, {} sse), {} shared channels ({} per client) at {}/s each, /api/send {}/s",
         load.clients(),
@@ -585,7 +590,7 @@ impl Surge for TestSurge<'_> {
 }
 
 /// HAProxy's sessions per live server.
-async fn sessions(c: &Cluster) -> Result<Vec<(String, u64)>> {
+pub(crate) async fn sessions(c: &Cluster) -> Result<Vec<(String, u64)>> {
     Ok(c.lb()?
         .servers()
         .await?
