@@ -41,13 +41,19 @@ fn run(cmd: &str, args: &[&str], dir: &Path) -> anyhow::Result<String> {
         .args(args)
         .current_dir(dir)
         .output()
-        .with_context(|| format!("running {cmd} (Debian package prometheus; scripts/test.sh installs it)"))?;
+        .with_context(|| {
+            format!("running {cmd} (Debian package prometheus; scripts/test.sh installs it)")
+        })?;
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    ensure!(out.status.success(), "{cmd} {args:?}: {}\n{text}", out.status);
+    ensure!(
+        out.status.success(),
+        "{cmd} {args:?}: {}\n{text}",
+        out.status
+    );
     Ok(text)
 }
 
@@ -119,7 +125,10 @@ impl Prometheus {
         let out = std::fs::File::create(&log)?;
         let child = Command::new("prometheus")
             .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{port}"))
             .arg("--log.level=warn")
             .stdout(Stdio::null())
@@ -268,7 +277,10 @@ async fn alert_expressions(p: &Prometheus) -> anyhow::Result<Vec<(String, String
     names.sort_unstable();
     let mut want = alert_names(&std::fs::read_to_string(alerts_file())?);
     want.sort_unstable();
-    ensure!(names == want, "Prometheus loaded {names:?}, the file has {want:?}");
+    ensure!(
+        names == want,
+        "Prometheus loaded {names:?}, the file has {want:?}"
+    );
     Ok(out)
 }
 
@@ -293,9 +305,9 @@ async fn evaluate_all(p: &Prometheus, when: &str) -> anyhow::Result<Vec<String>>
             failed.push(format!("{when}: alert {name}: {e:#}"));
         }
         match p.query(&signal).await {
-            Ok(v) if v.is_empty() => {
-                failed.push(format!("{when}: alert {name}: no series for its signal {signal}"))
-            }
+            Ok(v) if v.is_empty() => failed.push(format!(
+                "{when}: alert {name}: no series for its signal {signal}"
+            )),
             Ok(_) => {}
             Err(e) => failed.push(format!("{when}: alert {name} signal {signal}: {e:#}")),
         }
@@ -346,9 +358,9 @@ async fn scraped(c: &Cluster, p: &Prometheus, targets: &[String]) -> R {
         .into_iter()
         .map(|mut ws| {
             tokio::spawn(async move {
-                while let Ok(Ok(_)) =
-                    tokio::time::timeout(Duration::from_secs(30), ws.recv()).await
-                {}
+                while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(30), ws.recv()).await
+                {
+                }
             })
         })
         .collect();
@@ -356,7 +368,9 @@ async fn scraped(c: &Cluster, p: &Prometheus, targets: &[String]) -> R {
     let mut n = 0u64;
     while t0.elapsed() < Duration::from_secs(20) {
         n += 1;
-        c.node((n % 2) as usize).publish(chan, json!({ "n": n })).await?;
+        c.node((n % 2) as usize)
+            .publish(chan, json!({ "n": n }))
+            .await?;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 

@@ -38,6 +38,43 @@ async fn publish_via(lb: &str, chan: &str, i: u64) -> anyhow::Result<(StatusCode
     Ok((status, body))
 }
 
+/// An SSE stream opened through the balancer: it must answer 200
+/// `text/event-stream`, either a live stream (`connected` first) or one that
+/// asks the client to come back (`retry:`), which EventSource follows.
+/// Returns the first chunk.
+async fn sse_via(lb: &str, chan: &str, token: &str) -> anyhow::Result<String> {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let mut res = http
+        .get(format!("{lb}/sse"))
+        .query(&[("channel", chan), ("token", token)])
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .context("SSE via the balancer: no HTTP answer")?;
+    let status = res.status();
+    let ctype = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let first = res.chunk().await?.unwrap_or_default();
+    let first = String::from_utf8_lossy(&first).into_owned();
+    ensure!(
+        status == StatusCode::OK && ctype.starts_with("text/event-stream"),
+        "SSE via the balancer: {status} {ctype} {first:?}"
+    );
+    ensure!(
+        first.contains("event: connected") || first.starts_with("retry:"),
+        "SSE via the balancer: neither connected nor retry: {first:?}"
+    );
+    Ok(first)
+}
+
 async fn outage(c: &mut Cluster) -> R {
     let lb = c.lb()?;
     let lb_url = format!("http://{}", lb.addr);
@@ -49,7 +86,10 @@ async fn outage(c: &mut Cluster) -> R {
     c.wait_ready(false, Duration::from_secs(10))
         .await
         .context("nodes must report the backbone down (and stay ready)")?;
-    eprintln!("backbone down reported {:?} after the stop", stopped.elapsed());
+    eprintln!(
+        "backbone down reported {:?} after the stop",
+        stopped.elapsed()
+    );
     let outage = Duration::from_secs(5);
 
     // Every 400 ms of the outage a new backend call and a new subscriber
@@ -71,8 +111,8 @@ async fn outage(c: &mut Cluster) -> R {
                 let connected = ws.connect(Some(&tok), None).await?;
                 anyhow::Ok((ws, connected))
             };
-            let (p, s) = tokio::join!(publish, subscriber);
-            (i, at, p, s)
+            let (p, s, e) = tokio::join!(publish, subscriber, sse_via(&url, chan, &tok));
+            (i, at, p, s, e)
         }));
         let servers = c.lb()?.servers().await?;
         ensure!(
@@ -86,8 +126,10 @@ async fn outage(c: &mut Cluster) -> R {
     c.redis.start().await?;
     let (mut refused, mut wss) = (0, Vec::new());
     for call in calls {
-        let (i, at, p, s) = call.await?;
-        let (status, body) = p.with_context(|| format!("publish {i}, sent {at:?} into the outage"))?;
+        let (i, at, p, s, e) = call.await?;
+        e.with_context(|| format!("SSE subscriber {i}, arrived {at:?} into the outage"))?;
+        let (status, body) =
+            p.with_context(|| format!("publish {i}, sent {at:?} into the outage"))?;
         ensure!(
             status == StatusCode::SERVICE_UNAVAILABLE
                 && body["error"]["name"] == "unavailable"
@@ -101,7 +143,10 @@ async fn outage(c: &mut Cluster) -> R {
         ensure!(connected.node.starts_with("node"), "{connected:?}");
         wss.push(ws);
     }
-    ensure!(refused >= 5, "only {refused} publishes answered 503 during the outage");
+    ensure!(
+        refused >= 5,
+        "only {refused} publishes answered 503 during the outage"
+    );
     eprintln!(
         "during the outage: {refused} of {} publishes answered 503 (JSON), {} subscribers connected",
         wss.len(),

@@ -64,6 +64,22 @@ pub async fn preflight(State(node): State<Arc<Node>>, headers: HeaderMap) -> Res
     })
 }
 
+/// A stream holding only `retry:` (`admission_retry_ms`, with jitter) and
+/// a comment saying why, that ends at once: the client comes back later.
+fn retry_later(node: &Node, why: &str) -> Response {
+    let c = node.config.admission_retry_ms;
+    let delay = rand::random_range(c / 2..=c + c / 2);
+    let body = format!("retry: {delay}\n: {why}; retry later\n\n");
+    let mut res = Response::new(Body::from(body));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    res.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    res
+}
+
 async fn open_stream(
     node: Arc<Node>,
     headers: HeaderMap,
@@ -76,20 +92,10 @@ async fn open_stream(
             // A browser EventSource gives up on an error status, so a refusal is
             // a stream that asks it to come back later (with jitter) and ends.
             crate::telemetry::admission_rejected("sse", refusal.reason());
-            let c = node.config.admission_retry_ms;
-            let delay = rand::random_range(c / 2..=c + c / 2);
-            let body = format!(
-                "retry: {delay}\n: not accepting new sessions ({}); retry later\n\n",
-                refusal.reason()
-            );
-            let mut res = Response::new(Body::from(body));
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            res.headers_mut()
-                .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-            return Ok(res);
+            return Ok(retry_later(
+                &node,
+                &format!("not accepting new sessions ({})", refusal.reason()),
+            ));
         }
     };
     let SseRequest {
@@ -98,7 +104,10 @@ async fn open_stream(
         since,
         foreign_cursor,
     } = request::authorise(&node, &query, &headers).inspect_err(|e| {
-        if matches!(e.code, protocol::ErrorCode::Unauthorized | protocol::ErrorCode::TokenExpired) {
+        if matches!(
+            e.code,
+            protocol::ErrorCode::Unauthorized | protocol::ErrorCode::TokenExpired
+        ) {
             let conn = crate::telemetry::arrival_id("sse");
             crate::telemetry::auth_failed("sse", &conn, &e.message);
         }
@@ -115,15 +124,24 @@ async fn open_stream(
                 "too many subscribes (subscribe_rate, user_subscribe_rate); retry later",
             ));
         }
-        session
-            .subscribe(None, name, since, &mut out)
-            .await
-            .map_err(|code| {
-                ApiError::new(
+        match session.subscribe(None, name, since, &mut out).await {
+            Ok(()) => {}
+            // The replay store or backbone is out (a shared outage): like a
+            // refusal, a stream that asks to come back later, which a
+            // browser EventSource follows (it gives up on an error status).
+            Err(protocol::ErrorCode::Unavailable) => {
+                return Ok(retry_later(
+                    &node,
+                    &format!("could not subscribe to {name:?} (store unavailable)"),
+                ));
+            }
+            Err(code) => {
+                return Err(ApiError::new(
                     code,
                     format!("could not subscribe to {name:?}; retry later"),
-                )
-            })?;
+                ))
+            }
+        }
         if foreign_cursor {
             let p = session
                 .position(name)
