@@ -73,23 +73,19 @@ impl SseStream {
         self.session.record_written(written);
     }
 
-    /// Writes a frame that is not a message (an `unrecoverable` notice; the
-    /// rest has no SSE event).
+    /// Writes a frame that is not a message: an `unrecoverable` notice.
+    /// (`subscribed` has no SSE event: the `connected` event and the cursor
+    /// say the same.)
     fn write_frame(&mut self, buf: &mut BytesMut, o: Outgoing) {
-        match o {
-            Outgoing::Frame(ServerFrame::Unrecoverable(u)) => {
-                self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));
-                let cursor = self.cursor();
-                write_event(
-                    buf,
-                    Some("unrecoverable"),
-                    Some(&cursor),
-                    &Codec::Json.encode(&ServerFrame::Unrecoverable(u)),
-                );
-            }
-            // `subscribed` has no SSE event: the `connected` event and the
-            // cursor say the same.
-            _ => {}
+        if let Outgoing::Frame(ServerFrame::Unrecoverable(u)) = o {
+            self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));
+            let cursor = self.cursor();
+            write_event(
+                buf,
+                Some("unrecoverable"),
+                Some(&cursor),
+                &Codec::Json.encode(&ServerFrame::Unrecoverable(u)),
+            );
         }
     }
 
