@@ -443,7 +443,7 @@ async fn prometheus_scrapes_a_cluster_and_every_dashboard_query_and_alert_evalua
     let c = Cluster::builder(Backbone::Redis)
         .nodes(2)
         .env("GATEWAY_ADMIN_ADDR", "127.0.0.1:0")
-        .env("GATEWAY_DRAIN_PRESTOP_DELAY_MS", 500)
+        .env("GATEWAY_DRAIN_PRESTOP_DELAY_MS", 1500)
         .env("GATEWAY_DRAIN_BATCH_INTERVAL_MS", 300)
         .env("GATEWAY_DRAIN_BATCH_FRACTION", 0.25)
         .env("GATEWAY_DRAIN_CLOSE_GRACE_MS", 500)
