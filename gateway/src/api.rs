@@ -20,6 +20,7 @@ use serde_json::Value;
 use crate::errors::ApiError;
 use crate::ids::now_ms;
 use crate::node::Node;
+use crate::replay::{Appended, MAX_IDEMPOTENCY_KEY};
 
 /// Checks the API key and reads the body in its codec.
 async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiError> {
@@ -103,20 +104,50 @@ async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiEr
     })
 }
 
-/// Publishes one message to a stream; the answer names its position.
-async fn publish_to(node: &Node, channel: &str, data: Value) -> Result<PublishResult, ApiError> {
-    let p = node
+/// Publishes one message to a stream; the answer names its position (the
+/// original one for a repeated idempotency key).
+async fn publish_to(
+    node: &Node,
+    channel: &str,
+    data: Value,
+    idempotency_key: Option<&str>,
+) -> Result<PublishResult, ApiError> {
+    if let Some(k) = idempotency_key {
+        check_idempotency_key(k)?;
+    }
+    let appended = node
         .broker
-        .publish(channel, data, now_ms())
+        .publish(channel, data, now_ms(), idempotency_key)
         .await
         .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()).with_retry_after(1))?;
-    node.metrics.published.increment(1);
+    let (position, duplicate) = match appended {
+        Appended::New(p) => {
+            node.metrics.published.increment(1);
+            (p.position(), false)
+        }
+        Appended::Duplicate(position) => {
+            crate::telemetry::publish_deduplicated();
+            (position, true)
+        }
+    };
     Ok(PublishResult {
         channel: channel.to_owned(),
-        seq: p.seq,
-        epoch: p.epoch.to_string(),
+        seq: position.seq,
+        epoch: position.epoch,
         user: None,
+        duplicate,
     })
+}
+
+/// An idempotency key: printable ASCII, 1 to 128 bytes.
+fn check_idempotency_key(k: &str) -> Result<(), ApiError> {
+    if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || !k.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            format!("idempotency_key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters with no spaces"),
+        ));
+    }
+    Ok(())
 }
 
 async fn publish_item(node: &Node, item: BatchItem) -> Result<PublishResult, ApiError> {
@@ -128,13 +159,19 @@ async fn publish_item(node: &Node, item: BatchItem) -> Result<PublishResult, Api
                     format!("channel {:?}: {e}", p.channel),
                 )
             })?;
-            publish_to(node, &p.channel, p.data).await
+            publish_to(node, &p.channel, p.data, p.idempotency_key.as_deref()).await
         }
         BatchItem::Send(s) => {
             validate_user(&s.user).map_err(|e| {
                 ApiError::new(ErrorCode::InvalidChannel, format!("user {:?}: {e}", s.user))
             })?;
-            let mut r = publish_to(node, &user_channel(&s.user), s.data).await?;
+            let mut r = publish_to(
+                node,
+                &user_channel(&s.user),
+                s.data,
+                s.idempotency_key.as_deref(),
+            )
+            .await?;
             r.user = Some(s.user);
             Ok(r)
         }

@@ -287,6 +287,11 @@ pub fn drain_reconnect_sent(transport: &'static str) {
 /// A replay stream was found from an earlier life of the Redis server
 /// (restart, failover, restore) and moved to a new epoch. Rare: looked up by
 /// name when it happens.
+/// A publish whose idempotency key was used before: nothing new published.
+pub fn publish_deduplicated() {
+    metrics::counter!("gateway_publishes_deduplicated_total").increment(1);
+}
+
 /// Streams whose history was lost: `store_restarted` (Redis came back from
 /// another life), `stream_limit` (dropped over `replay_max_streams`).
 pub fn stream_history_lost(cause: &'static str, streams: u64) {
@@ -386,6 +391,10 @@ impl Metrics {
         describe_counter!(
             "gateway_replay_streams_reset_total",
             "Replay streams moved to a new epoch because the store could not prove their history (Redis restarted, failed over or was restored)."
+        );
+        describe_counter!(
+            "gateway_publishes_deduplicated_total",
+            "API publishes whose idempotency key was used before on the channel within the replay window: nothing new was published."
         );
         describe_counter!(
             "gateway_backbone_received_total",
@@ -502,6 +511,7 @@ fn preregister() {
         "gateway_backbone_received_total",
         "gateway_backbone_errors_total",
         "gateway_connections_shed_total",
+        "gateway_publishes_deduplicated_total",
     ] {
         metrics::counter!(c).increment(0);
     }

@@ -14,6 +14,11 @@ use crate::{ErrorFrame, Position};
 pub struct PublishRequest {
     pub channel: String,
     pub data: Value,
+    /// Exactly-once publishing: the same key on the same channel within the
+    /// replay window publishes nothing new and answers with the original
+    /// position (`duplicate: true`). Printable ASCII, at most 128 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// `POST /api/send`: one message to a user's own stream (`$user:<user>`).
@@ -22,6 +27,9 @@ pub struct PublishRequest {
 pub struct SendRequest {
     pub user: String,
     pub data: Value,
+    /// As for a publish, on the user's own stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
 }
 
 /// One item of a batch: a publish or a send (told apart by their fields).
@@ -52,6 +60,10 @@ pub struct PublishResult {
     /// For a send: the user.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// True when the idempotency key was used before: nothing new was
+    /// published, and the position is the original message's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
 }
 
 impl PublishResult {
@@ -93,6 +105,7 @@ mod tests {
             seq: 1,
             epoch: "ILeFSwuf".into(),
             user: None,
+            duplicate: false,
         };
         assert_eq!(
             serde_json::to_value(&r).unwrap(),

@@ -731,6 +731,7 @@ impl Haproxy {
             &serde_json::to_value(protocol::api::PublishRequest {
                 channel: channel.to_owned(),
                 data,
+                idempotency_key: None,
             })?,
         )
         .await?;
@@ -746,6 +747,7 @@ impl Haproxy {
             &serde_json::to_value(protocol::api::SendRequest {
                 user: user.to_owned(),
                 data,
+                idempotency_key: None,
             })?,
         )
         .await?;

@@ -585,6 +585,27 @@ impl Gateway {
                 &serde_json::to_value(protocol::api::PublishRequest {
                     channel: channel.to_owned(),
                     data,
+                    idempotency_key: None,
+                })?,
+            )
+            .await?;
+        Ok(serde_json::from_value(answer)?)
+    }
+
+    /// `POST /api/publish` with an idempotency key.
+    pub async fn publish_once(
+        &self,
+        channel: &str,
+        data: Value,
+        key: &str,
+    ) -> Result<PublishResult> {
+        let answer = self
+            .post_json(
+                "/api/publish",
+                &serde_json::to_value(protocol::api::PublishRequest {
+                    channel: channel.to_owned(),
+                    data,
+                    idempotency_key: Some(key.to_owned()),
                 })?,
             )
             .await?;
@@ -599,6 +620,7 @@ impl Gateway {
                 &serde_json::to_value(protocol::api::SendRequest {
                     user: user.to_owned(),
                     data,
+                    idempotency_key: None,
                 })?,
             )
             .await?;

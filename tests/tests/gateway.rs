@@ -20,6 +20,8 @@ mod delivery;
 mod drain;
 #[path = "gateway/heartbeat.rs"]
 mod heartbeat;
+#[path = "gateway/idempotency.rs"]
+mod idempotency;
 #[path = "gateway/kubernetes.rs"]
 mod kubernetes;
 #[path = "gateway/metrics.rs"]

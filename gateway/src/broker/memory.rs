@@ -1,12 +1,12 @@
 //! In-process backbone: the embedded default of a single node.
 
+use crate::replay::Appended;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde_json::Value;
 
 use super::{Broker, BrokerError, Deliver};
-use crate::message::Publication;
 use crate::replay::ReplayStore;
 
 /// Number of ordering locks; channels hash onto them.
@@ -48,11 +48,17 @@ impl Broker for MemoryBroker {
         channel: &str,
         data: Value,
         ts: u64,
-    ) -> Result<Arc<Publication>, BrokerError> {
+        idempotency: Option<&str>,
+    ) -> Result<Appended, BrokerError> {
         let _order = self.shard(channel).lock().await;
-        let publication = self.store.append(channel, data, ts).await?;
-        self.hub.deliver(&publication);
-        Ok(publication)
+        let appended = self
+            .store
+            .append_keyed(channel, data, ts, idempotency)
+            .await?;
+        if let Appended::New(publication) = &appended {
+            self.hub.deliver(publication);
+        }
+        Ok(appended)
     }
 
     async fn subscribe(&self, _channel: &str) -> Result<(), BrokerError> {

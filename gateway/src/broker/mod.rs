@@ -46,6 +46,7 @@ pub mod nats;
 pub mod redis;
 pub mod tracker;
 
+use crate::replay::Appended;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -77,13 +78,17 @@ pub enum BrokerError {
 
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Sequences `data` on `channel` and fans it out to subscribed nodes.
+    /// Sequences `data` on `channel` and fans it out to subscribed nodes;
+    /// with an idempotency key already used on the channel within the
+    /// replay window, does neither and returns the original position
+    /// ([`ReplayStore::append_keyed`]).
     async fn publish(
         &self,
         channel: &str,
         data: Value,
         ts: u64,
-    ) -> Result<Arc<Publication>, BrokerError>;
+        idempotency: Option<&str>,
+    ) -> Result<Appended, BrokerError>;
 
     /// Starts delivering `channel` to this node.
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;

@@ -9,6 +9,7 @@
 //! * The client reconnects and resubscribes by itself; on reconnect the node
 //!   fetches what was published meanwhile from the replay store.
 
+use crate::replay::Appended;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,6 @@ use super::cluster::{user_of, ClusterParts};
 use super::envelope;
 use super::tracker::{Health, Tracker};
 use super::{Broker, BrokerError, Deliver};
-use crate::message::Publication;
 use crate::replay::ReplayStore;
 
 /// Channel names may hold `.` (the NATS token separator); hex keeps every
@@ -159,12 +159,21 @@ impl Broker for NatsBroker {
         channel: &str,
         data: Value,
         ts: u64,
-    ) -> Result<Arc<Publication>, BrokerError> {
+        idempotency: Option<&str>,
+    ) -> Result<Appended, BrokerError> {
         let subjects = self
             .cluster
             .route(channel, channel_subject, node_subject)
             .await?;
-        let p = self.cluster.store.append(channel, data, ts).await?;
+        let p = match self
+            .cluster
+            .store
+            .append_keyed(channel, data, ts, idempotency)
+            .await?
+        {
+            Appended::New(p) => p,
+            duplicate => return Ok(duplicate),
+        };
         let payload = bytes::Bytes::from(envelope::encode(&p));
         let late = self
             .cluster
@@ -176,7 +185,7 @@ impl Broker for NatsBroker {
                 .await
                 .map_err(unavailable)?;
         }
-        Ok(p)
+        Ok(Appended::New(p))
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {

@@ -10,6 +10,7 @@
 //!   watchdog PINGs it, reports health, and after an outage fetches what was
 //!   published meanwhile from the replay store.
 
+use crate::replay::Appended;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,6 @@ use super::cluster::{user_of, ClusterParts};
 use super::envelope;
 use super::tracker::{Health, Tracker};
 use super::{Broker, BrokerError, Deliver};
-use crate::message::Publication;
 use crate::replay::RedisReplayStore;
 
 pub fn channel_topic(channel: &str) -> String {
@@ -162,19 +162,23 @@ impl Broker for RedisBroker {
         channel: &str,
         data: Value,
         ts: u64,
-    ) -> Result<Arc<Publication>, BrokerError> {
+        idempotency: Option<&str>,
+    ) -> Result<Appended, BrokerError> {
         let targets = self
             .cluster
             .route(channel, channel_topic, node_topic)
             .await?;
         let result = self
             .store
-            .append_and_publish(channel, data, ts, &targets)
+            .append_and_publish(channel, data, ts, idempotency, &targets)
             .await;
         if result.is_err() {
             self.cluster.health.down();
         }
-        let p = result?;
+        let p = match result? {
+            Appended::New(p) => p,
+            duplicate => return Ok(duplicate),
+        };
         let late = self
             .cluster
             .late_routes(channel, &targets, node_topic)
@@ -192,7 +196,7 @@ impl Broker for RedisBroker {
                     .await;
             }
         }
-        Ok(p)
+        Ok(Appended::New(p))
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {

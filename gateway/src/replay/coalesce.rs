@@ -16,8 +16,7 @@ use parking_lot::Mutex;
 use protocol::Position;
 use serde_json::Value;
 
-use super::{Recovery, ReplayStore, StoreError};
-use crate::message::Publication;
+use super::{Appended, Recovery, ReplayStore, StoreError};
 
 type Key = (String, String, u64);
 type Read = Shared<BoxFuture<'static, Result<Recovery, StoreError>>>;
@@ -41,13 +40,14 @@ impl CoalescingStore {
 
 #[async_trait]
 impl ReplayStore for CoalescingStore {
-    async fn append(
+    async fn append_keyed(
         &self,
         channel: &str,
         data: Value,
         ts: u64,
-    ) -> Result<Arc<Publication>, StoreError> {
-        self.inner.append(channel, data, ts).await
+        key: Option<&str>,
+    ) -> Result<Appended, StoreError> {
+        self.inner.append_keyed(channel, data, ts, key).await
     }
 
     async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError> {

@@ -24,7 +24,7 @@ use parking_lot::Mutex;
 use protocol::{Position, UnrecoverableReason};
 use serde_json::Value;
 
-use super::{Recovery, ReplayStore, StoreError};
+use super::{Appended, Recovery, ReplayStore, StoreError};
 use crate::message::Publication;
 
 struct Stream {
@@ -34,6 +34,33 @@ struct Stream {
     /// seqs contiguous ending at `top`.
     buffer: VecDeque<(Instant, Arc<Publication>, u64)>,
     touched: Instant,
+    /// Idempotency keys of buffered messages (made on the first keyed
+    /// publish): a key is known exactly as long as its message is buffered.
+    keys: Option<Box<Keys>>,
+}
+
+#[derive(Default)]
+struct Keys {
+    seq_of: std::collections::HashMap<Arc<str>, u64>,
+    /// (seq, key), oldest first, to forget keys as their messages leave.
+    order: VecDeque<(u64, Arc<str>)>,
+}
+
+impl Stream {
+    /// Forgets the keys of messages no longer buffered.
+    fn forget_keys(&mut self) {
+        let oldest = self.buffer.front().map_or(u64::MAX, |(_, p, _)| p.seq);
+        if let Some(keys) = &mut self.keys {
+            while keys.order.front().is_some_and(|(seq, _)| *seq < oldest) {
+                if let Some((_, k)) = keys.order.pop_front() {
+                    keys.seq_of.remove(&k);
+                }
+            }
+            if keys.order.is_empty() {
+                self.keys = None;
+            }
+        }
+    }
 }
 
 /// Streams held in a sharded map; each stream behind its own lock, held only
@@ -219,6 +246,7 @@ impl MemoryReplayStore {
                         self.uncharge(key);
                     }
                 }
+                s.forget_keys();
             }
         }
     }
@@ -246,6 +274,7 @@ impl MemoryReplayStore {
                     top: 0,
                     buffer: VecDeque::new(),
                     touched: Instant::now(),
+                    keys: None,
                 }))
             })
             .clone()
@@ -261,6 +290,7 @@ impl MemoryReplayStore {
                 self.uncharge(key);
             }
         }
+        s.forget_keys();
     }
 
     /// Drops expired messages, and streams idle for longer than their TTL
@@ -301,15 +331,24 @@ impl MemoryReplayStore {
 
 #[async_trait]
 impl ReplayStore for MemoryReplayStore {
-    async fn append(
+    async fn append_keyed(
         &self,
         channel: &str,
         data: Value,
         ts: u64,
-    ) -> Result<Arc<Publication>, StoreError> {
+        idempotency: Option<&str>,
+    ) -> Result<Appended, StoreError> {
         let stream = self.stream(channel);
         let mut s = stream.lock();
         let now = Instant::now();
+        // Expired messages (and their keys) go first: a key is honoured for
+        // the replay window, not longer.
+        self.trim(&mut s, now);
+        if let Some(k) = idempotency {
+            if let Some(seq) = s.keys.as_ref().and_then(|keys| keys.seq_of.get(k)) {
+                return Ok(Appended::Duplicate(Position::new(*seq, &*s.epoch)));
+            }
+        }
         s.top += 1;
         s.touched = now;
         let channel: Arc<str> = match s.buffer.back() {
@@ -319,10 +358,16 @@ impl ReplayStore for MemoryReplayStore {
         let publication = Arc::new(Publication::new(channel, s.top, s.epoch.clone(), data, ts));
         let key = self.charge(&stream, &publication);
         s.buffer.push_back((now, publication.clone(), key));
+        if let Some(k) = idempotency {
+            let (k, seq) = (Arc::<str>::from(k), s.top);
+            let keys = s.keys.get_or_insert_with(Box::default);
+            keys.seq_of.insert(k.clone(), seq);
+            keys.order.push_back((seq, k));
+        }
         self.trim(&mut s, now);
         drop(s);
         self.evict_over_budget();
-        Ok(publication)
+        Ok(Appended::New(publication))
     }
 
     async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError> {

@@ -62,15 +62,47 @@ pub enum StoreError {
     Unavailable(String),
 }
 
+/// What an append did.
+#[derive(Debug, Clone)]
+pub enum Appended {
+    /// A new message, at its position.
+    New(Arc<Publication>),
+    /// The idempotency key was used on this channel before, within the
+    /// replay window: nothing was appended; the original message's position.
+    Duplicate(Position),
+}
+
+/// Longest idempotency key (bytes); keys are printable ASCII.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+
 #[async_trait]
 pub trait ReplayStore: Send + Sync + 'static {
-    /// Appends a message to a channel's stream, assigning its sequence.
+    /// Appends a message to a channel's stream, assigning its sequence;
+    /// with an idempotency `key`, only if the key was not used on the
+    /// channel within the replay window, in the same atomic step (a retry
+    /// of an accepted publish, on any node, gets the original position).
+    async fn append_keyed(
+        &self,
+        channel: &str,
+        data: Value,
+        ts: u64,
+        key: Option<&str>,
+    ) -> Result<Appended, StoreError>;
+
+    /// Appends a message with no idempotency key.
     async fn append(
         &self,
         channel: &str,
         data: Value,
         ts: u64,
-    ) -> Result<Arc<Publication>, StoreError>;
+    ) -> Result<Arc<Publication>, StoreError> {
+        match self.append_keyed(channel, data, ts, None).await? {
+            Appended::New(p) => Ok(p),
+            Appended::Duplicate(_) => Err(StoreError::Unavailable(
+                "a duplicate without an idempotency key".into(),
+            )),
+        }
+    }
 
     /// Every message after `since`, or why not.
     async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError>;

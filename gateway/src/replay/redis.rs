@@ -55,7 +55,7 @@ use redis::Value as RedisValue;
 use serde_json::Value;
 use tracing::warn;
 
-use super::{Recovery, ReplayStore, StoreError};
+use super::{Appended, Recovery, ReplayStore, StoreError};
 use crate::ids::new_epoch;
 use crate::ids::now_ms;
 use crate::message::Publication;
@@ -92,9 +92,19 @@ local function life_check(meta_key, buf_key, fresh)
   return epoch, reset
 end
 
--- KEYS: meta, buffer. ARGV: data, ts, max messages, window ms, meta ttl ms,
--- fresh epoch, channel, then the pub/sub channels to PUBLISH to.
+-- KEYS: meta, buffer, and the idempotency key's own key if there is one.
+-- ARGV: data, ts, max messages, window ms, meta ttl ms, fresh epoch,
+-- channel, then the pub/sub channels to PUBLISH to. Returns seq, epoch,
+-- reset, duplicate (1: the key was used within the window; nothing done,
+-- the original position returned).
 local function append(KEYS, ARGV)
+  if #KEYS > 2 then
+    local prev = redis.call('GET', KEYS[3])
+    if prev then
+      local sep = string.find(prev, ':', 1, true)
+      return {tonumber(string.sub(prev, 1, sep - 1)), string.sub(prev, sep + 1), 0, 1}
+    end
+  end
   local epoch, reset = life_check(KEYS[1], KEYS[2], ARGV[6])
   local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -104,7 +114,10 @@ local function append(KEYS, ARGV)
     local msg = seq .. '\n' .. epoch .. '\n' .. ARGV[2] .. '\n' .. ARGV[7] .. '\n' .. ARGV[1]
     for i = 8, #ARGV do redis.call('PUBLISH', ARGV[i], msg) end
   end
-  return {seq, epoch, reset}
+  if #KEYS > 2 then
+    redis.call('SET', KEYS[3], seq .. ':' .. epoch, 'PX', ARGV[4])
+  end
+  return {seq, epoch, reset, 0}
 end
 
 -- KEYS: meta, buffer. ARGV: first seq to read ('' for none), max messages,
@@ -229,17 +242,28 @@ impl RedisReplayStore {
         Ok(())
     }
 
-    /// `FCALL function 2 meta buf args...`; loads the library first if Redis
-    /// does not have it (it restarted empty, or was flushed).
+    /// `FCALL function 2 meta buf args...` (3 keys with an idempotency
+    /// key's); loads the library first if Redis does not have it (it
+    /// restarted empty, or was flushed).
     async fn fcall<T: redis::FromRedisValue>(
         &self,
         function: &str,
         channel: &str,
+        idempotency: Option<&str>,
         args: impl FnOnce(&mut redis::Cmd),
     ) -> Result<T, StoreError> {
         let (meta, buf) = keys(channel);
         let mut cmd = redis::cmd("FCALL");
-        cmd.arg(function).arg(2).arg(meta).arg(buf);
+        match idempotency {
+            // Same hash slot as the stream's keys (the `{ch:c}` tag).
+            Some(k) => cmd
+                .arg(function)
+                .arg(3)
+                .arg(meta)
+                .arg(buf)
+                .arg(format!("gw:{{ch:{channel}}}:i:{k}")),
+            None => cmd.arg(function).arg(2).arg(meta).arg(buf),
+        };
         args(&mut cmd);
         let mut c = self.conn.clone();
         match cmd.query_async::<T>(&mut c).await {
@@ -258,15 +282,16 @@ impl RedisReplayStore {
         channel: &str,
         data: Value,
         ts: u64,
+        idempotency: Option<&str>,
         publish_to: &[String],
-    ) -> Result<Arc<Publication>, StoreError> {
+    ) -> Result<Appended, StoreError> {
         let payload = serde_json::to_string(&data).map_err(unavailable)?;
         let (window, meta_ttl) = (
             self.window.as_millis() as u64,
             self.meta_ttl.as_millis() as u64,
         );
-        let (seq, epoch, reset): (u64, String, u8) = self
-            .fcall(&self.library.append, channel, |cmd| {
+        let (seq, epoch, reset, duplicate): (u64, String, u8, u8) = self
+            .fcall(&self.library.append, channel, idempotency, |cmd| {
                 cmd.arg(&payload)
                     .arg(ts)
                     .arg(self.max_messages)
@@ -277,16 +302,19 @@ impl RedisReplayStore {
                     .arg(publish_to);
             })
             .await?;
+        if duplicate == 1 {
+            return Ok(Appended::Duplicate(Position::new(seq, epoch)));
+        }
         if reset == 1 {
             history_lost(channel, &epoch);
         }
-        Ok(Arc::new(Publication::new(
+        Ok(Appended::New(Arc::new(Publication::new(
             Arc::from(channel),
             seq,
             Arc::from(epoch),
             data,
             ts,
-        )))
+        ))))
     }
 
     async fn read_raw(
@@ -297,7 +325,7 @@ impl RedisReplayStore {
         let from = from.map(|f| f.to_string()).unwrap_or_default();
         let meta_ttl = self.meta_ttl.as_millis() as u64;
         let (epoch, top, entries, reset): (String, u64, Vec<RedisValue>, u8) = self
-            .fcall(&self.library.read, channel, |cmd| {
+            .fcall(&self.library.read, channel, None, |cmd| {
                 cmd.arg(&from)
                     .arg(self.max_messages)
                     .arg(&*new_epoch())
@@ -351,13 +379,14 @@ fn parse_entry(entry: &RedisValue) -> Option<(u64, u64, Value)> {
 
 #[async_trait]
 impl ReplayStore for RedisReplayStore {
-    async fn append(
+    async fn append_keyed(
         &self,
         channel: &str,
         data: Value,
         ts: u64,
-    ) -> Result<Arc<Publication>, StoreError> {
-        self.append_and_publish(channel, data, ts, &[]).await
+        key: Option<&str>,
+    ) -> Result<Appended, StoreError> {
+        self.append_and_publish(channel, data, ts, key, &[]).await
     }
 
     async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError> {

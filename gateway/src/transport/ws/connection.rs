@@ -477,8 +477,16 @@ impl Connection {
                         format!("token does not allow publishing to {:?}", p.channel),
                     );
                 } else {
-                    match node.broker.publish(&p.channel, p.data, now_ms()).await {
-                        Ok(publication) => {
+                    match node
+                        .broker
+                        .publish(&p.channel, p.data, now_ms(), None)
+                        .await
+                    {
+                        Ok(crate::replay::Appended::Duplicate(_)) => {
+                            // No key was given: cannot happen.
+                            self.reply_error(p.id, ErrorCode::Internal, "duplicate");
+                        }
+                        Ok(crate::replay::Appended::New(publication)) => {
                             node.metrics.published.increment(1);
                             self.out
                                 .push(Outgoing::Frame(ServerFrame::Published(Published {
