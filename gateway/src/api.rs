@@ -17,6 +17,7 @@ use protocol::{user_channel, validate_channel, validate_user, Codec, DecodeError
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+use crate::auth::Scope;
 use crate::errors::ApiError;
 use crate::ids::now_ms;
 use crate::node::Node;
@@ -28,11 +29,10 @@ async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiEr
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    node.auth.check_api_key(auth).map_err(|e| {
-        node.metrics
-            .api_request_rejected(ErrorCode::Unauthorized.name());
+    node.auth.check_api_key(auth, Scope::Publish).map_err(|e| {
+        node.metrics.api_request_rejected(e.code().name());
         crate::telemetry::auth_failed("api", &crate::telemetry::arrival_id("api"), &e);
-        ApiError::new(ErrorCode::Unauthorized, e.to_string())
+        ApiError::new(e.code(), e.to_string())
     })?;
     let content_type = req
         .headers()

@@ -94,6 +94,39 @@ impl Identity {
     }
 }
 
+/// What an API key may do. `Publish`: publish, send, batch, history,
+/// presence, channels, info. `Admin`: everything, drain and the control
+/// calls (disconnect, revoke, server-side subscribe) included. Ordered:
+/// admin includes publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Publish,
+    Admin,
+}
+
+impl Scope {
+    /// An entry of `api_keys`: `admin:<key>`, `publish:<key>`, or a bare
+    /// key (publish).
+    pub fn parse_entry(entry: &str) -> (Scope, String) {
+        if let Some(k) = entry.strip_prefix("admin:") {
+            (Scope::Admin, k.to_owned())
+        } else if let Some(k) = entry.strip_prefix("publish:") {
+            (Scope::Publish, k.to_owned())
+        } else {
+            (Scope::Publish, entry.to_owned())
+        }
+    }
+}
+
+impl std::fmt::Display for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Scope::Publish => "publish",
+            Scope::Admin => "admin",
+        })
+    }
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error("a token is required")]
@@ -104,12 +137,15 @@ pub enum AuthError {
     Expired,
     #[error("missing or unknown API key")]
     BadApiKey,
+    #[error("this API key's scope is {has}; this needs {needs}")]
+    Scope { has: Scope, needs: Scope },
 }
 
 impl AuthError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::Expired => ErrorCode::TokenExpired,
+            Self::Scope { .. } => ErrorCode::PermissionDenied,
             _ => ErrorCode::Unauthorized,
         }
     }
@@ -163,7 +199,7 @@ pub struct Auth {
     minting: Option<EncodingKey>,
     resume: (EncodingKey, DecodingKey, Validation),
     dev: bool,
-    api_keys: Vec<String>,
+    api_keys: Vec<(Scope, String)>,
     /// `token_exp_required`.
     exp_required: bool,
     /// `max_token_lifetime_secs`.
@@ -259,7 +295,11 @@ impl Auth {
             minting,
             resume,
             dev: config.dev,
-            api_keys: config.api_keys(),
+            api_keys: config
+                .api_keys()
+                .iter()
+                .map(|e| Scope::parse_entry(e))
+                .collect(),
             exp_required: config.token_exp_required,
             max_lifetime: config.max_token_lifetime_secs,
         })
@@ -395,25 +435,33 @@ impl Auth {
         Err(last)
     }
 
-    /// Checks an `Authorization` header value against the API keys. Open in
-    /// dev mode when no key is configured.
-    pub fn check_api_key(&self, authorization: Option<&str>) -> Result<(), AuthError> {
+    /// Checks an `Authorization` header value against the API keys, for an
+    /// operation that needs `needs`. Open in dev mode when no key is
+    /// configured.
+    pub fn check_api_key(
+        &self,
+        authorization: Option<&str>,
+        needs: Scope,
+    ) -> Result<(), AuthError> {
         if self.api_keys.is_empty() && self.dev {
             return Ok(());
         }
         let presented = authorization
             .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim);
-        match presented {
-            Some(k)
-                if self
-                    .api_keys
-                    .iter()
-                    .any(|key| constant_time_eq(key.as_bytes(), k.as_bytes())) =>
-            {
-                Ok(())
+            .map(str::trim)
+            .ok_or(AuthError::BadApiKey)?;
+        // Every key is compared (constant time each), so the time taken
+        // says nothing of which matched.
+        let mut found = None;
+        for (scope, key) in &self.api_keys {
+            if constant_time_eq(key.as_bytes(), presented.as_bytes()) {
+                found = Some(*scope);
             }
-            _ => Err(AuthError::BadApiKey),
+        }
+        match found {
+            None => Err(AuthError::BadApiKey),
+            Some(has) if has < needs => Err(AuthError::Scope { has, needs }),
+            Some(_) => Ok(()),
         }
     }
 
@@ -483,7 +531,7 @@ mod tests {
     fn auth() -> Auth {
         let config = Config {
             jwt_secret: Some("0123456789abcdef0123".into()),
-            api_keys: "k1, k2".into(),
+            api_keys: "k1, k2, admin:boss, publish:k3".into(),
             ..Config::default()
         };
         Auth::from_config(&config).expect("auth")
@@ -552,11 +600,28 @@ mod tests {
     #[test]
     fn api_keys() {
         let a = auth();
-        assert!(a.check_api_key(Some("Bearer k2")).is_ok());
+        assert!(a.check_api_key(Some("Bearer k2"), Scope::Publish).is_ok());
         assert_eq!(
-            a.check_api_key(Some("Bearer nope")),
+            a.check_api_key(Some("Bearer nope"), Scope::Publish),
             Err(AuthError::BadApiKey)
         );
-        assert_eq!(a.check_api_key(None), Err(AuthError::BadApiKey));
+        assert_eq!(
+            a.check_api_key(None, Scope::Publish),
+            Err(AuthError::BadApiKey)
+        );
+        // Scopes: an unprefixed key publishes; only an admin key drains.
+        assert_eq!(
+            a.check_api_key(Some("Bearer k2"), Scope::Admin),
+            Err(AuthError::Scope {
+                has: Scope::Publish,
+                needs: Scope::Admin
+            })
+        );
+        assert!(a.check_api_key(Some("Bearer boss"), Scope::Admin).is_ok());
+        assert!(a.check_api_key(Some("Bearer boss"), Scope::Publish).is_ok());
+        assert!(a.check_api_key(Some("Bearer k3"), Scope::Publish).is_ok());
+        assert!(a
+            .check_api_key(Some("Bearer admin:boss"), Scope::Publish)
+            .is_err());
     }
 }

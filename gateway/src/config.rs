@@ -43,7 +43,10 @@ pub struct Config {
     pub jwt_public_key_file: Option<PathBuf>,
     /// Algorithm of `jwt_public_key_file` tokens: `RS256` or `ES256`.
     pub jwt_algorithm: String,
-    /// API keys for the publish API, comma-separated.
+    /// API keys, comma-separated, each with its scope: `admin:<key>`
+    /// (everything: drain, disconnect, revoke, server-side subscribe) or
+    /// `publish:<key>` / a bare key (publish, send, batch, history,
+    /// presence, channels, info).
     pub api_keys: String,
     /// Browser origins allowed to open SSE streams (CORS) and WebSockets,
     /// comma-separated (`https://app.example.com`), or `*`. Empty: no CORS

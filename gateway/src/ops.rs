@@ -63,11 +63,10 @@ pub async fn admin_drain(State(node): State<Arc<Node>>, headers: http::HeaderMap
     let auth = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if let Err(e) = node.auth.check_api_key(auth) {
-        node.metrics
-            .api_request_rejected(ErrorCode::Unauthorized.name());
+    if let Err(e) = node.auth.check_api_key(auth, crate::auth::Scope::Admin) {
+        node.metrics.api_request_rejected(e.code().name());
         crate::telemetry::auth_failed("api", &crate::telemetry::arrival_id("api"), &e);
-        return ApiError::new(ErrorCode::Unauthorized, e.to_string()).into_response();
+        return ApiError::new(e.code(), e.to_string()).into_response();
     }
     node.start_drain();
     (

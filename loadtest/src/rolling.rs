@@ -585,7 +585,7 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let mut env: Vec<(String, String)> = vec![
         ("GATEWAY_JWT_SECRET".into(), JWT_SECRET.into()),
-        ("GATEWAY_API_KEYS".into(), API_KEY.into()),
+        ("GATEWAY_API_KEYS".into(), format!("admin:{API_KEY}")),
         ("GATEWAY_REDIS_URL".into(), redis.url()),
         ("GATEWAY_DRAIN_PRESTOP_DELAY_MS".into(), "800".into()),
         ("GATEWAY_DRAIN_BATCH_INTERVAL_MS".into(), "200".into()),

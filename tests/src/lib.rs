@@ -176,7 +176,7 @@ impl Default for GatewayBuilder {
                 ("GATEWAY_JWT_SECRET".into(), Some(JWT_SECRET.into())),
                 (
                     "GATEWAY_API_KEYS".into(),
-                    Some(format!("{API_KEY},test-api-key-2")),
+                    Some(format!("admin:{API_KEY},test-api-key-2")),
                 ),
                 ("GATEWAY_LOG".into(), Some("info".into())),
             ],

@@ -407,3 +407,28 @@ async fn admission_control_refuses_over_the_limits_with_retry_hints() -> R {
     );
     Ok(())
 }
+
+/// API key scopes (issue 14, item 5): a publish-scoped key publishes but
+/// gets 403 on `/admin/drain`; the admin key drains.
+#[tokio::test]
+async fn a_publish_key_cannot_drain_the_node() -> R {
+    let gw = Gateway::start().await?;
+    let publish_key = "test-api-key-2";
+    let (status, _) = gw
+        .post_raw(
+            "/api/publish",
+            serde_json::to_vec(&serde_json::json!({"channel": "c", "data": 1}))?,
+            Some("application/json"),
+            Some(publish_key),
+        )
+        .await?;
+    assert_eq!(status.as_u16(), 200);
+    let (status, body) = gw
+        .post_raw("/admin/drain", Vec::new(), None, Some(publish_key))
+        .await?;
+    assert_eq!(status.as_u16(), 403, "{body}");
+    harness::assert_error_body(&body, protocol::ErrorCode::PermissionDenied);
+    let (status, _) = gw.get("/readyz").await?;
+    assert!(status.is_success(), "still serving: {status}");
+    start_drain(&gw).await
+}
