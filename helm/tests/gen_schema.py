@@ -172,6 +172,7 @@ def schema():
                 "serviceMonitor": obj({"enabled": BOOL, "interval": {
                     "type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}, "labels": MAP}),
                 "prometheusRule": obj({"enabled": BOOL, "labels": MAP}),
+                "grafanaDashboard": obj({"enabled": BOOL, "labels": MAP}),
             }),
             "networkPolicy": obj({"enabled": BOOL, "clientFrom": LIST, "opsFrom": LIST}),
             # Helm passes this to every chart (subchart values); allowed.

@@ -199,6 +199,11 @@ def expect_hpa_and_monitoring(objects):
     rule = one(objects, "PrometheusRule")
     shipped = helm.values_from_yaml((chart.CHART / "files/alerts.yaml").read_text())
     assert rule["spec"]["groups"] == (shipped.get("groups") or []), "PrometheusRule != files/alerts.yaml"
+    assert rule["spec"]["groups"], "files/alerts.yaml holds no rules"
+    dash = one(objects, "ConfigMap", "gw-gateway-dashboard")
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    shipped = json.loads((chart.CHART / "files/dashboard.json").read_text())
+    assert json.loads(dash["data"]["gateway.json"]) == shipped, "dashboard ConfigMap != files/dashboard.json"
 
 
 def expect_existing_secret(objects):
