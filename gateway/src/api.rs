@@ -11,7 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, StatusCode};
 use protocol::api::{
-    BatchItem, BatchResult, ItemResult, PublishRequest, PublishResult, SendRequest, MAX_BATCH_ITEMS,
+    BatchItem, BatchResult, ChannelInfo, ChannelsRequest, ChannelsResult, HistoryRequest,
+    InfoRequest, InfoResult, ItemResult, NodeInfo, PublishRequest, PublishResult, SendRequest,
+    MAX_BATCH_ITEMS, MAX_CHANNELS_LISTED,
 };
 use protocol::{user_channel, validate_channel, validate_user, Codec, DecodeError, ErrorCode};
 use serde::de::DeserializeOwned;
@@ -23,13 +25,23 @@ use crate::ids::now_ms;
 use crate::node::Node;
 use crate::replay::{Appended, MAX_IDEMPOTENCY_KEY};
 
-/// Checks the API key and reads the body in its codec.
+/// Checks the API key (publish scope) and reads the body in its codec.
 async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiError> {
+    read_as(node, req, Scope::Publish).await
+}
+
+/// Checks the API key for `needs` and reads the body in its codec (an
+/// empty body reads as `{}`).
+async fn read_as<T: DeserializeOwned>(
+    node: &Node,
+    req: Request,
+    needs: Scope,
+) -> Result<T, ApiError> {
     let auth = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    node.auth.check_api_key(auth, Scope::Publish).map_err(|e| {
+    node.auth.check_api_key(auth, needs).map_err(|e| {
         node.metrics.api_request_rejected(e.code().name());
         crate::telemetry::auth_failed("api", &crate::telemetry::arrival_id("api"), &e);
         ApiError::new(e.code(), e.to_string())
@@ -93,6 +105,16 @@ async fn read<T: DeserializeOwned>(node: &Node, req: Request) -> Result<T, ApiEr
     // Both codecs refuse a body nested deeper than `protocol::MAX_DEPTH`
     // (the same limit as client frames), before decoding it.
     let codec = if msgpack { Codec::MsgPack } else { Codec::Json };
+    let body = if body.is_empty() {
+        bytes::Bytes::from_static(b"{}")
+    } else {
+        body
+    };
+    let codec = if body.as_ref() == b"{}" {
+        Codec::Json
+    } else {
+        codec
+    };
     codec.decode_input(&body).map_err(|e| {
         node.metrics
             .api_request_rejected(ErrorCode::BadRequest.name());
@@ -201,6 +223,116 @@ pub async fn send(State(node): State<Arc<Node>>, req: Request) -> Response {
         Err(e) => Err(e),
     };
     answer(r)
+}
+
+/// `POST /api/history` `{"channel", "since"?, "limit"?, "reverse"?}`: the
+/// channel's stored messages and its top (a user's stream by its
+/// `$user:<user>` name).
+pub async fn history(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let q = match read::<HistoryRequest>(&node, req).await {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    let valid = validate_channel(&q.channel).is_ok()
+        || q.channel
+            .strip_prefix(protocol::USER_CHANNEL_PREFIX)
+            .is_some_and(|u| validate_user(u).is_ok());
+    if !valid {
+        return ApiError::new(
+            ErrorCode::InvalidChannel,
+            format!(
+                "channel {:?}: not a valid channel or user stream",
+                q.channel
+            ),
+        )
+        .into_response();
+    }
+    match crate::history::read(
+        &*node.store,
+        &q.channel,
+        q.since.as_ref(),
+        q.limit,
+        q.reverse.unwrap_or(false),
+    )
+    .await
+    {
+        Ok(result) => Json(result).into_response(),
+        Err(e) => ApiError::new(ErrorCode::Unavailable, e.to_string())
+            .with_retry_after(1)
+            .into_response(),
+    }
+}
+
+/// `POST /api/info`: every live node (this one alone on the embedded node).
+pub async fn info(State(node): State<Arc<Node>>, req: Request) -> Response {
+    if let Err(e) = read::<InfoRequest>(&node, req).await {
+        return e.into_response();
+    }
+    let statuses = match &node.registry {
+        None => Ok(vec![node.status()]),
+        Some(r) => r.live_nodes().await,
+    };
+    let now = now_ms();
+    match statuses {
+        Ok(s) => Json(InfoResult {
+            nodes: s
+                .into_iter()
+                .map(|s| NodeInfo {
+                    uptime_secs: now.saturating_sub(s.started_at_ms) / 1000,
+                    id: s.id,
+                    version: s.version,
+                    connections: s.connections,
+                    ws: s.ws,
+                    sse: s.sse,
+                    subscriptions: s.subscriptions,
+                    draining: s.draining,
+                })
+                .collect(),
+        })
+        .into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `POST /api/channels` `{"pattern"?}`: channels with subscribers on a live
+/// node, counts summed over nodes (as of their last heartbeat).
+pub async fn channels(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let q = match read::<ChannelsRequest>(&node, req).await {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    let all = match &node.registry {
+        None => Ok(node.hub.channel_counts()),
+        Some(r) => r.channels().await,
+    };
+    let all = match all {
+        Ok(all) => all,
+        Err(e) => return unavailable(e),
+    };
+    let pattern = q
+        .pattern
+        .map(|p| crate::auth::Patterns::from_globs(std::slice::from_ref(&p)));
+    let mut channels: Vec<ChannelInfo> = all
+        .into_iter()
+        .filter(|(c, _)| pattern.as_ref().is_none_or(|p| p.allows(c)))
+        .map(|(channel, subscribers)| ChannelInfo {
+            channel,
+            subscribers,
+        })
+        .collect();
+    let truncated = channels.len() > MAX_CHANNELS_LISTED;
+    channels.truncate(MAX_CHANNELS_LISTED);
+    Json(ChannelsResult {
+        channels,
+        truncated,
+    })
+    .into_response()
+}
+
+fn unavailable(e: impl std::fmt::Display) -> Response {
+    ApiError::new(ErrorCode::Unavailable, e.to_string())
+        .with_retry_after(1)
+        .into_response()
 }
 
 /// `POST /api/batch` `{"items": [...]}`: each item published in order; the

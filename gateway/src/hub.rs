@@ -480,6 +480,20 @@ impl Hub {
             .collect()
     }
 
+    /// The channels with local subscribers and how many each, users' own
+    /// streams left out, sorted by name.
+    pub fn channel_counts(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<(String, u64)> = self
+            .channels
+            .iter()
+            .filter(|e| !e.key().starts_with(protocol::USER_CHANNEL_PREFIX))
+            .map(|e| (e.key().to_string(), e.value().readers() as u64))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        v.sort();
+        v
+    }
+
     /// The channels with local subscribers.
     pub fn channels(&self) -> Vec<Arc<str>> {
         self.channels.iter().map(|e| e.key().clone()).collect()

@@ -33,6 +33,7 @@ pub mod config;
 pub mod cors;
 pub mod drain;
 pub mod errors;
+pub mod history;
 pub mod hub;
 pub mod ids;
 pub mod interest;

@@ -66,6 +66,11 @@ pub struct Node {
     /// The drain, and what it decides from: lifecycle, open connections,
     /// admission.
     pub drain: Arc<Drain>,
+    /// When the node started, Unix milliseconds.
+    pub started_at_ms: u64,
+    /// A fingerprint of the channel list last written to the registry, and
+    /// when: it is written again only when it changed.
+    channels_written: parking_lot::Mutex<(u64, Option<std::time::Instant>)>,
 }
 
 impl Node {
@@ -173,6 +178,8 @@ impl Node {
             ))),
         };
         let node = Arc::new(Self {
+            started_at_ms: crate::ids::now_ms(),
+            channels_written: parking_lot::Mutex::new((0, None)),
             one_time,
             config,
             id,
@@ -225,6 +232,48 @@ impl Node {
         });
     }
 
+    /// What this node says of itself (heartbeat, `/api/info`).
+    pub fn status(&self) -> NodeStatus {
+        let c = &self.sessions.counts;
+        NodeStatus {
+            id: self.id.clone(),
+            draining: self.is_draining(),
+            connections: self.open_connections() as u64,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ws: c.get(&c.ws),
+            sse: c.get(&c.sse),
+            subscriptions: c.get(&c.subscriptions),
+            started_at_ms: self.started_at_ms,
+        }
+    }
+
+    /// Writes this node's channels (with local subscriber counts; users'
+    /// own streams left out) to the registry when they changed, at most
+    /// every 5 s, and at least every registry TTL (it expires after 3).
+    async fn report_channels(
+        &self,
+        registry: &dyn Registry,
+    ) -> Result<(), registry::RegistryError> {
+        use std::hash::{Hash, Hasher};
+        let channels = self.hub.channel_counts();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        channels.hash(&mut h);
+        let print = h.finish();
+        let now = std::time::Instant::now();
+        {
+            let (last, at) = *self.channels_written.lock();
+            let ttl = Duration::from_millis(self.config.registry_ttl_ms);
+            let fresh = at.is_some_and(|t| now.duration_since(t) < ttl);
+            let soon = at.is_some_and(|t| now.duration_since(t) < Duration::from_secs(5));
+            if (last == print && fresh) || (last != print && soon && fresh) {
+                return Ok(());
+            }
+        }
+        registry.set_channels(&self.id, &channels).await?;
+        *self.channels_written.lock() = (print, Some(now));
+        Ok(())
+    }
+
     /// Refreshes this node's registry entry (cluster mode). If the registry
     /// had forgotten the node (e.g. Redis restarted empty), re-announces every
     /// local user so unicasts find them again.
@@ -232,11 +281,8 @@ impl Node {
         let Some(registry) = &self.registry else {
             return Ok(());
         };
-        let status = NodeStatus {
-            id: self.id.clone(),
-            draining: self.is_draining(),
-            connections: self.open_connections() as u64,
-        };
+        let status = self.status();
+        self.report_channels(&**registry).await?;
         if registry.heartbeat(&status).await? {
             let users = self.hub.users();
             if !users.is_empty() {

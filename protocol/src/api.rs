@@ -47,6 +47,75 @@ pub struct BatchRequest {
     pub items: Vec<BatchItem>,
 }
 
+/// `POST /api/history`: a channel's stored messages (see
+/// [`crate::History`]); the answer is a [`crate::HistoryResult`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryRequest {
+    pub channel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Position>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<bool>,
+}
+
+/// `POST /api/info` (empty body or `{}`): every live node.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InfoRequest {}
+
+/// One node in `/api/info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    pub id: String,
+    /// Empty for a node of a version before this field.
+    pub version: String,
+    /// Open sessions (WebSocket and SSE, and WebSockets still connecting).
+    pub connections: u64,
+    pub ws: u64,
+    pub sse: u64,
+    pub subscriptions: u64,
+    pub draining: bool,
+    pub uptime_secs: u64,
+}
+
+/// The answer to `/api/info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InfoResult {
+    pub nodes: Vec<NodeInfo>,
+}
+
+/// `POST /api/channels`: channels with subscribers on a live node.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelsRequest {
+    /// A glob (`chat:*`); all channels when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pattern: Option<String>,
+}
+
+/// One channel in `/api/channels`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelInfo {
+    pub channel: String,
+    /// Connections subscribed, summed over live nodes.
+    pub subscribers: u64,
+}
+
+/// The answer to `/api/channels`, sorted by name, at most
+/// [`MAX_CHANNELS_LISTED`] (`truncated` when there were more).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelsResult {
+    pub channels: Vec<ChannelInfo>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// Most channels one `/api/channels` answer lists.
+pub const MAX_CHANNELS_LISTED: usize = 10_000;
+
 /// Most items one batch may hold.
 pub const MAX_BATCH_ITEMS: usize = 1000;
 

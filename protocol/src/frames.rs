@@ -21,11 +21,12 @@ pub enum ClientFrame {
     Refresh(Refresh),
     Ping(Ping),
     Pong(Pong),
+    History(History),
 }
 
 impl ClientFrame {
     /// Every `type` value a client frame may have.
-    pub const TYPES: [&'static str; 7] = [
+    pub const TYPES: [&'static str; 8] = [
         "connect",
         "subscribe",
         "unsubscribe",
@@ -33,6 +34,7 @@ impl ClientFrame {
         "refresh",
         "ping",
         "pong",
+        "history",
     ];
 
     /// The request id, if the frame carries one.
@@ -45,8 +47,50 @@ impl ClientFrame {
             Self::Refresh(f) => f.id,
             Self::Ping(f) => f.id,
             Self::Pong(_) => None,
+            Self::History(f) => f.id,
         }
     }
+}
+
+/// Reads a channel's stored messages (the replay window), e.g. to load the
+/// last N and then `subscribe` with `since` = the last one's position.
+/// Needs permission to subscribe to the channel.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct History {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+    /// Only messages after this position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Position>,
+    /// At most this many (default 100, at most 1,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Newest first: the last `limit` messages (after `since`), newest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reverse: Option<bool>,
+}
+
+/// Default and largest `limit` of a history read.
+pub const HISTORY_DEFAULT_LIMIT: u64 = 100;
+pub const HISTORY_MAX_LIMIT: u64 = 1000;
+
+/// Answer to `history` (and the body of `POST /api/history`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+    /// Oldest first (newest first with `reverse`).
+    pub messages: Vec<Message>,
+    /// The stream's top when read: subscribe with `since` = the position
+    /// of the last message read (or this top) to follow on with no gap.
+    pub epoch: String,
+    pub seq: u64,
+    /// Set when `since` cannot be served (no messages then): `too_old`,
+    /// `epoch_changed` or `bad_position`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unrecoverable: Option<UnrecoverableReason>,
 }
 
 /// First frame of a WebSocket connection: authenticates it.
@@ -138,11 +182,12 @@ pub enum ServerFrame {
     Ping(Ping),
     Pong(Pong),
     TokenExpired(TokenExpired),
+    History(HistoryResult),
 }
 
 impl ServerFrame {
     /// Every `type` value a server frame may have.
-    pub const TYPES: [&'static str; 13] = [
+    pub const TYPES: [&'static str; 14] = [
         "connected",
         "subscribed",
         "unsubscribed",
@@ -156,6 +201,7 @@ impl ServerFrame {
         "ping",
         "pong",
         "token_expired",
+        "history",
     ];
 }
 

@@ -25,11 +25,26 @@ pub use memory::MemoryRegistry;
 pub use redis::RedisRegistry;
 
 /// What a node says of itself with each heartbeat.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub id: String,
     pub draining: bool,
     pub connections: u64,
+    /// The node's version (`CARGO_PKG_VERSION`). Fields from here on may be
+    /// missing in statuses of older nodes (serde defaults).
+    #[serde(default)]
+    pub version: String,
+    /// Open WebSocket and SSE sessions.
+    #[serde(default)]
+    pub ws: u64,
+    #[serde(default)]
+    pub sse: u64,
+    /// Subscriptions held by its sessions.
+    #[serde(default)]
+    pub subscriptions: u64,
+    /// When the node started, Unix milliseconds.
+    #[serde(default)]
+    pub started_at_ms: u64,
 }
 
 #[derive(Debug, Error)]
@@ -67,6 +82,18 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Every live node.
     async fn live_nodes(&self) -> Result<Vec<NodeStatus>, RegistryError>;
+
+    /// Replaces the channels `node` has subscribers to, with their local
+    /// subscriber counts (kept for a few TTLs unless written again).
+    async fn set_channels(
+        &self,
+        node: &str,
+        channels: &[(String, u64)],
+    ) -> Result<(), RegistryError>;
+
+    /// Every channel with subscribers on a live node, the counts summed
+    /// over those nodes, sorted by name.
+    async fn channels(&self) -> Result<Vec<(String, u64)>, RegistryError>;
 
     /// Claims a one-time credential (a resume token's id) for `ttl`, its
     /// remaining lifetime: true the first time, false on every later claim,

@@ -14,6 +14,8 @@ struct State {
     users: HashMap<String, HashMap<String, u64>>,
     /// Claimed one-time ids and when each may be forgotten.
     once: HashMap<String, Instant>,
+    /// Per node: its channels with their local subscriber counts.
+    channels: HashMap<String, Vec<(String, u64)>>,
 }
 
 /// One-time ids held at most (a claim past it, with none expired, fails:
@@ -42,6 +44,31 @@ impl MemoryRegistry {
 
 #[async_trait]
 impl Registry for MemoryRegistry {
+    async fn set_channels(
+        &self,
+        node: &str,
+        channels: &[(String, u64)],
+    ) -> Result<(), RegistryError> {
+        self.state
+            .lock()
+            .channels
+            .insert(node.to_owned(), channels.to_vec());
+        Ok(())
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, RegistryError> {
+        let s = self.state.lock();
+        let mut sum = std::collections::BTreeMap::<String, u64>::new();
+        for (node, list) in &s.channels {
+            if self.alive(&s, node) {
+                for (c, n) in list {
+                    *sum.entry(c.clone()).or_default() += n;
+                }
+            }
+        }
+        Ok(sum.into_iter().collect())
+    }
+
     async fn claim_once(&self, id: &str, ttl: Duration) -> Result<bool, RegistryError> {
         let mut s = self.state.lock();
         let now = Instant::now();
@@ -166,8 +193,7 @@ mod tests {
     fn status(id: &str) -> NodeStatus {
         NodeStatus {
             id: id.into(),
-            draining: false,
-            connections: 0,
+            ..NodeStatus::default()
         }
     }
 

@@ -8,6 +8,9 @@
 //!   ones are removed when a listing finds their `alive` key gone).
 //! * `gw:{u:<user>}`: hash node -> connection count of that user on that
 //!   node; fields of dead nodes are ignored and removed when seen.
+//! * `gw:{nodes}:channels:<node>`: hash channel -> local subscribers on
+//!   that node (`set_channels`), expiring 3 TTLs after its last write.
+//! * `gw:once:<id>`: a claimed one-time credential, for its lifetime.
 //!
 //! A heartbeat also reads the server's `run_id`. When it changed, Redis
 //! restarted, failed over or was restored, possibly from a snapshot taken
@@ -28,6 +31,10 @@ const IDS: &str = "gw:{nodes}:ids";
 
 fn alive_key(node: &str) -> String {
     format!("gw:{{nodes}}:alive:{node}")
+}
+
+fn channels_key(node: &str) -> String {
+    format!("gw:{{nodes}}:channels:{node}")
 }
 
 fn user_key(user: &str) -> String {
@@ -241,6 +248,36 @@ impl Registry for RedisRegistry {
         }
         out.sort();
         Ok(out)
+    }
+
+    async fn set_channels(
+        &self,
+        node: &str,
+        channels: &[(String, u64)],
+    ) -> Result<(), RegistryError> {
+        let key = channels_key(node);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key).ignore();
+        for chunk in channels.chunks(1000) {
+            pipe.hset_multiple(&key, chunk).ignore();
+        }
+        pipe.pexpire(&key, (self.ttl.as_millis() * 3).max(1) as i64)
+            .ignore();
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await.map_err(err)
+    }
+
+    async fn channels(&self) -> Result<Vec<(String, u64)>, RegistryError> {
+        let nodes = self.live_nodes().await?;
+        let mut c = self.conn.clone();
+        let mut sum = std::collections::BTreeMap::<String, u64>::new();
+        for n in nodes {
+            let list: Vec<(String, u64)> = c.hgetall(channels_key(&n.id)).await.map_err(err)?;
+            for (ch, count) in list {
+                *sum.entry(ch).or_default() += count;
+            }
+        }
+        Ok(sum.into_iter().collect())
     }
 
     async fn live_nodes(&self) -> Result<Vec<NodeStatus>, RegistryError> {

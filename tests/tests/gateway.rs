@@ -14,6 +14,8 @@ mod bad_input;
 mod client_publish;
 #[path = "gateway/cluster.rs"]
 mod cluster;
+#[path = "gateway/control_api.rs"]
+mod control_api;
 #[path = "gateway/delivery.rs"]
 mod delivery;
 #[path = "gateway/drain.rs"]

@@ -414,6 +414,8 @@ impl Driver {
                 Ok(())
             }
             ServerFrame::Pong(_) => Ok(()),
+            // Answers a `history` request (not sent by this client yet).
+            ServerFrame::History(_) => Ok(()),
             // SSE's frame; a WebSocket server closes with 4005 instead.
             ServerFrame::TokenExpired(_) => {
                 return Err(self.token_expired(None, "the token expired".into()))

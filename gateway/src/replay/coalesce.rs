@@ -17,6 +17,7 @@ use protocol::Position;
 use serde_json::Value;
 
 use super::{Appended, Recovery, ReplayStore, StoreError};
+use crate::message::Publication;
 
 type Key = (String, String, u64);
 type Read = Shared<BoxFuture<'static, Result<Recovery, StoreError>>>;
@@ -97,6 +98,13 @@ impl ReplayStore for CoalescingStore {
             }
         };
         top.await
+    }
+
+    async fn buffered(
+        &self,
+        channel: &str,
+    ) -> Result<(Vec<Arc<Publication>>, Position), StoreError> {
+        self.inner.buffered(channel).await
     }
 
     async fn keep_alive(&self, channels: &[Arc<str>]) -> Result<(), StoreError> {

@@ -422,6 +422,19 @@ impl ReplayStore for MemoryReplayStore {
         Ok(Position::new(s.top, &*s.epoch))
     }
 
+    async fn buffered(
+        &self,
+        channel: &str,
+    ) -> Result<(Vec<Arc<Publication>>, Position), StoreError> {
+        let stream = self.stream(channel);
+        let mut s = stream.lock();
+        let now = Instant::now();
+        s.touched = now;
+        self.trim(&mut s, now);
+        let publications = s.buffer.iter().map(|(_, p, _)| p.clone()).collect();
+        Ok((publications, Position::new(s.top, &*s.epoch)))
+    }
+
     async fn keep_alive(&self, channels: &[Arc<str>]) -> Result<(), StoreError> {
         let now = Instant::now();
         for c in channels {

@@ -110,6 +110,13 @@ pub trait ReplayStore: Send + Sync + 'static {
     /// The stream's current position (creating the stream if it is new).
     async fn top(&self, channel: &str) -> Result<Position, StoreError>;
 
+    /// Every message still stored (within the window), oldest first, and
+    /// the stream's top: the history API's source.
+    async fn buffered(
+        &self,
+        channel: &str,
+    ) -> Result<(Vec<Arc<Publication>>, Position), StoreError>;
+
     /// Channels this node has subscribers to: their streams are in use (the
     /// subscribers hold their epochs), so none of them expires, even one
     /// nobody has published to (whose TTL is short: `stream_empty_ttl_ms`).

@@ -448,6 +448,32 @@ impl ReplayStore for RedisReplayStore {
         Ok(Position::new(seq, epoch))
     }
 
+    async fn buffered(
+        &self,
+        channel: &str,
+    ) -> Result<(Vec<Arc<Publication>>, Position), StoreError> {
+        let (epoch, top, entries) = self.read_raw(channel, Some(0)).await?;
+        let oldest_allowed = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let (channel, epoch_arc): (Arc<str>, Arc<str>) =
+            (Arc::from(channel), Arc::from(epoch.as_str()));
+        let mut publications = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let Some((seq, ts, data)) = parse_entry(e) else {
+                return Err(StoreError::Unavailable("malformed replay entry".into()));
+            };
+            if ts >= oldest_allowed {
+                publications.push(Arc::new(Publication::new(
+                    channel.clone(),
+                    seq,
+                    epoch_arc.clone(),
+                    data,
+                    ts,
+                )));
+            }
+        }
+        Ok((publications, Position::new(top, epoch)))
+    }
+
     async fn keep_alive(&self, channels: &[Arc<str>]) -> Result<(), StoreError> {
         // One pipeline per 1,000 channels: `PEXPIRE … GT` lengthens a short
         // (never-published) TTL and leaves a longer one alone.

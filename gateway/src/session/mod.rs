@@ -145,7 +145,31 @@ pub struct SessionContext {
     /// `subscribe_burst`); the per-user buckets.
     pub subscribe_rate: (u32, u32),
     pub user_quotas: Arc<UserQuotas>,
+    /// Open sessions by transport (WebSocket, SSE) and subscriptions held,
+    /// for `/api/info` and the registry heartbeat.
+    pub counts: Counts,
     next_session: std::sync::atomic::AtomicU64,
+}
+
+/// What this node's sessions hold now.
+#[derive(Default)]
+pub struct Counts {
+    pub ws: std::sync::atomic::AtomicU64,
+    pub sse: std::sync::atomic::AtomicU64,
+    pub subscriptions: std::sync::atomic::AtomicU64,
+}
+
+impl Counts {
+    fn of(&self, t: Transport) -> &std::sync::atomic::AtomicU64 {
+        match t {
+            Transport::Ws => &self.ws,
+            Transport::Sse => &self.sse,
+        }
+    }
+
+    pub fn get(&self, c: &std::sync::atomic::AtomicU64) -> u64 {
+        c.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl SessionContext {
@@ -169,6 +193,7 @@ impl SessionContext {
             max_subscriptions,
             subscribe_rate: (u32::MAX, u32::MAX),
             user_quotas: Arc::new(UserQuotas::new(u32::MAX, u32::MAX)),
+            counts: Counts::default(),
             next_session: std::sync::atomic::AtomicU64::new(1),
         }
     }
@@ -222,6 +247,9 @@ impl Session {
             Transport::Ws => ctx.metrics.connections_ws.increment(1.0),
             Transport::Sse => ctx.metrics.connections_sse.increment(1.0),
         }
+        ctx.counts
+            .of(transport)
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Self {
             ctx,
             shared,
@@ -389,6 +417,9 @@ impl Session {
             }
         }
         node.metrics.subscriptions.increment(1.0);
+        node.counts
+            .subscriptions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -398,6 +429,10 @@ impl Session {
             return false;
         };
         self.ctx.metrics.subscriptions.decrement(1.0);
+        self.ctx
+            .counts
+            .subscriptions
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.leave_hub(channel, &st.sub);
         true
     }
@@ -636,6 +671,10 @@ impl Drop for Session {
             Transport::Ws => self.ctx.metrics.connections_ws.decrement(1.0),
             Transport::Sse => self.ctx.metrics.connections_sse.decrement(1.0),
         }
+        self.ctx
+            .counts
+            .of(self.transport)
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         self.ctx.drain.connection_closed();
     }
 }

@@ -521,7 +521,47 @@ impl Connection {
                 .out
                 .push(Outgoing::Frame(ServerFrame::Pong(Pong { id: p.id }))),
             ClientFrame::Pong(_) => {}
+            ClientFrame::History(h) => {
+                if protocol::validate_channel(&h.channel).is_err()
+                    && !self.is_own_stream(&h.channel)
+                {
+                    self.reply_error(
+                        h.id,
+                        ErrorCode::InvalidChannel,
+                        format!("invalid channel {:?}", h.channel),
+                    );
+                } else if !self.is_own_stream(&h.channel)
+                    && !self.identity.subscribe.allows(&h.channel)
+                {
+                    self.reply_error(
+                        h.id,
+                        ErrorCode::PermissionDenied,
+                        format!("token does not allow reading {:?}", h.channel),
+                    );
+                } else {
+                    let read = crate::history::read(
+                        &*node.store,
+                        &h.channel,
+                        h.since.as_ref(),
+                        h.limit,
+                        h.reverse.unwrap_or(false),
+                    )
+                    .await;
+                    match read {
+                        Ok(mut result) => {
+                            result.id = h.id;
+                            self.out.push(Outgoing::Frame(ServerFrame::History(result)));
+                        }
+                        Err(e) => self.reply_error(h.id, ErrorCode::Unavailable, e.to_string()),
+                    }
+                }
+            }
         }
         None
+    }
+
+    /// Whether `channel` is this connection's user's own stream.
+    fn is_own_stream(&self, channel: &str) -> bool {
+        !self.identity.user.is_empty() && channel == protocol::user_channel(&self.identity.user)
     }
 }

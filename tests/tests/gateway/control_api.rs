@@ -1,0 +1,191 @@
+//! The server's read and control API (issue 14): history over HTTP and the
+//! WebSocket, node info and active channels, on the embedded node and on a
+//! cluster.
+
+use anyhow::ensure;
+use harness::cluster::{Backbone, Cluster};
+use harness::Gateway;
+use protocol::{ClientFrame, Codec, HistoryResult, Position, ServerFrame, UnrecoverableReason};
+use serde_json::{json, Value};
+
+use super::R;
+
+async fn history(gw: &Gateway, body: Value) -> anyhow::Result<HistoryResult> {
+    Ok(serde_json::from_value(
+        gw.post_json("/api/history", &body).await?,
+    )?)
+}
+
+fn seqs(h: &HistoryResult) -> Vec<u64> {
+    h.messages.iter().map(|m| m.seq).collect()
+}
+
+/// History returns exactly what the replay store holds, and its top; a
+/// client loads the last N, then subscribes `since` the last one and gets
+/// every later message once.
+async fn history_then_follow(publisher: &Gateway, reader: &Gateway) -> R {
+    let chan = harness::unique("hist");
+    let mut sent = Vec::new();
+    for i in 1..=5 {
+        sent.push(publisher.publish(&chan, json!({"n": i})).await?);
+    }
+    let epoch = sent[0].epoch.clone();
+    let all = history(reader, json!({"channel": chan})).await?;
+    ensure!(
+        seqs(&all) == [1, 2, 3, 4, 5] && all.seq == 5 && all.epoch == epoch,
+        "{all:?}"
+    );
+    ensure!(all.messages[2].data == json!({"n": 3}), "{all:?}");
+    let first2 = history(reader, json!({"channel": chan, "limit": 2})).await?;
+    ensure!(seqs(&first2) == [1, 2], "{first2:?}");
+    let last2 = history(
+        reader,
+        json!({"channel": chan, "limit": 2, "reverse": true}),
+    )
+    .await?;
+    ensure!(seqs(&last2) == [5, 4], "{last2:?}");
+    let after3 = history(
+        reader,
+        json!({"channel": chan, "since": {"seq": 3, "epoch": epoch}}),
+    )
+    .await?;
+    ensure!(
+        seqs(&after3) == [4, 5] && after3.unrecoverable.is_none(),
+        "{after3:?}"
+    );
+    let other = history(
+        reader,
+        json!({"channel": chan, "since": {"seq": 3, "epoch": "nope"}}),
+    )
+    .await?;
+    ensure!(
+        other.messages.is_empty() && other.unrecoverable == Some(UnrecoverableReason::EpochChanged),
+        "{other:?}"
+    );
+
+    // Over the WebSocket: the same answer, with the request's id; a channel
+    // the token does not allow is refused.
+    let token = reader.token("reader", &[&chan], &[], 600);
+    let (mut ws, _) = reader.ws_connected(Codec::Json, &token).await?;
+    ws.send(&ClientFrame::History(protocol::History {
+        id: Some(9),
+        channel: chan.clone(),
+        limit: Some(3),
+        reverse: Some(true),
+        ..Default::default()
+    }))
+    .await?;
+    let last3 = match ws.recv().await? {
+        ServerFrame::History(h) => h,
+        other => anyhow::bail!("expected history, got {other:?}"),
+    };
+    ensure!(
+        last3.id == Some(9) && seqs(&last3) == [5, 4, 3],
+        "{last3:?}"
+    );
+    ws.send(&ClientFrame::History(protocol::History {
+        id: Some(10),
+        channel: "not-mine".into(),
+        ..Default::default()
+    }))
+    .await?;
+    ws.expect_error(protocol::ErrorCode::PermissionDenied, Some(10))
+        .await?;
+
+    // Load, then follow: subscribe since the newest loaded message.
+    let newest = &last3.messages[0];
+    let sub = ws
+        .subscribe(&chan, Some(Position::new(newest.seq, newest.epoch.clone())))
+        .await?;
+    ensure!(sub.recovered == Some(true), "{sub:?}");
+    let six = publisher.publish(&chan, json!({"n": 6})).await?;
+    let got = ws.recv_messages(&chan, 6, 1).await?;
+    ensure!(got[0].seq == six.seq, "{got:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_history() -> R {
+    let gw = Gateway::start().await?;
+    history_then_follow(&gw, &gw).await
+}
+
+#[tokio::test]
+async fn redis_history_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Redis).start().await?;
+    history_then_follow(c.node(0), c.node(1)).await
+}
+
+#[tokio::test]
+async fn nats_history_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Nats).start().await?;
+    history_then_follow(c.node(0), c.node(1)).await
+}
+
+/// `/api/info` and `/api/channels` count what was opened: WebSocket `w0`
+/// on `nodes[0]` subscribes `a`, `w1` on `nodes[1]` subscribes `a` and
+/// `b`, an SSE stream on `nodes[1]` reads `a`.
+async fn info_and_channels(nodes: &[&Gateway]) -> R {
+    let (a, b) = (harness::unique("cha"), harness::unique("chb"));
+    let tok = nodes[0].token("counted", &["*"], &[], 600);
+    let (mut w0, _) = nodes[0].ws_connected(Codec::Json, &tok).await?;
+    w0.subscribe(&a, None).await?;
+    let last = nodes[nodes.len() - 1];
+    let (mut w1, _) = last.ws_connected(Codec::Json, &tok).await?;
+    w1.subscribe(&a, None).await?;
+    w1.subscribe(&b, None).await?;
+    let _sse = last.sse(&[&a], Some(&tok), None).await?;
+    // Cluster nodes report with their heartbeat: wait for it.
+    let want = vec![(a.clone(), 3), (b.clone(), 1)];
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        let r: protocol::api::ChannelsResult =
+            serde_json::from_value(nodes[0].post_json("/api/channels", &json!({})).await?)?;
+        got = r
+            .channels
+            .into_iter()
+            .filter(|c| c.channel == a || c.channel == b)
+            .map(|c| (c.channel, c.subscribers))
+            .collect();
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    ensure!(got == want, "channels: {got:?}, expected {want:?}");
+    let only_b: protocol::api::ChannelsResult = serde_json::from_value(
+        nodes[0]
+            .post_json("/api/channels", &json!({"pattern": format!("{b}*")}))
+            .await?,
+    )?;
+    ensure!(
+        only_b.channels.len() == 1 && only_b.channels[0].channel == b,
+        "{only_b:?}"
+    );
+    let info: protocol::api::InfoResult =
+        serde_json::from_value(nodes[0].post_json("/api/info", &json!({})).await?)?;
+    ensure!(info.nodes.len() == nodes.len(), "{info:?}");
+    let ws: u64 = info.nodes.iter().map(|n| n.ws).sum();
+    let sse: u64 = info.nodes.iter().map(|n| n.sse).sum();
+    ensure!(ws == 2 && sse == 1, "ws {ws}, sse {sse}: {info:?}");
+    ensure!(
+        info.nodes
+            .iter()
+            .all(|n| !n.draining && n.version == env!("CARGO_PKG_VERSION")),
+        "{info:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_info_and_channels() -> R {
+    let gw = Gateway::start().await?;
+    info_and_channels(&[&gw]).await
+}
+
+#[tokio::test]
+async fn redis_info_and_channels_over_the_cluster() -> R {
+    let c = Cluster::builder(Backbone::Redis).start().await?;
+    let all: Vec<&Gateway> = (0..c.len()).map(|i| c.node(i)).collect();
+    info_and_channels(&all).await
+}
