@@ -20,6 +20,7 @@ use crate::error::Error;
 use crate::net::BaseUrl;
 use crate::shared::{
     Command, ConnectionState, Counters, Event, Shared, Sink, Stats, SubscribeRequest,
+    SubscriptionEvent,
 };
 
 /// Configures a [`Client`]. Start with [`Client::builder`].
@@ -207,7 +208,7 @@ impl ClientBuilder {
     /// Where messages of the user's own stream (`$user:<sub>`) go. Without
     /// it (or [`Client::user_stream`]) they are tracked but dropped.
     pub fn on_user_message(mut self, callback: impl FnMut(Message) + Send + 'static) -> Self {
-        self.user_sink = Sink::Callback(Box::new(callback));
+        self.user_sink = Sink::messages(callback);
         self
     }
 
@@ -339,8 +340,26 @@ impl Client {
     /// [`Error::Server`] (e.g. `permission_denied`), [`Error::AlreadySubscribed`],
     /// [`Error::InvalidChannel`], [`Error::Closed`].
     pub async fn subscribe(&self, channel: impl Into<String>) -> Result<Subscription, Error> {
+        self.subscribe_since(channel, None).await
+    }
+
+    /// Subscribes to `channel` from a position the application stored
+    /// (e.g. [`Subscription::position`], or the `seq` and `epoch` of the last
+    /// message it processed, saved across a restart): every message after `since`
+    /// follows, once and in order, then live ones; or, when they cannot be
+    /// sent any more (older than the server's replay window, another epoch),
+    /// a [`SubscriptionEvent::Unrecoverable`] (and [`Event::Unrecoverable`])
+    /// says so and delivery continues from the channel's current position.
+    /// `None` is [`Client::subscribe`]. Errors as for `subscribe`, and
+    /// [`Error::InvalidPosition`] for a position no server gives.
+    pub async fn subscribe_since(
+        &self,
+        channel: impl Into<String>,
+        since: Option<Position>,
+    ) -> Result<Subscription, Error> {
         let channel = channel.into();
         Self::check_channel(&channel)?;
+        Self::check_position(since.as_ref())?;
         let (tx, rx) = mpsc::channel(self.buffer);
         let sub_id = self.next_sub_id();
         let sub = Subscription {
@@ -349,11 +368,13 @@ impl Client {
             rx,
             cmds: Some(self.cmds.clone()),
             user: false,
+            position: since.clone(),
         };
         let answer = self
             .ask(|reply| {
                 Command::Subscribe(SubscribeRequest {
                     channel,
+                    since,
                     sink: Sink::Stream(tx),
                     sub_id,
                     reply,
@@ -378,18 +399,60 @@ impl Client {
         channel: impl Into<String>,
         callback: impl FnMut(Message) + Send + 'static,
     ) -> Result<(), Error> {
-        let channel = channel.into();
+        self.subscribe_callback(channel.into(), None, Sink::messages(callback))
+            .await
+    }
+
+    /// Subscribes to `channel` from `since` (see [`Client::subscribe_since`]),
+    /// calling `callback` with every [`SubscriptionEvent`] of it: its
+    /// messages, `Subscribed` (again after each reconnection),
+    /// `Unrecoverable`, and `Unsubscribed` at the end. Same rules for the
+    /// callback as [`Client::subscribe_with`].
+    pub async fn subscribe_with_events(
+        &self,
+        channel: impl Into<String>,
+        since: Option<Position>,
+        callback: impl FnMut(SubscriptionEvent) + Send + 'static,
+    ) -> Result<(), Error> {
+        self.subscribe_callback(channel.into(), since, Sink::Callback(Box::new(callback)))
+            .await
+    }
+
+    async fn subscribe_callback(
+        &self,
+        channel: String,
+        since: Option<Position>,
+        sink: Sink,
+    ) -> Result<(), Error> {
         Self::check_channel(&channel)?;
+        Self::check_position(since.as_ref())?;
         let sub_id = self.next_sub_id();
         self.ask(|reply| {
             Command::Subscribe(SubscribeRequest {
                 channel,
-                sink: Sink::Callback(Box::new(callback)),
+                since,
+                sink,
                 sub_id,
                 reply,
             })
         })
         .await?
+    }
+
+    /// A position a server can have given: an epoch of letters and digits
+    /// (what SSE cursors rely on).
+    fn check_position(since: Option<&Position>) -> Result<(), Error> {
+        match since {
+            Some(p)
+                if p.epoch.is_empty() || !p.epoch.bytes().all(|b| b.is_ascii_alphanumeric()) =>
+            {
+                Err(Error::InvalidPosition(format!(
+                    "epoch {:?} is not one a server gives (letters and digits)",
+                    p.epoch
+                )))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Ends the subscription to `channel` (its stream ends). Succeeds when
@@ -444,6 +507,7 @@ impl Client {
             rx,
             cmds,
             user: true,
+            position: None,
         }
     }
 
@@ -516,13 +580,20 @@ impl Client {
 ///
 /// Implements [`Stream`]`<Item = `[`Message`]`>`; ends when the
 /// subscription ends (unsubscribed, refused after a reconnect, client
-/// stopped). Dropping it unsubscribes.
+/// stopped). Dropping it unsubscribes. [`Subscription::next_event`] reads
+/// the same sequence with the subscription's events between the messages.
+///
+/// [`Subscription::position`] is where the application is: after the last
+/// message (or event) it took from here. Store it (it is serializable) and
+/// pass it to [`Client::subscribe_since`] after a restart to go on from
+/// there without loss or duplicates.
 pub struct Subscription {
     channel: String,
     sub_id: u64,
-    rx: mpsc::Receiver<Message>,
+    rx: mpsc::Receiver<SubscriptionEvent>,
     cmds: Option<mpsc::UnboundedSender<Command>>,
     user: bool,
+    position: Option<Position>,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -542,12 +613,60 @@ impl Subscription {
 
     /// The next message; `None` once the subscription ended.
     pub async fn recv(&mut self) -> Option<Message> {
-        self.rx.recv().await
+        loop {
+            if let SubscriptionEvent::Message(m) = self.next_event().await? {
+                return Some(m);
+            }
+        }
     }
 
     /// A message already buffered, without waiting.
     pub fn try_recv(&mut self) -> Option<Message> {
-        self.rx.try_recv().ok()
+        loop {
+            let event = self.rx.try_recv().ok()?;
+            if let SubscriptionEvent::Message(m) = self.took(event) {
+                return Some(m);
+            }
+        }
+    }
+
+    /// The next message or event of this subscription, in order; `None`
+    /// once it ended (after its [`SubscriptionEvent::Unsubscribed`], when
+    /// the client could send it).
+    pub async fn next_event(&mut self) -> Option<SubscriptionEvent> {
+        let event = self.rx.recv().await?;
+        Some(self.took(event))
+    }
+
+    /// Where the application is in this channel: the position of the last
+    /// message it took from this subscription, or the one an event it took
+    /// set (`Subscribed`, `Unrecoverable`), or the `since` it subscribed
+    /// with. `None` before the first. Persist it (e.g. as JSON: `{"seq":
+    /// 12, "epoch": "k3f9"}`) to resume with [`Client::subscribe_since`].
+    pub fn position(&self) -> Option<&Position> {
+        self.position.as_ref()
+    }
+
+    fn took(&mut self, event: SubscriptionEvent) -> SubscriptionEvent {
+        match &event {
+            SubscriptionEvent::Message(m) => match &mut self.position {
+                Some(p) => {
+                    p.seq = m.seq;
+                    if p.epoch != m.epoch {
+                        p.epoch.clone_from(&m.epoch);
+                    }
+                }
+                None => self.position = Some(Position::new(m.seq, m.epoch.clone())),
+            },
+            SubscriptionEvent::Subscribed {
+                position: Some(p), ..
+            }
+            | SubscriptionEvent::Unrecoverable { position: p, .. } => {
+                self.position = Some(p.clone());
+            }
+            _ => {}
+        }
+        event
     }
 
     /// Unsubscribes and waits for the server to confirm.
@@ -578,7 +697,18 @@ impl Stream for Subscription {
     type Item = Message;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.get_mut().rx.poll_recv(cx)
+        let this = self.get_mut();
+        loop {
+            match this.rx.poll_recv(cx) {
+                Poll::Ready(Some(event)) => {
+                    if let SubscriptionEvent::Message(m) = this.took(event) {
+                        return Poll::Ready(Some(m));
+                    }
+                }
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 

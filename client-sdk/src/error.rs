@@ -51,6 +51,9 @@ pub enum Error {
     /// The operation does not exist on this transport (publish over SSE).
     #[error("{0} is not available over SSE")]
     Unsupported(&'static str),
+    /// A `since` position no server gives (checked before anything is sent).
+    #[error("invalid position: {0}")]
+    InvalidPosition(String),
     /// The channel name is not valid (checked before anything is sent).
     #[error("invalid channel {channel:?}: {reason}")]
     InvalidChannel {

@@ -108,6 +108,66 @@ pub enum Event {
     },
 }
 
+/// What one subscription hears, in order with its messages: read it with
+/// [`Subscription::next_event`](crate::Subscription::next_event) (the
+/// [`Stream`](futures_util::Stream) of a subscription yields only the
+/// messages), or give a callback to
+/// [`Client::subscribe_with_events`](crate::Client::subscribe_with_events).
+///
+/// Because the events come in the same order as the messages, the position
+/// they carry is exactly where the application is in the channel when it
+/// reads them: an [`SubscriptionEvent::Unrecoverable`] comes after the last
+/// message before the loss and before the first one after it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SubscriptionEvent {
+    /// A message of the channel (each once, in order).
+    Message(Message),
+    /// The server confirmed the subscription: the first time, and again on
+    /// every connection after a reconnection (resumed from the position the
+    /// application had reached).
+    Subscribed {
+        /// Where the subscription is now: the last message delivered, the
+        /// `since` given at subscribe, or, for a fresh subscription, the
+        /// channel's position when it started (`None` only over SSE to a
+        /// server that did not say).
+        position: Option<Position>,
+        /// `Some(true)`: resumed from a position, every message after it
+        /// follows. `Some(false)`: could not be; an
+        /// [`SubscriptionEvent::Unrecoverable`] follows. `None`: a fresh
+        /// subscription (no position to resume from), live from `position`.
+        recovered: Option<bool>,
+    },
+    /// Messages of the channel were missed and cannot be sent (too old,
+    /// epoch changed, bad position): delivery goes on after `position`.
+    /// Re-sync the channel's state from the application's source of truth.
+    Unrecoverable {
+        /// Why the messages cannot be sent.
+        reason: UnrecoverableReason,
+        /// Where delivery continues after.
+        position: Position,
+    },
+    /// The subscription ended; nothing follows (the stream ends).
+    Unsubscribed {
+        /// Why: `None` when the application unsubscribed; the server's
+        /// refusal when it refused the subscription again after a
+        /// reconnection (e.g. a new token no longer allows it); or
+        /// [`Error::Closed`] when the client stopped.
+        error: Option<Error>,
+    },
+}
+
+impl SubscriptionEvent {
+    /// The position this event leaves the subscription at, if it names one.
+    pub fn position(&self) -> Option<Position> {
+        match self {
+            Self::Message(m) => Some(Position::new(m.seq, m.epoch.clone())),
+            Self::Subscribed { position, .. } => position.clone(),
+            Self::Unrecoverable { position, .. } => Some(position.clone()),
+            Self::Unsubscribed { .. } => None,
+        }
+    }
+}
+
 /// Counters of one client since it was built; see [`Client::stats`].
 /// Serializable, and summable over many clients ([`Stats::add`]).
 ///
@@ -205,10 +265,10 @@ pub(crate) struct Shared {
     pub(crate) next_sub_id: AtomicU64,
 }
 
-/// Where a subscription's messages go.
+/// Where a subscription's messages and events go.
 pub(crate) enum Sink {
-    Stream(mpsc::Sender<Message>),
-    Callback(Box<dyn FnMut(Message) + Send>),
+    Stream(mpsc::Sender<SubscriptionEvent>),
+    Callback(Box<dyn FnMut(SubscriptionEvent) + Send>),
     Discard,
 }
 
@@ -216,11 +276,54 @@ impl Sink {
     pub(crate) fn is_discard(&self) -> bool {
         matches!(self, Self::Discard)
     }
+
+    /// A callback sink that sees the messages only.
+    pub(crate) fn messages(mut callback: impl FnMut(Message) + Send + 'static) -> Self {
+        Self::Callback(Box::new(move |e| {
+            if let SubscriptionEvent::Message(m) = e {
+                callback(m);
+            }
+        }))
+    }
+
+    /// Hands `event` over, waiting for room in a stream's buffer. False when
+    /// the receiver is gone.
+    pub(crate) async fn deliver(&mut self, event: SubscriptionEvent) -> bool {
+        match self {
+            Self::Stream(tx) => tx.send(event).await.is_ok(),
+            Self::Callback(f) => {
+                f(event);
+                true
+            }
+            Self::Discard => true,
+        }
+    }
+
+    /// Hands over the last event of a sink that is being dropped, without
+    /// waiting: a full stream buffer gets it from a task that owns the
+    /// sender (still after everything already in the buffer).
+    pub(crate) fn deliver_last(self, event: SubscriptionEvent) {
+        match self {
+            Self::Stream(tx) => {
+                if let Err(mpsc::error::TrySendError::Full(event)) = tx.try_send(event) {
+                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                        rt.spawn(async move {
+                            let _ = tx.send(event).await;
+                        });
+                    }
+                }
+            }
+            Self::Callback(mut f) => f(event),
+            Self::Discard => {}
+        }
+    }
 }
 
 /// A subscription the application asks for, as the connection task takes it.
 pub(crate) struct SubscribeRequest {
     pub(crate) channel: String,
+    /// Where to continue from (`subscribe.since`), as the application stored it.
+    pub(crate) since: Option<Position>,
     pub(crate) sink: Sink,
     pub(crate) sub_id: u64,
     /// Answered once the server confirmed the subscription, or refused it.

@@ -44,6 +44,8 @@ mod rolling;
 mod rs256;
 #[path = "gateway/sdk.rs"]
 mod sdk;
+#[path = "gateway/sdk_resume.rs"]
+mod sdk_resume;
 #[path = "gateway/slow_consumer.rs"]
 mod slow_consumer;
 #[path = "gateway/sse.rs"]

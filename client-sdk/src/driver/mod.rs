@@ -24,7 +24,7 @@ use tracing::debug;
 
 use crate::config::{Config, TokenSource, Transport};
 use crate::error::Error;
-use crate::shared::{Command, ConnectionState, Counters, Event, Shared, Sink};
+use crate::shared::{Command, ConnectionState, Counters, Event, Shared, Sink, SubscriptionEvent};
 use crate::tracker::Tracker;
 
 mod sse_session;
@@ -56,6 +56,7 @@ pub(crate) fn spawn(
         next_id: 0,
         pending: VecDeque::new(),
         connected: false,
+        connected_at: None,
         rearm: false,
     };
     tokio::spawn(driver.run());
@@ -170,6 +171,8 @@ struct Driver {
     pending: VecDeque<(u64, Pending)>,
     /// The current connection got `connected`.
     connected: bool,
+    /// When it did (how long it was up decides the backoff after it).
+    connected_at: Option<Instant>,
     /// A retry time was scheduled: recompute the timer.
     rearm: bool,
 }
@@ -201,6 +204,9 @@ impl Driver {
     async fn run(mut self) {
         let mut attempt: u32 = 0;
         let mut delay: Option<Duration> = None;
+        // When the last established connection was lost: the outage's age
+        // decides the backoff's ceiling (short outages: `fast_cap`).
+        let mut lost_at: Option<Instant> = None;
         let end = loop {
             if let Some(d) = delay.take() {
                 Counters::add(&self.counters().reconnects, 1);
@@ -230,7 +236,8 @@ impl Driver {
             }
             self.set_state(ConnectionState::Connecting);
             let outcome = self.connect_once().await;
-            let was_connected = std::mem::replace(&mut self.connected, false);
+            self.connected = false;
+            let up_since = self.connected_at.take();
             self.connection_ended();
             match outcome {
                 Outcome::Stop(_) | Outcome::Terminal { .. } => break outcome,
@@ -248,8 +255,13 @@ impl Driver {
                     delay: how,
                 } => {
                     debug!(?code, reason, "connection ended; reconnecting");
-                    if was_connected {
+                    let now = Instant::now();
+                    // An established connection was lost: start low again.
+                    // One that dropped soon after it opened (flapping) keeps
+                    // the count going.
+                    if up_since.is_some_and(|t| now - t >= self.cfg.backoff.stable_after) {
                         attempt = 0;
+                        lost_at = Some(now);
                     }
                     self.set_state(ConnectionState::Closed {
                         code,
@@ -257,7 +269,8 @@ impl Driver {
                         terminal: false,
                     });
                     attempt += 1;
-                    let backoff = self.cfg.backoff.delay(attempt - 1);
+                    let outage = lost_at.map_or(Duration::MAX, |t| now - t);
+                    let backoff = self.cfg.backoff.delay_after(attempt - 1, outage);
                     delay = Some(match how {
                         Delay::Backoff => backoff,
                         Delay::AtLeast(d) => d + backoff.min(d),
@@ -285,8 +298,15 @@ impl Driver {
             if let Some(r) = chan.reply {
                 let _ = r.send(Err(error.clone()));
             }
+            chan.sink.deliver_last(SubscriptionEvent::Unsubscribed {
+                error: Some(error.clone()),
+            });
         }
-        self.user.sink = Sink::Discard;
+        std::mem::replace(&mut self.user.sink, Sink::Discard).deliver_last(
+            SubscriptionEvent::Unsubscribed {
+                error: Some(error.clone()),
+            },
+        );
         self.set_state(ConnectionState::Closed {
             code,
             reason,

@@ -14,7 +14,7 @@ use super::{retry, Delay, Driver, Outcome, Status, Stream};
 use crate::backoff::jitter;
 use crate::error::Error;
 use crate::net::{push_query_value, NetStream};
-use crate::shared::{Command, ConnectionState, Counters};
+use crate::shared::{Command, ConnectionState, Counters, SubscriptionEvent};
 use crate::sse::{EventKind, SseReader};
 
 impl Driver {
@@ -30,6 +30,15 @@ impl Driver {
             push_query_value(&mut path, &c.name);
         }
         let mut cursor = None;
+        if self.user.name.is_empty() {
+            // Not connected yet, but a cursor must name the user stream too
+            // (the server hashes `$user:<sub>` into it): take it from the
+            // token, so that a first stream opened from positions the
+            // application stored resumes them.
+            if let Some(sub) = self.token.as_deref().and_then(token_subject) {
+                self.user.name = format!("$user:{sub}");
+            }
+        }
         let with_user = self.token.is_some() && !self.user.name.is_empty();
         self.sse_dirty = false;
         let user = with_user.then_some(&self.user);
@@ -158,7 +167,7 @@ impl Driver {
                             match Codec::Json.decode_server(event.data) {
                                 Ok(ServerFrame::Connected(c)) => {
                                     dead_after = Some(Duration::from_millis(c.ping_interval_ms.max(1)).mul_f64(self.cfg.dead_factor));
-                                    self.on_sse_connected(c, &cursor);
+                                    self.on_sse_connected(c, &cursor).await;
                                     timer.as_mut().reset((reader.last_recv + dead_after.unwrap_or_default()).into());
                                 }
                                 other => warn!(?other, "SSE connected event without a connected frame"),
@@ -171,7 +180,7 @@ impl Driver {
                                         return o;
                                     }
                                 }
-                                Ok(ServerFrame::Unrecoverable(u)) => self.on_unrecoverable(u),
+                                Ok(ServerFrame::Unrecoverable(u)) => self.on_unrecoverable(u).await,
                                 Ok(other) => debug!(?other, "ignoring an SSE event"),
                                 // Skipped, not resumed for (see `on_undecodable`).
                                 Err(e) => match Codec::Json.peek_message(event.data) {
@@ -207,8 +216,9 @@ impl Driver {
         }
     }
 
-    fn on_sse_connected(&mut self, c: Connected, cursor: &str) {
+    async fn on_sse_connected(&mut self, c: Connected, cursor: &str) {
         self.connected = true;
+        self.connected_at = Some(Instant::now());
         Counters::add(&self.shared.counters.connects, 1);
         if c.expires_at.is_some() {
             self.token_expires_at = c.expires_at;
@@ -234,6 +244,13 @@ impl Driver {
             if let Some(r) = s.reply.take() {
                 let _ = r.send(Ok(()));
             }
+            // As WebSocket's `subscribed`: `recovered` when resumed from a
+            // position (a loss comes as its own `unrecoverable` event).
+            let event = SubscriptionEvent::Subscribed {
+                position: s.tracker.position().cloned(),
+                recovered: known.then_some(true),
+            };
+            s.sink.deliver(event).await;
         }
         Counters::add(&self.shared.counters.resumes, resumed);
         self.set_state(ConnectionState::Connected {
@@ -362,5 +379,51 @@ impl Driver {
             }
             _ => Outcome::Terminal { code: None, reason },
         }
+    }
+}
+
+/// The `sub` claim of a JWT, read without verifying it (the server does):
+/// only to name the user stream in a cursor.
+fn token_subject(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64url_decode(payload)?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(claims.get("sub")?.as_str()?.to_owned())
+}
+
+/// Base64url without padding (a JWT segment); `None` on any other byte.
+fn base64url_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for b in s.trim_end_matches('=').bytes() {
+        let v = match b {
+            b'A'..=b'Z' => b - b'A',
+            b'a'..=b'z' => b - b'a' + 26,
+            b'0'..=b'9' => b - b'0' + 52,
+            b'-' | b'+' => 62,
+            b'_' | b'/' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn reads_the_subject_of_a_jwt() {
+        // {"alg":"HS256"} . {"sub":"alice","exp":1} . signature
+        let t = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MX0.c2ln";
+        assert_eq!(super::token_subject(t).as_deref(), Some("alice"));
+        assert_eq!(super::token_subject("nope"), None);
+        assert_eq!(super::token_subject("a.!!!.c"), None);
+        assert_eq!(super::base64url_decode("aGk").as_deref(), Some(&b"hi"[..]));
     }
 }

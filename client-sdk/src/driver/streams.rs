@@ -16,7 +16,7 @@ use tracing::warn;
 
 use super::{retry, Driver, Outcome, Pending, Status, Stream};
 use crate::error::Error;
-use crate::shared::{Counters, Event, Sink, SubscribeRequest};
+use crate::shared::{Counters, Event, SubscribeRequest, SubscriptionEvent};
 use crate::tracker::Verdict;
 
 impl Driver {
@@ -45,6 +45,7 @@ impl Driver {
     pub(super) fn add_subscription(&mut self, request: SubscribeRequest) -> Option<usize> {
         let SubscribeRequest {
             channel,
+            since,
             sink,
             sub_id,
             reply,
@@ -61,6 +62,11 @@ impl Driver {
             return None;
         }
         let mut s = Stream::new(channel, sink, sub_id);
+        if let Some(p) = since {
+            // Resumed like a reconnection: `subscribe.since`, or its slot
+            // in the SSE cursor.
+            s.tracker.adopt(p.seq, &p.epoch);
+        }
         s.reply = Some(reply);
         self.chans.push(s);
         Some(self.chans.len() - 1)
@@ -76,7 +82,10 @@ impl Driver {
         if sub_id.is_some_and(|id| id != self.chans[i].sub_id) {
             return None;
         }
-        Some(self.chans.remove(i))
+        let mut chan = self.chans.remove(i);
+        let sink = std::mem::replace(&mut chan.sink, crate::shared::Sink::Discard);
+        sink.deliver_last(SubscriptionEvent::Unsubscribed { error: None });
+        Some(chan)
     }
 
     /// Learns the user's stream name from `connected`.
@@ -97,14 +106,7 @@ impl Driver {
         match stream.tracker.admit(m.seq, &m.epoch) {
             Verdict::Deliver => {
                 let counted = !stream.sink.is_discard();
-                let alive = match &mut stream.sink {
-                    Sink::Stream(tx) => tx.send(m).await.is_ok(),
-                    Sink::Callback(f) => {
-                        f(m);
-                        true
-                    }
-                    Sink::Discard => true,
-                };
+                let alive = stream.sink.deliver(SubscriptionEvent::Message(m)).await;
                 if counted && alive {
                     Counters::add(&self.shared.counters.delivered, 1);
                 }
@@ -172,11 +174,16 @@ impl Driver {
         Ok(())
     }
 
-    pub(super) fn on_unrecoverable(&mut self, u: Unrecoverable) {
+    pub(super) async fn on_unrecoverable(&mut self, u: Unrecoverable) {
         let Some(stream) = self.stream_mut(&u.channel) else {
             return;
         };
         stream.tracker.adopt(u.seq, &u.epoch);
+        let event = SubscriptionEvent::Unrecoverable {
+            reason: u.reason,
+            position: Position::new(u.seq, u.epoch.clone()),
+        };
+        stream.sink.deliver(event).await;
         Counters::add(&self.shared.counters.unrecoverable, 1);
         self.emit(Event::Unrecoverable {
             channel: u.channel,
@@ -185,7 +192,7 @@ impl Driver {
         });
     }
 
-    pub(super) fn on_subscribed(&mut self, s: Subscribed) {
+    pub(super) async fn on_subscribed(&mut self, s: Subscribed) {
         // The answer to which subscription (one given up since is ignored).
         let sub_id = match s.id.and_then(|id| self.take_pending(id)) {
             Some(Pending::Subscribe(_, sub_id)) => Some(sub_id),
@@ -211,6 +218,11 @@ impl Driver {
         if let Some(r) = stream.reply.take() {
             let _ = r.send(Ok(()));
         }
+        let event = SubscriptionEvent::Subscribed {
+            position: stream.tracker.position().cloned(),
+            recovered: s.recovered,
+        };
+        stream.sink.deliver(event).await;
     }
 
     /// A subscription the server refused.
@@ -248,10 +260,15 @@ impl Driver {
             Some(r) => {
                 let _ = r.send(Err(error));
             }
-            None => self.emit(Event::SubscriptionFailed {
-                channel: chan.name,
-                error,
-            }),
+            None => {
+                chan.sink.deliver_last(SubscriptionEvent::Unsubscribed {
+                    error: Some(error.clone()),
+                });
+                self.emit(Event::SubscriptionFailed {
+                    channel: chan.name,
+                    error,
+                });
+            }
         }
     }
 }

@@ -344,11 +344,11 @@ impl Driver {
             }
             ServerFrame::Connected(c) => self.on_ws_connected(conn, c).await,
             ServerFrame::Subscribed(s) => {
-                self.on_subscribed(s);
+                self.on_subscribed(s).await;
                 Ok(())
             }
             ServerFrame::Unrecoverable(u) => {
-                self.on_unrecoverable(u);
+                self.on_unrecoverable(u).await;
                 Ok(())
             }
             ServerFrame::Unsubscribed(u) => {
@@ -432,6 +432,7 @@ impl Driver {
             self.take_pending(id);
         }
         self.connected = true;
+        self.connected_at = Some(Instant::now());
         if let Some(n) = c.max_frame_bytes {
             conn.max_frame_bytes = usize::try_from(n).unwrap_or(usize::MAX);
         }
@@ -540,12 +541,26 @@ impl Driver {
                 reason,
             };
         }
+        // Admission control's close (`overloaded; retry_after_ms=<ms>`): a floor.
+        let delay = match retry_after_ms(&reason) {
+            Some(ms) if code == CloseCode::Overloaded.code() => {
+                Delay::AtLeast(Duration::from_millis(ms))
+            }
+            _ => Delay::Backoff,
+        };
         Outcome::Retry {
             code: Some(code),
             reason,
-            delay: Delay::Backoff,
+            delay,
         }
     }
+}
+
+/// The `<ms>` of a close reason `overloaded; retry_after_ms=<ms>`.
+fn retry_after_ms(reason: &str) -> Option<u64> {
+    let (_, rest) = reason.split_once("retry_after_ms=")?;
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
 }
 
 fn encode(codec: Codec, frame: &ClientFrame) -> WsMessage {
