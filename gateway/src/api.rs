@@ -11,15 +11,17 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use http::{header, StatusCode};
 use protocol::api::{
-    BatchItem, BatchResult, ChannelInfo, ChannelsRequest, ChannelsResult, HistoryRequest,
-    InfoRequest, InfoResult, ItemResult, NodeInfo, PublishRequest, PublishResult, SendRequest,
-    MAX_BATCH_ITEMS, MAX_CHANNELS_LISTED,
+    BatchItem, BatchResult, ChannelInfo, ChannelsRequest, ChannelsResult, DisconnectRequest,
+    HistoryRequest, InfoRequest, InfoResult, ItemResult, NodeInfo, PublishRequest, PublishResult,
+    RevokeRequest, SendRequest, ServerSubscribeRequest, ServerUnsubscribeRequest, MAX_BATCH_ITEMS,
+    MAX_CHANNELS_LISTED,
 };
 use protocol::{user_channel, validate_channel, validate_user, Codec, DecodeError, ErrorCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::auth::Scope;
+use crate::control::Control;
 use crate::errors::ApiError;
 use crate::ids::now_ms;
 use crate::node::Node;
@@ -261,6 +263,104 @@ pub async fn history(State(node): State<Arc<Node>>, req: Request) -> Response {
             .with_retry_after(1)
             .into_response(),
     }
+}
+
+/// Checks a control call's user and hands `command` to the user's
+/// connections on every node.
+async fn send_control(node: &Node, command: Control) -> Response {
+    if let Err(e) = validate_user(command.user()) {
+        return ApiError::new(
+            ErrorCode::BadRequest,
+            format!("user {:?}: {e}", command.user()),
+        )
+        .into_response();
+    }
+    match node.broker.control(&command).await {
+        Ok(()) => Json(serde_json::json!({})).into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `POST /api/disconnect` (admin) `{"user", "reconnect"?, "reason"?}`.
+pub async fn disconnect(State(node): State<Arc<Node>>, req: Request) -> Response {
+    match read_as::<DisconnectRequest>(&node, req, Scope::Admin).await {
+        Ok(d) => {
+            tracing::info!(user = %d.user, reconnect = d.reconnect, reason = %d.reason, "disconnect requested by the backend");
+            let command = Control::Disconnect {
+                user: d.user,
+                reconnect: d.reconnect,
+                reason: d.reason,
+            };
+            send_control(&node, command).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /api/subscribe` (admin) `{"user", "channel", "since"?}`.
+pub async fn server_subscribe(State(node): State<Arc<Node>>, req: Request) -> Response {
+    match read_as::<ServerSubscribeRequest>(&node, req, Scope::Admin).await {
+        Ok(s) if validate_channel(&s.channel).is_err() => ApiError::new(
+            ErrorCode::InvalidChannel,
+            format!("channel {:?}: not a valid channel", s.channel),
+        )
+        .into_response(),
+        Ok(s) => {
+            let command = Control::Subscribe {
+                user: s.user,
+                channel: s.channel,
+                since: s.since,
+            };
+            send_control(&node, command).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /api/unsubscribe` (admin) `{"user", "channel"}`.
+pub async fn server_unsubscribe(State(node): State<Arc<Node>>, req: Request) -> Response {
+    match read_as::<ServerUnsubscribeRequest>(&node, req, Scope::Admin).await {
+        Ok(u) => {
+            let command = Control::Unsubscribe {
+                user: u.user,
+                channel: u.channel,
+            };
+            send_control(&node, command).await
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /api/revoke` (admin) `{"user", "before"?}`: stored first (every
+/// later connect, refresh and resume on any node is refused), then the
+/// open connections holding such a token are closed.
+pub async fn revoke(State(node): State<Arc<Node>>, req: Request) -> Response {
+    let r = match read_as::<RevokeRequest>(&node, req, Scope::Admin).await {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = validate_user(&r.user) {
+        return ApiError::new(ErrorCode::BadRequest, format!("user {:?}: {e}", r.user))
+            .into_response();
+    }
+    // Tokens are honoured at most max_token_lifetime_secs (and a resume
+    // token keeps its connection token's iat): past that, nothing issued
+    // before `before` can still be valid.
+    let before = r.before.unwrap_or_else(|| now_ms() / 1000 + 1);
+    let ttl = std::time::Duration::from_secs(node.config.max_token_lifetime_secs)
+        + std::time::Duration::from_millis(node.config.resume_token_ttl_ms);
+    if let Err(e) = node.ledger.revoke(&r.user, before, ttl).await {
+        return unavailable(e);
+    }
+    tracing::info!(user = %r.user, before, "tokens revoked by the backend");
+    send_control(
+        &node,
+        Control::Revoke {
+            user: r.user,
+            before,
+        },
+    )
+    .await
 }
 
 /// `POST /api/info`: every live node (this one alone on the embedded node).

@@ -75,6 +75,9 @@ pub struct Identity {
     pub user: String,
     /// Unix seconds.
     pub expires_at: Option<u64>,
+    /// The connection token's `iat` (Unix seconds): a revocation
+    /// (`/api/revoke`) refuses tokens issued before it.
+    pub issued_at: Option<u64>,
     pub subscribe: Patterns,
     pub publish: Patterns,
 }
@@ -84,6 +87,7 @@ impl Identity {
         Self {
             user: String::new(),
             expires_at: None,
+            issued_at: None,
             subscribe: Patterns::any(),
             publish: Patterns::any(),
         }
@@ -170,6 +174,10 @@ pub struct ResumeClaims {
     /// The connection token's own expiry, which the resumed session keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tok_exp: Option<u64>,
+    /// The connection token's `iat`, which the resumed session keeps (a
+    /// revocation is checked against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tok_iat: Option<u64>,
     pub subscribe: Vec<String>,
     pub publish: Vec<String>,
     /// (channel, epoch, seq) of every subscription, the user's stream included.
@@ -317,6 +325,7 @@ impl Auth {
             typ: RESUME_TYP.into(),
             exp: now_secs() + ttl_secs.max(1),
             tok_exp: identity.expires_at,
+            tok_iat: identity.issued_at,
             subscribe: identity.subscribe.sources().to_vec(),
             publish: identity.publish.sources().to_vec(),
             channels,
@@ -357,6 +366,7 @@ impl Auth {
             Identity {
                 user: c.sub,
                 expires_at: c.tok_exp,
+                issued_at: c.tok_iat,
                 subscribe: Patterns::from_globs(&c.subscribe),
                 publish: Patterns::from_globs(&c.publish),
             }
@@ -422,6 +432,7 @@ impl Auth {
                     return Ok(Identity {
                         user: c.sub,
                         expires_at: c.exp,
+                        issued_at: c.iat,
                         subscribe: Patterns::from_globs(&c.subscribe),
                         publish: Patterns::from_globs(&c.publish),
                     });

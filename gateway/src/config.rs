@@ -163,6 +163,29 @@ pub struct Config {
     pub reconnect_max_delay_ms: u64,
     /// How long a resume token from a `reconnect` frame stays valid.
     pub resume_token_ttl_ms: u64,
+    /// Rebalancing (cluster mode; off by default): a node holding more
+    /// than the fleet's average by `rebalance_margin` tells connections to
+    /// reconnect (the drain's `reconnect`, with resume tokens: clients lose
+    /// nothing) until it holds at most half that margin over the average,
+    /// at most `rebalance_rate` a second, and never while any node drains.
+    /// Clients come back through the balancer, which must prefer the least
+    /// loaded node (`leastconn`) for them to land elsewhere.
+    pub rebalance: bool,
+    /// Rebalancing: how far over the fleet's average a node may be before
+    /// it moves connections, as a fraction (0.2: 20 % over). It moves them
+    /// until it is within half of it. Imbalances of two connections or
+    /// fewer never move anything.
+    pub rebalance_margin: f64,
+    /// Rebalancing: most connections one node moves per second.
+    pub rebalance_rate: f64,
+    /// Rebalancing: how often a node compares its connections with the
+    /// fleet's (the registry's counts), jittered by +-50 %; each check moves
+    /// at most what `rebalance_rate` allows since the last one.
+    pub rebalance_interval_ms: u64,
+    /// Rebalancing: how long the fleet must stay the same (the same nodes,
+    /// none draining) before anything moves, so a rolling upgrade is over
+    /// first.
+    pub rebalance_settle_ms: u64,
     /// Refuse connection tokens without `exp` (they would never expire).
     pub token_exp_required: bool,
     /// Refuse connection tokens that expire further ahead than this (a
@@ -265,6 +288,11 @@ impl Default for Config {
             reconnect_min_delay_ms: 100,
             reconnect_max_delay_ms: 5_000,
             resume_token_ttl_ms: 120_000,
+            rebalance: false,
+            rebalance_margin: 0.2,
+            rebalance_rate: 20.0,
+            rebalance_interval_ms: 2_000,
+            rebalance_settle_ms: 30_000,
             token_exp_required: true,
             max_token_lifetime_secs: 7 * 24 * 3600,
             resume_secret: None,
@@ -453,6 +481,21 @@ impl Config {
             || self.max_connections == 0
         {
             return bad("drain_batch_interval_ms, admission_rate and max_connections must be greater than 0".into());
+        }
+        if !(self.rebalance_margin > 0.0 && self.rebalance_margin <= 10.0) {
+            return bad(format!(
+                "rebalance_margin must be in (0, 10] (a fraction over the fleet average: 0.2 is 20 %), not {}",
+                self.rebalance_margin
+            ));
+        }
+        if !(self.rebalance_rate > 0.0 && self.rebalance_rate <= 1_000_000.0) {
+            return bad(format!(
+                "rebalance_rate must be above 0 (connections per second), not {}",
+                self.rebalance_rate
+            ));
+        }
+        if self.rebalance_interval_ms < 100 {
+            return bad("rebalance_interval_ms must be at least 100".into());
         }
         if self.reconnect_min_delay_ms > self.reconnect_max_delay_ms {
             return bad("reconnect_min_delay_ms must not exceed reconnect_max_delay_ms".into());

@@ -13,6 +13,11 @@
 //! 4. When every connection is gone, or at `drain_timeout_ms`, Closing: the
 //!    rest are closed with 4000; the node deregisters and `run` returns (the
 //!    process exits 0).
+//!
+//! The rebalancer (`crate::rebalance`) sends connections elsewhere through
+//! the same path while the node runs: Running -> Moving { round }, where a
+//! connection that takes one of the round's moves ([`Drain::take_move`])
+//! sends the same `reconnect`. A drain ends any round.
 
 //!
 //! This module also owns what the drain decides from: the node's
@@ -37,6 +42,14 @@ use crate::ratelimit::RateLimit;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {
     Running,
+    /// Running, and the rebalancer moves some connections to other nodes
+    /// (`crate::rebalance`): a connection that sees this takes one of the
+    /// moves [`Drain::release_moves`] handed out, if one is left and it is
+    /// old enough ([`Drain::take_move`]), and sends its `reconnect` as in a
+    /// drain. `round` changes with each hand-out, which wakes them.
+    Moving {
+        round: u64,
+    },
     /// Leaving: `/readyz` is 503; connections whose drain ticket is below
     /// `released` are told to reconnect elsewhere.
     Draining {
@@ -179,6 +192,12 @@ pub struct Drain {
     stop_accepting: watch::Sender<bool>,
     finished: watch::Sender<bool>,
     admission: parking_lot::Mutex<RateLimit>,
+    /// Rebalancing: moves of the current round not yet taken, and the
+    /// session id below which a connection may take one (sessions opened
+    /// since the rebalancer's previous check stay: they may have just
+    /// moved here).
+    moves: AtomicU64,
+    move_below: AtomicU64,
 }
 
 impl Drain {
@@ -197,6 +216,8 @@ impl Drain {
                 limits.admission_rate,
                 limits.admission_rate,
             )),
+            moves: AtomicU64::new(0),
+            move_below: AtomicU64::new(0),
         }
     }
 
@@ -214,7 +235,58 @@ impl Drain {
     }
 
     pub fn is_draining(&self) -> bool {
-        *self.lifecycle.borrow() != Lifecycle::Running
+        matches!(
+            *self.lifecycle.borrow(),
+            Lifecycle::Draining { .. } | Lifecycle::Closing
+        )
+    }
+
+    /// Rebalancing: asks up to `count` connections whose session id is
+    /// below `below` to move (a new [`Lifecycle::Moving`] round); moves
+    /// left over from the previous round are dropped. Does nothing and
+    /// returns false once the node drains: the drain moves everyone.
+    pub fn release_moves(&self, count: u64, below: u64) -> bool {
+        if self.started() {
+            return false;
+        }
+        self.move_below.store(below, Ordering::Release);
+        self.moves.store(count, Ordering::Release);
+        let released = self.lifecycle.send_if_modified(|l| match *l {
+            Lifecycle::Running => {
+                *l = Lifecycle::Moving { round: 1 };
+                true
+            }
+            Lifecycle::Moving { round } => {
+                *l = Lifecycle::Moving {
+                    round: round.wrapping_add(1),
+                };
+                true
+            }
+            Lifecycle::Draining { .. } | Lifecycle::Closing => false,
+        });
+        if !released {
+            self.moves.store(0, Ordering::Release);
+        }
+        released
+    }
+
+    /// A connection's claim on one of the current round's moves (it holds
+    /// session id `session`): true, once per move: send `reconnect` now.
+    pub fn take_move(&self, session: u64) -> bool {
+        // One load on the way out when there is nothing to take: every
+        // connection's loop asks on each turn while the state is `Moving`.
+        self.moves.load(Ordering::Acquire) > 0
+            && session < self.move_below.load(Ordering::Acquire)
+            && self
+                .moves
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |m| m.checked_sub(1))
+                .is_ok()
+    }
+
+    /// Ends the current round: the moves no connection took (the
+    /// rebalancer counts the others as gone).
+    pub fn end_moves(&self) -> u64 {
+        self.moves.swap(0, Ordering::AcqRel)
     }
 
     /// Admission control for a new session: reserves its place at once, so
@@ -308,6 +380,8 @@ pub fn start(drain: &Arc<Drain>, node: Arc<dyn Registration>) {
     if drain.started.swap(true, Ordering::AcqRel) {
         return;
     }
+    // A rebalancing round in progress ends here: the drain moves everyone.
+    drain.end_moves();
     let drain = drain.clone();
     tokio::spawn(async move { run(&drain, &*node).await });
 }
@@ -419,7 +493,7 @@ mod tests {
         loop {
             let state = *rx.borrow_and_update();
             match state {
-                Lifecycle::Running => {}
+                Lifecycle::Running | Lifecycle::Moving { .. } => {}
                 Lifecycle::Closing => break,
                 Lifecycle::Draining { released } => {
                     let t = *ticket.get_or_insert_with(|| drain.take_ticket());
@@ -485,6 +559,33 @@ mod tests {
             .expect("the drain finished");
         stubborn.await.expect("the connection saw Closing");
         assert_eq!(drain.open_connections(), 0);
+    }
+
+    #[tokio::test]
+    async fn moves_go_once_each_to_connections_older_than_the_mark_and_stop_with_a_drain() {
+        let drain = Arc::new(Drain::new(settings(5_000), limits(100, 1_000)));
+        let mut rx = drain.lifecycle();
+        assert!(!drain.take_move(1), "nothing handed out yet");
+        assert!(drain.release_moves(2, 10));
+        assert_eq!(*rx.borrow_and_update(), Lifecycle::Moving { round: 1 });
+        assert!(!drain.is_draining(), "moving is running");
+        assert_eq!(admitted(&drain), Ok(()), "a moving node admits");
+        assert!(!drain.take_move(10), "opened since the mark: stays");
+        assert!(drain.take_move(3));
+        assert!(drain.take_move(4));
+        assert!(!drain.take_move(5), "two moves only");
+        // A new round wakes the connections again and replaces what was left.
+        assert!(drain.release_moves(5, 12));
+        assert!(rx.has_changed().expect("sender alive"));
+        assert_eq!(*rx.borrow_and_update(), Lifecycle::Moving { round: 2 });
+        assert!(drain.take_move(11));
+        assert_eq!(drain.end_moves(), 4);
+        assert!(!drain.take_move(6), "the round is over");
+        // Once the drain has begun nothing is handed out.
+        assert!(drain.release_moves(3, 20));
+        start(&drain, Arc::new(Calls::default()));
+        assert!(!drain.release_moves(3, 20));
+        assert!(!drain.take_move(1));
     }
 
     #[test]

@@ -42,6 +42,7 @@ use parking_lot::Mutex;
 use protocol::{user_channel, Codec};
 use tokio::sync::Notify;
 
+use crate::control::Control;
 use crate::message::Publication;
 
 /// The part of a connection the hub holds.
@@ -49,6 +50,9 @@ pub struct SessionShared {
     pub id: u64,
     pub codec: Codec,
     pub signal: Signal,
+    /// Control commands for this session, applied in its own task
+    /// ([`crate::control`]).
+    pub mailbox: Mutex<Vec<Control>>,
 }
 
 /// How the hub reaches a connection's task: "something to read" and "you
@@ -265,6 +269,17 @@ impl ChannelLog {
 
     fn readers(&self) -> usize {
         self.state.lock().live
+    }
+
+    /// The sessions reading this log now.
+    fn sessions(&self) -> Vec<Arc<SessionShared>> {
+        self.state
+            .lock()
+            .readers
+            .iter()
+            .flatten()
+            .map(|r| r.session.clone())
+            .collect()
     }
 
     /// Appends a publication for every current reader; wakes the waiting
@@ -509,6 +524,20 @@ impl crate::broker::Deliver for Hub {
     fn deliver(&self, publication: &Arc<Publication>) {
         Hub::deliver(self, publication);
     }
+
+    /// Puts the command in the mailbox of each local session of its user
+    /// (the readers of the user's own stream) and wakes them.
+    fn control(&self, command: Control) {
+        let log = self
+            .channels
+            .get(&*user_channel(command.user()))
+            .map(|l| l.clone());
+        let Some(log) = log else { return };
+        for session in log.sessions() {
+            session.mailbox.lock().push(command.clone());
+            session.signal.wake();
+        }
+    }
 }
 
 #[cfg(test)]
@@ -531,6 +560,7 @@ mod tests {
             id,
             codec: Codec::Json,
             signal: Signal::default(),
+            mailbox: Default::default(),
         })
     }
 

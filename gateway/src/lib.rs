@@ -6,6 +6,8 @@
 //!   registry heartbeat.
 //! * [`drain`]: graceful drain (Running -> Draining -> Closing), the
 //!   lifecycle sessions watch, the connection count, admission control.
+//! * [`rebalance`]: opt-in moving of connections off a node over the fleet
+//!   average, through the drain's `reconnect`.
 //! * [`server`]: the router and `run(listener, node, shutdown)`.
 //! * [`transport`]: WebSocket (`/ws`) and SSE (`/sse`).
 //! * [`session`]: per-connection state and the exactly-once delivery rules;
@@ -30,6 +32,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod control;
 pub mod cors;
 pub mod drain;
 pub mod errors;
@@ -42,6 +45,7 @@ pub mod node;
 pub mod ops;
 pub mod quota;
 pub mod ratelimit;
+pub mod rebalance;
 pub mod replay;
 pub mod server;
 pub mod session;

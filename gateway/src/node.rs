@@ -54,9 +54,10 @@ pub struct Node {
     /// The registry (cluster mode only; the embedded node's hub answers the
     /// same questions).
     pub registry: Option<Arc<dyn Registry>>,
-    /// Where one-time credentials (resume tokens) are claimed: the
-    /// cluster's registry, or an in-process one on the embedded node.
-    pub one_time: Arc<dyn Registry>,
+    /// Where one-time credentials (resume tokens) are claimed and
+    /// revocations kept: the cluster's registry, or an in-process one on
+    /// the embedded node.
+    pub ledger: Arc<dyn Registry>,
     /// What sessions use of the node (hub, store, broker, interest,
     /// metrics, limits): their whole view of it.
     pub sessions: Arc<SessionContext>,
@@ -171,7 +172,7 @@ impl Node {
                 (config.user_subscribe_rate, config.user_subscribe_burst),
             ),
         );
-        let one_time: Arc<dyn Registry> = match &registry {
+        let ledger: Arc<dyn Registry> = match &registry {
             Some(r) => r.clone(),
             None => Arc::new(MemoryRegistry::new(Duration::from_millis(
                 config.registry_ttl_ms,
@@ -180,7 +181,7 @@ impl Node {
         let node = Arc::new(Self {
             started_at_ms: crate::ids::now_ms(),
             channels_written: parking_lot::Mutex::new((0, None)),
-            one_time,
+            ledger,
             config,
             id,
             hub,
@@ -209,6 +210,7 @@ impl Node {
                 }
             });
         }
+        crate::rebalance::spawn(&node);
         Ok(node)
     }
 

@@ -284,6 +284,19 @@ pub fn drain_reconnect_sent(transport: &'static str) {
     metrics::counter!("gateway_drain_reconnects_sent_total", "transport" => transport).increment(1);
 }
 
+/// A `reconnect` frame (or SSE event) sent by the rebalancer: the
+/// connection moves to another node.
+pub fn rebalance_reconnect_sent(transport: &'static str) {
+    metrics::counter!("gateway_rebalance_reconnects_sent_total", "transport" => transport)
+        .increment(1);
+}
+
+/// Connections this node holds over its rebalancing target, as its last
+/// check found (0: within the margin, or nothing may move now).
+pub fn rebalance_excess(connections: u64) {
+    metrics::gauge!("gateway_rebalance_excess_connections").set(connections as f64);
+}
+
 /// A replay stream was found from an earlier life of the Redis server
 /// (restart, failover, restore) and moved to a new epoch. Rare: looked up by
 /// name when it happens.
@@ -428,6 +441,14 @@ impl Metrics {
             "gateway_drain_reconnects_sent_total",
             "Drain reconnect frames / events sent, by transport."
         );
+        describe_counter!(
+            "gateway_rebalance_reconnects_sent_total",
+            "Reconnect frames / events the rebalancer sent (connections moved to other nodes, with resume tokens), by transport."
+        );
+        describe_gauge!(
+            "gateway_rebalance_excess_connections",
+            "Connections this node holds over its rebalancing target (the fleet average plus half of rebalance_margin) while it moves them; 0 when within the margin, when any node drains, or with rebalance off."
+        );
         describe_gauge!(
             "gateway_drain_connections_remaining",
             "Connections the current drain still waits for."
@@ -504,6 +525,7 @@ fn preregister() {
         "gateway_draining",
         "gateway_drain_connections_remaining",
         "gateway_drain_duration_seconds",
+        "gateway_rebalance_excess_connections",
     ] {
         metrics::gauge!(g).increment(0.0);
     }
@@ -531,6 +553,7 @@ fn preregister() {
         }
         metrics::counter!("gateway_write_stalls_total", "transport" => t).increment(0);
         metrics::counter!("gateway_drain_reconnects_sent_total", "transport" => t).increment(0);
+        metrics::counter!("gateway_rebalance_reconnects_sent_total", "transport" => t).increment(0);
     }
     for t in ["ws", "sse", "api"] {
         metrics::counter!("gateway_auth_failures_total", "transport" => t).increment(0);

@@ -116,6 +116,57 @@ pub struct ChannelsResult {
 /// Most channels one `/api/channels` answer lists.
 pub const MAX_CHANNELS_LISTED: usize = 10_000;
 
+/// `POST /api/disconnect` (admin): closes every connection of `user` on
+/// every node, with 4006 `disconnected` (the client reconnects) or, with
+/// `reconnect: false`, 4503 `removed` (it does not).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisconnectRequest {
+    pub user: String,
+    #[serde(default = "yes")]
+    pub reconnect: bool,
+    /// For the logs.
+    #[serde(default)]
+    pub reason: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /api/subscribe` (admin): subscribes every WebSocket connection of
+/// `user`, on every node, to `channel` (after `since` if given); the
+/// client gets a `subscribed` frame with `server: true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSubscribeRequest {
+    pub user: String,
+    pub channel: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Position>,
+}
+
+/// `POST /api/unsubscribe` (admin): ends `user`'s subscriptions to
+/// `channel` on every connection; an `unsubscribed` frame with
+/// `server: true`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerUnsubscribeRequest {
+    pub user: String,
+    pub channel: String,
+}
+
+/// `POST /api/revoke` (admin): `user`'s tokens issued before `before` (Unix
+/// seconds; default now) are refused at connect, refresh and resume on
+/// every node, and the connections holding one are closed (4500).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<u64>,
+}
+
 /// Most items one batch may hold.
 pub const MAX_BATCH_ITEMS: usize = 1000;
 

@@ -177,6 +177,9 @@ pub enum CloseCode {
     Overloaded = 4004,
     /// The token expired and was not refreshed; get a fresh token, reconnect.
     TokenExpired = 4005,
+    /// The backend disconnected this connection (`POST /api/disconnect`);
+    /// reconnect (e.g. after the application logged in again).
+    Disconnected = 4006,
     /// The token is missing or invalid.
     Unauthorized = 4500,
     /// The client broke the protocol (e.g. first frame not `connect`,
@@ -184,19 +187,24 @@ pub enum CloseCode {
     BadProtocol = 4501,
     /// A frame exceeded the configured maximum size.
     FrameTooLarge = 4502,
+    /// The backend removed this connection and asks it not to come back
+    /// (`POST /api/disconnect` with `reconnect: false`).
+    Removed = 4503,
 }
 
 impl CloseCode {
-    pub const ALL: [CloseCode; 9] = [
+    pub const ALL: [CloseCode; 11] = [
         Self::Shutdown,
         Self::SlowConsumer,
         Self::IdleTimeout,
         Self::InternalError,
         Self::Overloaded,
         Self::TokenExpired,
+        Self::Disconnected,
         Self::Unauthorized,
         Self::BadProtocol,
         Self::FrameTooLarge,
+        Self::Removed,
     ];
 
     pub fn code(self) -> u16 {
@@ -221,6 +229,8 @@ impl CloseCode {
             Self::InternalError => "internal error",
             Self::Overloaded => "overloaded",
             Self::TokenExpired => "token expired",
+            Self::Disconnected => "disconnected by the server",
+            Self::Removed => "removed by the server",
             Self::Unauthorized => "unauthorized",
             Self::BadProtocol => "bad protocol",
             Self::FrameTooLarge => "frame too large",

@@ -254,6 +254,10 @@ pub struct Subscribed {
     /// follows. When false an `unrecoverable` frame follows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recovered: Option<bool>,
+    /// True when the backend subscribed the connection
+    /// (`POST /api/subscribe`), not the client; no `id` then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -261,6 +265,10 @@ pub struct Unsubscribed {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<u64>,
     pub channel: String,
+    /// True when the backend unsubscribed the connection
+    /// (`POST /api/unsubscribe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<bool>,
 }
 
 /// A message of a channel (or of the user's own stream).

@@ -95,6 +95,19 @@ pub trait Registry: Send + Sync + 'static {
     /// over those nodes, sorted by name.
     async fn channels(&self) -> Result<Vec<(String, u64)>, RegistryError>;
 
+    /// Revokes `user`'s tokens issued before `before` (Unix seconds) for
+    /// `ttl` (the longest a token may live); a later revocation with an
+    /// earlier `before` changes nothing.
+    async fn revoke(
+        &self,
+        user: &str,
+        before: u64,
+        ttl: std::time::Duration,
+    ) -> Result<(), RegistryError>;
+
+    /// Tokens of `user` issued before this (Unix seconds) are revoked.
+    async fn revoked_before(&self, user: &str) -> Result<Option<u64>, RegistryError>;
+
     /// Claims a one-time credential (a resume token's id) for `ttl`, its
     /// remaining lifetime: true the first time, false on every later claim,
     /// on any node sharing this registry.

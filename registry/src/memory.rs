@@ -14,6 +14,8 @@ struct State {
     users: HashMap<String, HashMap<String, u64>>,
     /// Claimed one-time ids and when each may be forgotten.
     once: HashMap<String, Instant>,
+    /// Per user: tokens issued before this are revoked, until then.
+    revoked: HashMap<String, (u64, Instant)>,
     /// Per node: its channels with their local subscriber counts.
     channels: HashMap<String, Vec<(String, u64)>>,
 }
@@ -44,6 +46,27 @@ impl MemoryRegistry {
 
 #[async_trait]
 impl Registry for MemoryRegistry {
+    async fn revoke(&self, user: &str, before: u64, ttl: Duration) -> Result<(), RegistryError> {
+        let mut s = self.state.lock();
+        let now = Instant::now();
+        if s.revoked.len() >= MAX_ONCE {
+            s.revoked.retain(|_, (_, until)| *until > now);
+        }
+        let e = s.revoked.entry(user.to_owned()).or_insert((0, now));
+        if before >= e.0 {
+            *e = (before, now + ttl);
+        }
+        Ok(())
+    }
+
+    async fn revoked_before(&self, user: &str) -> Result<Option<u64>, RegistryError> {
+        let s = self.state.lock();
+        Ok(s.revoked
+            .get(user)
+            .filter(|(_, until)| *until > Instant::now())
+            .map(|(before, _)| *before))
+    }
+
     async fn set_channels(
         &self,
         node: &str,

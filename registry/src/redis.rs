@@ -11,6 +11,8 @@
 //! * `gw:{nodes}:channels:<node>`: hash channel -> local subscribers on
 //!   that node (`set_channels`), expiring 3 TTLs after its last write.
 //! * `gw:once:<id>`: a claimed one-time credential, for its lifetime.
+//! * `gw:{u:<user>}:revoked`: tokens of the user issued before this (Unix
+//!   seconds) are refused; lives as long as a token may.
 //!
 //! A heartbeat also reads the server's `run_id`. When it changed, Redis
 //! restarted, failed over or was restored, possibly from a snapshot taken
@@ -156,6 +158,33 @@ impl Registry for RedisRegistry {
             .expire(&key, USER_KEY_TTL_SECS)
             .ignore()
             .query_async::<()>(&mut c)
+            .await
+            .map_err(err)
+    }
+
+    async fn revoke(&self, user: &str, before: u64, ttl: Duration) -> Result<(), RegistryError> {
+        // Only ever later: two revocations keep the later cut.
+        let script = redis::Script::new(
+            r"local cur = tonumber(redis.call('GET', KEYS[1]) or '0')
+              if tonumber(ARGV[1]) >= cur then
+                redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+              end
+              return 1",
+        );
+        let mut c = self.conn.clone();
+        script
+            .key(format!("{}:revoked", user_key(user)))
+            .arg(before)
+            .arg(ttl.as_millis().max(1) as u64)
+            .invoke_async::<i64>(&mut c)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn revoked_before(&self, user: &str) -> Result<Option<u64>, RegistryError> {
+        let mut c = self.conn.clone();
+        c.get(format!("{}:revoked", user_key(user)))
             .await
             .map_err(err)
     }

@@ -396,6 +396,9 @@ pub struct Claims {
     pub sub: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exp: Option<u64>,
+    /// Issued at (Unix seconds): a revocation refuses tokens issued before it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     #[serde(default)]
     pub subscribe: Vec<String>,
     #[serde(default)]
@@ -408,6 +411,7 @@ impl Claims {
         Self {
             sub: user.into(),
             exp: Some(now_secs().saturating_add_signed(ttl_secs)),
+            iat: Some(now_secs()),
             subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
             publish: publish.iter().map(|s| s.to_string()).collect(),
         }

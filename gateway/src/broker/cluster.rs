@@ -74,6 +74,21 @@ impl ClusterParts {
         }
     }
 
+    /// The topics of the nodes holding `user` (a control command's route).
+    pub async fn user_routes(
+        &self,
+        user: &str,
+        node_topic: impl Fn(&str) -> String,
+    ) -> Result<Vec<String>, BrokerError> {
+        Ok(self
+            .registry
+            .nodes_for_user(user)
+            .await?
+            .iter()
+            .map(|n| node_topic(n))
+            .collect())
+    }
+
     /// Starts tracking what the node receives of `channel`, from its top.
     pub async fn track(&self, channel: &str) -> Result<(), BrokerError> {
         let top = self.store.top(channel).await?;

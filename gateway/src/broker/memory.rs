@@ -1,5 +1,6 @@
 //! In-process backbone: the embedded default of a single node.
 
+use crate::control::Control;
 use crate::replay::Appended;
 use std::sync::Arc;
 
@@ -59,6 +60,11 @@ impl Broker for MemoryBroker {
             self.hub.deliver(publication);
         }
         Ok(appended)
+    }
+
+    async fn control(&self, command: &Control) -> Result<(), BrokerError> {
+        self.hub.control(command.clone());
+        Ok(())
     }
 
     async fn subscribe(&self, _channel: &str) -> Result<(), BrokerError> {

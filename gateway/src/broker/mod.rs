@@ -46,6 +46,7 @@ pub mod nats;
 pub mod redis;
 pub mod tracker;
 
+use crate::control::Control;
 use crate::replay::Appended;
 use std::sync::Arc;
 
@@ -64,6 +65,10 @@ pub use redis::RedisBroker;
 pub trait Deliver: Send + Sync + 'static {
     /// Called per channel in the order the backbone hands messages over.
     fn deliver(&self, publication: &Arc<Publication>);
+
+    /// A control command for a user's local connections
+    /// ([`crate::control`]).
+    fn control(&self, _command: Control) {}
 }
 
 #[derive(Debug, Error)]
@@ -89,6 +94,10 @@ pub trait Broker: Send + Sync + 'static {
         ts: u64,
         idempotency: Option<&str>,
     ) -> Result<Appended, BrokerError>;
+
+    /// Hands `command` to the user's connections on every node that holds
+    /// one (routed through the registry like a unicast).
+    async fn control(&self, command: &Control) -> Result<(), BrokerError>;
 
     /// Starts delivering `channel` to this node.
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;

@@ -9,6 +9,7 @@
 //! * The client reconnects and resubscribes by itself; on reconnect the node
 //!   fetches what was published meanwhile from the replay store.
 
+use crate::control::Control;
 use crate::replay::Appended;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -135,6 +136,10 @@ impl NatsBroker {
         let task = tokio::spawn(async move {
             let received = crate::telemetry::backbone_received();
             while let Some(msg) = sub.next().await {
+                if let Some(command) = Control::decode(&msg.payload) {
+                    hub.control(command);
+                    continue;
+                }
                 match envelope::decode(&msg.payload) {
                     Some(p) => {
                         received.increment(1);
@@ -186,6 +191,23 @@ impl Broker for NatsBroker {
                 .map_err(unavailable)?;
         }
         Ok(Appended::New(p))
+    }
+
+    async fn control(&self, command: &Control) -> Result<(), BrokerError> {
+        let subjects = self
+            .cluster
+            .user_routes(command.user(), node_subject)
+            .await?;
+        let payload = bytes::Bytes::from(command.encode());
+        for s in subjects {
+            self.client
+                .publish(s, payload.clone())
+                .await
+                .map_err(unavailable)?;
+        }
+        // Sent before the answer: a later command goes after it.
+        self.client.flush().await.map_err(unavailable)?;
+        Ok(())
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {

@@ -10,6 +10,7 @@
 //!   watchdog PINGs it, reports health, and after an outage fetches what was
 //!   published meanwhile from the replay store.
 
+use crate::control::Control;
 use crate::replay::Appended;
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,6 +108,10 @@ impl RedisBroker {
                         let Some(RedisValue::BulkString(payload)) = push.data.get(1) else {
                             continue;
                         };
+                        if let Some(command) = Control::decode(payload) {
+                            rx_hub.control(command);
+                            continue;
+                        }
                         match envelope::decode(payload) {
                             Some(p) => {
                                 received.increment(1);
@@ -197,6 +202,21 @@ impl Broker for RedisBroker {
             }
         }
         Ok(Appended::New(p))
+    }
+
+    async fn control(&self, command: &Control) -> Result<(), BrokerError> {
+        let topics = self.cluster.user_routes(command.user(), node_topic).await?;
+        let payload = command.encode();
+        let mut conn = self.subscriber.clone();
+        for topic in topics {
+            redis::cmd("PUBLISH")
+                .arg(topic)
+                .arg(&payload)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
     }
 
     async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {

@@ -25,12 +25,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use protocol::{
-    validate_channel, Codec, ErrorCode, Position, ServerFrame, Subscribed, Unrecoverable,
-    UnrecoverableReason, USER_CHANNEL_PREFIX,
+    validate_channel, CloseCode, Codec, ErrorCode, Position, ServerFrame, Subscribed,
+    Unrecoverable, UnrecoverableReason, USER_CHANNEL_PREFIX,
 };
 use tracing::warn;
 
 use crate::broker::Broker;
+use crate::control::Control;
 use crate::drain::{Drain, Slot};
 use crate::hub::{Arrived, Behind, Hub, SessionShared, Signal, Subscription};
 use crate::interest::Interest;
@@ -206,6 +207,12 @@ impl SessionContext {
         self
     }
 
+    /// The id the next session will get: every session open now has a
+    /// lower one (the rebalancer's age mark).
+    pub fn next_session_mark(&self) -> u64 {
+        self.next_session.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn next_session_id(&self) -> u64 {
         self.next_session
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -240,6 +247,7 @@ impl Session {
             id: ctx.next_session_id(),
             codec,
             signal: Signal::default(),
+            mailbox: Default::default(),
         });
         slot.keep();
         let quota = SubscribeQuota::new(ctx.subscribe_rate.0, ctx.subscribe_rate.1);
@@ -376,6 +384,7 @@ impl Session {
                     epoch: top.epoch.clone(),
                     seq: top.seq,
                     recovered: resuming.then_some(true),
+                    server: None,
                 })));
                 if resuming {
                     node.metrics.resumes_recovered.increment(1);
@@ -399,6 +408,7 @@ impl Session {
                     epoch: top.epoch.clone(),
                     seq: top.seq,
                     recovered: Some(false),
+                    server: None,
                 })));
                 out.push(Outgoing::Frame(ServerFrame::Unrecoverable(Unrecoverable {
                     channel: channel.to_owned(),
@@ -421,6 +431,78 @@ impl Session {
             .subscriptions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Control commands waiting for this session (cheap when none: one
+    /// uncontended lock).
+    pub fn take_controls(&self) -> Vec<Control> {
+        std::mem::take(&mut *self.shared.mailbox.lock())
+    }
+
+    /// Applies one control command ([`crate::control`]): subscribes or
+    /// unsubscribes (frames with `server: true` onto `out`), or says how to
+    /// close (`Some`). `issued_at`: the connection token's `iat`.
+    pub async fn apply_control(
+        &mut self,
+        command: Control,
+        issued_at: Option<u64>,
+        out: &mut Vec<Outgoing>,
+    ) -> Option<CloseCode> {
+        match command {
+            Control::Disconnect { reconnect, .. } => Some(if reconnect {
+                CloseCode::Disconnected
+            } else {
+                CloseCode::Removed
+            }),
+            Control::Revoke { before, .. } => {
+                (issued_at.is_none_or(|iat| iat < before)).then_some(CloseCode::Unauthorized)
+            }
+            // An SSE stream names its channels in its URL (and its cursor):
+            // the backend's subscriptions are for WebSocket connections.
+            Control::Subscribe { .. } | Control::Unsubscribe { .. }
+                if self.transport == Transport::Sse =>
+            {
+                None
+            }
+            Control::Subscribe { channel, since, .. } => {
+                if self.subs.contains_key(channel.as_str()) {
+                    return None;
+                }
+                let from = out.len();
+                match self.subscribe(None, &channel, since, out).await {
+                    Ok(()) => {
+                        for o in &mut out[from..] {
+                            if let Outgoing::Frame(ServerFrame::Subscribed(s)) = o {
+                                s.server = Some(true);
+                            }
+                        }
+                    }
+                    Err(code) => {
+                        warn!(channel, ?code, "server-side subscribe failed");
+                        out.push(Outgoing::Frame(ServerFrame::Error(
+                            protocol::ErrorFrame::new(
+                                None,
+                                code,
+                                format!("the server's subscribe to {channel:?} failed"),
+                            ),
+                        )));
+                    }
+                }
+                None
+            }
+            Control::Unsubscribe { channel, .. } => {
+                if self.unsubscribe(&channel) {
+                    out.push(Outgoing::Frame(ServerFrame::Unsubscribed(
+                        protocol::Unsubscribed {
+                            id: None,
+                            channel,
+                            server: Some(true),
+                        },
+                    )));
+                }
+                None
+            }
+        }
     }
 
     /// Ends a subscription; false if there was none.

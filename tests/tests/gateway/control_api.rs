@@ -189,3 +189,209 @@ async fn redis_info_and_channels_over_the_cluster() -> R {
     let all: Vec<&Gateway> = (0..c.len()).map(|i| c.node(i)).collect();
     info_and_channels(&all).await
 }
+
+/// A WebSocket client of `user` on `gw`, connected (its own stream
+/// subscribed), with a token issued at `iat`.
+async fn client_of(
+    gw: &Gateway,
+    user: &str,
+    iat: u64,
+) -> anyhow::Result<(harness::WsClient, String)> {
+    let claims = harness::Claims {
+        iat: Some(iat),
+        ..harness::Claims::new(user, &[], &[], 600)
+    };
+    let token = harness::hs256_token(harness::JWT_SECRET, &claims);
+    let (ws, _) = gw.ws_connected(Codec::Json, &token).await?;
+    Ok((ws, token))
+}
+
+/// Server-side subscribe and unsubscribe, then disconnect (4006, then 4503
+/// without reconnect) and revoke (4500, and refused afterwards, also on a
+/// node that starts later) reach the user's connections on every node, and
+/// only theirs.
+async fn control_reaches_every_node(nodes: &[&Gateway]) -> R {
+    let now = harness::now_secs();
+    let user = harness::unique("ctl");
+    let mut clients = Vec::new();
+    for gw in nodes {
+        clients.push(client_of(gw, &user, now).await?.0);
+    }
+    let (mut bystander, _) = client_of(nodes[0], &harness::unique("other"), now).await?;
+    let admin = nodes[0];
+    let chan = harness::unique("srv");
+
+    // Subscribe from the server: each connection gets `subscribed` with
+    // `server: true`, then the channel's messages.
+    admin
+        .post_json("/api/subscribe", &json!({"user": user, "channel": chan}))
+        .await?;
+    for ws in &mut clients {
+        match ws.recv().await? {
+            ServerFrame::Subscribed(s) => {
+                ensure!(
+                    s.channel == chan && s.server == Some(true) && s.id.is_none(),
+                    "{s:?}"
+                )
+            }
+            other => anyhow::bail!("expected subscribed, got {other:?}"),
+        }
+    }
+    let m = nodes[nodes.len() - 1]
+        .publish(&chan, json!("hello"))
+        .await?;
+    for ws in &mut clients {
+        ensure!(ws.recv_message().await?.seq == m.seq);
+    }
+    admin
+        .post_json("/api/unsubscribe", &json!({"user": user, "channel": chan}))
+        .await?;
+    for ws in &mut clients {
+        match ws.recv().await? {
+            ServerFrame::Unsubscribed(u) => {
+                ensure!(u.channel == chan && u.server == Some(true), "{u:?}")
+            }
+            other => anyhow::bail!("expected unsubscribed, got {other:?}"),
+        }
+    }
+    admin.publish(&chan, json!("after")).await?;
+    for ws in &mut clients {
+        ws.roundtrip().await?; // nothing of `chan` arrived before the pong
+    }
+
+    // Disconnect: 4006 (reconnect), then 4503 (do not).
+    admin
+        .post_json("/api/disconnect", &json!({"user": user, "reason": "test"}))
+        .await?;
+    for ws in &mut clients {
+        ensure!(ws.expect_close().await? == 4006);
+    }
+    let mut clients = Vec::new();
+    for gw in nodes {
+        clients.push(client_of(gw, &user, now).await?.0);
+    }
+    admin
+        .post_json(
+            "/api/disconnect",
+            &json!({"user": user, "reconnect": false}),
+        )
+        .await?;
+    for ws in &mut clients {
+        ensure!(ws.expect_close().await? == 4503);
+    }
+
+    // Revoke: open connections close with 4500; the old token is refused
+    // on every node; a token issued after the revocation is accepted.
+    let mut clients = Vec::new();
+    let mut token = String::new();
+    for gw in nodes {
+        let (ws, t) = client_of(gw, &user, now).await?;
+        clients.push(ws);
+        token = t;
+    }
+    admin
+        .post_json("/api/revoke", &json!({"user": user}))
+        .await?;
+    for ws in &mut clients {
+        ensure!(ws.expect_close().await? == 4500);
+    }
+    for gw in nodes {
+        let mut ws = gw.ws(Codec::Json).await?;
+        ws.send(&ClientFrame::Connect(protocol::Connect {
+            id: Some(1),
+            token: Some(token.clone()),
+            ..Default::default()
+        }))
+        .await?;
+        let e = ws
+            .expect_error(protocol::ErrorCode::Unauthorized, Some(1))
+            .await?;
+        ensure!(e.message.contains("revoked"), "{e:?}");
+    }
+    client_of(nodes[0], &user, harness::now_secs() + 2).await?;
+    // The bystander saw none of it.
+    bystander.roundtrip().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_control() -> R {
+    let gw = Gateway::start().await?;
+    control_reaches_every_node(&[&gw]).await
+}
+
+#[tokio::test]
+async fn redis_control_across_nodes_and_revocation_outlives_a_restart() -> R {
+    let mut c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .slots(3)
+        .start()
+        .await?;
+    control_reaches_every_node(&[c.node(0), c.node(1)]).await?;
+    // A node started after the revocation refuses the revoked user's old
+    // tokens too (the revocation is in Redis).
+    let user = harness::unique("late");
+    let claims = harness::Claims {
+        iat: Some(harness::now_secs() - 5),
+        ..harness::Claims::new(&user, &[], &[], 600)
+    };
+    let token = harness::hs256_token(harness::JWT_SECRET, &claims);
+    c.node(0)
+        .post_json("/api/revoke", &json!({"user": user}))
+        .await?;
+    let i = c.add_node().await?;
+    let mut ws = c.node(i).ws(Codec::Json).await?;
+    ws.send(&ClientFrame::Connect(protocol::Connect {
+        id: Some(1),
+        token: Some(token),
+        ..Default::default()
+    }))
+    .await?;
+    ws.expect_error(protocol::ErrorCode::Unauthorized, Some(1))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_control_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Nats).nodes(2).start().await?;
+    control_reaches_every_node(&[c.node(0), c.node(1)]).await
+}
+
+/// A publish key cannot use the control calls (403); the admin key can.
+#[tokio::test]
+async fn control_calls_need_an_admin_key() -> R {
+    let gw = Gateway::start().await?;
+    for path in [
+        "/api/disconnect",
+        "/api/revoke",
+        "/api/subscribe",
+        "/api/unsubscribe",
+    ] {
+        let body = json!({"user": "u", "channel": "c"});
+        let body = if path.ends_with("subscribe") {
+            body
+        } else {
+            json!({"user": "u"})
+        };
+        let (status, answer) = gw
+            .post_raw(
+                path,
+                serde_json::to_vec(&body)?,
+                Some("application/json"),
+                Some("test-api-key-2"),
+            )
+            .await?;
+        ensure!(status.as_u16() == 403, "{path}: {status} {answer}");
+        let (status, answer) = gw
+            .post_raw(
+                path,
+                serde_json::to_vec(&body)?,
+                Some("application/json"),
+                Some(harness::API_KEY),
+            )
+            .await?;
+        ensure!(status.as_u16() == 200, "{path}: {status} {answer}");
+    }
+    Ok(())
+}

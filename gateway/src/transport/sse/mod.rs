@@ -112,6 +112,11 @@ async fn open_stream(
             crate::telemetry::auth_failed("sse", &conn, &e.message);
         }
     })?;
+    if let Err(e) = crate::control::check_not_revoked(&node, &identity).await {
+        let conn = crate::telemetry::arrival_id("sse");
+        crate::telemetry::auth_failed("sse", &conn, &e);
+        return Err(ApiError::new(e.code(), e.to_string()));
+    }
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
 
     let mut session = Session::new(node.sessions.clone(), slot, Codec::Json, Transport::Sse);

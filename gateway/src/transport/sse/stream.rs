@@ -89,9 +89,10 @@ impl SseStream {
         }
     }
 
-    /// The drain's `reconnect` event: `retry:` set to a random delay in the
-    /// jitter window (EventSource waits that long, then reconnects with
-    /// `Last-Event-ID`), and the frame with a resume token for SDKs.
+    /// The drain's (and the rebalancer's) `reconnect` event: `retry:` set
+    /// to a random delay in the jitter window (EventSource waits that long,
+    /// then reconnects with `Last-Event-ID`), and the frame with a resume
+    /// token for SDKs.
     pub(super) fn reconnect_event(&mut self) -> Bytes {
         let node = self.node.clone();
         let c = &node.config;
@@ -115,7 +116,6 @@ impl SseStream {
             Some(&cursor),
             &Codec::Json.encode(&frame),
         );
-        crate::telemetry::drain_reconnect_sent("sse");
         buf.freeze()
     }
 
@@ -128,6 +128,16 @@ impl SseStream {
             let state = *self.lifecycle.borrow_and_update();
             match state {
                 Lifecycle::Running => {}
+                Lifecycle::Moving { .. } => {
+                    // Rebalancing: the drain's `reconnect`, for one of the
+                    // moves handed out (see `crate::rebalance`).
+                    if self.node.drain.take_move(self.session.shared.id) {
+                        self.done = true;
+                        self.end.set(CloseCode::Shutdown);
+                        crate::telemetry::rebalance_reconnect_sent("sse");
+                        return Some(self.reconnect_event());
+                    }
+                }
                 Lifecycle::Closing => {
                     self.done = true;
                     self.end.set(CloseCode::Shutdown);
@@ -141,6 +151,7 @@ impl SseStream {
                     if ticket < released {
                         self.done = true;
                         self.end.set(CloseCode::Shutdown);
+                        crate::telemetry::drain_reconnect_sent("sse");
                         return Some(self.reconnect_event());
                     }
                 }
@@ -151,7 +162,18 @@ impl SseStream {
             tokio::select! {
                 _ = self.lifecycle.changed() => continue,
                 _ = self.session.queue_ready() => {
+                    // The backend's disconnect or revocation ends the
+                    // stream (a plain EventSource reconnects: revoke to
+                    // keep a user out); its subscriptions are the URL's.
                     let mut out = std::mem::take(&mut self.out);
+                    for c in self.session.take_controls() {
+                        let issued_at = self.identity.issued_at;
+                        if let Some(code) = self.session.apply_control(c, issued_at, &mut out).await {
+                            self.done = true;
+                            self.end.set(code);
+                            return Some(Bytes::from_static(b": disconnected by the server\n\n"));
+                        }
+                    }
                     if self.session.drain_queue(&mut out).await.is_err() {
                         self.session.slow_consumer();
                         self.end.set(CloseCode::SlowConsumer);

@@ -204,6 +204,19 @@ impl Connection {
         loop {
             match state {
                 Lifecycle::Running => {}
+                Lifecycle::Moving { .. } => {
+                    // Rebalancing: the drain's `reconnect`, for one of the
+                    // moves handed out (see `crate::rebalance`).
+                    if self.reconnect_sent_at.is_none()
+                        && self.node().drain.take_move(self.session.shared.id)
+                    {
+                        self.send_reconnect();
+                        crate::telemetry::rebalance_reconnect_sent("ws");
+                        if let Err(code) = self.write_out().await {
+                            return Some(code);
+                        }
+                    }
+                }
                 Lifecycle::Closing => return Some(CloseCode::Shutdown),
                 Lifecycle::Draining { released } => {
                     if self.reconnect_sent_at.is_none() {
@@ -213,6 +226,7 @@ impl Connection {
                             .get_or_insert_with(|| node.drain.take_ticket());
                         if ticket < released {
                             self.send_reconnect();
+                            crate::telemetry::drain_reconnect_sent("ws");
                             if let Err(code) = self.write_out().await {
                                 return Some(code);
                             }
@@ -233,6 +247,12 @@ impl Connection {
                     changed.set(lifecycle_change(rx));
                 }
                 _ = self.session.queue_ready() => {
+                    let controls = self.session.take_controls();
+                    if !controls.is_empty() {
+                        if let Some(code) = Box::pin(self.apply_controls(controls)).await {
+                            return Some(code);
+                        }
+                    }
                     if self.reconnect_sent_at.is_some() {
                         // Told to reconnect: the resume token's positions
                         // stand; the next node replays from them.
@@ -371,8 +391,9 @@ impl Connection {
         None
     }
 
-    /// Tells the client to reconnect elsewhere (drain), with a resume token
-    /// for where it is now; nothing is delivered on this connection after it.
+    /// Tells the client to reconnect elsewhere (drain, rebalancing), with a
+    /// resume token for where it is now; nothing is delivered on this
+    /// connection after it.
     pub(super) fn send_reconnect(&mut self) {
         let node = self.node().clone();
         let token = node.auth.mint_resume(
@@ -387,7 +408,6 @@ impl Connection {
                 max_delay_ms: node.config.reconnect_max_delay_ms,
             })));
         self.reconnect_sent_at = Some(Instant::now());
-        crate::telemetry::drain_reconnect_sent("ws");
     }
 
     pub(super) fn reply_error(
@@ -454,6 +474,7 @@ impl Connection {
                         .push(Outgoing::Frame(ServerFrame::Unsubscribed(Unsubscribed {
                             id: u.id,
                             channel: u.channel,
+                            server: None,
                         })));
                 } else {
                     self.reply_error(
@@ -500,21 +521,15 @@ impl Connection {
                     }
                 }
             }
-            ClientFrame::Refresh(r) => match node.auth.verify(&r.token) {
-                Ok(identity) if identity.user == self.identity.user => {
-                    self.out
-                        .push(Outgoing::Frame(ServerFrame::Refreshed(Refreshed {
-                            id: r.id,
-                            expires_at: identity.expires_at,
-                        })));
-                    self.identity = identity;
-                    self.refresh_sent = false;
-                }
-                Ok(_) => self.reply_error(
-                    r.id,
-                    ErrorCode::Unauthorized,
-                    "the new token is for another user",
-                ),
+            ClientFrame::Refresh(r) => match node.auth.verify(&r.token).map(|identity| async {
+                crate::control::check_not_revoked(&node, &identity)
+                    .await
+                    .map(|()| identity)
+            }) {
+                Ok(check) => match Box::pin(check).await {
+                    Ok(identity) => self.refreshed(r.id, identity),
+                    Err(e) => self.reply_error(r.id, e.code(), e.to_string()),
+                },
                 Err(e) => self.reply_error(r.id, e.code(), e.to_string()),
             },
             ClientFrame::Ping(p) => self
@@ -522,42 +537,88 @@ impl Connection {
                 .push(Outgoing::Frame(ServerFrame::Pong(Pong { id: p.id }))),
             ClientFrame::Pong(_) => {}
             ClientFrame::History(h) => {
-                if protocol::validate_channel(&h.channel).is_err()
-                    && !self.is_own_stream(&h.channel)
-                {
-                    self.reply_error(
-                        h.id,
-                        ErrorCode::InvalidChannel,
-                        format!("invalid channel {:?}", h.channel),
-                    );
-                } else if !self.is_own_stream(&h.channel)
-                    && !self.identity.subscribe.allows(&h.channel)
-                {
-                    self.reply_error(
-                        h.id,
-                        ErrorCode::PermissionDenied,
-                        format!("token does not allow reading {:?}", h.channel),
-                    );
-                } else {
-                    let read = crate::history::read(
-                        &*node.store,
-                        &h.channel,
-                        h.since.as_ref(),
-                        h.limit,
-                        h.reverse.unwrap_or(false),
-                    )
-                    .await;
-                    match read {
-                        Ok(mut result) => {
-                            result.id = h.id;
-                            self.out.push(Outgoing::Frame(ServerFrame::History(result)));
-                        }
-                        Err(e) => self.reply_error(h.id, ErrorCode::Unavailable, e.to_string()),
-                    }
-                }
+                Box::pin(self.history(h)).await;
             }
         }
         None
+    }
+
+    /// A refresh's verified (and unrevoked) identity: kept if it names the
+    /// same user.
+    fn refreshed(&mut self, id: Option<u64>, identity: crate::auth::Identity) {
+        if identity.user != self.identity.user {
+            self.reply_error(
+                id,
+                ErrorCode::Unauthorized,
+                "the new token is for another user",
+            );
+            return;
+        }
+        self.out
+            .push(Outgoing::Frame(ServerFrame::Refreshed(Refreshed {
+                id,
+                expires_at: identity.expires_at,
+            })));
+        self.identity = identity;
+        self.refresh_sent = false;
+    }
+
+    /// Answers a `history` request.
+    async fn history(&mut self, h: protocol::History) {
+        let node = self.node().clone();
+        if protocol::validate_channel(&h.channel).is_err() && !self.is_own_stream(&h.channel) {
+            self.reply_error(
+                h.id,
+                ErrorCode::InvalidChannel,
+                format!("invalid channel {:?}", h.channel),
+            );
+        } else if !self.is_own_stream(&h.channel) && !self.identity.subscribe.allows(&h.channel) {
+            self.reply_error(
+                h.id,
+                ErrorCode::PermissionDenied,
+                format!("token does not allow reading {:?}", h.channel),
+            );
+        } else {
+            let read = crate::history::read(
+                &*node.store,
+                &h.channel,
+                h.since.as_ref(),
+                h.limit,
+                h.reverse.unwrap_or(false),
+            )
+            .await;
+            match read {
+                Ok(mut result) => {
+                    result.id = h.id;
+                    self.out.push(Outgoing::Frame(ServerFrame::History(result)));
+                }
+                Err(e) => self.reply_error(h.id, ErrorCode::Unavailable, e.to_string()),
+            }
+        }
+    }
+
+    /// Applies the backend's control commands ([`crate::control`]) and
+    /// writes what they produced; the close code if one ends the
+    /// connection.
+    async fn apply_controls(
+        &mut self,
+        controls: Vec<crate::control::Control>,
+    ) -> Option<CloseCode> {
+        let mut close = None;
+        for c in controls {
+            let issued_at = self.identity.issued_at;
+            close = self
+                .session
+                .apply_control(c, issued_at, &mut self.out)
+                .await;
+            if close.is_some() {
+                break;
+            }
+        }
+        if let Err(code) = self.write_out().await {
+            return Some(code);
+        }
+        close
     }
 
     /// Whether `channel` is this connection's user's own stream.

@@ -67,7 +67,13 @@ pub(super) async fn handshake(
             return None;
         }
     };
-    match authenticate(node, &connect).await {
+    let authenticated = match authenticate(node, &connect).await {
+        Ok((identity, resumed)) => crate::control::check_not_revoked(node, &identity)
+            .await
+            .map(|()| (identity, resumed)),
+        Err(e) => Err(e),
+    };
+    match authenticated {
         Ok((identity, resumed)) => Some((connect, identity, resumed)),
         Err(e) => {
             node.metrics.frame_rejected(e.code().name());
@@ -129,7 +135,7 @@ async fn claim(node: &Node, ticket: &ResumeTicket) -> Result<(), AuthError> {
     };
     let left = ticket.exp.saturating_sub(crate::ids::now_ms() / 1000) + 1;
     match node
-        .one_time
+        .ledger
         .claim_once(
             &format!("resume:{id}"),
             std::time::Duration::from_secs(left),
