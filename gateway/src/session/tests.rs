@@ -70,11 +70,16 @@ fn seen(out: &[Outgoing]) -> Vec<String> {
 }
 
 async fn publish(p: &Parts, n: u64) -> Arc<Publication> {
-    p.ctx
+    match p
+        .ctx
         .broker
-        .publish(C, json!({ "n": n }), 0)
+        .publish(C, json!({ "n": n }), 0, None)
         .await
         .expect("memory publish")
+    {
+        crate::replay::Appended::New(p) => p,
+        other => panic!("no key, yet {other:?}"),
+    }
 }
 
 /// Appends to the store only: a message the hub never saw (lost on the
