@@ -12,12 +12,16 @@ export type SubscriptionStatus = 'pending' | 'subscribing' | 'subscribed' | 'fai
 /** Returns the connection token; called for the first connection, on `refresh_required`, and after the token expired. */
 export type TokenProvider = () => string | Promise<string>;
 
-/** A message of a channel (or of the user's own stream `$user:<id>`), delivered once and in order. */
-export interface Message {
+/**
+ * A message of a channel (or of the user's own stream `$user:<id>`), delivered
+ * once and in order. `T` is the payload type the application expects (the
+ * client does not check it: it is what the publisher sent, parsed from JSON).
+ */
+export interface Message<T = unknown> {
   channel: string;
   seq: number;
   epoch: string;
-  data: unknown;
+  data: T;
   /** When the gateway accepted the publish, Unix milliseconds (may be absent). */
   ts?: number;
 }
@@ -29,6 +33,26 @@ export interface Unrecoverable {
   /** Delivery continues after this position. */
   epoch: string;
   seq: number;
+}
+
+/** The server confirmed a subscription: the first time, and again on every connection after a reconnection. */
+export interface Subscribed {
+  channel: string;
+  /** Where the subscription is: the last message delivered, the `since` given, or (fresh) the channel's position when it started. */
+  position: Position | null;
+  /**
+   * `true`: resumed from a position, every message after it follows (over SSE an
+   * `unrecoverable` may still follow). `false`: could not be; an `unrecoverable`
+   * follows. Absent: a fresh subscription, live from `position`.
+   */
+  recovered?: boolean;
+}
+
+/** A subscription ended: `application` (unsubscribe) or `refused` by the server for good (`error` says why). */
+export interface Unsubscribed {
+  channel: string;
+  reason: 'application' | 'refused';
+  error?: GatewayError;
 }
 
 /** Payload of the `state` event. */
@@ -87,17 +111,48 @@ export interface ClientEvents {
   connected: ConnectionInfo;
   message: Message;
   unrecoverable: Unrecoverable;
-  subscribed: { channel: string; position: Position | null };
+  subscribed: Subscribed;
+  unsubscribed: Unsubscribed;
   error: GatewayError;
 }
 
+/** Events of one subscription ({@link Subscription.on}), in order with its messages. */
+export interface SubscriptionEvents<T = unknown> {
+  message: Message<T>;
+  subscribed: Subscribed;
+  unrecoverable: Unrecoverable;
+  unsubscribed: Unsubscribed;
+  /** A refusal (then `unsubscribed` if for good), or a message of this channel that could not be decoded (`undecodable`). */
+  error: GatewayError;
+}
+
+/** Options of {@link GatewayClient.subscribe}. */
+export interface SubscribeOptions<T = unknown> {
+  /**
+   * Continue after this position (one the application stored, e.g. in
+   * `localStorage`, from {@link Subscription.position}): every later message
+   * follows once and in order, or an `unrecoverable` event says some can no
+   * longer be sent and where delivery continues.
+   */
+  since?: Position | null;
+  /** Called with each message. */
+  onMessage?: (m: Message<T>) => void;
+}
+
 /** A subscription handle. */
-export interface Subscription {
+export interface Subscription<T = unknown> {
   readonly channel: string;
   /** Resolves when the server confirmed the subscription; rejects when it refused it for good. */
   readonly ready: Promise<void>;
-  /** The last position delivered (or adopted from the server). */
+  /**
+   * Where the application is in the channel: the last message delivered (or the
+   * position adopted from the server: fresh subscription, `unrecoverable`), or the
+   * `since` given. A plain `{seq, epoch}`: persist it (`JSON.stringify`) and pass
+   * it back as `since` after a reload.
+   */
   position(): Position | null;
+  /** Listens to this subscription's events; returns a function that removes the listener. */
+  on<K extends keyof SubscriptionEvents<T>>(type: K, fn: (e: SubscriptionEvents<T>[K]) => void): () => void;
   unsubscribe(): void;
 }
 
@@ -111,8 +166,15 @@ export interface ClientOptions {
   transport?: 'auto' | Transport;
   /** Failed WebSocket connection attempts in a row before `auto` falls back to SSE (default 3). */
   sseFallbackAfter?: number;
-  /** Reconnect backoff: base and cap of the full-jitter window (default 500 ms, 30 s). */
-  backoff?: { baseMs?: number; capMs?: number };
+  /**
+   * Reconnect backoff (full jitter): base and cap of the window (default 250 ms,
+   * 10 s), the ceiling during the first `fastForMs` (10 s) after an established
+   * connection was lost (`fastCapMs`, 1.5 s), and how long a connection must have
+   * been up to count as established (`stableAfterMs`, 2 s). See {@link Backoff}.
+   */
+  backoff?: { baseMs?: number; capMs?: number; fastCapMs?: number; fastForMs?: number; stableAfterMs?: number };
+  /** Reconnect at once (within `baseMs`) when the browser says it is `online` again or the page becomes visible, instead of waiting out the backoff (default true). */
+  wake?: boolean;
   /** How long to wait for `connected` (default 10 s). */
   connectTimeoutMs?: number;
   /** Channels to subscribe to from the start. */
@@ -131,7 +193,7 @@ export class GatewayError extends Error {
    * `code`: the server's error code (number, see docs/PROTOCOL.md; a request whose
    * frame is over the server's `max_frame_bytes` is refused locally with 106), or a string for
    * client-side conditions: `not_connected`, `connection_lost`, `unsupported`,
-   * `invalid_channel`, `already_subscribed`, `unsubscribed`, `token_provider`,
+   * `invalid_channel`, `invalid_position`, `already_subscribed`, `unsubscribed`, `token_provider`,
    * `undecodable` (a `message` frame that could not be decoded: it was
    * skipped, counted as received so the stream goes on after it without a
    * reconnection; `channel` and `position` say which, when they could be read).
@@ -155,6 +217,8 @@ interface Sub {
   status: SubscriptionStatus;
   own?: boolean;
   fn?: (m: Message) => void;
+  /** The subscription's own listeners, by event type. */
+  ls: Map<string, Set<(e: never) => void>>;
   ok: () => void;
   ko: (e: GatewayError) => void;
   ready: Promise<void>;
@@ -168,6 +232,16 @@ interface Pending {
 
 const TERMINAL = [1002, 1003, 1007, 1008, 1009];
 const CHANNEL = /^[A-Za-z0-9_\-:.@/=+]{1,200}$/;
+/** The `sub` claim of a JWT, read without verifying it (the server does): only to name the user stream in an SSE cursor. */
+const subjectOf = (token: string): string | undefined => {
+  try {
+    const b = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    const sub = JSON.parse(atob(b + '='.repeat((4 - (b.length % 4)) % 4))).sub;
+    return typeof sub === 'string' && sub ? sub : undefined;
+  } catch {
+    return undefined;
+  }
+};
 const noop = () => {};
 /** Whether parsed JSON can be a frame (an object): `null`, a number or an array is not one. */
 const isFrame = (f: unknown): f is Frame => typeof f === 'object' && f !== null && !Array.isArray(f);
@@ -218,6 +292,14 @@ export class GatewayClient {
   private timer?: ReturnType<typeof setTimeout>;
   private watchdog?: ReturnType<typeof setInterval>;
   private attempt = 0;
+  /** When the current connection said `connected`. */
+  private upSince = 0;
+  /** When the last established connection was lost (the outage's start). */
+  private lostAt = -Infinity;
+  /** The current wait is one the server asked for. */
+  private hinted = false;
+  /** Removes the `online` / `visibilitychange` listeners. */
+  private unwake?: () => void;
   private wsFails = 0;
   /** `connected` received on the current connection. */
   private live = false;
@@ -242,7 +324,8 @@ export class GatewayClient {
     const loc = (globalThis as { location?: { origin: string } }).location;
     this.base = (options.url || (loc ? loc.origin : '')).replace(/^ws/i, 'http').replace(/\/+$/, '');
     if (!/^https?:\/\/[^/?#]/i.test(this.base)) throw new TypeError('url must be http(s)://host[:port][/prefix]');
-    this.bo = new Backoff(options.backoff?.baseMs, options.backoff?.capMs);
+    const b = options.backoff || {};
+    this.bo = new Backoff(b.baseMs, b.capMs, b.fastCapMs, b.fastForMs, b.stableAfterMs);
     const mode = options.transport || 'auto';
     this.transport = this.first = mode === 'sse' || (mode === 'auto' && !this.WS()) ? 'sse' : 'websocket';
     for (const c of options.channels || []) this.subscribe(c);
@@ -263,13 +346,17 @@ export class GatewayClient {
     if (!this.stopped) return;
     this.stopped = false;
     this.attempt = this.wsFails = 0;
+    this.lostAt = -Infinity;
     this.transport = this.first;
+    this.listenWake();
     void this.open();
   }
 
   /** Closes the connection and stops reconnecting. */
   close(): void {
     this.stopped = true;
+    this.unwake?.();
+    this.unwake = undefined;
     this.drop();
     this.state = 'closed';
     this.emit('state', { state: 'closed', transport: this.transport, code: 1000, reason: 'closed by the application' });
@@ -292,15 +379,30 @@ export class GatewayClient {
 
   /**
    * Subscribes to `channel` (now, and again after every reconnection, from the
-   * last position delivered). Messages go to `onMessage` and to `message`
-   * listeners. Throws on an invalid name or a channel already subscribed.
+   * last position delivered). Messages go to `onMessage`, to the subscription's
+   * `message` listeners and to the client's. With `{ since }`, continues after a
+   * position the application stored (see {@link SubscribeOptions.since}).
+   * Throws on an invalid name or position, or a channel already subscribed.
+   *
+   * ```ts
+   * const saved = localStorage.getItem('pos:news');
+   * const news = client.subscribe<Article>('news', { since: saved ? JSON.parse(saved) : null });
+   * news.on('message', (m) => { render(m.data); localStorage.setItem('pos:news', JSON.stringify(news.position())); });
+   * news.on('unrecoverable', () => reloadNewsFromServer());
+   * ```
    */
-  subscribe(channel: string, onMessage?: (m: Message) => void): Subscription {
+  subscribe<T = unknown>(channel: string, options?: SubscribeOptions<T> | ((m: Message<T>) => void)): Subscription<T> {
     if (!CHANNEL.test(channel)) throw new GatewayError('invalid channel name ' + JSON.stringify(channel), 'invalid_channel');
+    const o: SubscribeOptions<T> = typeof options === 'function' ? { onMessage: options } : options || {};
+    const since = o.since;
+    if (since && !(Number.isSafeInteger(since.seq) && since.seq >= 0 && /^[A-Za-z0-9]+$/.test(String(since.epoch)))) {
+      throw new GatewayError('invalid position ' + JSON.stringify(since) + ': {seq, epoch} as the server gives them', 'invalid_position');
+    }
     const old = this.subs.get(channel);
     if (old && old.status !== 'failed') throw new GatewayError('already subscribed to ' + channel, 'already_subscribed');
     const s = this.sub(channel);
-    s.fn = onMessage;
+    s.fn = o.onMessage as ((m: Message) => void) | undefined;
+    if (since) s.t.adopt(since.seq, since.epoch);
     this.subs.set(channel, s);
     if (this.transport === 'sse') this.reopen();
     else if (this.live) this.subscribeFrame(s);
@@ -308,6 +410,12 @@ export class GatewayClient {
       channel,
       ready: s.ready,
       position: () => (s.t.pos ? { ...s.t.pos } : null),
+      on: (type, fn) => {
+        let set = s.ls.get(type);
+        if (!set) s.ls.set(type, (set = new Set()));
+        set.add(fn as (e: never) => void);
+        return () => set.delete(fn as (e: never) => void);
+      },
       unsubscribe: () => this.subs.get(channel) === s && this.unsubscribe(channel),
     };
   }
@@ -318,6 +426,7 @@ export class GatewayClient {
     if (!s || s.own) return;
     this.subs.delete(channel);
     s.ko(new GatewayError('unsubscribed', 'unsubscribed'));
+    if (s.status !== 'failed') this.both(s, 'unsubscribed', { channel, reason: 'application' });
     if (this.transport === 'sse') this.reopen();
     else if (this.live && s.status !== 'failed') this.request({ type: 'unsubscribe', channel }).catch(noop);
   }
@@ -348,6 +457,38 @@ export class GatewayClient {
     for (const fn of [...(this.ls.get(type) || [])]) call(fn as (e: ClientEvents[K]) => void, e);
   }
 
+  /** To the subscription's listeners of `type`. */
+  private subEmit<K extends keyof SubscriptionEvents>(s: Sub, type: K, e: SubscriptionEvents[K]): void {
+    for (const fn of [...(s.ls.get(type) || [])]) call(fn as (e: SubscriptionEvents[K]) => void, e);
+  }
+
+  /** To the subscription's listeners, then the client's. */
+  private both<K extends keyof SubscriptionEvents & keyof ClientEvents>(s: Sub, type: K, e: SubscriptionEvents[K] & ClientEvents[K]): void {
+    this.subEmit(s, type, e);
+    this.emit(type, e);
+  }
+
+  /** `online` and page-visible: reconnect now rather than at the end of the backoff. */
+  private listenWake(): void {
+    const g = globalThis as { addEventListener?: typeof addEventListener; removeEventListener?: typeof removeEventListener };
+    const doc = (globalThis as { document?: Document }).document;
+    if (this.o.wake === false || this.unwake || !g.addEventListener) return;
+    const wake = () => {
+      // Not over a wait the server asked for (drain window, admission's retry_after_ms).
+      if (this.stopped || this.state !== 'reconnecting' || this.hinted || doc?.visibilityState === 'hidden') return;
+      // Spread a little, so that the tabs of a whole office coming back
+      // online together do not arrive in the same millisecond.
+      clearTimeout(this.timer);
+      this.timer = setTimeout(() => void this.open(), jitter(0, Math.min(this.bo.baseMs, 250)));
+    };
+    g.addEventListener('online', wake);
+    doc?.addEventListener('visibilitychange', wake);
+    this.unwake = () => {
+      g.removeEventListener?.('online', wake);
+      doc?.removeEventListener('visibilitychange', wake);
+    };
+  }
+
   private setState(state: State, extra: Partial<StateChange> = {}): void {
     this.state = state;
     this.emit('state', { state, transport: this.transport, ...extra });
@@ -358,7 +499,7 @@ export class GatewayClient {
       ko: (e: GatewayError) => void = noop;
     const ready = new Promise<void>((y, n) => ((ok = y), (ko = n)));
     ready.catch(noop); // a refusal is also reported as an `error` event
-    return { name, own, t: new Tracker(), status: 'pending', ok, ko, ready, tries: 0 };
+    return { name, own, t: new Tracker(), status: 'pending', ok, ko, ready, tries: 0, ls: new Map() };
   }
 
   /** Tears the current connection down (if any); the client does not reconnect by itself from here. */
@@ -442,6 +583,11 @@ export class GatewayClient {
     const names = [...this.subs.values()].filter((s) => !s.own && s.status !== 'failed').map((s) => s.name);
     if (!names.length) return clearInterval(this.watchdog); // the stream opens with the first channel
     if (!ES) return this.lost(4501, 'no EventSource');
+    // A cursor must name the user stream too (the server hashes
+    // `$user:<sub>` into it): before the first `connected`, take it from the
+    // token, so that positions the application stored resume on the first stream.
+    const sub = !this.userChannel && token ? subjectOf(token) : undefined;
+    if (sub) this.userStream('$user:' + sub);
     // The cursor names every channel's position, so the stream resumes even
     // when the channel set changed; a channel with no position yet is `_`
     // (the server starts it at its top, as a fresh subscription).
@@ -482,9 +628,10 @@ export class GatewayClient {
       list.forEach((n, i) => {
         const s = this.subs.get(n);
         if (!s) return;
-        if (s.t.pos && resuming) this.counters.resumes++;
-        if (!s.t.pos && at) s.t.adopt(at[i].seq, at[i].epoch);
-        this.ready(s);
+        const known = !!s.t.pos;
+        if (known && resuming) this.counters.resumes++;
+        if (!known && at) s.t.adopt(at[i].seq, at[i].epoch);
+        this.ready(s, known && resuming ? true : undefined);
       });
       this.connected(f, 'sse');
     });
@@ -531,6 +678,7 @@ export class GatewayClient {
   private lost(code: number, reason = ''): void {
     const wasLive = this.live;
     const ws = this.transport === 'websocket';
+    this.settle(wasLive);
     this.drop();
     if (this.stopped) return;
     // 4004: the node refused the session for now (admission control); the
@@ -557,17 +705,31 @@ export class GatewayClient {
     const after = code === 4004 ? /retry_after_ms=(\d+)/.exec(reason) : null;
     if (after) {
       const ms = +after[1];
-      return this.wait(Math.max(this.bo.delay(this.attempt++), jitter(ms, ms * 1.5)), { code, reason });
+      return this.wait(Math.max(this.backoff(), jitter(ms, ms * 1.5)), { code, reason }, true);
     }
     this.retry({ code, reason });
   }
 
-  private retry(extra?: Partial<StateChange>): void {
-    this.wait(this.bo.delay(this.attempt++), extra);
+  /** A connection ends: one that was established starts the backoff low again (a flapping one keeps counting). */
+  private settle(wasLive: boolean): void {
+    const now = Date.now();
+    if (wasLive && now - this.upSince >= this.bo.stableAfterMs) {
+      this.attempt = 0;
+      this.lostAt = now;
+    }
   }
 
-  private wait(delayMs: number, extra?: Partial<StateChange>): void {
+  private backoff(): number {
+    return this.bo.delayAfter(this.attempt++, Date.now() - this.lostAt);
+  }
+
+  private retry(extra?: Partial<StateChange>): void {
+    this.wait(this.backoff(), extra);
+  }
+
+  private wait(delayMs: number, extra?: Partial<StateChange>, hinted = false): void {
     this.again = true;
+    this.hinted = hinted;
     this.setState('reconnecting', { attempt: this.attempt, delayMs, ...extra });
     this.timer = setTimeout(() => void this.open(), delayMs);
   }
@@ -610,7 +772,7 @@ export class GatewayClient {
         if (s) {
           s.t.subscribed(f.seq, f.epoch, f.recovered);
           if (f.recovered) this.counters.resumes++;
-          this.ready(s);
+          this.ready(s, typeof f.recovered === 'boolean' ? f.recovered : undefined);
         }
         break;
       case 'message':
@@ -640,7 +802,7 @@ export class GatewayClient {
 
   private connected(f: Frame, via: Transport): void {
     this.live = true;
-    this.attempt = 0;
+    this.upSince = Date.now();
     this.resume = undefined;
     if (via === 'websocket') this.wsFails = 0;
     this.pingMs = f.ping_interval_ms || 25_000;
@@ -673,11 +835,13 @@ export class GatewayClient {
     this.request(f).catch(noop); // refusals are handled in `error`
   }
 
-  private ready(s: Sub): void {
+  private ready(s: Sub, recovered?: boolean): void {
     s.status = 'subscribed';
     s.tries = 0;
     s.ok();
-    this.emit('subscribed', { channel: s.name, position: s.t.pos ? { ...s.t.pos } : null });
+    const e: Subscribed = { channel: s.name, position: s.t.pos ? { ...s.t.pos } : null };
+    if (recovered != null) e.recovered = recovered;
+    this.both(s, 'subscribed', e);
   }
 
   private message(f: Frame): void {
@@ -703,7 +867,7 @@ export class GatewayClient {
     const m: Message = { channel: f.channel, seq: f.seq, epoch: f.epoch, data: f.data };
     if (f.ts != null) m.ts = f.ts;
     if (s.fn) call(s.fn, m);
-    this.emit('message', m);
+    this.both(s, 'message', m);
   }
 
   /** A frame `JSON.parse` refused: a `message` is reported and skipped; anything else is ignored. */
@@ -738,6 +902,7 @@ export class GatewayClient {
     const e = new GatewayError(`skipped a message${h.channel != null ? ' of ' + h.channel : ''}${at} that could not be decoded: ${why}`, 'undecodable');
     if (h.channel != null) e.channel = h.channel;
     if (position) e.position = position;
+    if (s) this.subEmit(s, 'error', e);
     this.emit('error', e);
   }
 
@@ -746,14 +911,15 @@ export class GatewayClient {
     if (!s) return;
     s.t.adopt(f.seq, f.epoch);
     this.counters.unrecoverable++;
-    this.emit('unrecoverable', { channel: f.channel, reason: f.reason, epoch: f.epoch, seq: f.seq });
+    this.both(s, 'unrecoverable', { channel: f.channel, reason: f.reason, epoch: f.epoch, seq: f.seq });
   }
 
   /** The node is draining: leave, wait in the server's window, come back with the resume token (WebSocket). */
   private reconnect(f: Frame): void {
     if (this.transport === 'websocket') this.resume = f.token;
+    this.settle(this.live);
     this.drop();
-    this.wait(jitter(f.min_delay_ms, f.max_delay_ms), { reason: 'server asked to reconnect' });
+    this.wait(jitter(f.min_delay_ms, f.max_delay_ms), { reason: 'server asked to reconnect' }, true);
   }
 
   private error(f: Frame, req?: Pending): void {
@@ -773,7 +939,9 @@ export class GatewayClient {
       e.channel = s.name;
     }
     if (req) req.ko(e);
+    if (s) this.subEmit(s, 'error', e);
     if (!req || s) this.emit('error', e);
+    if (s && s.status === 'failed') this.both(s, 'unsubscribed', { channel: s.name, reason: 'refused', error: e });
   }
 
   private async refresh(): Promise<void> {

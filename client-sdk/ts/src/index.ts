@@ -14,11 +14,15 @@ export type {
   Message,
   State,
   StateChange,
+  SubscribeOptions,
+  Subscribed,
   Subscription,
+  SubscriptionEvents,
   SubscriptionStatus,
   TokenProvider,
   Transport,
   Unrecoverable,
+  Unsubscribed,
 } from './client.js';
 export { Backoff, jitter } from './backoff.js';
 export { Tracker } from './tracker.js';

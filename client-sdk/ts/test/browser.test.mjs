@@ -85,6 +85,92 @@ test('SDK over WebSocket: connects, subscribes, receives published messages in o
     assert.deepEqual(r.errors, []);
   }));
 
+/**
+ * In the page (after each load): the application of the reload test. It keeps
+ * what it has shown and its position in `localStorage` (one item, written in
+ * the message handler, so a reload never separates them) and subscribes from
+ * that position.
+ */
+async function reloadApp(page, { channel, transport, token }) {
+  await page.evaluate(
+    async ({ channel, transport, token }) => {
+      const { GatewayClient } = await import('/sdk/gateway-client.js');
+      const key = 'app:' + channel;
+      const saved = JSON.parse(localStorage.getItem(key) || 'null') || { pos: null, seqs: [], unrecoverable: [], loads: 0 };
+      saved.loads++;
+      localStorage.setItem(key, JSON.stringify(saved));
+      const c = (window.client = new GatewayClient({ transport, token }));
+      const sub = c.subscribe(channel, { since: saved.pos });
+      window.subscribedEvents = [];
+      sub.on('subscribed', (e) => window.subscribedEvents.push(e));
+      sub.on('message', (m) => {
+        saved.seqs.push(m.seq);
+        saved.pos = sub.position();
+        localStorage.setItem(key, JSON.stringify(saved));
+      });
+      sub.on('unrecoverable', (u) => {
+        saved.unrecoverable.push(u);
+        saved.pos = sub.position();
+        localStorage.setItem(key, JSON.stringify(saved));
+      });
+      await sub.ready;
+    },
+    { channel, transport, token },
+  );
+}
+
+const stored = (page, channel) => page.evaluate((ch) => JSON.parse(localStorage.getItem('app:' + ch)), channel);
+
+test('page reload: the position kept in localStorage resumes with subscribe(ch, {since}): every message once, in order', T, () =>
+  withEnv(async (env) => {
+    const secret = 'browser-test-secret-0123456789';
+    const gw = await env.gateway({ GATEWAY_JWT_SECRET: secret });
+    const front = await env.proxy([gw]);
+    const browser = await env.browser();
+    const token = await jwt(secret, { sub: 'carol', exp: Math.floor(Date.now() / 1000) + 600, subscribe: ['*'] });
+    // WebSocket; SSE with a token (its first stream's cursor must name $user:carol).
+    for (const [channel, transport, tok] of [
+      ['reload-ws', 'websocket', undefined],
+      ['reload-sse', 'sse', token],
+    ]) {
+      const page = await env.page(browser, front.url);
+      await reloadApp(page, { channel, transport, token: tok });
+      const N = 240;
+      let published = 0;
+      const publishing = (async () => {
+        for (let i = 1; i <= N; i++) {
+          const r = await publish(gw.url, channel, { i });
+          assert.equal(r.seq, i);
+          published = i;
+          await sleep(8);
+        }
+      })();
+      // Reload three times while messages are published: each time some are
+      // published while no page is subscribed.
+      for (const after of [40, 110, 180]) {
+        while (published < after) await sleep(5);
+        await page.reload();
+        await sleep(150); // messages published with no page at all
+        await reloadApp(page, { channel, transport, token: tok });
+        const ev = await page.evaluate(() => window.subscribedEvents[0]);
+        assert.equal(ev.recovered, true, `${transport}: resumed from the stored position: ${JSON.stringify(ev)}`);
+      }
+      await publishing;
+      await until(page, ([ch, n]) => JSON.parse(localStorage.getItem('app:' + ch)).seqs.length >= n, [channel, N]);
+      await sleep(200);
+      const app = await stored(page, channel);
+      exactlyOnceInOrder(app.seqs, N, `${transport}: across 3 reloads`);
+      assert.equal(app.loads, 4);
+      assert.deepEqual(app.unrecoverable, []);
+      assert.deepEqual(app.pos.seq, N);
+      const c = await page.evaluate(() => window.client.counters);
+      assert.equal(c.resumes, 1, `${transport}: the last page resumed once: ${JSON.stringify(c)}`);
+      assert.equal(c.gaps + c.unrecoverable, 0);
+      await page.evaluate(() => window.client.close());
+      await page.close();
+    }
+  }));
+
 test('a node refusing sessions closes a browser WebSocket with 4004 and a delay, which the SDK waits out', T, () =>
   withEnv(async (env) => {
     const gw = await env.gateway({ GATEWAY_MAX_CONNECTIONS: '1', GATEWAY_ADMISSION_RETRY_MS: '400' });

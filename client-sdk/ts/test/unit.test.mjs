@@ -10,8 +10,8 @@ describe('backoff', () => {
     const b = new Backoff(100, 5000);
     assert.deepEqual([0, 1, 2, 3, 4, 5, 6, 7].map((a) => b.ceiling(a)), [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
     assert.equal(b.ceiling(1e9), 5000, 'no overflow for absurd attempts');
-    assert.equal(new Backoff().ceiling(0), 500, 'default base 500 ms');
-    assert.equal(new Backoff().ceiling(20), 30_000, 'default cap 30 s');
+    assert.equal(new Backoff().ceiling(0), 250, 'default base 250 ms');
+    assert.equal(new Backoff().ceiling(20), 10_000, 'default cap 10 s');
     assert.equal(new Backoff(2000, 1000).capMs, 2000, 'a cap below the base is raised to it');
     assert.equal(new Backoff(0, 0).delay(5), 0);
   });
@@ -29,6 +29,15 @@ describe('backoff', () => {
       assert.ok(mean > c * 0.45 && mean < c * 0.55, `attempt ${attempt}: mean ${mean} of ceiling ${c}`);
     }
     assert.equal(b.delay(3, () => 0.5), 400, 'uses the given random source');
+  });
+
+  test('short outages: the ceiling stops at fastCapMs for fastForMs, then grows to the cap', () => {
+    const b = new Backoff();
+    assert.deepEqual([0, 1, 2, 3, 4, 5].map((a) => b.ceilingAfter(a, 1000)), [250, 500, 1000, 1500, 1500, 1500]);
+    assert.deepEqual([0, 1, 2, 3, 4, 5, 6].map((a) => b.ceilingAfter(a, 11_000)), [250, 500, 1000, 2000, 4000, 8000, 10_000]);
+    assert.equal(b.ceilingAfter(9, Infinity), 10_000, 'never connected: no short-outage ceiling');
+    assert.equal(new Backoff(50, 500).fastCapMs, 500, 'never above the cap');
+    assert.ok(Array.from({ length: 1000 }, () => b.delayAfter(20, 0)).every((d) => d < 1500));
   });
 
   test('jitter between the bounds of a reconnect window', () => {
@@ -441,6 +450,134 @@ describe('client (fake WebSocket)', () => {
     ws.recv({ type: 'published', id: f.id, channel: 'x', seq: 1, epoch: 'E' });
     assert.deepEqual(await p, { seq: 1, epoch: 'E' });
     c.close();
+  });
+});
+
+describe('client: positions the application stored, per-subscription events, backoff', () => {
+  test('subscribe({since}): resumes from it; the subscription hears its events in order; position() follows', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS });
+    assert.throws(() => c.subscribe('news', { since: { seq: 1, epoch: 'a.b' } }), (e) => e.code === 'invalid_position');
+    assert.throws(() => c.subscribe('news', { since: { seq: -1, epoch: 'E' } }), (e) => e.code === 'invalid_position');
+    const stored = JSON.parse(JSON.stringify({ seq: 7, epoch: 'E' })); // as from localStorage
+    const got = [];
+    const news = c.subscribe('news', { since: stored, onMessage: (m) => got.push('fn#' + m.seq) });
+    assert.deepEqual(news.position(), { seq: 7, epoch: 'E' });
+    for (const t of ['subscribed', 'message', 'unrecoverable', 'unsubscribed']) {
+      news.on(t, (e) => got.push(t + (e.seq != null ? '#' + e.seq : '') + (e.recovered != null ? ':' + e.recovered : '')));
+    }
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    const sub = ws.sent[1];
+    assert.deepEqual(sub.since, { seq: 7, epoch: 'E' }, 'subscribe carries the stored position');
+    ws.recv({ type: 'subscribed', id: sub.id, channel: 'news', epoch: 'E', seq: 9, recovered: true });
+    for (const seq of [7, 8, 9]) ws.recv({ type: 'message', channel: 'news', seq, epoch: 'E', data: seq });
+    assert.deepEqual(news.position(), { seq: 9, epoch: 'E' });
+    ws.recv({ type: 'unrecoverable', channel: 'news', reason: 'too_old', epoch: 'F', seq: 40 });
+    assert.deepEqual(news.position(), { seq: 40, epoch: 'F' });
+    ws.recv({ type: 'message', channel: 'news', seq: 41, epoch: 'F', data: 41 });
+    news.unsubscribe();
+    assert.deepEqual(got, [
+      'subscribed:true',
+      'fn#8',
+      'message#8',
+      'fn#9',
+      'message#9',
+      'unrecoverable#40',
+      'fn#41',
+      'message#41',
+      'unsubscribed',
+    ]);
+    c.close();
+  });
+
+  test('a refusal for good ends the subscription with unsubscribed {reason: refused}', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS });
+    const secret = c.subscribe('secret');
+    const seen = [];
+    secret.on('unsubscribed', (u) => seen.push(u.reason + ':' + u.error.code));
+    secret.on('error', (e) => seen.push('error:' + e.code));
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    const sub = ws.sent[1];
+    ws.recv({ type: 'error', id: sub.id, code: 103, name: 'permission_denied', message: 'no', temporary: false });
+    await assert.rejects(secret.ready);
+    assert.deepEqual(seen, ['error:103', 'refused:103']);
+    c.close();
+  });
+
+  test('backoff: low again after an established connection is lost; a flapping one keeps counting', async () => {
+    const { FakeWS, sockets, next } = fakeWebSocket();
+    const run = async (stableAfterMs) => {
+      sockets.length = 0;
+      const { c } = client({ WebSocket: FakeWS, backoff: { baseMs: 2, capMs: 64, fastCapMs: 64, stableAfterMs } });
+      const attempts = [];
+      c.on('state', (s) => s.state === 'reconnecting' && attempts.push(s.attempt));
+      for (let i = 0; i < 3; i++) {
+        const ws = await next(2 * i);
+        ws.open();
+        ws.recv(connected());
+        await tick(5);
+        ws.drop(1006); // an established connection lost
+        const failing = await next(2 * i + 1);
+        failing.drop(1006); // and one attempt that fails
+      }
+      await eventually(() => attempts.length >= 6, 'six reconnect delays');
+      c.close();
+      return attempts;
+    };
+    assert.deepEqual(await run(0), [1, 2, 1, 2, 1, 2], 'stable: each loss starts again at attempt 1');
+    assert.deepEqual(await run(60_000), [1, 2, 3, 4, 5, 6], 'flapping: the count goes on');
+  });
+
+  test('short-outage ceiling: every delay after a lost connection stays under fastCapMs', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS, transport: 'websocket', backoff: { baseMs: 5, capMs: 100_000, fastCapMs: 20, stableAfterMs: 0 } });
+    const delays = [];
+    c.on('state', (s) => s.state === 'reconnecting' && delays.push(s.delayMs));
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    ws.drop(1006);
+    for (let i = 1; i <= 12; i++) (await next(i)).drop(1006);
+    c.close();
+    assert.equal(delays.length, 13);
+    assert.ok(delays.every((d) => d < 20), String(delays));
+  });
+
+  test('online / page visible: a client waiting to reconnect goes at once, unless the server asked for the wait', async () => {
+    const { FakeWS, sockets, next } = fakeWebSocket();
+    const target = new EventTarget();
+    globalThis.addEventListener = target.addEventListener.bind(target);
+    globalThis.removeEventListener = target.removeEventListener.bind(target);
+    try {
+      // A long wait (up to a minute) that `online` cuts short (to 250 ms at most).
+      const { c } = client({ WebSocket: FakeWS, backoff: { baseMs: 60_000, capMs: 60_000, fastCapMs: 60_000 } });
+      const ws = await next(0);
+      ws.open();
+      ws.recv(connected());
+      ws.drop(1006);
+      assert.equal(c.state, 'reconnecting');
+      target.dispatchEvent(new Event('online'));
+      const ws2 = await next(1);
+      // Admission control's wait (retry_after_ms) is the server's: `online` leaves it.
+      ws2.open();
+      ws2.drop(4004, 'overloaded; retry_after_ms=60000');
+      assert.equal(c.state, 'reconnecting');
+      target.dispatchEvent(new Event('online'));
+      await tick(400);
+      assert.equal(sockets.length, 2);
+      c.close();
+      target.dispatchEvent(new Event('online'));
+      await tick(300);
+      assert.equal(sockets.length, 2, 'closed: the listener is gone');
+    } finally {
+      delete globalThis.addEventListener;
+      delete globalThis.removeEventListener;
+    }
   });
 });
 
