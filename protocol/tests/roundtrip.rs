@@ -132,10 +132,12 @@ fn every_server_frame() -> Vec<ServerFrame> {
             epoch: "e1".into(),
             seq: 0,
             recovered: None,
+            server: None,
         }),
         ServerFrame::Unsubscribed(Unsubscribed {
             id: None,
             channel: "news".into(),
+            server: None,
         }),
         ServerFrame::Message(Message {
             channel: "news".into(),
@@ -421,6 +423,7 @@ fn subscribed_round_trips() {
                 epoch: "k3f9".into(),
                 seq: 42,
                 recovered,
+                server: None,
             }));
         }
     }
@@ -430,6 +433,7 @@ fn subscribed_round_trips() {
         epoch: "Z1".into(),
         seq: 0,
         recovered: None,
+        server: None,
     }));
 }
 
@@ -438,10 +442,12 @@ fn unsubscribed_round_trips() {
     rt_server(ServerFrame::Unsubscribed(Unsubscribed {
         id: None,
         channel: "news".into(),
+        server: None,
     }));
     rt_server(ServerFrame::Unsubscribed(Unsubscribed {
         id: Some(5),
         channel: "news".into(),
+        server: None,
     }));
 }
 
@@ -1061,6 +1067,7 @@ fn server_wire_shapes() {
             epoch: "ab".into(),
             seq: 9,
             recovered: Some(true),
+            server: None,
         }),
         r#"{"type":"subscribed","id":2,"channel":"news","epoch":"ab","seq":9,"recovered":true}"#,
     );
@@ -1071,6 +1078,7 @@ fn server_wire_shapes() {
             epoch: "ab".into(),
             seq: 0,
             recovered: None,
+            server: None,
         }),
         r#"{"type":"subscribed","channel":"news","epoch":"ab","seq":0}"#,
     );
@@ -1078,6 +1086,7 @@ fn server_wire_shapes() {
         ServerFrame::Unsubscribed(Unsubscribed {
             id: Some(3),
             channel: "news".into(),
+            server: None,
         }),
         r#"{"type":"unsubscribed","id":3,"channel":"news"}"#,
     );
