@@ -108,6 +108,13 @@ fn every_client_frame() -> Vec<ClientFrame> {
         }),
         ClientFrame::Ping(Ping::default()),
         ClientFrame::Pong(Pong::default()),
+        ClientFrame::History(History {
+            id: Some(8),
+            channel: "news".into(),
+            since: Some(Position::new(3, "e1")),
+            limit: Some(2),
+            reverse: Some(true),
+        }),
     ]
 }
 
@@ -173,6 +180,20 @@ fn every_server_frame() -> Vec<ServerFrame> {
         ServerFrame::Error(ErrorFrame::new(None, ErrorCode::Internal, "boom")),
         ServerFrame::Ping(Ping::default()),
         ServerFrame::Pong(Pong::default()),
+        ServerFrame::History(HistoryResult {
+            id: Some(8),
+            channel: "news".into(),
+            messages: vec![Message {
+                channel: "news".into(),
+                seq: 4,
+                epoch: "e1".into(),
+                data: json!({"n": 4}),
+                ts: Some(1),
+            }],
+            epoch: "e1".into(),
+            seq: 4,
+            unrecoverable: None,
+        }),
     ]
 }
 
@@ -218,7 +239,8 @@ fn samples_cover_every_server_type() {
             "reconnect",
             "error",
             "ping",
-            "pong"
+            "pong",
+            "history"
         ]
     );
     for f in every_server_frame() {
