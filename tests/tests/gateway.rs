@@ -34,6 +34,8 @@ mod poison;
 mod prometheus;
 #[path = "gateway/readiness.rs"]
 mod readiness;
+#[path = "gateway/rebalance.rs"]
+mod rebalance;
 #[path = "gateway/refresh.rs"]
 mod refresh;
 #[path = "gateway/resume.rs"]
