@@ -343,8 +343,14 @@ pub type Acked = HashMap<String, AckedStream>;
 #[derive(Debug, Default)]
 pub struct PubStats {
     pub ok: std::sync::atomic::AtomicU64,
-    /// Attempts that failed (then retried).
+    /// Attempts that failed (then retried, with the same idempotency key).
     pub retried: std::sync::atomic::AtomicU64,
+    /// Those attempts by cause (`connect`, `timeout`, `HTTP 503`, ...).
+    pub retry_causes: Mutex<std::collections::BTreeMap<String, u64>>,
+    /// Publishes answered `duplicate: true`: an earlier attempt had been
+    /// published and only its answer was lost (without the key, a second
+    /// message that a sequence check cannot tell from a real one).
+    pub duplicates: std::sync::atomic::AtomicU64,
     /// Publishes given up after every retry failed.
     pub failed: std::sync::atomic::AtomicU64,
     /// Sum and maximum of the answered requests' latency, µs.
@@ -356,9 +362,42 @@ pub struct PubStats {
 /// bodies it cycles through (each gets `data` = `{"n", "at"}` added).
 pub type Lane = (String, f64, Vec<serde_json::Value>);
 
+impl PubStats {
+    /// `retries by cause: connect 3, HTTP 503 1; 1 answered as duplicate`.
+    pub fn retry_line(&self) -> String {
+        use std::sync::atomic::Ordering;
+        let causes = self
+            .retry_causes
+            .lock()
+            .map(|c| {
+                c.iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        format!(
+            "retries by cause: {}; {} answered as duplicate (published by an earlier attempt)",
+            if causes.is_empty() { "none" } else { &causes },
+            self.duplicates.load(Ordering::Relaxed)
+        )
+    }
+
+    fn retry_because(&self, cause: String) {
+        use std::sync::atomic::Ordering;
+        self.retried.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut c) = self.retry_causes.lock() {
+            *c.entry(cause).or_insert(0) += 1;
+        }
+    }
+}
+
 /// `POST` until it is answered 200 (bounded retries: through a balancer a
 /// request can meet a node that is closing its connections); the answer's
-/// (channel, epoch, seq).
+/// (channel, epoch, seq). The body carries an idempotency key, so a retry of
+/// a publish the server had accepted (its answer lost) is answered with the
+/// original position instead of publishing it again; every failed attempt
+/// is counted with its cause.
 async fn post_acked(
     http: &reqwest::Client,
     url: &str,
@@ -372,6 +411,8 @@ async fn post_acked(
         channel: String,
         epoch: String,
         seq: u64,
+        #[serde(default)]
+        duplicate: bool,
     }
     for _ in 0..50 {
         let t = std::time::Instant::now();
@@ -382,18 +423,28 @@ async fn post_acked(
             .timeout(Duration::from_secs(5))
             .send()
             .await;
-        if let Ok(res) = res {
-            if res.status() == reqwest::StatusCode::OK {
-                if let Ok(a) = res.json::<Answer>().await {
-                    let us = t.elapsed().as_micros() as u64;
-                    stats.latency_sum_us.fetch_add(us, Ordering::Relaxed);
-                    stats.latency_max_us.fetch_max(us, Ordering::Relaxed);
-                    stats.ok.fetch_add(1, Ordering::Relaxed);
-                    return Some((a.channel, a.epoch, a.seq));
+        let cause = match res {
+            Err(e) if e.is_timeout() => "timeout".to_owned(),
+            Err(e) if e.is_connect() => "connect".to_owned(),
+            Err(_) => "request".to_owned(),
+            Ok(res) if res.status() == reqwest::StatusCode::OK => {
+                match res.json::<Answer>().await {
+                    Ok(a) => {
+                        let us = t.elapsed().as_micros() as u64;
+                        stats.latency_sum_us.fetch_add(us, Ordering::Relaxed);
+                        stats.latency_max_us.fetch_max(us, Ordering::Relaxed);
+                        stats.ok.fetch_add(1, Ordering::Relaxed);
+                        if a.duplicate {
+                            stats.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        return Some((a.channel, a.epoch, a.seq));
+                    }
+                    Err(_) => "reading the answer".to_owned(),
                 }
             }
-        }
-        stats.retried.fetch_add(1, Ordering::Relaxed);
+            Ok(res) => format!("HTTP {}", res.status().as_u16()),
+        };
+        stats.retry_because(cause);
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -440,8 +491,11 @@ pub async fn run_lanes(
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0)
     };
+    // Idempotency keys unique to this run (the server remembers a key for
+    // the replay window; user streams outlive a run).
+    let run = format!("p{}-{}", std::process::id(), now_ms());
     let mut tasks = Vec::new();
-    for (path, rate, items) in lanes {
+    for (lane, (path, rate, items)) in lanes.into_iter().enumerate() {
         if rate <= 0.0 || items.is_empty() {
             continue;
         }
@@ -454,6 +508,7 @@ pub async fn run_lanes(
             api_key.clone(),
         );
         let url = format!("http://{target}{path}");
+        let run = run.clone();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -466,6 +521,7 @@ pub async fn run_lanes(
                 };
                 let mut body = items[(n as usize) % items.len()].clone();
                 body["data"] = serde_json::json!({"n": n, "at": now_ms()});
+                body["idempotency_key"] = serde_json::Value::String(format!("{run}-{lane}-{n}"));
                 n += 1;
                 let (http, url, acked, stats, api_key) = (
                     http.clone(),

@@ -363,13 +363,14 @@ pub fn lanes(
 pub fn publisher_line(s: &PubStats, elapsed: std::time::Duration, streams: usize) -> String {
     let ok = s.ok.load(Ordering::Relaxed);
     format!(
-        "{ok} acknowledged in {:.1} s ({:.0}/s; {streams} streams; API latency mean {:.1} ms, max {:.1} ms), {} attempts retried, {} given up",
+        "{ok} acknowledged in {:.1} s ({:.0}/s; {streams} streams; API latency mean {:.1} ms, max {:.1} ms), {} attempts retried, {} given up; {}",
         elapsed.as_secs_f64(),
         ok as f64 / elapsed.as_secs_f64().max(0.001),
         s.latency_sum_us.load(Ordering::Relaxed) as f64 / ok.max(1) as f64 / 1000.0,
         s.latency_max_us.load(Ordering::Relaxed) as f64 / 1000.0,
         s.retried.load(Ordering::Relaxed),
-        s.failed.load(Ordering::Relaxed)
+        s.failed.load(Ordering::Relaxed),
+        s.retry_line()
     )
 }
 

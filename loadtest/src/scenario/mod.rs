@@ -866,6 +866,9 @@ impl Ctx {
         Ok(Messages {
             published: p.ok,
             publish_errors: p.errors,
+            publish_retries: p.retry_causes.values().sum(),
+            publish_retry_causes: p.retry_causes.clone(),
+            publish_duplicates_answered: p.duplicates_answered,
             publish_rate_per_s: if p.elapsed > 0.0 {
                 p.ok as f64 / p.elapsed
             } else {
@@ -1005,12 +1008,101 @@ enum PubTarget {
     Users { n: u64, via: Via },
 }
 
-/// One publish: (channel, seq) or the error, and the API round trip in µs.
-type PubOutcome = (Result<(String, u64), String>, u64);
+/// One publish: its outcome, the API round trip of the answered attempt in
+/// µs, and why each earlier attempt failed.
+struct PubOutcome {
+    /// (stream, seq, whether the server answered `duplicate`), or the last error.
+    res: Result<(String, u64, bool), String>,
+    us: u64,
+    retry_causes: Vec<String>,
+}
+
+/// Attempts per publish. Each retry carries the same idempotency key, so a
+/// publish the server had in fact accepted (its answer lost) is not
+/// published twice: the server answers the original position with
+/// `duplicate: true`.
+const PUBLISH_ATTEMPTS: u32 = 5;
+
+/// Why an attempt failed, as a short stable label (counted in the report),
+/// and whether another attempt may help.
+fn publish_failure(e: &reqwest::Error) -> (String, bool) {
+    let what = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "reading the answer"
+    } else if e.is_request() {
+        "request"
+    } else {
+        "other"
+    };
+    (what.to_owned(), true)
+}
+
+/// `POST` one publish (or send), retried with the same idempotency key on
+/// failures that may pass: network errors, timeouts, HTTP 5xx and 429.
+async fn post_publish(http: &reqwest::Client, url: &str, body: &serde_json::Value) -> PubOutcome {
+    let mut retry_causes = Vec::new();
+    let mut attempt = 0;
+    loop {
+        let sent = Instant::now();
+        let res: Result<(String, u64, bool), (String, bool)> = async {
+            let resp = http
+                .post(url)
+                .json(body)
+                .timeout(Duration::from_secs(5))
+                .send()
+                .await
+                .map_err(|e| publish_failure(&e))?;
+            let status = resp.status();
+            let v: serde_json::Value = resp.json().await.map_err(|e| publish_failure(&e))?;
+            if !status.is_success() {
+                let name = v["error"]["name"].as_str().unwrap_or_default();
+                let temporary = status.is_server_error() || status.as_u16() == 429;
+                return Err((format!("HTTP {} {name}", status.as_u16()), temporary));
+            }
+            let ch = v["channel"].as_str().unwrap_or_default().to_owned();
+            let seq = v["seq"]
+                .as_u64()
+                .ok_or_else(|| (format!("no seq in {v}"), false))?;
+            Ok((ch, seq, v["duplicate"].as_bool().unwrap_or(false)))
+        }
+        .await;
+        let us = sent.elapsed().as_micros() as u64;
+        attempt += 1;
+        match res {
+            Ok(r) => {
+                return PubOutcome {
+                    res: Ok(r),
+                    us,
+                    retry_causes,
+                }
+            }
+            Err((cause, temporary)) if temporary && attempt < PUBLISH_ATTEMPTS => {
+                retry_causes.push(cause);
+                tokio::time::sleep(Duration::from_millis(100 << (attempt - 1))).await;
+            }
+            Err((cause, _)) => {
+                return PubOutcome {
+                    res: Err(format!("{cause} (attempt {attempt})")),
+                    us,
+                    retry_causes,
+                }
+            }
+        }
+    }
+}
 
 struct PubResult {
     ok: u64,
     errors: u64,
+    /// Attempts that failed and were retried, by cause.
+    retry_causes: BTreeMap<String, u64>,
+    /// Publishes answered `duplicate: true`: an earlier attempt had been
+    /// published (only its answer was lost); the key kept it from being
+    /// published twice.
+    duplicates_answered: u64,
     elapsed: f64,
     /// Per stream (channel or `$user:<id>`), the highest seq accepted.
     finals: HashMap<String, u64>,
@@ -1042,23 +1134,34 @@ impl Publisher {
             let mut r = PubResult {
                 ok: 0,
                 errors: 0,
+                retry_causes: BTreeMap::new(),
+                duplicates_answered: 0,
                 elapsed: 0.0,
                 finals: HashMap::new(),
                 api: util::new_hist(),
                 first_error: None,
             };
-            let take = |res: PubOutcome, r: &mut PubResult| match res.0 {
-                Ok((ch, seq)) => {
-                    r.ok += 1;
-                    let f = r.finals.entry(ch).or_insert(0);
-                    *f = (*f).max(seq);
-                    r.api.saturating_record(res.1.max(1));
+            let take = |res: PubOutcome, r: &mut PubResult| {
+                for c in res.retry_causes {
+                    *r.retry_causes.entry(c).or_insert(0) += 1;
                 }
-                Err(e) => {
-                    r.errors += 1;
-                    r.first_error.get_or_insert(e);
+                match res.res {
+                    Ok((ch, seq, duplicate)) => {
+                        r.ok += 1;
+                        r.duplicates_answered += u64::from(duplicate);
+                        let f = r.finals.entry(ch).or_insert(0);
+                        *f = (*f).max(seq);
+                        r.api.saturating_record(res.us.max(1));
+                    }
+                    Err(e) => {
+                        r.errors += 1;
+                        r.first_error.get_or_insert(e);
+                    }
                 }
             };
+            // Unique to this run: a key is remembered by the server for the
+            // replay window, and user streams outlive a run.
+            let run = format!("lt{}-{}", std::process::id(), util::now_us());
             let mut k: u64 = 0;
             loop {
                 if *stop_rx.borrow() || duration.is_some_and(|d| start.elapsed().as_secs_f64() >= d)
@@ -1094,29 +1197,15 @@ impl Publisher {
                     }
                 };
                 let (http, pad) = (http.clone(), pad.clone());
+                let key = format!("{run}-{k}");
                 set.spawn(async move {
                     let mut body = body;
                     let sent_us = util::now_us();
                     body["data"] = serde_json::json!({"sent_us": sent_us, "pad": &*pad});
-                    let res = async {
-                        let resp = http
-                            .post(format!("{url}{path}"))
-                            .json(&body)
-                            .send()
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        let status = resp.status();
-                        let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
-                        if !status.is_success() {
-                            return Err(format!("HTTP {status}: {v}"));
-                        }
-                        let ch = v["channel"].as_str().unwrap_or_default().to_owned();
-                        let seq = v["seq"].as_u64().ok_or_else(|| format!("no seq in {v}"))?;
-                        Ok((ch, seq))
-                    }
-                    .await;
+                    body["idempotency_key"] = serde_json::Value::String(key);
+                    let out = post_publish(&http, &format!("{url}{path}"), &body).await;
                     drop(permit);
-                    (res, util::now_us().saturating_sub(sent_us))
+                    out
                 });
                 k += 1;
                 while let Some(Ok(res)) = set.try_join_next() {

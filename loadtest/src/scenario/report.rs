@@ -165,7 +165,19 @@ pub struct Connections {
 pub struct Messages {
     /// Publish API requests that were accepted (200).
     pub published: u64,
+    /// Publishes given up (a permanent error, or every attempt failed).
     pub publish_errors: u64,
+    /// Attempts that failed and were retried (same idempotency key).
+    #[serde(default)]
+    pub publish_retries: u64,
+    /// Those retries by cause (`connect`, `timeout`, `HTTP 503 unavailable`, ...).
+    #[serde(default)]
+    pub publish_retry_causes: std::collections::BTreeMap<String, u64>,
+    /// Publishes the server answered `duplicate: true`: an earlier attempt
+    /// had been published and only its answer was lost. Without the key each
+    /// would have been a second message.
+    #[serde(default)]
+    pub publish_duplicates_answered: u64,
     pub publish_rate_per_s: f64,
     /// Publish API round trip.
     pub publish_api_latency: Latency,
@@ -357,6 +369,22 @@ impl RunResult {
                 msg.published, msg.publish_errors, msg.publish_rate_per_s, msg.delivered,
                 msg.expected, msg.lost, msg.duplicates_delivered, msg.duplicates_dropped_by_sdk,
                 msg.sdk_gaps, msg.unrecoverable
+            );
+            let causes: Vec<String> = msg
+                .publish_retry_causes
+                .iter()
+                .map(|(c, n)| format!("{c}: {n}"))
+                .collect();
+            let _ = writeln!(
+                s,
+                "  publish retries (same idempotency key): {}{}; answered as duplicates (published by an earlier attempt): {}",
+                msg.publish_retries,
+                if causes.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", causes.join(", "))
+                },
+                msg.publish_duplicates_answered
             );
             let _ = writeln!(s, "  latency publish -> receive: {}", msg.latency.line());
             let _ = writeln!(
