@@ -25,6 +25,12 @@
 //! against what the publish API acknowledged: seq 1 up to at least the last
 //! acknowledged, once each, in order, no `unrecoverable`.
 //!
+//! `--in-place`: each replacement starts only once its old node has exited
+//! and its clients are back elsewhere (no surge; the last replacement ends
+//! nearly empty). `--rebalance-wait S`: after the roll, the nodes'
+//! sessions and the rebalancer's moves (`--node-env GATEWAY_REBALANCE=true`)
+//! are watched for up to S seconds, before the check.
+//!
 //! Printed: clients, lost, duplicated, reconnects per client (mean / max),
 //! drain time per node (the node's own `drain: done` figure), delivery delay
 //! (`now - ts`) p50 / p99 / max during the roll. Logs and the summary go to
@@ -127,6 +133,16 @@ pub struct RollingArgs {
     /// Give up after this many seconds.
     #[arg(long, default_value_t = 900)]
     pub time_limit: u64,
+    /// Roll in place: drain each old node and wait for its exit and its
+    /// clients before its replacement starts (no surge), which leaves the
+    /// last replacement with almost no client.
+    #[arg(long)]
+    pub in_place: bool,
+    /// After the roll, watch the rebalancer (turn it on with `--node-env
+    /// GATEWAY_REBALANCE=true`) for up to this many seconds: sessions per
+    /// node and moves, until no move for 10 s. 0: do not watch.
+    #[arg(long, default_value_t = 0)]
+    pub rebalance_wait: u64,
 }
 
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
@@ -689,13 +705,23 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
         drains: Vec::new(),
     };
     let old: Vec<usize> = (0..a.nodes).collect();
-    harness::rolling::roll(&mut surge, &old).await?;
+    if a.in_place {
+        harness::rolling::roll_in_place(&mut surge, &old).await?;
+    } else {
+        harness::rolling::roll(&mut surge, &old).await?;
+    }
     let drains = surge.drains;
     let rolled = rolling.elapsed();
     let busy = util::cpu_busy_pct(&cpu0, &util::cpu_jiffies());
     let cpu_by_group = cpu.stop();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let delays = collect_delays(&mut workers).await?;
+    let rebalance_line = if a.rebalance_wait > 0 {
+        let wait = Duration::from_secs(a.rebalance_wait);
+        format!("{}\n", watch_rebalance(&nodes[a.nodes..], wait).await?)
+    } else {
+        String::new()
+    };
     let (acked, pub_line) = publisher.stop().await?;
 
     // The check.
@@ -740,7 +766,8 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
     let q = |h: &Histogram<u64>, p: f64| util::ms(h.value_at_quantile(p));
     let summary = format!(
         "{header}\n\
-         rolled {} nodes in {:.1} s (surge: replacement up in HAProxy before each drain); CPUs busy during the roll: {}\n\
+         rolled {} nodes in {:.1} s ({}); CPUs busy during the roll: {}\n\
+         {rebalance_line}\
          CPU time during the roll: {}\n\
          publisher: {pub_line}\n\
          clients: {}\n\
@@ -754,6 +781,11 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
          delivery delay at steady state (3 s before the roll): p50 {} ms, p99 {} ms, max {} ms (n={})\n",
         a.nodes,
         rolled.as_secs_f64(),
+        if a.in_place {
+            "in place: each replacement started once its old node had exited"
+        } else {
+            "surge: replacement up in HAProxy before each drain"
+        },
         busy.iter()
             .map(|b| format!("{b:.0} %"))
             .collect::<Vec<_>>()
@@ -804,6 +836,76 @@ async fn run(a: RollingArgs) -> anyhow::Result<()> {
         a.clients
     );
     Ok(())
+}
+
+/// Sessions per node (`gateway_connections`) and the rebalancer's moves
+/// over them.
+async fn distribution(nodes: &[GwNode]) -> anyhow::Result<(Vec<u64>, u64)> {
+    let (mut sessions, mut moved) = (Vec::new(), 0.0);
+    for n in nodes {
+        sessions.push(n.gw.metric("gateway_connections").await? as u64);
+        moved += n
+            .gw
+            .metric("gateway_rebalance_reconnects_sent_total")
+            .await?;
+    }
+    Ok((sessions, moved as u64))
+}
+
+/// The largest node's sessions over the average.
+fn spread(sessions: &[u64]) -> f64 {
+    let total: u64 = sessions.iter().sum();
+    let average = total as f64 / sessions.len().max(1) as f64;
+    sessions.iter().max().copied().unwrap_or(0) as f64 / average.max(1.0)
+}
+
+/// After the roll: the nodes' sessions and the rebalancer's moves every
+/// second (printed every 5 s), until 10 s pass without a move after at
+/// least one, or `wait`; the summary line.
+async fn watch_rebalance(nodes: &[GwNode], wait: Duration) -> anyhow::Result<String> {
+    let t0 = Instant::now();
+    let (before, moved0) = distribution(nodes).await?;
+    println!(
+        "after the roll: sessions per node {before:?} (largest {:.2} x the average); watching the rebalancer for up to {} s",
+        spread(&before),
+        wait.as_secs()
+    );
+    let (mut now, mut moved) = (before.clone(), moved0);
+    let (mut first, mut last) = (None, None);
+    let mut printed = Instant::now();
+    while t0.elapsed() < wait {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A scrape slowed past its timeout on a busy machine: next second.
+        let Ok((s, m)) = distribution(nodes).await else {
+            continue;
+        };
+        if m != moved {
+            first.get_or_insert(t0.elapsed());
+            last = Some(t0.elapsed());
+        }
+        (now, moved) = (s, m);
+        if printed.elapsed() >= Duration::from_secs(5) {
+            printed = Instant::now();
+            println!(
+                "  +{:.0} s: sessions per node {now:?}, {} moved",
+                t0.elapsed().as_secs_f64(),
+                moved - moved0
+            );
+        }
+        if last.is_some_and(|l| t0.elapsed() - l >= Duration::from_secs(10)) {
+            break;
+        }
+    }
+    let secs = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.0} s", d.as_secs_f64()));
+    Ok(format!(
+        "rebalance: sessions per node after the roll {before:?} (largest {:.2} x the average), {:.0} s later {now:?} ({:.2} x); {} moved (first move after {}, last after {})",
+        spread(&before),
+        t0.elapsed().as_secs_f64(),
+        spread(&now),
+        moved - moved0,
+        secs(first),
+        secs(last)
+    ))
 }
 
 /// The roll at benchmark scale: nodes in reserved slots behind every

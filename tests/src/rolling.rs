@@ -461,6 +461,44 @@ pub async fn roll(s: &mut impl Surge, old: &[usize]) -> Result<Vec<Step>> {
     Ok(steps)
 }
 
+/// The roll without a surge (an in-place restart: Kubernetes' `maxSurge:
+/// 0`, or a fleet of fixed machines): for each old node, drain it, wait for
+/// its exit (0) and for every client to be connected again (on the nodes
+/// left), then start its replacement and wait until the balancers have it
+/// up. Each replacement starts empty while the others hold everyone: the
+/// last one ends with (almost) no client, what the rebalancer is for.
+pub async fn roll_in_place(s: &mut impl Surge, old: &[usize]) -> Result<Vec<Step>> {
+    let mut steps = Vec::with_capacity(old.len());
+    for &o in old {
+        let t = Instant::now();
+        s.drain(o).await?;
+        let status = s.wait_exit(o).await?;
+        let exited = t.elapsed();
+        ensure!(
+            status.success(),
+            "{}: the drained node exited with {status}",
+            s.node_name(o)
+        );
+        let t = Instant::now();
+        s.wait_clients().await?;
+        let settled = t.elapsed();
+        let new = s.start_replacement(o).await?;
+        let t = Instant::now();
+        s.wait_up(new).await?;
+        let step = Step {
+            old: o,
+            new,
+            up: t.elapsed(),
+            exited,
+            settled,
+            logged: logged_drain_seconds(&s.node_log(o)),
+        };
+        s.after(&step).await?;
+        steps.push(step);
+    }
+    Ok(steps)
+}
+
 /// The drain's duration as the node logged it (`drain: done seconds=..`),
 /// from its log text.
 pub fn logged_drain_seconds(logs: &str) -> Option<f64> {
