@@ -39,6 +39,7 @@ pub struct ClientBuilder {
     max_frame_bytes: usize,
     event_capacity: usize,
     user_sink: Sink,
+    server_subscription: Option<Box<dyn FnMut(Subscription) + Send>>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -72,6 +73,7 @@ impl ClientBuilder {
             max_frame_bytes: 65536,
             event_capacity: 64,
             user_sink: Sink::Discard,
+            server_subscription: None,
         }
     }
 
@@ -212,6 +214,23 @@ impl ClientBuilder {
         self
     }
 
+    /// Where subscriptions the backend makes (`POST /api/subscribe`) go:
+    /// `callback` gets a [`Subscription`] for each (on the connection task:
+    /// hand it to a task of yours, e.g. over a channel). The client follows
+    /// it like its own: positions, resubscription with `since` after a
+    /// reconnection (checked against the token like any subscribe), until
+    /// the backend (`POST /api/unsubscribe`: [`SubscriptionEvent::Unsubscribed`]
+    /// with `server`) or the application ends it. Without it such
+    /// subscriptions are followed but their messages dropped;
+    /// [`Event::ServerSubscribed`] reports them either way.
+    pub fn on_server_subscription(
+        mut self,
+        callback: impl FnMut(Subscription) + Send + 'static,
+    ) -> Self {
+        self.server_subscription = Some(Box::new(callback));
+        self
+    }
+
     /// Starts the client's connection task and returns at once; the client
     /// connects (and reconnects) in the background. See
     /// [`Client::wait_connected`].
@@ -233,6 +252,23 @@ impl ClientBuilder {
             next_sub_id: AtomicU64::new(1),
         });
         let (tx, rx) = mpsc::unbounded_channel();
+        // The hand-over holds the command sender weakly: the task must still
+        // end when the application drops every handle.
+        let server_sink = self.server_subscription.map(|mut callback| {
+            let weak = tx.downgrade();
+            Box::new(
+                move |channel: String, sub_id: u64, rx: mpsc::Receiver<SubscriptionEvent>| {
+                    callback(Subscription {
+                        channel,
+                        sub_id,
+                        rx,
+                        cmds: weak.upgrade(),
+                        user: false,
+                        position: None,
+                    });
+                },
+            ) as crate::shared::ServerSink
+        });
         let config = Config {
             base,
             transport: self.transport,
@@ -245,8 +281,9 @@ impl ClientBuilder {
             dead_factor: self.dead_factor,
             max_message_size: self.max_message_size,
             max_frame_bytes: self.max_frame_bytes,
+            subscription_buffer: self.subscription_buffer,
         };
-        driver::spawn(config, shared.clone(), rx, self.user_sink);
+        driver::spawn(config, shared.clone(), rx, self.user_sink, server_sink);
         Ok(Client {
             cmds: tx,
             shared,
@@ -489,6 +526,41 @@ impl Client {
         .await?
     }
 
+    /// Reads `channel`'s stored messages (the server's replay window) over
+    /// the WebSocket: e.g. the last 50 (`HistoryOptions::last(50)`), then
+    /// [`Client::subscribe_since`] the newest one's position (or the
+    /// answer's top, [`History::top`]) to follow on with no gap and no
+    /// duplicate. Needs permission to subscribe to the channel.
+    ///
+    /// Fails with [`Error::Unsupported`] over SSE, [`Error::NotConnected`]
+    /// between connections, [`Error::Server`] when refused.
+    pub async fn history(
+        &self,
+        channel: impl Into<String>,
+        options: HistoryOptions,
+    ) -> Result<History, Error> {
+        if self.transport == Transport::Sse {
+            return Err(Error::Unsupported("history"));
+        }
+        let channel = channel.into();
+        Self::check_channel(&channel)?;
+        let request = protocol::History {
+            id: None,
+            channel,
+            since: options.since,
+            limit: options.limit,
+            reverse: options.reverse.then_some(true),
+        };
+        let r = self
+            .ask(|reply| Command::History { request, reply })
+            .await??;
+        Ok(History {
+            top: Position::new(r.seq, r.epoch),
+            messages: r.messages,
+            unrecoverable: r.unrecoverable,
+        })
+    }
+
     /// The messages of the user's own stream (`$user:<sub>`) as a stream
     /// (replacing any earlier user stream or [`ClientBuilder::on_user_message`]).
     pub fn user_stream(&self) -> Subscription {
@@ -574,6 +646,52 @@ impl Client {
     pub fn debug_drop_connection(&self) {
         let _ = self.send(Command::DropConnection);
     }
+}
+
+/// What [`Client::history`] reads: after `since` (default: everything
+/// stored), at most `limit` (server default 100, at most 1,000), oldest
+/// first or, with `reverse`, the newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HistoryOptions {
+    /// Only messages after this position.
+    pub since: Option<Position>,
+    /// At most this many.
+    pub limit: Option<u64>,
+    /// The newest `limit` (after `since`), newest first.
+    pub reverse: bool,
+}
+
+impl HistoryOptions {
+    /// The newest `n` messages, newest first.
+    pub fn last(n: u64) -> Self {
+        Self {
+            since: None,
+            limit: Some(n),
+            reverse: true,
+        }
+    }
+
+    /// The messages after `since`, oldest first (at most `limit`, when given).
+    pub fn since(since: Position, limit: Option<u64>) -> Self {
+        Self {
+            since: Some(since),
+            limit,
+            reverse: false,
+        }
+    }
+}
+
+/// The answer of [`Client::history`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct History {
+    /// Oldest first (newest first with `reverse`).
+    pub messages: Vec<Message>,
+    /// The stream's last position when read: subscribing since it follows
+    /// on after everything the stream held.
+    pub top: Position,
+    /// Set when `since` could not be served (`too_old`, `epoch_changed`,
+    /// `bad_position`); `messages` is then empty.
+    pub unrecoverable: Option<protocol::UnrecoverableReason>,
 }
 
 /// The messages of one subscribed channel, in order and without duplicates.

@@ -51,4 +51,6 @@ pub(crate) struct Config {
     pub(crate) dead_factor: f64,
     pub(crate) max_message_size: usize,
     pub(crate) max_frame_bytes: usize,
+    /// Buffer of a subscription the backend makes (as the application's).
+    pub(crate) subscription_buffer: usize,
 }

@@ -189,7 +189,7 @@ mod tests;
 mod tracker;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientBuilder, Subscription};
+pub use client::{Client, ClientBuilder, History, HistoryOptions, Subscription};
 pub use config::{TokenError, TokenFuture, TokenProvider, Transport};
 pub use error::Error;
 pub use protocol::{Codec, ErrorCode, Message, Position, UnrecoverableReason};

@@ -75,6 +75,18 @@ pub enum Event {
         /// The server's answer.
         error: Error,
     },
+    /// The backend subscribed this client to `channel` (`POST
+    /// /api/subscribe`); its messages go to
+    /// [`ClientBuilder::on_server_subscription`](crate::ClientBuilder::on_server_subscription).
+    ServerSubscribed {
+        /// The channel.
+        channel: String,
+    },
+    /// The backend ended the subscription to `channel` (`POST /api/unsubscribe`).
+    ServerUnsubscribed {
+        /// The channel.
+        channel: String,
+    },
     /// The connection's token was replaced (`refreshed`).
     TokenRefreshed {
         /// The new token's expiry, Unix seconds.
@@ -136,6 +148,10 @@ pub enum SubscriptionEvent {
         /// [`SubscriptionEvent::Unrecoverable`] follows. `None`: a fresh
         /// subscription (no position to resume from), live from `position`.
         recovered: Option<bool>,
+        /// The backend subscribed this connection (`POST /api/subscribe`);
+        /// the client keeps it across reconnections like its own (each
+        /// resubscription is checked against the token).
+        server: bool,
     },
     /// Messages of the channel were missed and cannot be sent (too old,
     /// epoch changed, bad position): delivery goes on after `position`.
@@ -153,6 +169,8 @@ pub enum SubscriptionEvent {
         /// reconnection (e.g. a new token no longer allows it); or
         /// [`Error::Closed`] when the client stopped.
         error: Option<Error>,
+        /// The backend ended it (`POST /api/unsubscribe`).
+        server: bool,
     },
 }
 
@@ -319,6 +337,14 @@ impl Sink {
     }
 }
 
+/// Where the connection task hands a subscription the backend made
+/// (`POST /api/subscribe`): the channel, its `sub_id` and the receiving end
+/// of its events ([`ClientBuilder::on_server_subscription`] makes a
+/// [`Subscription`](crate::Subscription) of them).
+///
+/// [`ClientBuilder::on_server_subscription`]: crate::ClientBuilder::on_server_subscription
+pub(crate) type ServerSink = Box<dyn FnMut(String, u64, mpsc::Receiver<SubscriptionEvent>) + Send>;
+
 /// A subscription the application asks for, as the connection task takes it.
 pub(crate) struct SubscribeRequest {
     pub(crate) channel: String,
@@ -352,6 +378,10 @@ pub(crate) enum Command {
     },
     Positions {
         reply: oneshot::Sender<Vec<(String, Position)>>,
+    },
+    History {
+        request: protocol::History,
+        reply: oneshot::Sender<Result<protocol::HistoryResult, Error>>,
     },
     DropConnection,
     Close {

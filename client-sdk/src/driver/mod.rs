@@ -24,7 +24,9 @@ use tracing::debug;
 
 use crate::config::{Config, TokenSource, Transport};
 use crate::error::Error;
-use crate::shared::{Command, ConnectionState, Counters, Event, Shared, Sink, SubscriptionEvent};
+use crate::shared::{
+    Command, ConnectionState, Counters, Event, ServerSink, Shared, Sink, SubscriptionEvent,
+};
 use crate::tracker::Tracker;
 
 mod sse_session;
@@ -40,8 +42,10 @@ pub(crate) fn spawn(
     shared: Arc<Shared>,
     cmds: mpsc::UnboundedReceiver<Command>,
     user_sink: Sink,
+    server_sink: Option<ServerSink>,
 ) {
     let driver = Driver {
+        server_sink,
         cfg,
         shared,
         cmds,
@@ -115,6 +119,7 @@ enum Pending {
     Unsubscribe(Option<oneshot::Sender<Result<(), Error>>>),
     Publish(oneshot::Sender<Result<Position, Error>>),
     Refresh(String),
+    History(oneshot::Sender<Result<protocol::HistoryResult, Error>>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +158,8 @@ fn retry(reason: impl Into<String>) -> Outcome {
 
 struct Driver {
     cfg: Config,
+    /// Where subscriptions the backend makes go (none: followed, not delivered).
+    server_sink: Option<ServerSink>,
     shared: Arc<Shared>,
     cmds: mpsc::UnboundedReceiver<Command>,
     chans: Vec<Stream>,
@@ -300,11 +307,13 @@ impl Driver {
             }
             chan.sink.deliver_last(SubscriptionEvent::Unsubscribed {
                 error: Some(error.clone()),
+                server: false,
             });
         }
         std::mem::replace(&mut self.user.sink, Sink::Discard).deliver_last(
             SubscriptionEvent::Unsubscribed {
                 error: Some(error.clone()),
+                server: false,
             },
         );
         self.set_state(ConnectionState::Closed {
@@ -335,6 +344,9 @@ impl Driver {
             Command::Publish { reply, .. } => {
                 let _ = reply.send(Err(error.clone()));
             }
+            Command::History { reply, .. } => {
+                let _ = reply.send(Err(error.clone()));
+            }
             Command::Positions { reply } => {
                 let _ = reply.send(self.positions());
             }
@@ -350,6 +362,9 @@ impl Driver {
         for (_, p) in self.pending.drain(..) {
             match p {
                 Pending::Publish(reply) => {
+                    let _ = reply.send(Err(Error::ConnectionLost));
+                }
+                Pending::History(reply) => {
                     let _ = reply.send(Err(Error::ConnectionLost));
                 }
                 Pending::Unsubscribe(Some(reply)) => {
@@ -405,6 +420,9 @@ impl Driver {
                 }
             }
             Command::Publish { reply, .. } => {
+                let _ = reply.send(Err(Error::NotConnected));
+            }
+            Command::History { reply, .. } => {
                 let _ = reply.send(Err(Error::NotConnected));
             }
             Command::UserSink { sink, sub_id } => {

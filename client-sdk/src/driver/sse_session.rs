@@ -249,6 +249,7 @@ impl Driver {
             let event = SubscriptionEvent::Subscribed {
                 position: s.tracker.position().cloned(),
                 recovered: known.then_some(true),
+                server: false,
             };
             s.sink.deliver(event).await;
         }
@@ -283,6 +284,10 @@ impl Driver {
             }
             Command::Publish { reply, .. } => {
                 let _ = reply.send(Err(Error::Unsupported("publish")));
+                Ok(())
+            }
+            Command::History { reply, .. } => {
+                let _ = reply.send(Err(Error::Unsupported("history")));
                 Ok(())
             }
             Command::DropConnection => Err(retry("connection dropped by debug_drop_connection")),

@@ -16,7 +16,7 @@ use tracing::warn;
 
 use super::{retry, Driver, Outcome, Pending, Status, Stream};
 use crate::error::Error;
-use crate::shared::{Counters, Event, SubscribeRequest, SubscriptionEvent};
+use crate::shared::{Counters, Event, Sink, SubscribeRequest, SubscriptionEvent};
 use crate::tracker::Verdict;
 
 impl Driver {
@@ -84,7 +84,10 @@ impl Driver {
         }
         let mut chan = self.chans.remove(i);
         let sink = std::mem::replace(&mut chan.sink, crate::shared::Sink::Discard);
-        sink.deliver_last(SubscriptionEvent::Unsubscribed { error: None });
+        sink.deliver_last(SubscriptionEvent::Unsubscribed {
+            error: None,
+            server: false,
+        });
         Some(chan)
     }
 
@@ -198,6 +201,10 @@ impl Driver {
             Some(Pending::Subscribe(_, sub_id)) => Some(sub_id),
             _ => None,
         };
+        let server = s.server == Some(true);
+        if server && sub_id.is_none() && self.stream_mut(&s.channel).is_none() {
+            self.add_server_subscription(&s.channel);
+        }
         let resumes = &self.shared.counters.resumes;
         let is_user = !self.user.name.is_empty() && self.user.name == s.channel;
         let stream = if is_user {
@@ -221,8 +228,55 @@ impl Driver {
         let event = SubscriptionEvent::Subscribed {
             position: stream.tracker.position().cloned(),
             recovered: s.recovered,
+            server: s.server == Some(true),
         };
         stream.sink.deliver(event).await;
+    }
+
+    /// The backend subscribed the connection to a channel the client does
+    /// not follow: follow it like the application's own (positions,
+    /// resubscription with `since` after a reconnection), its events going
+    /// to the server sink.
+    fn add_server_subscription(&mut self, channel: &str) {
+        let sub_id = self
+            .shared
+            .next_sub_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sink = match &mut self.server_sink {
+            Some(hand_over) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(self.cfg.subscription_buffer);
+                hand_over(channel.to_owned(), sub_id, rx);
+                Sink::Stream(tx)
+            }
+            None => Sink::Discard,
+        };
+        self.chans
+            .push(Stream::new(channel.to_owned(), sink, sub_id));
+        self.emit(Event::ServerSubscribed {
+            channel: channel.to_owned(),
+        });
+    }
+
+    /// The backend ended a subscription (`unsubscribed` with `server`).
+    pub(super) fn server_unsubscribed(&mut self, channel: &str) {
+        let Some(i) = self.chan_index(channel) else {
+            return;
+        };
+        let chan = self.chans.remove(i);
+        if let Some(r) = chan.reply {
+            let _ = r.send(Err(Error::Server {
+                code: ErrorCode::NotSubscribed,
+                message: "unsubscribed by the server".into(),
+                temporary: false,
+            }));
+        }
+        chan.sink.deliver_last(SubscriptionEvent::Unsubscribed {
+            error: None,
+            server: true,
+        });
+        self.emit(Event::ServerUnsubscribed {
+            channel: channel.to_owned(),
+        });
     }
 
     /// A subscription the server refused.
@@ -263,6 +317,7 @@ impl Driver {
             None => {
                 chan.sink.deliver_last(SubscriptionEvent::Unsubscribed {
                     error: Some(error.clone()),
+                    server: false,
                 });
                 self.emit(Event::SubscriptionFailed {
                     channel: chan.name,

@@ -316,6 +316,17 @@ impl Driver {
                     }
                 }
             }
+            Command::History { mut request, reply } => {
+                if !self.connected {
+                    let _ = reply.send(Err(Error::NotConnected));
+                    Ok(())
+                } else {
+                    let id = self.next_id();
+                    request.id = Some(id);
+                    self.pending.push_back((id, Pending::History(reply)));
+                    send_frame(conn, &ClientFrame::History(request)).await
+                }
+            }
             Command::DropConnection => {
                 conn.ws.get_ref().set_abortive_close();
                 return Err(retry("connection dropped by debug_drop_connection"));
@@ -352,10 +363,18 @@ impl Driver {
                 Ok(())
             }
             ServerFrame::Unsubscribed(u) => {
-                if let Some(Pending::Unsubscribe(Some(reply))) =
+                if u.server == Some(true) && u.id.is_none() {
+                    self.server_unsubscribed(&u.channel);
+                } else if let Some(Pending::Unsubscribe(Some(reply))) =
                     u.id.and_then(|id| self.take_pending(id))
                 {
                     let _ = reply.send(Ok(()));
+                }
+                Ok(())
+            }
+            ServerFrame::History(h) => {
+                if let Some(Pending::History(reply)) = h.id.and_then(|id| self.take_pending(id)) {
+                    let _ = reply.send(Ok(h));
                 }
                 Ok(())
             }
@@ -414,8 +433,6 @@ impl Driver {
                 Ok(())
             }
             ServerFrame::Pong(_) => Ok(()),
-            // Answers a `history` request (not sent by this client yet).
-            ServerFrame::History(_) => Ok(()),
             // SSE's frame; a WebSocket server closes with 4005 instead.
             ServerFrame::TokenExpired(_) => {
                 return Err(self.token_expired(None, "the token expired".into()))
@@ -501,6 +518,13 @@ impl Driver {
                 }
             }
             Some(Pending::Publish(reply)) => {
+                let _ = reply.send(Err(Error::Server {
+                    code: e.code,
+                    message: e.message,
+                    temporary: e.temporary,
+                }));
+            }
+            Some(Pending::History(reply)) => {
                 let _ = reply.send(Err(Error::Server {
                     code: e.code,
                     message: e.message,

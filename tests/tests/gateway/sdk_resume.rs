@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use client_sdk::{
-    Client, ClientBuilder, Codec, ConnectionState, Position, Subscription, SubscriptionEvent,
-    UnrecoverableReason,
+    Client, ClientBuilder, Codec, ConnectionState, HistoryOptions, Position, Subscription,
+    SubscriptionEvent, UnrecoverableReason,
 };
 use harness::netfault::FaultyLink;
 use harness::{within, within_for, Gateway};
@@ -95,6 +95,7 @@ async fn sdk_subscribe_since_a_stored_position_continues_exactly() -> R {
                 SubscriptionEvent::Subscribed {
                     position: Some(p),
                     recovered: None,
+                    ..
                 } => {
                     ensure!(p.seq == 0, "{name}: {p:?}");
                     epoch = p.epoch;
@@ -131,6 +132,7 @@ async fn sdk_subscribe_since_a_stored_position_continues_exactly() -> R {
             SubscriptionEvent::Subscribed {
                 recovered: Some(true),
                 position: Some(p),
+                ..
             } => ensure!(p == Position::new(3, epoch.clone()), "{name}: {p:?}"),
             other => anyhow::bail!("{name}: expected a recovered Subscribed, got {other:?}"),
         }
@@ -193,7 +195,10 @@ async fn sdk_subscribe_since_a_stored_position_continues_exactly() -> R {
         // ends the stream.
         client2.unsubscribe(&chan2).await?;
         match next_event(&mut sub).await? {
-            SubscriptionEvent::Unsubscribed { error: None } => {}
+            SubscriptionEvent::Unsubscribed {
+                error: None,
+                server: false,
+            } => {}
             other => anyhow::bail!("{name}: expected Unsubscribed, got {other:?}"),
         }
         ensure!(sub.next_event().await.is_none(), "{name}");
@@ -448,5 +453,156 @@ async fn sdk_clients_are_back_within_3s_of_each_short_cut() -> R {
     for t in tasks {
         t.abort();
     }
+    Ok(())
+}
+
+/// `Client::history` over the WebSocket (JSON and MessagePack): the last N
+/// newest first, then `subscribe_since` the newest gives every later message
+/// once; a position of another epoch is reported, not served. Over SSE the
+/// call is refused locally.
+#[tokio::test]
+async fn sdk_history_then_subscribe_since_the_newest() -> R {
+    let gw = Gateway::start().await?;
+    for (name, b) in builders(&gw) {
+        let chan = format!("hist-{name}");
+        let token = gw.token(&format!("h-{name}"), &[&chan], &[], 600);
+        let client = start(name, b, &token).await?;
+        if name == "sse" {
+            ensure!(
+                matches!(
+                    client.history(&chan, HistoryOptions::last(2)).await,
+                    Err(client_sdk::Error::Unsupported("history"))
+                ),
+                "sse"
+            );
+            continue;
+        }
+        for i in 1..=6 {
+            gw.publish(&chan, payload(i)).await?;
+        }
+        let h = within("history", client.history(&chan, HistoryOptions::last(3))).await??;
+        let seqs: Vec<u64> = h.messages.iter().map(|m| m.seq).collect();
+        ensure!(seqs == [6, 5, 4], "{name}: {seqs:?}");
+        ensure!(h.top.seq == 6 && h.unrecoverable.is_none(), "{name}: {h:?}");
+        check_message(&h.messages[0], &chan, 6, &h.top.epoch, &payload(6));
+        let newest = Position::new(h.messages[0].seq, h.messages[0].epoch.clone());
+        let after = within(
+            "history since",
+            client.history(
+                &chan,
+                HistoryOptions::since(Position::new(4, h.top.epoch.clone()), None),
+            ),
+        )
+        .await??;
+        ensure!(
+            after.messages.iter().map(|m| m.seq).eq([5, 6]),
+            "{name}: {after:?}"
+        );
+        let lost = within(
+            "history of another epoch",
+            client.history(
+                &chan,
+                HistoryOptions::since(Position::new(1, "other"), None),
+            ),
+        )
+        .await??;
+        ensure!(
+            lost.messages.is_empty() && lost.unrecoverable.is_some(),
+            "{name}: {lost:?}"
+        );
+        gw.publish(&chan, payload(7)).await?;
+        let mut sub = within("subscribe", client.subscribe_since(&chan, Some(newest))).await??;
+        expect_messages(&mut sub, &chan, 7, 7, &h.top.epoch).await?;
+        // Not allowed by the token: the server's refusal.
+        ensure!(
+            matches!(
+                client.history("secret", HistoryOptions::default()).await,
+                Err(client_sdk::Error::Server { .. })
+            ),
+            "{name}"
+        );
+        client.close().await;
+    }
+    Ok(())
+}
+
+/// A subscription the backend makes (`POST /api/subscribe`) reaches the
+/// application as a `Subscription` (server: true) with the messages, and
+/// one the backend ends (`POST /api/unsubscribe`) ends it with
+/// `Unsubscribed { server: true }`; after a reconnection the client
+/// resubscribes it with `since` like its own.
+#[tokio::test]
+async fn sdk_surfaces_server_side_subscriptions() -> R {
+    let gw = Gateway::start().await?;
+    let chan = "server-side";
+    let token = gw.token("srv-user", &[chan], &[], 600);
+    let (tx, mut subs) = tokio::sync::mpsc::unbounded_channel();
+    let client = within(
+        "connect",
+        Client::builder(gw.url(""))
+            .websocket(Codec::MsgPack)
+            .token(&token)
+            .on_server_subscription(move |s| {
+                let _ = tx.send(s);
+            })
+            .connect(),
+    )
+    .await??;
+    let mut events = client.events();
+    gw.post_json(
+        "/api/subscribe",
+        &json!({"user": "srv-user", "channel": chan}),
+    )
+    .await?;
+    let mut sub = within("a server-side subscription", subs.recv())
+        .await?
+        .context("hand-over closed")?;
+    ensure!(sub.channel() == chan);
+    let epoch = match next_event(&mut sub).await? {
+        SubscriptionEvent::Subscribed {
+            server: true,
+            position: Some(p),
+            ..
+        } => p.epoch,
+        other => anyhow::bail!("expected a server Subscribed, got {other:?}"),
+    };
+    let seen = within("the ServerSubscribed event", async {
+        loop {
+            if let Ok(client_sdk::Event::ServerSubscribed { channel }) = events.recv().await {
+                return channel;
+            }
+        }
+    })
+    .await?;
+    ensure!(seen == chan);
+    for i in 1..=3 {
+        gw.publish(chan, payload(i)).await?;
+    }
+    expect_messages(&mut sub, chan, 1, 3, &epoch).await?;
+    // A cut: the client subscribes again itself, from its position.
+    client.debug_drop_connection();
+    gw.publish(chan, payload(4)).await?;
+    expect_messages(&mut sub, chan, 4, 4, &epoch).await?;
+    gw.publish(chan, payload(5)).await?;
+    expect_messages(&mut sub, chan, 5, 5, &epoch).await?;
+    gw.post_json(
+        "/api/unsubscribe",
+        &json!({"user": "srv-user", "channel": chan}),
+    )
+    .await?;
+    match next_event(&mut sub).await? {
+        SubscriptionEvent::Unsubscribed {
+            server: true,
+            error: None,
+        } => {}
+        other => anyhow::bail!("expected a server Unsubscribed, got {other:?}"),
+    }
+    ensure!(sub.next_event().await.is_none());
+    let stats = client.stats();
+    ensure!(
+        (stats.delivered, stats.duplicates, stats.gaps) == (5, 0, 0),
+        "{stats:?}"
+    );
+    client.close().await;
     Ok(())
 }
