@@ -69,6 +69,11 @@ pub struct Config {
     /// with subscribers are kept). Bounds what subscribing to made-up names
     /// can hold.
     pub stream_empty_ttl_ms: u64,
+    /// Channel namespaces (config file only: `[[namespace]]` blocks with
+    /// `name` and optional `replay_window_ms`, `replay_max_messages`,
+    /// `publish`, `anonymous`, `history`; see docs/PROTOCOL.md). Channels
+    /// `<name>:*` follow their block; others the top-level settings.
+    pub namespace: Vec<crate::namespace::NamespaceConfig>,
     /// Embedded node: streams (channels with a sequence) held at most; past
     /// it the least recently used go first, never-published ones before
     /// the rest, and a client holding a position in one is told
@@ -130,8 +135,28 @@ pub struct Config {
     /// (Redis registry and replay store; Redis pub/sub backbone unless
     /// `nats_url` is set). Unset: embedded single node.
     pub redis_url: Option<String>,
-    /// NATS URL (`nats://host:port`). Set (with `redis_url`): NATS is the backbone.
+    /// NATS URL (`nats://host:port`), or several separated by commas (the
+    /// servers of one NATS cluster): the node connects to any of them and,
+    /// when its server goes away, to another (it then reads what it missed
+    /// from the replay store). Set (with `redis_url`): NATS is the backbone.
     pub nats_url: Option<String>,
+    /// Redis Sentinel addresses (`host:port`, comma-separated), instead of
+    /// `redis_url`: the node asks them for the master of
+    /// `redis_master_name` at every (re)connection, so after a failover it
+    /// reaches the promoted replica (registry, replay store and Redis
+    /// backbone alike).
+    pub redis_sentinels: Option<String>,
+    /// The master name the sentinels watch (`sentinel monitor <name> ...`);
+    /// needed with `redis_sentinels`.
+    pub redis_master_name: Option<String>,
+    /// Replicas that must confirm a publish (Redis `WAIT`) before it is
+    /// acknowledged; 0: answer as soon as the master has it. Costs a
+    /// replication round trip per publish (BENCHMARKS.md); a publish not
+    /// confirmed within `redis_replica_ack_timeout_ms` is answered 503 (it
+    /// may still be delivered: retry with its idempotency key).
+    pub redis_min_replica_acks: u32,
+    /// How long a publish waits for `redis_min_replica_acks` replicas.
+    pub redis_replica_ack_timeout_ms: u64,
     /// A node that has not sent a heartbeat for this long is dead: the
     /// registry ignores it and unicasts stop targeting it.
     pub registry_ttl_ms: u64,
@@ -255,6 +280,7 @@ impl Default for Config {
             replay_max_bytes: 256 * 1024 * 1024,
             stream_meta_ttl_ms: 24 * 3600 * 1000,
             stream_empty_ttl_ms: 5 * 60 * 1000,
+            namespace: Vec::new(),
             replay_max_streams: 1_000_000,
             max_frame_bytes: 64 * 1024,
             max_queue_bytes: 1024 * 1024,
@@ -277,6 +303,10 @@ impl Default for Config {
             ws_write_buffer_bytes: 16 * 1024,
             redis_url: None,
             nats_url: None,
+            redis_sentinels: None,
+            redis_master_name: None,
+            redis_min_replica_acks: 0,
+            redis_replica_ack_timeout_ms: 1_000,
             registry_ttl_ms: 6_000,
             heartbeat_interval_ms: 2_000,
             backbone_down_threshold_ms: 3_000,
@@ -405,6 +435,12 @@ impl Config {
 
     /// Checks every value once, so a bad setting stops the node at start with
     /// a message naming it.
+    /// A cluster node: Redis holds the registry and the replay store (given
+    /// by `redis_url` or by `redis_sentinels`).
+    pub fn cluster_mode(&self) -> bool {
+        self.redis_url.is_some() || self.redis_sentinels.is_some()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.listen_backlog == 0 {
@@ -458,6 +494,7 @@ impl Config {
         if self.stream_empty_ttl_ms > self.stream_meta_ttl_ms {
             return bad("stream_empty_ttl_ms must not exceed stream_meta_ttl_ms".into());
         }
+        self.namespaces().map_err(ConfigError::Invalid)?;
         if self.max_frame_bytes < 256 {
             return bad("max_frame_bytes must be at least 256".into());
         }
@@ -503,16 +540,28 @@ impl Config {
         if self.resume_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return bad("resume_secret must be at least 16 bytes".into());
         }
-        if self.redis_url.is_some()
+        if self.redis_sentinels.is_some() != self.redis_master_name.is_some() {
+            return bad("redis_sentinels and redis_master_name go together".into());
+        }
+        if self.redis_sentinels.is_some() && self.redis_url.is_some() {
+            return bad("set redis_url or redis_sentinels, not both".into());
+        }
+        if self.redis_min_replica_acks > 0 && !self.cluster_mode() {
+            return bad("redis_min_replica_acks needs Redis (redis_url or redis_sentinels)".into());
+        }
+        if self.redis_replica_ack_timeout_ms == 0 {
+            return bad("redis_replica_ack_timeout_ms must be above 0".into());
+        }
+        if self.cluster_mode()
             && !self.dev
             && self.resume_secret.is_none()
             && self.jwt_secret.is_none()
         {
             return bad("cluster mode needs a resume_secret (or jwt_secret) shared by every node, to verify resume tokens across nodes".into());
         }
-        if self.nats_url.is_some() && self.redis_url.is_none() {
+        if self.nats_url.is_some() && !self.cluster_mode() {
             return bad(
-                "nats_url needs redis_url too: Redis holds the registry and the replay store"
+                "nats_url needs redis_url (or redis_sentinels) too: Redis holds the registry and the replay store"
                     .into(),
             );
         }
@@ -567,6 +616,16 @@ impl Config {
             return bad("no API keys for the publish API: set GATEWAY_API_KEYS (comma-separated), or run with --dev for a local trial".into());
         }
         Ok(())
+    }
+
+    /// The namespaces (checked: the error names the block and the key).
+    pub fn namespaces(&self) -> Result<crate::namespace::Namespaces, String> {
+        crate::namespace::Namespaces::new(
+            &self.namespace,
+            self.replay_window_ms,
+            self.replay_max_messages,
+            self.stream_meta_ttl_ms,
+        )
     }
 
     pub fn api_keys(&self) -> Vec<String> {

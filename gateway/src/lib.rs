@@ -18,6 +18,8 @@
 //! * [`hub`]: local channel -> connections index; per-channel logs; fan-out.
 //! * [`interest`]: which channels the node listens to on the backbone.
 //! * [`broker`]: the backbone seam: in-memory, Redis pub/sub, NATS.
+//! * [`sentinel`]: Redis through Sentinel: a loopback forwarder to the
+//!   current master.
 //! * [`replay`]: the replay store seam (sequence, epoch, resumable buffer):
 //!   in-memory, Redis; merging of identical concurrent reads.
 //! * [`api`]: the publish API for backends.
@@ -41,12 +43,14 @@ pub mod hub;
 pub mod ids;
 pub mod interest;
 pub mod message;
+pub mod namespace;
 pub mod node;
 pub mod ops;
 pub mod quota;
 pub mod ratelimit;
 pub mod rebalance;
 pub mod replay;
+pub mod sentinel;
 pub mod server;
 pub mod session;
 pub mod telemetry;

@@ -24,6 +24,8 @@ use crate::telemetry::Metrics;
 pub enum BuildError {
     #[error(transparent)]
     Keys(#[from] crate::auth::KeyError),
+    #[error("{0}")]
+    Namespaces(String),
     #[error("connecting the registry to Redis: {0}")]
     Registry(registry::RegistryError),
     #[error("connecting the replay store to Redis: {0}")]
@@ -35,6 +37,8 @@ pub enum BuildError {
     },
     #[error("first registry heartbeat: {0}")]
     Heartbeat(registry::RegistryError),
+    #[error(transparent)]
+    Sentinel(crate::sentinel::SentinelError),
 }
 
 /// The seams a node is built from: replay store, broker, registry (none in
@@ -89,12 +93,25 @@ impl Node {
         let window = Duration::from_millis(config.replay_window_ms);
         let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);
         let empty_ttl = Duration::from_millis(config.stream_empty_ttl_ms);
-        let (store, broker, registry): Seams = match &config.redis_url {
+        // Checked by the config's validation already.
+        let namespaces = Arc::new(config.namespaces().map_err(BuildError::Namespaces)?);
+        // With Sentinel, every Redis client goes through a local forwarder
+        // that leads to the current master (`sentinel`).
+        let redis_url = match (&config.redis_sentinels, &config.redis_master_name) {
+            (Some(sentinels), Some(name)) => Some(
+                crate::sentinel::start(sentinels, name)
+                    .await
+                    .map_err(BuildError::Sentinel)?,
+            ),
+            _ => config.redis_url.clone(),
+        };
+        let (store, broker, registry): Seams = match &redis_url {
             None => {
                 let store = Arc::new(
                     MemoryReplayStore::new(window, config.replay_max_messages, meta_ttl)
                         .with_max_bytes(config.replay_max_bytes)
-                        .with_stream_limits(empty_ttl, config.replay_max_streams),
+                        .with_stream_limits(empty_ttl, config.replay_max_streams)
+                        .with_namespaces(namespaces.clone()),
                 );
                 store.spawn_sweeper();
                 let store: Arc<dyn ReplayStore> = store;
@@ -117,7 +134,12 @@ impl Node {
                         (meta_ttl, empty_ttl),
                     )
                     .await
-                    .map_err(BuildError::Store)?,
+                    .map_err(BuildError::Store)?
+                    .with_replica_acks(
+                        config.redis_min_replica_acks,
+                        Duration::from_millis(config.redis_replica_ack_timeout_ms),
+                    )
+                    .with_namespaces(namespaces.clone()),
                 );
                 let broker: Arc<dyn Broker> = match &config.nats_url {
                     None => RedisBroker::connect(
@@ -170,7 +192,8 @@ impl Node {
             .with_subscribe_limits(
                 (config.subscribe_rate, config.subscribe_burst),
                 (config.user_subscribe_rate, config.user_subscribe_burst),
-            ),
+            )
+            .with_namespaces(namespaces),
         );
         let ledger: Arc<dyn Registry> = match &registry {
             Some(r) => r.clone(),

@@ -311,6 +311,12 @@ pub fn stream_history_lost(cause: &'static str, streams: u64) {
     metrics::counter!("gateway_replay_streams_reset_total", "cause" => cause).increment(streams);
 }
 
+/// Publishes refused because fewer than `redis_min_replica_acks` replicas
+/// confirmed them in time.
+pub fn replica_acks_missing() {
+    metrics::counter!("gateway_publish_replica_acks_missing_total").increment(1);
+}
+
 /// Connections the drain still waits for.
 pub fn drain_remaining(connections: usize) {
     metrics::gauge!("gateway_drain_connections_remaining").set(connections as f64);

@@ -28,6 +28,8 @@ mod idempotency;
 mod kubernetes;
 #[path = "gateway/metrics.rs"]
 mod metrics;
+#[path = "gateway/namespaces.rs"]
+mod namespaces;
 #[path = "gateway/poison.rs"]
 mod poison;
 #[path = "gateway/prometheus.rs"]

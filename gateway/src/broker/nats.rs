@@ -6,8 +6,9 @@
 //! * With several publishers NATS may deliver a channel's messages out of
 //!   sequence order; sessions detect the gap by sequence and fill it from the
 //!   replay store (and drop the late copy as a duplicate).
-//! * The client reconnects and resubscribes by itself; on reconnect the node
-//!   fetches what was published meanwhile from the replay store.
+//! * The client reconnects and resubscribes by itself (to any server of
+//!   `nats_url`, a comma-separated list for a NATS cluster); on reconnect the
+//!   node fetches what was published meanwhile from the replay store.
 
 use crate::control::Control;
 use crate::replay::Appended;
@@ -15,7 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Event};
+use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
@@ -43,6 +44,24 @@ pub fn channel_subject(channel: &str) -> String {
 
 pub fn node_subject(node: &str) -> String {
     format!("gw.node.{node}")
+}
+
+/// `nats_url`: one URL or a comma-separated list (servers of one cluster;
+/// the client picks any and moves to another when its server goes away).
+pub fn server_addrs(urls: &str) -> Result<Vec<ServerAddr>, BrokerError> {
+    let addrs = urls
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<ServerAddr>()
+                .map_err(|e| BrokerError::Unavailable(format!("nats_url {u:?}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if addrs.is_empty() {
+        return Err(BrokerError::Unavailable("nats_url names no server".into()));
+    }
+    Ok(addrs)
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BrokerError {
@@ -105,7 +124,7 @@ impl NatsBroker {
                     }
                 }
             })
-            .connect(url)
+            .connect(server_addrs(url)?)
             .await
             .map_err(unavailable)?;
         let broker = Arc::new(Self {
@@ -251,5 +270,21 @@ impl Broker for NatsBroker {
 
     fn kind(&self) -> &'static str {
         "nats"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::server_addrs;
+
+    #[test]
+    fn nats_url_takes_one_server_or_a_comma_separated_cluster() {
+        assert_eq!(server_addrs("nats://127.0.0.1:4222").unwrap().len(), 1);
+        let three = server_addrs("nats://a:4222, nats://b:4222,nats://c:4222,").unwrap();
+        let ports: Vec<u16> = three.iter().map(|a| a.port()).collect();
+        assert_eq!(ports, [4222, 4222, 4222]);
+        assert_eq!(three[1].host(), "b");
+        assert!(server_addrs(" , ").is_err());
+        assert!(server_addrs("http://a:1 x").is_err());
     }
 }

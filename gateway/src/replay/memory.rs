@@ -26,6 +26,7 @@ use serde_json::Value;
 
 use super::{Appended, Recovery, ReplayStore, StoreError};
 use crate::message::Publication;
+use crate::namespace::Namespaces;
 
 struct Stream {
     epoch: Arc<str>,
@@ -34,6 +35,9 @@ struct Stream {
     /// seqs contiguous ending at `top`.
     buffer: VecDeque<(Instant, Arc<Publication>, u64)>,
     touched: Instant,
+    /// Its namespace's replay window and size (fixed at creation).
+    window: Duration,
+    max_messages: usize,
     /// Idempotency keys of buffered messages (made on the first keyed
     /// publish): a key is known exactly as long as its message is buffered.
     keys: Option<Box<Keys>>,
@@ -67,8 +71,8 @@ impl Stream {
 /// for the few instructions of an append or a read.
 pub struct MemoryReplayStore {
     streams: DashMap<Arc<str>, Arc<Mutex<Stream>>>,
-    window: Duration,
-    max_messages: usize,
+    /// Each channel's replay window and size.
+    namespaces: Arc<Namespaces>,
     meta_ttl: Duration,
     /// How long a stream nobody published to outlives its last use.
     empty_ttl: Duration,
@@ -107,8 +111,7 @@ impl MemoryReplayStore {
     pub fn new(window: Duration, max_messages: usize, meta_ttl: Duration) -> Self {
         Self {
             streams: DashMap::new(),
-            window,
-            max_messages,
+            namespaces: Arc::new(Namespaces::uniform(window, max_messages)),
             meta_ttl,
             empty_ttl: meta_ttl,
             max_streams: usize::MAX,
@@ -169,6 +172,12 @@ impl MemoryReplayStore {
             crate::telemetry::stream_history_lost("stream_limit", dropped_history);
         }
         self.evicting.store(false, Ordering::Release);
+    }
+
+    /// Each channel's replay window and size from its namespace.
+    pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
+        self.namespaces = namespaces;
+        self
     }
 
     /// Bounds the bytes of all buffered messages together
@@ -269,11 +278,14 @@ impl MemoryReplayStore {
         self.streams
             .entry(Arc::from(channel))
             .or_insert_with(|| {
+                let rules = self.namespaces.rules(channel);
                 Arc::new(Mutex::new(Stream {
                     epoch: new_epoch(),
                     top: 0,
                     buffer: VecDeque::new(),
                     touched: Instant::now(),
+                    window: rules.replay_window,
+                    max_messages: rules.replay_max_messages,
                     keys: None,
                 }))
             })
@@ -281,10 +293,11 @@ impl MemoryReplayStore {
     }
 
     fn trim(&self, s: &mut Stream, now: Instant) {
-        while s.buffer.len() > self.max_messages
+        let (window, max) = (s.window, s.max_messages);
+        while s.buffer.len() > max
             || s.buffer
                 .front()
-                .is_some_and(|(at, _, _)| now.duration_since(*at) > self.window)
+                .is_some_and(|(at, _, _)| now.duration_since(*at) > window)
         {
             if let Some((_, _, key)) = s.buffer.pop_front() {
                 self.uncharge(key);
@@ -314,7 +327,7 @@ impl MemoryReplayStore {
 
     pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let store = Arc::downgrade(self);
-        let every = (self.window.min(self.empty_ttl) / 4)
+        let every = (self.namespaces.shortest_window().min(self.empty_ttl) / 4)
             .clamp(Duration::from_millis(50), Duration::from_secs(5));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);

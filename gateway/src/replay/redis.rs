@@ -59,6 +59,7 @@ use super::{Appended, Recovery, ReplayStore, StoreError};
 use crate::ids::new_epoch;
 use crate::ids::now_ms;
 use crate::message::Publication;
+use crate::namespace::Namespaces;
 
 /// The Redis function library: `<name>_append` and `<name>_read`, and the
 /// life check both run first (module docs). Its name carries a hash of its
@@ -181,10 +182,13 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 pub struct RedisReplayStore {
     conn: ConnectionManager,
     library: Library,
-    window: Duration,
-    max_messages: usize,
+    /// Each channel's replay window and size.
+    namespaces: Arc<Namespaces>,
     meta_ttl: Duration,
     empty_ttl: Duration,
+    /// `redis_min_replica_acks` and its timeout: an append is confirmed by
+    /// `WAIT` on this many replicas before it is acknowledged (0: not).
+    replica_acks: (u32, Duration),
 }
 
 impl RedisReplayStore {
@@ -220,13 +224,53 @@ impl RedisReplayStore {
         let store = Self {
             conn,
             library: Library::new(),
-            window,
-            max_messages,
+            namespaces: Arc::new(Namespaces::uniform(window, max_messages)),
             meta_ttl,
             empty_ttl: empty_ttl.min(meta_ttl),
+            replica_acks: (0, Duration::ZERO),
         };
         store.load_library().await?;
         Ok(store)
+    }
+
+    /// Appends wait (`WAIT`) until `n` replicas have them, at most
+    /// `timeout`; fewer in time fails the append (`redis_min_replica_acks`).
+    pub fn with_replica_acks(mut self, n: u32, timeout: Duration) -> Self {
+        self.replica_acks = (n, timeout);
+        self
+    }
+
+    /// `WAIT`: every write this store sent so far (its connection is shared,
+    /// so this covers the append just made) is on `n` replicas.
+    async fn wait_replicas(&self) -> Result<(), StoreError> {
+        let (n, timeout) = self.replica_acks;
+        if n == 0 {
+            return Ok(());
+        }
+        let mut c = self.conn.clone();
+        let acked: u32 = redis::cmd("WAIT")
+            .arg(n)
+            .arg(timeout.as_millis() as u64)
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        if acked < n {
+            crate::telemetry::replica_acks_missing();
+            return Err(StoreError::Unavailable(format!(
+                "publish confirmed by {acked} of {n} replicas within {timeout:?} (redis_min_replica_acks)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Each channel's replay window and size from its namespace.
+    pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
+        self.namespaces = namespaces;
+        self
+    }
+
+    fn window_of(&self, channel: &str) -> u64 {
+        self.namespaces.rules(channel).replay_window.as_millis() as u64
     }
 
     /// Loads (or reloads) the function library into Redis.
@@ -286,15 +330,13 @@ impl RedisReplayStore {
         publish_to: &[String],
     ) -> Result<Appended, StoreError> {
         let payload = serde_json::to_string(&data).map_err(unavailable)?;
-        let (window, meta_ttl) = (
-            self.window.as_millis() as u64,
-            self.meta_ttl.as_millis() as u64,
-        );
+        let (window, meta_ttl) = (self.window_of(channel), self.meta_ttl.as_millis() as u64);
+        let max_messages = self.namespaces.rules(channel).replay_max_messages;
         let (seq, epoch, reset, duplicate): (u64, String, u8, u8) = self
             .fcall(&self.library.append, channel, idempotency, |cmd| {
                 cmd.arg(&payload)
                     .arg(ts)
-                    .arg(self.max_messages)
+                    .arg(max_messages)
                     .arg(window)
                     .arg(meta_ttl)
                     .arg(&*new_epoch())
@@ -308,6 +350,7 @@ impl RedisReplayStore {
         if reset == 1 {
             history_lost(channel, &epoch);
         }
+        self.wait_replicas().await?;
         Ok(Appended::New(Arc::new(Publication::new(
             Arc::from(channel),
             seq,
@@ -327,7 +370,7 @@ impl RedisReplayStore {
         let (epoch, top, entries, reset): (String, u64, Vec<RedisValue>, u8) = self
             .fcall(&self.library.read, channel, None, |cmd| {
                 cmd.arg(&from)
-                    .arg(self.max_messages)
+                    .arg(self.namespaces.rules(channel).replay_max_messages)
                     .arg(&*new_epoch())
                     .arg(meta_ttl)
                     .arg(self.empty_ttl.as_millis() as u64);
@@ -410,7 +453,7 @@ impl ReplayStore for RedisReplayStore {
                 top,
             });
         }
-        let oldest_allowed = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let oldest_allowed = now_ms().saturating_sub(self.window_of(channel));
         let channel: Arc<str> = Arc::from(channel);
         let epoch: Arc<str> = Arc::from(epoch);
         let mut publications = Vec::with_capacity(entries.len());
@@ -453,7 +496,7 @@ impl ReplayStore for RedisReplayStore {
         channel: &str,
     ) -> Result<(Vec<Arc<Publication>>, Position), StoreError> {
         let (epoch, top, entries) = self.read_raw(channel, Some(0)).await?;
-        let oldest_allowed = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let oldest_allowed = now_ms().saturating_sub(self.window_of(channel));
         let (channel, epoch_arc): (Arc<str>, Arc<str>) =
             (Arc::from(channel), Arc::from(epoch.as_str()));
         let mut publications = Vec::with_capacity(entries.len());

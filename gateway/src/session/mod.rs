@@ -36,6 +36,7 @@ use crate::drain::{Drain, Slot};
 use crate::hub::{Arrived, Behind, Hub, SessionShared, Signal, Subscription};
 use crate::interest::Interest;
 use crate::message::Publication;
+use crate::namespace::Namespaces;
 use crate::quota::{SubscribeQuota, UserQuotas};
 use crate::replay::{Recovery, ReplayStore};
 use crate::telemetry::Metrics;
@@ -146,6 +147,8 @@ pub struct SessionContext {
     /// `subscribe_burst`); the per-user buckets.
     pub subscribe_rate: (u32, u32),
     pub user_quotas: Arc<UserQuotas>,
+    /// Per-namespace rules (publish, anonymous, history).
+    pub namespaces: Arc<Namespaces>,
     /// Open sessions by transport (WebSocket, SSE) and subscriptions held,
     /// for `/api/info` and the registry heartbeat.
     pub counts: Counts,
@@ -195,8 +198,18 @@ impl SessionContext {
             subscribe_rate: (u32::MAX, u32::MAX),
             user_quotas: Arc::new(UserQuotas::new(u32::MAX, u32::MAX)),
             counts: Counts::default(),
+            namespaces: Arc::new(Namespaces::uniform(
+                std::time::Duration::from_secs(60),
+                1000,
+            )),
             next_session: std::sync::atomic::AtomicU64::new(1),
         }
+    }
+
+    /// The namespaces' rules.
+    pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
+        self.namespaces = namespaces;
+        self
     }
 
     /// Limits how fast sessions subscribe: per connection (`rate`, `burst`)

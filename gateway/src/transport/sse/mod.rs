@@ -112,6 +112,17 @@ async fn open_stream(
             crate::telemetry::auth_failed("sse", &conn, &e.message);
         }
     })?;
+    if identity.is_anonymous() {
+        if let Some(c) = channels
+            .iter()
+            .find(|c| !node.sessions.namespaces.rules(c).anonymous)
+        {
+            return Err(ApiError::new(
+                protocol::ErrorCode::PermissionDenied,
+                format!("anonymous clients may not subscribe to {c:?} (namespace)"),
+            ));
+        }
+    }
     if let Err(e) = crate::control::check_not_revoked(&node, &identity).await {
         let conn = crate::telemetry::arrival_id("sse");
         crate::telemetry::auth_failed("sse", &conn, &e);

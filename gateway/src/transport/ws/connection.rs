@@ -460,6 +460,14 @@ impl Connection {
                         ErrorCode::PermissionDenied,
                         format!("token does not allow subscribing to {:?}", s.channel),
                     );
+                } else if self.identity.is_anonymous()
+                    && !node.sessions.namespaces.rules(&s.channel).anonymous
+                {
+                    self.reply_error(
+                        s.id,
+                        ErrorCode::PermissionDenied,
+                        format!("anonymous clients may not subscribe to {:?} (namespace)", s.channel),
+                    );
                 } else if let Err(code) = self
                     .session
                     .subscribe(s.id, &s.channel, s.since, &mut self.out)
@@ -496,6 +504,12 @@ impl Connection {
                         p.id,
                         ErrorCode::PermissionDenied,
                         format!("token does not allow publishing to {:?}", p.channel),
+                    );
+                } else if !node.sessions.namespaces.rules(&p.channel).publish {
+                    self.reply_error(
+                        p.id,
+                        ErrorCode::PermissionDenied,
+                        format!("clients may not publish to {:?} (namespace)", p.channel),
                     );
                 } else {
                     match node
@@ -577,6 +591,12 @@ impl Connection {
                 h.id,
                 ErrorCode::PermissionDenied,
                 format!("token does not allow reading {:?}", h.channel),
+            );
+        } else if !node.sessions.namespaces.rules(&h.channel).history {
+            self.reply_error(
+                h.id,
+                ErrorCode::PermissionDenied,
+                format!("clients may not read the history of {:?} (namespace)", h.channel),
             );
         } else {
             let read = crate::history::read(

@@ -1,0 +1,179 @@
+//! Redis Sentinel: a loopback forwarder that always leads to the current
+//! master.
+//!
+//! The registry, the replay store and the Redis backbone each hold a redis
+//! crate `ConnectionManager`, which reconnects to the address it was given.
+//! With Sentinel that address changes at a failover. Instead of teaching
+//! three connection holders to re-resolve (and the pub/sub one to
+//! resubscribe), the node listens on a loopback port of its own and gives
+//! that to them as their `redis://` URL. Every connection accepted there
+//! asks the sentinels for the master of `redis_master_name` (the redis
+//! crate's `Sentinel::async_master_for`: the first sentinel that answers,
+//! and the named server must say `ROLE` master) and splices the bytes.
+//!
+//! A failover ends the old connections: a SIGKILLed master drops them, and a
+//! demoted one has them killed by the sentinels (`CLIENT KILL TYPE normal`
+//! and `pubsub` in their reconfiguration). The connection managers then
+//! reconnect through the forwarder and reach the new master; the replay
+//! store sees a new `run_id` there and moves each stream it touches to a new
+//! epoch (`replay::redis`, "The life check").
+//!
+//! Cost: one loopback hop per command, and a sentinel lookup per connection
+//! (connections are long-lived: a handful per node).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::sentinel::Sentinel;
+use redis::ConnectionAddr;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SentinelError {
+    #[error("redis_sentinels {0:?}: {1}")]
+    Addresses(String, String),
+    #[error("sentinel forwarder: {0}")]
+    Listen(#[from] std::io::Error),
+}
+
+/// The `redis://` URLs of `redis_sentinels` (`host:port`, comma-separated;
+/// a `redis://` prefix is allowed).
+pub fn sentinel_urls(list: &str) -> Result<Vec<String>, SentinelError> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(|a| match a.starts_with("redis://") {
+            true => a.to_owned(),
+            false => format!("redis://{a}"),
+        })
+        .collect();
+    if urls.is_empty() {
+        return Err(SentinelError::Addresses(
+            list.to_owned(),
+            "no address".into(),
+        ));
+    }
+    Ok(urls)
+}
+
+/// Starts the forwarder on a loopback port; returns the `redis://` URL the
+/// node's Redis clients use.
+pub async fn start(sentinels: &str, master_name: &str) -> Result<String, SentinelError> {
+    let urls = sentinel_urls(sentinels)?;
+    let sentinel = Sentinel::build(urls)
+        .map_err(|e| SentinelError::Addresses(sentinels.to_owned(), e.to_string()))?;
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+    let addr = listener.local_addr()?;
+    let resolver = Arc::new(Resolver {
+        sentinel: Mutex::new(sentinel),
+        master_name: master_name.to_owned(),
+        last: parking_lot::Mutex::new(None),
+    });
+    tokio::spawn(async move {
+        loop {
+            let (client, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "sentinel forwarder: accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let resolver = resolver.clone();
+            tokio::spawn(async move { resolver.forward(client).await });
+        }
+    });
+    info!(%addr, master = master_name, "redis through sentinels: forwarder listening");
+    Ok(format!("redis://{addr}"))
+}
+
+struct Resolver {
+    sentinel: Mutex<Sentinel>,
+    master_name: String,
+    /// The master of the previous lookup, to log a change once.
+    last: parking_lot::Mutex<Option<SocketAddr>>,
+}
+
+impl Resolver {
+    /// The current master's address, as the sentinels and the master itself
+    /// (`ROLE`) say.
+    async fn master(&self) -> Result<SocketAddr, String> {
+        let client = {
+            let mut sentinel = self.sentinel.lock().await;
+            tokio::time::timeout(
+                Duration::from_secs(2),
+                sentinel.async_master_for(&self.master_name, None),
+            )
+            .await
+            .map_err(|_| "sentinel lookup timed out".to_owned())?
+            .map_err(|e| e.to_string())?
+        };
+        let ConnectionAddr::Tcp(host, port) = &client.get_connection_info().addr else {
+            return Err("the sentinels named a non-TCP master".into());
+        };
+        let addr = tokio::net::lookup_host((host.as_str(), *port))
+            .await
+            .map_err(|e| e.to_string())?
+            .next()
+            .ok_or_else(|| format!("{host}:{port} resolves to nothing"))?;
+        let mut last = self.last.lock();
+        if *last != Some(addr) {
+            info!(master = %addr, name = %self.master_name, "redis master (from the sentinels)");
+            *last = Some(addr);
+        }
+        Ok(addr)
+    }
+
+    /// Splices `client` to the current master; on any failure the client's
+    /// connection is closed (its connection manager retries).
+    async fn forward(&self, mut client: TcpStream) {
+        let master = match self.master().await {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, name = %self.master_name, "no redis master from the sentinels");
+                return;
+            }
+        };
+        let mut upstream = match tokio::time::timeout(
+            Duration::from_secs(2),
+            TcpStream::connect(master),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                warn!(error = %e, %master, "redis master unreachable");
+                return;
+            }
+            Err(_) => {
+                warn!(%master, "redis master: connect timed out");
+                return;
+            }
+        };
+        let _ = client.set_nodelay(true);
+        let _ = upstream.set_nodelay(true);
+        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sentinel_urls;
+
+    #[test]
+    fn sentinel_addresses_are_a_comma_separated_list() {
+        assert_eq!(
+            sentinel_urls("10.0.0.1:26379, 10.0.0.2:26379,redis://h:1").unwrap(),
+            [
+                "redis://10.0.0.1:26379",
+                "redis://10.0.0.2:26379",
+                "redis://h:1"
+            ]
+        );
+        assert!(sentinel_urls(" , ").is_err());
+    }
+}
