@@ -13,7 +13,7 @@ values = {}
 for m in re.finditer(r"^\s*(\w+): (.+?),\s*$", defaults, re.M):
     values.setdefault(m.group(1), m.group(2))
 subst = [("SocketAddr::from(([127, 0, 0, 1], 8080))", "127.0.0.1:8080"), (".into()", ""),
-         ("String::new()", "(empty)"), ("AllowedOrigins::default()", "(empty)"), ("None", "(unset)"), ("24 * 3600 * 1000", "86400000 (24 h)"), ("5 * 60 * 1000", "300000 (5 min)"), ("7 * 24 * 3600", "604800 (7 days)"),
+         ("String::new()", "(empty)"), ("Vec::new()", "(none)"), ("AllowedOrigins::default()", "(empty)"), ("None", "(unset)"), ("24 * 3600 * 1000", "86400000 (24 h)"), ("5 * 60 * 1000", "300000 (5 min)"), ("7 * 24 * 3600", "604800 (7 days)"),
          ("64 * 1024", "65536"), ("256 * 1024 * 1024", "268435456 (256 MiB)"), ("1024 * 1024", "1048576"), ("16 * 1024", "16384"), ("_", "")]
 docs, rows = [], []
 for line in struct.split("\n"):
@@ -25,7 +25,8 @@ for line in struct.split("\n"):
         name, default = m.group(1), values.get(m.group(1), "")
         for a, b in subst:
             default = default.replace(a, b)
-        rows.append(f"| `{name}` | `GATEWAY_{name.upper()}` | {default} | {' '.join(docs)} |")
+        env = "(config file only)" if default == "(none)" else f"`GATEWAY_{name.upper()}`"
+        rows.append(f"| `{name}` | {env} | {default} | {' '.join(docs)} |")
         docs = []
 print("| key (file) | environment | default | meaning |\n|---|---|---|---|")
 print("\n".join(rows))
