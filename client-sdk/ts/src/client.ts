@@ -46,12 +46,36 @@ export interface Subscribed {
    * follows. Absent: a fresh subscription, live from `position`.
    */
   recovered?: boolean;
+  /** The backend subscribed this connection (`POST /api/subscribe`): get its handle with {@link GatewayClient.subscription}. */
+  server?: boolean;
 }
 
-/** A subscription ended: `application` (unsubscribe) or `refused` by the server for good (`error` says why). */
+/** Options of {@link GatewayClient.history}. */
+export interface HistoryOptions {
+  /** Only messages after this position. */
+  since?: Position | null;
+  /** At most this many (server default 100, at most 1,000). */
+  limit?: number;
+  /** The newest `limit` (after `since`), newest first. */
+  reverse?: boolean;
+}
+
+/** The answer of {@link GatewayClient.history}. */
+export interface History<T = unknown> {
+  channel: string;
+  /** Oldest first (newest first with `reverse`). */
+  messages: Message<T>[];
+  /** The stream's top when read: `{ since: { seq, epoch } }` of it follows on after everything stored. */
+  epoch: string;
+  seq: number;
+  /** Set when `since` could not be served (`too_old`, `epoch_changed`, `bad_position`); `messages` is then empty. */
+  unrecoverable?: string;
+}
+
+/** A subscription ended: `application` (unsubscribe), `refused` by the server for good (`error` says why), or ended by the backend (`server`: `POST /api/unsubscribe`). */
 export interface Unsubscribed {
   channel: string;
-  reason: 'application' | 'refused';
+  reason: 'application' | 'refused' | 'server';
   error?: GatewayError;
 }
 
@@ -406,6 +430,41 @@ export class GatewayClient {
     this.subs.set(channel, s);
     if (this.transport === 'sse') this.reopen();
     else if (this.live) this.subscribeFrame(s);
+    return this.handle<T>(s);
+  }
+
+  /**
+   * The handle of a current subscription (the application's, or one the backend
+   * made: `subscribed` event with `server: true`), e.g. to listen to its events.
+   */
+  subscription<T = unknown>(channel: string): Subscription<T> | undefined {
+    const s = this.subs.get(channel);
+    return s && !s.own ? this.handle<T>(s) : undefined;
+  }
+
+  /**
+   * Reads `channel`'s stored messages (the server's replay window) over the
+   * WebSocket: e.g. the last 50 (`{ limit: 50, reverse: true }`), then
+   * `subscribe(channel, { since })` the newest one's position (or the answer's
+   * top) to follow on with nothing missed or repeated. Needs permission to
+   * subscribe to the channel. Rejects with `unsupported` over SSE,
+   * `not_connected` between connections, or the server's code.
+   */
+  history<T = unknown>(channel: string, options: HistoryOptions = {}): Promise<History<T>> {
+    if (this.transport === 'sse') return Promise.reject(new GatewayError('history is not available over SSE', 'unsupported'));
+    const f: Frame = { type: 'history', channel };
+    if (options.since) f.since = { seq: options.since.seq, epoch: options.since.epoch };
+    if (options.limit != null) f.limit = options.limit;
+    if (options.reverse) f.reverse = true;
+    return this.request(f).then((r) => {
+      const h: History<T> = { channel: r.channel, messages: r.messages || [], epoch: r.epoch, seq: r.seq };
+      if (r.unrecoverable) h.unrecoverable = r.unrecoverable;
+      return h;
+    });
+  }
+
+  private handle<T>(s: Sub): Subscription<T> {
+    const channel = s.name;
     return {
       channel,
       ready: s.ready,
@@ -764,15 +823,28 @@ export class GatewayClient {
   private frame(f: Frame): void {
     const req = f.id != null ? this.pending.get(f.id) : undefined;
     if (req) this.pending.delete(f.id);
-    const s = f.channel != null ? this.subs.get(f.channel) : undefined;
+    let s = f.channel != null ? this.subs.get(f.channel) : undefined;
     switch (f.type) {
       case 'connected':
         return this.connected(f, 'websocket');
       case 'subscribed':
+        // The backend subscribed us (`POST /api/subscribe`): follow it like
+        // our own (resubscribed with `since` after a reconnection).
+        if (f.server && f.id == null && typeof f.channel === 'string' && (!s || s.status === 'failed')) {
+          s = this.sub(f.channel);
+          this.subs.set(f.channel, s);
+        }
         if (s) {
           s.t.subscribed(f.seq, f.epoch, f.recovered);
           if (f.recovered) this.counters.resumes++;
-          this.ready(s, typeof f.recovered === 'boolean' ? f.recovered : undefined);
+          this.ready(s, typeof f.recovered === 'boolean' ? f.recovered : undefined, !!f.server);
+        }
+        break;
+      case 'unsubscribed':
+        if (f.server && f.id == null && s && !s.own) {
+          this.subs.delete(s.name);
+          s.ko(new GatewayError('unsubscribed by the server', 'unsubscribed'));
+          this.both(s, 'unsubscribed', { channel: s.name, reason: 'server' });
         }
         break;
       case 'message':
@@ -835,12 +907,13 @@ export class GatewayClient {
     this.request(f).catch(noop); // refusals are handled in `error`
   }
 
-  private ready(s: Sub, recovered?: boolean): void {
+  private ready(s: Sub, recovered?: boolean, server?: boolean): void {
     s.status = 'subscribed';
     s.tries = 0;
     s.ok();
     const e: Subscribed = { channel: s.name, position: s.t.pos ? { ...s.t.pos } : null };
     if (recovered != null) e.recovered = recovered;
+    if (server) e.server = true;
     this.both(s, 'subscribed', e);
   }
 

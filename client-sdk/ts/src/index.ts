@@ -11,6 +11,8 @@ export type {
   ClientOptions,
   ConnectionInfo,
   Counters,
+  History,
+  HistoryOptions,
   Message,
   State,
   StateChange,

@@ -171,6 +171,53 @@ test('page reload: the position kept in localStorage resumes with subscribe(ch, 
     }
   }));
 
+test('history over the WebSocket, then subscribe since the newest; a subscription the backend makes reaches the page', T, () =>
+  withEnv(async (env) => {
+    const gw = await env.gateway();
+    const front = await env.proxy([gw]);
+    const browser = await env.browser();
+    const page = await env.page(browser, front.url);
+    for (let i = 1; i <= 8; i++) await publish(gw.url, 'hist', { i });
+    await sdkClient(page, {});
+    await until(page, () => window.client.state === 'connected');
+    const first = await page.evaluate(async () => {
+      const h = await window.client.history('hist', { limit: 3, reverse: true });
+      const newest = h.messages[0];
+      window.client.subscribe('hist', { since: { seq: newest.seq, epoch: newest.epoch } });
+      return h.messages.map((m) => [m.seq, m.data.i]);
+    });
+    assert.deepEqual(first, [[8, 8], [7, 7], [6, 6]]);
+    await allSubscribed(page, 1);
+    for (let i = 9; i <= 12; i++) await publish(gw.url, 'hist', { i });
+    await until(page, () => window.rec.msgs.length >= 4);
+    exactlyOnceInOrder((await seqsOf(page, 'hist')).map((s) => s - 8), 4, 'after the history');
+
+    // A server-side subscription needs a user: a token for dave.
+    const secret = 'browser-test-secret-0123456789';
+    const gw2 = await env.gateway({ GATEWAY_JWT_SECRET: secret });
+    const front2 = await env.proxy([gw2]);
+    const page2 = await env.page(browser, front2.url);
+    const token = await jwt(secret, { sub: 'dave', exp: Math.floor(Date.now() / 1000) + 600, subscribe: ['room'] });
+    await sdkClient(page2, { token });
+    await page2.evaluate(() => {
+      window.serverSeen = [];
+      window.client.on('subscribed', (e) => {
+        if (!e.server) return;
+        const sub = window.client.subscription(e.channel);
+        sub.on('message', (m) => window.serverSeen.push(m.seq));
+        sub.on('unsubscribed', (u) => window.serverSeen.push(u.reason));
+      });
+    });
+    await until(page2, () => window.client.state === 'connected');
+    await post(gw2.url, '/api/subscribe', { user: 'dave', channel: 'room' });
+    await until(page2, () => window.client.subscriptions().some((s) => s.channel === 'room' && s.status === 'subscribed'));
+    for (let i = 1; i <= 3; i++) await publish(gw2.url, 'room', { i });
+    await until(page2, () => window.serverSeen.length >= 3);
+    await post(gw2.url, '/api/unsubscribe', { user: 'dave', channel: 'room' });
+    await until(page2, () => window.serverSeen.length >= 4);
+    assert.deepEqual(await page2.evaluate(() => window.serverSeen), [1, 2, 3, 'server']);
+  }));
+
 test('a node refusing sessions closes a browser WebSocket with 4004 and a delay, which the SDK waits out', T, () =>
   withEnv(async (env) => {
     const gw = await env.gateway({ GATEWAY_MAX_CONNECTIONS: '1', GATEWAY_ADMISSION_RETRY_MS: '400' });

@@ -581,6 +581,63 @@ describe('client: positions the application stored, per-subscription events, bac
   });
 });
 
+describe('client: history and server-side subscriptions', () => {
+  test('history: the request, its answer typed as messages; unsupported over SSE', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS });
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    const p = c.history('news', { since: { seq: 3, epoch: 'E' }, limit: 2, reverse: true });
+    const f = ws.sent.at(-1);
+    assert.deepEqual({ ...f, id: 0 }, { type: 'history', id: 0, channel: 'news', since: { seq: 3, epoch: 'E' }, limit: 2, reverse: true });
+    const msgs = [5, 4].map((seq) => ({ channel: 'news', seq, epoch: 'E', data: { seq } }));
+    ws.recv({ type: 'history', id: f.id, channel: 'news', messages: msgs, epoch: 'E', seq: 5 });
+    const h = await p;
+    assert.deepEqual(h, { channel: 'news', messages: msgs, epoch: 'E', seq: 5 });
+    const refused = c.history('secret');
+    ws.recv({ type: 'error', id: ws.sent.at(-1).id, code: 103, name: 'permission_denied', message: 'no', temporary: false });
+    await assert.rejects(refused, (e) => e.code === 103);
+    c.close();
+    const sse = new GatewayClient({ url: 'http://gw.test', transport: 'sse', connect: false });
+    await assert.rejects(sse.history('news'), (e) => e.code === 'unsupported');
+  });
+
+  test('a subscription the backend makes is followed like our own, and ends when the backend ends it', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c, rec } = client({ WebSocket: FakeWS });
+    const seen = [];
+    c.on('subscribed', (e) => {
+      if (!e.server) return;
+      seen.push('subscribed:' + e.channel);
+      const sub = c.subscription(e.channel);
+      sub.on('message', (m) => seen.push('message#' + m.seq));
+      sub.on('unsubscribed', (u) => seen.push('unsubscribed:' + u.reason));
+    });
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    ws.recv({ type: 'subscribed', channel: 'room', epoch: 'E', seq: 2, server: true });
+    ws.recv({ type: 'message', channel: 'room', seq: 3, epoch: 'E', data: 3 });
+    assert.deepEqual(c.subscriptions().map((x) => [x.channel, x.status]), [['room', 'subscribed']]);
+    // After a cut the client subscribes again itself, from its position.
+    ws.drop(1006);
+    const ws2 = await next(1);
+    ws2.open();
+    ws2.recv(connected());
+    const again = ws2.sent[1];
+    assert.deepEqual([again.type, again.channel, again.since], ['subscribe', 'room', { seq: 3, epoch: 'E' }]);
+    ws2.recv({ type: 'subscribed', id: again.id, channel: 'room', epoch: 'E', seq: 4, recovered: true });
+    ws2.recv({ type: 'message', channel: 'room', seq: 4, epoch: 'E', data: 4 });
+    ws2.recv({ type: 'unsubscribed', channel: 'room', server: true });
+    ws2.recv({ type: 'message', channel: 'room', seq: 5, epoch: 'E', data: 5 });
+    assert.deepEqual(seen, ['subscribed:room', 'message#3', 'message#4', 'unsubscribed:server']);
+    assert.deepEqual(rec.msgs, ['room#3', 'room#4']);
+    assert.deepEqual(c.subscriptions(), []);
+    c.close();
+  });
+});
+
 describe('client (fake EventSource)', () => {
   test('falls back to SSE after 3 failed WebSocket attempts; the cursor carries its positions', async () => {
     const { FakeWS, sockets } = fakeWebSocket();
