@@ -265,13 +265,17 @@ pub fn spawn(node: &Arc<Node>) {
         let mut r = Rebalancer::new(s, Instant::now());
         // Sessions opened since the previous check may not move yet.
         let mut mark = 0;
-        let mut episode = 0u64;
+        // Moving now, and the moves taken since it started (for the log).
+        let (mut active, mut episode) = (false, 0u64);
         let mut last_hold = String::new();
+        let mut registry_ok = true;
         loop {
             tokio::time::sleep(s.jittered_interval()).await;
             let Some(node) = weak.upgrade() else { return };
             let drain: &Drain = &node.drain;
-            r.not_taken(drain.end_moves());
+            let left = drain.end_moves();
+            r.not_taken(left);
+            episode = episode.saturating_sub(left);
             if node.is_draining() {
                 crate::telemetry::rebalance_excess(0);
                 return;
@@ -279,16 +283,21 @@ pub fn spawn(node: &Arc<Node>) {
             let nodes = match registry.live_nodes().await {
                 Ok(n) => n,
                 Err(e) => {
-                    warn!(error = %e, "rebalance: reading the registry failed; nothing moves until it answers");
+                    // Once per outage: the heartbeat warns as well.
+                    if std::mem::replace(&mut registry_ok, false) {
+                        warn!(error = %e, "rebalance: reading the registry failed; nothing moves until it answers");
+                    }
+                    crate::telemetry::rebalance_excess(0);
                     continue;
                 }
             };
+            registry_ok = true;
             let mine = node.open_connections() as u64;
             let decision = r.check(&node.id, mine, &nodes, Instant::now());
             let below = std::mem::replace(&mut mark, node.sessions.next_session_mark());
             match decision {
                 Decision::Move(n) => {
-                    if episode == 0 {
+                    if !std::mem::replace(&mut active, true) {
                         info!(
                             connections = mine,
                             nodes = nodes.len(),
@@ -303,7 +312,7 @@ pub fn spawn(node: &Arc<Node>) {
                 }
                 hold => {
                     crate::telemetry::rebalance_excess(0);
-                    if episode > 0 {
+                    if std::mem::replace(&mut active, false) {
                         info!(
                             connections = mine,
                             moved = episode,
