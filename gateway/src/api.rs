@@ -12,9 +12,9 @@ use axum::Json;
 use http::{header, StatusCode};
 use protocol::api::{
     BatchItem, BatchResult, ChannelInfo, ChannelsRequest, ChannelsResult, DisconnectRequest,
-    HistoryRequest, InfoRequest, InfoResult, ItemResult, NodeInfo, PublishRequest, PublishResult,
-    RevokeRequest, SendRequest, ServerSubscribeRequest, ServerUnsubscribeRequest, MAX_BATCH_ITEMS,
-    MAX_CHANNELS_LISTED,
+    HistoryRequest, InfoRequest, InfoResult, ItemResult, NodeInfo, PresenceRequest, PublishRequest,
+    PublishResult, RevokeRequest, SendRequest, ServerSubscribeRequest, ServerUnsubscribeRequest,
+    MAX_BATCH_ITEMS, MAX_CHANNELS_LISTED,
 };
 use protocol::{user_channel, validate_channel, validate_user, Codec, DecodeError, ErrorCode};
 use serde::de::DeserializeOwned;
@@ -361,6 +361,51 @@ pub async fn revoke(State(node): State<Arc<Node>>, req: Request) -> Response {
         },
     )
     .await
+}
+
+/// `POST /api/presence` `{"channel"}` (or `/api/presence_stats`, `stats`).
+async fn presence_of(node: &Node, req: Request, stats: bool) -> Response {
+    let q = match read::<PresenceRequest>(node, req).await {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    if validate_channel(&q.channel).is_err() {
+        return ApiError::new(
+            ErrorCode::InvalidChannel,
+            format!("channel {:?}", q.channel),
+        )
+        .into_response();
+    }
+    if !node.sessions.namespaces.rules(&q.channel).presence {
+        return ApiError::new(
+            ErrorCode::BadRequest,
+            format!(
+                "presence is off for {:?} (namespace option presence)",
+                q.channel
+            ),
+        )
+        .into_response();
+    }
+    match crate::presence::members(node, &q.channel).await {
+        Ok(m) if stats => Json(crate::presence::stats(&q.channel, &m)).into_response(),
+        Ok(m) => Json(crate::presence::listing(
+            &node.sessions.presence,
+            &q.channel,
+            m,
+        ))
+        .into_response(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `POST /api/presence` `{"channel"}`: who is subscribed, on every node.
+pub async fn presence(State(node): State<Arc<Node>>, req: Request) -> Response {
+    presence_of(&node, req, false).await
+}
+
+/// `POST /api/presence_stats` `{"channel"}`: how many connections and users.
+pub async fn presence_stats(State(node): State<Arc<Node>>, req: Request) -> Response {
+    presence_of(&node, req, true).await
 }
 
 /// `POST /api/info`: every live node (this one alone on the embedded node).

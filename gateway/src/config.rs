@@ -74,6 +74,13 @@ pub struct Config {
     /// `publish`, `anonymous`, `history`; see docs/PROTOCOL.md). Channels
     /// `<name>:*` follow their block; others the top-level settings.
     pub namespace: Vec<crate::namespace::NamespaceConfig>,
+    /// Presence (namespaces with `presence = true`): how long a node's
+    /// entries outlive its last refresh, so how soon a node that died
+    /// (SIGKILL) stops being listed.
+    pub presence_ttl_ms: u64,
+    /// Presence: how often a node writes the channels whose members changed
+    /// (one write per channel per period, whatever the churn).
+    pub presence_flush_ms: u64,
     /// Embedded node: streams (channels with a sequence) held at most; past
     /// it the least recently used go first, never-published ones before
     /// the rest, and a client holding a position in one is told
@@ -281,6 +288,8 @@ impl Default for Config {
             stream_meta_ttl_ms: 24 * 3600 * 1000,
             stream_empty_ttl_ms: 5 * 60 * 1000,
             namespace: Vec::new(),
+            presence_ttl_ms: 15_000,
+            presence_flush_ms: 500,
             replay_max_streams: 1_000_000,
             max_frame_bytes: 64 * 1024,
             max_queue_bytes: 1024 * 1024,
@@ -495,6 +504,11 @@ impl Config {
             return bad("stream_empty_ttl_ms must not exceed stream_meta_ttl_ms".into());
         }
         self.namespaces().map_err(ConfigError::Invalid)?;
+        if self.presence_flush_ms == 0 || self.presence_ttl_ms < 3 * self.presence_flush_ms {
+            return bad(
+                "presence_flush_ms must be above 0 and presence_ttl_ms at least 3 times it".into(),
+            );
+        }
         if self.max_frame_bytes < 256 {
             return bad("max_frame_bytes must be at least 256".into());
         }

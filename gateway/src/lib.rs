@@ -46,6 +46,7 @@ pub mod message;
 pub mod namespace;
 pub mod node;
 pub mod ops;
+pub mod presence;
 pub mod quota;
 pub mod ratelimit;
 pub mod rebalance;

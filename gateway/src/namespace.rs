@@ -36,6 +36,10 @@ pub struct NamespaceConfig {
     /// (the backend's `/api/history` always may). Default true.
     #[serde(default = "yes")]
     pub history: bool,
+    /// Whether its channels keep presence (who is subscribed, cluster-wide:
+    /// `presence` / `presence_stats`). Default false.
+    #[serde(default)]
+    pub presence: bool,
 }
 
 fn yes() -> bool {
@@ -50,6 +54,7 @@ pub struct Rules {
     pub publish: bool,
     pub anonymous: bool,
     pub history: bool,
+    pub presence: bool,
 }
 
 /// The configured namespaces and the top-level rules.
@@ -73,6 +78,7 @@ impl Namespaces {
             publish: true,
             anonymous: true,
             history: true,
+            presence: false,
         };
         let mut by_name = HashMap::new();
         for (i, b) in blocks.iter().enumerate() {
@@ -103,9 +109,12 @@ impl Namespaces {
                 publish: b.publish,
                 anonymous: b.anonymous,
                 history: b.history,
+                presence: b.presence,
             };
             if by_name.insert(b.name.clone(), rules).is_some() {
-                return Err(format!("{at}: name: a namespace of that name is already configured"));
+                return Err(format!(
+                    "{at}: name: a namespace of that name is already configured"
+                ));
             }
         }
         Ok(Self { by_name, default })
@@ -150,6 +159,7 @@ impl Namespaces {
                 publish: true,
                 anonymous: true,
                 history: true,
+                presence: false,
             },
         }
     }
@@ -167,6 +177,7 @@ mod tests {
             publish: false,
             anonymous: true,
             history: true,
+            presence: false,
         }
     }
 
@@ -179,15 +190,18 @@ mod tests {
         assert!(!chat.publish);
         assert!(ns.rules("news").publish);
         assert!(ns.rules("chatter:x").publish, "a prefix, not a substring");
-        assert_eq!(ns.rules("$user:chat").replay_window, Duration::from_secs(60));
+        assert_eq!(
+            ns.rules("$user:chat").replay_window,
+            Duration::from_secs(60)
+        );
         assert_eq!(ns.longest_window(), Duration::from_secs(60));
         assert_eq!(ns.shortest_window(), Duration::from_millis(500));
     }
 
     #[test]
     fn bad_blocks_are_named() {
-        let e = Namespaces::new(&[block("chat"), block("chat")], 60_000, 100, 86_400_000)
-            .unwrap_err();
+        let e =
+            Namespaces::new(&[block("chat"), block("chat")], 60_000, 100, 86_400_000).unwrap_err();
         assert!(e.contains("namespace[1] (\"chat\"): name"), "{e}");
         let mut zero = block("z");
         zero.replay_window_ms = Some(0);

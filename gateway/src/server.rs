@@ -164,6 +164,8 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/api/subscribe", post(api::server_subscribe))
         .route("/api/unsubscribe", post(api::server_unsubscribe))
         .route("/api/revoke", post(api::revoke))
+        .route("/api/presence", post(api::presence))
+        .route("/api/presence_stats", post(api::presence_stats))
         .merge(ops_routes())
         .fallback(ops::not_found)
         .with_state(node)

@@ -167,6 +167,17 @@ pub struct RevokeRequest {
     pub before: Option<u64>,
 }
 
+/// `POST /api/presence` and `/api/presence_stats`: who (how many) is
+/// subscribed to `channel` (a presence-enabled namespace's); the answers
+/// are [`crate::PresenceResult`] and [`crate::PresenceStats`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceRequest {
+    pub channel: String,
+}
+
+pub use crate::PresenceMember;
+
 /// Most items one batch may hold.
 pub const MAX_BATCH_ITEMS: usize = 1000;
 

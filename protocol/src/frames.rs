@@ -22,11 +22,13 @@ pub enum ClientFrame {
     Ping(Ping),
     Pong(Pong),
     History(History),
+    Presence(PresenceQuery),
+    PresenceStats(PresenceQuery),
 }
 
 impl ClientFrame {
     /// Every `type` value a client frame may have.
-    pub const TYPES: [&'static str; 8] = [
+    pub const TYPES: [&'static str; 10] = [
         "connect",
         "subscribe",
         "unsubscribe",
@@ -35,6 +37,8 @@ impl ClientFrame {
         "ping",
         "pong",
         "history",
+        "presence",
+        "presence_stats",
     ];
 
     /// The request id, if the frame carries one.
@@ -48,8 +52,51 @@ impl ClientFrame {
             Self::Ping(f) => f.id,
             Self::Pong(_) => None,
             Self::History(f) => f.id,
+            Self::Presence(f) | Self::PresenceStats(f) => f.id,
         }
     }
+}
+
+/// Asks who is subscribed to a channel of a presence-enabled namespace
+/// (`presence`), or how many (`presence_stats`). Needs permission to
+/// subscribe to the channel.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PresenceQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+}
+
+/// One connection subscribed to a channel.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PresenceMember {
+    pub user: String,
+    /// The connection's client id (`connected.client`).
+    pub client: String,
+}
+
+/// Answer to `presence` (and the body of `POST /api/presence`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceResult {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+    /// Sorted by user, then client; at most 1,000 (`truncated` then).
+    pub members: Vec<PresenceMember>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// Answer to `presence_stats` (and `POST /api/presence_stats`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceStats {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    pub channel: String,
+    /// Connections subscribed.
+    pub clients: u64,
+    /// Distinct users among them.
+    pub users: u64,
 }
 
 /// Reads a channel's stored messages (the replay window), e.g. to load the
@@ -183,11 +230,13 @@ pub enum ServerFrame {
     Pong(Pong),
     TokenExpired(TokenExpired),
     History(HistoryResult),
+    Presence(PresenceResult),
+    PresenceStats(PresenceStats),
 }
 
 impl ServerFrame {
     /// Every `type` value a server frame may have.
-    pub const TYPES: [&'static str; 14] = [
+    pub const TYPES: [&'static str; 16] = [
         "connected",
         "subscribed",
         "unsubscribed",
@@ -202,6 +251,8 @@ impl ServerFrame {
         "pong",
         "token_expired",
         "history",
+        "presence",
+        "presence_stats",
     ];
 }
 

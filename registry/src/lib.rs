@@ -95,6 +95,27 @@ pub trait Registry: Send + Sync + 'static {
     /// over those nodes, sorted by name.
     async fn channels(&self) -> Result<Vec<(String, u64)>, RegistryError>;
 
+    /// Replaces `node`'s members of `channel` (client id -> user) and keeps
+    /// them for `ttl` unless written or refreshed again.
+    async fn set_presence(
+        &self,
+        node: &str,
+        channel: &str,
+        members: &[(String, String)],
+        ttl: std::time::Duration,
+    ) -> Result<(), RegistryError>;
+
+    /// Keeps `node`'s members of `channels` for another `ttl`.
+    async fn refresh_presence(
+        &self,
+        node: &str,
+        channels: &[String],
+        ttl: std::time::Duration,
+    ) -> Result<(), RegistryError>;
+
+    /// The members of `channel` on every live node: (client id, user).
+    async fn presence(&self, channel: &str) -> Result<Vec<(String, String)>, RegistryError>;
+
     /// Revokes `user`'s tokens issued before `before` (Unix seconds) for
     /// `ttl` (the longest a token may live); a later revocation with an
     /// earlier `before` changes nothing.

@@ -14,6 +14,8 @@ struct State {
     users: HashMap<String, HashMap<String, u64>>,
     /// Claimed one-time ids and when each may be forgotten.
     once: HashMap<String, Instant>,
+    /// Per (channel, node): members (client -> user), until then.
+    presence: HashMap<(String, String), (Vec<(String, String)>, Instant)>,
     /// Per user: tokens issued before this are revoked, until then.
     revoked: HashMap<String, (u64, Instant)>,
     /// Per node: its channels with their local subscriber counts.
@@ -46,6 +48,49 @@ impl MemoryRegistry {
 
 #[async_trait]
 impl Registry for MemoryRegistry {
+    async fn set_presence(
+        &self,
+        node: &str,
+        channel: &str,
+        members: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
+        let mut s = self.state.lock();
+        let key = (channel.to_owned(), node.to_owned());
+        if members.is_empty() {
+            s.presence.remove(&key);
+        } else {
+            s.presence
+                .insert(key, (members.to_vec(), Instant::now() + ttl));
+        }
+        Ok(())
+    }
+
+    async fn refresh_presence(
+        &self,
+        node: &str,
+        channels: &[String],
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
+        let mut s = self.state.lock();
+        for c in channels {
+            if let Some(e) = s.presence.get_mut(&(c.clone(), node.to_owned())) {
+                e.1 = Instant::now() + ttl;
+            }
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Vec<(String, String)>, RegistryError> {
+        let s = self.state.lock();
+        let now = Instant::now();
+        Ok(s.presence
+            .iter()
+            .filter(|((c, node), (_, until))| c == channel && *until > now && self.alive(&s, node))
+            .flat_map(|(_, (m, _))| m.iter().cloned())
+            .collect())
+    }
+
     async fn revoke(&self, user: &str, before: u64, ttl: Duration) -> Result<(), RegistryError> {
         let mut s = self.state.lock();
         let now = Instant::now();

@@ -11,6 +11,8 @@
 //! * `gw:{nodes}:channels:<node>`: hash channel -> local subscribers on
 //!   that node (`set_channels`), expiring 3 TTLs after its last write.
 //! * `gw:once:<id>`: a claimed one-time credential, for its lifetime.
+//! * `gw:{ch:<channel>}:p:<node>`: hash client -> user of `node`'s members
+//!   of a presence-enabled channel, expiring unless refreshed (presence).
 //! * `gw:{u:<user>}:revoked`: tokens of the user issued before this (Unix
 //!   seconds) are refused; lives as long as a token may.
 //!
@@ -33,6 +35,10 @@ const IDS: &str = "gw:{nodes}:ids";
 
 fn alive_key(node: &str) -> String {
     format!("gw:{{nodes}}:alive:{node}")
+}
+
+fn presence_key(channel: &str, node: &str) -> String {
+    format!("gw:{{ch:{channel}}}:p:{node}")
 }
 
 fn channels_key(node: &str) -> String {
@@ -160,6 +166,54 @@ impl Registry for RedisRegistry {
             .query_async::<()>(&mut c)
             .await
             .map_err(err)
+    }
+
+    async fn set_presence(
+        &self,
+        node: &str,
+        channel: &str,
+        members: &[(String, String)],
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
+        let key = presence_key(channel, node);
+        let mut pipe = redis::pipe();
+        pipe.atomic().del(&key).ignore();
+        for chunk in members.chunks(1000) {
+            pipe.hset_multiple(&key, chunk).ignore();
+        }
+        pipe.pexpire(&key, ttl.as_millis().max(1) as i64).ignore();
+        let mut c = self.conn.clone();
+        pipe.query_async::<()>(&mut c).await.map_err(err)
+    }
+
+    async fn refresh_presence(
+        &self,
+        node: &str,
+        channels: &[String],
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
+        let mut c = self.conn.clone();
+        for chunk in channels.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for ch in chunk {
+                pipe.pexpire(presence_key(ch, node), ttl.as_millis().max(1) as i64)
+                    .ignore();
+            }
+            pipe.query_async::<()>(&mut c).await.map_err(err)?;
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Vec<(String, String)>, RegistryError> {
+        let nodes = self.live_nodes().await?;
+        let mut c = self.conn.clone();
+        let mut out = Vec::new();
+        for n in nodes {
+            let members: Vec<(String, String)> =
+                c.hgetall(presence_key(channel, &n.id)).await.map_err(err)?;
+            out.extend(members);
+        }
+        Ok(out)
     }
 
     async fn revoke(&self, user: &str, before: u64, ttl: Duration) -> Result<(), RegistryError> {

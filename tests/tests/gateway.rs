@@ -32,6 +32,8 @@ mod metrics;
 mod namespaces;
 #[path = "gateway/poison.rs"]
 mod poison;
+#[path = "gateway/presence.rs"]
+mod presence;
 #[path = "gateway/prometheus.rs"]
 mod prometheus;
 #[path = "gateway/readiness.rs"]

@@ -37,6 +37,7 @@ use crate::hub::{Arrived, Behind, Hub, SessionShared, Signal, Subscription};
 use crate::interest::Interest;
 use crate::message::Publication;
 use crate::namespace::Namespaces;
+use crate::presence::Presence;
 use crate::quota::{SubscribeQuota, UserQuotas};
 use crate::replay::{Recovery, ReplayStore};
 use crate::telemetry::Metrics;
@@ -147,8 +148,10 @@ pub struct SessionContext {
     /// `subscribe_burst`); the per-user buckets.
     pub subscribe_rate: (u32, u32),
     pub user_quotas: Arc<UserQuotas>,
-    /// Per-namespace rules (publish, anonymous, history).
+    /// Per-namespace rules (publish, anonymous, history, presence).
     pub namespaces: Arc<Namespaces>,
+    /// This node's presence members.
+    pub presence: Arc<Presence>,
     /// Open sessions by transport (WebSocket, SSE) and subscriptions held,
     /// for `/api/info` and the registry heartbeat.
     pub counts: Counts,
@@ -198,6 +201,7 @@ impl SessionContext {
             subscribe_rate: (u32::MAX, u32::MAX),
             user_quotas: Arc::new(UserQuotas::new(u32::MAX, u32::MAX)),
             counts: Counts::default(),
+            presence: Arc::new(Presence::new(std::time::Duration::from_secs(15), 1000)),
             namespaces: Arc::new(Namespaces::uniform(
                 std::time::Duration::from_secs(60),
                 1000,
@@ -209,6 +213,12 @@ impl SessionContext {
     /// The namespaces' rules.
     pub fn with_namespaces(mut self, namespaces: Arc<Namespaces>) -> Self {
         self.namespaces = namespaces;
+        self
+    }
+
+    /// Where presence members are kept.
+    pub fn with_presence(mut self, presence: Arc<Presence>) -> Self {
+        self.presence = presence;
         self
     }
 
@@ -248,6 +258,8 @@ pub struct Session {
     latency_sampled_at: Option<std::time::Instant>,
     /// How fast this connection (and its user) may still subscribe.
     quota: SubscribeQuota,
+    /// The authenticated user (empty: anonymous), for presence.
+    user: Arc<str>,
 }
 
 const LATENCY_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -279,6 +291,7 @@ impl Session {
             scratch: VecDeque::new(),
             latency_sampled_at: None,
             quota,
+            user: Arc::from(""),
         }
     }
 
@@ -287,6 +300,7 @@ impl Session {
     pub fn set_user(&mut self, user: &str) {
         let (rate, burst) = self.ctx.subscribe_rate;
         self.quota = SubscribeQuota::new(rate, burst).for_user(&self.ctx.user_quotas, user);
+        self.user = Arc::from(user);
     }
 
     /// Takes one subscribe from the connection's and the user's quota;
@@ -440,6 +454,16 @@ impl Session {
             }
         }
         node.metrics.subscriptions.increment(1.0);
+        if node.namespaces.rules(channel).presence && !channel.starts_with(USER_CHANNEL_PREFIX) {
+            node.presence.join(
+                channel,
+                self.shared.id,
+                protocol::PresenceMember {
+                    user: self.user.to_string(),
+                    client: self.client_id(),
+                },
+            );
+        }
         node.counts
             .subscriptions
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -524,6 +548,9 @@ impl Session {
             return false;
         };
         self.ctx.metrics.subscriptions.decrement(1.0);
+        if self.ctx.namespaces.rules(channel).presence {
+            self.ctx.presence.leave(channel, self.shared.id);
+        }
         self.ctx
             .counts
             .subscriptions

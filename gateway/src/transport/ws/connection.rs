@@ -466,7 +466,10 @@ impl Connection {
                     self.reply_error(
                         s.id,
                         ErrorCode::PermissionDenied,
-                        format!("anonymous clients may not subscribe to {:?} (namespace)", s.channel),
+                        format!(
+                            "anonymous clients may not subscribe to {:?} (namespace)",
+                            s.channel
+                        ),
                     );
                 } else if let Err(code) = self
                     .session
@@ -553,6 +556,8 @@ impl Connection {
             ClientFrame::History(h) => {
                 Box::pin(self.history(h)).await;
             }
+            ClientFrame::Presence(q) => Box::pin(self.presence(q, false)).await,
+            ClientFrame::PresenceStats(q) => Box::pin(self.presence(q, true)).await,
         }
         None
     }
@@ -577,6 +582,49 @@ impl Connection {
         self.refresh_sent = false;
     }
 
+    /// Answers `presence` (or, with `stats`, `presence_stats`).
+    async fn presence(&mut self, q: protocol::PresenceQuery, stats: bool) {
+        let node = self.node().clone();
+        if protocol::validate_channel(&q.channel).is_err() {
+            self.reply_error(
+                q.id,
+                ErrorCode::InvalidChannel,
+                format!("invalid channel {:?}", q.channel),
+            );
+        } else if !self.identity.subscribe.allows(&q.channel) {
+            self.reply_error(
+                q.id,
+                ErrorCode::PermissionDenied,
+                format!("token does not allow subscribing to {:?}", q.channel),
+            );
+        } else if !node.sessions.namespaces.rules(&q.channel).presence {
+            self.reply_error(
+                q.id,
+                ErrorCode::BadRequest,
+                format!(
+                    "presence is off for {:?} (namespace option presence)",
+                    q.channel
+                ),
+            );
+        } else {
+            match crate::presence::members(&node, &q.channel).await {
+                Ok(members) if stats => {
+                    let mut s = crate::presence::stats(&q.channel, &members);
+                    s.id = q.id;
+                    self.out
+                        .push(Outgoing::Frame(ServerFrame::PresenceStats(s)));
+                }
+                Ok(members) => {
+                    let mut l =
+                        crate::presence::listing(&node.sessions.presence, &q.channel, members);
+                    l.id = q.id;
+                    self.out.push(Outgoing::Frame(ServerFrame::Presence(l)));
+                }
+                Err(e) => self.reply_error(q.id, ErrorCode::Unavailable, e.to_string()),
+            }
+        }
+    }
+
     /// Answers a `history` request.
     async fn history(&mut self, h: protocol::History) {
         let node = self.node().clone();
@@ -596,7 +644,10 @@ impl Connection {
             self.reply_error(
                 h.id,
                 ErrorCode::PermissionDenied,
-                format!("clients may not read the history of {:?} (namespace)", h.channel),
+                format!(
+                    "clients may not read the history of {:?} (namespace)",
+                    h.channel
+                ),
             );
         } else {
             let read = crate::history::read(
