@@ -108,6 +108,15 @@ bodies = {
     'batch-malformed-items': {'items': [{'channel': 'c', 'data': 1}, {'channel': 'c'}, 7, None, {'channel': 'c', 'user': 'u', 'data': 1}, {'user': 'u', 'data': 2, 'x': 3}]},
     'unknown-field': {'channel': 'c', 'data': 1, 'extra': True},
     'batch-empty': {'items': []},
+    'publish-idempotent': {'channel': 'news', 'data': 1, 'idempotency_key': 'k-1'},
+    'history': {'channel': 'news', 'since': {'seq': 3, 'epoch': 'E'}, 'limit': 10, 'reverse': True},
+    'info': {},
+    'channels': {'pattern': 'room:*'},
+    'presence': {'channel': 'room:1'},
+    'disconnect': {'user': 'alice', 'reconnect': False, 'reason': 'r'},
+    'server-subscribe': {'user': 'alice', 'channel': 'news', 'since': {'seq': 0, 'epoch': 'E'}},
+    'server-unsubscribe': {'user': 'alice', 'channel': 'news'},
+    'revoke': {'user': 'alice', 'before': 1700000000},
 }
 for k, v in bodies.items():
     write('api_body_json', k, json.dumps(v))

@@ -19,7 +19,10 @@ use client_sdk::fuzzing::read_sse_response;
 use gateway::transport::sse::request::{parse_query, resume_positions};
 use gateway::transport::sse::socket::{parse_head, Head};
 use http::{HeaderMap, HeaderValue};
-use protocol::api::{BatchItem, PublishRequest, SendRequest};
+use protocol::api::{
+    BatchItem, ChannelsRequest, DisconnectRequest, HistoryRequest, InfoRequest, PresenceRequest,
+    PublishRequest, RevokeRequest, SendRequest, ServerSubscribeRequest, ServerUnsubscribeRequest,
+};
 use protocol::{
     validate_channel, ClientFrame, Codec, DecodeError, MessageHead, ServerFrame, SseCursor,
     MAX_DEPTH,
@@ -177,8 +180,9 @@ pub struct RawBatch {
     pub items: Vec<Value>,
 }
 
-/// An API body in JSON: publish, send and batch, as `gateway::api` decodes
-/// them.
+/// An API body in JSON: every request body `gateway::api` decodes
+/// (publish, send, batch, and the history, info, channels, presence and
+/// control calls).
 pub fn api_body_json(data: &[u8]) {
     api_body(Codec::Json, data);
 }
@@ -192,6 +196,14 @@ fn api_body(codec: Codec, data: &[u8]) {
     let depth_ok = codec.check_depth(data).is_ok();
     body_as::<PublishRequest>(codec, data, depth_ok);
     body_as::<SendRequest>(codec, data, depth_ok);
+    body_as::<HistoryRequest>(codec, data, depth_ok);
+    body_as::<InfoRequest>(codec, data, depth_ok);
+    body_as::<ChannelsRequest>(codec, data, depth_ok);
+    body_as::<PresenceRequest>(codec, data, depth_ok);
+    body_as::<DisconnectRequest>(codec, data, depth_ok);
+    body_as::<ServerSubscribeRequest>(codec, data, depth_ok);
+    body_as::<ServerUnsubscribeRequest>(codec, data, depth_ok);
+    body_as::<RevokeRequest>(codec, data, depth_ok);
     if let Some(batch) = body_as::<RawBatch>(codec, data, depth_ok) {
         for item in batch.items {
             if let Ok(item) = serde_json::from_value::<BatchItem>(item) {
