@@ -115,6 +115,14 @@ fn every_client_frame() -> Vec<ClientFrame> {
             limit: Some(2),
             reverse: Some(true),
         }),
+        ClientFrame::Presence(PresenceQuery {
+            id: Some(9),
+            channel: "room:1".into(),
+        }),
+        ClientFrame::PresenceStats(PresenceQuery {
+            id: None,
+            channel: "room:1".into(),
+        }),
     ]
 }
 
@@ -194,6 +202,21 @@ fn every_server_frame() -> Vec<ServerFrame> {
             seq: 4,
             unrecoverable: None,
         }),
+        ServerFrame::Presence(PresenceResult {
+            id: Some(9),
+            channel: "room:1".into(),
+            members: vec![PresenceMember {
+                user: "ann".into(),
+                client: "n-1".into(),
+            }],
+            truncated: false,
+        }),
+        ServerFrame::PresenceStats(PresenceStats {
+            id: None,
+            channel: "room:1".into(),
+            clients: 1,
+            users: 1,
+        }),
     ]
 }
 
@@ -240,7 +263,9 @@ fn samples_cover_every_server_type() {
             "error",
             "ping",
             "pong",
-            "history"
+            "history",
+            "presence",
+            "presence_stats"
         ]
     );
     for f in every_server_frame() {
