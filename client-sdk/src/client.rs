@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{FutureExt, Stream};
-use protocol::{validate_channel, Codec, Message, Position};
+use protocol::{validate_channel, Codec, Message, Position, PresenceResult, PresenceStats};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
@@ -559,6 +559,56 @@ impl Client {
             messages: r.messages,
             unrecoverable: r.unrecoverable,
         })
+    }
+
+    /// Who is subscribed to `channel` (a channel of a namespace with
+    /// presence on), cluster-wide: each connection's user and client id,
+    /// sorted, at most 1,000 (`truncated` then). Needs permission to
+    /// subscribe to the channel. WebSocket only.
+    pub async fn presence(&self, channel: impl Into<String>) -> Result<PresenceResult, Error> {
+        let frame = protocol::ClientFrame::Presence(protocol::PresenceQuery {
+            id: None,
+            channel: channel.into(),
+        });
+        match self.query(frame).await? {
+            protocol::ServerFrame::Presence(p) => Ok(p),
+            other => Err(Self::unexpected(&other)),
+        }
+    }
+
+    /// How many connections and distinct users are subscribed to `channel`
+    /// (presence on), cluster-wide. As [`Client::presence`], without the list.
+    pub async fn presence_stats(
+        &self,
+        channel: impl Into<String>,
+    ) -> Result<PresenceStats, Error> {
+        let frame = protocol::ClientFrame::PresenceStats(protocol::PresenceQuery {
+            id: None,
+            channel: channel.into(),
+        });
+        match self.query(frame).await? {
+            protocol::ServerFrame::PresenceStats(p) => Ok(p),
+            other => Err(Self::unexpected(&other)),
+        }
+    }
+
+    async fn query(&self, frame: protocol::ClientFrame) -> Result<protocol::ServerFrame, Error> {
+        if self.transport == Transport::Sse {
+            return Err(Error::Unsupported("presence"));
+        }
+        if let protocol::ClientFrame::Presence(q) | protocol::ClientFrame::PresenceStats(q) = &frame
+        {
+            Self::check_channel(&q.channel)?;
+        }
+        self.ask(|reply| Command::Query { frame, reply }).await?
+    }
+
+    fn unexpected(frame: &protocol::ServerFrame) -> Error {
+        Error::Server {
+            code: protocol::ErrorCode::Internal,
+            message: format!("unexpected answer {frame:?}"),
+            temporary: true,
+        }
     }
 
     /// The messages of the user's own stream (`$user:<sub>`) as a stream

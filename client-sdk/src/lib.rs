@@ -192,5 +192,8 @@ pub use backoff::Backoff;
 pub use client::{Client, ClientBuilder, History, HistoryOptions, Subscription};
 pub use config::{TokenError, TokenFuture, TokenProvider, Transport};
 pub use error::Error;
-pub use protocol::{Codec, ErrorCode, Message, Position, UnrecoverableReason};
+pub use protocol::{
+    Codec, ErrorCode, Message, Position, PresenceMember, PresenceResult, PresenceStats,
+    UnrecoverableReason,
+};
 pub use shared::{ConnectionState, Event, Stats, SubscriptionEvent};

@@ -383,6 +383,11 @@ pub(crate) enum Command {
         request: protocol::History,
         reply: oneshot::Sender<Result<protocol::HistoryResult, Error>>,
     },
+    /// A request answered by one server frame with its `id` (presence).
+    Query {
+        frame: protocol::ClientFrame,
+        reply: oneshot::Sender<Result<protocol::ServerFrame, Error>>,
+    },
     DropConnection,
     Close {
         reply: oneshot::Sender<()>,

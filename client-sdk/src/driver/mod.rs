@@ -120,6 +120,7 @@ enum Pending {
     Publish(oneshot::Sender<Result<Position, Error>>),
     Refresh(String),
     History(oneshot::Sender<Result<protocol::HistoryResult, Error>>),
+    Query(oneshot::Sender<Result<protocol::ServerFrame, Error>>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -347,6 +348,9 @@ impl Driver {
             Command::History { reply, .. } => {
                 let _ = reply.send(Err(error.clone()));
             }
+            Command::Query { reply, .. } => {
+                let _ = reply.send(Err(error.clone()));
+            }
             Command::Positions { reply } => {
                 let _ = reply.send(self.positions());
             }
@@ -365,6 +369,9 @@ impl Driver {
                     let _ = reply.send(Err(Error::ConnectionLost));
                 }
                 Pending::History(reply) => {
+                    let _ = reply.send(Err(Error::ConnectionLost));
+                }
+                Pending::Query(reply) => {
                     let _ = reply.send(Err(Error::ConnectionLost));
                 }
                 Pending::Unsubscribe(Some(reply)) => {
@@ -423,6 +430,9 @@ impl Driver {
                 let _ = reply.send(Err(Error::NotConnected));
             }
             Command::History { reply, .. } => {
+                let _ = reply.send(Err(Error::NotConnected));
+            }
+            Command::Query { reply, .. } => {
                 let _ = reply.send(Err(Error::NotConnected));
             }
             Command::UserSink { sink, sub_id } => {

@@ -290,6 +290,10 @@ impl Driver {
                 let _ = reply.send(Err(Error::Unsupported("history")));
                 Ok(())
             }
+            Command::Query { reply, .. } => {
+                let _ = reply.send(Err(Error::Unsupported("presence")));
+                Ok(())
+            }
             Command::DropConnection => Err(retry("connection dropped by debug_drop_connection")),
             other => match self.command_offline(other) {
                 Some(o) => Err(o),

@@ -327,6 +327,20 @@ impl Driver {
                     send_frame(conn, &ClientFrame::History(request)).await
                 }
             }
+            Command::Query { mut frame, reply } => {
+                if !self.connected {
+                    let _ = reply.send(Err(Error::NotConnected));
+                    Ok(())
+                } else {
+                    let id = self.next_id();
+                    match &mut frame {
+                        ClientFrame::Presence(q) | ClientFrame::PresenceStats(q) => q.id = Some(id),
+                        _ => {}
+                    }
+                    self.pending.push_back((id, Pending::Query(reply)));
+                    send_frame(conn, &frame).await
+                }
+            }
             Command::DropConnection => {
                 conn.ws.get_ref().set_abortive_close();
                 return Err(retry("connection dropped by debug_drop_connection"));
@@ -375,6 +389,17 @@ impl Driver {
             ServerFrame::History(h) => {
                 if let Some(Pending::History(reply)) = h.id.and_then(|id| self.take_pending(id)) {
                     let _ = reply.send(Ok(h));
+                }
+                Ok(())
+            }
+            f @ (ServerFrame::Presence(_) | ServerFrame::PresenceStats(_)) => {
+                let id = match &f {
+                    ServerFrame::Presence(p) => p.id,
+                    ServerFrame::PresenceStats(p) => p.id,
+                    _ => None,
+                };
+                if let Some(Pending::Query(reply)) = id.and_then(|id| self.take_pending(id)) {
+                    let _ = reply.send(Ok(f));
                 }
                 Ok(())
             }
@@ -525,6 +550,13 @@ impl Driver {
                 }));
             }
             Some(Pending::History(reply)) => {
+                let _ = reply.send(Err(Error::Server {
+                    code: e.code,
+                    message: e.message,
+                    temporary: e.temporary,
+                }));
+            }
+            Some(Pending::Query(reply)) => {
                 let _ = reply.send(Err(Error::Server {
                     code: e.code,
                     message: e.message,

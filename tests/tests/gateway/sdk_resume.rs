@@ -606,3 +606,67 @@ async fn sdk_surfaces_server_side_subscriptions() -> R {
     client.close().await;
     Ok(())
 }
+
+/// `Client::presence` and `presence_stats` over the WebSocket, on a channel
+/// of a namespace with presence on: the SDK clients subscribed to it are
+/// listed (user and client id), and counted.
+#[tokio::test]
+async fn sdk_presence_and_presence_stats() -> R {
+    let dir = harness::TempDir::new()?;
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "[[namespace]]\nname = \"room\"\npresence = true\n")?;
+    let gw = Gateway::builder()
+        .env("GATEWAY_CONFIG", file.display())
+        .env("presence_flush_ms", 200)
+        .start()
+        .await?;
+    let chan = "room:sdk";
+    let mut clients = Vec::new();
+    let mut subs = Vec::new();
+    for (user, codec) in [
+        ("ann", Codec::Json),
+        ("bob", Codec::MsgPack),
+        ("bob", Codec::Json),
+    ] {
+        let token = gw.token(user, &["room:*"], &[], 600);
+        let c = within(
+            "connect",
+            Client::builder(gw.url(""))
+                .websocket(codec)
+                .token(token)
+                .connect(),
+        )
+        .await??;
+        subs.push(within("subscribe", c.subscribe(chan)).await??);
+        clients.push(c);
+    }
+    let listed = within("presence lists the three connections", async {
+        loop {
+            let p = clients[0].presence(chan).await?;
+            if p.members.len() == 3 {
+                return anyhow::Ok(p);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await??;
+    let users: Vec<&str> = listed.members.iter().map(|m| m.user.as_str()).collect();
+    ensure!(
+        users == ["ann", "bob", "bob"] && !listed.truncated,
+        "{listed:?}"
+    );
+    let stats = within("presence_stats", clients[1].presence_stats(chan)).await??;
+    ensure!((stats.clients, stats.users) == (3, 2), "{stats:?}");
+    // Not allowed by the token: refused by the server.
+    ensure!(
+        matches!(
+            clients[0].presence("secret").await,
+            Err(client_sdk::Error::Server { .. })
+        ),
+        "presence of a channel the token does not allow"
+    );
+    for c in &clients {
+        c.close().await;
+    }
+    Ok(())
+}
