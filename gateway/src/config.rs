@@ -198,15 +198,16 @@ pub struct Config {
     /// Rebalancing (cluster mode; off by default): a node holding more
     /// than the fleet's average by `rebalance_margin` tells connections to
     /// reconnect (the drain's `reconnect`, with resume tokens: clients lose
-    /// nothing) until it holds at most half that margin over the average,
-    /// at most `rebalance_rate` a second, and never while any node drains.
+    /// nothing), aiming at half that margin over the average, at most
+    /// `rebalance_rate` a second, and never while any node drains.
     /// Clients come back through the balancer, which must prefer the least
     /// loaded node (`leastconn`) for them to land elsewhere.
     pub rebalance: bool,
     /// Rebalancing: how far over the fleet's average a node may be before
-    /// it moves connections, as a fraction (0.2: 20 % over). It moves them
-    /// until it is within half of it. Imbalances of two connections or
-    /// fewer never move anything.
+    /// it moves connections, as a fraction (0.2: 20 % over). It then aims
+    /// at half of it, and may stop a little above (its moves of the last
+    /// seconds count as in flight until the registry shows them).
+    /// Imbalances of two connections or fewer never move anything.
     pub rebalance_margin: f64,
     /// Rebalancing: most connections one node moves per second.
     pub rebalance_rate: f64,
