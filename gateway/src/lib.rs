@@ -22,7 +22,15 @@
 //!   current master.
 //! * [`replay`]: the replay store seam (sequence, epoch, resumable buffer):
 //!   in-memory, Redis; merging of identical concurrent reads.
-//! * [`api`]: the publish API for backends.
+//! * [`namespace`]: per-namespace rules (replay window and size, client
+//!   publish, anonymous subscribe, history, presence).
+//! * [`api`]: the HTTP API for backends: publish, history, info, channels,
+//!   presence, control calls.
+//! * [`history`]: history reads (the API's and the WebSocket's).
+//! * [`control`]: disconnect, server-side subscribe, revoke: routed to a
+//!   user's sessions on every node.
+//! * [`presence`]: who is subscribed, per presence-enabled channel.
+//! * [`quota`]: subscribe rate limits per connection and per user.
 //! * [`auth`]: JWT connection tokens and API keys.
 //! * [`ops`]: health, readiness, metrics, demo page.
 //! * [`telemetry`]: logs, and every metric the node exports.
