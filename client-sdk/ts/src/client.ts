@@ -72,6 +72,24 @@ export interface History<T = unknown> {
   unrecoverable?: string;
 }
 
+/** The answer of {@link GatewayClient.presence}. */
+export interface Presence {
+  channel: string;
+  /** Each subscribed connection's user and client id, sorted; at most 1,000. */
+  members: { user: string; client: string }[];
+  /** More than 1,000 connections: the list is cut. */
+  truncated?: boolean;
+}
+
+/** The answer of {@link GatewayClient.presenceStats}. */
+export interface PresenceStats {
+  channel: string;
+  /** Connections subscribed. */
+  clients: number;
+  /** Distinct users among them. */
+  users: number;
+}
+
 /** A subscription ended: `application` (unsubscribe), `refused` by the server for good (`error` says why), or ended by the backend (`server`: `POST /api/unsubscribe`). */
 export interface Unsubscribed {
   channel: string;
@@ -461,6 +479,29 @@ export class GatewayClient {
       if (r.unrecoverable) h.unrecoverable = r.unrecoverable;
       return h;
     });
+  }
+
+  /**
+   * Who is subscribed to `channel` (a channel of a namespace with presence
+   * on), cluster-wide. Needs permission to subscribe to the channel; WebSocket
+   * only (rejects with `unsupported` over SSE).
+   */
+  presence(channel: string): Promise<Presence> {
+    return this.query({ type: 'presence', channel }).then((r) => {
+      const p: Presence = { channel: r.channel, members: r.members || [] };
+      if (r.truncated) p.truncated = true;
+      return p;
+    });
+  }
+
+  /** How many connections and distinct users are subscribed to `channel` (presence on), cluster-wide. */
+  presenceStats(channel: string): Promise<PresenceStats> {
+    return this.query({ type: 'presence_stats', channel }).then((r) => ({ channel: r.channel, clients: r.clients, users: r.users }));
+  }
+
+  private query(f: Frame): Promise<Frame> {
+    if (this.transport === 'sse') return Promise.reject(new GatewayError(f.type + ' is not available over SSE', 'unsupported'));
+    return this.request(f);
   }
 
   private handle<T>(s: Sub): Subscription<T> {

@@ -14,6 +14,8 @@ export type {
   History,
   HistoryOptions,
   Message,
+  Presence,
+  PresenceStats,
   State,
   StateChange,
   SubscribeOptions,

@@ -218,6 +218,43 @@ test('history over the WebSocket, then subscribe since the newest; a subscriptio
     assert.deepEqual(await page2.evaluate(() => window.serverSeen), [1, 2, 3, 'server']);
   }));
 
+test('presence and presence stats from the page, on a namespace with presence on', T, () =>
+  withEnv(async (env) => {
+    const { mkdtempSync, writeFileSync } = await import('node:fs');
+    const { tmpdir } = await import('node:os');
+    const { join } = await import('node:path');
+    const file = join(mkdtempSync(join(tmpdir(), 'gw-presence-')), 'gateway.toml');
+    writeFileSync(file, '[[namespace]]\nname = "room"\npresence = true\n');
+    const secret = 'browser-test-secret-0123456789';
+    const gw = await env.gateway({ GATEWAY_JWT_SECRET: secret, GATEWAY_CONFIG: file, GATEWAY_PRESENCE_FLUSH_MS: '200' });
+    const front = await env.proxy([gw]);
+    const browser = await env.browser();
+    const page = await env.page(browser, front.url);
+    const exp = Math.floor(Date.now() / 1000) + 600;
+    const tokens = [await jwt(secret, { sub: 'erin', exp, subscribe: ['room:*'] }), await jwt(secret, { sub: 'finn', exp, subscribe: ['room:*'] })];
+    const r = await page.evaluate(async (tokens) => {
+      const { GatewayClient } = await import('/sdk/gateway-client.js');
+      const clients = tokens.map((token) => new GatewayClient({ token }));
+      await Promise.all(clients.map((c) => c.subscribe('room:b').ready));
+      let p;
+      for (let i = 0; i < 50; i++) {
+        p = await clients[0].presence('room:b');
+        if (p.members.length === 2) break;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const stats = await clients[1].presenceStats('room:b');
+      const refused = await clients[0].presence('other').then(
+        () => 'answered',
+        (e) => e.code,
+      );
+      for (const c of clients) c.close();
+      return { users: p.members.map((m) => m.user), stats, refused };
+    }, tokens);
+    assert.deepEqual(r.users, ['erin', 'finn']);
+    assert.deepEqual([r.stats.clients, r.stats.users], [2, 2]);
+    assert.equal(r.refused, 103);
+  }));
+
 test('a node refusing sessions closes a browser WebSocket with 4004 and a delay, which the SDK waits out', T, () =>
   withEnv(async (env) => {
     const gw = await env.gateway({ GATEWAY_MAX_CONNECTIONS: '1', GATEWAY_ADMISSION_RETRY_MS: '400' });

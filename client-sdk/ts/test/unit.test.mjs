@@ -603,6 +603,28 @@ describe('client: history and server-side subscriptions', () => {
     await assert.rejects(sse.history('news'), (e) => e.code === 'unsupported');
   });
 
+  test('presence and presence stats: requests and answers; unsupported over SSE', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS });
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    const p = c.presence('room');
+    const f = ws.sent.at(-1);
+    assert.deepEqual([f.type, f.channel], ['presence', 'room']);
+    const members = [{ user: 'a', client: 'c1' }, { user: 'b', client: 'c2' }];
+    ws.recv({ type: 'presence', id: f.id, channel: 'room', members });
+    assert.deepEqual(await p, { channel: 'room', members });
+    const st = c.presenceStats('room');
+    const g = ws.sent.at(-1);
+    assert.equal(g.type, 'presence_stats');
+    ws.recv({ type: 'presence_stats', id: g.id, channel: 'room', clients: 3, users: 2 });
+    assert.deepEqual(await st, { channel: 'room', clients: 3, users: 2 });
+    c.close();
+    const sse = new GatewayClient({ url: 'http://gw.test', transport: 'sse', connect: false });
+    await assert.rejects(sse.presence('room'), (e) => e.code === 'unsupported');
+  });
+
   test('a subscription the backend makes is followed like our own, and ends when the backend ends it', async () => {
     const { FakeWS, next } = fakeWebSocket();
     const { c, rec } = client({ WebSocket: FakeWS });
