@@ -386,7 +386,13 @@ async fn presence_of(node: &Node, req: Request, stats: bool) -> Response {
         )
         .into_response();
     }
-    match crate::presence::members(node, &q.channel).await {
+    match crate::presence::members(
+        node.registry.as_deref(),
+        &node.sessions.presence,
+        &q.channel,
+    )
+    .await
+    {
         Ok(m) if stats => Json(crate::presence::stats(&q.channel, &m)).into_response(),
         Ok(m) => Json(crate::presence::listing(
             &node.sessions.presence,

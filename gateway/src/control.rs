@@ -18,8 +18,9 @@
 use protocol::Position;
 use serde::{Deserialize, Serialize};
 
+use registry::Registry;
+
 use crate::auth::{AuthError, Identity};
-use crate::node::Node;
 
 /// What the backend asks of a user's connections.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,11 +54,14 @@ const PREFIX: &[u8] = b"ctl\n";
 /// refresh. A token without `iat` counts as issued before. If the
 /// revocation cannot be read (Redis down), the token is refused: a revoked
 /// user never gets in by an outage.
-pub async fn check_not_revoked(node: &Node, identity: &Identity) -> Result<(), AuthError> {
+pub async fn check_not_revoked(
+    ledger: &dyn Registry,
+    identity: &Identity,
+) -> Result<(), AuthError> {
     if identity.is_anonymous() {
         return Ok(());
     }
-    match node.ledger.revoked_before(&identity.user).await {
+    match ledger.revoked_before(&identity.user).await {
         Ok(Some(before)) if identity.issued_at.is_none_or(|iat| iat < before) => {
             Err(AuthError::Invalid("token revoked".into()))
         }

@@ -245,7 +245,13 @@ impl Node {
                 }
             });
         }
-        crate::rebalance::spawn(&node);
+        crate::rebalance::spawn(
+            &node.config,
+            &node.id,
+            node.registry.clone(),
+            &node.drain,
+            &node.sessions,
+        );
         Ok(node)
     }
 

@@ -123,12 +123,14 @@ impl Presence {
 
 /// Every member of `channel`: the live nodes' (through the registry) in a
 /// cluster, this node's on the embedded node; sorted by user, then client.
+/// `registry`: the cluster's (none on the embedded node).
 pub async fn members(
-    node: &crate::node::Node,
+    registry: Option<&dyn Registry>,
+    presence: &Presence,
     channel: &str,
 ) -> Result<Vec<PresenceMember>, registry::RegistryError> {
-    let mut all = match &node.registry {
-        None => node.sessions.presence.local(channel),
+    let mut all = match registry {
+        None => presence.local(channel),
         Some(r) => r
             .presence(channel)
             .await?

@@ -36,12 +36,12 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use registry::NodeStatus;
+use registry::{NodeStatus, Registry};
 use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::drain::Drain;
-use crate::node::Node;
+use crate::session::SessionContext;
 
 /// An imbalance this small (in connections) never moves anything: with a
 /// handful of connections per node, moving one only moves the imbalance.
@@ -244,15 +244,23 @@ impl Rebalancer {
 
 /// Starts the node's rebalancer when `rebalance` is on and the node is a
 /// cluster node; it ends with the node or its drain.
-pub fn spawn(node: &Arc<Node>) {
-    if !node.config.rebalance {
+/// It sees only what it decides from: the node's id, the registry, the
+/// drain (connections, moves) and the sessions (their age mark).
+pub fn spawn(
+    config: &Config,
+    id: &str,
+    registry: Option<Arc<dyn Registry>>,
+    drain: &Arc<Drain>,
+    sessions: &Arc<SessionContext>,
+) {
+    if !config.rebalance {
         return;
     }
-    let Some(registry) = node.registry.clone() else {
+    let Some(registry) = registry else {
         info!("rebalance is on, but this node is embedded (no registry, no fleet): nothing to rebalance");
         return;
     };
-    let s = Settings::from_config(&node.config);
+    let s = Settings::from_config(config);
     info!(
         margin = s.margin,
         rate = s.rate,
@@ -260,7 +268,11 @@ pub fn spawn(node: &Arc<Node>) {
         settle_ms = s.settle.as_millis() as u64,
         "rebalance: on"
     );
-    let weak = Arc::downgrade(node);
+    let (weak_drain, weak_sessions, id) = (
+        Arc::downgrade(drain),
+        Arc::downgrade(sessions),
+        id.to_owned(),
+    );
     tokio::spawn(async move {
         let mut r = Rebalancer::new(s, Instant::now());
         // Sessions opened since the previous check may not move yet.
@@ -271,12 +283,15 @@ pub fn spawn(node: &Arc<Node>) {
         let mut registry_ok = true;
         loop {
             tokio::time::sleep(s.jittered_interval()).await;
-            let Some(node) = weak.upgrade() else { return };
-            let drain: &Drain = &node.drain;
+            let (Some(drain), Some(sessions)) = (weak_drain.upgrade(), weak_sessions.upgrade())
+            else {
+                return;
+            };
+            let drain: &Drain = &drain;
             let left = drain.end_moves();
             r.not_taken(left);
             episode = episode.saturating_sub(left);
-            if node.is_draining() {
+            if drain.is_draining() {
                 crate::telemetry::rebalance_excess(0);
                 return;
             }
@@ -292,9 +307,9 @@ pub fn spawn(node: &Arc<Node>) {
                 }
             };
             registry_ok = true;
-            let mine = node.open_connections() as u64;
-            let decision = r.check(&node.id, mine, &nodes, Instant::now());
-            let below = std::mem::replace(&mut mark, node.sessions.next_session_mark());
+            let mine = drain.open_connections() as u64;
+            let decision = r.check(&id, mine, &nodes, Instant::now());
+            let below = std::mem::replace(&mut mark, sessions.next_session_mark());
             match decision {
                 Decision::Move(n) => {
                     if !std::mem::replace(&mut active, true) {

@@ -123,7 +123,7 @@ async fn open_stream(
             ));
         }
     }
-    if let Err(e) = crate::control::check_not_revoked(&node, &identity).await {
+    if let Err(e) = crate::control::check_not_revoked(&*node.ledger, &identity).await {
         let conn = crate::telemetry::arrival_id("sse");
         crate::telemetry::auth_failed("sse", &conn, &e);
         return Err(ApiError::new(e.code(), e.to_string()));

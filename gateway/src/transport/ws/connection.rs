@@ -539,7 +539,7 @@ impl Connection {
                 }
             }
             ClientFrame::Refresh(r) => match node.auth.verify(&r.token).map(|identity| async {
-                crate::control::check_not_revoked(&node, &identity)
+                crate::control::check_not_revoked(&*node.ledger, &identity)
                     .await
                     .map(|()| identity)
             }) {
@@ -607,7 +607,13 @@ impl Connection {
                 ),
             );
         } else {
-            match crate::presence::members(&node, &q.channel).await {
+            match crate::presence::members(
+                node.registry.as_deref(),
+                &node.sessions.presence,
+                &q.channel,
+            )
+            .await
+            {
                 Ok(members) if stats => {
                     let mut s = crate::presence::stats(&q.channel, &members);
                     s.id = q.id;

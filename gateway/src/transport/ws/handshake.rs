@@ -68,7 +68,7 @@ pub(super) async fn handshake(
         }
     };
     let authenticated = match authenticate(node, &connect).await {
-        Ok((identity, resumed)) => crate::control::check_not_revoked(node, &identity)
+        Ok((identity, resumed)) => crate::control::check_not_revoked(&*node.ledger, &identity)
             .await
             .map(|()| (identity, resumed)),
         Err(e) => Err(e),
