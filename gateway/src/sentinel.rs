@@ -11,10 +11,13 @@
 //! crate's `Sentinel::async_master_for`: the first sentinel that answers,
 //! and the named server must say `ROLE` master) and splices the bytes.
 //!
-//! A failover ends the old connections: a SIGKILLed master drops them, and a
-//! demoted one has them killed by the sentinels (`CLIENT KILL TYPE normal`
-//! and `pubsub` in their reconfiguration). The connection managers then
-//! reconnect through the forwarder and reach the new master; the replay
+//! A failover ends the old connections: a SIGKILLed master drops them, and
+//! the forwarder asks the sentinels every `WATCH` and closes every
+//! connection to a server they no longer name. That matters after `SENTINEL
+//! FAILOVER` (or a partition): the old master keeps accepting writes until
+//! the sentinels convert it to a replica, seconds later, and those writes
+//! are then thrown away. The connection managers reconnect through the
+//! forwarder and reach the new master; the replay
 //! store sees a new `run_id` there and moves each stream it touches to a new
 //! epoch (`replay::redis`, "The life check").
 //!
@@ -28,8 +31,11 @@ use std::time::Duration;
 use redis::sentinel::Sentinel;
 use redis::ConnectionAddr;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
+
+/// How often the forwarder asks the sentinels whether the master moved.
+const WATCH: Duration = Duration::from_millis(250);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SentinelError {
@@ -68,10 +74,22 @@ pub async fn start(sentinels: &str, master_name: &str) -> Result<String, Sentine
         .map_err(|e| SentinelError::Addresses(sentinels.to_owned(), e.to_string()))?;
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
+    let (moved, _) = watch::channel(None);
     let resolver = Arc::new(Resolver {
         sentinel: Mutex::new(sentinel),
         master_name: master_name.to_owned(),
         last: parking_lot::Mutex::new(None),
+        moved,
+    });
+    let watcher = resolver.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(WATCH);
+        loop {
+            tick.tick().await;
+            // A failed lookup (the master down, no sentinel answering)
+            // changes nothing: only a named new master ends connections.
+            let _ = watcher.master().await;
+        }
     });
     tokio::spawn(async move {
         loop {
@@ -96,6 +114,8 @@ struct Resolver {
     master_name: String,
     /// The master of the previous lookup, to log a change once.
     last: parking_lot::Mutex<Option<SocketAddr>>,
+    /// The master the sentinels name now: connections to another one end.
+    moved: watch::Sender<Option<SocketAddr>>,
 }
 
 impl Resolver {
@@ -120,10 +140,15 @@ impl Resolver {
             .map_err(|e| e.to_string())?
             .next()
             .ok_or_else(|| format!("{host}:{port} resolves to nothing"))?;
-        let mut last = self.last.lock();
-        if *last != Some(addr) {
-            info!(master = %addr, name = %self.master_name, "redis master (from the sentinels)");
+        let changed = {
+            let mut last = self.last.lock();
+            let changed = *last != Some(addr);
             *last = Some(addr);
+            changed
+        };
+        if changed {
+            info!(master = %addr, name = %self.master_name, "redis master (from the sentinels)");
+            self.moved.send_replace(Some(addr));
         }
         Ok(addr)
     }
@@ -138,25 +163,37 @@ impl Resolver {
                 return;
             }
         };
-        let mut upstream = match tokio::time::timeout(
-            Duration::from_secs(2),
-            TcpStream::connect(master),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                warn!(error = %e, %master, "redis master unreachable");
-                return;
-            }
-            Err(_) => {
-                warn!(%master, "redis master: connect timed out");
-                return;
-            }
-        };
+        let mut upstream =
+            match tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(master)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    warn!(error = %e, %master, "redis master unreachable");
+                    return;
+                }
+                Err(_) => {
+                    warn!(%master, "redis master: connect timed out");
+                    return;
+                }
+            };
         let _ = client.set_nodelay(true);
         let _ = upstream.set_nodelay(true);
-        let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        let mut moved = self.moved.subscribe();
+        let elsewhere = async move {
+            loop {
+                if moved.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if moved.borrow_and_update().is_some_and(|now| now != master) {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+            () = elsewhere => {
+                info!(old = %master, "redis master moved: closing a connection to the old one");
+            }
+        }
     }
 }
 

@@ -104,7 +104,7 @@ pub fn service_port() -> Result<u16> {
 
 /// Spawns a process whose stdout and stderr go (line by line) to `logs`,
 /// and to `file` if given.
-fn spawn_logged(
+pub(crate) fn spawn_logged(
     program: &str,
     args: &[String],
     logs: &Arc<Mutex<String>>,
@@ -154,13 +154,13 @@ fn spawn_logged(
     Ok(child)
 }
 
-fn kill_child(child: &mut Child) {
+pub(crate) fn kill_child(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
 
 /// The last `lines` lines of `text`.
-fn tail(text: &str, lines: usize) -> String {
+pub(crate) fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     let from = all.len().saturating_sub(lines);
     let mut out = String::new();
@@ -1034,6 +1034,10 @@ pub struct ClusterBuilder {
     backbone_down_threshold_ms: u64,
     redis_persistence: Persistence,
     env: Vec<(String, String)>,
+    /// NATS servers (routed into one NATS cluster when more than one).
+    nats_servers: usize,
+    /// A replica and three sentinels; nodes find the master through them.
+    redis_sentinel: bool,
 }
 
 impl ClusterBuilder {
@@ -1075,6 +1079,20 @@ impl ClusterBuilder {
         self
     }
 
+    /// `n` nats-server processes joined by routes; every node is given all
+    /// their URLs (NATS backbone).
+    pub fn nats_servers(mut self, n: usize) -> Self {
+        self.nats_servers = n;
+        self
+    }
+
+    /// A replica of the Redis and three Redis Sentinels: nodes are given the
+    /// sentinels and the master name instead of `redis_url`.
+    pub fn redis_sentinel(mut self) -> Self {
+        self.redis_sentinel = true;
+        self
+    }
+
     /// Any other gateway setting, for every node.
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.push((key.to_owned(), value.to_string()));
@@ -1084,12 +1102,29 @@ impl ClusterBuilder {
     pub async fn start(self) -> Result<Cluster> {
         let started = Instant::now();
         let redis = Service::start_with(ServiceKind::Redis, self.redis_persistence).await?;
-        let nats = match self.backbone {
-            Backbone::Nats => Some(Service::start_new(ServiceKind::Nats).await?),
-            Backbone::Redis => None,
+        let nats_cluster = match self.backbone {
+            Backbone::Nats if self.nats_servers > 1 => {
+                Some(crate::failover::NatsCluster::start(self.nats_servers).await?)
+            }
+            _ => None,
         };
-        let mut template: GatewayBuilder = Gateway::builder()
-            .env("GATEWAY_REDIS_URL", redis.url())
+        let nats = match self.backbone {
+            Backbone::Nats if nats_cluster.is_none() => {
+                Some(Service::start_new(ServiceKind::Nats).await?)
+            }
+            _ => None,
+        };
+        let sentinels = match self.redis_sentinel {
+            true => Some(crate::failover::Sentinels::start(&redis).await?),
+            false => None,
+        };
+        let mut template: GatewayBuilder = match &sentinels {
+            None => Gateway::builder().env("GATEWAY_REDIS_URL", redis.url()),
+            Some(s) => Gateway::builder()
+                .env("GATEWAY_REDIS_SENTINELS", s.addrs())
+                .env("GATEWAY_REDIS_MASTER_NAME", crate::failover::MASTER_NAME),
+        };
+        template = template
             .env("GATEWAY_REGISTRY_TTL_MS", self.registry_ttl_ms)
             .env("GATEWAY_HEARTBEAT_INTERVAL_MS", self.heartbeat_interval_ms)
             .env(
@@ -1098,6 +1133,9 @@ impl ClusterBuilder {
             );
         if let Some(n) = &nats {
             template = template.env("GATEWAY_NATS_URL", n.url());
+        }
+        if let Some(n) = &nats_cluster {
+            template = template.env("GATEWAY_NATS_URL", n.urls());
         }
         for (k, v) in &self.env {
             template = template.env(k, v);
@@ -1146,6 +1184,8 @@ impl ClusterBuilder {
             lb,
             nodes,
             nats,
+            nats_cluster,
+            sentinels,
             redis,
             started,
             template,
@@ -1195,6 +1235,10 @@ pub struct Cluster {
     pub lb: Option<Haproxy>,
     nodes: Vec<ClusterNode>,
     pub nats: Option<Service>,
+    /// Several routed NATS servers ([`ClusterBuilder::nats_servers`]).
+    pub nats_cluster: Option<crate::failover::NatsCluster>,
+    /// Sentinels and a replica of `redis` ([`ClusterBuilder::redis_sentinel`]).
+    pub sentinels: Option<crate::failover::Sentinels>,
     pub redis: Service,
     started: Instant,
     /// How every node is started (without its id and address).
@@ -1236,6 +1280,8 @@ impl Cluster {
             backbone_down_threshold_ms: 1_000,
             redis_persistence: Persistence::None,
             env: Vec::new(),
+            nats_servers: 1,
+            redis_sentinel: false,
         }
     }
 
@@ -1370,6 +1416,12 @@ impl Cluster {
         section("redis-server", self.redis.logs());
         if let Some(n) = &self.nats {
             section("nats-server", n.logs());
+        }
+        if let Some(n) = &self.nats_cluster {
+            section("nats cluster", n.logs());
+        }
+        if let Some(s) = &self.sentinels {
+            section("sentinels", s.logs());
         }
         for n in &self.nodes {
             let state = match (n.killed, n.exited) {

@@ -19,6 +19,7 @@ pub mod netfault;
 
 pub mod cluster;
 pub mod delivery;
+pub mod failover;
 pub mod rolling;
 pub mod sse;
 

@@ -1168,6 +1168,347 @@ async fn cluster_nats_restart_keeps_clients_and_delivers_every_accepted_publish(
 }
 
 // ---------------------------------------------------------------------------
+// 6b. A NATS cluster: the server a node is connected to dies mid-stream
+// ---------------------------------------------------------------------------
+
+/// Publishes `total` messages to `chan`, one every `gap`, through node 0
+/// and node 1 in turn, counting them in `sent`; every answer, in order.
+async fn steady_load(
+    c: &Cluster,
+    chan: &str,
+    total: u64,
+    gap: Duration,
+    sent: &std::sync::atomic::AtomicU64,
+) -> anyhow::Result<Vec<(String, StatusCode, Value, Value)>> {
+    let mut answers = Vec::new();
+    for k in 0..total {
+        let data = json!({"k": k, "p": payload(k)});
+        answers.push(publish_any(c.node((k % 2) as usize), chan, data).await?);
+        sent.store(k + 1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(gap).await;
+    }
+    Ok(answers)
+}
+
+async fn nats_server_killed(c: &mut Cluster) -> R {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let chan = "live";
+    let mut clients = two_clients(c, chan).await?;
+    let nats = c.nats_cluster.as_ref().context("NATS cluster")?;
+    let victim = nats.wait_server_of("node0", TIMEOUT).await?;
+    let other = nats.wait_server_of("node1", TIMEOUT).await?;
+    eprintln!("node0 on NATS server {victim}, node1 on {other}");
+    let pid = nats.servers[victim].service.pid().context("victim pid")?;
+
+    // 300 publishes over ~4 s; the server dies after the 100th.
+    let sent = AtomicU64::new(0);
+    let load = steady_load(c, chan, 300, Duration::from_millis(10), &sent);
+    let kill = async {
+        while sent.load(Ordering::SeqCst) < 100 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let status = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()?;
+        ensure!(status.success(), "kill -KILL {pid}: {status}");
+        let killed = Instant::now();
+        // The node moves to a server that is still there.
+        let deadline = killed + Duration::from_secs(10);
+        loop {
+            if let Some(now) = nats.server_of("node0").await? {
+                if now != victim {
+                    eprintln!(
+                        "node0 on NATS server {now} {:?} after the kill",
+                        killed.elapsed()
+                    );
+                    return Ok(now);
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "node0 did not move to another NATS server in 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (answers, moved) = tokio::join!(load, kill);
+    let (answers, _moved) = (answers?, moved?);
+    c.nats_cluster.as_mut().context("NATS cluster")?.servers[victim]
+        .service
+        .stop();
+
+    let mut stream = Stream::default();
+    let mut statuses = BTreeMap::<u16, usize>::new();
+    for (_, status, answer, data) in answers {
+        *statuses.entry(status.as_u16()).or_default() += 1;
+        stream.record(status, answer, data)?;
+    }
+    eprintln!("publish answers: {statuses:?}");
+    ensure!(
+        stream.accepted.len() >= 250,
+        "most publishes must be accepted: {statuses:?}"
+    );
+    c.wait_ready(true, Duration::from_secs(10)).await?;
+    // Every seq, once, in order, on both nodes; nothing more.
+    for (_, label, rx) in clients.iter_mut() {
+        let n = stream.top() as usize;
+        let got = rx.take(n).await.context(label.clone())?;
+        ensure!(got.len() == 1, "{label}: {:?}", got.keys());
+        stream.check(label, &got[chan], 1)?;
+        rx.expect_quiet(Duration::from_millis(300))
+            .await
+            .context(label.clone())?;
+        rx.alive().await.context(label.clone())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_cluster_server_killed_mid_stream_node_moves_and_subscribers_lose_nothing() -> R {
+    let mut c = Cluster::builder(Backbone::Nats)
+        .nodes(2)
+        .nats_servers(3)
+        .start()
+        .await?;
+    let r = nats_server_killed(&mut c).await;
+    c.check(r)
+}
+
+// ---------------------------------------------------------------------------
+// 6c. Redis Sentinel: the master dies mid-stream, a replica is promoted
+// ---------------------------------------------------------------------------
+
+/// What was published to one channel across epochs: accepted
+/// ((epoch, seq) -> data) and refused (503; may be stored anyway).
+#[derive(Default)]
+struct Epochs {
+    accepted: BTreeMap<(String, u64), Value>,
+    refused: Vec<Value>,
+}
+
+impl Epochs {
+    fn record(&mut self, status: StatusCode, answer: Value, data: Value) -> R {
+        if status == StatusCode::OK {
+            let r: PublishResult = serde_json::from_value(answer)?;
+            ensure!(
+                self.accepted
+                    .insert((r.epoch.clone(), r.seq), data)
+                    .is_none(),
+                "({}, {}) acknowledged twice: a position given to two messages",
+                r.epoch,
+                r.seq
+            );
+        } else {
+            ensure!(
+                status == StatusCode::SERVICE_UNAVAILABLE && answer["error"]["temporary"] == true,
+                "publish: {status} {answer}"
+            );
+            self.refused.push(data);
+        }
+        Ok(())
+    }
+
+    /// `items` (one subscriber's, in order): within an epoch contiguous
+    /// sequences; an epoch ends only with an `unrecoverable` that names the
+    /// next one. Every accepted publish is delivered with its data, unless
+    /// its epoch was announced lost before it arrived. A delivered message
+    /// that was not accepted must be a refused publish (stored anyway).
+    fn check(&self, label: &str, items: &[Got]) -> anyhow::Result<usize> {
+        let mut refused = self.refused.clone();
+        let mut delivered = std::collections::HashSet::new();
+        // Per ended epoch: the last seq delivered in it.
+        let mut ended: HashMap<String, u64> = HashMap::new();
+        let mut at: Option<(String, u64)> = None;
+        let mut announced = 0;
+        for (n, item) in items.iter().enumerate() {
+            match item {
+                Got::Msg { seq, epoch, data } => {
+                    match &at {
+                        Some((e, last)) => ensure!(
+                            e == epoch && *seq == last + 1,
+                            "{label}: item {n} ({epoch}, {seq}) after ({e}, {last}): a silent gap, a duplicate or an unannounced epoch\nall: {items:?}"
+                        ),
+                        None => ensure!(*seq == 1, "{label}: first item {item:?}"),
+                    }
+                    match self.accepted.get(&(epoch.clone(), *seq)) {
+                        Some(d) => ensure!(d == data, "{label}: ({epoch}, {seq}): {data} != {d}"),
+                        None => {
+                            let i = refused.iter().position(|r| r == data).with_context(|| {
+                                format!("{label}: ({epoch}, {seq}) is no publish of ours: {data}")
+                            })?;
+                            refused.remove(i);
+                        }
+                    }
+                    delivered.insert((epoch.clone(), *seq));
+                    at = Some((epoch.clone(), *seq));
+                }
+                Got::Unrecoverable { reason, epoch, seq } => {
+                    ensure!(
+                        *reason == UnrecoverableReason::EpochChanged,
+                        "{label}: item {n}: {item:?}"
+                    );
+                    if let Some((e, last)) = at.take() {
+                        ensure!(
+                            &e != epoch,
+                            "{label}: item {n} names the current epoch: {item:?}"
+                        );
+                        ended.insert(e, last);
+                    }
+                    announced += 1;
+                    at = Some((epoch.clone(), *seq));
+                }
+            }
+        }
+        for (epoch, seq) in self.accepted.keys() {
+            let lost_announced = ended.get(epoch).is_some_and(|last| seq > last);
+            ensure!(
+                delivered.contains(&(epoch.clone(), *seq)) || lost_announced,
+                "{label}: accepted ({epoch}, {seq}) silently missing\nall: {items:?}"
+            );
+        }
+        Ok(announced)
+    }
+}
+
+/// `sigkill`: the master is SIGKILLed (the sentinels find it down after
+/// 1 s); else `SENTINEL FAILOVER` demotes it while it runs.
+async fn sentinel_failover(c: &mut Cluster, sigkill: bool) -> R {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let chan = "live";
+    let mut clients = two_clients(c, chan).await?;
+    let sentinels = c.sentinels.as_ref().context("sentinels")?;
+    let replica = sentinels.replica.port;
+    let master_pid = c.redis.pid().context("master pid")?;
+
+    // Publishes every 10 ms through both nodes until told to stop; the
+    // master is SIGKILLed (or demoted) after the 100th, the load goes on until a
+    // replica was promoted and 1.5 s more.
+    let (sent, stop) = (AtomicU64::new(0), AtomicBool::new(false));
+    let load = async {
+        let mut answers = Vec::new();
+        let mut k = 0u64;
+        while !stop.load(Ordering::SeqCst) && k < 3_000 {
+            let data = json!({"k": k, "p": payload(k)});
+            answers.push(publish_any(c.node((k % 2) as usize), chan, data).await?);
+            k += 1;
+            sent.store(k, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok(answers)
+    };
+    let kill = async {
+        let stopping = async {
+            while sent.load(Ordering::SeqCst) < 100 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            if sigkill {
+                let status = std::process::Command::new("kill")
+                    .args(["-KILL", &master_pid.to_string()])
+                    .status()?;
+                ensure!(status.success(), "kill -KILL {master_pid}: {status}");
+            } else {
+                sentinels.sentinels[0].failover().await?;
+            }
+            let killed = Instant::now();
+            sentinels
+                .wait_master(replica, Duration::from_secs(20))
+                .await?;
+            eprintln!("replica promoted {:?} after the fault", killed.elapsed());
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            anyhow::Ok(())
+        };
+        let r = stopping.await;
+        stop.store(true, Ordering::SeqCst);
+        r
+    };
+    let (answers, killed) = tokio::join!(load, kill);
+    let (answers, ()) = (answers?, killed?);
+    if sigkill {
+        c.redis.stop();
+    }
+
+    let mut epochs = Epochs::default();
+    let mut statuses = BTreeMap::<u16, usize>::new();
+    for (_, status, answer, data) in answers {
+        *statuses.entry(status.as_u16()).or_default() += 1;
+        epochs.record(status, answer, data)?;
+    }
+    eprintln!("publish answers during the failover: {statuses:?}");
+    c.wait_ready(true, Duration::from_secs(15)).await?;
+    // Both nodes publish on the new master; the last one marks the end.
+    let mut last = Value::Null;
+    for k in 0..6u64 {
+        let data = json!({"after": k});
+        let (_, status, answer, data) = publish_any(c.node((k % 2) as usize), chan, data).await?;
+        ensure!(
+            status == StatusCode::OK,
+            "after the failover: {status} {answer}"
+        );
+        epochs.record(status, answer, data.clone())?;
+        last = data;
+    }
+    let epochs_seen: std::collections::BTreeSet<&String> =
+        epochs.accepted.keys().map(|(e, _)| e).collect();
+    eprintln!(
+        "accepted {} publishes in {} epochs",
+        epochs.accepted.len(),
+        epochs_seen.len()
+    );
+    ensure!(
+        epochs_seen.len() >= 2,
+        "the promoted replica has another run_id: streams must move to a new epoch"
+    );
+    for (_, label, rx) in clients.iter_mut() {
+        let mut items = Vec::new();
+        loop {
+            let (channel, item) = rx.item().await.context(label.clone())?;
+            ensure!(channel == chan, "{label}: item of {channel}: {item:?}");
+            let end = matches!(&item, Got::Msg { data, .. } if *data == last);
+            items.push(item);
+            if end {
+                break;
+            }
+        }
+        let announced = epochs.check(label, &items)?;
+        eprintln!(
+            "{label}: {} items, {announced} epoch change(s) announced",
+            items.len()
+        );
+        ensure!(
+            announced >= 1,
+            "{label}: the epoch moved without an announcement"
+        );
+        rx.expect_quiet(Duration::from_millis(300))
+            .await
+            .context(label.clone())?;
+        rx.alive().await.context(label.clone())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn sentinel_master_killed_mid_stream_every_publish_delivered_or_announced() -> R {
+    let mut c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_sentinel()
+        .start()
+        .await?;
+    let r = sentinel_failover(&mut c, true).await;
+    c.check(r)
+}
+
+#[tokio::test]
+async fn sentinel_failover_command_mid_stream_every_publish_delivered_or_announced() -> R {
+    let mut c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_sentinel()
+        .start()
+        .await?;
+    let r = sentinel_failover(&mut c, false).await;
+    c.check(r)
+}
+
+// ---------------------------------------------------------------------------
 // 7. scripts/cluster.sh
 // ---------------------------------------------------------------------------
 

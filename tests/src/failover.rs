@@ -1,0 +1,417 @@
+//! Backbones that fail over, as real processes on loopback:
+//!
+//! * [`NatsCluster`]: three `nats-server` processes joined by routes (a
+//!   `cluster` block given on the command line), each with its monitoring
+//!   port so a test can find the server a gateway node is connected to
+//!   (`/connz`, by the client name `gateway <node id>`);
+//! * [`Sentinels`]: a replica of a Redis master and three Redis Sentinels
+//!   (`redis-server <file> --sentinel`, the same program Debian's
+//!   `redis-sentinel` links to) watching them under the master name `gw`.
+//!
+//! [`crate::cluster::ClusterBuilder::nats_servers`] and
+//! [`crate::cluster::ClusterBuilder::redis_sentinel`] put them under a
+//! gateway cluster.
+
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Result};
+use serde_json::Value;
+
+use crate::cluster::{
+    kill_child, service_port, spawn_logged, tail, Service, ServiceKind, ServiceOptions,
+};
+use crate::{within, TIMEOUT};
+
+// ---------------------------------------------------------------------------
+// NATS cluster
+// ---------------------------------------------------------------------------
+
+/// One server of a [`NatsCluster`]: the server and its monitoring port.
+#[derive(Debug)]
+pub struct NatsServer {
+    pub service: Service,
+    pub monitor_port: u16,
+}
+
+/// Three `nats-server` processes with routes to each other.
+#[derive(Debug)]
+pub struct NatsCluster {
+    pub servers: Vec<NatsServer>,
+}
+
+impl NatsCluster {
+    /// Starts `n` servers on loopback, every one routed to every other, and
+    /// waits until each has its routes.
+    pub async fn start(n: usize) -> Result<Self> {
+        let cluster_ports: Vec<u16> = (0..n).map(|_| service_port()).collect::<Result<_>>()?;
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats-route://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut servers = Vec::new();
+        for cluster_port in &cluster_ports {
+            let monitor_port = service_port()?;
+            let args = [
+                "--cluster_name",
+                "gw",
+                "--cluster",
+                &format!("nats://127.0.0.1:{cluster_port}"),
+                "--routes",
+                &routes,
+                "-m",
+                &monitor_port.to_string(),
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            let service = Service::start_opts(
+                ServiceKind::Nats,
+                ServiceOptions {
+                    args,
+                    ..ServiceOptions::default()
+                },
+            )
+            .await?;
+            servers.push(NatsServer {
+                service,
+                monitor_port,
+            });
+        }
+        let c = Self { servers };
+        c.wait_routes(n - 1).await?;
+        Ok(c)
+    }
+
+    /// The client URLs, comma-separated (what `nats_url` takes).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| s.service.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn monitor(&self, i: usize, path: &str) -> Result<Value> {
+        let url = format!("http://127.0.0.1:{}{path}", self.servers[i].monitor_port);
+        let res = within("nats monitor", reqwest::get(&url)).await??;
+        Ok(res.json().await?)
+    }
+
+    /// Waits until every running server has `want` routes.
+    pub async fn wait_routes(&self, want: usize) -> Result<()> {
+        let deadline = Instant::now() + TIMEOUT;
+        for i in 0..self.servers.len() {
+            if !self.servers[i].service.is_running() {
+                continue;
+            }
+            loop {
+                let routes = self.monitor(i, "/routez").await?["num_routes"]
+                    .as_u64()
+                    .unwrap_or(0);
+                if routes as usize >= want {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "nats server {i}: {routes} routes, want {want}; logs:\n{}",
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Which running server holds the connection of gateway node `node_id`
+    /// (a server that does not answer holds none: it may have been killed
+    /// behind the harness's back).
+    pub async fn server_of(&self, node_id: &str) -> Result<Option<usize>> {
+        let name = format!("gateway {node_id}");
+        for i in 0..self.servers.len() {
+            if !self.servers[i].service.is_running() {
+                continue;
+            }
+            let Ok(connz) = self.monitor(i, "/connz").await else {
+                continue;
+            };
+            let conns = connz["connections"].as_array().cloned().unwrap_or_default();
+            if conns.iter().any(|c| c["name"] == name.as_str()) {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Waits until node `node_id` is connected to a running server; returns it.
+    pub async fn wait_server_of(&self, node_id: &str, limit: Duration) -> Result<usize> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(i) = self.server_of(node_id).await? {
+                return Ok(i);
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "{node_id} is connected to no NATS server after {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for (i, s) in self.servers.iter().enumerate() {
+            out.push_str(&format!(
+                "---- nats-server {i} (port {}) ----\n{}",
+                s.service.port,
+                tail(&s.service.logs(), 60)
+            ));
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Redis Sentinel
+// ---------------------------------------------------------------------------
+
+/// The master name the sentinels watch.
+pub const MASTER_NAME: &str = "gw";
+
+/// One Redis Sentinel process (its config file is its own: Sentinel
+/// rewrites it).
+pub struct Sentinel {
+    pub port: u16,
+    child: Option<Child>,
+    logs: Arc<Mutex<String>>,
+    _dir: crate::TempDir,
+}
+
+impl std::fmt::Debug for Sentinel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sentinel")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_child(&mut c);
+        }
+    }
+}
+
+impl Sentinel {
+    async fn start(master_port: u16) -> Result<Self> {
+        let port = service_port()?;
+        let dir = crate::TempDir::new()?;
+        let conf = dir.path().join("sentinel.conf");
+        // Fast detection for a test: a master silent for 1 s is down.
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                 sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
+                 sentinel failover-timeout {MASTER_NAME} 5000\n\
+                 sentinel parallel-syncs {MASTER_NAME} 1\n",
+                dir.path().display()
+            ),
+        )?;
+        let logs = Arc::new(Mutex::new(String::new()));
+        let args = vec![conf.display().to_string(), "--sentinel".to_owned()];
+        let child = spawn_logged("redis-server", &args, &logs, None)?;
+        let s = Self {
+            port,
+            child: Some(child),
+            logs,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + TIMEOUT;
+        while s.master().await.is_err() {
+            ensure!(
+                Instant::now() < deadline,
+                "sentinel on {port} did not answer; output:\n{}",
+                tail(&s.logs(), 40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(s)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    async fn conn(&self) -> Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(format!("redis://{}", self.addr()))?;
+        Ok(within(
+            "sentinel connect",
+            client.get_multiplexed_async_connection(),
+        )
+        .await??)
+    }
+
+    /// `SENTINEL GET-MASTER-ADDR-BY-NAME`: the port of the master it names.
+    pub async fn master(&self) -> Result<u16> {
+        let mut c = self.conn().await?;
+        let (_, port): (String, u16) = within(
+            "SENTINEL GET-MASTER-ADDR-BY-NAME",
+            redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(MASTER_NAME)
+                .query_async(&mut c),
+        )
+        .await??;
+        Ok(port)
+    }
+
+    /// `SENTINEL FAILOVER`: promotes a replica without the master's consent.
+    pub async fn failover(&self) -> Result<()> {
+        let mut c = self.conn().await?;
+        let _: String = within(
+            "SENTINEL FAILOVER",
+            redis::cmd("SENTINEL")
+                .arg("FAILOVER")
+                .arg(MASTER_NAME)
+                .query_async(&mut c),
+        )
+        .await??;
+        Ok(())
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+/// One replica of a given master and three sentinels watching it (quorum 2).
+#[derive(Debug)]
+pub struct Sentinels {
+    pub master_port: u16,
+    pub replica: Service,
+    pub sentinels: Vec<Sentinel>,
+}
+
+impl Sentinels {
+    /// Starts a replica of `master` and the sentinels; waits until they
+    /// know each other.
+    pub async fn start(master: &Service) -> Result<Self> {
+        let replica = Service::start_opts(
+            ServiceKind::Redis,
+            ServiceOptions {
+                args: vec![
+                    "--replicaof".into(),
+                    "127.0.0.1".into(),
+                    master.port.to_string(),
+                ],
+                ..ServiceOptions::default()
+            },
+        )
+        .await?;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            sentinels.push(Sentinel::start(master.port).await?);
+        }
+        let s = Self {
+            master_port: master.port,
+            replica,
+            sentinels,
+        };
+        s.wait_settled().await?;
+        Ok(s)
+    }
+
+    /// Waits until the replica is in sync and every sentinel knows the
+    /// replica and the other sentinels (else a failover cannot happen).
+    async fn wait_settled(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for s in &self.sentinels {
+            loop {
+                let mut c = s.conn().await?;
+                let info: Vec<(String, String)> = flat_pairs(
+                    within(
+                        "SENTINEL MASTER",
+                        redis::cmd("SENTINEL")
+                            .arg("MASTER")
+                            .arg(MASTER_NAME)
+                            .query_async::<Vec<String>>(&mut c),
+                    )
+                    .await??,
+                );
+                let get = |k: &str| {
+                    info.iter()
+                        .find(|(key, _)| key == k)
+                        .map(|(_, v)| v.parse::<u64>().unwrap_or(0))
+                        .unwrap_or(0)
+                };
+                if get("num-slaves") >= 1 && get("num-other-sentinels") >= 2 {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    bail!("sentinels did not settle: {info:?}\n{}", self.logs());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The sentinel addresses, comma-separated (what `redis_sentinels` takes).
+    pub fn addrs(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(Sentinel::addr)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until a majority of sentinels names a master on `port`.
+    pub async fn wait_master(&self, port: u16, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut agree = 0;
+            for s in &self.sentinels {
+                if s.master().await.ok() == Some(port) {
+                    agree += 1;
+                }
+            }
+            if agree >= 2 {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the sentinels did not promote port {port} within {limit:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = format!(
+            "---- redis replica (port {}) ----\n{}",
+            self.replica.port,
+            tail(&self.replica.logs(), 40)
+        );
+        for s in &self.sentinels {
+            out.push_str(&format!(
+                "---- sentinel {} ----\n{}",
+                s.port,
+                tail(&s.logs(), 40)
+            ));
+        }
+        out
+    }
+}
+
+fn flat_pairs(v: Vec<String>) -> Vec<(String, String)> {
+    v.chunks(2)
+        .filter(|c| c.len() == 2)
+        .map(|c| (c[0].clone(), c[1].clone()))
+        .collect()
+}
