@@ -268,12 +268,11 @@ pub async fn history(State(node): State<Arc<Node>>, req: Request) -> Response {
 /// Checks a control call's user and hands `command` to the user's
 /// connections on every node.
 async fn send_control(node: &Node, command: Control) -> Response {
-    if let Err(e) = validate_user(command.user()) {
-        return ApiError::new(
-            ErrorCode::BadRequest,
-            format!("user {:?}: {e}", command.user()),
-        )
-        .into_response();
+    if let crate::control::Target::User(user) = command.target() {
+        if let Err(e) = validate_user(user) {
+            return ApiError::new(ErrorCode::BadRequest, format!("user {user:?}: {e}"))
+                .into_response();
+        }
     }
     match node.broker.control(&command).await {
         Ok(()) => Json(serde_json::json!({})).into_response(),

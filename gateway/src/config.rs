@@ -81,6 +81,12 @@ pub struct Config {
     /// Presence: how often a node writes the channels whose members changed
     /// (one write per channel per period, whatever the churn).
     pub presence_flush_ms: u64,
+    /// Presence: `join` and `leave` frames (namespaces with `join_leave`)
+    /// are sent only while the channel has at most this many members on the
+    /// node where the change happens; above it, none (subscribers ask
+    /// `presence_stats` instead), so a big channel's churn is no fan-out
+    /// storm.
+    pub presence_events_max_members: usize,
     /// Embedded node: streams (channels with a sequence) held at most; past
     /// it the least recently used go first, never-published ones before
     /// the rest, and a client holding a position in one is told
@@ -291,6 +297,7 @@ impl Default for Config {
             namespace: Vec::new(),
             presence_ttl_ms: 15_000,
             presence_flush_ms: 500,
+            presence_events_max_members: 100,
             replay_max_streams: 1_000_000,
             max_frame_bytes: 64 * 1024,
             max_queue_bytes: 1024 * 1024,

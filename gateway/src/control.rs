@@ -45,6 +45,21 @@ pub enum Control {
     /// Close the connections whose token was issued before `before` (Unix
     /// seconds; a token without `iat` counts as issued before).
     Revoke { user: String, before: u64 },
+    /// A member joined or left `channel` (namespaces with join/leave
+    /// events): for the channel's subscribers, not a user's connections.
+    Presence {
+        channel: String,
+        join: bool,
+        member: protocol::PresenceMember,
+    },
+}
+
+/// Whom a command is for.
+pub enum Target<'a> {
+    /// Every connection of a user (routed through the registry).
+    User(&'a str),
+    /// Every subscriber of a channel (routed like a broadcast).
+    Channel(&'a str),
 }
 
 const PREFIX: &[u8] = b"ctl\n";
@@ -71,12 +86,13 @@ pub async fn check_not_revoked(
 }
 
 impl Control {
-    pub fn user(&self) -> &str {
+    pub fn target(&self) -> Target<'_> {
         match self {
             Self::Disconnect { user, .. }
             | Self::Subscribe { user, .. }
             | Self::Unsubscribe { user, .. }
-            | Self::Revoke { user, .. } => user,
+            | Self::Revoke { user, .. } => Target::User(user),
+            Self::Presence { channel, .. } => Target::Channel(channel),
         }
     }
 

@@ -528,10 +528,11 @@ impl crate::broker::Deliver for Hub {
     /// Puts the command in the mailbox of each local session of its user
     /// (the readers of the user's own stream) and wakes them.
     fn control(&self, command: Control) {
-        let log = self
-            .channels
-            .get(&*user_channel(command.user()))
-            .map(|l| l.clone());
+        let key = match command.target() {
+            crate::control::Target::User(u) => user_channel(u),
+            crate::control::Target::Channel(c) => c.to_owned(),
+        };
+        let log = self.channels.get(&*key).map(|l| l.clone());
         let Some(log) = log else { return };
         for session in log.sessions() {
             session.mailbox.lock().push(command.clone());

@@ -40,6 +40,12 @@ pub struct NamespaceConfig {
     /// `presence` / `presence_stats`). Default false.
     #[serde(default)]
     pub presence: bool,
+    /// With `presence`: send `join` and `leave` frames to a channel's
+    /// subscribers (only while the channel has at most
+    /// `presence_events_max_members` members on the node where the change
+    /// happens). Default false.
+    #[serde(default)]
+    pub join_leave: bool,
 }
 
 fn yes() -> bool {
@@ -55,6 +61,7 @@ pub struct Rules {
     pub anonymous: bool,
     pub history: bool,
     pub presence: bool,
+    pub join_leave: bool,
 }
 
 /// The configured namespaces and the top-level rules.
@@ -79,6 +86,7 @@ impl Namespaces {
             anonymous: true,
             history: true,
             presence: false,
+            join_leave: false,
         };
         let mut by_name = HashMap::new();
         for (i, b) in blocks.iter().enumerate() {
@@ -110,6 +118,7 @@ impl Namespaces {
                 anonymous: b.anonymous,
                 history: b.history,
                 presence: b.presence,
+                join_leave: b.presence && b.join_leave,
             };
             if by_name.insert(b.name.clone(), rules).is_some() {
                 return Err(format!(
@@ -160,6 +169,7 @@ impl Namespaces {
                 anonymous: true,
                 history: true,
                 presence: false,
+                join_leave: false,
             },
         }
     }
@@ -178,6 +188,7 @@ mod tests {
             anonymous: true,
             history: true,
             presence: false,
+            join_leave: false,
         }
     }
 

@@ -95,10 +95,10 @@ impl Node {
         let empty_ttl = Duration::from_millis(config.stream_empty_ttl_ms);
         // Checked by the config's validation already.
         let namespaces = Arc::new(config.namespaces().map_err(BuildError::Namespaces)?);
-        let presence = Arc::new(crate::presence::Presence::new(
-            Duration::from_millis(config.presence_ttl_ms),
-            1000,
-        ));
+        let presence = Arc::new(
+            crate::presence::Presence::new(Duration::from_millis(config.presence_ttl_ms), 1000)
+                .with_max_event_members(config.presence_events_max_members),
+        );
         // With Sentinel, every Redis client goes through a local forwarder
         // that leads to the current master (`sentinel`).
         let redis_url = match (&config.redis_sentinels, &config.redis_master_name) {
@@ -223,13 +223,12 @@ impl Node {
             drain,
         });
         node.spawn_stream_keeper(empty_ttl);
-        if let Some(registry) = &node.registry {
-            presence.spawn_writer(
-                registry.clone(),
-                node.id.clone(),
-                Duration::from_millis(node.config.presence_flush_ms),
-            );
-        }
+        presence.spawn_writer(
+            node.registry.clone(),
+            node.broker.clone(),
+            node.id.clone(),
+            Duration::from_millis(node.config.presence_flush_ms),
+        );
         if node.registry.is_some() {
             node.heartbeat().await.map_err(BuildError::Heartbeat)?;
             let weak = Arc::downgrade(&node);

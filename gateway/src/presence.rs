@@ -21,11 +21,20 @@ use protocol::api::PresenceMember;
 use registry::Registry;
 use tracing::warn;
 
+use crate::broker::Broker;
+use crate::control::Control;
+
 /// The members of presence-enabled channels on this node, and which
 /// channels changed since the last write.
 pub struct Presence {
     local: DashMap<Arc<str>, HashMap<u64, PresenceMember>>,
     dirty: Mutex<HashSet<Arc<str>>>,
+    /// Join/leave events to send with the next write (channel, join,
+    /// member).
+    events: Mutex<Vec<(Arc<str>, bool, PresenceMember)>>,
+    /// Join/leave events only while a channel has at most this many
+    /// members on this node (`presence_events_max_members`).
+    pub max_event_members: usize,
     /// How long a node's entries outlive its last refresh.
     pub ttl: Duration,
     /// Most members one answer lists.
@@ -37,27 +46,61 @@ impl Presence {
         Self {
             local: DashMap::new(),
             dirty: Mutex::new(HashSet::new()),
+            events: Mutex::new(Vec::new()),
+            max_event_members: 100,
             ttl,
             max_listed,
         }
     }
 
-    pub fn join(&self, channel: &str, session: u64, member: PresenceMember) {
-        self.local
-            .entry(Arc::from(channel))
-            .or_default()
-            .insert(session, member);
-        self.dirty.lock().insert(Arc::from(channel));
+    /// Join/leave events only while a channel has at most `n` members here.
+    pub fn with_max_event_members(mut self, n: usize) -> Self {
+        self.max_event_members = n;
+        self
     }
 
-    pub fn leave(&self, channel: &str, session: u64) {
-        let removed = self
-            .local
-            .get_mut(channel)
-            .is_some_and(|mut m| m.remove(&session).is_some());
+    /// A session subscribed; with `events`, its `join` goes to the channel's
+    /// subscribers with the next write.
+    pub fn join(&self, channel: &str, session: u64, member: PresenceMember, events: bool) {
+        let members = {
+            let mut m = self.local.entry(Arc::from(channel)).or_default();
+            m.insert(session, member.clone());
+            m.len()
+        };
+        self.dirty.lock().insert(Arc::from(channel));
+        if events && members <= self.max_event_members {
+            self.events.lock().push((Arc::from(channel), true, member));
+        }
+    }
+
+    /// A session left; with `events`, its `leave` goes out too.
+    pub fn leave(&self, channel: &str, session: u64, events: bool) {
+        let removed = self.local.get_mut(channel).and_then(|mut m| {
+            let gone = m.remove(&session)?;
+            Some((gone, m.len()))
+        });
         self.local.remove_if(channel, |_, m| m.is_empty());
-        if removed {
+        if let Some((member, left)) = removed {
             self.dirty.lock().insert(Arc::from(channel));
+            if events && left < self.max_event_members {
+                self.events.lock().push((Arc::from(channel), false, member));
+            }
+        }
+    }
+
+    /// Sends the queued join/leave events to the channels' subscribers on
+    /// every node.
+    async fn send_events(&self, broker: &dyn Broker) {
+        let events = std::mem::take(&mut *self.events.lock());
+        for (channel, join, member) in events {
+            let command = Control::Presence {
+                channel: channel.to_string(),
+                join,
+                member,
+            };
+            if let Err(e) = broker.control(&command).await {
+                warn!(%channel, error = %e, "presence event not sent");
+            }
         }
     }
 
@@ -95,11 +138,12 @@ impl Presence {
         }
     }
 
-    /// Spawns the writer: every `every`, the changed channels; three times
-    /// per TTL, all of them.
+    /// Spawns the writer: every `every`, the join/leave events and (in a
+    /// cluster) the changed channels; three times per TTL, all of them.
     pub fn spawn_writer(
         self: &Arc<Self>,
-        registry: Arc<dyn Registry>,
+        registry: Option<Arc<dyn Registry>>,
+        broker: Arc<dyn Broker>,
         node: String,
         every: Duration,
     ) {
@@ -115,7 +159,11 @@ impl Presence {
                 if refresh {
                     last_refresh = tokio::time::Instant::now();
                 }
-                p.flush(&*registry, &node, refresh).await;
+                p.send_events(&*broker).await;
+                match &registry {
+                    Some(r) => p.flush(&**r, &node, refresh).await,
+                    None => p.dirty.lock().clear(),
+                }
             }
         });
     }

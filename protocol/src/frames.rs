@@ -232,11 +232,13 @@ pub enum ServerFrame {
     History(HistoryResult),
     Presence(PresenceResult),
     PresenceStats(PresenceStats),
+    Join(PresenceEvent),
+    Leave(PresenceEvent),
 }
 
 impl ServerFrame {
     /// Every `type` value a server frame may have.
-    pub const TYPES: [&'static str; 16] = [
+    pub const TYPES: [&'static str; 18] = [
         "connected",
         "subscribed",
         "unsubscribed",
@@ -253,7 +255,18 @@ impl ServerFrame {
         "history",
         "presence",
         "presence_stats",
+        "join",
+        "leave",
     ];
+}
+
+/// A connection subscribed to (`join`) or left (`leave`) a channel whose
+/// namespace has join/leave events on; sent to the channel's subscribers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEvent {
+    pub channel: String,
+    pub user: String,
+    pub client: String,
 }
 
 /// Answer to `connect`.

@@ -10,7 +10,7 @@
 //!   `nats_url`, a comma-separated list for a NATS cluster); on reconnect the
 //!   node fetches what was published meanwhile from the replay store.
 
-use crate::control::Control;
+use crate::control::{Control, Target};
 use crate::replay::Appended;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -213,10 +213,10 @@ impl Broker for NatsBroker {
     }
 
     async fn control(&self, command: &Control) -> Result<(), BrokerError> {
-        let subjects = self
-            .cluster
-            .user_routes(command.user(), node_subject)
-            .await?;
+        let subjects = match command.target() {
+            Target::User(user) => self.cluster.user_routes(user, node_subject).await?,
+            Target::Channel(channel) => vec![channel_subject(channel)],
+        };
         let payload = bytes::Bytes::from(command.encode());
         for s in subjects {
             self.client

@@ -10,7 +10,7 @@
 //!   watchdog PINGs it, reports health, and after an outage fetches what was
 //!   published meanwhile from the replay store.
 
-use crate::control::Control;
+use crate::control::{Control, Target};
 use crate::replay::Appended;
 use std::sync::Arc;
 use std::time::Duration;
@@ -205,7 +205,10 @@ impl Broker for RedisBroker {
     }
 
     async fn control(&self, command: &Control) -> Result<(), BrokerError> {
-        let topics = self.cluster.user_routes(command.user(), node_topic).await?;
+        let topics = match command.target() {
+            Target::User(user) => self.cluster.user_routes(user, node_topic).await?,
+            Target::Channel(channel) => vec![channel_topic(channel)],
+        };
         let payload = command.encode();
         let mut conn = self.subscriber.clone();
         for topic in topics {

@@ -454,7 +454,8 @@ impl Session {
             }
         }
         node.metrics.subscriptions.increment(1.0);
-        if node.namespaces.rules(channel).presence && !channel.starts_with(USER_CHANNEL_PREFIX) {
+        let rules = node.namespaces.rules(channel);
+        if rules.presence && !channel.starts_with(USER_CHANNEL_PREFIX) {
             node.presence.join(
                 channel,
                 self.shared.id,
@@ -462,6 +463,7 @@ impl Session {
                     user: self.user.to_string(),
                     client: self.client_id(),
                 },
+                rules.join_leave,
             );
         }
         node.counts
@@ -491,6 +493,25 @@ impl Session {
             } else {
                 CloseCode::Removed
             }),
+            Control::Presence {
+                channel,
+                join,
+                member,
+            } => {
+                if self.subs.contains_key(channel.as_str()) {
+                    let event = protocol::PresenceEvent {
+                        channel,
+                        user: member.user,
+                        client: member.client,
+                    };
+                    out.push(Outgoing::Frame(if join {
+                        ServerFrame::Join(event)
+                    } else {
+                        ServerFrame::Leave(event)
+                    }));
+                }
+                None
+            }
             Control::Revoke { before, .. } => {
                 (issued_at.is_none_or(|iat| iat < before)).then_some(CloseCode::Unauthorized)
             }
@@ -548,8 +569,11 @@ impl Session {
             return false;
         };
         self.ctx.metrics.subscriptions.decrement(1.0);
-        if self.ctx.namespaces.rules(channel).presence {
-            self.ctx.presence.leave(channel, self.shared.id);
+        let rules = self.ctx.namespaces.rules(channel);
+        if rules.presence {
+            self.ctx
+                .presence
+                .leave(channel, self.shared.id, rules.join_leave);
         }
         self.ctx
             .counts

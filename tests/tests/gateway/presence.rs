@@ -119,3 +119,48 @@ async fn embedded_presence() -> R {
     until_listed(&gw, "room:2", &["ann"], Duration::from_secs(3)).await?;
     Ok(())
 }
+
+/// Join and leave frames (namespace `join_leave`) reach the channel's
+/// subscribers on every node, once each.
+#[tokio::test]
+async fn join_and_leave_arrive_once_on_every_node() -> R {
+    let dir = TempDir::new()?;
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[[namespace]]\nname = \"room\"\npresence = true\njoin_leave = true\n",
+    )?;
+    let c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .env("GATEWAY_CONFIG", file.display())
+        .env("presence_flush_ms", 100)
+        .start()
+        .await?;
+    let tok = |u: &str| c.node(0).token(u, &["room:*"], &[], 600);
+    let (mut ann, _) = c.node(0).ws_connected(Codec::Json, &tok("ann")).await?;
+    ann.subscribe("room:j", None).await?;
+    // Her own join first.
+    match ann.recv().await? {
+        ServerFrame::Join(j) => ensure!(j.user == "ann" && j.channel == "room:j", "{j:?}"),
+        other => anyhow::bail!("expected join, got {other:?}"),
+    }
+    let (mut bob, _) = c.node(1).ws_connected(Codec::Json, &tok("bob")).await?;
+    bob.subscribe("room:j", None).await?;
+    match ann.recv().await? {
+        ServerFrame::Join(j) => ensure!(j.user == "bob", "{j:?}"),
+        other => anyhow::bail!("expected bob's join, got {other:?}"),
+    }
+    bob.send(&ClientFrame::Unsubscribe(protocol::Unsubscribe {
+        id: Some(3),
+        channel: "room:j".into(),
+    }))
+    .await?;
+    match ann.recv().await? {
+        ServerFrame::Leave(l) => ensure!(l.user == "bob", "{l:?}"),
+        other => anyhow::bail!("expected bob's leave, got {other:?}"),
+    }
+    // Nothing twice: the next frame is the pong.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    ann.roundtrip().await?;
+    Ok(())
+}
