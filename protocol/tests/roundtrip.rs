@@ -217,6 +217,16 @@ fn every_server_frame() -> Vec<ServerFrame> {
             clients: 1,
             users: 1,
         }),
+        ServerFrame::Join(PresenceEvent {
+            channel: "room:1".into(),
+            user: "ann".into(),
+            client: "n-1".into(),
+        }),
+        ServerFrame::Leave(PresenceEvent {
+            channel: "room:1".into(),
+            user: "ann".into(),
+            client: "n-1".into(),
+        }),
     ]
 }
 
@@ -265,7 +275,9 @@ fn samples_cover_every_server_type() {
             "pong",
             "history",
             "presence",
-            "presence_stats"
+            "presence_stats",
+            "join",
+            "leave"
         ]
     );
     for f in every_server_frame() {
