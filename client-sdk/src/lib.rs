@@ -71,6 +71,8 @@
 //!         SubscriptionEvent::Unrecoverable { .. } => resync(),
 //!         SubscriptionEvent::Subscribed { .. } => {}  // again after each reconnection
 //!         SubscriptionEvent::Unsubscribed { .. } => break,
+//!         SubscriptionEvent::Join { user, .. } => println!("{user} joined"),
+//!         SubscriptionEvent::Leave { user, .. } => println!("{user} left"),
 //!     }
 //!     save(&serde_json::to_string(&news.position())?);
 //! }

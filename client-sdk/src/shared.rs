@@ -162,6 +162,21 @@ pub enum SubscriptionEvent {
         /// Where delivery continues after.
         position: Position,
     },
+    /// A connection subscribed to the channel (namespaces with join/leave
+    /// events on).
+    Join {
+        /// Its user (`""` when anonymous).
+        user: String,
+        /// Its client id (`connected.client` on its node).
+        client: String,
+    },
+    /// A connection left the channel (unsubscribed or closed).
+    Leave {
+        /// Its user.
+        user: String,
+        /// Its client id.
+        client: String,
+    },
     /// The subscription ended; nothing follows (the stream ends).
     Unsubscribed {
         /// Why: `None` when the application unsubscribed; the server's
@@ -181,7 +196,7 @@ impl SubscriptionEvent {
             Self::Message(m) => Some(Position::new(m.seq, m.epoch.clone())),
             Self::Subscribed { position, .. } => position.clone(),
             Self::Unrecoverable { position, .. } => Some(position.clone()),
-            Self::Unsubscribed { .. } => None,
+            Self::Unsubscribed { .. } | Self::Join { .. } | Self::Leave { .. } => None,
         }
     }
 }

@@ -177,6 +177,21 @@ impl Driver {
         Ok(())
     }
 
+    /// A `join` or `leave` of a channel we follow: to its subscription, in
+    /// order with its messages.
+    pub(super) async fn on_presence_event(&mut self, e: protocol::PresenceEvent, join: bool) {
+        let Some(stream) = self.stream_mut(&e.channel) else {
+            return;
+        };
+        let protocol::PresenceEvent { user, client, .. } = e;
+        let event = if join {
+            SubscriptionEvent::Join { user, client }
+        } else {
+            SubscriptionEvent::Leave { user, client }
+        };
+        stream.sink.deliver(event).await;
+    }
+
     pub(super) async fn on_unrecoverable(&mut self, u: Unrecoverable) {
         let Some(stream) = self.stream_mut(&u.channel) else {
             return;

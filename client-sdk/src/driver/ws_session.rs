@@ -392,6 +392,14 @@ impl Driver {
                 }
                 Ok(())
             }
+            ServerFrame::Join(j) => {
+                self.on_presence_event(j, true).await;
+                Ok(())
+            }
+            ServerFrame::Leave(l) => {
+                self.on_presence_event(l, false).await;
+                Ok(())
+            }
             f @ (ServerFrame::Presence(_) | ServerFrame::PresenceStats(_)) => {
                 let id = match &f {
                     ServerFrame::Presence(p) => p.id,

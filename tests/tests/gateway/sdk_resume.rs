@@ -670,3 +670,62 @@ async fn sdk_presence_and_presence_stats() -> R {
     }
     Ok(())
 }
+
+/// `join` and `leave` (a namespace with `join_leave` on) reach an SDK
+/// subscription as `SubscriptionEvent::Join` / `Leave`, in order with its
+/// messages.
+#[tokio::test]
+async fn sdk_subscription_hears_join_and_leave() -> R {
+    let dir = harness::TempDir::new()?;
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(
+        &file,
+        "[[namespace]]\nname = \"room\"\npresence = true\njoin_leave = true\n",
+    )?;
+    let gw = Gateway::builder()
+        .env("GATEWAY_CONFIG", file.display())
+        .start()
+        .await?;
+    let chan = "room:jl";
+    let token = |u: &str| gw.token(u, &["room:*"], &[], 600);
+    let watcher = within(
+        "connect",
+        Client::builder(gw.url("")).token(token("ann")).connect(),
+    )
+    .await??;
+    let mut sub = within("subscribe", watcher.subscribe(chan)).await??;
+    let joiner = within(
+        "connect",
+        Client::builder(gw.url(""))
+            .websocket(Codec::MsgPack)
+            .token(token("bob"))
+            .connect(),
+    )
+    .await??;
+    let mut joined = Some(within("subscribe", joiner.subscribe(chan)).await??);
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match next_event(&mut sub).await? {
+            // Its own join may come too (the server's choice): only bob's count.
+            SubscriptionEvent::Join { user, .. } if user == "bob" => {
+                got.push(format!("join {user}"))
+            }
+            SubscriptionEvent::Leave { user, .. } if user == "bob" => {
+                got.push(format!("leave {user}"))
+            }
+            SubscriptionEvent::Subscribed { .. }
+            | SubscriptionEvent::Join { .. }
+            | SubscriptionEvent::Leave { .. } => {}
+            other => anyhow::bail!("unexpected {other:?}"),
+        }
+        if got.len() == 1 {
+            let Some(j) = joined.take() else { continue };
+            ensure!(got == ["join bob"], "{got:?}");
+            within("unsubscribe", j.unsubscribe()).await??;
+        }
+    }
+    ensure!(got == ["join bob", "leave bob"], "{got:?}");
+    joiner.close().await;
+    watcher.close().await;
+    Ok(())
+}
