@@ -6,7 +6,10 @@
 #   fn       the gateway's append function (life check, run_id cached per
 #            Lua state) - what the gateway runs;
 #   no-check the append as it was before the life check (baseline);
-#   info     the life check reading INFO on every call (the rejected design).
+#   info     the life check reading INFO on every call (the rejected design);
+#   fn-key   the gateway's append with an idempotency key, a new key each
+#            time (redis-benchmark's __rand_int__): the lookup and the SET;
+#   fn-dup   the same key every time: a retry answered from the key.
 # Knobs: N=200000 requests per run, ROUNDS=3, GW=target/release/gateway.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -52,11 +55,14 @@ redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return {seq, epoch}")
 echo "redis-server $(redis-server --version | awk '{print $3}'), $N appends per run, 20 clients, benchmark pinned to core 1"
 for round in $(seq "$ROUNDS"); do
-  for v in fn no-check info; do
+  for v in fn no-check info fn-key fn-dup; do
+    keys=(2 "{b$v}m" "{b$v}b")
     case $v in
       fn) cmd=(FCALL "$F") ;; no-check) cmd=(EVALSHA "$NO_CHECK") ;; info) cmd=(EVALSHA "$INFO") ;;
+      fn-key) cmd=(FCALL "$F"); keys=(3 "{b$v}m" "{b$v}b" "{b$v}i:__rand_int__") ;;
+      fn-dup) cmd=(FCALL "$F"); keys=(3 "{b$v}m" "{b$v}b" "{b$v}i:same") ;;
     esac
-    out=$(taskset -c 1 redis-benchmark -p "$PORT" -n "$N" -c 20 -q "${cmd[@]}" 2 "{b$v}m" "{b$v}b" \
+    out=$(taskset -c 1 redis-benchmark -p "$PORT" -n "$N" -c 20 -r 1000000000 -q "${cmd[@]}" "${keys[@]}" \
       '{"text":"hello"}' 1700000000000 1000 120000 86400000 EPOCH ch 2>/dev/null | tr '\r' '\n' | grep 'requests per second')
     rps=$(echo "$out" | sed -E 's/.*: ([0-9.]+) requests per second.*/\1/')
     printf 'round %s  %-9s %9.0f appends/s  %5.1f us each\n' "$round" "$v" "$rps" "$(awk "BEGIN{print 1000000/$rps}")"
