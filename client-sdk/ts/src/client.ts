@@ -72,6 +72,13 @@ export interface History<T = unknown> {
   unrecoverable?: string;
 }
 
+/** A connection subscribed to (`join`) or left (`leave`) a channel of a namespace with join/leave events on. */
+export interface PresenceEvent {
+  channel: string;
+  user: string;
+  client: string;
+}
+
 /** The answer of {@link GatewayClient.presence}. */
 export interface Presence {
   channel: string;
@@ -155,6 +162,8 @@ export interface ClientEvents {
   unrecoverable: Unrecoverable;
   subscribed: Subscribed;
   unsubscribed: Unsubscribed;
+  join: PresenceEvent;
+  leave: PresenceEvent;
   error: GatewayError;
 }
 
@@ -164,6 +173,8 @@ export interface SubscriptionEvents<T = unknown> {
   subscribed: Subscribed;
   unrecoverable: Unrecoverable;
   unsubscribed: Unsubscribed;
+  join: PresenceEvent;
+  leave: PresenceEvent;
   /** A refusal (then `unsubscribed` if for good), or a message of this channel that could not be decoded (`undecodable`). */
   error: GatewayError;
 }
@@ -879,6 +890,12 @@ export class GatewayClient {
           s.t.subscribed(f.seq, f.epoch, f.recovered);
           if (f.recovered) this.counters.resumes++;
           this.ready(s, typeof f.recovered === 'boolean' ? f.recovered : undefined, !!f.server);
+        }
+        break;
+      case 'join':
+      case 'leave':
+        if (s && typeof f.user === 'string' && typeof f.client === 'string') {
+          this.both(s, f.type, { channel: s.name, user: f.user, client: f.client });
         }
         break;
       case 'unsubscribed':

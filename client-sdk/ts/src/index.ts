@@ -15,6 +15,7 @@ export type {
   HistoryOptions,
   Message,
   Presence,
+  PresenceEvent,
   PresenceStats,
   State,
   StateChange,

@@ -218,13 +218,13 @@ test('history over the WebSocket, then subscribe since the newest; a subscriptio
     assert.deepEqual(await page2.evaluate(() => window.serverSeen), [1, 2, 3, 'server']);
   }));
 
-test('presence and presence stats from the page, on a namespace with presence on', T, () =>
+test('presence, presence stats, join and leave from the page, on a namespace with presence on', T, () =>
   withEnv(async (env) => {
     const { mkdtempSync, writeFileSync } = await import('node:fs');
     const { tmpdir } = await import('node:os');
     const { join } = await import('node:path');
     const file = join(mkdtempSync(join(tmpdir(), 'gw-presence-')), 'gateway.toml');
-    writeFileSync(file, '[[namespace]]\nname = "room"\npresence = true\n');
+    writeFileSync(file, '[[namespace]]\nname = "room"\npresence = true\njoin_leave = true\n');
     const secret = 'browser-test-secret-0123456789';
     const gw = await env.gateway({ GATEWAY_JWT_SECRET: secret, GATEWAY_CONFIG: file, GATEWAY_PRESENCE_FLUSH_MS: '200' });
     const front = await env.proxy([gw]);
@@ -235,7 +235,12 @@ test('presence and presence stats from the page, on a namespace with presence on
     const r = await page.evaluate(async (tokens) => {
       const { GatewayClient } = await import('/sdk/gateway-client.js');
       const clients = tokens.map((token) => new GatewayClient({ token }));
-      await Promise.all(clients.map((c) => c.subscribe('room:b').ready));
+      const first = clients[0].subscribe('room:b');
+      const heard = [];
+      first.on('join', (e) => heard.push('join ' + e.user));
+      first.on('leave', (e) => heard.push('leave ' + e.user));
+      await first.ready;
+      await clients[1].subscribe('room:b').ready;
       let p;
       for (let i = 0; i < 50; i++) {
         p = await clients[0].presence('room:b');
@@ -247,12 +252,15 @@ test('presence and presence stats from the page, on a namespace with presence on
         () => 'answered',
         (e) => e.code,
       );
+      clients[1].unsubscribe('room:b');
+      for (let i = 0; i < 50 && !heard.includes('leave finn'); i++) await new Promise((r) => setTimeout(r, 100));
       for (const c of clients) c.close();
-      return { users: p.members.map((m) => m.user), stats, refused };
+      return { users: p.members.map((m) => m.user), stats, refused, heard };
     }, tokens);
     assert.deepEqual(r.users, ['erin', 'finn']);
     assert.deepEqual([r.stats.clients, r.stats.users], [2, 2]);
     assert.equal(r.refused, 103);
+    assert.deepEqual(r.heard.filter((h) => h.endsWith('finn')), ['join finn', 'leave finn'], String(r.heard));
   }));
 
 test('a node refusing sessions closes a browser WebSocket with 4004 and a delay, which the SDK waits out', T, () =>

@@ -625,6 +625,25 @@ describe('client: history and server-side subscriptions', () => {
     await assert.rejects(sse.presence('room'), (e) => e.code === 'unsupported');
   });
 
+  test('join and leave reach the subscription and the client', async () => {
+    const { FakeWS, next } = fakeWebSocket();
+    const { c } = client({ WebSocket: FakeWS });
+    const room = c.subscribe('room');
+    const seen = [];
+    room.on('join', (e) => seen.push('join:' + e.user + '/' + e.client));
+    room.on('leave', (e) => seen.push('leave:' + e.user));
+    c.on('join', (e) => seen.push('client join:' + e.channel));
+    const ws = await next(0);
+    ws.open();
+    ws.recv(connected());
+    ws.recv({ type: 'subscribed', id: ws.sent[1].id, channel: 'room', epoch: 'E', seq: 0 });
+    ws.recv({ type: 'join', channel: 'room', user: 'ann', client: 'c9' });
+    ws.recv({ type: 'leave', channel: 'room', user: 'ann', client: 'c9' });
+    ws.recv({ type: 'join', channel: 'other', user: 'x', client: 'y' });
+    assert.deepEqual(seen, ['join:ann/c9', 'client join:room', 'leave:ann']);
+    c.close();
+  });
+
   test('a subscription the backend makes is followed like our own, and ends when the backend ends it', async () => {
     const { FakeWS, next } = fakeWebSocket();
     const { c, rec } = client({ WebSocket: FakeWS });
