@@ -301,6 +301,16 @@ impl Sentinels {
     /// Starts a replica of `master` and the sentinels; waits until they
     /// know each other.
     pub async fn start(master: &Service) -> Result<Self> {
+        // The full sync starts at once (Redis waits 5 s for more replicas).
+        let mut m = redis::Client::open(master.url())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let _: String = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("repl-diskless-sync-delay")
+            .arg(0)
+            .query_async(&mut m)
+            .await?;
         let replica = Service::start_opts(
             ServiceKind::Redis,
             ServiceOptions {
@@ -313,6 +323,24 @@ impl Sentinels {
             },
         )
         .await?;
+        // The replica has the data set (its link is up) before anyone
+        // relies on it.
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut m)
+                .await?;
+            if info.contains("state=online") {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the replica did not come online: {info}\n{}",
+                tail(&replica.logs(), 40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let mut sentinels = Vec::new();
         for _ in 0..3 {
             sentinels.push(Sentinel::start(master.port).await?);

@@ -1508,6 +1508,45 @@ async fn sentinel_failover_command_mid_stream_every_publish_delivered_or_announc
     c.check(r)
 }
 
+/// `redis_min_replica_acks = 1`: answered once the replica has the
+/// message; with the replica gone, 503 (temporary) after the ack timeout.
+#[tokio::test]
+async fn redis_min_replica_acks_answers_after_the_replica_and_503_without_it() -> R {
+    let mut c = Cluster::builder(Backbone::Redis)
+        .nodes(1)
+        .redis_sentinel()
+        .env("GATEWAY_REDIS_MIN_REPLICA_ACKS", 1)
+        .env("GATEWAY_REDIS_REPLICA_ACK_TIMEOUT_MS", 300)
+        .start()
+        .await?;
+    let r = async {
+        for i in 1..=3u64 {
+            let r = c.node(0).publish("acked", payload(i)).await?;
+            ensure!(r.seq == i, "{r:?}");
+        }
+        c.sentinels.as_mut().context("sentinels")?.replica.stop();
+        let started = Instant::now();
+        let (_, status, answer, _) = publish_any(c.node(0), "acked", payload(4)).await?;
+        let took = started.elapsed();
+        ensure!(
+            status == StatusCode::SERVICE_UNAVAILABLE && answer["error"]["temporary"] == true,
+            "without the replica: {status} {answer}"
+        );
+        ensure!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "answered after {took:?}"
+        );
+        let missing = c
+            .node(0)
+            .metric("gateway_publish_replica_acks_missing_total")
+            .await?;
+        ensure!(missing == 1.0, "replica acks missing counted {missing}");
+        anyhow::Ok(())
+    }
+    .await;
+    c.check(r)
+}
+
 // ---------------------------------------------------------------------------
 // 7. scripts/cluster.sh
 // ---------------------------------------------------------------------------
