@@ -280,6 +280,13 @@ async fn send_control(node: &Node, command: Control) -> Response {
     }
 }
 
+/// The longest a token (and a resume token after it) may stay valid: how
+/// long a revocation or a server-side subscription must be remembered.
+fn token_horizon(node: &Node) -> std::time::Duration {
+    std::time::Duration::from_secs(node.config.max_token_lifetime_secs)
+        + std::time::Duration::from_millis(node.config.resume_token_ttl_ms)
+}
+
 /// `POST /api/disconnect` (admin) `{"user", "reconnect"?, "reason"?}`.
 pub async fn disconnect(State(node): State<Arc<Node>>, req: Request) -> Response {
     match read_as::<DisconnectRequest>(&node, req, Scope::Admin).await {
@@ -305,6 +312,15 @@ pub async fn server_subscribe(State(node): State<Arc<Node>>, req: Request) -> Re
         )
         .into_response(),
         Ok(s) => {
+            // Stored first: a connection that reconnects meanwhile may
+            // subscribe again whatever its token says.
+            if let Err(e) = node
+                .ledger
+                .set_server_subscription(&s.user, &s.channel, true, token_horizon(&node))
+                .await
+            {
+                return unavailable(e);
+            }
             let command = Control::Subscribe {
                 user: s.user,
                 channel: s.channel,
@@ -320,6 +336,13 @@ pub async fn server_subscribe(State(node): State<Arc<Node>>, req: Request) -> Re
 pub async fn server_unsubscribe(State(node): State<Arc<Node>>, req: Request) -> Response {
     match read_as::<ServerUnsubscribeRequest>(&node, req, Scope::Admin).await {
         Ok(u) => {
+            if let Err(e) = node
+                .ledger
+                .set_server_subscription(&u.user, &u.channel, false, token_horizon(&node))
+                .await
+            {
+                return unavailable(e);
+            }
             let command = Control::Unsubscribe {
                 user: u.user,
                 channel: u.channel,
@@ -346,9 +369,11 @@ pub async fn revoke(State(node): State<Arc<Node>>, req: Request) -> Response {
     // token keeps its connection token's iat): past that, nothing issued
     // before `before` can still be valid.
     let before = r.before.unwrap_or_else(|| now_ms() / 1000 + 1);
-    let ttl = std::time::Duration::from_secs(node.config.max_token_lifetime_secs)
-        + std::time::Duration::from_millis(node.config.resume_token_ttl_ms);
-    if let Err(e) = node.ledger.revoke(&r.user, before, ttl).await {
+    if let Err(e) = node
+        .ledger
+        .revoke(&r.user, before, token_horizon(&node))
+        .await
+    {
         return unavailable(e);
     }
     tracing::info!(user = %r.user, before, "tokens revoked by the backend");

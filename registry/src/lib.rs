@@ -116,6 +116,24 @@ pub trait Registry: Send + Sync + 'static {
     /// The members of `channel` on every live node: (client id, user).
     async fn presence(&self, channel: &str) -> Result<Vec<(String, String)>, RegistryError>;
 
+    /// Records (`on`) or forgets the backend's subscription of `user` to
+    /// `channel` (`/api/subscribe`), for `ttl`: the user's connections may
+    /// subscribe to it again after a reconnect whatever their token says.
+    async fn set_server_subscription(
+        &self,
+        user: &str,
+        channel: &str,
+        on: bool,
+        ttl: std::time::Duration,
+    ) -> Result<(), RegistryError>;
+
+    /// Whether the backend subscribed `user` to `channel`.
+    async fn has_server_subscription(
+        &self,
+        user: &str,
+        channel: &str,
+    ) -> Result<bool, RegistryError>;
+
     /// Revokes `user`'s tokens issued before `before` (Unix seconds) for
     /// `ttl` (the longest a token may live); a later revocation with an
     /// earlier `before` changes nothing.

@@ -16,6 +16,8 @@ struct State {
     once: HashMap<String, Instant>,
     /// Per (channel, node): members (client -> user), until then.
     presence: HashMap<(String, String), (Vec<(String, String)>, Instant)>,
+    /// The backend's subscriptions (user, channel), until then.
+    server_subs: HashMap<(String, String), Instant>,
     /// Per user: tokens issued before this are revoked, until then.
     revoked: HashMap<String, (u64, Instant)>,
     /// Per node: its channels with their local subscriber counts.
@@ -48,6 +50,43 @@ impl MemoryRegistry {
 
 #[async_trait]
 impl Registry for MemoryRegistry {
+    async fn set_server_subscription(
+        &self,
+        user: &str,
+        channel: &str,
+        on: bool,
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
+        let mut s = self.state.lock();
+        let key = (user.to_owned(), channel.to_owned());
+        if !on {
+            s.server_subs.remove(&key);
+            return Ok(());
+        }
+        let now = Instant::now();
+        if s.server_subs.len() >= MAX_ONCE {
+            s.server_subs.retain(|_, until| *until > now);
+            if s.server_subs.len() >= MAX_ONCE {
+                return Err(RegistryError::Unavailable(
+                    "too many server-side subscriptions".into(),
+                ));
+            }
+        }
+        s.server_subs.insert(key, now + ttl);
+        Ok(())
+    }
+
+    async fn has_server_subscription(
+        &self,
+        user: &str,
+        channel: &str,
+    ) -> Result<bool, RegistryError> {
+        let s = self.state.lock();
+        Ok(s.server_subs
+            .get(&(user.to_owned(), channel.to_owned()))
+            .is_some_and(|until| *until > Instant::now()))
+    }
+
     async fn set_presence(
         &self,
         node: &str,

@@ -11,6 +11,8 @@
 //! * `gw:{nodes}:channels:<node>`: hash channel -> local subscribers on
 //!   that node (`set_channels`), expiring 3 TTLs after its last write.
 //! * `gw:once:<id>`: a claimed one-time credential, for its lifetime.
+//! * `gw:{u:<user>}:subs`: set of the channels the backend subscribed the
+//!   user to (`/api/subscribe`), living as long as a token may.
 //! * `gw:{ch:<channel>}:p:<node>`: hash client -> user of `node`'s members
 //!   of a presence-enabled channel, expiring unless refreshed (presence).
 //! * `gw:{u:<user>}:revoked`: tokens of the user issued before this (Unix
@@ -214,6 +216,40 @@ impl Registry for RedisRegistry {
             out.extend(members);
         }
         Ok(out)
+    }
+
+    async fn set_server_subscription(
+        &self,
+        user: &str,
+        channel: &str,
+        on: bool,
+        ttl: Duration,
+    ) -> Result<(), RegistryError> {
+        let key = format!("{}:subs", user_key(user));
+        let mut c = self.conn.clone();
+        if on {
+            redis::pipe()
+                .sadd(&key, channel)
+                .ignore()
+                .pexpire(&key, ttl.as_millis().max(1) as i64)
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+                .map_err(err)
+        } else {
+            c.srem(&key, channel).await.map_err(err)
+        }
+    }
+
+    async fn has_server_subscription(
+        &self,
+        user: &str,
+        channel: &str,
+    ) -> Result<bool, RegistryError> {
+        let mut c = self.conn.clone();
+        c.sismember(format!("{}:subs", user_key(user)), channel)
+            .await
+            .map_err(err)
     }
 
     async fn revoke(&self, user: &str, before: u64, ttl: Duration) -> Result<(), RegistryError> {

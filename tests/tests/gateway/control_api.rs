@@ -395,3 +395,57 @@ async fn control_calls_need_an_admin_key() -> R {
     }
     Ok(())
 }
+
+/// A server-side subscription survives the client's reconnects: the client
+/// subscribes again with its position (its token alone does not allow the
+/// channel) and resumes like any other subscription; after
+/// `/api/unsubscribe` it may not.
+async fn server_subscription_survives_reconnects(a: &Gateway, b: &Gateway) -> R {
+    let user = harness::unique("srvsub");
+    let chan = harness::unique("granted");
+    let (mut ws, token) = client_of(a, &user, harness::now_secs()).await?;
+    a.post_json("/api/subscribe", &json!({"user": user, "channel": chan}))
+        .await?;
+    let sub = match ws.recv().await? {
+        ServerFrame::Subscribed(s) => s,
+        other => anyhow::bail!("expected subscribed, got {other:?}"),
+    };
+    let first = a.publish(&chan, json!(1)).await?;
+    ensure!(ws.recv_message().await?.seq == first.seq);
+    ws.abort();
+    let missed = a.publish(&chan, json!(2)).await?;
+    // Back on the other node, with the same token, from its position.
+    let (mut again, _) = b.ws_connected(Codec::Json, &token).await?;
+    let resumed = again
+        .subscribe(&chan, Some(Position::new(first.seq, sub.epoch.clone())))
+        .await?;
+    ensure!(resumed.recovered == Some(true), "{resumed:?}");
+    ensure!(again.recv_message().await?.seq == missed.seq);
+    a.post_json("/api/unsubscribe", &json!({"user": user, "channel": chan}))
+        .await?;
+    ensure!(matches!(again.recv().await?, ServerFrame::Unsubscribed(_)));
+    let id = again.id();
+    again
+        .send(&ClientFrame::Subscribe(protocol::Subscribe {
+            id: Some(id),
+            channel: chan.clone(),
+            since: None,
+        }))
+        .await?;
+    again
+        .expect_error(protocol::ErrorCode::PermissionDenied, Some(id))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn embedded_server_subscription_survives_reconnects() -> R {
+    let gw = Gateway::start().await?;
+    server_subscription_survives_reconnects(&gw, &gw).await
+}
+
+#[tokio::test]
+async fn redis_server_subscription_survives_reconnects_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Redis).nodes(2).start().await?;
+    server_subscription_survives_reconnects(c.node(0), c.node(1)).await
+}

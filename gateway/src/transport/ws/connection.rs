@@ -454,7 +454,9 @@ impl Connection {
             ClientFrame::Subscribe(s) => {
                 if let Err(code) = self.session.check_new_subscription(&s.channel) {
                     self.reply_error(s.id, code, format!("cannot subscribe to {:?}", s.channel));
-                } else if !self.identity.subscribe.allows(&s.channel) {
+                } else if !self.identity.subscribe.allows(&s.channel)
+                    && !Box::pin(self.server_subscribed(&s.channel)).await
+                {
                     self.reply_error(
                         s.id,
                         ErrorCode::PermissionDenied,
@@ -696,6 +698,20 @@ impl Connection {
             return Some(code);
         }
         close
+    }
+
+    /// Whether the backend subscribed this user to `channel`
+    /// (`/api/subscribe`): then a subscribe (after a reconnect) is allowed
+    /// whatever the token says. Asked only when the token refuses.
+    async fn server_subscribed(&self, channel: &str) -> bool {
+        if self.identity.is_anonymous() {
+            return false;
+        }
+        let ledger = self.node().ledger.clone();
+        ledger
+            .has_server_subscription(&self.identity.user, channel)
+            .await
+            .unwrap_or(false)
     }
 
     /// Whether `channel` is this connection's user's own stream.
