@@ -1547,6 +1547,46 @@ async fn redis_min_replica_acks_answers_after_the_replica_and_503_without_it() -
     c.check(r)
 }
 
+/// The failover settings are checked at start, with a message naming them.
+#[tokio::test]
+async fn failover_settings_are_checked_at_start() -> R {
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[("GATEWAY_REDIS_SENTINELS", "127.0.0.1:1")],
+            "redis_sentinels and redis_master_name go together",
+        ),
+        (
+            &[
+                ("GATEWAY_REDIS_SENTINELS", "127.0.0.1:1"),
+                ("GATEWAY_REDIS_MASTER_NAME", "gw"),
+                ("GATEWAY_REDIS_URL", "redis://127.0.0.1:1"),
+            ],
+            "set redis_url or redis_sentinels, not both",
+        ),
+        (
+            &[("GATEWAY_REDIS_MIN_REPLICA_ACKS", "1")],
+            "redis_min_replica_acks needs Redis",
+        ),
+    ];
+    for (env, want) in cases {
+        let out = within(
+            "the gateway refusing its config",
+            tokio::process::Command::new(harness::gateway_bin())
+                .args(["--dev", "--addr", "127.0.0.1:0"])
+                .envs(env.iter().copied())
+                .output(),
+        )
+        .await??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains(want),
+            "{env:?}: {} {stderr}",
+            out.status
+        );
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------
 // 7. scripts/cluster.sh
 // ---------------------------------------------------------------------------
