@@ -1508,6 +1508,19 @@ async fn sentinel_failover_command_mid_stream_every_publish_delivered_or_announc
     c.check(r)
 }
 
+#[tokio::test]
+async fn sentinel_master_killed_with_a_nats_cluster_backbone_every_publish_delivered_or_announced(
+) -> R {
+    let mut c = Cluster::builder(Backbone::Nats)
+        .nodes(2)
+        .nats_servers(3)
+        .redis_sentinel()
+        .start()
+        .await?;
+    let r = sentinel_failover(&mut c, true).await;
+    c.check(r)
+}
+
 /// `redis_min_replica_acks = 1`: answered once the replica has the
 /// message; with the replica gone, 503 (temporary) after the ack timeout.
 #[tokio::test]
