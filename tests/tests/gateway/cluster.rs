@@ -1249,6 +1249,12 @@ async fn nats_server_killed(c: &mut Cluster) -> R {
         "most publishes must be accepted: {statuses:?}"
     );
     c.wait_ready(true, Duration::from_secs(10)).await?;
+    ensure!(
+        c.node(0)
+            .logs()
+            .contains("nats backbone: reconnected; catching up from the replay store"),
+        "node0 did not catch up from the replay store after moving"
+    );
     // Every seq, once, in order, on both nodes; nothing more.
     for (_, label, rx) in clients.iter_mut() {
         let n = stream.top() as usize;
