@@ -1101,7 +1101,13 @@ impl ClusterBuilder {
 
     pub async fn start(self) -> Result<Cluster> {
         let started = Instant::now();
-        let redis = Service::start_with(ServiceKind::Redis, self.redis_persistence).await?;
+        // Under Sentinel the master may be demoted to a replica, whose full
+        // sync writes an RDB file: a directory of its own for it.
+        let persistence = match (self.redis_sentinel, self.redis_persistence) {
+            (true, Persistence::None) => Persistence::Rdb,
+            (_, p) => p,
+        };
+        let redis = Service::start_with(ServiceKind::Redis, persistence).await?;
         let nats_cluster = match self.backbone {
             Backbone::Nats if self.nats_servers > 1 => {
                 Some(crate::failover::NatsCluster::start(self.nats_servers).await?)

@@ -319,6 +319,8 @@ impl Sentinels {
                     "127.0.0.1".into(),
                     master.port.to_string(),
                 ],
+                // A directory of its own for the RDB a full sync writes.
+                persistence: crate::cluster::Persistence::Rdb,
                 ..ServiceOptions::default()
             },
         )
