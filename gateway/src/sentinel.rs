@@ -21,8 +21,9 @@
 //! store sees a new `run_id` there and moves each stream it touches to a new
 //! epoch (`replay::redis`, "The life check").
 //!
-//! Cost: one loopback hop per command, and a sentinel lookup per connection
-//! (connections are long-lived: a handful per node).
+//! Cost: one loopback hop per command; a sentinel lookup per connection
+//! (connections are long-lived: a handful per node) and every `WATCH`, each
+//! with a short connection to the named master for its `ROLE`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
