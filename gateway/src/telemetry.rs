@@ -150,7 +150,13 @@ impl LogBudget {
 static AUTH_LOG: LogBudget = LogBudget::new("auth_failure");
 static SLOW_LOG: LogBudget = LogBudget::new("slow_consumer");
 static ADMISSION_LOG: LogBudget = LogBudget::new("admission_refused");
-const LOGGED_EVENTS: [&str; 3] = ["auth_failure", "slow_consumer", "admission_refused"];
+static REVOCATION_LOG: LogBudget = LogBudget::new("revocations_unreadable");
+const LOGGED_EVENTS: [&str; 4] = [
+    "auth_failure",
+    "slow_consumer",
+    "admission_refused",
+    "revocations_unreadable",
+];
 
 /// A connection id for a connection that is not a session (yet): refused
 /// at admission or at authentication (`ws-17`, `sse-18`; sessions are named
@@ -166,6 +172,14 @@ pub fn auth_failed(transport: &'static str, conn: &str, reason: &dyn std::fmt::D
     metrics::counter!("gateway_auth_failures_total", "transport" => transport).increment(1);
     if let Some(suppressed) = AUTH_LOG.take() {
         warn!(transport, conn, %reason, suppressed, "authentication failed");
+    }
+}
+
+/// A token let in unchecked: the revocations could not be read (Redis
+/// down). Rate-limited like the other connection events.
+pub fn revocations_unreadable(user: &str, error: &dyn std::fmt::Display) {
+    if let Some(suppressed) = REVOCATION_LOG.take() {
+        warn!(user, %error, suppressed, "revocations cannot be read; token let in unchecked");
     }
 }
 
