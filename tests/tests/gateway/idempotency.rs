@@ -19,20 +19,32 @@ async fn one_message_for_one_key(a: &Gateway, b: &Gateway) -> R {
         let node = if i % 2 == 0 { a } else { b };
         node.publish_once("orders", json!({"order": 17}), "order-17")
     });
-    let results: Vec<_> = join_all(attempts).await.into_iter().collect::<Result<_, _>>()?;
+    let results: Vec<_> = join_all(attempts)
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()?;
     let first = &results[0];
     ensure!(
-        results.iter().all(|r| r.seq == first.seq && r.epoch == first.epoch),
+        results
+            .iter()
+            .all(|r| r.seq == first.seq && r.epoch == first.epoch),
         "one position for one key: {results:?}"
     );
     let fresh = results.iter().filter(|r| !r.duplicate).count();
     ensure!(fresh == 1, "{fresh} answers said the message was new");
-    ensure!(first.seq == sub.seq + 1 && first.epoch == sub.epoch, "{first:?} after {sub:?}");
+    ensure!(
+        first.seq == sub.seq + 1 && first.epoch == sub.epoch,
+        "{first:?} after {sub:?}"
+    );
     // Another key is another message; no key is always a new one.
-    let other = b.publish_once("orders", json!({"order": 18}), "order-18").await?;
+    let other = b
+        .publish_once("orders", json!({"order": 18}), "order-18")
+        .await?;
     ensure!(other.seq == first.seq + 1 && !other.duplicate, "{other:?}");
     let end = a.publish("orders", json!("end")).await?;
-    let got = ws.recv_messages("orders", first.seq, end.seq - first.seq + 1).await?;
+    let got = ws
+        .recv_messages("orders", first.seq, end.seq - first.seq + 1)
+        .await?;
     ensure!(got[0].data == json!({"order": 17}), "{:?}", got[0]);
     // A key that is not printable ASCII is refused.
     let (status, _) = a

@@ -62,7 +62,9 @@ fn expected_series() -> Vec<String> {
     .map(str::to_owned)
     .to_vec();
     for t in ["ws", "sse"] {
-        s.push(format!("gateway_connections_opened_total{{transport=\"{t}\"}}"));
+        s.push(format!(
+            "gateway_connections_opened_total{{transport=\"{t}\"}}"
+        ));
         for code in [
             "4000", "4001", "4002", "4003", "4004", "4005", "4500", "4501", "4502", "client",
         ] {
@@ -86,12 +88,10 @@ fn expected_series() -> Vec<String> {
 
 /// The value of one series (`name{labels}` exactly as rendered), if present.
 fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (s, v) = l.rsplit_once(' ')?;
-            (s == series).then(|| v.parse().ok()).flatten()
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (s, v) = l.rsplit_once(' ')?;
+        (s == series).then(|| v.parse().ok()).flatten()
+    })
 }
 
 async fn scrape(gw: &Gateway) -> anyhow::Result<String> {
@@ -203,14 +203,19 @@ async fn metrics_replays_stay_out_of_the_live_latency_histogram() -> R {
     );
 
     // The connection is counted opened, and closed by the client.
-    let before = value(&text, "gateway_connections_closed_total{transport=\"ws\",code=\"client\"}");
+    let before = value(
+        &text,
+        "gateway_connections_closed_total{transport=\"ws\",code=\"client\"}",
+    );
     ws.close().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let text = scrape(&gw).await?;
         let opened = value(&text, "gateway_connections_opened_total{transport=\"ws\"}");
-        let closed =
-            value(&text, "gateway_connections_closed_total{transport=\"ws\",code=\"client\"}");
+        let closed = value(
+            &text,
+            "gateway_connections_closed_total{transport=\"ws\",code=\"client\"}",
+        );
         if opened == Some(1.0) && closed == Some(1.0) {
             ensure!(before == Some(0.0), "closed before the close: {before:?}");
             break;
@@ -255,8 +260,11 @@ async fn metrics_auth_failures_logged_with_an_id_rate_limited_and_plain() -> R {
     let text = scrape(&gw).await?;
     let api = value(&text, "gateway_auth_failures_total{transport=\"api\"}");
     let wsf = value(&text, "gateway_auth_failures_total{transport=\"ws\"}");
-    let suppressed =
-        value(&text, "gateway_log_lines_suppressed_total{event=\"auth_failure\"}").unwrap_or(0.0);
+    let suppressed = value(
+        &text,
+        "gateway_log_lines_suppressed_total{event=\"auth_failure\"}",
+    )
+    .unwrap_or(0.0);
     ensure!(api == Some(n as f64) && wsf == Some(1.0), "{api:?} {wsf:?}");
     tokio::time::sleep(Duration::from_millis(200)).await;
     let logs = gw.logs();
@@ -281,7 +289,9 @@ async fn metrics_auth_failures_logged_with_an_id_rate_limited_and_plain() -> R {
         "lines without a connection id: {lines:#?}"
     );
     ensure!(
-        lines.iter().any(|l| l.contains("transport=\"ws\"") || l.contains("transport=ws")),
+        lines
+            .iter()
+            .any(|l| l.contains("transport=\"ws\"") || l.contains("transport=ws")),
         "no line for the WebSocket: {lines:#?}"
     );
     ensure!(
