@@ -54,6 +54,17 @@ def config_props():
             t = {"type": "number"}
         elif ty == "bool":
             t = {"type": "boolean"}
+        elif ty.startswith("Vec<") and "NamespaceConfig" in ty:
+            # [[namespace]] blocks: a list of tables (namespace.rs).
+            t = {"type": "array", "items": {
+                "type": "object", "required": ["name"], "additionalProperties": False,
+                "properties": {
+                    "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+                    "replay_window_ms": {"type": "integer", "minimum": 1},
+                    "replay_max_messages": {"type": "integer", "minimum": 1},
+                    "publish": {"type": "boolean"}, "anonymous": {"type": "boolean"},
+                    "history": {"type": "boolean"}, "presence": {"type": "boolean"},
+                    "join_leave": {"type": "boolean"}}}}
         else:
             t = {"type": "string"}
         t["description"] = doc

@@ -132,6 +132,16 @@ as integers (the gateway's integer settings refuse 2000.0).
 # NATS URLs come from the Secret as environment variables, the node id from
 # the pod name.
 {{- range $k := keys $c | sortAlpha }}
+{{- if ne $k "namespace" }}
 {{ $k }} = {{ include "gateway.tomlValue" (get $c $k) }}
+{{- end }}
+{{- end }}
+{{- /* Channel namespaces: TOML tables, after every plain key. */}}
+{{- range $ns := (get $c "namespace" | default list) }}
+
+[[namespace]]
+{{- range $k := keys $ns | sortAlpha }}
+{{ $k }} = {{ include "gateway.tomlValue" (get $ns $k) }}
+{{- end }}
 {{- end }}
 {{- end }}
