@@ -51,8 +51,8 @@ pub struct SessionShared {
     pub codec: Codec,
     pub signal: Signal,
     /// Control commands for this session, applied in its own task
-    /// ([`crate::control`]).
-    pub mailbox: Mutex<Vec<Control>>,
+    /// ([`crate::control`]); boxed, as nearly every session never gets one.
+    pub mailbox: Mutex<Option<Box<Vec<Control>>>>,
 }
 
 /// How the hub reaches a connection's task: "something to read" and "you
@@ -535,7 +535,11 @@ impl crate::broker::Deliver for Hub {
         let log = self.channels.get(&*key).map(|l| l.clone());
         let Some(log) = log else { return };
         for session in log.sessions() {
-            session.mailbox.lock().push(command.clone());
+            session
+                .mailbox
+                .lock()
+                .get_or_insert_with(Box::default)
+                .push(command.clone());
             session.signal.wake();
         }
     }

@@ -7,16 +7,54 @@
 //!
 //! The per-user map is keyed by authenticated user ids only, and an entry
 //! lives exactly as long as a connection of that user holds its
-//! [`SubscribeQuota`]: the map is bounded by the open connections.
-
-use std::sync::Arc;
+//! [`SubscribeQuota`]: the map is bounded by the open connections. A
+//! connection's share is 16 bytes (its bucket and its user's): every idle
+//! connection carries one.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
 
-use crate::ratelimit::RateLimit;
+/// A token bucket in 8 bytes: tokens, and when they were counted
+/// (milliseconds since the process's first bucket). The rate and burst come
+/// from the caller, so a connection does not store them.
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    tokens: f32,
+    at_ms: u32,
+}
+
+fn now_ms() -> u32 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    // Wraps after 49 days: a bucket then reads as long untouched (full).
+    START.get_or_init(Instant::now).elapsed().as_millis() as u32
+}
+
+impl Bucket {
+    pub fn full(burst: u32) -> Self {
+        Self {
+            tokens: burst as f32,
+            at_ms: now_ms(),
+        }
+    }
+
+    /// Takes one token; false if the bucket is empty.
+    pub fn allow(&mut self, rate: u32, burst: u32) -> bool {
+        let now = now_ms();
+        let elapsed = now.wrapping_sub(self.at_ms) as f32 / 1000.0;
+        self.tokens = (self.tokens + elapsed * rate as f32).min(burst as f32);
+        self.at_ms = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
 
 /// The per-user buckets of a node.
 pub struct UserQuotas {
@@ -25,10 +63,13 @@ pub struct UserQuotas {
     burst: u32,
 }
 
-struct UserBucket {
-    bucket: Mutex<RateLimit>,
+/// One user's bucket, shared by their connections on this node.
+pub struct UserBucket {
+    user: Arc<str>,
+    bucket: Mutex<Bucket>,
     /// Connections holding it; the entry is removed when the last goes.
     holders: AtomicUsize,
+    quotas: Weak<UserQuotas>,
 }
 
 impl UserQuotas {
@@ -49,13 +90,15 @@ impl UserQuotas {
         self.users.is_empty()
     }
 
-    fn join(&self, user: &str) -> Arc<UserBucket> {
+    fn join(self: &Arc<Self>, user: &str) -> Arc<UserBucket> {
         // Counted under the entry's lock, so a leave emptying it cannot
         // interleave.
         let entry = self.users.entry(Arc::from(user)).or_insert_with(|| {
             Arc::new(UserBucket {
-                bucket: Mutex::new(RateLimit::new(self.rate, self.burst)),
+                user: Arc::from(user),
+                bucket: Mutex::new(Bucket::full(self.burst)),
                 holders: AtomicUsize::new(0),
+                quotas: Arc::downgrade(self),
             })
         });
         entry.holders.fetch_add(1, Ordering::Relaxed);
@@ -70,15 +113,15 @@ impl UserQuotas {
 
 /// One connection's subscribe quota: its own bucket, and its user's.
 pub struct SubscribeQuota {
-    own: RateLimit,
-    user: Option<(Arc<UserQuotas>, Arc<str>, Arc<UserBucket>)>,
+    own: Bucket,
+    user: Option<Arc<UserBucket>>,
 }
 
 impl SubscribeQuota {
-    /// A connection's bucket alone (anonymous clients, tests).
-    pub fn new(rate: u32, burst: u32) -> Self {
+    /// A connection's bucket alone (anonymous clients, tests), full.
+    pub fn new(burst: u32) -> Self {
         Self {
-            own: RateLimit::new(rate, burst),
+            own: Bucket::full(burst),
             user: None,
         }
     }
@@ -86,29 +129,39 @@ impl SubscribeQuota {
     /// Shares `user`'s bucket with their other connections on this node.
     pub fn for_user(mut self, quotas: &Arc<UserQuotas>, user: &str) -> Self {
         if !user.is_empty() {
-            let bucket = quotas.join(user);
-            self.user = Some((quotas.clone(), Arc::from(user), bucket));
+            self.user = Some(quotas.join(user));
         }
         self
     }
 
-    /// Takes a token from the connection's bucket and the user's; false
-    /// (and the subscribe is refused with `rate_limited`) if either is
-    /// empty.
-    pub fn allow(&mut self) -> bool {
-        if !self.own.allow() {
+    /// The user whose bucket this shares ("" for none: anonymous).
+    pub fn user(&self) -> &str {
+        self.user.as_ref().map_or("", |u| &u.user)
+    }
+
+    /// Takes a token from the connection's bucket (`rate`, `burst`) and the
+    /// user's; false (and the subscribe is refused with `rate_limited`) if
+    /// either is empty.
+    pub fn allow(&mut self, rate: u32, burst: u32) -> bool {
+        if !self.own.allow(rate, burst) {
             return false;
         }
-        self.user
-            .as_ref()
-            .is_none_or(|(_, _, b)| b.bucket.lock().allow())
+        match &self.user {
+            None => true,
+            Some(u) => match u.quotas.upgrade() {
+                Some(q) => u.bucket.lock().allow(q.rate, q.burst),
+                None => true,
+            },
+        }
     }
 }
 
 impl Drop for SubscribeQuota {
     fn drop(&mut self) {
-        if let Some((quotas, user, _)) = self.user.take() {
-            quotas.leave(&user);
+        if let Some(u) = self.user.take() {
+            if let Some(q) = u.quotas.upgrade() {
+                q.leave(&u.user);
+            }
         }
     }
 }
@@ -120,13 +173,19 @@ mod tests {
     #[test]
     fn a_users_connections_share_one_bucket_and_its_entry_goes_with_the_last() {
         let quotas = Arc::new(UserQuotas::new(1, 3));
-        let mut a = SubscribeQuota::new(100, 100).for_user(&quotas, "u");
-        let mut b = SubscribeQuota::new(100, 100).for_user(&quotas, "u");
-        assert!(a.allow() && b.allow() && a.allow());
-        assert!(!b.allow(), "the user's burst of 3 is spent over both");
-        let mut other = SubscribeQuota::new(100, 100).for_user(&quotas, "v");
-        assert!(other.allow(), "another user has a bucket of their own");
-        assert_eq!(quotas.len(), 2);
+        let mut a = SubscribeQuota::new(100).for_user(&quotas, "u");
+        let mut b = SubscribeQuota::new(100).for_user(&quotas, "u");
+        assert!(a.allow(100, 100) && b.allow(100, 100) && a.allow(100, 100));
+        assert!(
+            !b.allow(100, 100),
+            "the user's burst of 3 is spent over both"
+        );
+        let mut other = SubscribeQuota::new(100).for_user(&quotas, "v");
+        assert!(
+            other.allow(100, 100),
+            "another user has a bucket of their own"
+        );
+        assert_eq!((quotas.len(), a.user()), (2, "u"));
         drop(a);
         assert_eq!(quotas.len(), 2, "b still holds u's bucket");
         drop(b);
@@ -138,12 +197,14 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_has_its_own_bucket_too() {
+    fn a_connection_has_its_own_bucket_too_and_it_is_small() {
         let quotas = Arc::new(UserQuotas::new(100, 100));
-        let mut a = SubscribeQuota::new(1, 2).for_user(&quotas, "u");
-        assert!(a.allow() && a.allow());
-        assert!(!a.allow());
-        let mut anon = SubscribeQuota::new(1, 1).for_user(&quotas, "");
-        assert!(anon.allow() && !anon.allow());
+        let mut a = SubscribeQuota::new(2).for_user(&quotas, "u");
+        assert!(a.allow(1, 2) && a.allow(1, 2));
+        assert!(!a.allow(1, 2));
+        let mut anon = SubscribeQuota::new(1).for_user(&quotas, "");
+        assert!(anon.allow(1, 1) && !anon.allow(1, 1));
+        assert_eq!(anon.user(), "");
+        assert_eq!(std::mem::size_of::<SubscribeQuota>(), 16);
     }
 }

@@ -258,8 +258,6 @@ pub struct Session {
     latency_sampled_at: Option<std::time::Instant>,
     /// How fast this connection (and its user) may still subscribe.
     quota: SubscribeQuota,
-    /// The authenticated user (empty: anonymous), for presence.
-    user: Arc<str>,
 }
 
 const LATENCY_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
@@ -275,7 +273,7 @@ impl Session {
             mailbox: Default::default(),
         });
         slot.keep();
-        let quota = SubscribeQuota::new(ctx.subscribe_rate.0, ctx.subscribe_rate.1);
+        let quota = SubscribeQuota::new(ctx.subscribe_rate.1);
         match transport {
             Transport::Ws => ctx.metrics.connections_ws.increment(1.0),
             Transport::Sse => ctx.metrics.connections_sse.increment(1.0),
@@ -291,23 +289,22 @@ impl Session {
             scratch: VecDeque::new(),
             latency_sampled_at: None,
             quota,
-            user: Arc::from(""),
         }
     }
 
     /// The authenticated user of this session: their subscribes count
     /// against one bucket over all their connections on this node.
     pub fn set_user(&mut self, user: &str) {
-        let (rate, burst) = self.ctx.subscribe_rate;
-        self.quota = SubscribeQuota::new(rate, burst).for_user(&self.ctx.user_quotas, user);
-        self.user = Arc::from(user);
+        let burst = self.ctx.subscribe_rate.1;
+        self.quota = SubscribeQuota::new(burst).for_user(&self.ctx.user_quotas, user);
     }
 
     /// Takes one subscribe from the connection's and the user's quota;
     /// false: refuse it with `rate_limited`. (Client-asked subscribes only:
     /// the user's own stream and a resume token's restores are not asked.)
     pub fn allow_subscribe(&mut self) -> bool {
-        self.quota.allow()
+        let (rate, burst) = self.ctx.subscribe_rate;
+        self.quota.allow(rate, burst)
     }
 
     pub fn client_id(&self) -> String {
@@ -460,7 +457,7 @@ impl Session {
                 channel,
                 self.shared.id,
                 protocol::PresenceMember {
-                    user: self.user.to_string(),
+                    user: self.quota.user().to_owned(),
                     client: self.client_id(),
                 },
                 rules.join_leave,
@@ -475,7 +472,12 @@ impl Session {
     /// Control commands waiting for this session (cheap when none: one
     /// uncontended lock).
     pub fn take_controls(&self) -> Vec<Control> {
-        std::mem::take(&mut *self.shared.mailbox.lock())
+        self.shared
+            .mailbox
+            .lock()
+            .take()
+            .map(|b| *b)
+            .unwrap_or_default()
     }
 
     /// Applies one control command ([`crate::control`]): subscribes or

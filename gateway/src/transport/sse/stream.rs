@@ -168,7 +168,9 @@ impl SseStream {
                     let mut out = std::mem::take(&mut self.out);
                     for c in self.session.take_controls() {
                         let issued_at = self.identity.issued_at;
-                        if let Some(code) = self.session.apply_control(c, issued_at, &mut out).await {
+                        // Boxed: inline, the control path (a subscribe)
+                        // would grow every idle stream's state.
+                        if let Some(code) = Box::pin(self.session.apply_control(c, issued_at, &mut out)).await {
                             self.done = true;
                             self.end.set(code);
                             return Some(Bytes::from_static(b": disconnected by the server\n\n"));

@@ -36,3 +36,37 @@ pub(super) struct Connection {
     /// When the `reconnect` frame went out (drain).
     pub(super) reconnect_sent_at: Option<Instant>,
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every idle connection carries these: a field added here is paid
+    /// 19,000 times on a full node (BENCHMARKS.md, memory per idle
+    /// connection). Raise a ceiling only with the figure measured.
+    #[test]
+    fn per_connection_state_stays_within_its_ceilings() {
+        let sizes = [
+            ("Connection", std::mem::size_of::<super::Connection>(), 792),
+            (
+                "Session",
+                std::mem::size_of::<crate::session::Session>(),
+                128,
+            ),
+            (
+                "SessionShared",
+                std::mem::size_of::<crate::hub::SessionShared>(),
+                104,
+            ),
+            (
+                "SubscribeQuota",
+                std::mem::size_of::<crate::quota::SubscribeQuota>(),
+                16,
+            ),
+        ];
+        for (name, size, ceiling) in sizes {
+            assert!(
+                size <= ceiling,
+                "{name} is {size} bytes, over its {ceiling}"
+            );
+        }
+    }
+}
