@@ -578,10 +578,7 @@ impl Client {
 
     /// How many connections and distinct users are subscribed to `channel`
     /// (presence on), cluster-wide. As [`Client::presence`], without the list.
-    pub async fn presence_stats(
-        &self,
-        channel: impl Into<String>,
-    ) -> Result<PresenceStats, Error> {
+    pub async fn presence_stats(&self, channel: impl Into<String>) -> Result<PresenceStats, Error> {
         let frame = protocol::ClientFrame::PresenceStats(protocol::PresenceQuery {
             id: None,
             channel: channel.into(),

@@ -844,10 +844,9 @@ async fn distribution(nodes: &[GwNode]) -> anyhow::Result<(Vec<u64>, u64)> {
     let (mut sessions, mut moved) = (Vec::new(), 0.0);
     for n in nodes {
         sessions.push(n.gw.metric("gateway_connections").await? as u64);
-        moved += n
-            .gw
-            .metric("gateway_rebalance_reconnects_sent_total")
-            .await?;
+        moved +=
+            n.gw.metric("gateway_rebalance_reconnects_sent_total")
+                .await?;
     }
     Ok((sessions, moved as u64))
 }
@@ -896,7 +895,8 @@ async fn watch_rebalance(nodes: &[GwNode], wait: Duration) -> anyhow::Result<Str
             break;
         }
     }
-    let secs = |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.0} s", d.as_secs_f64()));
+    let secs =
+        |d: Option<Duration>| d.map_or("-".to_owned(), |d| format!("{:.0} s", d.as_secs_f64()));
     Ok(format!(
         "rebalance: sessions per node after the roll {before:?} (largest {:.2} x the average), {:.0} s later {now:?} ({:.2} x); {} moved (first move after {}, last after {})",
         spread(&before),

@@ -59,16 +59,20 @@ async fn namespace_options_take_effect_for_their_channels_only() -> R {
         data: json!(1),
     }))
     .await?;
-    ws.expect_error(ErrorCode::PermissionDenied, Some(5)).await?;
+    ws.expect_error(ErrorCode::PermissionDenied, Some(5))
+        .await?;
     ws.send(&ClientFrame::History(protocol::History {
         id: Some(6),
         channel: "ro:x".into(),
         ..Default::default()
     }))
     .await?;
-    ws.expect_error(ErrorCode::PermissionDenied, Some(6)).await?;
+    ws.expect_error(ErrorCode::PermissionDenied, Some(6))
+        .await?;
     gw.publish("ro:x", json!("from the backend")).await?;
-    let h = gw.post_json("/api/history", &json!({"channel": "ro:x"})).await?;
+    let h = gw
+        .post_json("/api/history", &json!({"channel": "ro:x"}))
+        .await?;
     ensure!(h["messages"].as_array().map(Vec::len) == Some(1), "{h}");
     // Others' channels publish as before.
     ws.send(&ClientFrame::Publish(protocol::Publish {

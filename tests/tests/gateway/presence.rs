@@ -15,20 +15,30 @@ use super::R;
 const CONFIG: &str = "[[namespace]]\nname = \"room\"\npresence = true\n";
 
 async fn listed(gw: &Gateway, channel: &str) -> anyhow::Result<Vec<String>> {
-    let r: PresenceResult =
-        serde_json::from_value(gw.post_json("/api/presence", &json!({"channel": channel})).await?)?;
+    let r: PresenceResult = serde_json::from_value(
+        gw.post_json("/api/presence", &json!({"channel": channel}))
+            .await?,
+    )?;
     Ok(r.members.into_iter().map(|m| m.user).collect())
 }
 
 /// Polls until `channel`'s users are `want` (within `limit`); how long.
-async fn until_listed(gw: &Gateway, channel: &str, want: &[&str], limit: Duration) -> anyhow::Result<Duration> {
+async fn until_listed(
+    gw: &Gateway,
+    channel: &str,
+    want: &[&str],
+    limit: Duration,
+) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     loop {
         let got = listed(gw, channel).await?;
         if got == want {
             return Ok(t0.elapsed());
         }
-        ensure!(t0.elapsed() < limit, "presence of {channel}: {got:?}, expected {want:?}");
+        ensure!(
+            t0.elapsed() < limit,
+            "presence of {channel}: {got:?}, expected {want:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -74,7 +84,8 @@ async fn presence_lists_members_on_every_node_and_forgets_a_killed_one() -> R {
         channel: "news".into(),
     }))
     .await?;
-    bob.expect_error(protocol::ErrorCode::BadRequest, Some(5)).await?;
+    bob.expect_error(protocol::ErrorCode::BadRequest, Some(5))
+        .await?;
     // An unsubscribe leaves at the next flush; a SIGKILLed node's members
     // go within presence_ttl_ms (2 s).
     ann.send(&ClientFrame::Unsubscribe(protocol::Unsubscribe {
