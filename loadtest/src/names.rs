@@ -47,6 +47,15 @@ pub struct NamesArgs {
     /// Seconds between RSS samples.
     #[arg(long, default_value_t = 10)]
     pub sample: u64,
+    /// Instead of new names: every connection subscribes to and leaves
+    /// this one channel, `churn_rate` times a second each (presence
+    /// churn: a join and a leave per cycle).
+    #[arg(long)]
+    pub churn_channel: Option<String>,
+    /// Subscribe/unsubscribe cycles per second per connection, with
+    /// `churn_channel`.
+    #[arg(long, default_value_t = 10.0)]
+    pub churn_rate: f64,
 }
 
 #[derive(Default)]
@@ -65,8 +74,13 @@ pub async fn names(args: NamesArgs) -> anyhow::Result<()> {
     for i in 0..args.connections {
         let token = mint_token(&args.jwt_secret, &format!("attacker-{}", i % args.users))?;
         let (url, counts) = (format!("ws://{}/ws", target.host), counts.clone());
+        let churn = args.churn_channel.clone().map(|c| (c, args.churn_rate));
         tasks.spawn(async move {
-            if let Err(e) = subscriber(&url, &token, i, end, &counts).await {
+            let r = match churn {
+                Some((channel, rate)) => churner(&url, &token, &channel, rate, end, &counts).await,
+                None => subscriber(&url, &token, i, end, &counts).await,
+            };
+            if let Err(e) = r {
                 eprintln!("attacker {i}: {e:#}");
             }
         });
@@ -165,6 +179,50 @@ async fn subscriber(
             }
         }
         let _ = ws.close(None).await;
+    }
+    Ok(())
+}
+
+/// Subscribes to and leaves `channel` `rate` times a second until `end`
+/// (counted as subscribed per cycle).
+async fn churner(
+    url: &str,
+    token: &str,
+    channel: &str,
+    rate: f64,
+    end: Instant,
+    counts: &Counts,
+) -> anyhow::Result<()> {
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await?;
+    ws.send(Message::text(format!(
+        r#"{{"type":"connect","token":"{token}"}}"#
+    )))
+    .await?;
+    let start = tokio::time::Instant::now();
+    let mut i = 0u64;
+    while Instant::now() < end {
+        util::pace(start, i, rate).await;
+        i += 1;
+        ws.send(Message::text(format!(
+            r#"{{"type":"subscribe","id":{i},"channel":"{channel}"}}"#
+        )))
+        .await?;
+        ws.send(Message::text(format!(
+            r#"{{"type":"unsubscribe","channel":"{channel}"}}"#
+        )))
+        .await?;
+        // Read what came back so far (answers, joins and leaves).
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(std::time::Duration::from_millis(1), ws.next()).await
+        {
+            if let Message::Text(t) = msg? {
+                if t.contains(r#""type":"subscribed""#) {
+                    counts.subscribed.fetch_add(1, Ordering::Relaxed);
+                } else if t.contains(r#""type":"error""#) {
+                    counts.refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
     Ok(())
 }
