@@ -63,6 +63,9 @@ pub struct Signal {
     overflowed: AtomicBool,
     overflow: Notify,
     io: AtomicBool,
+    /// The mailbox holds control commands: a delivery wake-up checks this
+    /// flag, not the mailbox's lock.
+    mail: AtomicBool,
 }
 
 impl Default for Signal {
@@ -73,6 +76,7 @@ impl Default for Signal {
             overflow: Notify::new(),
             // Nothing is registered with the socket yet: poll it once.
             io: AtomicBool::new(true),
+            mail: AtomicBool::new(false),
         }
     }
 }
@@ -105,6 +109,12 @@ impl Signal {
     /// may hold more, which no I/O event will announce).
     pub fn set_io(&self) {
         self.io.store(true, Ordering::Release);
+    }
+
+    /// Whether control commands arrived since the last
+    /// [`Signal::take_mail`]; clears the flag.
+    pub fn take_mail(&self) -> bool {
+        self.mail.load(Ordering::Acquire) && self.mail.swap(false, Ordering::AcqRel)
     }
 
     /// Wakes the connection (a wake-up before it waits is kept, not lost).
@@ -520,6 +530,9 @@ impl Hub {
     }
 }
 
+/// Control commands one session's mailbox holds at most.
+const MAX_MAIL: usize = 256;
+
 impl crate::broker::Deliver for Hub {
     fn deliver(&self, publication: &Arc<Publication>) {
         Hub::deliver(self, publication);
@@ -535,11 +548,22 @@ impl crate::broker::Deliver for Hub {
         let log = self.channels.get(&*key).map(|l| l.clone());
         let Some(log) = log else { return };
         for session in log.sessions() {
-            session
-                .mailbox
-                .lock()
-                .get_or_insert_with(Box::default)
-                .push(command.clone());
+            {
+                let mut mailbox = session.mailbox.lock();
+                let mailbox = mailbox.get_or_insert_with(Box::default);
+                // Bounded: a session applies its mail at its next wake-up;
+                // one that cannot (blocked writing) is cut by the write
+                // stall deadline, not grown without end.
+                if mailbox.len() >= MAX_MAIL {
+                    tracing::warn!(
+                        session = session.id,
+                        "control mailbox full; command dropped"
+                    );
+                    continue;
+                }
+                mailbox.push(command.clone());
+            }
+            session.signal.mail.store(true, Ordering::Release);
             session.signal.wake();
         }
     }

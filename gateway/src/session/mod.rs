@@ -470,8 +470,11 @@ impl Session {
     }
 
     /// Control commands waiting for this session (cheap when none: one
-    /// uncontended lock).
+    /// atomic load, no lock).
     pub fn take_controls(&self) -> Vec<Control> {
+        if !self.shared.signal.take_mail() {
+            return Vec::new();
+        }
         self.shared
             .mailbox
             .lock()
