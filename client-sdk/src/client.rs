@@ -509,10 +509,26 @@ impl Client {
     /// Fails with [`Error::NotConnected`] between connections (nothing was
     /// sent) and [`Error::ConnectionLost`] when the connection ended before
     /// the answer (the message may or may not have been published).
+    ///
+    /// Subscribers (this client too, when subscribed) get the message with
+    /// `from` set by the server to this connection's user and client id.
     pub async fn publish(
         &self,
         channel: impl Into<String>,
         data: Value,
+    ) -> Result<Position, Error> {
+        self.publish_with(channel, data, PublishOptions::default())
+            .await
+    }
+
+    /// [`Client::publish`] with options, e.g. `exclude_client` (this
+    /// connection does not get its own message back; its position still
+    /// moves past it).
+    pub async fn publish_with(
+        &self,
+        channel: impl Into<String>,
+        data: Value,
+        options: PublishOptions,
     ) -> Result<Position, Error> {
         if self.transport == Transport::Sse {
             return Err(Error::Unsupported("publish"));
@@ -521,6 +537,7 @@ impl Client {
         self.ask(|reply| Command::Publish {
             channel,
             data,
+            exclude_client: options.exclude_client,
             reply,
         })
         .await?
@@ -693,6 +710,14 @@ impl Client {
     pub fn debug_drop_connection(&self) {
         let _ = self.send(Command::DropConnection);
     }
+}
+
+/// Options of [`Client::publish_with`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// This connection does not get its own message back (the answer's
+    /// position is where it is now in the channel).
+    pub exclude_client: bool,
 }
 
 /// What [`Client::history`] reads: after `since` (default: everything

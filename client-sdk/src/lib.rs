@@ -191,11 +191,11 @@ mod tests;
 mod tracker;
 
 pub use backoff::Backoff;
-pub use client::{Client, ClientBuilder, History, HistoryOptions, Subscription};
+pub use client::{Client, ClientBuilder, History, HistoryOptions, PublishOptions, Subscription};
 pub use config::{TokenError, TokenFuture, TokenProvider, Transport};
 pub use error::Error;
 pub use protocol::{
-    Codec, ErrorCode, Message, Position, PresenceMember, PresenceResult, PresenceStats,
+    Codec, ErrorCode, Message, Position, PresenceMember, PresenceResult, PresenceStats, Publisher,
     UnrecoverableReason,
 };
 pub use shared::{ConnectionState, Event, Stats, SubscriptionEvent};

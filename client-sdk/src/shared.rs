@@ -382,6 +382,7 @@ pub(crate) enum Command {
     Publish {
         channel: String,
         data: Value,
+        exclude_client: bool,
         reply: oneshot::Sender<Result<Position, Error>>,
     },
     UserSink {

@@ -56,6 +56,16 @@ impl Tracker {
         }
     }
 
+    /// Moves past `seq` when it is the next one (a message the server
+    /// skipped for us, in its place); anything else changes nothing.
+    pub(crate) fn pass(&mut self, seq: u64, epoch: &str) {
+        if let Some(p) = &mut self.pos {
+            if p.epoch == epoch && seq == p.seq + 1 {
+                p.seq = seq;
+            }
+        }
+    }
+
     /// Sets the position unconditionally (`unrecoverable`, SSE start cursor).
     pub(crate) fn adopt(&mut self, seq: u64, epoch: &str) {
         match &mut self.pos {
@@ -113,6 +123,17 @@ mod tests {
         assert_eq!(t.admit(12, "e"), Verdict::Gap);
         assert_eq!(t.position(), Some(&Position::new(10, "e")));
         assert_eq!(t.admit(11, "e"), Verdict::Deliver);
+        assert_eq!(t.admit(12, "e"), Verdict::Deliver);
+    }
+
+    #[test]
+    fn passing_an_own_message_moves_only_to_the_next() {
+        let mut t = Tracker::default();
+        t.adopt(10, "e");
+        t.pass(12, "e");
+        t.pass(11, "f");
+        assert_eq!(t.position(), Some(&Position::new(10, "e")));
+        t.pass(11, "e");
         assert_eq!(t.admit(12, "e"), Verdict::Deliver);
     }
 

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use protocol::codes::is_reconnect_code;
 use protocol::{
     ClientFrame, CloseCode, Codec, DecodeError, Message, MessageHead, MessageRef, Position,
-    Publish, ServerFrame, SseCursor, MAX_DEPTH, MAX_SERVER_DEPTH,
+    Publish, Publisher, ServerFrame, SseCursor, MAX_DEPTH, MAX_SERVER_DEPTH,
 };
 use serde_json::{Map, Value};
 
@@ -149,13 +149,15 @@ fn message() -> impl Strategy<Value = Message> {
         epoch(),
         value(4),
         any::<Option<u64>>(),
+        proptest::option::of((proptest::option::of(".{0,8}"), ".{0,8}")),
     )
-        .prop_map(|(channel, seq, epoch, data, ts)| Message {
+        .prop_map(|(channel, seq, epoch, data, ts, from)| Message {
             channel,
             seq,
             epoch,
             data,
             ts,
+            from: from.map(|(user, client)| Publisher { user, client }),
         })
 }
 
@@ -194,7 +196,7 @@ proptest! {
     fn messages_round_trip_and_peek(m in message(), order in Just(vec![0usize, 1, 2, 3, 4, 5]).prop_shuffle()) {
         let want = MessageHead { channel: Some(m.channel.clone()), seq: Some(m.seq), epoch: Some(m.epoch.clone()) };
         for codec in [Codec::Json, Codec::MsgPack] {
-            let bytes = codec.encode(&MessageRef { channel: &m.channel, seq: m.seq, epoch: &m.epoch, data: &m.data, ts: m.ts });
+            let bytes = codec.encode(&MessageRef { channel: &m.channel, seq: m.seq, epoch: &m.epoch, data: &m.data, ts: m.ts, from: m.from.as_ref() });
             prop_assert_eq!(codec.decode_server(&bytes), Ok(ServerFrame::Message(m.clone())));
             prop_assert_eq!(codec.peek_message(&bytes), Some(want.clone()));
             decoder_fuzz::server_frame_json(&Codec::Json.encode(&ServerFrame::Message(m.clone())));
@@ -216,8 +218,8 @@ proptest! {
 
     /// Client frames of any content round-trip in both codecs.
     #[test]
-    fn publishes_round_trip(channel in ".{0,16}", id in any::<Option<u64>>(), data in value(5)) {
-        let frame = ClientFrame::Publish(Publish { id, channel, data });
+    fn publishes_round_trip(channel in ".{0,16}", id in any::<Option<u64>>(), data in value(5), exclude_client in any::<bool>()) {
+        let frame = ClientFrame::Publish(Publish { id, channel, data, exclude_client });
         for codec in [Codec::Json, Codec::MsgPack] {
             let bytes = codec.encode(&frame);
             prop_assert_eq!(codec.decode_client(&bytes), Ok(frame.clone()));

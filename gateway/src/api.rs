@@ -24,6 +24,7 @@ use crate::auth::Scope;
 use crate::control::Control;
 use crate::errors::ApiError;
 use crate::ids::now_ms;
+use crate::message::Draft;
 use crate::node::Node;
 use crate::replay::{Appended, MAX_IDEMPOTENCY_KEY};
 
@@ -133,17 +134,15 @@ async fn read_as<T: DeserializeOwned>(
 async fn publish_to(
     node: &Node,
     channel: &str,
-    data: Value,
-    idempotency_key: Option<&str>,
+    draft: Draft<'_>,
 ) -> Result<PublishResult, ApiError> {
-    if let Some(k) = idempotency_key {
+    if let Some(k) = draft.key {
         check_idempotency_key(k)?;
     }
-    let appended = node
-        .broker
-        .publish(channel, data, now_ms(), idempotency_key)
-        .await
-        .map_err(|e| ApiError::new(ErrorCode::Unavailable, e.to_string()).with_retry_after(1))?;
+    let appended =
+        node.broker.publish(channel, draft).await.map_err(|e| {
+            ApiError::new(ErrorCode::Unavailable, e.to_string()).with_retry_after(1)
+        })?;
     let (position, duplicate) = match appended {
         Appended::New(p) => {
             node.metrics.published.increment(1);
@@ -183,19 +182,15 @@ async fn publish_item(node: &Node, item: BatchItem) -> Result<PublishResult, Api
                     format!("channel {:?}: {e}", p.channel),
                 )
             })?;
-            publish_to(node, &p.channel, p.data, p.idempotency_key.as_deref()).await
+            let draft = Draft::new(p.data, now_ms()).keyed(p.idempotency_key.as_deref());
+            publish_to(node, &p.channel, draft).await
         }
         BatchItem::Send(s) => {
             validate_user(&s.user).map_err(|e| {
                 ApiError::new(ErrorCode::InvalidChannel, format!("user {:?}: {e}", s.user))
             })?;
-            let mut r = publish_to(
-                node,
-                &user_channel(&s.user),
-                s.data,
-                s.idempotency_key.as_deref(),
-            )
-            .await?;
+            let draft = Draft::new(s.data, now_ms()).keyed(s.idempotency_key.as_deref());
+            let mut r = publish_to(node, &user_channel(&s.user), draft).await?;
             r.user = Some(s.user);
             Ok(r)
         }

@@ -53,5 +53,6 @@ fn message(p: &Publication) -> Message {
         epoch: p.epoch.to_string(),
         data: p.data.clone(),
         ts: Some(p.ts),
+        from: p.from().cloned(),
     }
 }

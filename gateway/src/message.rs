@@ -2,11 +2,13 @@
 //! position, data, accept time) shared behind an `Arc` by the replay buffer,
 //! the channel logs and every connection it is delivered to, with its
 //! encodings made once per codec ([`WsFrame`]: a complete WebSocket frame;
-//! SSE writes its payload).
+//! SSE writes its payload). A [`Draft`] is what a publisher hands in,
+//! before the store gives it a position.
 
 use std::sync::{Arc, OnceLock};
 
-use protocol::{Codec, MessageRef, Position};
+use protocol::{Codec, MessageRef, Position, Publisher};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
@@ -21,6 +23,9 @@ pub struct Publication {
     pub data: Value,
     /// When the publish was accepted, Unix milliseconds.
     pub ts: u64,
+    /// Who published it and who must not get it live; `None` for almost
+    /// every message (boxed: one pointer on every publication).
+    pub extras: Option<Box<Extras>>,
     // Encoded once per codec, on first use, then shared by every recipient:
     // a broadcast costs one encode per codec, not one per subscriber. Each
     // is kept as a complete WebSocket frame (server frames are unmasked, so
@@ -28,6 +33,61 @@ pub struct Publication {
     // into its write buffer as they are, with no per-recipient framing.
     json: OnceLock<WsFrame>,
     msgpack: OnceLock<WsFrame>,
+}
+
+/// What a message carries besides its data, when it does: stored with it
+/// and carried between nodes (the envelope's extras line). One field
+/// today; an object so that more can come without a new envelope.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extras {
+    /// The publishing client (client-published messages only), sent as
+    /// `message.from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Publisher>,
+}
+
+impl Extras {
+    /// `None` when there is nothing to carry.
+    pub fn boxed(self) -> Option<Box<Self>> {
+        (self != Self::default()).then(|| Box::new(self))
+    }
+}
+
+/// A message as a publisher hands it in, before it has a position.
+#[derive(Debug)]
+pub struct Draft<'a> {
+    pub data: Value,
+    /// Accept time, Unix milliseconds.
+    pub ts: u64,
+    /// Exactly-once publishing: the idempotency key, if any.
+    pub key: Option<&'a str>,
+    pub extras: Option<Box<Extras>>,
+}
+
+impl<'a> Draft<'a> {
+    pub fn new(data: Value, ts: u64) -> Self {
+        Self {
+            data,
+            ts,
+            key: None,
+            extras: None,
+        }
+    }
+
+    pub fn keyed(mut self, key: Option<&'a str>) -> Self {
+        self.key = key;
+        self
+    }
+
+    pub fn with_extras(mut self, extras: Option<Box<Extras>>) -> Self {
+        self.extras = extras;
+        self
+    }
+
+    /// The publication at a position the store assigned.
+    pub fn at(self, channel: Arc<str>, seq: u64, epoch: Arc<str>) -> Publication {
+        Publication::new(channel, seq, epoch, self.data, self.ts).with_extras(self.extras)
+    }
 }
 
 /// A complete, unmasked WebSocket data frame: header, then payload.
@@ -80,9 +140,20 @@ impl Publication {
             epoch,
             data,
             ts,
+            extras: None,
             json: OnceLock::new(),
             msgpack: OnceLock::new(),
         }
+    }
+
+    pub fn with_extras(mut self, extras: Option<Box<Extras>>) -> Self {
+        self.extras = extras;
+        self
+    }
+
+    /// The client that published it, if a client did.
+    pub fn from(&self) -> Option<&Publisher> {
+        self.extras.as_ref().and_then(|e| e.from.as_ref())
     }
 
     fn as_ref(&self) -> MessageRef<'_> {
@@ -92,6 +163,7 @@ impl Publication {
             epoch: &self.epoch,
             data: &self.data,
             ts: Some(self.ts),
+            from: self.from(),
         }
     }
 

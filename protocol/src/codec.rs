@@ -327,6 +327,7 @@ mod tests {
                 epoch: "e",
                 data: &data,
                 ts: None,
+                from: None,
             });
             assert!(
                 matches!(codec.decode_server(&out), Ok(ServerFrame::Message(m)) if m.data == data),

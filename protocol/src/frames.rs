@@ -184,6 +184,11 @@ pub struct Publish {
     pub id: Option<u64>,
     pub channel: String,
     pub data: Value,
+    /// `true`: this connection does not get its own message back (the
+    /// `published` answer carries its position, and the connection's
+    /// position moves past it, so it sees no gap).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub exclude_client: bool,
 }
 
 /// Replace the connection's token (before it expires).
@@ -345,6 +350,21 @@ pub struct Message {
     /// When the gateway accepted the publish, Unix milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
+    /// Who published it, when a client did (set by the gateway from the
+    /// publishing connection, never by the client): absent on messages the
+    /// backend published through the API.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<Publisher>,
+}
+
+/// The client connection that published a message (`message.from`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Publisher {
+    /// The token's user; absent for an anonymous connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The publishing connection's client id (its `connected.client`).
+    pub client: String,
 }
 
 /// Borrowed form of [`Message`] for encoding a broadcast without copying it.
@@ -357,6 +377,8 @@ pub struct MessageRef<'a> {
     pub data: &'a Value,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<&'a Publisher>,
 }
 
 /// Why the messages a client missed cannot be sent.

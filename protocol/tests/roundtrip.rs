@@ -98,6 +98,7 @@ fn every_client_frame() -> Vec<ClientFrame> {
             channel: "news".into(),
         }),
         ClientFrame::Publish(Publish {
+            exclude_client: false,
             id: None,
             channel: "news".into(),
             data: json!({"x": 1}),
@@ -155,6 +156,7 @@ fn every_server_frame() -> Vec<ServerFrame> {
             server: None,
         }),
         ServerFrame::Message(Message {
+            from: None,
             channel: "news".into(),
             seq: 1,
             epoch: "e1".into(),
@@ -192,6 +194,7 @@ fn every_server_frame() -> Vec<ServerFrame> {
             id: Some(8),
             channel: "news".into(),
             messages: vec![Message {
+                from: None,
                 channel: "news".into(),
                 seq: 4,
                 epoch: "e1".into(),
@@ -356,11 +359,13 @@ fn unsubscribe_round_trips() {
 fn publish_round_trips_with_every_data_shape() {
     for (i, data) in data_samples().into_iter().enumerate() {
         rt_client(ClientFrame::Publish(Publish {
+            exclude_client: false,
             id: None,
             channel: "news".into(),
             data: data.clone(),
         }));
         rt_client(ClientFrame::Publish(Publish {
+            exclude_client: false,
             id: Some(i as u64),
             channel: "chat:1".into(),
             data,
@@ -418,6 +423,7 @@ fn client_frame_id_accessor() {
     );
     assert_eq!(
         ClientFrame::Publish(Publish {
+            exclude_client: false,
             id: Some(4),
             channel: "a".into(),
             data: Value::Null
@@ -514,6 +520,7 @@ fn unsubscribed_round_trips() {
 fn message_round_trips_with_every_data_shape() {
     for (i, data) in data_samples().into_iter().enumerate() {
         rt_server(ServerFrame::Message(Message {
+            from: None,
             channel: "news".into(),
             seq: i as u64 + 1,
             epoch: "k3f9".into(),
@@ -521,6 +528,7 @@ fn message_round_trips_with_every_data_shape() {
             ts: None,
         }));
         rt_server(ServerFrame::Message(Message {
+            from: None,
             channel: "$user:bob".into(),
             seq: u64::MAX - i as u64,
             epoch: "e".into(),
@@ -615,6 +623,7 @@ fn message_ref_encodes_as_message() {
     for data in data_samples() {
         for ts in [None, Some(1_700_000_000_123)] {
             let r = MessageRef {
+                from: None,
                 channel: "news",
                 seq: 42,
                 epoch: "k3f9",
@@ -622,6 +631,7 @@ fn message_ref_encodes_as_message() {
                 ts,
             };
             let owned = ServerFrame::Message(Message {
+                from: None,
                 channel: "news".into(),
                 seq: 42,
                 epoch: "k3f9".into(),
@@ -647,6 +657,7 @@ fn message_ref_encodes_as_message() {
 fn message_ref_json_shape() {
     let data = json!({"text": "hi"});
     let r = MessageRef {
+        from: None,
         channel: "news",
         seq: 6,
         epoch: "ab",
@@ -659,6 +670,7 @@ fn message_ref_json_shape() {
         r#"{"type":"message","channel":"news","seq":6,"epoch":"ab","data":{"text":"hi"},"ts":1700000000000}"#
     );
     let r = MessageRef {
+        from: None,
         channel: "news",
         seq: 6,
         epoch: "ab",
@@ -921,6 +933,7 @@ fn msgpack_data_must_be_json_compatible() {
     assert_eq!(
         Codec::MsgPack.decode_client(&bytes).expect("decodes"),
         ClientFrame::Publish(Publish {
+            exclude_client: false,
             id: None,
             channel: "a".into(),
             data: json!("x")
@@ -946,6 +959,7 @@ fn unknown_fields_are_ignored_and_null_optionals_are_absent() {
         assert_eq!(
             codec.decode_server(&bytes_of(codec, &v)).expect("decodes"),
             ServerFrame::Message(Message {
+                from: None,
                 channel: "a".into(),
                 seq: 3,
                 epoch: "e".into(),
@@ -1066,6 +1080,7 @@ fn client_wire_shapes() {
     );
     pin_client(
         ClientFrame::Publish(Publish {
+            exclude_client: false,
             id: Some(5),
             channel: "chat:1".into(),
             data: json!({"text": "hi", "n": [1, 2]}),
@@ -1151,6 +1166,7 @@ fn server_wire_shapes() {
     );
     pin_server(
         ServerFrame::Message(Message {
+            from: None,
             channel: "news".into(),
             seq: 6,
             epoch: "ab".into(),

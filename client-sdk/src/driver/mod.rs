@@ -117,7 +117,9 @@ enum Pending {
     /// (channel, the subscription's `sub_id`)
     Subscribe(String, u64),
     Unsubscribe(Option<oneshot::Sender<Result<(), Error>>>),
-    Publish(oneshot::Sender<Result<Position, Error>>),
+    /// The answer, and whether it was sent with `exclude_client` (then the
+    /// answer stands in the message's place in the channel).
+    Publish(oneshot::Sender<Result<Position, Error>>, bool),
     Refresh(String),
     History(oneshot::Sender<Result<protocol::HistoryResult, Error>>),
     Query(oneshot::Sender<Result<protocol::ServerFrame, Error>>),
@@ -365,7 +367,7 @@ impl Driver {
     fn connection_ended(&mut self) {
         for (_, p) in self.pending.drain(..) {
             match p {
-                Pending::Publish(reply) => {
+                Pending::Publish(reply, _) => {
                     let _ = reply.send(Err(Error::ConnectionLost));
                 }
                 Pending::History(reply) => {

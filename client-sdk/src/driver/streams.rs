@@ -102,6 +102,14 @@ impl Driver {
         self.user.status = Status::Requested;
     }
 
+    /// Our own message with `exclude_client` was not sent to us: its
+    /// answer came in its place, so the stream moves past it.
+    pub(super) fn passed_own(&mut self, channel: &str, seq: u64, epoch: &str) {
+        if let Some(stream) = self.stream_mut(channel) {
+            stream.tracker.pass(seq, epoch);
+        }
+    }
+
     pub(super) async fn on_message(&mut self, m: Message) -> Result<(), Outcome> {
         let Some(stream) = self.stream_mut(&m.channel) else {
             return Ok(()); // unsubscribed meanwhile

@@ -284,6 +284,7 @@ impl Driver {
             Command::Publish {
                 channel,
                 data,
+                exclude_client,
                 reply,
             } => {
                 if !self.connected {
@@ -295,6 +296,7 @@ impl Driver {
                         id: Some(id),
                         channel,
                         data,
+                        exclude_client,
                     });
                     let msg = encode(conn.codec, &frame);
                     if msg.len() > conn.max_frame_bytes {
@@ -311,7 +313,8 @@ impl Driver {
                         }));
                         Ok(())
                     } else {
-                        self.pending.push_back((id, Pending::Publish(reply)));
+                        self.pending
+                            .push_back((id, Pending::Publish(reply, exclude_client)));
                         conn.ws.send(msg).await
                     }
                 }
@@ -412,7 +415,14 @@ impl Driver {
                 Ok(())
             }
             ServerFrame::Published(p) => {
-                if let Some(Pending::Publish(reply)) = p.id.and_then(|id| self.take_pending(id)) {
+                if let Some(Pending::Publish(reply, excluded)) =
+                    p.id.and_then(|id| self.take_pending(id))
+                {
+                    if excluded {
+                        // The server sends this answer where our own
+                        // message would have been: the stream is past it.
+                        self.passed_own(&p.channel, p.seq, &p.epoch);
+                    }
                     let _ = reply.send(Ok(Position::new(p.seq, p.epoch)));
                 }
                 Ok(())
@@ -550,7 +560,7 @@ impl Driver {
                     let _ = r.send(Ok(()));
                 }
             }
-            Some(Pending::Publish(reply)) => {
+            Some(Pending::Publish(reply, _)) => {
                 let _ = reply.send(Err(Error::Server {
                     code: e.code,
                     message: e.message,

@@ -24,6 +24,20 @@ export interface Message<T = unknown> {
   data: T;
   /** When the gateway accepted the publish, Unix milliseconds (may be absent). */
   ts?: number;
+  /** Who published it, when a client did (set by the server from the publishing connection; absent on backend messages). */
+  from?: Publisher;
+}
+
+/** The client connection that published a message: its token's user (absent when anonymous) and its client id. */
+export interface Publisher {
+  user?: string;
+  client: string;
+}
+
+/** Options of `publish`. */
+export interface PublishOptions {
+  /** This connection does not get its own message back; the stream moves past it with no gap. */
+  excludeClient?: boolean;
 }
 
 /** Messages of `channel` were lost (`too_old`, `epoch_changed`, `bad_position`): re-sync it from your source of truth. */
@@ -542,10 +556,16 @@ export class GatewayClient {
     else if (this.live && s.status !== 'failed') this.request({ type: 'unsubscribe', channel }).catch(noop);
   }
 
-  /** Publishes over the WebSocket (allowed by the token's `publish` patterns); resolves with the message's position. */
-  publish(channel: string, data: unknown): Promise<Position> {
+  /**
+   * Publishes over the WebSocket (allowed by the token's `publish` patterns); resolves with the message's position.
+   * Subscribers get it with `from` (this connection's user and client id); with `{ excludeClient: true }` this
+   * connection does not get it back.
+   */
+  publish(channel: string, data: unknown, options: PublishOptions = {}): Promise<Position> {
     if (this.transport === 'sse') return Promise.reject(new GatewayError('publish is not available over SSE', 'unsupported'));
-    return this.request({ type: 'publish', channel, data }).then((r) => ({ seq: r.seq, epoch: r.epoch }));
+    const f: Frame = { type: 'publish', channel, data };
+    if (options.excludeClient) f.exclude_client = true;
+    return this.request(f).then((r) => ({ seq: r.seq, epoch: r.epoch }));
   }
 
   /** Every subscription (the user stream included), with its status and position. */
@@ -919,6 +939,14 @@ export class GatewayClient {
         return this.error(f, req);
       case 'refreshed':
         this.counters.refreshes++;
+        break;
+      case 'published':
+        // With exclude_client the server sends the answer in our own
+        // message's place: the stream is past it.
+        if (req && req.f.exclude_client && s) {
+          const pos = s.t.pos;
+          if (pos && f.epoch === pos.epoch && f.seq === pos.seq + 1) s.t.adopt(f.seq, f.epoch);
+        }
     }
     req?.ok(f);
   }
@@ -997,6 +1025,10 @@ export class GatewayClient {
     this.counters.delivered++;
     const m: Message = { channel: f.channel, seq: f.seq, epoch: f.epoch, data: f.data };
     if (f.ts != null) m.ts = f.ts;
+    if (f.from && typeof f.from === 'object' && typeof f.from.client === 'string') {
+      m.from = { client: f.from.client };
+      if (typeof f.from.user === 'string') m.from.user = f.from.user;
+    }
     if (s.fn) call(s.fn, m);
     this.both(s, 'message', m);
   }

@@ -14,6 +14,8 @@ export type {
   History,
   HistoryOptions,
   Message,
+  Publisher,
+  PublishOptions,
   Presence,
   PresenceEvent,
   PresenceStats,

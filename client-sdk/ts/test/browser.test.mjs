@@ -21,7 +21,10 @@ async function sdkClient(page, opts) {
     const c = (window.client = new GatewayClient(opts));
     c.on('state', (s) => rec.states.push(`${s.state}:${s.transport}${s.code ? ':' + s.code : ''}`));
     c.on('connected', (i) => rec.nodes.push(i.node));
-    c.on('message', (m) => rec.msgs.push([m.channel, m.seq, m.data]));
+    c.on('message', (m) => {
+      rec.msgs.push([m.channel, m.seq, m.data]);
+      if (m.from) (rec.from ||= []).push([m.seq, m.from]);
+    });
     c.on('error', (e) => rec.errors.push(`${e.code} ${e.message}`));
     c.on('unrecoverable', (u) => rec.unrecoverable.push(u));
   }, opts);
@@ -58,6 +61,12 @@ test('SDK over WebSocket: connects, subscribes, receives published messages in o
     assert.equal(at.seq, 21);
     await until(page, () => window.rec.msgs.length >= 31);
     assert.deepEqual(await page.evaluate(() => window.rec.msgs[30]), ['news', 21, { from: 'page' }]);
+    const info = await page.evaluate(() => window.client.info);
+    assert.deepEqual(await page.evaluate(() => window.rec.from), [[21, { client: info.client }]], 'from: this (anonymous) connection');
+    // With excludeClient the page does not get its own message back, and
+    // the stream moves past it with no gap (no reconnection below).
+    const excluded = await page.evaluate(() => window.client.publish('news', { from: 'page', excluded: true }, { excludeClient: true }));
+    assert.equal(excluded.seq, 22);
 
     // Unsubscribed channels stop; bad names are refused before anything is sent.
     await page.evaluate(() => window.client.unsubscribe('sports'));
@@ -67,7 +76,10 @@ test('SDK over WebSocket: connects, subscribes, receives published messages in o
     await publish(gw.url, 'news', { i: 'last' });
     await until(page, () => window.rec.msgs.length >= 32);
     await sleep(100);
-    assert.deepEqual(await page.evaluate(() => window.rec.msgs.slice(31)), [['news', 22, { i: 'last' }]]);
+    assert.deepEqual(await page.evaluate(() => window.rec.msgs.slice(31)), [['news', 23, { i: 'last' }]]);
+    const counters = await page.evaluate(() => window.client.counters);
+    assert.equal(counters.gaps, 0, JSON.stringify(counters));
+    assert.equal(counters.reconnects, 0, JSON.stringify(counters));
     const refused = await page.evaluate(() => {
       try {
         window.client.subscribe('$user:x');

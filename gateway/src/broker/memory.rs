@@ -4,8 +4,8 @@ use crate::control::Control;
 use crate::replay::Appended;
 use std::sync::Arc;
 
+use crate::message::Draft;
 use async_trait::async_trait;
-use serde_json::Value;
 
 use super::{Broker, BrokerError, Deliver};
 use crate::replay::ReplayStore;
@@ -44,18 +44,9 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Broker for MemoryBroker {
-    async fn publish(
-        &self,
-        channel: &str,
-        data: Value,
-        ts: u64,
-        idempotency: Option<&str>,
-    ) -> Result<Appended, BrokerError> {
+    async fn publish(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, BrokerError> {
         let _order = self.shard(channel).lock().await;
-        let appended = self
-            .store
-            .append_keyed(channel, data, ts, idempotency)
-            .await?;
+        let appended = self.store.append_keyed(channel, draft).await?;
         if let Appended::New(publication) = &appended {
             self.hub.deliver(publication);
         }

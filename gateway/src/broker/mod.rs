@@ -51,10 +51,9 @@ use crate::replay::Appended;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde_json::Value;
 use thiserror::Error;
 
-use crate::message::Publication;
+use crate::message::{Draft, Publication};
 use crate::replay::StoreError;
 
 pub use memory::MemoryBroker;
@@ -87,13 +86,7 @@ pub trait Broker: Send + Sync + 'static {
     /// with an idempotency key already used on the channel within the
     /// replay window, does neither and returns the original position
     /// ([`ReplayStore::append_keyed`]).
-    async fn publish(
-        &self,
-        channel: &str,
-        data: Value,
-        ts: u64,
-        idempotency: Option<&str>,
-    ) -> Result<Appended, BrokerError>;
+    async fn publish(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, BrokerError>;
 
     /// Hands `command` to the user's connections on every node that holds
     /// one (routed through the registry like a unicast).

@@ -16,12 +16,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::message::Draft;
 use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use registry::Registry;
-use serde_json::Value;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
@@ -178,23 +178,12 @@ impl NatsBroker {
 
 #[async_trait]
 impl Broker for NatsBroker {
-    async fn publish(
-        &self,
-        channel: &str,
-        data: Value,
-        ts: u64,
-        idempotency: Option<&str>,
-    ) -> Result<Appended, BrokerError> {
+    async fn publish(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, BrokerError> {
         let subjects = self
             .cluster
             .route(channel, channel_subject, node_subject)
             .await?;
-        let p = match self
-            .cluster
-            .store
-            .append_keyed(channel, data, ts, idempotency)
-            .await?
-        {
+        let p = match self.cluster.store.append_keyed(channel, draft).await? {
             Appended::New(p) => p,
             duplicate => return Ok(duplicate),
         };

@@ -15,11 +15,11 @@ use crate::replay::Appended;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::message::Draft;
 use async_trait::async_trait;
 use redis::aio::ConnectionManager;
 use redis::{PushKind, Value as RedisValue};
 use registry::Registry;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -162,20 +162,14 @@ impl RedisBroker {
 
 #[async_trait]
 impl Broker for RedisBroker {
-    async fn publish(
-        &self,
-        channel: &str,
-        data: Value,
-        ts: u64,
-        idempotency: Option<&str>,
-    ) -> Result<Appended, BrokerError> {
+    async fn publish(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, BrokerError> {
         let targets = self
             .cluster
             .route(channel, channel_topic, node_topic)
             .await?;
         let result = self
             .store
-            .append_and_publish(channel, data, ts, idempotency, &targets)
+            .append_and_publish(channel, draft, &targets)
             .await;
         if result.is_err() {
             self.cluster.health.down();

@@ -14,10 +14,9 @@ use async_trait::async_trait;
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use parking_lot::Mutex;
 use protocol::Position;
-use serde_json::Value;
 
 use super::{Appended, Recovery, ReplayStore, StoreError};
-use crate::message::Publication;
+use crate::message::{Draft, Publication};
 
 type Key = (String, String, u64);
 type Read = Shared<BoxFuture<'static, Result<Recovery, StoreError>>>;
@@ -41,14 +40,8 @@ impl CoalescingStore {
 
 #[async_trait]
 impl ReplayStore for CoalescingStore {
-    async fn append_keyed(
-        &self,
-        channel: &str,
-        data: Value,
-        ts: u64,
-        key: Option<&str>,
-    ) -> Result<Appended, StoreError> {
-        self.inner.append_keyed(channel, data, ts, key).await
+    async fn append_keyed(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, StoreError> {
+        self.inner.append_keyed(channel, draft).await
     }
 
     async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError> {

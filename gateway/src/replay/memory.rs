@@ -22,10 +22,9 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use parking_lot::Mutex;
 use protocol::{Position, UnrecoverableReason};
-use serde_json::Value;
 
 use super::{Appended, Recovery, ReplayStore, StoreError};
-use crate::message::Publication;
+use crate::message::{Draft, Publication};
 use crate::namespace::Namespaces;
 
 struct Stream {
@@ -344,13 +343,8 @@ impl MemoryReplayStore {
 
 #[async_trait]
 impl ReplayStore for MemoryReplayStore {
-    async fn append_keyed(
-        &self,
-        channel: &str,
-        data: Value,
-        ts: u64,
-        idempotency: Option<&str>,
-    ) -> Result<Appended, StoreError> {
+    async fn append_keyed(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, StoreError> {
+        let idempotency = draft.key;
         let stream = self.stream(channel);
         let mut s = stream.lock();
         let now = Instant::now();
@@ -368,7 +362,7 @@ impl ReplayStore for MemoryReplayStore {
             Some((_, p, _)) => p.channel.clone(),
             None => Arc::from(channel),
         };
-        let publication = Arc::new(Publication::new(channel, s.top, s.epoch.clone(), data, ts));
+        let publication = Arc::new(draft.at(channel, s.top, s.epoch.clone()));
         let key = self.charge(&stream, &publication);
         s.buffer.push_back((now, publication.clone(), key));
         if let Some(k) = idempotency {
@@ -462,6 +456,7 @@ impl ReplayStore for MemoryReplayStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     fn seqs(r: &Recovery) -> Vec<u64> {
         match r {

@@ -34,7 +34,7 @@ use protocol::{Position, UnrecoverableReason};
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::message::Publication;
+use crate::message::{Draft, Publication};
 
 pub use coalesce::CoalescingStore;
 pub use memory::MemoryReplayStore;
@@ -78,16 +78,11 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 #[async_trait]
 pub trait ReplayStore: Send + Sync + 'static {
     /// Appends a message to a channel's stream, assigning its sequence;
-    /// with an idempotency `key`, only if the key was not used on the
-    /// channel within the replay window, in the same atomic step (a retry
-    /// of an accepted publish, on any node, gets the original position).
-    async fn append_keyed(
-        &self,
-        channel: &str,
-        data: Value,
-        ts: u64,
-        key: Option<&str>,
-    ) -> Result<Appended, StoreError>;
+    /// with an idempotency key (`draft.key`), only if the key was not used
+    /// on the channel within the replay window, in the same atomic step (a
+    /// retry of an accepted publish, on any node, gets the original
+    /// position). `draft.extras` are stored with the message.
+    async fn append_keyed(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, StoreError>;
 
     /// Appends a message with no idempotency key.
     async fn append(
@@ -96,7 +91,7 @@ pub trait ReplayStore: Send + Sync + 'static {
         data: Value,
         ts: u64,
     ) -> Result<Arc<Publication>, StoreError> {
-        match self.append_keyed(channel, data, ts, None).await? {
+        match self.append_keyed(channel, Draft::new(data, ts)).await? {
             Appended::New(p) => Ok(p),
             Appended::Duplicate(_) => Err(StoreError::Unavailable(
                 "a duplicate without an idempotency key".into(),

@@ -8,7 +8,8 @@
 //!   TTL, so a `maxmemory` with a `volatile-*` policy bounds them all; an
 //!   evicted key is covered (below).
 //! * `gw:{ch:c}:b`: a Redis Stream of the recent messages, entry id
-//!   `0-<seq>`, fields `d` (JSON data) and `t` (accept time, Unix ms); capped
+//!   `0-<seq>`, fields `d` (JSON data), `t` (accept time, Unix ms) and,
+//!   on a client-published message, `f` (the publisher, JSON); capped
 //!   at `replay_max_messages` entries and expiring `replay_window_ms` after
 //!   the last append; entries older than the window are not served.
 //!
@@ -49,7 +50,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use protocol::{Position, UnrecoverableReason};
+use protocol::{Position, Publisher, UnrecoverableReason};
 use redis::aio::ConnectionManager;
 use redis::Value as RedisValue;
 use serde_json::Value;
@@ -58,7 +59,7 @@ use tracing::warn;
 use super::{Appended, Recovery, ReplayStore, StoreError};
 use crate::ids::new_epoch;
 use crate::ids::now_ms;
-use crate::message::Publication;
+use crate::message::{Draft, Extras, Publication};
 use crate::namespace::Namespaces;
 
 /// The Redis function library: `<name>_append` and `<name>_read`, and the
@@ -95,7 +96,9 @@ end
 
 -- KEYS: meta, buffer, and the idempotency key's own key if there is one.
 -- ARGV: data, ts, max messages, window ms, meta ttl ms, fresh epoch,
--- channel, then the pub/sub channels to PUBLISH to. Returns seq, epoch,
+-- channel, stored extras ('' for none: the `f` field, the publisher),
+-- envelope extras ('' for none: the envelope's `~` line), then the pub/sub
+-- channels to PUBLISH to. Returns seq, epoch,
 -- reset, duplicate (1: the key was used within the window; nothing done,
 -- the original position returned).
 local function append(KEYS, ARGV)
@@ -109,11 +112,17 @@ local function append(KEYS, ARGV)
   local epoch, reset = life_check(KEYS[1], KEYS[2], ARGV[6])
   local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. seq, 'd', ARGV[1], 't', ARGV[2])
+  if ARGV[8] == '' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. seq, 'd', ARGV[1], 't', ARGV[2])
+  else
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. seq, 'd', ARGV[1], 't', ARGV[2], 'f', ARGV[8])
+  end
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  if #ARGV > 7 then
-    local msg = seq .. '\n' .. epoch .. '\n' .. ARGV[2] .. '\n' .. ARGV[7] .. '\n' .. ARGV[1]
-    for i = 8, #ARGV do redis.call('PUBLISH', ARGV[i], msg) end
+  if #ARGV > 9 then
+    local msg = seq .. '\n' .. epoch .. '\n' .. ARGV[2] .. '\n' .. ARGV[7] .. '\n'
+    if ARGV[9] ~= '' then msg = msg .. '~' .. ARGV[9] .. '\n' end
+    msg = msg .. ARGV[1]
+    for i = 10, #ARGV do redis.call('PUBLISH', ARGV[i], msg) end
   end
   if #KEYS > 2 then
     redis.call('SET', KEYS[3], seq .. ':' .. epoch, 'PX', ARGV[4])
@@ -324,12 +333,19 @@ impl RedisReplayStore {
     pub async fn append_and_publish(
         &self,
         channel: &str,
-        data: Value,
-        ts: u64,
-        idempotency: Option<&str>,
+        draft: Draft<'_>,
         publish_to: &[String],
     ) -> Result<Appended, StoreError> {
-        let payload = serde_json::to_string(&data).map_err(unavailable)?;
+        let (idempotency, ts) = (draft.key, draft.ts);
+        let payload = serde_json::to_string(&draft.data).map_err(unavailable)?;
+        let stored = match draft.extras.as_ref().and_then(|e| e.from.as_ref()) {
+            Some(from) => serde_json::to_string(from).map_err(unavailable)?,
+            None => String::new(),
+        };
+        let envelope_extras = match &draft.extras {
+            Some(extras) => serde_json::to_string(extras).map_err(unavailable)?,
+            None => String::new(),
+        };
         let (window, meta_ttl) = (self.window_of(channel), self.meta_ttl.as_millis() as u64);
         let max_messages = self.namespaces.rules(channel).replay_max_messages;
         let (seq, epoch, reset, duplicate): (u64, String, u8, u8) = self
@@ -341,6 +357,8 @@ impl RedisReplayStore {
                     .arg(meta_ttl)
                     .arg(&*new_epoch())
                     .arg(channel)
+                    .arg(&stored)
+                    .arg(&envelope_extras)
                     .arg(publish_to);
             })
             .await?;
@@ -351,12 +369,10 @@ impl RedisReplayStore {
             history_lost(channel, &epoch);
         }
         self.wait_replicas().await?;
-        Ok(Appended::New(Arc::new(Publication::new(
+        Ok(Appended::New(Arc::new(draft.at(
             Arc::from(channel),
             seq,
             Arc::from(epoch),
-            data,
-            ts,
         ))))
     }
 
@@ -393,8 +409,27 @@ fn history_lost(channel: &str, epoch: &str) {
     crate::telemetry::stream_history_lost("store_restarted", 1);
 }
 
-/// Parses one stream entry `[id, [field, value, ...]]` into (seq, ts, data).
-fn parse_entry(entry: &RedisValue) -> Option<(u64, u64, Value)> {
+/// One stored message, as read back.
+struct Entry {
+    seq: u64,
+    ts: u64,
+    data: Value,
+    from: Option<Publisher>,
+}
+
+impl Entry {
+    fn publication(self, channel: &Arc<str>, epoch: &Arc<str>) -> Arc<Publication> {
+        let extras = Extras { from: self.from };
+        Arc::new(
+            Publication::new(channel.clone(), self.seq, epoch.clone(), self.data, self.ts)
+                .with_extras(extras.boxed()),
+        )
+    }
+}
+
+/// Parses one stream entry `[id, [field, value, ...]]`; unknown fields are
+/// skipped (a newer node's, during a rolling upgrade).
+fn parse_entry(entry: &RedisValue) -> Option<Entry> {
     let RedisValue::Array(parts) = entry else {
         return None;
     };
@@ -403,7 +438,7 @@ fn parse_entry(entry: &RedisValue) -> Option<(u64, u64, Value)> {
     };
     let id: String = redis::from_redis_value(id).ok()?;
     let seq = id.strip_prefix("0-")?.parse().ok()?;
-    let (mut ts, mut data) = (None, None);
+    let (mut ts, mut data, mut from) = (None, None, None);
     for pair in fields.chunks(2) {
         let [k, v] = pair else { continue };
         let k: String = redis::from_redis_value(k).ok()?;
@@ -414,22 +449,28 @@ fn parse_entry(entry: &RedisValue) -> Option<(u64, u64, Value)> {
                     .ok()
                     .and_then(|s| serde_json::from_str(&s).ok())
             }
+            "f" => {
+                from = Some(
+                    redis::from_redis_value::<String>(v)
+                        .ok()
+                        .and_then(|s| serde_json::from_str(&s).ok())?,
+                )
+            }
             _ => {}
         }
     }
-    Some((seq, ts?, data?))
+    Some(Entry {
+        seq,
+        ts: ts?,
+        data: data?,
+        from,
+    })
 }
 
 #[async_trait]
 impl ReplayStore for RedisReplayStore {
-    async fn append_keyed(
-        &self,
-        channel: &str,
-        data: Value,
-        ts: u64,
-        key: Option<&str>,
-    ) -> Result<Appended, StoreError> {
-        self.append_and_publish(channel, data, ts, key, &[]).await
+    async fn append_keyed(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, StoreError> {
+        self.append_and_publish(channel, draft, &[]).await
     }
 
     async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError> {
@@ -458,22 +499,16 @@ impl ReplayStore for RedisReplayStore {
         let epoch: Arc<str> = Arc::from(epoch);
         let mut publications = Vec::with_capacity(entries.len());
         for (expect, e) in (since.seq + 1..).zip(&entries) {
-            let Some((seq, ts, data)) = parse_entry(e) else {
+            let Some(entry) = parse_entry(e) else {
                 return Err(StoreError::Unavailable("malformed replay entry".into()));
             };
-            if seq != expect || (publications.is_empty() && ts < oldest_allowed) {
+            if entry.seq != expect || (publications.is_empty() && entry.ts < oldest_allowed) {
                 return Ok(Recovery::Unrecoverable {
                     reason: UnrecoverableReason::TooOld,
                     top,
                 });
             }
-            publications.push(Arc::new(Publication::new(
-                channel.clone(),
-                seq,
-                epoch.clone(),
-                data,
-                ts,
-            )));
+            publications.push(entry.publication(&channel, &epoch));
         }
         // Everything up to the top must be there (the cap may have cut the end
         // only if the top moved on meanwhile; then the rest arrives live).
@@ -501,17 +536,11 @@ impl ReplayStore for RedisReplayStore {
             (Arc::from(channel), Arc::from(epoch.as_str()));
         let mut publications = Vec::with_capacity(entries.len());
         for e in &entries {
-            let Some((seq, ts, data)) = parse_entry(e) else {
+            let Some(entry) = parse_entry(e) else {
                 return Err(StoreError::Unavailable("malformed replay entry".into()));
             };
-            if ts >= oldest_allowed {
-                publications.push(Arc::new(Publication::new(
-                    channel.clone(),
-                    seq,
-                    epoch_arc.clone(),
-                    data,
-                    ts,
-                )));
+            if entry.ts >= oldest_allowed {
+                publications.push(entry.publication(&channel, &epoch_arc));
             }
         }
         Ok((publications, Position::new(top, epoch)))

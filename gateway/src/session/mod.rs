@@ -16,6 +16,14 @@
 //! arrives through the channel's log afterwards (possibly both; then the log
 //! copy is a duplicate and dropped).
 //!
+//! Own messages with `exclude_client`: the publishing connection does not
+//! get its message back; the `published` answer goes out in its place, at
+//! the message's place in the stream (after everything before it), so the
+//! client learns its position moved on with no gap. The publish returns
+//! before the connection's task drains again (one task does both), so the
+//! session always knows the seq before it meets the message; a replay (gap
+//! repair) meeting it does the same.
+//!
 //! Reading: when woken, the session reads each of its channels' logs
 //! ([`crate::hub`]) up to their heads; every read leaves it waiting on that
 //! log, so the next append wakes it once, and whatever arrives until the
@@ -25,7 +33,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use protocol::{
-    validate_channel, CloseCode, Codec, ErrorCode, Position, ServerFrame, Subscribed,
+    validate_channel, CloseCode, Codec, ErrorCode, Position, Published, ServerFrame, Subscribed,
     Unrecoverable, UnrecoverableReason, USER_CHANNEL_PREFIX,
 };
 use tracing::warn;
@@ -106,6 +114,46 @@ impl Outbox for Vec<Outgoing> {
 pub enum Transport {
     Ws,
     Sse,
+}
+
+/// A publish of this connection with `exclude_client`, whose answer waits
+/// for the message's place in the stream (module docs).
+#[derive(Debug)]
+struct OwnPublish {
+    channel: Arc<str>,
+    seq: u64,
+    epoch: Arc<str>,
+    id: Option<u64>,
+}
+
+impl OwnPublish {
+    fn answer(self) -> ServerFrame {
+        ServerFrame::Published(Published {
+            id: self.id,
+            channel: self.channel.to_string(),
+            seq: self.seq,
+            epoch: self.epoch.to_string(),
+        })
+    }
+}
+
+/// At most this many excluded publishes wait for their place at once
+/// (command rate limits keep it far lower); beyond, a publish is answered
+/// at once and its message comes back like any other.
+const MAX_OWN_PUBLISHES: usize = 64;
+
+/// Takes the waiting answer `p` stands for, if it is one of ours.
+#[allow(clippy::box_collection)] // 8 bytes on every connection, not a Vec's 24
+fn own_publish(own: &mut Option<Box<Vec<OwnPublish>>>, p: &Publication) -> Option<ServerFrame> {
+    let waiting = own.as_mut()?;
+    let i = waiting
+        .iter()
+        .position(|o| o.seq == p.seq && *o.channel == *p.channel && *o.epoch == *p.epoch)?;
+    let found = waiting.swap_remove(i);
+    if waiting.is_empty() {
+        *own = None;
+    }
+    Some(found.answer())
 }
 
 struct SubState {
@@ -255,12 +303,19 @@ pub struct Session {
     subs: HashMap<Arc<str>, SubState, foldhash::fast::RandomState>,
     /// What one drain read from the logs (kept between drains).
     scratch: VecDeque<Arrived>,
-    latency_sampled_at: Option<std::time::Instant>,
+    /// When live latency was last sampled: wall-clock milliseconds,
+    /// truncated to 32 bits and compared wrapping (4 bytes, not an
+    /// `Option<Instant>`'s 16, on every connection).
+    latency_sampled_ms: u32,
     /// How fast this connection (and its user) may still subscribe.
     quota: SubscribeQuota,
+    /// Own publishes with `exclude_client` waiting for their place (boxed:
+    /// 8 bytes on every connection, not a `Vec`'s 24).
+    #[allow(clippy::box_collection)]
+    own: Option<Box<Vec<OwnPublish>>>,
 }
 
-const LATENCY_SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+const LATENCY_SAMPLE_EVERY_MS: u32 = 100;
 
 impl Session {
     /// A session in the place admission reserved for it (`slot`), which it
@@ -287,8 +342,53 @@ impl Session {
             transport,
             subs: HashMap::default(),
             scratch: VecDeque::new(),
-            latency_sampled_at: None,
+            latency_sampled_ms: 0,
             quota,
+            own: None,
+        }
+    }
+
+    /// This connection published `channel`@(`seq`, `epoch`) with
+    /// `exclude_client`: true if its `published` answer (request `id`) now
+    /// waits for the message's place in the stream; false: answer now (not
+    /// subscribed, already past it, or too many waiting).
+    pub fn exclude_own(&mut self, channel: &str, seq: u64, epoch: &str, id: Option<u64>) -> bool {
+        let Some((key, st)) = self.subs.get_key_value(channel) else {
+            return false;
+        };
+        if (*st.epoch == *epoch && st.last >= seq)
+            || self
+                .own
+                .as_ref()
+                .is_some_and(|o| o.len() >= MAX_OWN_PUBLISHES)
+        {
+            return false;
+        }
+        self.own.get_or_insert_with(Box::default).push(OwnPublish {
+            channel: key.clone(),
+            seq,
+            epoch: Arc::from(epoch),
+            id,
+        });
+        true
+    }
+
+    /// Answers every waiting own publish of `channel` now (it is
+    /// unsubscribed, or moved to another epoch).
+    fn answer_own(&mut self, channel: &str, out: &mut impl Outbox) {
+        let Some(waiting) = self.own.as_mut() else {
+            return;
+        };
+        let mut i = 0;
+        while i < waiting.len() {
+            if *waiting[i].channel == *channel {
+                out.frame(waiting.swap_remove(i).answer());
+            } else {
+                i += 1;
+            }
+        }
+        if waiting.is_empty() {
+            self.own = None;
         }
     }
 
@@ -554,7 +654,7 @@ impl Session {
                 None
             }
             Control::Unsubscribe { channel, .. } => {
-                if self.unsubscribe(&channel) {
+                if self.unsubscribe(&channel, out) {
                     out.push(Outgoing::Frame(ServerFrame::Unsubscribed(
                         protocol::Unsubscribed {
                             id: None,
@@ -568,11 +668,13 @@ impl Session {
         }
     }
 
-    /// Ends a subscription; false if there was none.
-    pub fn unsubscribe(&mut self, channel: &str) -> bool {
+    /// Ends a subscription; false if there was none. Own publishes waiting
+    /// for their place in it are answered into `out`.
+    pub fn unsubscribe(&mut self, channel: &str, out: &mut impl Outbox) -> bool {
         let Some(st) = self.subs.remove(channel) else {
             return false;
         };
+        self.answer_own(channel, out);
         self.ctx.metrics.subscriptions.decrement(1.0);
         let rules = self.ctx.namespaces.rules(channel);
         if rules.presence {
@@ -642,11 +744,15 @@ impl Session {
                 unreachable!("counted above");
             };
             let SubState { epoch, last, sub } = st;
+            let own = &mut self.own;
             let mut stalled = false;
             let read = sub.log.read_with(sub.slot, |order, p| {
                 if !stalled && p.seq == *last + 1 && same_epoch(epoch, &p.epoch) {
                     *last = p.seq;
-                    out.publication_ref(p);
+                    match own_publish(own, p) {
+                        Some(answer) => out.frame(answer),
+                        None => out.publication_ref(p),
+                    }
                 } else {
                     stalled = true;
                     batch.push_back((order, p.clone()));
@@ -710,6 +816,7 @@ impl Session {
             }));
             st.epoch = p.epoch.clone();
             st.last = 0;
+            self.answer_own(&p.channel, out);
         }
         let Some(st) = self.subs.get_mut(&*p.channel) else {
             return;
@@ -730,8 +837,13 @@ impl Session {
                     for q in publications {
                         if q.seq == st.last + 1 && q.seq < p.seq {
                             st.last = q.seq;
-                            node.metrics.replayed.increment(1);
-                            out.replayed(q);
+                            match own_publish(&mut self.own, &q) {
+                                Some(answer) => out.frame(answer),
+                                None => {
+                                    node.metrics.replayed.increment(1);
+                                    out.replayed(q);
+                                }
+                            }
                         }
                     }
                 }
@@ -771,7 +883,10 @@ impl Session {
             .get_mut(&*p.channel)
             .expect("checked above; nothing removes it meanwhile");
         st.last = p.seq;
-        out.publication(p);
+        match own_publish(&mut self.own, &p) {
+            Some(answer) => out.frame(answer),
+            None => out.publication(p),
+        }
     }
 
     /// Counts written messages and samples latency: live deliveries at most
@@ -795,13 +910,10 @@ impl Session {
         // Live latency is sampled at most every 100 ms per connection:
         // enough for the distribution, without a histogram write per
         // delivery at a million deliveries per second.
-        let now = std::time::Instant::now();
         if let Some(ts) = w.oldest_live {
-            if self
-                .latency_sampled_at
-                .is_none_or(|t| now.duration_since(t) >= LATENCY_SAMPLE_EVERY)
-            {
-                self.latency_sampled_at = Some(now);
+            let now = crate::ids::now_ms() as u32;
+            if now.wrapping_sub(self.latency_sampled_ms) >= LATENCY_SAMPLE_EVERY_MS {
+                self.latency_sampled_ms = now;
                 self.ctx.metrics.delivery_latency.record(age(ts));
             }
         }
@@ -815,8 +927,10 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         let channels: Vec<Arc<str>> = self.subs.keys().cloned().collect();
+        // Nobody reads answers any more.
+        let mut gone = Vec::new();
         for c in channels {
-            self.unsubscribe(&c);
+            self.unsubscribe(&c, &mut gone);
         }
         match self.transport {
             Transport::Ws => self.ctx.metrics.connections_ws.decrement(1.0),

@@ -73,7 +73,7 @@ async fn publish(p: &Parts, n: u64) -> Arc<Publication> {
     match p
         .ctx
         .broker
-        .publish(C, json!({ "n": n }), 0, None)
+        .publish(C, crate::message::Draft::new(json!({ "n": n }), 0))
         .await
         .expect("memory publish")
     {
@@ -293,8 +293,8 @@ async fn subscriptions_are_bounded_and_checked() {
         s.check_new_subscription("bad channel"),
         Err(ErrorCode::InvalidChannel)
     );
-    assert!(s.unsubscribe("c0"));
-    assert!(!s.unsubscribe("c0"));
+    assert!(s.unsubscribe("c0", &mut Vec::new()));
+    assert!(!s.unsubscribe("c0", &mut Vec::new()));
     assert_eq!(p.ctx.drain.open_connections(), 1);
     drop(s);
     assert_eq!(p.ctx.drain.open_connections(), 0);
@@ -316,4 +316,61 @@ fn wire_name(r: &UnrecoverableReason) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+/// `exclude_client`: the answer for an own publish goes out in the
+/// message's place (after what came before it), live and when a gap repair
+/// meets it; unsubscribing answers what still waits.
+#[tokio::test]
+async fn an_own_excluded_publish_is_answered_in_its_place() {
+    let p = parts(100, Duration::from_secs(60));
+    let mut s = session(&p);
+    s.subscribe(None, C, None, &mut Vec::new())
+        .await
+        .expect("subscribe");
+    let m1 = publish(&p, 1).await;
+    let e = m1.epoch.to_string();
+    let m2 = publish(&p, 2).await;
+    assert!(s.exclude_own(C, 2, &e, Some(7)));
+    assert!(
+        !s.exclude_own("elsewhere", 2, &e, Some(8)),
+        "not subscribed"
+    );
+    publish(&p, 3).await;
+    let answer = |id: u64, seq: u64| {
+        format!(
+            "{:?}",
+            ServerFrame::Published(Published {
+                id: Some(id),
+                channel: C.into(),
+                seq,
+                epoch: e.clone(),
+            })
+        )
+    };
+    assert_eq!(
+        seen(&drained(&mut s).await),
+        [format!("1@{e}"), answer(7, 2), format!("3@{e}")]
+    );
+    assert!(!s.exclude_own(C, 2, &e, Some(9)), "already past it");
+
+    // A gap repair meets it: 4 (own) and 5 only reach the store, 6 comes
+    // live.
+    let m4 = append_only(&p, 4).await;
+    assert!(s.exclude_own(C, m4.seq, &e, Some(10)));
+    append_only(&p, 5).await;
+    let m6 = append_only(&p, 6).await;
+    let mut out = Vec::new();
+    s.admit(m6, &mut out).await;
+    assert_eq!(
+        seen(&out),
+        [answer(10, 4), format!("5@{e}"), format!("6@{e}")]
+    );
+
+    // Still waiting when the client unsubscribes: answered then.
+    assert!(s.exclude_own(C, 7, &e, Some(11)));
+    let mut out = Vec::new();
+    assert!(s.unsubscribe(C, &mut out));
+    assert_eq!(seen(&out), [answer(11, 7)]);
+    drop((m1, m2));
 }

@@ -695,6 +695,7 @@ mod tests {
             epoch: epoch.into(),
             data: serde_json::json!({"sent_us": util::now_us()}),
             ts: None,
+            from: None,
         }
     }
 

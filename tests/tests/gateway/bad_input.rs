@@ -89,6 +89,7 @@ async fn ws_bad_frames_get_errors_and_the_connection_stays_usable() -> R {
         id: Some(42),
         channel: "ok:1".into(),
         data: json!(1),
+        exclude_client: false,
     }))
     .await?;
     ws.expect_error(ErrorCode::PermissionDenied, Some(42))
@@ -112,6 +113,7 @@ async fn ws_bad_frames_get_errors_and_the_connection_stays_usable() -> R {
         id: Some(55),
         channel: "bad chan".into(),
         data: json!(1),
+        exclude_client: false,
     }))
     .await?;
     ws.expect_error(ErrorCode::InvalidChannel, Some(55)).await?;

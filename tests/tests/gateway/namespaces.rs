@@ -57,6 +57,7 @@ async fn namespace_options_take_effect_for_their_channels_only() -> R {
         id: Some(5),
         channel: "ro:x".into(),
         data: json!(1),
+        exclude_client: false,
     }))
     .await?;
     ws.expect_error(ErrorCode::PermissionDenied, Some(5))
@@ -79,6 +80,7 @@ async fn namespace_options_take_effect_for_their_channels_only() -> R {
         id: Some(7),
         channel: "chat:x".into(),
         data: json!(1),
+        exclude_client: false,
     }))
     .await?;
     match ws.recv().await? {

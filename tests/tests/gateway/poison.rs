@@ -89,6 +89,7 @@ async fn api_refuses_bodies_nested_deeper_than_the_limit_in_every_codec() -> R {
             id: Some(id),
             channel: "news".into(),
             data: nested(MAX_DEPTH),
+            exclude_client: false,
         }))
         .await?;
         let e = ws.expect_error(ErrorCode::BadFrame, None).await?;

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use client_sdk::{
-    Backoff, Client, ClientBuilder, Codec, ConnectionState, Error, Event, Subscription,
+    Backoff, Client, ClientBuilder, Codec, ConnectionState, Error, Event, PublishOptions,
+    Subscription,
 };
 use harness::{now_secs, within, Gateway, TIMEOUT};
 use protocol::{ErrorCode, Message};
@@ -108,7 +109,26 @@ async fn sdk_websocket_json_and_msgpack_deliver_in_order_and_publish() -> R {
         // Publishing through the client: the answer names the message's place.
         let at = within("publish", client.publish(chan, payload(51))).await??;
         assert_eq!((at.seq, at.epoch.as_str()), (51, epoch.as_str()));
-        expect_seqs(&mut sub, chan, 51, 51, payload).await?;
+        let own = recv(&mut sub).await?;
+        check_message(&own, chan, 51, &epoch, &payload(51));
+        let from = own.from.context("a client's message carries from")?;
+        assert_eq!(
+            (from.user.as_deref(), from.client.as_str()),
+            (Some(user.as_str()), conn_id.as_str())
+        );
+        // With exclude_client the client's own copy is not sent, and the
+        // stream moves past it with no gap: the next message follows.
+        let options = PublishOptions {
+            exclude_client: true,
+        };
+        let at = within(
+            "publish excluded",
+            client.publish_with(chan, json!("mine"), options),
+        )
+        .await??;
+        assert_eq!(at.seq, 52);
+        gw.publish(chan, payload(53)).await?;
+        expect_seqs(&mut sub, chan, 53, 53, payload).await?;
 
         // The user's own stream.
         gw.send(&user, json!({"hello": codec == Codec::Json}))
@@ -151,7 +171,7 @@ async fn sdk_websocket_json_and_msgpack_deliver_in_order_and_publish() -> R {
 
         // Unsubscribe ends the stream; nothing more arrives.
         within("unsubscribe", client.unsubscribe(chan)).await??;
-        gw.publish(chan, payload(52)).await?;
+        gw.publish(chan, payload(54)).await?;
         assert!(within("end of stream", sub.recv()).await?.is_none());
 
         let stats = client.stats();
@@ -162,7 +182,7 @@ async fn sdk_websocket_json_and_msgpack_deliver_in_order_and_publish() -> R {
                 stats.reconnects,
                 stats.gaps
             ),
-            (52, 0, 0, 0),
+            (53, 0, 0, 0),
             "{stats:?}"
         );
         let positions = within("positions", client.positions()).await??;

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use protocol::{
     user_channel, validate_channel, ClientFrame, CloseCode, Codec, Connected, DecodeError,
-    ErrorCode, ErrorFrame, Pong, Position, Published, Reconnect, RefreshRequired, Refreshed,
-    ServerFrame, Unsubscribed,
+    ErrorCode, ErrorFrame, Pong, Position, Published, Publisher, Reconnect, RefreshRequired,
+    Refreshed, ServerFrame, Unsubscribed,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
@@ -20,6 +20,7 @@ use crate::auth::now_secs;
 use crate::drain::{Lifecycle, Slot};
 use crate::hub::SessionShared;
 use crate::ids::now_ms;
+use crate::message::{Draft, Extras};
 use crate::node::Node;
 use crate::ratelimit::RateLimit;
 use crate::session::{Outgoing, Session, Transport};
@@ -482,7 +483,7 @@ impl Connection {
                 }
             }
             ClientFrame::Unsubscribe(u) => {
-                if self.session.unsubscribe(&u.channel) {
+                if self.session.unsubscribe(&u.channel, &mut self.out) {
                     self.out
                         .push(Outgoing::Frame(ServerFrame::Unsubscribed(Unsubscribed {
                             id: u.id,
@@ -517,24 +518,41 @@ impl Connection {
                         format!("clients may not publish to {:?} (namespace)", p.channel),
                     );
                 } else {
-                    match node
-                        .broker
-                        .publish(&p.channel, p.data, now_ms(), None)
-                        .await
-                    {
+                    // The publisher's identity comes from the connection,
+                    // never from the frame: a chat cannot be impersonated.
+                    let extras = Extras {
+                        from: Some(Publisher {
+                            user: (!self.identity.user.is_empty())
+                                .then(|| self.identity.user.clone()),
+                            client: self.session.client_id(),
+                        }),
+                    };
+                    let draft = Draft::new(p.data, now_ms()).with_extras(extras.boxed());
+                    match node.broker.publish(&p.channel, draft).await {
                         Ok(crate::replay::Appended::Duplicate(_)) => {
                             // No key was given: cannot happen.
                             self.reply_error(p.id, ErrorCode::Internal, "duplicate");
                         }
                         Ok(crate::replay::Appended::New(publication)) => {
                             node.metrics.published.increment(1);
-                            self.out
-                                .push(Outgoing::Frame(ServerFrame::Published(Published {
-                                    id: p.id,
-                                    channel: p.channel,
-                                    seq: publication.seq,
-                                    epoch: publication.epoch.to_string(),
-                                })));
+                            // With `exclude_client` the answer waits for the
+                            // message's place in this connection's stream.
+                            if !(p.exclude_client
+                                && self.session.exclude_own(
+                                    &p.channel,
+                                    publication.seq,
+                                    &publication.epoch,
+                                    p.id,
+                                ))
+                            {
+                                self.out
+                                    .push(Outgoing::Frame(ServerFrame::Published(Published {
+                                        id: p.id,
+                                        channel: p.channel,
+                                        seq: publication.seq,
+                                        epoch: publication.epoch.to_string(),
+                                    })));
+                            }
                         }
                         Err(e) => self.reply_error(p.id, ErrorCode::Unavailable, e.to_string()),
                     }
