@@ -319,6 +319,12 @@ pub fn publish_deduplicated() {
     metrics::counter!("gateway_publishes_deduplicated_total").increment(1);
 }
 
+/// A retried publish (NATS backbone) whose stored original was announced
+/// again, in case its first node died before announcing it.
+pub fn publish_reannounced() {
+    metrics::counter!("gateway_publishes_reannounced_total").increment(1);
+}
+
 /// Streams whose history was lost: `store_restarted` (Redis came back from
 /// another life), `stream_limit` (dropped over `replay_max_streams`).
 pub fn stream_history_lost(cause: &'static str, streams: u64) {
@@ -428,6 +434,10 @@ impl Metrics {
         describe_counter!(
             "gateway_publishes_deduplicated_total",
             "API publishes whose idempotency key was used before on the channel within the replay window: nothing new was published."
+        );
+        describe_counter!(
+            "gateway_publishes_reannounced_total",
+            "Retried publishes (NATS backbone) whose stored original was announced on the backbone again, in case the first attempt's node died between storing and announcing it."
         );
         describe_counter!(
             "gateway_backbone_received_total",
@@ -554,6 +564,7 @@ fn preregister() {
         "gateway_backbone_errors_total",
         "gateway_connections_shed_total",
         "gateway_publishes_deduplicated_total",
+        "gateway_publishes_reannounced_total",
     ] {
         metrics::counter!(c).increment(0);
     }

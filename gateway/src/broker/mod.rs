@@ -37,7 +37,10 @@
 //! * [`NatsBroker`]: append, then publish on NATS: two steps, so nodes may
 //!   receive a channel out of order (several publishers) or not at all (NATS
 //!   down); sessions fill gaps from the replay store, nodes catch up on
-//!   reconnect.
+//!   reconnect. A node that dies between the two steps leaves a message
+//!   stored and announced to nobody: a retry with the same idempotency key
+//!   announces the stored original again; without one, subscribers fill it
+//!   in with the channel's next message.
 
 pub mod cluster;
 pub mod envelope;

@@ -6,6 +6,13 @@
 //! * With several publishers NATS may deliver a channel's messages out of
 //!   sequence order; sessions detect the gap by sequence and fill it from the
 //!   replay store (and drop the late copy as a duplicate).
+//! * Storing and announcing are two steps, so a node can die between them
+//!   (SIGKILL, OOM) with the message stored and announced to nobody. Its
+//!   publisher sees the request fail and retries with the same idempotency
+//!   key, on any node: that node finds the duplicate and announces the
+//!   stored original again (`reannounce`; sessions drop a copy they have).
+//!   Without the retry the message is not lost either: subscribers find
+//!   the gap with the channel's next message and fill it from the store.
 //! * The client reconnects and resubscribes by itself (to any server of
 //!   `nats_url`, a comma-separated list for a NATS cluster); on reconnect the
 //!   node fetches what was published meanwhile from the replay store.
@@ -16,11 +23,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::message::Draft;
+use crate::message::{Draft, Publication};
+use crate::replay::Recovery;
 use async_nats::{Client, ConnectOptions, Event, ServerAddr};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
+use protocol::Position;
 use registry::Registry;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
@@ -176,18 +185,16 @@ impl NatsBroker {
     }
 }
 
-#[async_trait]
-impl Broker for NatsBroker {
-    async fn publish(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, BrokerError> {
-        let subjects = self
-            .cluster
-            .route(channel, channel_subject, node_subject)
-            .await?;
-        let p = match self.cluster.store.append_keyed(channel, draft).await? {
-            Appended::New(p) => p,
-            duplicate => return Ok(duplicate),
-        };
-        let payload = bytes::Bytes::from(envelope::encode(&p));
+impl NatsBroker {
+    /// Publishes a stored message on NATS to `subjects` and to any node
+    /// that became interested meanwhile.
+    async fn announce(
+        &self,
+        channel: &str,
+        p: &Publication,
+        subjects: Vec<String>,
+    ) -> Result<(), BrokerError> {
+        let payload = bytes::Bytes::from(envelope::encode(p));
         let late = self
             .cluster
             .late_routes(channel, &subjects, node_subject)
@@ -198,6 +205,52 @@ impl Broker for NatsBroker {
                 .await
                 .map_err(unavailable)?;
         }
+        Ok(())
+    }
+
+    /// Announces the stored message at `at` again (a retried publish whose
+    /// first attempt may never have announced it). Nothing when the store
+    /// no longer has it: then it is past the replay window, and a
+    /// subscriber that missed it has been told `unrecoverable`.
+    async fn reannounce(
+        &self,
+        channel: &str,
+        at: &Position,
+        subjects: Vec<String>,
+    ) -> Result<(), BrokerError> {
+        let before = Position::new(at.seq.saturating_sub(1), at.epoch.as_str());
+        let Recovery::Recovered { publications, .. } =
+            self.cluster.store.read_since(channel, &before).await?
+        else {
+            return Ok(());
+        };
+        match publications.into_iter().find(|p| p.seq == at.seq) {
+            Some(p) => {
+                crate::telemetry::publish_reannounced();
+                self.announce(channel, &p, subjects).await
+            }
+            None => Ok(()),
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for NatsBroker {
+    async fn publish(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, BrokerError> {
+        let subjects = self
+            .cluster
+            .route(channel, channel_subject, node_subject)
+            .await?;
+        let p = match self.cluster.store.append_keyed(channel, draft).await? {
+            Appended::New(p) => p,
+            Appended::Duplicate(original) => {
+                // A retry: the first attempt may have died between storing
+                // and announcing (module docs).
+                self.reannounce(channel, &original, subjects).await?;
+                return Ok(Appended::Duplicate(original));
+            }
+        };
+        self.announce(channel, &p, subjects).await?;
         Ok(Appended::New(p))
     }
 

@@ -76,3 +76,52 @@ async fn nats_idempotent_publishes_across_nodes() -> R {
     let c = Cluster::builder(Backbone::Nats).start().await?;
     one_message_for_one_key(c.node(0), c.node(1)).await
 }
+
+/// NATS backbone: storing and announcing are two steps, so a node can die
+/// between them with the message stored and announced to nobody; its
+/// publisher retries with the same key elsewhere. The retry must announce
+/// the stored original. Here the dead node's half-done publish is made by a
+/// node on the same Redis with the Redis backbone (it stores, then
+/// PUBLISHes on Redis, which no NATS node hears).
+#[tokio::test]
+async fn nats_a_retry_announces_a_message_its_first_node_stored_but_never_announced() -> R {
+    let c = Cluster::builder(Backbone::Nats).nodes(2).start().await?;
+    let (a, b) = (c.node(0), c.node(1));
+    let chan = harness::unique("orders");
+    let (mut ws, _) = b
+        .ws_connected(Codec::Json, &b.token("watcher", &["*"], &[], 600))
+        .await?;
+    let sub = ws.subscribe(&chan, None).await?;
+
+    let half = Gateway::builder()
+        .env("GATEWAY_REDIS_URL", c.redis.url())
+        .env("GATEWAY_NODE_ID", "half")
+        .start()
+        .await?;
+    let stored = half
+        .publish_once(&chan, json!({"order": 1}), "order-1")
+        .await?;
+    ensure!(!stored.duplicate && stored.seq == sub.seq + 1, "{stored:?}");
+    // Nothing announced it on NATS.
+    if let Ok(f) = tokio::time::timeout(std::time::Duration::from_millis(500), ws.recv()).await {
+        anyhow::bail!("nothing should have announced it on NATS yet: {f:?}");
+    }
+
+    let retry = a
+        .publish_once(&chan, json!({"order": 1}), "order-1")
+        .await?;
+    ensure!(
+        retry.duplicate && retry.seq == stored.seq && retry.epoch == stored.epoch,
+        "{retry:?}"
+    );
+    let got = ws.recv_message().await?;
+    ensure!(
+        got.seq == stored.seq && got.data == json!({"order": 1}),
+        "the retry announced the original: {got:?}"
+    );
+    ensure!(
+        a.metric("gateway_publishes_reannounced_total").await? == 1.0,
+        "counted"
+    );
+    Ok(())
+}
