@@ -98,7 +98,12 @@ impl SseCursor {
         if parts.next() != Some("v1") {
             return Err(CursorError::Malformed);
         }
+        // Exactly as written (8 lowercase hex digits, digits-only seqs): one
+        // spelling per cursor, the one the TypeScript SDK accepts too.
         let hash = parts.next().ok_or(CursorError::Malformed)?;
+        if hash.len() != 8 || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(CursorError::Malformed);
+        }
         let hash = u32::from_str_radix(hash, 16).map_err(|_| CursorError::Malformed)?;
         let mut positions = Vec::with_capacity(channels.len());
         for part in parts {
@@ -108,6 +113,9 @@ impl SseCursor {
             }
             let (epoch, seq) = part.split_once('-').ok_or(CursorError::Malformed)?;
             if epoch.is_empty() || !epoch.bytes().all(|b| b.is_ascii_alphanumeric()) {
+                return Err(CursorError::Malformed);
+            }
+            if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(CursorError::Malformed);
             }
             let seq = seq.parse().map_err(|_| CursorError::Malformed)?;
@@ -154,6 +162,27 @@ mod tests {
             SseCursor::decode("v1.00000000.a-b", &["news"]),
             Err(CursorError::Malformed)
         );
+    }
+
+    #[test]
+    fn one_spelling_only() {
+        let c = SseCursor::encode(&["a"], &[&Position::new(5, "e")]);
+        assert!(SseCursor::decode(&c, &["a"]).is_ok());
+        let hash = c.split('.').nth(1).unwrap_or_default().to_owned();
+        for bad in [
+            c.replace("-5", "-+5"),
+            c.replace(&hash, &hash.to_uppercase()),
+            c.replace(&hash, &format!("0{hash}")),
+            c.replace(&hash, hash.trim_start_matches('0')),
+        ] {
+            if bad != c {
+                assert_eq!(
+                    SseCursor::decode(&bad, &["a"]),
+                    Err(CursorError::Malformed),
+                    "{bad}"
+                );
+            }
+        }
     }
 
     #[test]
