@@ -34,6 +34,9 @@
 //!   (`replay/redis.rs`): every node sees a channel in sequence order; a
 //!   node that misses messages (subscriber connection lost) fetches them
 //!   from the replay store when it is back.
+//! * [`RedisClusterBroker`]: append and `SPUBLISH` (to the channel's shard
+//!   channel, in the stream's slot) in one Redis function, on the master
+//!   that owns the channel's slot: the same order guarantee per channel.
 //! * [`NatsBroker`]: append, then publish on NATS: two steps, so nodes may
 //!   receive a channel out of order (several publishers) or not at all (NATS
 //!   down); sessions fill gaps from the replay store, nodes catch up on
@@ -44,6 +47,7 @@ pub mod envelope;
 pub mod memory;
 pub mod nats;
 pub mod redis;
+pub mod redis_cluster;
 pub mod tracker;
 
 use crate::control::Control;
@@ -60,6 +64,7 @@ use crate::replay::StoreError;
 pub use memory::MemoryBroker;
 pub use nats::NatsBroker;
 pub use redis::RedisBroker;
+pub use redis_cluster::RedisClusterBroker;
 
 /// Where a broker hands the messages this node must deliver (the hub).
 pub trait Deliver: Send + Sync + 'static {
