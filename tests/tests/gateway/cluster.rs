@@ -1704,6 +1704,56 @@ async fn redis_cluster_master_killed_mid_stream_every_publish_delivered_or_annou
     c.check(r)
 }
 
+/// The replay store's function library is on every master after start,
+/// and a master that lost it (`FUNCTION FLUSH`, as a master added to the
+/// cluster would lack it) gets it again at the next call: publishes on
+/// channels of every master go on in the same epoch.
+#[tokio::test]
+async fn redis_cluster_function_library_is_on_every_master_and_reloaded() -> R {
+    let c = redis_cluster().nodes(2).start().await?;
+    let r = async {
+        let rc = c.redis_cluster.as_ref().context("redis cluster")?;
+        // One channel per master.
+        let mut by_master: BTreeMap<usize, String> = BTreeMap::new();
+        for i in 0..200 {
+            let chan = format!("lib:{i}");
+            let slot = rc.slot_of(&format!("gw:{{ch:{chan}}}:m")).await?;
+            by_master.entry(rc.master_of(slot).await?).or_insert(chan);
+            if by_master.len() == 3 {
+                break;
+            }
+        }
+        ensure!(by_master.len() == 3, "channels on {by_master:?}");
+        let function = |cmd: &str| {
+            let mut f = redis::cmd("FUNCTION");
+            f.arg(cmd);
+            f
+        };
+        let mut first = Vec::new();
+        for (&m, chan) in &by_master {
+            let mut conn = redis::Client::open(rc.servers[m].url())?
+                .get_multiplexed_async_connection()
+                .await?;
+            let libs: Vec<redis::Value> = function("LIST").query_async(&mut conn).await?;
+            ensure!(libs.len() == 1, "master {m}: libraries {libs:?}");
+            first.push(c.node(0).publish(chan, json!(1)).await?);
+            let _: String = function("FLUSH").query_async(&mut conn).await?;
+            let libs: Vec<redis::Value> = function("LIST").query_async(&mut conn).await?;
+            ensure!(libs.is_empty(), "master {m} still has {libs:?}");
+        }
+        for ((_, chan), before) in by_master.iter().zip(&first) {
+            let after = c.node(1).publish(chan, json!(2)).await?;
+            ensure!(
+                after.seq == before.seq + 1 && after.epoch == before.epoch,
+                "{chan}: {before:?} then {after:?}"
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    c.check(r)
+}
+
 /// `redis_cluster_urls` is one of three ways to name Redis: checked at start.
 #[tokio::test]
 async fn redis_cluster_settings_are_checked_at_start() -> R {
