@@ -80,7 +80,8 @@ pub struct Node {
 
 impl Node {
     /// Builds the node the config asks for: embedded (in-memory parts) with
-    /// no `redis_url`, a cluster node with one.
+    /// no Redis setting, a cluster node with `redis_url`, `redis_sentinels`
+    /// or `redis_cluster_urls`.
     pub async fn build(
         config: Config,
         prometheus: PrometheusHandle,

@@ -18,6 +18,9 @@
 //!   registry names for that user, never to every node. The registry is read
 //!   before the append and again after it: a node that announced the user in
 //!   between read the replay store too early, so it gets the message live.
+//!   ([`RedisClusterBroker`] needs no lookup: the nodes with a connection of
+//!   the user subscribe to the user stream's shard channel before reading
+//!   the store, and Redis routes by that at the publish.)
 //! * `subscribe` returns once messages published afterwards will be
 //!   delivered to this node; the hub calls it when a channel gets its first
 //!   local subscriber and `unsubscribe` when the last one leaves.
