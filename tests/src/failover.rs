@@ -644,6 +644,32 @@ impl RedisCluster {
             .with_context(|| format!("master port {} is none of ours", r.master))
     }
 
+    /// `CLUSTER FAILOVER` on a replica of the master serving `slot`: the
+    /// replica takes the master's slots with its consent (the master stops
+    /// writes, the replica catches up, then they swap). Returns the
+    /// replica's index.
+    pub async fn manual_failover(&self, slot: u16) -> Result<usize> {
+        let ranges = Self::slots_at(self.live_port()?).await?;
+        let r = ranges
+            .iter()
+            .find(|r| r.start <= slot && slot <= r.end)
+            .with_context(|| format!("no range holds slot {slot}: {ranges:?}"))?;
+        let replica = *r
+            .replicas
+            .first()
+            .context("the slot's master has no replica")?;
+        let mut c = Self::conn(replica).await?;
+        let _: String = within(
+            "CLUSTER FAILOVER",
+            redis::cmd("CLUSTER").arg("FAILOVER").query_async(&mut c),
+        )
+        .await??;
+        self.servers
+            .iter()
+            .position(|s| s.port == replica)
+            .with_context(|| format!("replica port {replica} is none of ours"))
+    }
+
     /// Waits until a running server other than `old` serves `slot` as its
     /// master (a replica was promoted) and the live servers say
     /// `cluster_state:ok`; returns its index.

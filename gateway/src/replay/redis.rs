@@ -14,8 +14,9 @@
 //!
 //! Appends run as one Lua function (a Redis function library, see
 //! `Library`) that assigns the sequence, stores the message and (for the
-//! Redis backbone) PUBLISHes it, so sequence order and publish order always
-//! agree.
+//! Redis backbone) PUBLISHes it (`SPUBLISH` to the channel's shard channel,
+//! in the same slot, on a Redis Cluster), so sequence order and publish
+//! order always agree.
 //!
 //! # The life check: no sequence is handed out twice
 //!
@@ -101,6 +102,11 @@ end
 -- reset, duplicate (1: the key was used within the window; nothing done,
 -- the original position returned).
 local function append(KEYS, ARGV)
+  -- The publish command is an argument: only these two, checked before
+  -- any write (a script's writes are not undone by a later error).
+  if #ARGV > 8 and ARGV[8] ~= 'PUBLISH' and ARGV[8] ~= 'SPUBLISH' then
+    return error('append: the publish command must be PUBLISH or SPUBLISH')
+  end
   if #KEYS > 2 then
     local prev = redis.call('GET', KEYS[3])
     if prev then
