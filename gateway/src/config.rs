@@ -162,6 +162,12 @@ pub struct Config {
     /// The master name the sentinels watch (`sentinel monitor <name> ...`);
     /// needed with `redis_sentinels`.
     pub redis_master_name: Option<String>,
+    /// Redis Cluster seed nodes (`redis://host:port`, comma-separated),
+    /// instead of `redis_url` / `redis_sentinels`: the node learns the
+    /// cluster's masters from any of them and follows slot moves and
+    /// failovers. Registry and replay store spread over the masters by hash
+    /// slot; the Redis backbone uses sharded pub/sub (`SPUBLISH`, Redis 7).
+    pub redis_cluster_urls: Option<String>,
     /// Replicas that must confirm a publish (Redis `WAIT`) before it is
     /// acknowledged; 0: answer as soon as the master has it. Costs a
     /// replication round trip per publish (BENCHMARKS.md); a publish not
@@ -322,6 +328,7 @@ impl Default for Config {
             nats_url: None,
             redis_sentinels: None,
             redis_master_name: None,
+            redis_cluster_urls: None,
             redis_min_replica_acks: 0,
             redis_replica_ack_timeout_ms: 1_000,
             registry_ttl_ms: 6_000,
@@ -453,9 +460,11 @@ impl Config {
     /// Checks every value once, so a bad setting stops the node at start with
     /// a message naming it.
     /// A cluster node: Redis holds the registry and the replay store (given
-    /// by `redis_url` or by `redis_sentinels`).
+    /// by `redis_url`, `redis_sentinels` or `redis_cluster_urls`).
     pub fn cluster_mode(&self) -> bool {
-        self.redis_url.is_some() || self.redis_sentinels.is_some()
+        self.redis_url.is_some()
+            || self.redis_sentinels.is_some()
+            || self.redis_cluster_urls.is_some()
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -568,6 +577,27 @@ impl Config {
         if self.redis_sentinels.is_some() && self.redis_url.is_some() {
             return bad("set redis_url or redis_sentinels, not both".into());
         }
+        if let Some(urls) = &self.redis_cluster_urls {
+            if self.redis_url.is_some() || self.redis_sentinels.is_some() {
+                return bad("redis_cluster_urls replaces redis_url and redis_sentinels: set only one of redis_url, redis_sentinels, redis_cluster_urls".into());
+            }
+            let seeds: Vec<&str> = urls.split(',').map(str::trim).collect();
+            if let Some(bad_url) = seeds
+                .iter()
+                .find(|u| u.strip_prefix("redis://").is_none_or(str::is_empty))
+            {
+                return bad(format!(
+                    "redis_cluster_urls: {bad_url:?} is not a redis://host:port URL (comma-separated seed nodes)"
+                ));
+            }
+            if self.redis_min_replica_acks > 0 {
+                // WAIT counts the replicas of the one server a connection
+                // wrote to; a cluster client writes to every master.
+                return bad(
+                    "redis_min_replica_acks is not supported with redis_cluster_urls".into(),
+                );
+            }
+        }
         if self.redis_min_replica_acks > 0 && !self.cluster_mode() {
             return bad("redis_min_replica_acks needs Redis (redis_url or redis_sentinels)".into());
         }
@@ -583,7 +613,7 @@ impl Config {
         }
         if self.nats_url.is_some() && !self.cluster_mode() {
             return bad(
-                "nats_url needs redis_url (or redis_sentinels) too: Redis holds the registry and the replay store"
+                "nats_url needs redis_url (or redis_sentinels or redis_cluster_urls) too: Redis holds the registry and the replay store"
                     .into(),
             );
         }
@@ -711,5 +741,39 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("idle_timeout_ms"));
+    }
+
+    #[test]
+    fn redis_cluster_urls_exclude_the_other_redis_settings_and_need_urls() {
+        let cluster = |urls: &str| Config {
+            dev: true,
+            redis_cluster_urls: Some(urls.into()),
+            ..Config::default()
+        };
+        assert!(cluster("redis://127.0.0.1:7000, redis://127.0.0.1:7001")
+            .validate()
+            .is_ok());
+        assert!(cluster("redis://a:1").cluster_mode());
+        let err = |c: Config| c.validate().unwrap_err().to_string();
+        let both = Config {
+            redis_url: Some("redis://127.0.0.1:6379".into()),
+            ..cluster("redis://127.0.0.1:7000")
+        };
+        assert!(
+            err(both).contains("set only one of redis_url, redis_sentinels, redis_cluster_urls")
+        );
+        let with_sentinels = Config {
+            redis_sentinels: Some("127.0.0.1:26379".into()),
+            redis_master_name: Some("gw".into()),
+            ..cluster("redis://127.0.0.1:7000")
+        };
+        assert!(err(with_sentinels).contains("redis_cluster_urls replaces"));
+        assert!(err(cluster("127.0.0.1:7000")).contains("is not a redis://host:port URL"));
+        assert!(err(cluster("redis://a:1,")).contains("redis_cluster_urls"));
+        let acks = Config {
+            redis_min_replica_acks: 1,
+            ..cluster("redis://127.0.0.1:7000")
+        };
+        assert!(err(acks).contains("not supported with redis_cluster_urls"));
     }
 }

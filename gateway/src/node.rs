@@ -8,10 +8,10 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::watch;
 
 use crate::auth::Auth;
-use registry::{MemoryRegistry, NodeStatus, RedisRegistry, Registry};
+use registry::{MemoryRegistry, NodeStatus, RedisRegistry, RedisTarget, Registry};
 use tracing::warn;
 
-use crate::broker::{Broker, MemoryBroker, NatsBroker, RedisBroker};
+use crate::broker::{Broker, MemoryBroker, NatsBroker, RedisBroker, RedisClusterBroker};
 use crate::config::Config;
 use crate::drain::{self, Drain, Lifecycle, Refusal, Registration, Slot};
 use crate::hub::Hub;
@@ -80,7 +80,8 @@ pub struct Node {
 
 impl Node {
     /// Builds the node the config asks for: embedded (in-memory parts) with
-    /// no `redis_url`, a cluster node with one.
+    /// no Redis setting, a cluster node with `redis_url`, `redis_sentinels`
+    /// or `redis_cluster_urls`.
     pub async fn build(
         config: Config,
         prometheus: PrometheusHandle,
@@ -100,16 +101,20 @@ impl Node {
                 .with_max_event_members(config.presence_events_max_members),
         );
         // With Sentinel, every Redis client goes through a local forwarder
-        // that leads to the current master (`sentinel`).
-        let redis_url = match (&config.redis_sentinels, &config.redis_master_name) {
-            (Some(sentinels), Some(name)) => Some(
+        // that leads to the current master (`sentinel`); a Redis Cluster is
+        // reached through the cluster-aware client from its seed nodes.
+        let redis = match (&config.redis_sentinels, &config.redis_master_name) {
+            (Some(sentinels), Some(name)) => Some(RedisTarget::Single(
                 crate::sentinel::start(sentinels, name)
                     .await
                     .map_err(BuildError::Sentinel)?,
-            ),
-            _ => config.redis_url.clone(),
+            )),
+            _ => match (&config.redis_cluster_urls, &config.redis_url) {
+                (Some(urls), _) => Some(RedisTarget::cluster(urls)),
+                (None, url) => url.clone().map(RedisTarget::Single),
+            },
         };
-        let (store, broker, registry): Seams = match &redis_url {
+        let (store, broker, registry): Seams = match &redis {
             None => {
                 let store = Arc::new(
                     MemoryReplayStore::new(window, config.replay_max_messages, meta_ttl)
@@ -122,17 +127,17 @@ impl Node {
                 let broker = Arc::new(MemoryBroker::new(store.clone(), hub.clone()));
                 (store, broker, None)
             }
-            Some(redis_url) => {
+            Some(target) => {
                 let ttl = Duration::from_millis(config.registry_ttl_ms);
                 let down = Duration::from_millis(config.backbone_down_threshold_ms);
                 let registry: Arc<dyn Registry> = Arc::new(
-                    RedisRegistry::connect(redis_url, ttl)
+                    RedisRegistry::connect_to(target, ttl)
                         .await
                         .map_err(BuildError::Registry)?,
                 );
                 let redis_store = Arc::new(
-                    RedisReplayStore::connect(
-                        redis_url,
+                    RedisReplayStore::connect_to(
+                        target,
                         window,
                         config.replay_max_messages,
                         (meta_ttl, empty_ttl),
@@ -145,8 +150,21 @@ impl Node {
                     )
                     .with_namespaces(namespaces.clone()),
                 );
-                let broker: Arc<dyn Broker> = match &config.nats_url {
-                    None => RedisBroker::connect(
+                let broker: Arc<dyn Broker> = match (&config.nats_url, target) {
+                    (None, RedisTarget::Cluster(urls)) => RedisClusterBroker::connect(
+                        urls,
+                        &id,
+                        redis_store.clone(),
+                        registry.clone(),
+                        hub.clone(),
+                        down,
+                    )
+                    .await
+                    .map_err(|source| BuildError::Backbone {
+                        backbone: "Redis Cluster",
+                        source,
+                    })?,
+                    (None, RedisTarget::Single(redis_url)) => RedisBroker::connect(
                         redis_url,
                         &id,
                         redis_store.clone(),
@@ -159,7 +177,7 @@ impl Node {
                         backbone: "Redis",
                         source,
                     })?,
-                    Some(nats_url) => NatsBroker::connect(
+                    (Some(nats_url), _) => NatsBroker::connect(
                         nats_url,
                         &id,
                         redis_store.clone(),

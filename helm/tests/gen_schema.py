@@ -19,6 +19,7 @@ SCHEMA = ROOT / "helm/gateway/values.schema.json"
 MANAGED = {
     "addr", "admin_addr", "node_id", "dev", "jwt_secret", "jwt_public_key_file",
     "jwt_algorithm", "api_keys", "resume_secret", "redis_url", "nats_url",
+    "redis_cluster_urls",
     "drain_prestop_delay_ms", "drain_batch_fraction", "drain_batch_interval_ms",
     "drain_timeout_ms", "drain_close_grace_ms", "shutdown_timeout_ms",
     "reconnect_min_delay_ms", "reconnect_max_delay_ms", "log", "log_format",
@@ -139,6 +140,8 @@ def schema():
                               "redisUrl", "natsUrl"]}),
             }),
             "redis": obj({"url": {"type": "string", "pattern": "^$|^rediss?://"},
+                          "clusterUrls": {"type": "string",
+                                          "pattern": "^$|^redis://[^,]+(,\\s*redis://[^,]+)*$"},
                           "bundled": BUNDLED}),
             "nats": obj({"url": {"type": "string", "pattern": "^$|^(nats|tls)://"},
                          "bundled": BUNDLED}),

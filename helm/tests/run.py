@@ -246,6 +246,17 @@ def expect_bundled(objects):
     assert base64.b64decode(data["nats-url"]).decode() == "nats://gw-gateway-nats:4222"
 
 
+def expect_redis_cluster(objects):
+    import base64
+    c = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert "GATEWAY_REDIS_URL" not in env, "redis.url must give way to redis.clusterUrls"
+    ref = env["GATEWAY_REDIS_CLUSTER_URLS"]["valueFrom"]["secretKeyRef"]
+    data = one(objects, "Secret", ref["name"])["data"]
+    assert base64.b64decode(data[ref["key"]]).decode() == \
+        "redis://redis-0.redis:6379,redis://redis-1.redis:6379,redis://redis-2.redis:6379"
+
+
 def expect_single(objects):
     c = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert "GATEWAY_REDIS_URL" not in {e["name"] for e in c["env"]}
@@ -297,6 +308,8 @@ def gateway_accepts(objects):
                 if e["name"] in ("GATEWAY_REDIS_URL", "GATEWAY_NATS_URL"):
                     v = re.sub(r"@?[^/@:]+:\d+", "127.0.0.1:1", v.split("//", 1)[1], count=1)
                     v = ("redis://" if "REDIS" in e["name"] else "nats://") + v
+                if e["name"] == "GATEWAY_REDIS_CLUSTER_URLS":
+                    v = ",".join("redis://127.0.0.1:1" for _ in v.split(","))
                 env[e["name"]] = v
         args = [a.replace("/etc/gateway/gateway.toml", str(d / "gateway.toml")) for a in c["args"]]
         p = subprocess.Popen([str(binary), *args], env=env, stdout=subprocess.PIPE,
@@ -320,6 +333,7 @@ EXTRA = {
     "nats": expect_nats,
     "bundled-netpol": expect_bundled,
     "single-embedded": expect_single,
+    "redis-cluster": expect_redis_cluster,
     "fast-drain": expect_fast_drain,
 }
 
@@ -334,6 +348,8 @@ BAD_SCHEMA = [
     ("a short jwtSecret", {"secrets": {"jwtSecret": "short"}}, "jwtSecret"),
     ("service.type Ingress", {"service": {"type": "Ingress"}}, "type"),
     ("a Redis URL without scheme", {"redis": {"url": "localhost:6379"}}, "url"),
+    ("Redis Cluster seeds without scheme", {"redis": {"clusterUrls": "redis://a:1,b:2"}},
+     "clusterUrls"),
     ("a port out of range", {"ports": {"ops": 70000}}, "ops"),
     ("maxUnavailable as a word", {"rollingUpdate": {"maxUnavailable": "none"}}, "maxUnavailable"),
     ("a source range that is no CIDR", {"service": {"loadBalancerSourceRanges": ["anywhere"]}},
@@ -350,6 +366,9 @@ BAD_RENDER = [
     ("several pods without Redis", {"redis": {"url": ""}}, ["needs Redis"]),
     ("NATS without Redis", {"replicaCount": 1, "redis": {"url": ""},
                             "nats": {"url": "nats://n:4222"}}, ["nats needs redis"]),
+    ("a Redis Cluster and the bundled Redis",
+     {"redis": {"clusterUrls": "redis://a:7000", "bundled": {"enabled": True}}},
+     ["redis.clusterUrls and redis.bundled.enabled exclude each other"]),
     ("RS256 without a public key", {"auth": {"algorithm": "RS256"}}, ["jwtPublicKey"]),
     ("an HPA with no target", {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0,
                                                "targetConnectionsPerPod": 0}}, ["target"]),

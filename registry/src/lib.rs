@@ -14,6 +14,7 @@
 //!   must tolerate sending to a node that just died (its messages are in the
 //!   replay store and the user resumes them elsewhere).
 
+pub mod conn;
 pub mod memory;
 pub mod redis;
 
@@ -21,6 +22,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use conn::{RedisConn, RedisTarget};
 pub use memory::MemoryRegistry;
 pub use redis::RedisRegistry;
 

@@ -1,7 +1,8 @@
 //! Redis registry.
 //!
 //! Keys (hash tags keep related keys in one slot, so this works on Redis
-//! Cluster too):
+//! Cluster too: every multi-key command and script here touches one tag,
+//! and batches over many tags go through `RedisConn::pipelined`):
 //! * `gw:{nodes}:alive:<node>`: the node's [`NodeStatus`] as JSON, expiring
 //!   after the TTL unless refreshed by a heartbeat.
 //! * `gw:{nodes}:ids`: set of every node id that has announced itself (dead
@@ -18,7 +19,8 @@
 //! * `gw:{u:<user>}:revoked`: tokens of the user issued before this (Unix
 //!   seconds) are refused; lives as long as a token may.
 //!
-//! A heartbeat also reads the server's `run_id`. When it changed, Redis
+//! A heartbeat also reads the server's `run_id` (on a Redis Cluster, every
+//! master's: users live on all of them). When it changed, Redis
 //! restarted, failed over or was restored, possibly from a snapshot taken
 //! before this node announced some of its users: the heartbeat then asks
 //! the node to re-announce them, as it does when Redis forgot the node.
@@ -28,9 +30,9 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::AsyncCommands;
 
+use crate::conn::{run_id, RedisConn, RedisTarget};
 use crate::{NodeStatus, Registry, RegistryError};
 
 const IDS: &str = "gw:{nodes}:ids";
@@ -51,17 +53,7 @@ fn user_key(user: &str) -> String {
     format!("gw:{{u:{user}}}")
 }
 
-/// How every Redis connection of a node behaves: short timeouts (a blocked
-/// command must not stall a publish for long) and a few quick retries on
-/// reconnect; callers keep the connection warm so it reconnects soon after
-/// Redis comes back.
-pub fn connection_config() -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(2))
-        .set_response_timeout(Duration::from_secs(2))
-        .set_number_of_retries(2)
-        .set_max_delay(1000)
-}
+pub use crate::conn::connection_config;
 
 fn err(e: redis::RedisError) -> RegistryError {
     RegistryError::Unavailable(e.to_string())
@@ -72,7 +64,7 @@ fn err(e: redis::RedisError) -> RegistryError {
 const USER_KEY_TTL_SECS: i64 = 24 * 3600;
 
 pub struct RedisRegistry {
-    conn: ConnectionManager,
+    conn: RedisConn,
     ttl: Duration,
     /// Live node ids, refreshed at most every `cache_for`: unicast lookups
     /// then cost one Redis call, not two.
@@ -82,21 +74,14 @@ pub struct RedisRegistry {
     life: Mutex<Option<String>>,
 }
 
-/// The `run_id` line of `INFO server`.
-fn run_id(info: &str) -> Option<&str> {
-    info.lines()
-        .find_map(|l| l.strip_prefix("run_id:"))
-        .map(str::trim)
-}
-
 impl RedisRegistry {
     pub async fn connect(url: &str, ttl: Duration) -> Result<Self, RegistryError> {
-        let client = redis::Client::open(url).map_err(err)?;
-        let config = connection_config();
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(err)?;
+        Self::connect_to(&RedisTarget::Single(url.to_owned()), ttl).await
+    }
+
+    /// Connects to a single server or a Redis Cluster.
+    pub async fn connect_to(target: &RedisTarget, ttl: Duration) -> Result<Self, RegistryError> {
+        let conn = RedisConn::connect(target).await.map_err(err)?;
         let cache_for = (ttl / 6).clamp(Duration::from_millis(100), Duration::from_secs(1));
         Ok(Self {
             conn,
@@ -126,20 +111,32 @@ impl Registry for RedisRegistry {
         let json =
             serde_json::to_string(status).map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let mut c = self.conn.clone();
-        let (added, info): (u64, String) = redis::pipe()
-            .pset_ex(
-                alive_key(&status.id),
-                json,
-                self.ttl.as_millis().max(1) as u64,
-            )
-            .ignore()
-            .sadd(IDS, &status.id)
-            .cmd("INFO")
-            .arg("server")
-            .query_async(&mut c)
-            .await
-            .map_err(err)?;
-        let life = run_id(&info).map(str::to_owned);
+        let alive = alive_key(&status.id);
+        let ttl_ms = self.ttl.as_millis().max(1) as u64;
+        let (added, life) = if self.conn.is_cluster() {
+            // The node's keys share the `{nodes}` slot; the lives are every
+            // master's, since users and presence live on all of them.
+            let added: u64 = redis::pipe()
+                .pset_ex(alive, json, ttl_ms)
+                .ignore()
+                .sadd(IDS, &status.id)
+                .query_async::<(u64,)>(&mut c)
+                .await
+                .map_err(err)?
+                .0;
+            (added, Some(self.conn.lives().await.map_err(err)?))
+        } else {
+            let (added, info): (u64, String) = redis::pipe()
+                .pset_ex(alive, json, ttl_ms)
+                .ignore()
+                .sadd(IDS, &status.id)
+                .cmd("INFO")
+                .arg("server")
+                .query_async(&mut c)
+                .await
+                .map_err(err)?;
+            (added, run_id(&info).map(str::to_owned))
+        };
         let new_life = {
             let mut known = self.life.lock();
             let changed = known.is_some() && *known != life;
@@ -194,14 +191,18 @@ impl Registry for RedisRegistry {
         channels: &[String],
         ttl: Duration,
     ) -> Result<(), RegistryError> {
-        let mut c = self.conn.clone();
         for chunk in channels.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for ch in chunk {
-                pipe.pexpire(presence_key(ch, node), ttl.as_millis().max(1) as i64)
-                    .ignore();
-            }
-            pipe.query_async::<()>(&mut c).await.map_err(err)?;
+            let cmds = chunk
+                .iter()
+                .map(|ch| {
+                    let mut cmd = redis::cmd("PEXPIRE");
+                    cmd.arg(presence_key(ch, node))
+                        .arg(ttl.as_millis().max(1) as i64);
+                    cmd
+                })
+                .collect();
+            // Split per hash slot on a cluster (the keys' `{ch:..}` tags).
+            self.conn.pipelined(cmds).await.map_err(err)?;
         }
         Ok(())
     }
@@ -424,20 +425,5 @@ impl Registry for RedisRegistry {
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(out)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::run_id;
-
-    #[test]
-    fn run_id_is_read_from_info_server() {
-        let info = "# Server\r\nredis_version:7.0.15\r\nrun_id:9f914101f69cb5e1b37e8a4736bedd6c2c453bfa\r\ntcp_port:6379\r\n";
-        assert_eq!(
-            run_id(info),
-            Some("9f914101f69cb5e1b37e8a4736bedd6c2c453bfa")
-        );
-        assert_eq!(run_id("# Server\r\nredis_version:7.0.15\r\n"), None);
     }
 }

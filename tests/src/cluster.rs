@@ -1038,6 +1038,8 @@ pub struct ClusterBuilder {
     nats_servers: usize,
     /// A replica and three sentinels; nodes find the master through them.
     redis_sentinel: bool,
+    /// A Redis Cluster (3 masters + 3 replicas) instead of the one Redis.
+    redis_cluster: bool,
 }
 
 impl ClusterBuilder {
@@ -1093,6 +1095,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// A Redis Cluster of three masters and three replicas: nodes are
+    /// given its servers as `redis_cluster_urls` instead of `redis_url`
+    /// (the one `Cluster::redis` still runs, unused).
+    pub fn redis_cluster(mut self) -> Self {
+        self.redis_cluster = true;
+        self
+    }
+
     /// Any other gateway setting, for every node.
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.push((key.to_owned(), value.to_string()));
@@ -1124,9 +1134,14 @@ impl ClusterBuilder {
             true => Some(crate::failover::Sentinels::start(&redis).await?),
             false => None,
         };
-        let mut template: GatewayBuilder = match &sentinels {
-            None => Gateway::builder().env("GATEWAY_REDIS_URL", redis.url()),
-            Some(s) => Gateway::builder()
+        let redis_cluster = match self.redis_cluster {
+            true => Some(crate::failover::RedisCluster::start(3).await?),
+            false => None,
+        };
+        let mut template: GatewayBuilder = match (&sentinels, &redis_cluster) {
+            (_, Some(rc)) => Gateway::builder().env("GATEWAY_REDIS_CLUSTER_URLS", rc.urls()),
+            (None, None) => Gateway::builder().env("GATEWAY_REDIS_URL", redis.url()),
+            (Some(s), None) => Gateway::builder()
                 .env("GATEWAY_REDIS_SENTINELS", s.addrs())
                 .env("GATEWAY_REDIS_MASTER_NAME", crate::failover::MASTER_NAME),
         };
@@ -1192,6 +1207,7 @@ impl ClusterBuilder {
             nats,
             nats_cluster,
             sentinels,
+            redis_cluster,
             redis,
             started,
             template,
@@ -1245,6 +1261,8 @@ pub struct Cluster {
     pub nats_cluster: Option<crate::failover::NatsCluster>,
     /// Sentinels and a replica of `redis` ([`ClusterBuilder::redis_sentinel`]).
     pub sentinels: Option<crate::failover::Sentinels>,
+    /// A Redis Cluster the nodes use ([`ClusterBuilder::redis_cluster`]).
+    pub redis_cluster: Option<crate::failover::RedisCluster>,
     pub redis: Service,
     started: Instant,
     /// How every node is started (without its id and address).
@@ -1288,6 +1306,7 @@ impl Cluster {
             env: Vec::new(),
             nats_servers: 1,
             redis_sentinel: false,
+            redis_cluster: false,
         }
     }
 
@@ -1429,6 +1448,9 @@ impl Cluster {
         if let Some(s) = &self.sentinels {
             section("sentinels", s.logs());
         }
+        if let Some(rc) = &self.redis_cluster {
+            section("redis cluster", rc.logs());
+        }
         for n in &self.nodes {
             let state = match (n.killed, n.exited) {
                 (true, _) => " (killed)".to_owned(),
@@ -1463,6 +1485,7 @@ impl Cluster {
             loop {
                 let (status, body) = self.node(i).readyz().await?;
                 let backbone = match self.backbone {
+                    Backbone::Redis if self.redis_cluster.is_some() => "redis-cluster",
                     Backbone::Redis => "redis",
                     Backbone::Nats => "nats",
                 };

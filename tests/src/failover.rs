@@ -6,17 +6,21 @@
 //!   (`/connz`, by the client name `gateway <node id>`);
 //! * [`Sentinels`]: a replica of a Redis master and three Redis Sentinels
 //!   (`redis-server <file> --sentinel`, the same program Debian's
-//!   `redis-sentinel` links to) watching them under the master name `gw`.
+//!   `redis-sentinel` links to) watching them under the master name `gw`;
+//! * [`RedisCluster`]: a Redis Cluster of three masters and three replicas
+//!   (`redis-server --cluster-enabled yes`, joined by `redis-cli --cluster
+//!   create`), with the slot map a test needs to kill a channel's master.
 //!
-//! [`crate::cluster::ClusterBuilder::nats_servers`] and
-//! [`crate::cluster::ClusterBuilder::redis_sentinel`] put them under a
+//! [`crate::cluster::ClusterBuilder::nats_servers`],
+//! [`crate::cluster::ClusterBuilder::redis_sentinel`] and
+//! [`crate::cluster::ClusterBuilder::redis_cluster`] put them under a
 //! gateway cluster.
 
 use std::process::Child;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 use crate::cluster::{
@@ -444,4 +448,315 @@ fn flat_pairs(v: Vec<String>) -> Vec<(String, String)> {
         .filter(|c| c.len() == 2)
         .map(|c| (c[0].clone(), c[1].clone()))
         .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Redis Cluster
+// ---------------------------------------------------------------------------
+
+/// A real Redis Cluster on loopback: six `redis-server --cluster-enabled
+/// yes` processes (each with its own directory for `nodes.conf`) made into
+/// three masters with one replica each by `redis-cli --cluster create`.
+/// Killed on drop.
+///
+/// Set for fast tests: `cluster-node-timeout` 1 s (a dead master is failed
+/// over after about that), `cluster-replica-validity-factor 0` (a replica
+/// always may take over), `cluster-require-full-coverage no` (the other
+/// shards keep serving while one fails over, as in production).
+#[derive(Debug)]
+pub struct RedisCluster {
+    pub servers: Vec<Service>,
+}
+
+/// One `CLUSTER SLOTS` range: slots `start..=end`, served by the master on
+/// `master` (a port), with replicas on `replicas`.
+#[derive(Debug, Clone)]
+pub struct SlotRange {
+    pub start: u16,
+    pub end: u16,
+    pub master: u16,
+    pub replicas: Vec<u16>,
+}
+
+impl RedisCluster {
+    /// Starts `masters * 2` servers and makes them a cluster of `masters`
+    /// masters with a replica each; returns once every server says
+    /// `cluster_state:ok`, agrees on the slots and every replica is in sync.
+    pub async fn start(masters: usize) -> Result<Self> {
+        let mut servers = Vec::new();
+        for _ in 0..masters * 2 {
+            // The cluster bus on a port of its own (default: port + 10000,
+            // which may be in the ephemeral range or taken).
+            let bus = service_port()?.to_string();
+            let args = [
+                "--cluster-port",
+                &bus,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "1000",
+                "--cluster-replica-validity-factor",
+                "0",
+                "--cluster-require-full-coverage",
+                "no",
+                "--repl-diskless-sync-delay",
+                "0",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            servers.push(
+                Service::start_opts(
+                    ServiceKind::Redis,
+                    ServiceOptions {
+                        args,
+                        // A directory of its own: nodes.conf, and the RDB a
+                        // replica's full sync writes.
+                        persistence: crate::cluster::Persistence::Rdb,
+                        ..ServiceOptions::default()
+                    },
+                )
+                .await?,
+            );
+        }
+        let c = Self { servers };
+        let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+        args.extend(c.servers.iter().map(|s| format!("127.0.0.1:{}", s.port)));
+        args.extend(["--cluster-replicas", "1", "--cluster-yes"].map(String::from));
+        let out = within(
+            "redis-cli --cluster create",
+            tokio::process::Command::new("redis-cli")
+                .args(&args)
+                .output(),
+        )
+        .await??;
+        ensure!(
+            out.status.success(),
+            "redis-cli --cluster create: {}\n{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        c.wait_settled(masters, Duration::from_secs(30)).await?;
+        Ok(c)
+    }
+
+    /// The seed URLs, comma-separated (what `redis_cluster_urls` takes).
+    pub fn urls(&self) -> String {
+        self.servers
+            .iter()
+            .map(|s| s.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    async fn conn(port: u16) -> Result<redis::aio::MultiplexedConnection> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+        Ok(within(
+            "redis cluster node connect",
+            client.get_multiplexed_async_connection(),
+        )
+        .await??)
+    }
+
+    async fn info(port: u16, section: &str) -> Result<String> {
+        let mut c = Self::conn(port).await?;
+        let cmd = if section == "cluster" {
+            redis::cmd("CLUSTER").arg("INFO").clone()
+        } else {
+            redis::cmd("INFO").arg(section).clone()
+        };
+        Ok(within("INFO", cmd.query_async::<String>(&mut c)).await??)
+    }
+
+    /// `CLUSTER SLOTS` as seen by the server on `port`.
+    pub async fn slots_at(port: u16) -> Result<Vec<SlotRange>> {
+        let mut c = Self::conn(port).await?;
+        let v: redis::Value = within(
+            "CLUSTER SLOTS",
+            redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c),
+        )
+        .await??;
+        let redis::Value::Array(ranges) = v else {
+            bail!("CLUSTER SLOTS: {v:?}");
+        };
+        let mut out = Vec::new();
+        for r in ranges {
+            let redis::Value::Array(parts) = r else {
+                bail!("CLUSTER SLOTS range: {r:?}");
+            };
+            ensure!(parts.len() >= 3, "CLUSTER SLOTS range: {parts:?}");
+            let start: u16 = redis::from_redis_value(&parts[0])?;
+            let end: u16 = redis::from_redis_value(&parts[1])?;
+            let port_of = |v: &redis::Value| -> Result<u16> {
+                let redis::Value::Array(node) = v else {
+                    bail!("CLUSTER SLOTS node: {v:?}");
+                };
+                ensure!(node.len() >= 2, "CLUSTER SLOTS node: {node:?}");
+                Ok(redis::from_redis_value(&node[1])?)
+            };
+            out.push(SlotRange {
+                start,
+                end,
+                master: port_of(&parts[2])?,
+                replicas: parts[3..].iter().map(port_of).collect::<Result<_>>()?,
+            });
+        }
+        out.sort_by_key(|r| r.start);
+        Ok(out)
+    }
+
+    /// The hash slot of `key` (`CLUSTER KEYSLOT`, asked of a live server).
+    pub async fn slot_of(&self, key: &str) -> Result<u16> {
+        let port = self.live_port()?;
+        let mut c = Self::conn(port).await?;
+        Ok(within(
+            "CLUSTER KEYSLOT",
+            redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query_async(&mut c),
+        )
+        .await??)
+    }
+
+    fn live_port(&self) -> Result<u16> {
+        self.servers
+            .iter()
+            .find(|s| s.is_running())
+            .map(|s| s.port)
+            .context("no Redis Cluster server runs")
+    }
+
+    /// The index in `servers` of the master serving `slot`, as the live
+    /// servers see it now.
+    pub async fn master_of(&self, slot: u16) -> Result<usize> {
+        let ranges = Self::slots_at(self.live_port()?).await?;
+        let r = ranges
+            .iter()
+            .find(|r| r.start <= slot && slot <= r.end)
+            .with_context(|| format!("no range holds slot {slot}: {ranges:?}"))?;
+        self.servers
+            .iter()
+            .position(|s| s.port == r.master)
+            .with_context(|| format!("master port {} is none of ours", r.master))
+    }
+
+    /// `CLUSTER FAILOVER` on a replica of the master serving `slot`: the
+    /// replica takes the master's slots with its consent (the master stops
+    /// writes, the replica catches up, then they swap). Returns the
+    /// replica's index.
+    pub async fn manual_failover(&self, slot: u16) -> Result<usize> {
+        let ranges = Self::slots_at(self.live_port()?).await?;
+        let r = ranges
+            .iter()
+            .find(|r| r.start <= slot && slot <= r.end)
+            .with_context(|| format!("no range holds slot {slot}: {ranges:?}"))?;
+        let replica = *r
+            .replicas
+            .first()
+            .context("the slot's master has no replica")?;
+        let mut c = Self::conn(replica).await?;
+        let _: String = within(
+            "CLUSTER FAILOVER",
+            redis::cmd("CLUSTER").arg("FAILOVER").query_async(&mut c),
+        )
+        .await??;
+        self.servers
+            .iter()
+            .position(|s| s.port == replica)
+            .with_context(|| format!("replica port {replica} is none of ours"))
+    }
+
+    /// Waits until a running server other than `old` serves `slot` as its
+    /// master (a replica was promoted) and the live servers say
+    /// `cluster_state:ok`; returns its index.
+    pub async fn wait_failover(&self, slot: u16, old: usize, limit: Duration) -> Result<usize> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut agreed = None;
+            let mut all = true;
+            // `old` may have been killed behind the harness's back.
+            let others = self.servers.iter().enumerate().filter(|(i, _)| *i != old);
+            for (_, s) in others.filter(|(_, s)| s.is_running()) {
+                let ok = Self::info(s.port, "cluster")
+                    .await
+                    .is_ok_and(|i| i.contains("cluster_state:ok"));
+                let master = Self::slots_at(s.port).await.ok().and_then(|ranges| {
+                    ranges
+                        .into_iter()
+                        .find(|r| r.start <= slot && slot <= r.end)
+                        .map(|r| r.master)
+                });
+                match (ok, master) {
+                    (true, Some(m)) if m != self.servers[old].port => {
+                        all &= agreed.is_none_or(|a| a == m);
+                        agreed = Some(m);
+                    }
+                    _ => all = false,
+                }
+            }
+            if let (true, Some(m)) = (all, agreed) {
+                if let Some(i) = self.servers.iter().position(|s| s.port == m) {
+                    return Ok(i);
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "slot {slot} was not failed over from server {old} within {limit:?}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every server says `cluster_state:ok`, sees `masters`
+    /// masters covering all 16384 slots, and every replica's link is up.
+    async fn wait_settled(&self, masters: usize, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        for s in &self.servers {
+            loop {
+                let cluster = Self::info(s.port, "cluster").await?;
+                let ranges = Self::slots_at(s.port).await?;
+                let covered: u32 = ranges.iter().map(|r| u32::from(r.end - r.start) + 1).sum();
+                let mut owners: Vec<u16> = ranges.iter().map(|r| r.master).collect();
+                owners.sort();
+                owners.dedup();
+                let replicated = ranges.iter().all(|r| !r.replicas.is_empty());
+                let replication = Self::info(s.port, "replication").await?;
+                let synced = !replication.contains("role:slave")
+                    || replication.contains("master_link_status:up");
+                if cluster.contains("cluster_state:ok")
+                    && covered == 16384
+                    && owners.len() == masters
+                    && replicated
+                    && synced
+                {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "redis cluster did not settle (server {}): {owners:?} covered {covered}, replicated {replicated}, synced {synced}\n{cluster}\n{}",
+                    s.port,
+                    self.logs()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for s in &self.servers {
+            out.push_str(&format!(
+                "---- redis cluster server (port {}) ----\n{}",
+                s.port,
+                tail(&s.logs(), 40)
+            ));
+        }
+        out
+    }
 }

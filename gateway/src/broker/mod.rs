@@ -18,6 +18,9 @@
 //!   registry names for that user, never to every node. The registry is read
 //!   before the append and again after it: a node that announced the user in
 //!   between read the replay store too early, so it gets the message live.
+//!   ([`RedisClusterBroker`] needs no lookup: the nodes with a connection of
+//!   the user subscribe to the user stream's shard channel before reading
+//!   the store, and Redis routes by that at the publish.)
 //! * `subscribe` returns once messages published afterwards will be
 //!   delivered to this node; the hub calls it when a channel gets its first
 //!   local subscriber and `unsubscribe` when the last one leaves.
@@ -34,6 +37,9 @@
 //!   (`replay/redis.rs`): every node sees a channel in sequence order; a
 //!   node that misses messages (subscriber connection lost) fetches them
 //!   from the replay store when it is back.
+//! * [`RedisClusterBroker`]: append and `SPUBLISH` (to the channel's shard
+//!   channel, in the stream's slot) in one Redis function, on the master
+//!   that owns the channel's slot: the same order guarantee per channel.
 //! * [`NatsBroker`]: append, then publish on NATS: two steps, so nodes may
 //!   receive a channel out of order (several publishers) or not at all (NATS
 //!   down); sessions fill gaps from the replay store, nodes catch up on
@@ -47,6 +53,7 @@ pub mod envelope;
 pub mod memory;
 pub mod nats;
 pub mod redis;
+pub mod redis_cluster;
 pub mod tracker;
 
 use crate::control::Control;
@@ -62,6 +69,7 @@ use crate::replay::StoreError;
 pub use memory::MemoryBroker;
 pub use nats::NatsBroker;
 pub use redis::RedisBroker;
+pub use redis_cluster::RedisClusterBroker;
 
 /// Where a broker hands the messages this node must deliver (the hub).
 pub trait Deliver: Send + Sync + 'static {

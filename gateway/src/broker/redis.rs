@@ -27,6 +27,7 @@ use super::cluster::{user_of, ClusterParts};
 use super::envelope;
 use super::tracker::{Health, Tracker};
 use super::{Broker, BrokerError, Deliver};
+use crate::replay::redis::PubSub;
 use crate::replay::RedisReplayStore;
 
 pub fn channel_topic(channel: &str) -> String {
@@ -169,7 +170,7 @@ impl Broker for RedisBroker {
             .await?;
         let result = self
             .store
-            .append_and_publish(channel, draft, &targets)
+            .append_and_publish(channel, draft, (PubSub::Plain, &targets))
             .await;
         if result.is_err() {
             self.cluster.health.down();

@@ -15,8 +15,9 @@
 //!
 //! Appends run as one Lua function (a Redis function library, see
 //! `Library`) that assigns the sequence, stores the message and (for the
-//! Redis backbone) PUBLISHes it, so sequence order and publish order always
-//! agree.
+//! Redis backbone) PUBLISHes it (`SPUBLISH` to the channel's shard channel,
+//! in the same slot, on a Redis Cluster), so sequence order and publish
+//! order always agree.
 //!
 //! # The life check: no sequence is handed out twice
 //!
@@ -51,8 +52,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use protocol::{Position, Publisher, UnrecoverableReason};
-use redis::aio::ConnectionManager;
 use redis::Value as RedisValue;
+use registry::{RedisConn, RedisTarget};
 use serde_json::Value;
 use tracing::warn;
 
@@ -97,11 +98,18 @@ end
 -- KEYS: meta, buffer, and the idempotency key's own key if there is one.
 -- ARGV: data, ts, max messages, window ms, meta ttl ms, fresh epoch,
 -- channel, stored extras ('' for none: the `f` field, the publisher),
--- envelope extras ('' for none: the envelope's `~` line), then the pub/sub
--- channels to PUBLISH to. Returns seq, epoch,
+-- envelope extras ('' for none: the envelope's `~` line), then (for the
+-- Redis backbone) the publish command (PUBLISH, or SPUBLISH on a Redis
+-- Cluster: a shard channel in the keys' slot) and the pub/sub channels to
+-- publish to. Returns seq, epoch,
 -- reset, duplicate (1: the key was used within the window; nothing done,
 -- the original position returned).
 local function append(KEYS, ARGV)
+  -- The publish command is an argument: only these two, checked before
+  -- any write (a script's writes are not undone by a later error).
+  if #ARGV > 8 and ARGV[8] ~= 'PUBLISH' and ARGV[8] ~= 'SPUBLISH' then
+    return error('append: the publish command must be PUBLISH or SPUBLISH')
+  end
   if #KEYS > 2 then
     local prev = redis.call('GET', KEYS[3])
     if prev then
@@ -118,11 +126,11 @@ local function append(KEYS, ARGV)
     redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], '0-' .. seq, 'd', ARGV[1], 't', ARGV[2], 'f', ARGV[8])
   end
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  if #ARGV > 9 then
+  if #ARGV > 10 then
     local msg = seq .. '\n' .. epoch .. '\n' .. ARGV[2] .. '\n' .. ARGV[7] .. '\n'
     if ARGV[9] ~= '' then msg = msg .. '~' .. ARGV[9] .. '\n' end
     msg = msg .. ARGV[1]
-    for i = 10, #ARGV do redis.call('PUBLISH', ARGV[i], msg) end
+    for i = 11, #ARGV do redis.call(ARGV[10], ARGV[i], msg) end
   end
   if #KEYS > 2 then
     redis.call('SET', KEYS[3], seq .. ':' .. epoch, 'PX', ARGV[4])
@@ -188,8 +196,26 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
+/// How the append function publishes the backbone envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PubSub {
+    /// `PUBLISH` (one Redis server).
+    Plain,
+    /// `SPUBLISH` to shard channels in the stream's slot (Redis Cluster).
+    Sharded,
+}
+
+impl PubSub {
+    fn command(self) -> &'static str {
+        match self {
+            Self::Plain => "PUBLISH",
+            Self::Sharded => "SPUBLISH",
+        }
+    }
+}
+
 pub struct RedisReplayStore {
-    conn: ConnectionManager,
+    conn: RedisConn,
     library: Library,
     /// Each channel's replay window and size.
     namespaces: Arc<Namespaces>,
@@ -209,12 +235,28 @@ impl RedisReplayStore {
         max_messages: usize,
         (meta_ttl, empty_ttl): (Duration, Duration),
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = registry::redis::connection_config();
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(unavailable)?;
+        Self::connect_to(
+            &RedisTarget::Single(url.to_owned()),
+            window,
+            max_messages,
+            (meta_ttl, empty_ttl),
+        )
+        .await
+    }
+
+    /// Connects to one server or a Redis Cluster. On a cluster every
+    /// function call names keys of one slot (`{ch:<channel>}`), and the
+    /// library is loaded on every master (`FUNCTION LOAD` is routed to all
+    /// of them) and again whenever one answers "Function not found" (a
+    /// master added to the cluster; a promoted replica already has it, as
+    /// functions replicate).
+    pub async fn connect_to(
+        target: &RedisTarget,
+        window: Duration,
+        max_messages: usize,
+        (meta_ttl, empty_ttl): (Duration, Duration),
+    ) -> Result<Self, StoreError> {
+        let conn = RedisConn::connect(target).await.map_err(unavailable)?;
         // The connection manager reconnects when a command fails; a cheap
         // PING twice a second makes that happen right after Redis comes
         // back, instead of failing the first publish after an outage.
@@ -328,13 +370,14 @@ impl RedisReplayStore {
         }
     }
 
-    /// Appends and, in the same atomic step, PUBLISHes the backbone envelope
-    /// to each of `publish_to` (Redis pub/sub channels).
+    /// Appends and, in the same atomic step, publishes the backbone envelope
+    /// to each of `publish_to` (Redis pub/sub channels; with
+    /// [`PubSub::Sharded`], shard channels in the stream's slot).
     pub async fn append_and_publish(
         &self,
         channel: &str,
         draft: Draft<'_>,
-        publish_to: &[String],
+        (pubsub, publish_to): (PubSub, &[String]),
     ) -> Result<Appended, StoreError> {
         let (idempotency, ts) = (draft.key, draft.ts);
         let payload = serde_json::to_string(&draft.data).map_err(unavailable)?;
@@ -358,8 +401,10 @@ impl RedisReplayStore {
                     .arg(&*new_epoch())
                     .arg(channel)
                     .arg(&stored)
-                    .arg(&envelope_extras)
-                    .arg(publish_to);
+                    .arg(&envelope_extras);
+                if !publish_to.is_empty() {
+                    cmd.arg(pubsub.command()).arg(publish_to);
+                }
             })
             .await?;
         if duplicate == 1 {
@@ -470,7 +515,8 @@ fn parse_entry(entry: &RedisValue) -> Option<Entry> {
 #[async_trait]
 impl ReplayStore for RedisReplayStore {
     async fn append_keyed(&self, channel: &str, draft: Draft<'_>) -> Result<Appended, StoreError> {
-        self.append_and_publish(channel, draft, &[]).await
+        self.append_and_publish(channel, draft, (PubSub::Plain, &[]))
+            .await
     }
 
     async fn read_since(&self, channel: &str, since: &Position) -> Result<Recovery, StoreError> {
@@ -551,18 +597,16 @@ impl ReplayStore for RedisReplayStore {
         // (never-published) TTL and leaves a longer one alone.
         let ttl = self.empty_ttl.as_millis() as u64;
         for chunk in channels.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for c in chunk {
-                pipe.cmd("PEXPIRE")
-                    .arg(keys(c).0)
-                    .arg(ttl)
-                    .arg("GT")
-                    .ignore();
-            }
-            let mut conn = self.conn.clone();
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let cmds = chunk
+                .iter()
+                .map(|c| {
+                    let mut cmd = redis::cmd("PEXPIRE");
+                    cmd.arg(keys(c).0).arg(ttl).arg("GT");
+                    cmd
+                })
+                .collect();
+            // On a cluster: one pipeline per hash slot.
+            self.conn.pipelined(cmds).await.map_err(unavailable)?;
         }
         Ok(())
     }

@@ -72,11 +72,24 @@ drain, or the total plus the margin.
 {{- end }}
 
 {{/* Redis / NATS URLs: external or bundled. */}}
+{{- /* Where the gateway's Redis is: the bundled one, a Redis Cluster's
+seed nodes (redis.clusterUrls, see gateway.redisEnv), or redis.url. */}}
 {{- define "gateway.redisUrl" -}}
 {{- if .Values.redis.bundled.enabled -}}
 redis://{{ include "gateway.fullname" . }}-redis:6379/0
+{{- else if .Values.redis.clusterUrls -}}
+{{- .Values.redis.clusterUrls -}}
 {{- else -}}
 {{- .Values.redis.url -}}
+{{- end -}}
+{{- end }}
+
+{{- /* The setting gateway.redisUrl goes to. */}}
+{{- define "gateway.redisEnv" -}}
+{{- if and .Values.redis.clusterUrls (not .Values.redis.bundled.enabled) -}}
+GATEWAY_REDIS_CLUSTER_URLS
+{{- else -}}
+GATEWAY_REDIS_URL
 {{- end -}}
 {{- end }}
 

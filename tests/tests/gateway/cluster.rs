@@ -1527,6 +1527,291 @@ async fn sentinel_master_killed_with_a_nats_cluster_backbone_every_publish_deliv
     c.check(r)
 }
 
+// ---------------------------------------------------------------------------
+// 6d. Redis Cluster: 3 masters + 3 replicas, sharded pub/sub
+// ---------------------------------------------------------------------------
+
+fn redis_cluster() -> harness::cluster::ClusterBuilder {
+    Cluster::builder(Backbone::Redis).redis_cluster()
+}
+
+#[tokio::test]
+async fn redis_cluster_broadcast_reaches_every_subscriber_once_in_order() -> R {
+    let c = redis_cluster().nodes(2).start().await?;
+    let r = broadcast(&c).await;
+    c.check(r)
+}
+
+/// The unicast layout spreads three users over three nodes.
+#[tokio::test]
+async fn redis_cluster_unicast_reaches_only_the_users_connections_and_nodes() -> R {
+    let c = redis_cluster().nodes(3).start().await?;
+    let r = unicast(&c).await;
+    c.check(r)
+}
+
+/// Subscribers on node0, publisher node2, resume on node1.
+#[tokio::test]
+async fn redis_cluster_resume_on_another_node_loses_and_duplicates_nothing() -> R {
+    let c = redis_cluster().nodes(3).start().await?;
+    let r = resume_elsewhere(&c).await;
+    c.check(r)
+}
+
+/// The master holding the channel's slot is SIGKILLed (`sigkill`; its
+/// replica is promoted ~2-3 s later), or its replica takes over by `CLUSTER
+/// FAILOVER` (the old master drops the nodes' shard subscriptions and
+/// becomes a replica), while both nodes publish every 10 ms: every
+/// accepted publish reaches both subscribers, or the channel is announced
+/// `unrecoverable` (`epoch_changed`) before it; never a silent gap, and
+/// the channel lives on in a new epoch on the promoted replica.
+async fn redis_cluster_failover(c: &mut Cluster, sigkill: bool) -> R {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let chan = "live";
+    let mut clients = two_clients(c, chan).await?;
+    let rc = c.redis_cluster.as_ref().context("redis cluster")?;
+    let slot = rc.slot_of(&format!("gw:{{ch:{chan}}}:m")).await?;
+    let master = rc.master_of(slot).await?;
+    let master_pid = rc.servers[master].pid().context("master pid")?;
+    // The subscribers' user stream (maybe on the same master): a unicast
+    // after the failover must arrive.
+    let other = "$user:rw6";
+    let other_slot = rc.slot_of(&format!("gw:{{ch:{other}}}:m")).await?;
+    eprintln!(
+        "channel slot {slot} on server {master}; {other} slot {other_slot} on server {}",
+        rc.master_of(other_slot).await?
+    );
+
+    let (sent, stop) = (AtomicU64::new(0), AtomicBool::new(false));
+    let load = async {
+        let mut answers = Vec::new();
+        let mut k = 0u64;
+        while !stop.load(Ordering::SeqCst) && k < 3_000 {
+            let data = json!({"k": k, "p": payload(k)});
+            answers.push(publish_any(c.node((k % 2) as usize), chan, data).await?);
+            k += 1;
+            sent.store(k, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        anyhow::Ok(answers)
+    };
+    let kill = async {
+        let stopping = async {
+            while sent.load(Ordering::SeqCst) < 100 {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let killed = Instant::now();
+            if sigkill {
+                let status = std::process::Command::new("kill")
+                    .args(["-KILL", &master_pid.to_string()])
+                    .status()?;
+                ensure!(status.success(), "kill -KILL {master_pid}: {status}");
+            } else {
+                rc.manual_failover(slot).await?;
+            }
+            let promoted = rc
+                .wait_failover(slot, master, Duration::from_secs(20))
+                .await?;
+            eprintln!(
+                "server {promoted} took slot {slot} over {:?} after the fault (sigkill: {sigkill})",
+                killed.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(1_500)).await;
+            anyhow::Ok(())
+        };
+        let r = stopping.await;
+        stop.store(true, Ordering::SeqCst);
+        r
+    };
+    let (answers, killed) = tokio::join!(load, kill);
+    let (answers, ()) = (answers?, killed?);
+    if sigkill {
+        c.redis_cluster.as_mut().context("redis cluster")?.servers[master].stop();
+    }
+
+    let mut epochs = Epochs::default();
+    let mut statuses = BTreeMap::<u16, usize>::new();
+    for (_, status, answer, data) in answers {
+        *statuses.entry(status.as_u16()).or_default() += 1;
+        epochs.record(status, answer, data)?;
+    }
+    eprintln!("publish answers during the failover: {statuses:?}");
+    ensure!(
+        statuses.get(&200).copied().unwrap_or(0) > 100,
+        "too few publishes accepted to test anything: {statuses:?}"
+    );
+    c.wait_ready(true, Duration::from_secs(15)).await?;
+    let mut last = Value::Null;
+    for k in 0..6u64 {
+        let data = json!({"after": k});
+        let (_, status, answer, data) = publish_any(c.node((k % 2) as usize), chan, data).await?;
+        ensure!(
+            status == StatusCode::OK,
+            "after the failover: {status} {answer}"
+        );
+        epochs.record(status, answer, data.clone())?;
+        last = data;
+    }
+    let epochs_seen: std::collections::BTreeSet<&String> =
+        epochs.accepted.keys().map(|(e, _)| e).collect();
+    eprintln!(
+        "accepted {} publishes in {} epochs",
+        epochs.accepted.len(),
+        epochs_seen.len()
+    );
+    ensure!(
+        epochs_seen.len() >= 2,
+        "the promoted replica has another run_id: the stream must move to a new epoch"
+    );
+    for (_, label, rx) in clients.iter_mut() {
+        let mut items = Vec::new();
+        loop {
+            let (channel, item) = rx.item().await.context(label.clone())?;
+            ensure!(channel == chan, "{label}: item of {channel}: {item:?}");
+            let end = matches!(&item, Got::Msg { data, .. } if *data == last);
+            items.push(item);
+            if end {
+                break;
+            }
+        }
+        let announced = epochs.check(label, &items)?;
+        eprintln!(
+            "{label}: {} items, {announced} epoch change(s) announced",
+            items.len()
+        );
+        ensure!(
+            announced >= 1,
+            "{label}: the epoch moved without an announcement"
+        );
+        rx.expect_quiet(Duration::from_millis(300))
+            .await
+            .context(label.clone())?;
+        rx.alive().await.context(label.clone())?;
+    }
+    // A unicast still reaches the user's connection after the failover.
+    // (If the user stream's slot was the killed master's, its epoch moved
+    // too: announced first.)
+    let r = c.node(1).send("rw6", json!({"after": "failover"})).await?;
+    let (mut channel, mut item) = clients[0].2.item().await.context("unicast after")?;
+    if channel == other
+        && matches!(&item, Got::Unrecoverable { reason, epoch, .. } if *reason == UnrecoverableReason::EpochChanged && *epoch == r.epoch)
+    {
+        (channel, item) = clients[0].2.item().await.context("unicast after")?;
+    }
+    ensure!(
+        channel == other
+            && matches!(&item, Got::Msg { seq, epoch, data } if *seq == r.seq && *epoch == r.epoch && *data == json!({"after": "failover"})),
+        "unicast after the failover: {channel} {item:?} (sent {r:?})"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_cluster_master_killed_mid_stream_every_publish_delivered_or_announced() -> R {
+    let mut c = redis_cluster().nodes(2).start().await?;
+    let r = redis_cluster_failover(&mut c, true).await;
+    c.check(r)
+}
+
+#[tokio::test]
+async fn redis_cluster_manual_failover_mid_stream_every_publish_delivered_or_announced() -> R {
+    let mut c = redis_cluster().nodes(2).start().await?;
+    let r = redis_cluster_failover(&mut c, false).await;
+    c.check(r)
+}
+
+/// The replay store's function library is on every master after start,
+/// and a master that lost it (`FUNCTION FLUSH`, as a master added to the
+/// cluster would lack it) gets it again at the next call: publishes on
+/// channels of every master go on in the same epoch.
+#[tokio::test]
+async fn redis_cluster_function_library_is_on_every_master_and_reloaded() -> R {
+    let c = redis_cluster().nodes(2).start().await?;
+    let r = async {
+        let rc = c.redis_cluster.as_ref().context("redis cluster")?;
+        // One channel per master.
+        let mut by_master: BTreeMap<usize, String> = BTreeMap::new();
+        for i in 0..200 {
+            let chan = format!("lib:{i}");
+            let slot = rc.slot_of(&format!("gw:{{ch:{chan}}}:m")).await?;
+            by_master.entry(rc.master_of(slot).await?).or_insert(chan);
+            if by_master.len() == 3 {
+                break;
+            }
+        }
+        ensure!(by_master.len() == 3, "channels on {by_master:?}");
+        let function = |cmd: &str| {
+            let mut f = redis::cmd("FUNCTION");
+            f.arg(cmd);
+            f
+        };
+        let mut first = Vec::new();
+        for (&m, chan) in &by_master {
+            let mut conn = redis::Client::open(rc.servers[m].url())?
+                .get_multiplexed_async_connection()
+                .await?;
+            let libs: Vec<redis::Value> = function("LIST").query_async(&mut conn).await?;
+            ensure!(libs.len() == 1, "master {m}: libraries {libs:?}");
+            first.push(c.node(0).publish(chan, json!(1)).await?);
+            let _: String = function("FLUSH").query_async(&mut conn).await?;
+            let libs: Vec<redis::Value> = function("LIST").query_async(&mut conn).await?;
+            ensure!(libs.is_empty(), "master {m} still has {libs:?}");
+        }
+        for ((_, chan), before) in by_master.iter().zip(&first) {
+            let after = c.node(1).publish(chan, json!(2)).await?;
+            ensure!(
+                after.seq == before.seq + 1 && after.epoch == before.epoch,
+                "{chan}: {before:?} then {after:?}"
+            );
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    c.check(r)
+}
+
+/// `redis_cluster_urls` is one of three ways to name Redis: checked at start.
+#[tokio::test]
+async fn redis_cluster_settings_are_checked_at_start() -> R {
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[
+                ("GATEWAY_REDIS_CLUSTER_URLS", "redis://127.0.0.1:1"),
+                ("GATEWAY_REDIS_URL", "redis://127.0.0.1:1"),
+            ],
+            "set only one of redis_url, redis_sentinels, redis_cluster_urls",
+        ),
+        (
+            &[("GATEWAY_REDIS_CLUSTER_URLS", "127.0.0.1:1")],
+            "is not a redis://host:port URL",
+        ),
+        (
+            &[
+                ("GATEWAY_REDIS_CLUSTER_URLS", "redis://127.0.0.1:1"),
+                ("GATEWAY_REDIS_MIN_REPLICA_ACKS", "1"),
+            ],
+            "redis_min_replica_acks is not supported with redis_cluster_urls",
+        ),
+    ];
+    for (env, want) in cases {
+        let out = within(
+            "the gateway refusing its config",
+            tokio::process::Command::new(harness::gateway_bin())
+                .args(["--dev", "--addr", "127.0.0.1:0"])
+                .envs(env.iter().copied())
+                .output(),
+        )
+        .await??;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        ensure!(
+            !out.status.success() && stderr.contains(want),
+            "{env:?}: {} {stderr}",
+            out.status
+        );
+    }
+    Ok(())
+}
+
 /// `redis_min_replica_acks = 1`: answered once the replica has the
 /// message; with the replica gone, 503 (temporary) after the ack timeout.
 #[tokio::test]

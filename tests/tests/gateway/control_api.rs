@@ -117,6 +117,16 @@ async fn redis_history_across_nodes() -> R {
 }
 
 #[tokio::test]
+async fn redis_cluster_history_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_cluster()
+        .start()
+        .await?;
+    history_then_follow(c.node(0), c.node(1)).await
+}
+
+#[tokio::test]
 async fn nats_history_across_nodes() -> R {
     let c = Cluster::builder(Backbone::Nats).start().await?;
     history_then_follow(c.node(0), c.node(1)).await
@@ -186,6 +196,16 @@ async fn embedded_info_and_channels() -> R {
 #[tokio::test]
 async fn redis_info_and_channels_over_the_cluster() -> R {
     let c = Cluster::builder(Backbone::Redis).start().await?;
+    let all: Vec<&Gateway> = (0..c.len()).map(|i| c.node(i)).collect();
+    info_and_channels(&all).await
+}
+
+#[tokio::test]
+async fn redis_cluster_info_and_channels_over_the_cluster() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .redis_cluster()
+        .start()
+        .await?;
     let all: Vec<&Gateway> = (0..c.len()).map(|i| c.node(i)).collect();
     info_and_channels(&all).await
 }
@@ -352,6 +372,18 @@ async fn redis_control_across_nodes_and_revocation_outlives_a_restart() -> R {
     Ok(())
 }
 
+/// Disconnect, server-side subscribe and revoke, routed over shard
+/// channels; the revocation stored on the cluster.
+#[tokio::test]
+async fn redis_cluster_control_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_cluster()
+        .start()
+        .await?;
+    control_reaches_every_node(&[c.node(0), c.node(1)]).await
+}
+
 #[tokio::test]
 async fn nats_control_across_nodes() -> R {
     let c = Cluster::builder(Backbone::Nats).nodes(2).start().await?;
@@ -447,5 +479,15 @@ async fn embedded_server_subscription_survives_reconnects() -> R {
 #[tokio::test]
 async fn redis_server_subscription_survives_reconnects_across_nodes() -> R {
     let c = Cluster::builder(Backbone::Redis).nodes(2).start().await?;
+    server_subscription_survives_reconnects(c.node(0), c.node(1)).await
+}
+
+#[tokio::test]
+async fn redis_cluster_server_subscription_survives_reconnects_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_cluster()
+        .start()
+        .await?;
     server_subscription_survives_reconnects(c.node(0), c.node(1)).await
 }

@@ -72,6 +72,16 @@ async fn redis_idempotent_publishes_across_nodes() -> R {
 }
 
 #[tokio::test]
+async fn redis_cluster_idempotent_publishes_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_cluster()
+        .start()
+        .await?;
+    one_message_for_one_key(c.node(0), c.node(1)).await
+}
+
+#[tokio::test]
 async fn nats_idempotent_publishes_across_nodes() -> R {
     let c = Cluster::builder(Backbone::Nats).start().await?;
     one_message_for_one_key(c.node(0), c.node(1)).await

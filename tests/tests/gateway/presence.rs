@@ -45,10 +45,22 @@ async fn until_listed(
 
 #[tokio::test]
 async fn presence_lists_members_on_every_node_and_forgets_a_killed_one() -> R {
+    presence_lists_members_on_every_node_and_forgets_a_killed_one_on(false).await
+}
+
+#[tokio::test]
+async fn redis_cluster_presence_lists_members_on_every_node_and_forgets_a_killed_one() -> R {
+    presence_lists_members_on_every_node_and_forgets_a_killed_one_on(true).await
+}
+
+/// On one Redis, or on a Redis Cluster (`redis_cluster`).
+async fn presence_lists_members_on_every_node_and_forgets_a_killed_one_on(
+    redis_cluster: bool,
+) -> R {
     let dir = TempDir::new()?;
     let file = dir.path().join("gateway.toml");
     std::fs::write(&file, CONFIG)?;
-    let mut c = Cluster::builder(Backbone::Redis)
+    let mut c = redis_builder(redis_cluster)
         .nodes(2)
         .env("GATEWAY_CONFIG", file.display())
         .env("presence_ttl_ms", 2000)
@@ -135,13 +147,23 @@ async fn embedded_presence() -> R {
 /// subscribers on every node, once each.
 #[tokio::test]
 async fn join_and_leave_arrive_once_on_every_node() -> R {
+    join_and_leave_arrive_once_on_every_node_on(false).await
+}
+
+#[tokio::test]
+async fn redis_cluster_join_and_leave_arrive_once_on_every_node() -> R {
+    join_and_leave_arrive_once_on_every_node_on(true).await
+}
+
+/// On one Redis, or on a Redis Cluster (`redis_cluster`).
+async fn join_and_leave_arrive_once_on_every_node_on(redis_cluster: bool) -> R {
     let dir = TempDir::new()?;
     let file = dir.path().join("gateway.toml");
     std::fs::write(
         &file,
         "[[namespace]]\nname = \"room\"\npresence = true\njoin_leave = true\n",
     )?;
-    let c = Cluster::builder(Backbone::Redis)
+    let c = redis_builder(redis_cluster)
         .nodes(2)
         .env("GATEWAY_CONFIG", file.display())
         .env("presence_flush_ms", 100)
@@ -174,4 +196,13 @@ async fn join_and_leave_arrive_once_on_every_node() -> R {
     tokio::time::sleep(Duration::from_millis(500)).await;
     ann.roundtrip().await?;
     Ok(())
+}
+
+fn redis_builder(redis_cluster: bool) -> harness::cluster::ClusterBuilder {
+    let b = Cluster::builder(Backbone::Redis);
+    if redis_cluster {
+        b.redis_cluster()
+    } else {
+        b
+    }
 }

@@ -131,6 +131,19 @@ async fn embedded_empty_streams_expire_unless_subscribed() -> R {
     empty_streams_expire_unless_subscribed(&gw, &gw).await
 }
 
+/// On a Redis Cluster the keeper's batch spans several slots (the channel
+/// and the user's stream): split per slot, it keeps them all.
+#[tokio::test]
+async fn redis_cluster_empty_streams_expire_unless_subscribed() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_cluster()
+        .env("stream_empty_ttl_ms", 600)
+        .start()
+        .await?;
+    empty_streams_expire_unless_subscribed(c.node(0), c.node(1)).await
+}
+
 #[tokio::test]
 async fn redis_empty_streams_expire_unless_subscribed() -> R {
     let c = Cluster::builder(Backbone::Redis)
