@@ -168,13 +168,14 @@ impl RedisClusterBroker {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut ticks = 0u64;
+            // PING on every other tick while healthy.
+            let mut ping_now = false;
             loop {
                 tick.tick().await;
-                ticks += 1;
+                ping_now = !ping_now;
                 let Some(b) = weak.upgrade() else { return };
                 if !b.cluster.health.is_down() {
-                    if ticks % 2 == 0 && !b.ping_masters().await {
+                    if ping_now && !b.ping_masters().await {
                         b.cluster.health.down();
                     }
                     continue;
