@@ -107,7 +107,7 @@ end
 local function append(KEYS, ARGV)
   -- The publish command is an argument: only these two, checked before
   -- any write (a script's writes are not undone by a later error).
-  if #ARGV > 8 and ARGV[8] ~= 'PUBLISH' and ARGV[8] ~= 'SPUBLISH' then
+  if #ARGV > 10 and ARGV[10] ~= 'PUBLISH' and ARGV[10] ~= 'SPUBLISH' then
     return error('append: the publish command must be PUBLISH or SPUBLISH')
   end
   if #KEYS > 2 then

@@ -316,3 +316,13 @@ async fn nats_from_and_exclude_client_across_nodes() -> R {
     let c = Cluster::builder(Backbone::Nats).nodes(2).start().await?;
     from_and_exclusion(c.node(0), c.node(1)).await
 }
+
+#[tokio::test]
+async fn redis_cluster_from_and_exclude_client_across_nodes() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .redis_cluster()
+        .nodes(2)
+        .start()
+        .await?;
+    from_and_exclusion(c.node(0), c.node(1)).await
+}
