@@ -166,6 +166,11 @@ pub struct PublishOpts {
     /// Publish requests in flight at once.
     #[arg(long, default_value_t = 64)]
     pub publish_concurrency: usize,
+    /// Publish without idempotency keys: a retried publish may then be a
+    /// second message. For measuring publishing without keys (their cost,
+    /// or builds from before them).
+    #[arg(long)]
+    pub no_idempotency_keys: bool,
 }
 
 #[derive(Debug, Args)]
@@ -1128,6 +1133,7 @@ impl Publisher {
         let (stop, stop_rx) = watch::channel(false);
         let pad: Arc<str> = "x".repeat(opts.payload_bytes).into();
         let sem = Arc::new(Semaphore::new(opts.publish_concurrency.max(1)));
+        let keyed = !opts.no_idempotency_keys;
         let task = tokio::spawn(async move {
             let start = Instant::now();
             let mut set: JoinSet<PubOutcome> = JoinSet::new();
@@ -1202,7 +1208,9 @@ impl Publisher {
                     let mut body = body;
                     let sent_us = util::now_us();
                     body["data"] = serde_json::json!({"sent_us": sent_us, "pad": &*pad});
-                    body["idempotency_key"] = serde_json::Value::String(key);
+                    if keyed {
+                        body["idempotency_key"] = serde_json::Value::String(key);
+                    }
                     let out = post_publish(&http, &format!("{url}{path}"), &body).await;
                     drop(permit);
                     out
