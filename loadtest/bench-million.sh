@@ -58,9 +58,9 @@ set_sysctl fs.file-max 4194304 "system-wide open files: 2 per connection"
 set_sysctl net.core.somaxconn 65535 "accept queue cap; the nodes ask for listen_backlog"
 set_sysctl net.ipv4.tcp_max_syn_backlog 65535 "half-open connections per listener during the connect phase"
 set_sysctl net.core.netdev_max_backlog 65536 "loopback packets queue per CPU here; a broadcast to a million sends a million segments"
-# Pages of 4 KiB: pressure at 8 GiB, hard limit 12 GiB of socket buffers
+# Pages of 4 KiB: pressure at 4 GiB, hard limit 6 GiB of socket buffers
 # (the default, about 1.5 / 2.2 GiB, throttles two million sockets).
-set_sysctl net.ipv4.tcp_mem "1048576 2097152 3145728" "TCP buffer memory, pages: low pressure max"
+set_sysctl net.ipv4.tcp_mem "786432 1048576 1572864" "TCP buffer memory, pages: low pressure max"
 set_sysctl net.netfilter.nf_conntrack_max $((CONNECTIONS * 2 + 262144)) "conntrack entries, one per loopback connection when tracking is on"
 HASH=/sys/module/nf_conntrack/parameters/hashsize
 OLD_HASH=""

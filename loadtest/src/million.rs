@@ -508,7 +508,15 @@ pub async fn worker(a: MillionWorkerArgs) -> anyhow::Result<()> {
                 let nb: u32 = words.next().context("WAIT nb")?.parse()?;
                 let every: u64 = words.next().context("WAIT every")?.parse()?;
                 let limit: u64 = words.next().context("WAIT ms")?.parse()?;
-                let s = wait_stats(&a, &sh, nb, every, Duration::from_millis(limit)).await;
+                // Users whose `/api/send` the gateway refused (none expected).
+                let refused: std::collections::HashSet<u64> = words
+                    .next()
+                    .unwrap_or("")
+                    .split(',')
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                let s =
+                    wait_stats(&a, &sh, nb, every, &refused, Duration::from_millis(limit)).await;
                 println!("STATS {}", serde_json::to_string(&s)?);
             }
             _ => {}
@@ -525,14 +533,15 @@ async fn wait_stats(
     sh: &WorkerShared,
     nb: u32,
     every: u64,
+    refused: &std::collections::HashSet<u64>,
     limit: Duration,
 ) -> Stats {
+    let target = |i: u64| is_unicast_target(i, a.sse_every, every) && !refused.contains(&i);
     let all = if nb >= 64 { u64::MAX } else { (1u64 << nb) - 1 };
     let t0 = Instant::now();
     let complete = |k: usize, c: &ConnStat| {
         let i = a.offset + k as u64;
-        c.got.load(Ordering::Relaxed) == all
-            && (!is_unicast_target(i, a.sse_every, every) || c.uni.load(Ordering::Relaxed) > 0)
+        c.got.load(Ordering::Relaxed) == all && (!target(i) || c.uni.load(Ordering::Relaxed) > 0)
     };
     while t0.elapsed() < limit {
         let done = sh
@@ -565,7 +574,7 @@ async fn wait_stats(
             *slot += got >> b & 1;
         }
         let uni = u64::from(c.uni.load(Ordering::Relaxed));
-        if is_unicast_target(i, a.sse_every, every) {
+        if target(i) {
             s.uni_expected += 1;
             s.uni_received += uni.min(1);
             s.uni_lost += u64::from(uni == 0);
@@ -850,6 +859,7 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     let mem0 = meminfo();
     let slab0 = slabinfo();
     let rinfo0 = redis_info(redis_port, "all").await;
+    let cmd0 = redis_info(redis_port, "commandstats").await;
     let rt0 = Instant::now();
 
     // Workers.
@@ -972,6 +982,7 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     let mem1 = meminfo();
     let slab1 = slabinfo();
     let rinfo2 = redis_info(redis_port, "all").await;
+    let cmd2 = redis_info(redis_port, "commandstats").await;
     let rt2 = Instant::now();
     let wrss = rss_sum(&worker_pids);
     let (nmin, nmax) = per_node
@@ -1079,21 +1090,40 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
             let url = format!("{}/api/send", urls[(i as usize / 7) % urls.len()]);
             let http = http.clone();
             sends.spawn(async move {
-                let body = format!(
-                    r#"{{"user":"u{i}","data":{{"uni":1,"sent_us":{}}}}}"#,
-                    util::now_us()
-                );
-                post(&http, &url, body).await
+                // A 503 is temporary: retried as a backend would, with an
+                // idempotency key so that a retry never makes a second message.
+                let mut tries = 0u64;
+                loop {
+                    tries += 1;
+                    let body = format!(
+                        r#"{{"user":"u{i}","data":{{"uni":1,"sent_us":{}}},"idempotency_key":"uni-{i}"}}"#,
+                        util::now_us()
+                    );
+                    match post(&http, &url, body).await {
+                        Ok(()) => return (i, tries, Ok(())),
+                        Err(e) if tries < 5 && format!("{e:#}").contains("503") => {
+                            tokio::time::sleep(Duration::from_millis(500 * tries)).await;
+                        }
+                        Err(e) => return (i, tries, Err(e)),
+                    }
+                }
             });
         }
     }
     let mut send_ok = 0u64;
     let mut send_failed = 0u64;
+    let mut send_retries = 0u64;
+    let mut refused: Vec<String> = Vec::new();
     while let Some(r) = sends.join_next().await {
         match r {
-            Ok(Ok(())) => send_ok += 1,
-            Ok(Err(e)) => {
+            Ok((_, tries, Ok(()))) => {
+                send_ok += 1;
+                send_retries += tries - 1;
+            }
+            Ok((i, tries, Err(e))) => {
                 send_failed += 1;
+                send_retries += tries - 1;
+                refused.push(i.to_string());
                 if pub_first_error.is_empty() {
                     pub_first_error = format!("{e:#}");
                 }
@@ -1107,8 +1137,10 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     for w in &mut ws {
         w.child
             .send(&format!(
-                "WAIT {} {} {wait_ms}",
-                a.broadcasts, a.unicast_every
+                "WAIT {} {} {wait_ms} {}",
+                a.broadcasts,
+                a.unicast_every,
+                refused.join(",")
             ))
             .await?;
     }
@@ -1129,6 +1161,7 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     );
     let jiffies1 = util::cpu_jiffies();
     let rinfo3 = redis_info(redis_port, "all").await;
+    let cmd3 = redis_info(redis_port, "commandstats").await;
     let rt3 = Instant::now();
     let rss2 = rss_sum(&gw_pids);
 
@@ -1170,7 +1203,7 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     }
     let expected = u64::from(a.broadcasts) * a.connections;
     out.say(format!(
-        "publish: {} broadcasts ({pub_failed} failed), API round trip {}; /api/send {send_ok} ok, {send_failed} failed{}",
+        "publish: {} broadcasts ({pub_failed} failed), API round trip {}; /api/send {send_ok} ok ({send_retries} retries after a 503), {send_failed} refused{}",
         a.broadcasts,
         util::latency_line(&pub_rtt),
         if pub_first_error.is_empty() { String::new() } else { format!("; first error: {pub_first_error}") }
@@ -1228,10 +1261,19 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
         (cpu1.0 - cpu0.0) / deliveries.max(1) as f64 * 1e6
     ));
     out.say(format!(
-        "redis during publishing: {:.0} commands/s ({} commands over {pub_secs:.1} s of publishing and the wait); used_memory {} bytes; gateway VmRSS after {rss2} KiB",
+        "redis from the first publish to the last delivery: {:.0} commands/s ({} commands over {:.1} s; publishing itself took {pub_secs:.1} s); used_memory {} bytes; gateway VmRSS after {rss2} KiB",
         ops(&rinfo2, &rinfo3, (rt3 - rt2).as_secs_f64()),
         num(&rinfo3, "total_commands_processed") - num(&rinfo2, "total_commands_processed"),
+        (rt3 - rt2).as_secs_f64(),
         num(&rinfo3, "used_memory")
+    ));
+    out.say(format!(
+        "redis commands while connecting and holding: {}",
+        command_deltas(&cmd0, &cmd2)
+    ));
+    out.say(format!(
+        "redis commands from the first publish to the last delivery: {}",
+        command_deltas(&cmd2, &cmd3)
     ));
     let ok = failed == 0
         && held == a.connections
@@ -1261,6 +1303,30 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
         bail!("the run missed: see above");
     }
     Ok(())
+}
+
+/// `cmdstat_<name>:calls=N,...` differences between two `INFO commandstats`,
+/// largest first.
+fn command_deltas(a: &BTreeMap<String, String>, b: &BTreeMap<String, String>) -> String {
+    let calls = |m: &BTreeMap<String, String>, k: &str| -> u64 {
+        m.get(k)
+            .and_then(|v| v.strip_prefix("calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut d: Vec<(String, u64)> = b
+        .keys()
+        .filter_map(|k| {
+            let n = calls(b, k).saturating_sub(calls(a, k));
+            (n > 0).then(|| (k.trim_start_matches("cmdstat_").to_owned(), n))
+        })
+        .collect();
+    d.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    d.iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn check(ws: &mut [WorkerProc]) -> anyhow::Result<(u64, u64)> {
