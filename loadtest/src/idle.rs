@@ -196,14 +196,14 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 
 /// A raw HTTP/1.1 `GET /sse`: reads the response head and the `connected`
 /// event.
-async fn open_sse(
+pub(crate) async fn open_sse(
     target: &Target,
     src: std::net::Ipv4Addr,
-    channel: &str,
+    query: &str,
 ) -> anyhow::Result<TcpStream> {
     let mut stream = util::connect_from(src, target.addr).await?;
     let req = format!(
-        "GET /sse?channel={channel} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
+        "GET /sse?{query} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n",
         target.host
     );
     stream.write_all(req.as_bytes()).await?;
@@ -260,7 +260,9 @@ async fn open_one(args: &OpenArgs, target: &Target, i: u64) -> anyhow::Result<He
         TransportKind::Ws => Ok(Held::Ws(Box::new(
             open_ws(target, src, &args.channel).await?,
         ))),
-        TransportKind::Sse => Ok(Held::Sse(open_sse(target, src, &args.channel).await?)),
+        TransportKind::Sse => Ok(Held::Sse(
+            open_sse(target, src, &format!("channel={}", args.channel)).await?,
+        )),
     }
 }
 

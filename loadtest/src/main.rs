@@ -21,11 +21,16 @@
 //!   client publishes) to new names as fast as allowed; see `names` and
 //!   `loadtest/bench-names.sh`.
 //!
+//! * `loadtest million --connections 1000000 --nodes 56` holds a million
+//!   connections on 56 nodes with raw clients, broadcasts to all of them and
+//!   counts every delivery; see `million` and `loadtest/bench-million.sh`.
+//!
 //! Targets are loopback addresses only. `loadtest/bench.sh` runs the standard
 //! set (see BENCHMARKS.md).
 
 mod fanout;
 mod idle;
+mod million;
 mod names;
 mod rawws;
 mod rolling;
@@ -68,12 +73,19 @@ enum Command {
     RollingWorker(rolling::RollingWorkerArgs),
     /// The distinct-name attack: subscribes and publishes to new names; gateway RSS over time.
     Names(names::NamesArgs),
+    /// A million connections on one machine: many nodes, raw clients, broadcasts; memory, latency, loss.
+    Million(million::MillionArgs),
+    /// Internal: one worker process of `million` (its share of the connections).
+    #[command(hide = true)]
+    MillionWorker(million::MillionWorkerArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let threads = match &cli.command {
         Command::Fanout(a) => a.threads,
+        // 50-odd workers share two cores: one thread each.
+        Command::MillionWorker(_) => Some(1),
         _ => None,
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -93,6 +105,8 @@ fn main() -> anyhow::Result<()> {
             Command::Rolling(a) => rolling::rolling(a).await,
             Command::RollingWorker(a) => rolling::worker(a).await,
             Command::Names(a) => names::names(a).await,
+            Command::Million(a) => million::million(a).await,
+            Command::MillionWorker(a) => million::worker(a).await,
         }
     });
     // Don't wait for connection tasks still parked on their sockets.

@@ -210,7 +210,7 @@ struct WorkerResult {
 
 /// A port below the kernel's ephemeral range (so no outgoing connection takes
 /// one while a node slot waits for its node), free now, each handed out once.
-fn port() -> anyhow::Result<u16> {
+pub(crate) fn port() -> anyhow::Result<u16> {
     harness::cluster::service_port()
 }
 
@@ -218,17 +218,17 @@ fn log_file(dir: &Path, name: &str) -> anyhow::Result<std::fs::File> {
     std::fs::File::create(dir.join(name)).with_context(|| format!("creating {name}"))
 }
 
-struct GwNode {
-    id: String,
-    addr: SocketAddr,
-    gw: Gateway,
+pub(crate) struct GwNode {
+    pub(crate) id: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) gw: Gateway,
     log: PathBuf,
 }
 
 /// A cluster node on `addr` (the harness starts it; only `env` and
 /// `GATEWAY_NODE_ID` set), ready (`/readyz`); stdout to `dir/ID.out`, the
 /// log (stderr) to `dir/ID.log`.
-async fn start_node(
+pub(crate) async fn start_node(
     bin: &Path,
     dir: &Path,
     id: &str,
@@ -335,7 +335,7 @@ impl CpuWatch {
     }
 }
 
-fn http_client() -> reqwest::Client {
+pub(crate) fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(256)
