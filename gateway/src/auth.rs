@@ -68,6 +68,10 @@ impl Patterns {
     }
 }
 
+/// What a resume token restores: the identity, the subscriptions with
+/// their positions, and the ticket the caller claims (single use).
+pub type Resumed = (Identity, Vec<(String, Position)>, ResumeTicket);
+
 /// Who a connection is and what it may do.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -338,10 +342,7 @@ impl Auth {
     /// Checks a resume token and returns the identity it restores, the
     /// subscriptions with their positions, and its ticket (the caller claims
     /// it: a token is used once).
-    pub fn verify_resume(
-        &self,
-        token: &str,
-    ) -> Result<(Identity, Vec<(String, Position)>, ResumeTicket), AuthError> {
+    pub fn verify_resume(&self, token: &str) -> Result<Resumed, AuthError> {
         let data = decode::<ResumeClaims>(token, &self.resume.1, &self.resume.2).map_err(|e| {
             match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,

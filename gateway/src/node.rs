@@ -285,9 +285,9 @@ impl Node {
                 tick.tick().await;
                 let Some(node) = weak.upgrade() else { return };
                 let channels = node.hub.channels();
-                if let Err(e) = node.store.keep_alive(&channels).await {
-                    warn!(error = %e, channels = channels.len(), "keeping subscribed streams alive failed; retrying next tick");
-                }
+                let store = node.store.clone();
+                drop(node);
+                keep_alive_retrying(&*store, &channels, every).await;
             }
         });
     }
@@ -325,7 +325,8 @@ impl Node {
             let ttl = Duration::from_millis(self.config.registry_ttl_ms);
             let fresh = at.is_some_and(|t| now.duration_since(t) < ttl);
             let soon = at.is_some_and(|t| now.duration_since(t) < Duration::from_secs(5));
-            if (last == print && fresh) || (last != print && soon && fresh) {
+            // Unchanged and fresh, or changed but written under 5 s ago.
+            if fresh && (last == print || soon) {
                 return Ok(());
             }
         }
@@ -423,5 +424,116 @@ impl Registration for Node {
 
     async fn deregister(&self) {
         Node::deregister(self).await;
+    }
+}
+
+/// One keep-alive round of the stream keeper: on failure (Redis down or
+/// overloaded) it tries again within seconds, backing off, until it
+/// succeeds or `within` (the keeper's period) has passed. Waiting for the
+/// next tick instead would leave a stream one failed round from expiring
+/// (its TTL is three periods), and two failures under load let
+/// subscribed streams expire: their subscribers would get a spurious
+/// `epoch_changed`. Returns how many attempts failed.
+pub(crate) async fn keep_alive_retrying(
+    store: &dyn crate::replay::ReplayStore,
+    channels: &[Arc<str>],
+    within: Duration,
+) -> u32 {
+    let start = tokio::time::Instant::now();
+    let mut wait = Duration::from_millis(500);
+    let mut failed = 0;
+    loop {
+        match store.keep_alive(channels).await {
+            Ok(()) => return failed,
+            Err(e) => {
+                failed += 1;
+                let left = within.saturating_sub(start.elapsed());
+                if left <= wait {
+                    warn!(error = %e, channels = channels.len(), failed, "keeping subscribed streams alive failed; trying again next round");
+                    return failed;
+                }
+                warn!(error = %e, channels = channels.len(), retry_in = ?wait, "keeping subscribed streams alive failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(8));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+    use protocol::Position;
+
+    use super::*;
+    use crate::message::{Draft, Publication};
+    use crate::replay::{Appended, Recovery, StoreError};
+
+    /// A real in-memory store whose `keep_alive` fails its first `fail`
+    /// calls (Redis down for a while).
+    struct Flaky {
+        inner: MemoryReplayStore,
+        fail: AtomicU32,
+        calls: AtomicU32,
+    }
+
+    #[async_trait]
+    impl ReplayStore for Flaky {
+        async fn append_keyed(&self, c: &str, d: Draft<'_>) -> Result<Appended, StoreError> {
+            self.inner.append_keyed(c, d).await
+        }
+        async fn read_since(&self, c: &str, since: &Position) -> Result<Recovery, StoreError> {
+            self.inner.read_since(c, since).await
+        }
+        async fn top(&self, c: &str) -> Result<Position, StoreError> {
+            self.inner.top(c).await
+        }
+        async fn buffered(&self, c: &str) -> Result<(Vec<Arc<Publication>>, Position), StoreError> {
+            self.inner.buffered(c).await
+        }
+        async fn keep_alive(&self, channels: &[Arc<str>]) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            if self
+                .fail
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(StoreError::Unavailable("down".into()));
+            }
+            self.inner.keep_alive(channels).await
+        }
+    }
+
+    fn flaky(fail: u32) -> Flaky {
+        Flaky {
+            inner: MemoryReplayStore::new(Duration::from_secs(60), 100, Duration::from_secs(60)),
+            fail: AtomicU32::new(fail),
+            calls: AtomicU32::new(0),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_stream_keeper_retries_within_its_period_not_a_period_later() {
+        let channels: Vec<Arc<str>> = vec![Arc::from("a")];
+        // Down for three tries: kept alive after 0.5 + 1 + 2 s, well within
+        // a 100 s period.
+        let store = flaky(3);
+        let t0 = tokio::time::Instant::now();
+        let failed = keep_alive_retrying(&store, &channels, Duration::from_secs(100)).await;
+        assert_eq!((failed, store.calls.load(Ordering::Relaxed)), (3, 4));
+        assert_eq!(t0.elapsed(), Duration::from_millis(3500));
+        // Down for longer than the period: it gives up when the next round
+        // is due, without overrunning it.
+        let store = flaky(1000);
+        let t0 = tokio::time::Instant::now();
+        keep_alive_retrying(&store, &channels, Duration::from_secs(20)).await;
+        assert!(
+            t0.elapsed() <= Duration::from_secs(20),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert!(store.calls.load(Ordering::Relaxed) >= 4);
     }
 }

@@ -15,7 +15,7 @@ struct State {
     /// Claimed one-time ids and when each may be forgotten.
     once: HashMap<String, Instant>,
     /// Per (channel, node): members (client -> user), until then.
-    presence: HashMap<(String, String), (Vec<(String, String)>, Instant)>,
+    presence: HashMap<(String, String), PresenceEntry>,
     /// The backend's subscriptions (user, channel), until then.
     server_subs: HashMap<(String, String), Instant>,
     /// Per user: tokens issued before this are revoked, until then.
@@ -23,6 +23,9 @@ struct State {
     /// Per node: its channels with their local subscriber counts.
     channels: HashMap<String, Vec<(String, u64)>>,
 }
+
+/// One node's members of a channel (client -> user) and when they expire.
+type PresenceEntry = (Vec<(String, String)>, Instant);
 
 /// One-time ids held at most (a claim past it, with none expired, fails:
 /// the credential is refused, never accepted twice).
