@@ -57,12 +57,17 @@ enum Command {
     },
 }
 
-/// Resolves when the node must drain and exit: SIGTERM, SIGINT or SIGQUIT.
-/// SIGHUP, SIGUSR1 and SIGUSR2 are logged and ignored (nothing is
-/// reloadable at run time: configuration changes roll out as a restart,
-/// which the drain makes lossless); by default each would kill the process
-/// with no drain and no close frames.
-async fn shutdown_signal() {
+/// The handled signals, each with whether it drains.
+type Signals = Vec<(&'static str, tokio::signal::unix::Signal, bool)>;
+
+/// Installs the handlers: SIGTERM, SIGINT and SIGQUIT drain; SIGHUP,
+/// SIGUSR1 and SIGUSR2 are logged and ignored (nothing is reloadable at run
+/// time: configuration changes roll out as a restart, which the drain makes
+/// lossless); by default each would kill the process with no drain and no
+/// close frames. Called before the node says it listens: a signal sent
+/// from then on finds its handler (installing them when the shutdown
+/// future is first polled left a window where SIGHUP killed the node).
+fn install_signals() -> Signals {
     use tokio::signal::unix::{signal, SignalKind};
     let kinds = [
         ("SIGTERM", SignalKind::terminate(), true),
@@ -79,6 +84,11 @@ async fn shutdown_signal() {
             Err(e) => warn!(signal = name, error = %e, "cannot handle signal"),
         }
     }
+    streams
+}
+
+/// Resolves when the node must drain and exit (a draining signal).
+async fn shutdown_signal(mut streams: Signals) {
     if streams.is_empty() {
         // No handler: the node can only be killed; keep serving.
         std::future::pending::<()>().await;
@@ -181,6 +191,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let addr = listener.local_addr()?;
+    let signals = install_signals();
     let node = Node::build(config, prometheus).await?;
     info!(node = %node.id, %addr, mode = node.mode(), backbone = node.broker.kind(), "gateway listening");
     // Machine-readable lines on stdout, for scripts and test harnesses.
@@ -191,6 +202,6 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         println!("admin listening on http://{admin_addr}");
         tokio::spawn(gateway::server::serve_ops(admin, node.clone()));
     }
-    gateway::server::run(listener, node, shutdown_signal()).await;
+    gateway::server::run(listener, node, shutdown_signal(signals)).await;
     Ok(())
 }
