@@ -246,7 +246,7 @@ mod tests {
         let next_chunk = std::mem::size_of_val(&stream.next_chunk());
         println!("SseStream: {stream_size} bytes; next_chunk future: {next_chunk} bytes");
         assert!(
-            stream_size + next_chunk <= 2048,
+            stream_size + next_chunk <= 808,
             "{stream_size} + {next_chunk}"
         );
     }

@@ -147,29 +147,15 @@ mod tests {
                 println!("  {name} future: {size} bytes");
             }
         }
-        let handshake_task = std::mem::size_of_val(&super::super::connection::run(
-            node.clone(),
-            slot,
-            conn.socket,
-            protocol::Codec::Json,
-        ));
-        println!("  (the handshake's task: {handshake_task} bytes, until `connect`)");
-        let _client2 = tokio::net::TcpStream::connect(addr).await.expect("connect");
-        let (tcp, _) = listener.accept().await.expect("accept");
-        let conn = super::Connection {
-            socket: tokio_tungstenite::WebSocketStream::from_raw_socket(tcp, Role::Server, None)
-                .await,
-            ..conn
-        };
         let ws =
-            super::super::connection::live(conn, crate::telemetry::ConnectionEnd::open("ws"), None);
+            super::super::connection::run(node.clone(), slot, conn.socket, protocol::Codec::Json);
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (tcp, _) = listener.accept().await.expect("accept");
         let arrival = node.drain.arrive().expect("arrival");
         let sse = crate::transport::sse::socket::serve(node.clone(), tcp, arrival);
         check(&[
-            ("WebSocket task future", std::mem::size_of_val(&ws), 4096),
-            ("SSE task future", std::mem::size_of_val(&sse), 4096),
+            ("WebSocket task future", std::mem::size_of_val(&ws), 1728),
+            ("SSE task future", std::mem::size_of_val(&sse), 384),
         ]);
     }
 }
