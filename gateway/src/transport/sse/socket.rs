@@ -225,6 +225,7 @@ async fn open(node: &Arc<Node>, tcp: &mut TcpStream, arrival: Arrival) -> Option
 /// the request's head, the response's parts and the subscribe path live in
 /// a boxed future (`open`) that is gone before the stream starts: kept
 /// inline they would sit in every idle stream's task for its whole life.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
 pub fn serve(
     node: Arc<Node>,
     mut tcp: TcpStream,
