@@ -3,6 +3,9 @@
 #   1. idle WebSocket connections: gateway memory per connection
 #   2. idle SSE connections: the same
 #   3. fan-out: one channel, WebSocket subscribers, fixed publish rate
+#   4. many subscriptions (not in the default set: ONLY=manysubs): WebSocket
+#      subscribers each holding MS_SUBSCRIPTIONS subscriptions, traffic on
+#      MS_CHANNELS of them; CPU per delivery and latency
 # Each run gets a fresh gateway (--dev, embedded node) pinned to core $GW_CPU;
 # the load generator is pinned to core $LT_CPU. Loopback traffic only. Every
 # step is bounded in time; the gateway is stopped between runs.
@@ -11,7 +14,10 @@
 #   GW_CPU=0 LT_CPU=1 OUT=target/bench NO_BUILD=1 (use existing binaries)
 #   GW=path (another gateway binary, e.g. an older build, for an A/B)
 #   CONNECT_RATE=5000 (new connections/s offered by the load generator)
-#   ONLY="idle-ws idle-sse fanout" (a subset)  GATEWAY_WORKER_THREADS=N
+#   ONLY="idle-ws idle-sse fanout manysubs" (a subset; the default is the
+#   first three)  GATEWAY_WORKER_THREADS=N
+#   MS_SUBS=1000 MS_SUBSCRIPTIONS=100 MS_CHANNELS=4 MS_RATE=200
+#   MS_DURATION=10 (the many-subscriptions run)
 #   GATEWAY_ADMISSION_RATE=20000 (the gateway's admission limit, default
 #   2000/s, is raised above CONNECT_RATE so that it does not shape the runs)
 set -euo pipefail
@@ -26,6 +32,11 @@ LT_CPU=${LT_CPU:-1}
 OUT=${OUT:-target/bench}
 RUN_LIMIT=${RUN_LIMIT:-300}   # seconds, per loadtest run
 CONNECT_RATE=${CONNECT_RATE:-5000}
+MS_SUBS=${MS_SUBS:-1000}
+MS_SUBSCRIPTIONS=${MS_SUBSCRIPTIONS:-100}
+MS_CHANNELS=${MS_CHANNELS:-4}
+MS_RATE=${MS_RATE:-200}
+MS_DURATION=${MS_DURATION:-10}
 export GATEWAY_ADMISSION_RATE=${GATEWAY_ADMISSION_RATE:-20000}
 mkdir -p "$OUT"
 
@@ -112,11 +123,15 @@ run() {
   stop_gateway
 }
 
-wanted() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+wanted() {
+  if [ -z "${ONLY:-}" ]; then [ "$1" != manysubs ]; else [[ " $ONLY " == *" $1 "* ]]; fi
+}
 wanted idle-ws && run idle-ws idle --transport ws --connections "$CONNS" --rate "$CONNECT_RATE"
 wanted idle-sse && run idle-sse idle --transport sse --connections "$CONNS" --rate "$CONNECT_RATE"
 wanted fanout && run fanout fanout --subscribers "$SUBS" --rate "$RATE" --duration "$DURATION" --connect-rate "$CONNECT_RATE"
+wanted manysubs && run manysubs fanout --subscribers "$MS_SUBS" --subscriptions "$MS_SUBSCRIPTIONS" \
+  --channels "$MS_CHANNELS" --rate "$MS_RATE" --duration "$MS_DURATION" --connect-rate "$CONNECT_RATE"
 
 echo
 echo "== summary"
-for n in idle-ws idle-sse fanout; do wanted $n && grep -h '^RESULT' "$OUT/$n.txt"; done || true
+for n in idle-ws idle-sse fanout manysubs; do wanted $n && grep -h '^RESULT' "$OUT/$n.txt"; done || true

@@ -32,9 +32,19 @@
 //!   that reads several logs at once merges them in that order, so one
 //!   connection sees this node's publications in the order they arrived,
 //!   across channels too (the contract itself is per channel).
+//! * A reader carries its session's *token* for the subscription (an index
+//!   below 2^32). An append that wakes a reader first marks the token in
+//!   its session's ready set ([`SessionShared::mark_ready`]: bit `token %
+//!   32` of one word), then wakes it. A reader leaves the waiting list only
+//!   through such a wake-up, and rejoins it only by reading; so a log with
+//!   something the reader has not read always has its token's bit set or a
+//!   read pending, and a woken session reads only the logs its ready set
+//!   names: a wake-up costs O(ready logs), not O(subscriptions). A set bit
+//!   that names no news (a token reused, a log read in the meantime) costs
+//!   one head check.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -66,7 +76,16 @@ pub struct Signal {
     /// The mailbox holds control commands: a delivery wake-up checks this
     /// flag, not the mailbox's lock.
     mail: AtomicBool,
+    /// Which subscriptions became ready since the session last looked: bit
+    /// `token % 32` (module docs). One word for any number of
+    /// subscriptions, in what was the struct's padding (an idle connection
+    /// pays nothing for it); a session with more than 32 checks each token
+    /// of a set bit's residue.
+    ready_set: AtomicU32,
 }
+
+/// Bits in a session's ready set.
+pub const READY_BITS: u32 = 32;
 
 impl Default for Signal {
     fn default() -> Self {
@@ -77,6 +96,7 @@ impl Default for Signal {
             // Nothing is registered with the socket yet: poll it once.
             io: AtomicBool::new(true),
             mail: AtomicBool::new(false),
+            ready_set: AtomicU32::new(0),
         }
     }
 }
@@ -95,6 +115,34 @@ impl std::task::Wake for SessionShared {
     fn wake_by_ref(self: &Arc<Self>) {
         self.signal.io.store(true, Ordering::Release);
         self.signal.ready.notify_one();
+    }
+}
+
+impl SessionShared {
+    /// A new connection's shared part.
+    pub fn new(id: u64, codec: Codec) -> Self {
+        Self {
+            id,
+            codec,
+            signal: Signal::default(),
+            mailbox: Mutex::default(),
+        }
+    }
+
+    /// Marks the subscription `token` ready (before the wake-up).
+    pub fn mark_ready(&self, token: u32) {
+        self.signal
+            .ready_set
+            .fetch_or(1 << (token % READY_BITS), Ordering::Release);
+    }
+
+    /// The ready set since the last call; clears it.
+    pub fn take_ready(&self) -> u32 {
+        let ready = &self.signal.ready_set;
+        if ready.load(Ordering::Acquire) == 0 {
+            return 0;
+        }
+        ready.swap(0, Ordering::AcqRel)
     }
 }
 
@@ -173,6 +221,8 @@ struct Reader {
     session: Arc<SessionShared>,
     /// Log index of the next entry to read.
     cursor: u64,
+    /// The session's token for this subscription (module docs).
+    token: u32,
     /// In `waiters`: woken by the next append.
     waiting: bool,
 }
@@ -224,14 +274,15 @@ impl ChannelLog {
         }
     }
 
-    /// Adds a reader at the head (waiting: the next append wakes it); its
-    /// slot and cursor.
-    fn join(&self, session: &Arc<SessionShared>) -> (usize, u64) {
+    /// Adds a reader at the head (waiting: the next append wakes it and
+    /// marks `token` ready); its slot and cursor.
+    fn join(&self, session: &Arc<SessionShared>, token: u32) -> (usize, u64) {
         let mut s = self.state.lock();
         let head = s.head();
         let reader = Reader {
             session: session.clone(),
             cursor: head,
+            token,
             waiting: true,
         };
         let slot = match s.free.pop() {
@@ -341,7 +392,7 @@ impl ChannelLog {
             for slot in &waiters {
                 if let Some(r) = s.readers.get_mut(*slot).and_then(Option::as_mut) {
                     r.waiting = false;
-                    wake.push(r.session.clone());
+                    wake.push((r.session.clone(), r.token));
                 }
             }
             // Keep the allocation for the next round of waiters.
@@ -349,7 +400,8 @@ impl ChannelLog {
             waiters.clear();
             s.waiters = waiters;
         }
-        for session in wake {
+        for (session, token) in wake {
+            session.mark_ready(token);
             session.signal.wake();
         }
         for session in behind {
@@ -424,13 +476,19 @@ impl Hub {
         }
     }
 
-    /// Adds a connection to a channel; true if it is the channel's first
-    /// local subscriber (the caller then subscribes the node on the backbone).
-    pub fn subscribe(&self, channel: &str, session: &Arc<SessionShared>) -> (Subscription, bool) {
+    /// Adds a connection to a channel, as its subscription `token` (see the
+    /// module docs); true if it is the channel's first local subscriber
+    /// (the caller then subscribes the node on the backbone).
+    pub fn subscribe(
+        &self,
+        channel: &str,
+        session: &Arc<SessionShared>,
+        token: u32,
+    ) -> (Subscription, bool) {
         // Join under the map's guard, so an unsubscribe that empties and
         // removes the log cannot slip in between finding it and joining it.
         if let Some(log) = self.channels.get(channel) {
-            let (slot, cursor) = log.join(session);
+            let (slot, cursor) = log.join(session, token);
             let first = log.readers() == 1;
             return (
                 Subscription {
@@ -445,7 +503,7 @@ impl Hub {
             .channels
             .entry(Arc::from(channel))
             .or_insert_with(|| Arc::new(ChannelLog::new(self.max_bytes)));
-        let (slot, cursor) = entry.join(session);
+        let (slot, cursor) = entry.join(session, token);
         let first = entry.readers() == 1;
         (
             Subscription {
@@ -585,12 +643,7 @@ mod tests {
     }
 
     fn session(id: u64) -> Arc<SessionShared> {
-        Arc::new(SessionShared {
-            id,
-            codec: Codec::Json,
-            signal: Signal::default(),
-            mailbox: Default::default(),
-        })
+        Arc::new(SessionShared::new(id, Codec::Json))
     }
 
     fn seqs(out: &VecDeque<Arrived>) -> Vec<u64> {
@@ -601,10 +654,10 @@ mod tests {
     async fn readers_get_what_was_appended_after_they_joined_and_entries_go_once_read() {
         let hub = Hub::new(1 << 20);
         let (a, b) = (session(1), session(2));
-        let (sa, first) = hub.subscribe("c", &a);
+        let (sa, first) = hub.subscribe("c", &a, 0);
         assert!(first);
         hub.deliver(&p(1));
-        let (sb, first) = hub.subscribe("c", &b);
+        let (sb, first) = hub.subscribe("c", &b, 0);
         assert!(!first);
         hub.deliver(&p(2));
         // Both were waiting: both woken.
@@ -636,12 +689,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_wake_up_marks_the_readers_token_ready_once_until_it_reads() {
+        let hub = Hub::new(1 << 20);
+        let s = session(1);
+        let p_on =
+            |ch: &str, seq| Arc::new(Publication::new(ch.into(), seq, "e".into(), Value::Null, 0));
+        // Tokens 3 and 67 share a bit (67 % 32 = 3); 5 has its own.
+        let (s3, _) = hub.subscribe("a", &s, 3);
+        let (s67, _) = hub.subscribe("b", &s, 67);
+        let (s5, _) = hub.subscribe("c", &s, 5);
+        assert_eq!(s.take_ready(), 0, "joining marks nothing");
+        hub.deliver(&p_on("c", 1));
+        assert_eq!(s.take_ready(), 1 << 5);
+        assert_eq!(s.take_ready(), 0, "taking clears");
+        // Not read yet: the reader is not waiting, a second append does
+        // not mark it again (the first mark stands for both).
+        hub.deliver(&p_on("c", 2));
+        assert_eq!(s.take_ready(), 0);
+        let mut out = VecDeque::new();
+        assert_eq!(s5.log.read(s5.slot, &mut out), Ok(2));
+        assert_eq!(seqs(&out), [1, 2]);
+        // Read: waiting again, the next append marks it.
+        hub.deliver(&p_on("b", 1));
+        hub.deliver(&p_on("c", 3));
+        assert_eq!(s.take_ready(), 1 << 3 | 1 << 5);
+        assert!(s67.log.has_news(s67.cursor));
+        assert!(!s3.log.has_news(s3.cursor), "a shared bit; no news here");
+        // The wake-up came with the marks.
+        s.signal.ready().await;
+    }
+
+    #[tokio::test]
     async fn a_reader_pushed_past_the_bound_is_signalled_and_others_are_not() {
         let len = p(1).encoded_len(Codec::Json);
         let hub = Hub::new(len * 3);
         let (slow, fast) = (session(1), session(2));
-        let (s_slow, _) = hub.subscribe("c", &slow);
-        let (s_fast, _) = hub.subscribe("c", &fast);
+        let (s_slow, _) = hub.subscribe("c", &slow, 0);
+        let (s_fast, _) = hub.subscribe("c", &fast, 0);
         let mut out = VecDeque::new();
         for seq in 1..=6 {
             hub.deliver(&p(seq));

@@ -7,6 +7,12 @@
 //! and only `"seq":` and `"ts":` picked out of each message's JSON. Latency
 //! samples go into a few shared HDR histograms, locked once per socket read
 //! (not per message), merged at the end.
+//!
+//! Many subscriptions per connection (`--subscriptions S --channels K`):
+//! every subscriber subscribes to K traffic channels, which the publisher
+//! takes in turn, and to S - K quiet ones (shared by all subscribers, never
+//! published to); continuity is checked per traffic channel. This measures
+//! what a woken session pays for holding many subscriptions.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,6 +48,14 @@ pub struct FanoutArgs {
     /// Channel name (default: fanout-<pid>).
     #[arg(long)]
     pub channel: Option<String>,
+    /// Traffic channels, published to in turn, each subscribed by every
+    /// subscriber (named <channel>-t<k> when more than one).
+    #[arg(long, default_value_t = 1)]
+    pub channels: usize,
+    /// Subscriptions per subscriber: the traffic channels plus quiet ones
+    /// (<channel>-q<j>, never published to) up to this many.
+    #[arg(long, default_value_t = 1)]
+    pub subscriptions: usize,
     /// Source addresses to spread subscribers over: 127.0.0.2 .. 127.0.0.(1+N).
     #[arg(long, default_value_t = 32)]
     pub source_ips: u32,
@@ -72,13 +86,13 @@ pub struct FanoutArgs {
 /// Latency histograms shared by subscribers (each picks one by its index).
 const SHARDS: usize = 64;
 
-#[derive(Default)]
 struct SubStat {
     received: AtomicU64,
     duplicates: AtomicU64,
     /// Messages skipped over (seq jumped past last + 1).
     gaps: AtomicU64,
-    last_seq: AtomicU64,
+    /// Last seq per traffic channel.
+    last_seq: Vec<AtomicU64>,
     closed: AtomicBool,
     subscribed: AtomicBool,
     unrecoverable: AtomicU64,
@@ -86,6 +100,8 @@ struct SubStat {
 
 struct Shared {
     stats: Vec<SubStat>,
+    /// The traffic channels.
+    names: Vec<String>,
     /// Publish accepted (the message's `ts`) -> received, µs.
     hists: Vec<Mutex<Histogram<u64>>>,
     /// Publisher sent the HTTP request (`data.sent_us`) -> received, µs.
@@ -105,14 +121,20 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
     let stat = &shared.stats[idx];
     let hist = &shared.hists[idx % SHARDS];
     let hist_e2e = &shared.hists_e2e[idx % SHARDS];
-    let mut last = stat.last_seq.load(Ordering::Relaxed);
+    let k = shared.names.len();
+    let mut lasts: Vec<u64> = stat
+        .last_seq
+        .iter()
+        .map(|l| l.load(Ordering::Relaxed))
+        .collect();
+    let mut poss: Vec<StreamPos> = (0..k).map(|_| StreamPos::default()).collect();
+    let chan_key = memchr::memmem::Finder::new(b"\"channel\":\"");
     let mut pong_ws: Option<Vec<u8>> = None;
     let mut pong_app = false;
     let seq_key = memchr::memmem::Finder::new(b"\"seq\":");
     let ts_key = memchr::memmem::FinderRev::new(b"\"ts\":");
     let sent_key = memchr::memmem::Finder::new(b"\"sent_us\":");
     let epoch_key = memchr::memmem::Finder::new(b"\"epoch\":\"");
-    let mut pos = StreamPos::default();
     let mut nth = 0u64;
     loop {
         match ws.fill().await {
@@ -141,8 +163,16 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                 match f.opcode {
                     1 if p.starts_with(MSG_PREFIX) => {
                         received += 1;
+                        let c = if k == 1 {
+                            0
+                        } else {
+                            rawws::str_after_with(p, &chan_key)
+                                .and_then(|name| shared.names.iter().position(|n| n == name))
+                                .unwrap_or(0)
+                        };
+                        let (pos, last) = (&mut poss[c], &mut lasts[c]);
                         let seq = rawws::int_after_with(p, &seq_key).unwrap_or(0);
-                        pos.seq = last;
+                        pos.seq = *last;
                         // The harness's rule: a new epoch is a new start.
                         let c = match rawws::str_after_with(p, &epoch_key) {
                             Some(epoch) => pos.advance(epoch, seq),
@@ -159,7 +189,7 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                             Continuity::Gap(n) => gaps += n,
                             Continuity::Duplicate => dups += 1,
                         }
-                        last = pos.seq;
+                        *last = pos.seq;
                         if let Some(ts) = rawws::int_after_last_with(p, &ts_key) {
                             let v = now.saturating_sub(ts * 1000).max(1);
                             match &mut run {
@@ -188,9 +218,12 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                     1 if p.starts_with(PING_PREFIX) => pong_app = true,
                     1 if p.starts_with(br#"{"type":"unrecoverable""#) => {
                         unrec += 1;
+                        let c = rawws::str_after_with(p, &chan_key)
+                            .and_then(|name| shared.names.iter().position(|n| n == name))
+                            .unwrap_or(0);
                         if let Some(seq) = rawws::int_after(p, b"\"seq\":") {
-                            gaps += seq.saturating_sub(last);
-                            last = last.max(seq);
+                            gaps += seq.saturating_sub(lasts[c]);
+                            lasts[c] = lasts[c].max(seq);
                         }
                     }
                     9 => pong_ws = Some(p.to_vec()),
@@ -203,9 +236,14 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                     .saturating_record_n(value, n);
             }
         }
+        let store_lasts = || {
+            for (l, v) in stat.last_seq.iter().zip(&lasts) {
+                l.store(*v, Ordering::Relaxed);
+            }
+        };
         if received > 0 {
             stat.received.fetch_add(received, Ordering::Relaxed);
-            stat.last_seq.store(last, Ordering::Relaxed);
+            store_lasts();
             shared.last_recv_us.fetch_max(now, Ordering::Relaxed);
         }
         if dups > 0 {
@@ -213,7 +251,7 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
         }
         if gaps > 0 {
             stat.gaps.fetch_add(gaps, Ordering::Relaxed);
-            stat.last_seq.store(last, Ordering::Relaxed);
+            store_lasts();
         }
         if unrec > 0 {
             stat.unrecoverable.fetch_add(unrec, Ordering::Relaxed);
@@ -241,23 +279,33 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
     stat.closed.store(true, Ordering::Relaxed);
 }
 
+/// Connects and subscribes to `channels` (the traffic ones first); the
+/// seq of each of the first `traffic` at subscribe time.
 async fn open_subscriber(
     target: &Target,
     src: std::net::Ipv4Addr,
-    channel: &str,
+    channels: &[String],
+    traffic: usize,
     buf: usize,
-) -> anyhow::Result<(RawWs, u64)> {
+) -> anyhow::Result<(RawWs, Vec<u64>)> {
     let stream = util::connect_from(src, target.addr).await?;
     let mut ws = RawWs::handshake(stream, &target.host, buf).await?;
     ws.send_text(r#"{"type":"connect","id":1}"#).await?;
     ws.expect("connected").await?;
-    ws.send_text(&format!(
-        r#"{{"type":"subscribe","id":2,"channel":"{channel}"}}"#
-    ))
-    .await?;
-    let sub = ws.expect("subscribed").await?;
-    let seq = rawws::int_after(&sub, b"\"seq\":").context("subscribed without seq")?;
-    Ok((ws, seq))
+    let mut seqs = Vec::with_capacity(traffic);
+    for (i, channel) in channels.iter().enumerate() {
+        ws.send_text(&format!(
+            r#"{{"type":"subscribe","id":{},"channel":"{channel}"}}"#,
+            i + 2
+        ))
+        .await?;
+        let sub = ws.expect("subscribed").await?;
+        if i < traffic {
+            let seq = rawws::int_after(&sub, b"\"seq\":").context("subscribed without seq")?;
+            seqs.push(seq);
+        }
+    }
+    Ok((ws, seqs))
 }
 
 struct PubResult {
@@ -265,6 +313,8 @@ struct PubResult {
     failed: u64,
     min_seq: u64,
     max_seq: u64,
+    /// The highest seq answered, per traffic channel.
+    max_seqs: Vec<u64>,
     elapsed: Duration,
     /// HTTP round trip, µs.
     rtt: Histogram<u64>,
@@ -273,10 +323,11 @@ struct PubResult {
     first_error: Option<String>,
 }
 
-/// Publishes `rate`/s for `duration` s over keep-alive HTTP connections.
+/// Publishes `rate`/s for `duration` s over keep-alive HTTP connections,
+/// to the channels in turn.
 async fn publish(
     url: String,
-    channel: String,
+    channels: Vec<String>,
     rate: f64,
     duration: f64,
     pad: usize,
@@ -290,24 +341,26 @@ async fn publish(
     let total = (rate * duration).round() as u64;
     let pad = "x".repeat(pad);
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
-    let mut set: JoinSet<Result<(Duration, u64), String>> = JoinSet::new();
+    let mut set: JoinSet<Result<(Duration, usize, u64), String>> = JoinSet::new();
     let mut r = PubResult {
         ok: 0,
         failed: 0,
         min_seq: u64::MAX,
         max_seq: 0,
+        max_seqs: vec![0; channels.len()],
         elapsed: Duration::ZERO,
         rtt: util::new_hist_coarse(),
         max_lag: Duration::ZERO,
         first_error: None,
     };
-    let take = |res: Result<Result<(Duration, u64), String>, tokio::task::JoinError>,
+    let take = |res: Result<Result<(Duration, usize, u64), String>, tokio::task::JoinError>,
                 r: &mut PubResult| match res {
-        Ok(Ok((d, seq))) => {
+        Ok(Ok((d, c, seq))) => {
             r.ok += 1;
             r.rtt.saturating_record(d.as_micros() as u64);
             r.min_seq = r.min_seq.min(seq);
             r.max_seq = r.max_seq.max(seq);
+            r.max_seqs[c] = r.max_seqs[c].max(seq);
         }
         Ok(Err(e)) => {
             r.failed += 1;
@@ -327,6 +380,8 @@ async fn publish(
             .max_lag
             .max(tokio::time::Instant::now().saturating_duration_since(due));
         let sent_us = util::now_us();
+        let c = (i % channels.len() as u64) as usize;
+        let channel = &channels[c];
         let body = format!(
             r#"{{"channel":"{channel}","data":{{"n":{i},"sent_us":{sent_us},"pad":"{pad}"}}}}"#
         );
@@ -351,7 +406,7 @@ async fn publish(
             }
             let seq = rawws::int_after(&bytes, b"\"seq\":")
                 .ok_or_else(|| "no seq in answer".to_owned())?;
-            Ok((t.elapsed(), seq))
+            Ok((t.elapsed(), c, seq))
         });
         while let Some(res) = set.try_join_next() {
             take(res, &mut r);
@@ -426,8 +481,23 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("fanout-{}", std::process::id()));
     let n = args.subscribers;
+    let k = args.channels.max(1);
+    let names: Vec<String> = if k == 1 {
+        vec![channel.clone()]
+    } else {
+        (0..k).map(|i| format!("{channel}-t{i}")).collect()
+    };
+    // Every subscription, the traffic channels first.
+    let every: Arc<Vec<String>> = Arc::new(
+        names
+            .iter()
+            .cloned()
+            .chain((k..args.subscriptions.max(k)).map(|j| format!("{channel}-q{j}")))
+            .collect(),
+    );
     println!(
-        "fanout: subscribers={n} rate={}/s duration={} s payload_bytes={} channel={channel} source_ips={} threads={}",
+        "fanout: subscribers={n} subscriptions={} traffic_channels={k} rate={}/s duration={} s payload_bytes={} channel={channel} source_ips={} threads={}",
+        every.len(),
         args.rate,
         args.duration,
         args.payload_bytes,
@@ -435,7 +505,18 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         tokio::runtime::Handle::current().metrics().num_workers()
     );
     let shared = Arc::new(Shared {
-        stats: (0..n).map(|_| SubStat::default()).collect(),
+        stats: (0..n)
+            .map(|_| SubStat {
+                received: AtomicU64::new(0),
+                duplicates: AtomicU64::new(0),
+                gaps: AtomicU64::new(0),
+                last_seq: (0..k).map(|_| AtomicU64::new(0)).collect(),
+                closed: AtomicBool::new(false),
+                subscribed: AtomicBool::new(false),
+                unrecoverable: AtomicU64::new(0),
+            })
+            .collect(),
+        names: names.clone(),
         hists: (0..SHARDS)
             .map(|_| Mutex::new(util::new_hist_coarse()))
             .collect(),
@@ -449,14 +530,14 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     // 1. Subscribers.
     let t0 = Instant::now();
     let sem = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
-    let (tx, mut rx) = mpsc::unbounded_channel::<Result<u64, String>>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Result<Vec<u64>, String>>();
     let mut subs = JoinSet::new();
     let pace_start = tokio::time::Instant::now();
     for i in 0..n {
         util::pace(pace_start, i, args.connect_rate).await;
         let permit = sem.clone().acquire_owned().await.context("semaphore")?;
-        let (target, channel, tx, shared) =
-            (target.clone(), channel.clone(), tx.clone(), shared.clone());
+        let (target, every, tx, shared) =
+            (target.clone(), every.clone(), tx.clone(), shared.clone());
         let (ips, buf) = (args.source_ips, args.read_buffer);
         subs.spawn(async move {
             let src = util::source_ip(i, ips);
@@ -464,19 +545,19 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             for attempt in 1..=3u64 {
                 match tokio::time::timeout(
                     Duration::from_secs(10),
-                    open_subscriber(&target, src, &channel, buf),
+                    open_subscriber(&target, src, &every, k, buf),
                 )
                 .await
                 {
-                    Ok(Ok((ws, seq))) => {
+                    Ok(Ok((ws, seqs))) => {
                         drop(permit);
-                        shared.stats[i as usize]
-                            .last_seq
-                            .store(seq, Ordering::Relaxed);
+                        for (l, seq) in shared.stats[i as usize].last_seq.iter().zip(&seqs) {
+                            l.store(*seq, Ordering::Relaxed);
+                        }
                         shared.stats[i as usize]
                             .subscribed
                             .store(true, Ordering::Relaxed);
-                        let _ = tx.send(Ok(seq));
+                        let _ = tx.send(Ok(seqs));
                         subscriber(ws, i as usize, shared).await;
                         return;
                     }
@@ -496,8 +577,9 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     while connected + failed < n {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(Ok(seq))) => {
+            Ok(Some(Ok(seqs))) => {
                 connected += 1;
+                let seq = seqs.first().copied().unwrap_or(0);
                 base = Some(base.map_or(seq, |b: u64| b.max(seq)));
             }
             Ok(Some(Err(e))) => {
@@ -531,7 +613,7 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     let jiffies0 = util::cpu_jiffies();
     let pub_start_us = util::now_us();
     let publisher = {
-        let (url, channel) = (target.http_url("/api/publish"), channel.clone());
+        let (url, channels) = (target.http_url("/api/publish"), names.clone());
         let (rate, duration, pad, conc) = (
             args.rate,
             args.duration,
@@ -545,7 +627,7 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()?;
-                rt.block_on(publish(url, channel, rate, duration, pad, conc))
+                rt.block_on(publish(url, channels, rate, duration, pad, conc))
             },
         )?
     };
@@ -558,16 +640,20 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     let pub_end_us = util::now_us();
 
     // 3. Drain: wait until every live subscriber reached the last seq.
-    let target_seq = p.max_seq;
+    let target_seqs = p.max_seqs.clone();
+    let behind_on = |s: &SubStat| {
+        s.last_seq
+            .iter()
+            .zip(&target_seqs)
+            .any(|(l, t)| l.load(Ordering::Relaxed) < *t)
+    };
     let drain_start = Instant::now();
     let drain_limit = Duration::from_secs_f64(args.drain_timeout);
     loop {
         let behind = shared
             .stats
             .iter()
-            .filter(|s| {
-                !s.closed.load(Ordering::Relaxed) && s.last_seq.load(Ordering::Relaxed) < target_seq
-            })
+            .filter(|s| !s.closed.load(Ordering::Relaxed) && behind_on(s))
             .count();
         if behind == 0 || drain_start.elapsed() >= drain_limit {
             if behind > 0 {
@@ -593,12 +679,16 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         .iter()
         .filter(|s| s.subscribed.load(Ordering::Relaxed))
     {
-        let last = s.last_seq.load(Ordering::Relaxed);
         received += s.received.load(Ordering::Relaxed);
         dups += s.duplicates.load(Ordering::Relaxed);
         unrec += s.unrecoverable.load(Ordering::Relaxed);
         // Skipped over, plus never reached by the end.
-        lost += s.gaps.load(Ordering::Relaxed) + target_seq.saturating_sub(last);
+        lost += s.gaps.load(Ordering::Relaxed)
+            + s.last_seq
+                .iter()
+                .zip(&target_seqs)
+                .map(|(l, t)| t.saturating_sub(l.load(Ordering::Relaxed)))
+                .sum::<u64>();
         closed += u64::from(s.closed.load(Ordering::Relaxed));
     }
     let (mut hist, mut hist_e2e) = (util::new_hist_coarse(), util::new_hist_coarse());
@@ -715,14 +805,28 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             args.rate
         );
     }
+    let cpu_per_delivery = if received > 0 && gw > 0.0 {
+        format!(
+            ", gateway CPU {:.2} µs/delivery",
+            gw * 1e6 / received as f64
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "RESULT fanout: {:.0} deliveries/s ({received} received / {secs:.2} s), expected {expected}, lost {lost}, duplicates {dups}, latency p50 {} ms p99 {} ms p99.9 {} ms max {} ms",
+        "RESULT fanout: {:.0} deliveries/s ({received} received / {secs:.2} s), expected {expected}, lost {lost}, duplicates {dups}, latency p50 {} ms p99 {} ms p99.9 {} ms max {} ms{cpu_per_delivery}",
         received as f64 / secs,
         pct(0.5),
         pct(0.99),
         pct(0.999),
         util::ms(hist.max())
     );
+    if every.len() > 1 {
+        println!(
+            "RESULT subscriptions: {} per subscriber ({k} with traffic)",
+            every.len()
+        );
+    }
     Ok(())
 }
 

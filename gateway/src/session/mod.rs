@@ -24,12 +24,18 @@
 //! session always knows the seq before it meets the message; a replay (gap
 //! repair) meeting it does the same.
 //!
-//! Reading: when woken, the session reads each of its channels' logs
-//! ([`crate::hub`]) up to their heads; every read leaves it waiting on that
-//! log, so the next append wakes it once, and whatever arrives until the
-//! connection's task runs again is read and written as one batch.
+//! Reading: when woken, the session reads the logs ([`crate::hub`]) that
+//! its ready set names (the subscriptions whose log appended since it last
+//! read them; [`crate::hub::SessionShared::take_ready`]) up to their heads:
+//! a wake-up costs O(ready logs), not O(subscriptions). Every read leaves
+//! it waiting on that log, so the next append wakes it once (and marks the
+//! subscription ready), and whatever arrives until the connection's task
+//! runs again is read and written as one batch. A subscription's index in
+//! the session's slab (`subs.rs`) is its token in the ready set.
 
-use std::collections::{HashMap, VecDeque};
+mod subs;
+
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use protocol::{
@@ -41,7 +47,7 @@ use tracing::warn;
 use crate::broker::Broker;
 use crate::control::Control;
 use crate::drain::{Drain, Slot};
-use crate::hub::{Arrived, Behind, Hub, SessionShared, Signal, Subscription};
+use crate::hub::{Behind, Hub, SessionShared, Subscription};
 use crate::interest::Interest;
 use crate::message::Publication;
 use crate::namespace::Namespaces;
@@ -156,12 +162,11 @@ fn own_publish(own: &mut Option<Box<Vec<OwnPublish>>>, p: &Publication) -> Optio
     Some(found.answer())
 }
 
-struct SubState {
-    epoch: Arc<str>,
-    last: u64,
-    /// The session's reader slot in the channel's log.
-    sub: Subscription,
-}
+use subs::{ready_tokens, SubState, Subs};
+
+/// A publication read from a log: its place in the hub's arrival order and
+/// the token of the subscription it was read for.
+type Pending = (u64, u32, Arc<Publication>);
 
 /// Whether a publication's epoch is the subscription's. When they are equal
 /// but separate allocations, the subscription keeps the publication's, so
@@ -298,11 +303,11 @@ pub struct Session {
     pub ctx: Arc<SessionContext>,
     pub shared: Arc<SessionShared>,
     pub transport: Transport,
-    /// Looked up once per delivered message: a fast hasher (the keys are
-    /// the session's own few channel names, checked on subscribe).
-    subs: HashMap<Arc<str>, SubState, foldhash::fast::RandomState>,
+    /// The subscriptions, by token (`subs.rs`): a delivery finds its own
+    /// by index, never by name.
+    subs: Subs,
     /// What one drain read from the logs (kept between drains).
-    scratch: VecDeque<Arrived>,
+    scratch: VecDeque<Pending>,
     /// When live latency was last sampled: wall-clock milliseconds,
     /// truncated to 32 bits and compared wrapping (4 bytes, not an
     /// `Option<Instant>`'s 16, on every connection).
@@ -321,12 +326,7 @@ impl Session {
     /// A session in the place admission reserved for it (`slot`), which it
     /// gives back when it ends.
     pub fn new(ctx: Arc<SessionContext>, slot: Slot, codec: Codec, transport: Transport) -> Self {
-        let shared = Arc::new(SessionShared {
-            id: ctx.next_session_id(),
-            codec,
-            signal: Signal::default(),
-            mailbox: Default::default(),
-        });
+        let shared = Arc::new(SessionShared::new(ctx.next_session_id(), codec));
         slot.keep();
         let quota = SubscribeQuota::new(ctx.subscribe_rate.1);
         match transport {
@@ -340,7 +340,7 @@ impl Session {
             ctx,
             shared,
             transport,
-            subs: HashMap::default(),
+            subs: Subs::default(),
             scratch: VecDeque::new(),
             latency_sampled_ms: 0,
             quota,
@@ -353,9 +353,10 @@ impl Session {
     /// waits for the message's place in the stream; false: answer now (not
     /// subscribed, already past it, or too many waiting).
     pub fn exclude_own(&mut self, channel: &str, seq: u64, epoch: &str, id: Option<u64>) -> bool {
-        let Some((key, st)) = self.subs.get_key_value(channel) else {
+        let Some(st) = self.subs.get(channel) else {
             return false;
         };
+        let key = &st.channel;
         if (*st.epoch == *epoch && st.last >= seq)
             || self
                 .own
@@ -422,14 +423,14 @@ impl Session {
     pub fn positions(&self) -> Vec<(String, String, u64)> {
         self.subs
             .iter()
-            .map(|(c, s)| (c.to_string(), s.epoch.to_string(), s.last))
+            .map(|s| (s.channel.to_string(), s.epoch.to_string(), s.last))
             .collect()
     }
 
     /// Drops whatever waits in its logs without delivering it (after a `reconnect`
     /// frame the client resumes elsewhere from its positions).
     pub fn discard_queue(&mut self) {
-        for st in self.subs.values_mut() {
+        for st in self.subs.iter_mut() {
             if let Ok(cursor) = st.sub.log.read_with(st.sub.slot, |_, _| {}) {
                 st.sub.cursor = cursor;
             }
@@ -440,7 +441,7 @@ impl Session {
     /// takes the subscribe from its quota.
     pub fn check_new_subscription(&mut self, channel: &str) -> Result<(), ErrorCode> {
         validate_channel(channel).map_err(|_| ErrorCode::InvalidChannel)?;
-        if self.subs.contains_key(channel) {
+        if self.subs.contains(channel) {
             return Err(ErrorCode::AlreadySubscribed);
         }
         if self.subs.len() >= self.ctx.max_subscriptions {
@@ -464,7 +465,10 @@ impl Session {
         out: &mut Vec<Outgoing>,
     ) -> Result<(), ErrorCode> {
         let node = self.ctx.clone();
-        let (sub, _) = node.hub.subscribe(channel, &self.shared);
+        // The subscription's token: its index in the slab once inserted
+        // below (nothing else changes `subs` meanwhile: `&mut self`).
+        let token = self.subs.next_token();
+        let (sub, _) = node.hub.subscribe(channel, &self.shared, token as u32);
         if let Err(e) = node.interest.ensure(&*node.broker, channel).await {
             warn!(channel, error = %e, "backbone subscribe failed");
             self.leave_hub(channel, &sub);
@@ -522,7 +526,15 @@ impl Session {
                         out.push(Outgoing::Replayed(p));
                     }
                 }
-                self.subs.insert(key, SubState { epoch, last, sub });
+                self.subs.insert(
+                    token,
+                    SubState {
+                        channel: key,
+                        epoch,
+                        last,
+                        sub,
+                    },
+                );
             }
             Recovery::Unrecoverable { reason, top } => {
                 node.metrics.resumes_unrecoverable.increment(1);
@@ -541,8 +553,9 @@ impl Session {
                     seq: top.seq,
                 })));
                 self.subs.insert(
-                    key,
+                    token,
                     SubState {
+                        channel: key,
                         epoch: Arc::from(top.epoch.as_str()),
                         last: top.seq,
                         sub,
@@ -603,7 +616,7 @@ impl Session {
                 join,
                 member,
             } => {
-                if self.subs.contains_key(channel.as_str()) {
+                if self.subs.contains(channel.as_str()) {
                     let event = protocol::PresenceEvent {
                         channel,
                         user: member.user,
@@ -628,7 +641,7 @@ impl Session {
                 None
             }
             Control::Subscribe { channel, since, .. } => {
-                if self.subs.contains_key(channel.as_str()) {
+                if self.subs.contains(channel.as_str()) {
                     return None;
                 }
                 let from = out.len();
@@ -720,60 +733,82 @@ impl Session {
         self.shared.signal.ready().await;
     }
 
-    /// Turns everything new in its logs into what the transport must write, applying
-    /// the delivery invariant (module docs).
+    /// Turns everything new in its ready logs into what the transport must
+    /// write, applying the delivery invariant (module docs).
     pub async fn drain_queue(&mut self, out: &mut impl Outbox) -> Result<(), SlowConsumer> {
         if self.shared.signal.is_overflowed() {
             return Err(SlowConsumer);
         }
+        let ready = self.shared.take_ready();
+        if ready == 0 {
+            return Ok(());
+        }
         let mut batch = std::mem::take(&mut self.scratch);
-        let with_news = self
-            .subs
-            .values()
-            .filter(|st| st.sub.log.has_news(st.sub.cursor))
-            .count();
-        if with_news == 1 {
-            // The common case: one log has news. Its contiguous run is
-            // written straight from the log (the rest, from the first
-            // message that is not next in line, goes the general way).
-            let Some(st) = self
-                .subs
-                .values_mut()
-                .find(|st| st.sub.log.has_news(st.sub.cursor))
-            else {
-                unreachable!("counted above");
-            };
-            let SubState { epoch, last, sub } = st;
-            let own = &mut self.own;
-            let mut stalled = false;
-            let read = sub.log.read_with(sub.slot, |order, p| {
-                if !stalled && p.seq == *last + 1 && same_epoch(epoch, &p.epoch) {
-                    *last = p.seq;
-                    match own_publish(own, p) {
-                        Some(answer) => out.frame(answer),
-                        None => out.publication_ref(p),
+        // The ready subscriptions whose log has news (a set bit may name
+        // none: see the hub's module docs).
+        let bound = self.subs.bound();
+        let subs = &self.subs;
+        let has_news = |t: &usize| {
+            subs.at(*t)
+                .is_some_and(|st| st.sub.log.has_news(st.sub.cursor))
+        };
+        let mut news = ready_tokens(ready, bound).filter(has_news);
+        let first = news.next();
+        let more = news.next().is_some();
+        drop(news);
+        match first {
+            None => {}
+            Some(token) if !more => {
+                // The common case: one log has news. Its contiguous run is
+                // written straight from the log (the rest, from the first
+                // message that is not next in line, goes the general way).
+                let Some(st) = self.subs.at_mut(token) else {
+                    unreachable!("found above");
+                };
+                let SubState {
+                    epoch, last, sub, ..
+                } = st;
+                let own = &mut self.own;
+                let mut stalled = false;
+                let read = sub.log.read_with(sub.slot, |order, p| {
+                    if !stalled && p.seq == *last + 1 && same_epoch(epoch, &p.epoch) {
+                        *last = p.seq;
+                        match own_publish(own, p) {
+                            Some(answer) => out.frame(answer),
+                            None => out.publication_ref(p),
+                        }
+                    } else {
+                        stalled = true;
+                        batch.push_back((order, token as u32, p.clone()));
                     }
-                } else {
-                    stalled = true;
-                    batch.push_back((order, p.clone()));
-                }
-            });
-            match read {
-                Ok(cursor) => sub.cursor = cursor,
-                Err(Behind) => return Err(SlowConsumer),
-            }
-        } else if with_news > 1 {
-            for st in self.subs.values_mut() {
-                match st.sub.log.read(st.sub.slot, &mut batch) {
-                    Ok(cursor) => st.sub.cursor = cursor,
+                });
+                match read {
+                    Ok(cursor) => sub.cursor = cursor,
                     Err(Behind) => return Err(SlowConsumer),
                 }
             }
-            // Merge the logs in the hub's arrival order.
-            batch.make_contiguous().sort_by_key(|(order, _)| *order);
+            Some(_) => {
+                for token in ready_tokens(ready, bound) {
+                    let Some(st) = self.subs.at_mut(token) else {
+                        continue;
+                    };
+                    if !st.sub.log.has_news(st.sub.cursor) {
+                        continue;
+                    }
+                    let read = st.sub.log.read_with(st.sub.slot, |order, p| {
+                        batch.push_back((order, token as u32, p.clone()))
+                    });
+                    match read {
+                        Ok(cursor) => st.sub.cursor = cursor,
+                        Err(Behind) => return Err(SlowConsumer),
+                    }
+                }
+                // Merge the logs in the hub's arrival order.
+                batch.make_contiguous().sort_by_key(|(order, _, _)| *order);
+            }
         }
-        for (_, p) in batch.drain(..) {
-            self.admit(p, out).await;
+        for (_, token, p) in batch.drain(..) {
+            self.admit_at(token as usize, p, out).await;
         }
         // A burst grows the batch; a quiet connection should not keep it.
         if batch.capacity() > 128 {
@@ -783,11 +818,45 @@ impl Session {
         Ok(())
     }
 
-    /// Applies the delivery invariant to one publication.
+    /// Applies the delivery invariant to one publication of a subscribed
+    /// channel.
     pub async fn admit(&mut self, p: Arc<Publication>, out: &mut impl Outbox) {
-        let node = self.ctx.clone();
-        let Some(st) = self.subs.get_mut(&*p.channel) else {
+        if let Some(token) = self.subs.index_of(&p.channel) {
+            self.admit_at(token, p, out).await;
+        }
+    }
+
+    /// [`Session::admit`] for the subscription `token` (the publication's
+    /// channel: it was read from that subscription's log).
+    async fn admit_at(&mut self, token: usize, p: Arc<Publication>, out: &mut impl Outbox) {
+        let Some(st) = self.subs.at_mut(token) else {
             return; // unsubscribed since it was read
+        };
+        debug_assert_eq!(*st.channel, *p.channel, "a token names its channel");
+        if same_epoch(&mut st.epoch, &p.epoch) && p.seq <= st.last + 1 {
+            if p.seq <= st.last {
+                self.ctx.metrics.duplicates_suppressed.increment(1);
+                return;
+            }
+            st.last = p.seq;
+            match own_publish(&mut self.own, &p) {
+                Some(answer) => out.frame(answer),
+                None => out.publication(p),
+            }
+            return;
+        }
+        // Another epoch or a gap: the store is asked. Boxed: inline, these
+        // rare paths' futures would sit in every idle connection's task
+        // (the drain's future is part of the connection's loop).
+        Box::pin(self.admit_unusual(token, p, out)).await;
+    }
+
+    /// [`Session::admit_at`] for a publication of another epoch or past a
+    /// gap.
+    async fn admit_unusual(&mut self, token: usize, p: Arc<Publication>, out: &mut impl Outbox) {
+        let node = self.ctx.clone();
+        let Some(st) = self.subs.at_mut(token) else {
+            return;
         };
         if !same_epoch(&mut st.epoch, &p.epoch) {
             // Another epoch: either the stream lost its history (follow the
@@ -802,7 +871,7 @@ impl Session {
                     return;
                 }
             }
-            let Some(st) = self.subs.get_mut(&*p.channel) else {
+            let Some(st) = self.subs.at_mut(token) else {
                 return; // unsubscribed meanwhile
             };
             // The stream lost its history; say so, then follow the new epoch
@@ -818,7 +887,7 @@ impl Session {
             st.last = 0;
             self.answer_own(&p.channel, out);
         }
-        let Some(st) = self.subs.get_mut(&*p.channel) else {
+        let Some(st) = self.subs.at_mut(token) else {
             return;
         };
         if p.seq <= st.last {
@@ -832,7 +901,7 @@ impl Session {
                 Ok(Recovery::Recovered { publications, .. }) => {
                     let st = self
                         .subs
-                        .get_mut(&*p.channel)
+                        .at_mut(token)
                         .expect("checked above; nothing removes it meanwhile");
                     for q in publications {
                         if q.seq == st.last + 1 && q.seq < p.seq {
@@ -863,7 +932,7 @@ impl Session {
             }
             let st = self
                 .subs
-                .get_mut(&*p.channel)
+                .at_mut(token)
                 .expect("checked above; nothing removes it meanwhile");
             if p.seq > st.last + 1 {
                 // Whatever could not be filled is gone for this client.
@@ -880,7 +949,7 @@ impl Session {
         }
         let st = self
             .subs
-            .get_mut(&*p.channel)
+            .at_mut(token)
             .expect("checked above; nothing removes it meanwhile");
         st.last = p.seq;
         match own_publish(&mut self.own, &p) {
@@ -926,7 +995,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        let channels: Vec<Arc<str>> = self.subs.keys().cloned().collect();
+        let channels: Vec<Arc<str>> = self.subs.iter().map(|s| s.channel.clone()).collect();
         // Nobody reads answers any more.
         let mut gone = Vec::new();
         for c in channels {

@@ -374,3 +374,100 @@ async fn an_own_excluded_publish_is_answered_in_its_place() {
     assert_eq!(seen(&out), [answer(11, 7)]);
     drop((m1, m2));
 }
+
+async fn publish_on(p: &Parts, channel: &str, n: u64) {
+    p.ctx
+        .broker
+        .publish(channel, crate::message::Draft::new(json!({ "n": n }), 0))
+        .await
+        .expect("memory publish");
+}
+
+/// (channel, seq) of each message handed out.
+fn delivered(out: &[Outgoing]) -> Vec<(String, u64)> {
+    out.iter()
+        .filter_map(|o| match o {
+            Outgoing::Publication(p) | Outgoing::Replayed(p) => {
+                Some((p.channel.to_string(), p.seq))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_session_with_many_subscriptions_reads_its_ready_logs_in_arrival_order() {
+    let p = parts(100, Duration::from_secs(60));
+    let mut s = session(&p);
+    let mut out = Vec::new();
+    // 100 subscriptions: tokens 0..100, so each ready bit stands for three
+    // or four (3, 35, 67, 99 share one).
+    for i in 0..100 {
+        s.subscribe(None, &format!("ch{i}"), None, &mut out)
+            .await
+            .expect("subscribe");
+    }
+    assert_eq!(s.shared.take_ready(), 0, "subscribing marks nothing");
+    // Traffic on a few channels sharing a ready bit (3, 67, 99).
+    for (ch, n) in [
+        ("ch3", 1),
+        ("ch67", 1),
+        ("ch99", 1),
+        ("ch3", 2),
+        ("ch67", 2),
+    ] {
+        publish_on(&p, ch, n).await;
+    }
+    let got = delivered(&drained(&mut s).await);
+    let want: Vec<(String, u64)> = [
+        ("ch3", 1),
+        ("ch67", 1),
+        ("ch99", 1),
+        ("ch3", 2),
+        ("ch67", 2),
+    ]
+    .iter()
+    .map(|(c, n)| (c.to_string(), *n))
+    .collect();
+    assert_eq!(got, want, "every message once, in arrival order");
+    assert!(drained(&mut s).await.is_empty(), "nothing twice");
+    // One log with news (the fast path), its bit shared with a quiet one.
+    publish_on(&p, "ch67", 3).await;
+    assert_eq!(delivered(&drained(&mut s).await), [("ch67".to_string(), 3)]);
+    // A token freed and reused: the new subscription gets its messages,
+    // the old channel's do not come back.
+    assert!(s.unsubscribe("ch3", &mut Vec::new()));
+    s.subscribe(None, "fresh", None, &mut out)
+        .await
+        .expect("subscribe");
+    publish_on(&p, "ch3", 3).await;
+    publish_on(&p, "fresh", 1).await;
+    publish_on(&p, "ch0", 1).await;
+    assert_eq!(
+        delivered(&drained(&mut s).await),
+        [("fresh".to_string(), 1), ("ch0".to_string(), 1)]
+    );
+    // The last token freed: the slab shrinks; a new one takes the lowest
+    // free index.
+    assert!(s.unsubscribe("ch99", &mut Vec::new()));
+    s.subscribe(None, "ch99", None, &mut out)
+        .await
+        .expect("subscribe");
+    publish_on(&p, "ch99", 2).await;
+    assert_eq!(delivered(&drained(&mut s).await), [("ch99".to_string(), 2)]);
+}
+
+#[tokio::test]
+async fn a_wake_up_without_ready_logs_reads_nothing() {
+    let p = parts(100, Duration::from_secs(60));
+    let mut s = session(&p);
+    let mut out = Vec::new();
+    s.subscribe(None, C, None, &mut out)
+        .await
+        .expect("subscribe");
+    // A control wake-up or the socket's I/O: nothing ready, nothing read.
+    s.shared.signal.wake();
+    assert!(drained(&mut s).await.is_empty());
+    publish(&p, 1).await;
+    assert_eq!(drained(&mut s).await.len(), 1);
+}

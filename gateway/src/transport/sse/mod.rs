@@ -205,8 +205,6 @@ async fn open_stream(
         end: end.clone(),
         node: node.clone(),
         lifecycle: node.lifecycle(),
-        keepalive: node.ms(node.config.sse_keepalive_ms),
-        expires_at: identity.expires_at,
         identity: identity.clone(),
         drain_ticket: None,
         channels,

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use futures_util::StreamExt;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -181,15 +182,20 @@ async fn read_head(
     }
 }
 
-/// Serves one SSE request on `tcp` until the stream ends or the client goes.
-pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
-    // Boxed: the head buffers and the subscribe path are needed once; kept
-    // inline they would sit in every idle stream's task for its whole life.
+/// An open stream's parts, once its response head is written: the body,
+/// the session's signal, the connection-end record.
+type Opened = (
+    Body,
+    Option<Arc<crate::hub::SessionShared>>,
+    Option<Arc<crate::telemetry::ConnectionEnd>>,
+);
+
+/// Reads the request, opens the stream and writes its response head (or
+/// answers a refusal in full: `None`).
+async fn open(node: &Arc<Node>, tcp: &mut TcpStream, arrival: Arrival) -> Option<Opened> {
     let deadline = tokio::time::Instant::now() + node.ms(node.config.request_head_timeout_ms);
-    let Some((headers, query)) = Box::pin(read_head(&mut tcp, deadline)).await else {
-        return;
-    };
-    let response = Box::pin(super::open(State(node.clone()), headers, RawQuery(query))).await;
+    let (headers, query) = read_head(tcp, deadline).await?;
+    let response = super::open(State(node.clone()), headers, RawQuery(query)).await;
     // A session now (its slot counts it), or refused: no longer pending.
     drop(arrival);
     let (mut parts, body) = response.into_parts();
@@ -203,17 +209,35 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
         let bytes = axum::body::to_bytes(body, 64 * 1024)
             .await
             .unwrap_or_default();
-        let _ =
-            write_response_head(&mut tcp, parts.status, &parts.headers, Some(bytes.len())).await;
+        let _ = write_response_head(tcp, parts.status, &parts.headers, Some(bytes.len())).await;
         let _ = tcp.write_all(&bytes).await;
-        return;
+        return None;
     }
-    if write_response_head(&mut tcp, parts.status, &parts.headers, None)
+    write_response_head(tcp, parts.status, &parts.headers, None)
         .await
-        .is_err()
-    {
+        .ok()?;
+    Some((body, shared, end))
+}
+
+/// Serves one SSE request on `tcp` until the stream ends or the client goes.
+///
+/// Not an `async fn`, whose arguments the future would store twice; and
+/// the request's head, the response's parts and the subscribe path live in
+/// a boxed future (`open`) that is gone before the stream starts: kept
+/// inline they would sit in every idle stream's task for its whole life.
+#[allow(clippy::manual_async_fn)] // on purpose: see above
+pub fn serve(
+    node: Arc<Node>,
+    mut tcp: TcpStream,
+    arrival: Arrival,
+) -> impl std::future::Future<Output = ()> + Send {
+    async move { serve_stream(node, &mut tcp, arrival).await }
+}
+
+async fn serve_stream(node: Arc<Node>, tcp: &mut TcpStream, arrival: Arrival) {
+    let Some((body, shared, end)) = Box::pin(open(&node, tcp, arrival)).await else {
         return;
-    }
+    };
     let mut stream = body.into_data_stream();
     let write_stall = node.ms(node.config.write_stall_timeout_ms);
     let (mut rd, mut wr) = tcp.split();
@@ -222,24 +246,17 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
         tokio::select! {
             chunk = stream.next() => match chunk {
                 Some(Ok(bytes)) => {
-                    let overflow = async {
-                        match &shared {
-                            Some(s) => s.signal.overflowed().await,
-                            None => std::future::pending().await,
-                        }
-                    };
                     // Tried first: most writes complete at once, and only a
-                    // blocked one needs the watches (the timer is boxed so
-                    // an idle stream's task does not hold one).
+                    // blocked one needs the watches (boxed, so an idle
+                    // stream's task holds neither their futures nor a
+                    // timer).
                     let mut write = std::pin::pin!(wr.write_all(&bytes));
                     let written = match futures_util::poll!(write.as_mut()) {
                         std::task::Poll::Ready(written) => written,
                         std::task::Poll::Pending => {
-                            let stall = Box::pin(tokio::time::sleep(write_stall));
-                            tokio::select! {
-                                biased;
-                                written = write => written,
-                                _ = overflow => {
+                            match Box::pin(blocked_write(write, shared.as_deref(), write_stall)).await {
+                                Ok(written) => written,
+                                Err(Blocked::Behind) => {
                                     node.metrics.slow_consumer_disconnects.increment(1);
                                     if let Some(e) = &end {
                                         e.set(protocol::CloseCode::SlowConsumer);
@@ -248,7 +265,7 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
                                     crate::telemetry::slow_consumer_cut("sse", &format!("{}-{id}", node.id));
                                     return;
                                 }
-                                _ = stall => {
+                                Err(Blocked::Stalled) => {
                                     crate::telemetry::write_stalled("sse");
                                     if let Some(e) = &end {
                                         e.set(protocol::CloseCode::SlowConsumer);
@@ -270,4 +287,33 @@ pub async fn serve(node: Arc<Node>, mut tcp: TcpStream, arrival: Arrival) {
         }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Why a blocked write gave up.
+enum Blocked {
+    /// The stream fell behind a channel's bound.
+    Behind,
+    /// Nothing was read for `write_stall_timeout_ms`.
+    Stalled,
+}
+
+/// A write the client is not reading: waits for it, for the stream falling
+/// behind a channel's bound, or for the stall deadline.
+async fn blocked_write(
+    write: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
+    shared: Option<&crate::hub::SessionShared>,
+    stall: Duration,
+) -> Result<std::io::Result<()>, Blocked> {
+    let overflow = async {
+        match shared {
+            Some(s) => s.signal.overflowed().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        biased;
+        written = write => Ok(written),
+        _ = overflow => Err(Blocked::Behind),
+        _ = tokio::time::sleep(stall) => Err(Blocked::Stalled),
+    }
 }

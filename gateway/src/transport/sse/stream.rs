@@ -26,8 +26,7 @@ pub(super) struct SseStream {
     pub(super) positions: Vec<Position>,
     pub(super) out: Vec<Outgoing>,
     pub(super) lifecycle: watch::Receiver<Lifecycle>,
-    pub(super) keepalive: Duration,
-    pub(super) expires_at: Option<u64>,
+    /// Its `expires_at` is the stream's deadline (`token_expired`).
     pub(super) identity: Identity,
     pub(super) drain_ticket: Option<u64>,
     pub(super) done: bool,
@@ -156,9 +155,14 @@ impl SseStream {
                     }
                 }
             }
+            // One timer: the keep-alive, or the token's expiry if sooner
+            // (two would cost an idle stream's state 112 bytes more).
+            let keepalive = self.node.ms(self.node.config.sse_keepalive_ms);
             let expiry = self
+                .identity
                 .expires_at
                 .map(|exp| Duration::from_secs(exp.saturating_sub(now_secs())));
+            let expires = expiry.is_some_and(|e| e <= keepalive);
             tokio::select! {
                 _ = self.lifecycle.changed() => continue,
                 _ = self.session.queue_ready() => {
@@ -190,8 +194,10 @@ impl SseStream {
                     self.write_all(&mut buf, out);
                     return Some(buf.freeze());
                 }
-                _ = tokio::time::sleep(self.keepalive) => return Some(Bytes::from_static(b": ka\n\n")),
-                _ = tokio::time::sleep(expiry.unwrap_or(Duration::MAX / 4)), if expiry.is_some() => {
+                _ = tokio::time::sleep(expiry.filter(|_| expires).unwrap_or(keepalive)) => {
+                    if !expires {
+                        return Some(Bytes::from_static(b": ka\n\n"));
+                    }
                     self.done = true;
                     self.end.set(CloseCode::TokenExpired);
                     let mut buf = BytesMut::new();
@@ -201,5 +207,47 @@ impl SseStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// An idle stream's state lives in the response body (one allocation:
+    /// the stream and its `next_chunk` future in progress). Printed with
+    /// its parts; held under a ceiling.
+    #[tokio::test]
+    async fn an_idle_streams_state_stays_within_its_ceiling() {
+        let config = crate::config::Config::default();
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        let node = crate::node::Node::build(config, prometheus)
+            .await
+            .expect("embedded node");
+        let session = crate::session::Session::new(
+            node.sessions.clone(),
+            node.admit().expect("admitted"),
+            protocol::Codec::Json,
+            crate::session::Transport::Sse,
+        );
+        let mut stream = super::SseStream {
+            end: std::sync::Arc::new(crate::telemetry::ConnectionEnd::open("sse")),
+            node: node.clone(),
+            lifecycle: node.lifecycle(),
+            identity: crate::auth::Identity::anonymous(),
+            drain_ticket: None,
+            channels: Vec::new(),
+            positions: Vec::new(),
+            session,
+            out: Vec::new(),
+            done: false,
+        };
+        let stream_size = std::mem::size_of_val(&stream);
+        let next_chunk = std::mem::size_of_val(&stream.next_chunk());
+        println!("SseStream: {stream_size} bytes; next_chunk future: {next_chunk} bytes");
+        assert!(
+            stream_size + next_chunk <= 808,
+            "{stream_size} + {next_chunk}"
+        );
     }
 }

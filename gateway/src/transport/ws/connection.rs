@@ -32,11 +32,52 @@ use super::write::{spare, WsOut};
 use super::Socket;
 
 /// Runs one connection to its end.
-pub(super) async fn run(node: Arc<Node>, slot: Slot, mut socket: Socket, codec: Codec) {
-    let Some((connect, identity, resumed)) = Box::pin(handshake(&node, &mut socket, codec)).await
-    else {
-        return;
-    };
+///
+/// Not an `async fn`: a task's future keeps everything it captured and
+/// every variable its `.await`s span for its whole life, and an `async fn`
+/// stores its arguments twice (as captured and as the body's variables).
+/// Here the task captures one box, which the handshake (`open`, boxed and
+/// gone once `connect` is answered) takes apart: the socket is stored once,
+/// inside the `Connection`, and the handshake's results are not kept (the
+/// old `async fn run` held ~0.7 KB of both in every idle connection's
+/// task). The size is held by `state.rs`'s test.
+pub(super) fn run(
+    node: Arc<Node>,
+    slot: Slot,
+    socket: Socket,
+    codec: Codec,
+) -> impl std::future::Future<Output = ()> + Send {
+    let args = Box::new((node, slot, socket, codec));
+    async move {
+        let Some((mut conn, end, code)) = Box::pin(open(args)).await else {
+            return;
+        };
+        let code = match code {
+            Some(code) => Some(code),
+            None => conn.serve().await,
+        };
+        if let Some(code) = code {
+            end.set(code);
+            if code == CloseCode::SlowConsumer {
+                crate::telemetry::slow_consumer_cut("ws", &conn.session.client_id());
+            }
+            conn.close(code).await;
+        }
+    }
+}
+
+/// A connection after its handshake and `connect` answer, the record of its
+/// end, and the close code if it is over already.
+type Opened = (
+    Connection,
+    crate::telemetry::ConnectionEnd,
+    Option<CloseCode>,
+);
+
+/// The handshake and the `connect` answer (`None`: no session).
+async fn open(args: Box<(Arc<Node>, Slot, Socket, Codec)>) -> Option<Opened> {
+    let (node, slot, mut socket, codec) = *args;
+    let (connect, identity, resumed) = handshake(&node, &mut socket, codec).await?;
     let mut conn = Connection {
         session: Session::new(node.sessions.clone(), slot, codec, Transport::Ws),
         node: node.clone(),
@@ -57,20 +98,8 @@ pub(super) async fn run(node: Arc<Node>, slot: Slot, mut socket: Socket, codec: 
     };
     conn.session.set_user(&conn.identity.user);
     let end = crate::telemetry::ConnectionEnd::open("ws");
-    // Boxed: the connect path is large and runs once; keeping it out of the
-    // loop's future keeps every idle connection small.
-    let code = Box::pin(conn.start(connect, resumed)).await;
-    let code = match code {
-        Some(code) => Some(code),
-        None => conn.serve().await,
-    };
-    if let Some(code) = code {
-        end.set(code);
-        if code == CloseCode::SlowConsumer {
-            crate::telemetry::slow_consumer_cut("ws", &conn.session.client_id());
-        }
-        conn.close(code).await;
-    }
+    let code = conn.start(connect, resumed).await;
+    Some((conn, end, code))
 }
 
 /// Polls the socket's read side if its I/O woke the connection (see
