@@ -6,6 +6,7 @@
 #   4. many subscriptions (not in the default set: ONLY=manysubs): WebSocket
 #      subscribers each holding MS_SUBSCRIPTIONS subscriptions, traffic on
 #      MS_CHANNELS of them; CPU per delivery and latency
+#   5. fan-out to SSE subscribers (not in the default set: ONLY=fanout-sse)
 # Each run gets a fresh gateway (--dev, embedded node) pinned to core $GW_CPU;
 # the load generator is pinned to core $LT_CPU. Loopback traffic only. Every
 # step is bounded in time; the gateway is stopped between runs.
@@ -14,8 +15,12 @@
 #   GW_CPU=0 LT_CPU=1 OUT=target/bench NO_BUILD=1 (use existing binaries)
 #   GW=path (another gateway binary, e.g. an older build, for an A/B)
 #   CONNECT_RATE=5000 (new connections/s offered by the load generator)
-#   ONLY="idle-ws idle-sse fanout manysubs" (a subset; the default is the
-#   first three)  GATEWAY_WORKER_THREADS=N
+#   ONLY="idle-ws idle-sse fanout fanout-sse manysubs" (a subset; the
+#   default is the first three)  GATEWAY_WORKER_THREADS=N
+#   SERVER=reference (measure `loadtest reference`, the thinnest fan-out
+#   server, instead of the gateway: the yardstick of issue 16)
+#   NOISE=30 (a noisy neighbour: `loadtest noise` takes that percentage of
+#   the server's core, pinned beside it, during every run)
 #   MS_SUBS=1000 MS_SUBSCRIPTIONS=100 MS_CHANNELS=4 MS_RATE=200
 #   MS_DURATION=10 (the many-subscriptions run)
 #   GATEWAY_ADMISSION_RATE=20000 (the gateway's admission limit, default
@@ -44,7 +49,9 @@ if [ -z "${NO_BUILD:-}" ]; then
   cargo build --release -p gateway -p loadtest
 fi
 GW=${GW:-target/release/gateway}   # GW=path/to/other/gateway for an A/B
-LT=target/release/loadtest
+LT=${LT:-target/release/loadtest}
+SERVER=${SERVER:-gateway}
+case "$SERVER" in gateway | reference) ;; *) echo "SERVER is gateway or reference" >&2; exit 2 ;; esac
 
 # The gateway holds one descriptor per connection: raise the soft limit to
 # the hard one (the hard limit itself cannot be raised here).
@@ -63,10 +70,16 @@ elif git rev-parse --short HEAD >/dev/null 2>&1; then
 fi
 echo "nofile:  soft $(ulimit -n), hard $(ulimit -Hn)"
 echo "pinning: gateway on CPU $GW_CPU, loadtest on CPU $LT_CPU"
-echo "gateway: --dev, GATEWAY_ADMISSION_RATE=$GATEWAY_ADMISSION_RATE, otherwise defaults"
+if [ "$SERVER" = reference ]; then
+  echo "server:  loadtest reference (the thinnest fan-out server), threads ${GATEWAY_WORKER_THREADS:-one per CPU}"
+else
+  echo "gateway: --dev, GATEWAY_ADMISSION_RATE=$GATEWAY_ADMISSION_RATE, otherwise defaults"
+fi
+[ -n "${NOISE:-}" ] && echo "noise:   loadtest noise --percent $NOISE pinned to CPU $GW_CPU during every run"
 
 GW_PID=""
 GW_URL=""
+NOISE_PID=""
 
 start_gateway() {
   local name=$1
@@ -74,8 +87,13 @@ start_gateway() {
   # taskset and env exec, so $! is the gateway's own pid.
   # GATEWAY_WORKER_THREADS passes through when set (default: one per core;
   # measured better than 1 even when pinned to one core).
-  taskset -c "$GW_CPU" env GATEWAY_LOG=warn "$GW" --dev --addr 127.0.0.1:0 \
-    >"$OUT/$name.gateway.out" 2>"$OUT/$name.gateway.err" &
+  if [ "$SERVER" = reference ]; then
+    taskset -c "$GW_CPU" "$LT" reference --addr 127.0.0.1:0 \
+      >"$OUT/$name.gateway.out" 2>"$OUT/$name.gateway.err" &
+  else
+    taskset -c "$GW_CPU" env GATEWAY_LOG=warn "$GW" --dev --addr 127.0.0.1:0 \
+      >"$OUT/$name.gateway.out" 2>"$OUT/$name.gateway.err" &
+  fi
   GW_PID=$!
   for _ in $(seq 1 100); do
     GW_URL=$(sed -n 's/^listening on \(http:\/\/.*\)$/\1/p' "$OUT/$name.gateway.out" | head -1)
@@ -86,9 +104,18 @@ start_gateway() {
   [ -n "$GW_URL" ] || { echo "gateway did not start within 10 s"; exit 1; }
   # Let it finish starting before the baseline memory reading.
   sleep 0.5
+  if [ -n "${NOISE:-}" ]; then
+    taskset -c "$GW_CPU" "$LT" noise --percent "$NOISE" &
+    NOISE_PID=$!
+  fi
 }
 
 stop_gateway() {
+  if [ -n "$NOISE_PID" ]; then
+    kill "$NOISE_PID" 2>/dev/null || true
+    wait "$NOISE_PID" 2>/dev/null || true
+    NOISE_PID=""
+  fi
   [ -n "$GW_PID" ] || return 0
   kill -TERM "$GW_PID" 2>/dev/null || true
   for _ in $(seq 1 150); do
@@ -129,9 +156,10 @@ wanted() {
 wanted idle-ws && run idle-ws idle --transport ws --connections "$CONNS" --rate "$CONNECT_RATE"
 wanted idle-sse && run idle-sse idle --transport sse --connections "$CONNS" --rate "$CONNECT_RATE"
 wanted fanout && run fanout fanout --subscribers "$SUBS" --rate "$RATE" --duration "$DURATION" --connect-rate "$CONNECT_RATE"
+wanted fanout-sse && run fanout-sse fanout --transport sse --subscribers "$SUBS" --rate "$RATE" --duration "$DURATION" --connect-rate "$CONNECT_RATE"
 wanted manysubs && run manysubs fanout --subscribers "$MS_SUBS" --subscriptions "$MS_SUBSCRIPTIONS" \
   --channels "$MS_CHANNELS" --rate "$MS_RATE" --duration "$MS_DURATION" --connect-rate "$CONNECT_RATE"
 
 echo
 echo "== summary"
-for n in idle-ws idle-sse fanout manysubs; do wanted $n && grep -h '^RESULT' "$OUT/$n.txt"; done || true
+for n in idle-ws idle-sse fanout fanout-sse manysubs; do wanted $n && grep -h '^RESULT' "$OUT/$n.txt"; done || true

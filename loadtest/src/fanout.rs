@@ -1,9 +1,11 @@
-//! `loadtest fanout`: many WebSocket subscribers on one channel, one HTTP
-//! publisher at a fixed rate; measures deliveries per second, publish ->
-//! receive latency, and per-subscriber sequence continuity.
+//! `loadtest fanout`: many WebSocket (or SSE: `--transport sse`) subscribers
+//! on one channel, one HTTP publisher at a fixed rate; measures deliveries
+//! per second, publish -> receive latency, and per-subscriber sequence
+//! continuity.
 //!
 //! The receiving side is built to be cheap: a multi-threaded runtime, a raw
-//! frame parser over one reusable buffer per connection (see [`crate::rawws`]),
+//! frame (or event) parser over one reusable buffer per connection (see
+//! [`crate::rawws`], [`crate::rawsse`]),
 //! and only `"seq":` and `"ts":` picked out of each message's JSON. Latency
 //! samples go into a few shared HDR histograms, locked once per socket read
 //! (not per message), merged at the end.
@@ -25,6 +27,8 @@ use hdrhistogram::Histogram;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 
+use crate::idle::TransportKind;
+use crate::rawsse::{self, RawSse};
 use crate::rawws::{self, RawWs};
 use crate::util::{self, Target};
 
@@ -33,9 +37,13 @@ pub struct FanoutArgs {
     /// Gateway base URL (loopback), e.g. http://127.0.0.1:8080.
     #[arg(long)]
     pub url: String,
-    /// WebSocket subscribers, all on one channel.
+    /// Subscribers, all on one channel.
     #[arg(long, default_value_t = 5_000)]
     pub subscribers: u64,
+    /// How subscribers connect: WebSocket, or SSE (`GET /sse?channel=..`,
+    /// at most the server's `max_sse_channels` subscriptions).
+    #[arg(long, value_enum, default_value = "ws")]
+    pub transport: TransportKind,
     /// Messages published per second.
     #[arg(long, default_value_t = 200.0)]
     pub rate: f64,
@@ -116,8 +124,56 @@ const MSG_PREFIX: &[u8] = br#"{"type":"message""#;
 const E2E_SAMPLE: u64 = 8;
 const PING_PREFIX: &[u8] = br#"{"type":"ping""#;
 
+/// A subscriber's connection, either transport.
+enum Conn {
+    Ws(RawWs),
+    Sse(RawSse),
+}
+
+/// What a subscriber reads: a text frame or an SSE event's data (the same
+/// JSON), a WebSocket ping, a close.
+enum Item {
+    Text(usize, usize),
+    Ping(usize, usize),
+    Close(usize, usize),
+}
+
+impl Conn {
+    async fn fill(&mut self) -> anyhow::Result<bool> {
+        match self {
+            Conn::Ws(ws) => ws.fill().await,
+            Conn::Sse(sse) => sse.fill().await,
+        }
+    }
+
+    fn buf(&self) -> &[u8] {
+        match self {
+            Conn::Ws(ws) => &ws.buf,
+            Conn::Sse(sse) => &sse.rb.buf,
+        }
+    }
+
+    /// The next complete item in the buffer (consumed).
+    fn next_item(&mut self) -> anyhow::Result<Option<Item>> {
+        match self {
+            Conn::Ws(ws) => loop {
+                let Some(f) = ws.next_frame()? else {
+                    return Ok(None);
+                };
+                match f.opcode {
+                    1 => return Ok(Some(Item::Text(f.start, f.end))),
+                    9 => return Ok(Some(Item::Ping(f.start, f.end))),
+                    8 => return Ok(Some(Item::Close(f.start, f.end))),
+                    _ => {}
+                }
+            },
+            Conn::Sse(sse) => Ok(sse.rb.next_data().map(|(a, b)| Item::Text(a, b))),
+        }
+    }
+}
+
 /// Reads one subscriber's socket until it closes (or the task is aborted).
-async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
+async fn subscriber(mut ws: Conn, idx: usize, shared: Arc<Shared>) {
     let stat = &shared.stats[idx];
     let hist = &shared.hists[idx % SHARDS];
     let hist_e2e = &shared.hists_e2e[idx % SHARDS];
@@ -151,16 +207,21 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
             // are recorded as one run: a tenth of the recording cost.
             let mut run: Option<(u64, u64)> = None;
             loop {
-                let f = match ws.next_frame() {
-                    Ok(Some(f)) => f,
+                let item = match ws.next_item() {
+                    Ok(Some(item)) => item,
                     Ok(None) => break,
                     Err(e) => {
                         closed = Some(format!("bad frame: {e}"));
                         break;
                     }
                 };
-                let p = &ws.buf[f.start..f.end];
-                match f.opcode {
+                let (opcode, start, end) = match item {
+                    Item::Text(a, b) => (1, a, b),
+                    Item::Ping(a, b) => (9, a, b),
+                    Item::Close(a, b) => (8, a, b),
+                };
+                let p = &ws.buf()[start..end];
+                match opcode {
                     1 if p.starts_with(MSG_PREFIX) => {
                         received += 1;
                         let c = if k == 1 {
@@ -264,6 +325,10 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
                 .get_or_insert(reason);
             break;
         }
+        let Conn::Ws(ws) = &mut ws else {
+            // SSE: nothing to answer.
+            continue;
+        };
         if let Some(p) = pong_ws.take() {
             if tokio::io::AsyncWriteExt::write_all(&mut ws.stream, &rawws::client_frame(10, &p))
                 .await
@@ -283,12 +348,20 @@ async fn subscriber(mut ws: RawWs, idx: usize, shared: Arc<Shared>) {
 /// seq of each of the first `traffic` at subscribe time.
 async fn open_subscriber(
     target: &Target,
+    transport: TransportKind,
     src: std::net::Ipv4Addr,
     channels: &[String],
     traffic: usize,
     buf: usize,
-) -> anyhow::Result<(RawWs, Vec<u64>)> {
+) -> anyhow::Result<(Conn, Vec<u64>)> {
     let stream = util::connect_from(src, target.addr).await?;
+    if transport == TransportKind::Sse {
+        let query: Vec<String> = channels.iter().map(|c| format!("channel={c}")).collect();
+        let (sse, cursor) = RawSse::open(stream, &target.host, &query.join("&"), buf).await?;
+        let mut seqs = rawsse::cursor_seqs(&cursor)?;
+        seqs.truncate(traffic);
+        return Ok((Conn::Sse(sse), seqs));
+    }
     let mut ws = RawWs::handshake(stream, &target.host, buf).await?;
     ws.send_text(r#"{"type":"connect","id":1}"#).await?;
     ws.expect("connected").await?;
@@ -305,7 +378,7 @@ async fn open_subscriber(
             seqs.push(seq);
         }
     }
-    Ok((ws, seqs))
+    Ok((Conn::Ws(ws), seqs))
 }
 
 struct PubResult {
@@ -496,7 +569,8 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
             .collect(),
     );
     println!(
-        "fanout: subscribers={n} subscriptions={} traffic_channels={k} rate={}/s duration={} s payload_bytes={} channel={channel} source_ips={} threads={}",
+        "fanout: transport={} subscribers={n} subscriptions={} traffic_channels={k} rate={}/s duration={} s payload_bytes={} channel={channel} source_ips={} threads={}",
+        args.transport.name(),
         every.len(),
         args.rate,
         args.duration,
@@ -538,14 +612,14 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         let permit = sem.clone().acquire_owned().await.context("semaphore")?;
         let (target, every, tx, shared) =
             (target.clone(), every.clone(), tx.clone(), shared.clone());
-        let (ips, buf) = (args.source_ips, args.read_buffer);
+        let (ips, buf, transport) = (args.source_ips, args.read_buffer, args.transport);
         subs.spawn(async move {
             let src = util::source_ip(i, ips);
             let mut last_err = String::new();
             for attempt in 1..=3u64 {
                 match tokio::time::timeout(
                     Duration::from_secs(10),
-                    open_subscriber(&target, src, &every, k, buf),
+                    open_subscriber(&target, transport, src, &every, k, buf),
                 )
                 .await
                 {
@@ -814,7 +888,8 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         String::new()
     };
     println!(
-        "RESULT fanout: {:.0} deliveries/s ({received} received / {secs:.2} s), expected {expected}, lost {lost}, duplicates {dups}, latency p50 {} ms p99 {} ms p99.9 {} ms max {} ms{cpu_per_delivery}",
+        "RESULT fanout {}: {:.0} deliveries/s ({received} received / {secs:.2} s), expected {expected}, lost {lost}, duplicates {dups}, latency p50 {} ms p99 {} ms p99.9 {} ms max {} ms{cpu_per_delivery}",
+        args.transport.name(),
         received as f64 / secs,
         pct(0.5),
         pct(0.99),

@@ -35,7 +35,7 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             TransportKind::Ws => "ws",
             TransportKind::Sse => "sse",

@@ -3,9 +3,10 @@
 //! * `loadtest idle --transport ws|sse --connections N --gateway-pid PID --url URL`
 //!   opens N idle connections and prints the gateway's resident memory per
 //!   connection and the client-side connect rate.
-//! * `loadtest fanout --subscribers N --rate R --duration S --url URL`
-//!   measures deliveries per second and publish -> receive latency of one
-//!   channel fanned out to N WebSocket subscribers.
+//! * `loadtest fanout --subscribers N --rate R --duration S --url URL
+//!   [--transport ws|sse]` measures deliveries per second and publish ->
+//!   receive latency of one channel fanned out to N WebSocket (or SSE)
+//!   subscribers.
 //! * `loadtest run idle|broadcast|unicast|reconnect|drain ...` is the load
 //!   generator on the Rust client SDK (worker processes, source-address
 //!   spreading, HDR latency, loss and duplicate counts, JSON/SVG reports);
@@ -25,6 +26,13 @@
 //!   connections on 56 nodes with raw clients, broadcasts to all of them and
 //!   counts every delivery; see `million` and `loadtest/bench-million.sh`.
 //!
+//! * `loadtest reference` is the thinnest fan-out server we can write, for
+//!   `fanout` and `idle` to measure side by side with the gateway; see
+//!   `reference` and `loadtest/bench.sh` (`SERVER=reference`).
+//!
+//! * `loadtest noise --percent 30` takes that share of a core (a noisy
+//!   neighbour for `NOISE=30 loadtest/bench.sh`).
+//!
 //! Targets are loopback addresses only. `loadtest/bench.sh` runs the standard
 //! set (see BENCHMARKS.md).
 
@@ -32,7 +40,10 @@ mod fanout;
 mod idle;
 mod million;
 mod names;
+mod noise;
+mod rawsse;
 mod rawws;
+mod reference;
 mod rolling;
 mod scenario;
 mod util;
@@ -78,14 +89,27 @@ enum Command {
     /// Internal: one worker process of `million` (its share of the connections).
     #[command(hide = true)]
     MillionWorker(million::MillionWorkerArgs),
+    /// The thinnest fan-out server (the yardstick for the gateway): serves `fanout` and `idle`.
+    Reference(reference::ReferenceArgs),
+    /// A noisy neighbour: takes a share of one core until killed.
+    Noise(noise::NoiseArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Noise(a) = &cli.command {
+        return noise::noise(a);
+    }
     let threads = match &cli.command {
         Command::Fanout(a) => a.threads,
         // 50-odd workers share two cores: one thread each.
         Command::MillionWorker(_) => Some(1),
+        // As the gateway: GATEWAY_WORKER_THREADS, else one per CPU.
+        Command::Reference(a) => a.threads.or_else(|| {
+            std::env::var("GATEWAY_WORKER_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        }),
         _ => None,
     };
     let mut rt = tokio::runtime::Builder::new_multi_thread();
@@ -107,6 +131,8 @@ fn main() -> anyhow::Result<()> {
             Command::Names(a) => names::names(a).await,
             Command::Million(a) => million::million(a).await,
             Command::MillionWorker(a) => million::worker(a).await,
+            Command::Reference(a) => reference::reference(a).await,
+            Command::Noise(_) => unreachable!("runs without a runtime"),
         }
     });
     // Don't wait for connection tasks still parked on their sockets.

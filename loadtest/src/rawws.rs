@@ -124,6 +124,32 @@ fn digits(s: &[u8]) -> Option<u64> {
     any.then_some(v)
 }
 
+/// Reads more bytes into `buf[end..]` (unparsed bytes are `buf[start..end]`);
+/// false at end of stream. Makes room first: moves the unparsed bytes to the
+/// front when a quarter or less is free, and doubles a full buffer.
+pub async fn fill_buf(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    start: &mut usize,
+    end: &mut usize,
+) -> anyhow::Result<bool> {
+    if *start == *end {
+        *start = 0;
+        *end = 0;
+    } else if buf.len() - *end < buf.len() / 4 {
+        buf.copy_within(*start..*end, 0);
+        *end -= *start;
+        *start = 0;
+        if *end == buf.len() {
+            let n = buf.len();
+            buf.resize(n * 2, 0);
+        }
+    }
+    let n = stream.read(&mut buf[*end..]).await?;
+    *end += n;
+    Ok(n > 0)
+}
+
 /// A connected WebSocket: the stream and what was read past the last frame.
 pub struct RawWs {
     pub stream: TcpStream,
@@ -186,21 +212,13 @@ impl RawWs {
 
     /// Reads more bytes; false at end of stream. Makes room first.
     pub async fn fill(&mut self) -> anyhow::Result<bool> {
-        if self.start == self.end {
-            self.start = 0;
-            self.end = 0;
-        } else if self.buf.len() - self.end < self.buf.len() / 4 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-            if self.end == self.buf.len() {
-                let n = self.buf.len();
-                self.buf.resize(n * 2, 0);
-            }
-        }
-        let n = self.stream.read(&mut self.buf[self.end..]).await?;
-        self.end += n;
-        Ok(n > 0)
+        fill_buf(
+            &mut self.stream,
+            &mut self.buf,
+            &mut self.start,
+            &mut self.end,
+        )
+        .await
     }
 
     /// The next complete frame already in the buffer (consumed).
