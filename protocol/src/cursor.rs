@@ -60,6 +60,30 @@ impl SseCursor {
         Self::encode_partial(channels, &positions)
     }
 
+    /// The `<hash>` of the cursors of `channels` (a stream computes it once).
+    pub fn hash(channels: &[&str]) -> u32 {
+        fnv1a(channels)
+    }
+
+    /// Writes the cursor for `positions` (one per channel, in order) with
+    /// the `hash` of its channels: the text [`SseCursor::encode`] returns,
+    /// without an allocation (the SSE write path calls this per event).
+    pub fn write<W: std::fmt::Write>(
+        w: &mut W,
+        hash: u32,
+        positions: &[Position],
+    ) -> std::fmt::Result {
+        write!(w, "v1.{hash:08x}")?;
+        let mut digits = itoa::Buffer::new();
+        for p in positions {
+            w.write_char('.')?;
+            w.write_str(&p.epoch)?;
+            w.write_char('-')?;
+            w.write_str(digits.format(p.seq))?;
+        }
+        Ok(())
+    }
+
     /// The cursor for `positions`, one per channel of `channels`, in order;
     /// `None` for a channel the client has no position of yet (`_`).
     pub fn encode_partial(channels: &[&str], positions: &[Option<&Position>]) -> String {
@@ -131,6 +155,19 @@ impl SseCursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn writing_with_a_stored_hash_gives_the_encoded_cursor() {
+        let names = ["news", "$user:alice"];
+        let ps = [Position::new(42, "k3f9"), Position::new(u64::MAX, "Z1")];
+        let mut out = String::new();
+        SseCursor::write(&mut out, SseCursor::hash(&names), &ps).unwrap();
+        assert_eq!(out, SseCursor::encode(&names, &[&ps[0], &ps[1]]));
+        assert_eq!(
+            out,
+            format!("v1.{:08x}.k3f9-42.Z1-{}", fnv1a(&names), u64::MAX)
+        );
+    }
 
     #[test]
     fn round_trip() {

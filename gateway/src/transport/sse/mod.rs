@@ -201,12 +201,14 @@ async fn open_stream(
     };
     let shared = session.shared.clone();
     let end = Arc::new(crate::telemetry::ConnectionEnd::open("sse"));
+    let hash = protocol::SseCursor::hash(&names);
     let mut stream = SseStream {
         end: end.clone(),
         node: node.clone(),
         lifecycle: node.lifecycle(),
         identity: identity.clone(),
         drain_ticket: None,
+        hash,
         channels,
         positions,
         session,
@@ -215,11 +217,9 @@ async fn open_stream(
     };
     let mut first = BytesMut::new();
     let _ = write!(first, "retry: {}\n\n", node.config.sse_retry_ms);
-    let cursor = stream.cursor();
-    write_event(
+    stream.write_event(
         &mut first,
         Some("connected"),
-        Some(&cursor),
         &Codec::Json.encode(&ServerFrame::Connected(connected)),
     );
     stream.write_all(&mut first, out);
@@ -247,14 +247,26 @@ async fn open_stream(
     Ok(res)
 }
 
-pub(super) fn write_event(buf: &mut BytesMut, event: Option<&str>, id: Option<&str>, data: &[u8]) {
+/// Writes one event: its type (none: a `message`), its id (the cursor of
+/// these positions, with their channels' hash), its data. Straight into
+/// `buf`, with no cursor string of its own: this runs for every delivery.
+pub(super) fn write_event(
+    buf: &mut BytesMut,
+    event: Option<&str>,
+    id: Option<(u32, &[Position])>,
+    data: &[u8],
+) {
     if let Some(event) = event {
-        let _ = writeln!(buf, "event: {event}");
+        buf.extend_from_slice(b"event: ");
+        buf.extend_from_slice(event.as_bytes());
+        buf.extend_from_slice(b"\n");
     }
-    if let Some(id) = id {
-        let _ = writeln!(buf, "id: {id}");
+    if let Some((hash, positions)) = id {
+        buf.extend_from_slice(b"id: ");
+        let _ = protocol::SseCursor::write(buf, hash, positions);
+        buf.extend_from_slice(b"\n");
     }
-    let _ = write!(buf, "data: ");
+    buf.extend_from_slice(b"data: ");
     // Our JSON has no raw newlines (serde_json escapes them), so one data line.
     buf.extend_from_slice(data);
     buf.extend_from_slice(b"\n\n");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use protocol::{CloseCode, Codec, Position, Reconnect, ServerFrame, SseCursor};
+use protocol::{CloseCode, Codec, Position, Reconnect, ServerFrame};
 use tokio::sync::watch;
 
 use crate::auth::{now_secs, Identity};
@@ -22,6 +22,8 @@ pub(super) struct SseStream {
     pub(super) session: Session,
     /// The stream's channels in cursor order.
     pub(super) channels: Vec<String>,
+    /// Their cursors' `<hash>` ([`SseCursor::hash`]).
+    pub(super) hash: u32,
     /// Each channel's position after the last event written.
     pub(super) positions: Vec<Position>,
     pub(super) out: Vec<Outgoing>,
@@ -36,20 +38,41 @@ pub(super) struct SseStream {
 }
 
 impl SseStream {
-    pub(super) fn cursor(&self) -> String {
-        let names: Vec<&str> = self.channels.iter().map(String::as_str).collect();
-        let positions: Vec<&Position> = self.positions.iter().collect();
-        SseCursor::encode(&names, &positions)
+    /// Moves `channel`'s position (the epoch's text is copied only when it
+    /// changes: this runs for every event).
+    pub(super) fn set_position(&mut self, channel: &str, seq: u64, epoch: &str) {
+        if let Some(i) = self.channels.iter().position(|c| c == channel) {
+            let p = &mut self.positions[i];
+            p.seq = seq;
+            if p.epoch != epoch {
+                epoch.clone_into(&mut p.epoch);
+            }
+        }
     }
 
-    pub(super) fn set_position(&mut self, channel: &str, p: Position) {
-        if let Some(i) = self.channels.iter().position(|c| c == channel) {
-            self.positions[i] = p;
-        }
+    /// Writes one event whose id is the cursor as of now.
+    pub(super) fn write_event(&self, buf: &mut BytesMut, event: Option<&str>, data: &[u8]) {
+        write_event(buf, event, Some((self.hash, &self.positions)), data);
     }
 
     /// Writes events for `out`, each with the cursor as of that event.
     pub(super) fn write_all(&mut self, buf: &mut BytesMut, out: Vec<Outgoing>) {
+        // One allocation for the lot: each event is its data, the cursor
+        // and about 20 bytes of field names.
+        let cursor = 16
+            + self
+                .positions
+                .iter()
+                .map(|p| p.epoch.len() + 22)
+                .sum::<usize>();
+        let need: usize = out
+            .iter()
+            .map(|o| match o {
+                Outgoing::Publication(p) | Outgoing::Replayed(p) => p.json().len() + cursor + 20,
+                _ => 0,
+            })
+            .sum();
+        buf.reserve(need);
         let mut written = crate::session::Written::default();
         for o in out {
             let (p, live) = match o {
@@ -65,9 +88,8 @@ impl SseStream {
             } else {
                 written.replayed(p.ts);
             }
-            self.set_position(&p.channel, p.position());
-            let cursor = self.cursor();
-            write_event(buf, None, Some(&cursor), p.json());
+            self.set_position(&p.channel, p.seq, &p.epoch);
+            self.write_event(buf, None, p.json());
         }
         self.session.record_written(written);
     }
@@ -77,14 +99,9 @@ impl SseStream {
     /// say the same.)
     fn write_frame(&mut self, buf: &mut BytesMut, o: Outgoing) {
         if let Outgoing::Frame(ServerFrame::Unrecoverable(u)) = o {
-            self.set_position(&u.channel, Position::new(u.seq, u.epoch.clone()));
-            let cursor = self.cursor();
-            write_event(
-                buf,
-                Some("unrecoverable"),
-                Some(&cursor),
-                &Codec::Json.encode(&ServerFrame::Unrecoverable(u)),
-            );
+            self.set_position(&u.channel, u.seq, &u.epoch);
+            let frame = Codec::Json.encode(&ServerFrame::Unrecoverable(u));
+            self.write_event(buf, Some("unrecoverable"), &frame);
         }
     }
 
@@ -108,13 +125,7 @@ impl SseStream {
         });
         let mut buf = BytesMut::new();
         let _ = writeln!(buf, "retry: {delay}");
-        let cursor = self.cursor();
-        write_event(
-            &mut buf,
-            Some("reconnect"),
-            Some(&cursor),
-            &Codec::Json.encode(&frame),
-        );
+        self.write_event(&mut buf, Some("reconnect"), &Codec::Json.encode(&frame));
         buf.freeze()
     }
 
@@ -237,6 +248,7 @@ mod tests {
             identity: crate::auth::Identity::anonymous(),
             drain_ticket: None,
             channels: Vec::new(),
+            hash: 0,
             positions: Vec::new(),
             session,
             out: Vec::new(),
