@@ -65,23 +65,20 @@ impl SseCursor {
         fnv1a(channels)
     }
 
-    /// Writes the cursor for `positions` (one per channel, in order) with
+    /// Appends the cursor for `positions` (one per channel, in order) with
     /// the `hash` of its channels: the text [`SseCursor::encode`] returns,
     /// without an allocation (the SSE write path calls this per event).
-    pub fn write<W: std::fmt::Write>(
-        w: &mut W,
-        hash: u32,
-        positions: &[Position],
-    ) -> std::fmt::Result {
-        write!(w, "v1.{hash:08x}")?;
+    pub fn write(out: &mut Vec<u8>, hash: u32, positions: &[Position]) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        out.extend_from_slice(b"v1.");
+        out.extend((0..8).rev().map(|i| HEX[(hash >> (i * 4)) as usize & 0xf]));
         let mut digits = itoa::Buffer::new();
         for p in positions {
-            w.write_char('.')?;
-            w.write_str(&p.epoch)?;
-            w.write_char('-')?;
-            w.write_str(digits.format(p.seq))?;
+            out.push(b'.');
+            out.extend_from_slice(p.epoch.as_bytes());
+            out.push(b'-');
+            out.extend_from_slice(digits.format(p.seq).as_bytes());
         }
-        Ok(())
     }
 
     /// The cursor for `positions`, one per channel of `channels`, in order;
@@ -160,13 +157,17 @@ mod tests {
     fn writing_with_a_stored_hash_gives_the_encoded_cursor() {
         let names = ["news", "$user:alice"];
         let ps = [Position::new(42, "k3f9"), Position::new(u64::MAX, "Z1")];
-        let mut out = String::new();
-        SseCursor::write(&mut out, SseCursor::hash(&names), &ps).unwrap();
-        assert_eq!(out, SseCursor::encode(&names, &[&ps[0], &ps[1]]));
-        assert_eq!(
-            out,
-            format!("v1.{:08x}.k3f9-42.Z1-{}", fnv1a(&names), u64::MAX)
-        );
+        let mut out = b"id: ".to_vec();
+        SseCursor::write(&mut out, SseCursor::hash(&names), &ps);
+        let out = String::from_utf8(out).unwrap();
+        let encoded = SseCursor::encode(&names, &[&ps[0], &ps[1]]);
+        assert_eq!(out, format!("id: {encoded}"));
+        let hash = fnv1a(&names);
+        assert_eq!(out, format!("id: v1.{hash:08x}.k3f9-42.Z1-{}", u64::MAX));
+        // Leading zeros of the hash are written.
+        let mut out = Vec::new();
+        SseCursor::write(&mut out, 0x00ab_0001, &[]);
+        assert_eq!(out, b"v1.00ab0001");
     }
 
     #[test]

@@ -2,5 +2,6 @@
 //! only). Both drive a [`Session`](crate::session::Session); they differ only
 //! in how frames reach the wire.
 
+pub(crate) mod spare;
 pub mod sse;
 pub mod ws;

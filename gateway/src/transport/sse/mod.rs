@@ -15,13 +15,12 @@ pub mod socket;
 mod stream;
 
 use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, StatusCode};
 use protocol::{
     user_channel, Codec, Connected, Position, ServerFrame, Unrecoverable, UnrecoverableReason,
@@ -201,29 +200,26 @@ async fn open_stream(
     };
     let shared = session.shared.clone();
     let end = Arc::new(crate::telemetry::ConnectionEnd::open("sse"));
-    let hash = protocol::SseCursor::hash(&names);
     let mut stream = SseStream {
         end: end.clone(),
         node: node.clone(),
         lifecycle: node.lifecycle(),
         identity: identity.clone(),
         drain_ticket: None,
-        hash,
-        channels,
-        positions,
+        timer: None,
+        cursor: stream::Cursor::new(channels, positions),
         session,
         out: Vec::new(),
         done: false,
     };
-    let mut first = BytesMut::new();
-    let _ = write!(first, "retry: {}\n\n", node.config.sse_retry_ms);
-    stream.write_event(
+    let mut first = format!("retry: {}\n\n", node.config.sse_retry_ms).into_bytes();
+    stream.cursor.write_event(
         &mut first,
         Some("connected"),
         &Codec::Json.encode(&ServerFrame::Connected(connected)),
     );
     stream.write_all(&mut first, out);
-    let first = first.freeze();
+    let first = Bytes::from(first);
 
     let body = futures_util::stream::unfold((Some(first), stream), |(first, mut st)| async move {
         if let Some(first) = first {
@@ -251,7 +247,7 @@ async fn open_stream(
 /// these positions, with their channels' hash), its data. Straight into
 /// `buf`, with no cursor string of its own: this runs for every delivery.
 pub(super) fn write_event(
-    buf: &mut BytesMut,
+    buf: &mut Vec<u8>,
     event: Option<&str>,
     id: Option<(u32, &[Position])>,
     data: &[u8],
@@ -263,7 +259,7 @@ pub(super) fn write_event(
     }
     if let Some((hash, positions)) = id {
         buf.extend_from_slice(b"id: ");
-        let _ = protocol::SseCursor::write(buf, hash, positions);
+        protocol::SseCursor::write(buf, hash, positions);
         buf.extend_from_slice(b"\n");
     }
     buf.extend_from_slice(b"data: ");

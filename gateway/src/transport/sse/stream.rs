@@ -2,45 +2,69 @@
 //! whose `id` is the cursor as of that event; keep-alives; the drain's
 //! `reconnect` event; token expiry.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use protocol::{CloseCode, Codec, Position, Reconnect, ServerFrame};
 use tokio::sync::watch;
 
 use crate::auth::{now_secs, Identity};
 use crate::drain::Lifecycle;
+use crate::message::Publication;
 use crate::node::Node;
-use crate::session::{Outgoing, Session};
+use crate::session::{Outbox, Outgoing, Session, Written};
+use crate::transport::spare;
 
 use super::write_event;
+
+/// A thread's spare buffer grown past this by a burst is let go.
+const SPARE_KEEP: usize = 64 * 1024;
 
 pub(super) struct SseStream {
     pub(super) node: Arc<Node>,
     pub(super) session: Session,
-    /// The stream's channels in cursor order.
-    pub(super) channels: Vec<String>,
-    /// Their cursors' `<hash>` ([`SseCursor::hash`]).
-    pub(super) hash: u32,
-    /// Each channel's position after the last event written.
-    pub(super) positions: Vec<Position>,
+    /// Where the stream is: every event's id.
+    pub(super) cursor: Cursor,
     pub(super) out: Vec<Outgoing>,
     pub(super) lifecycle: watch::Receiver<Lifecycle>,
     /// Its `expires_at` is the stream's deadline (`token_expired`).
     pub(super) identity: Identity,
     pub(super) drain_ticket: Option<u64>,
+    /// The keep-alive's (or the token expiry's) one timer, made at the
+    /// first wait and moved only when it fires (boxed: the stream's state
+    /// holds a pointer, not the timer).
+    pub(super) timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     pub(super) done: bool,
     /// Counts the stream closed, with the close code of its end, when both
     /// this and the socket's serving task have let go of it.
     pub(super) end: Arc<crate::telemetry::ConnectionEnd>,
 }
 
-impl SseStream {
+/// The stream's channels and each one's position after the last event
+/// written: the cursor every event carries as its id.
+pub(super) struct Cursor {
+    /// The channels in cursor order.
+    pub(super) channels: Vec<String>,
+    /// Their cursors' `<hash>` ([`protocol::SseCursor::hash`]), computed once.
+    pub(super) hash: u32,
+    pub(super) positions: Vec<Position>,
+}
+
+impl Cursor {
+    pub(super) fn new(channels: Vec<String>, positions: Vec<Position>) -> Self {
+        let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+        let hash = protocol::SseCursor::hash(&names);
+        Self {
+            channels,
+            hash,
+            positions,
+        }
+    }
+
     /// Moves `channel`'s position (the epoch's text is copied only when it
     /// changes: this runs for every event).
-    pub(super) fn set_position(&mut self, channel: &str, seq: u64, epoch: &str) {
+    fn set(&mut self, channel: &str, seq: u64, epoch: &str) {
         if let Some(i) = self.channels.iter().position(|c| c == channel) {
             let p = &mut self.positions[i];
             p.seq = seq;
@@ -51,58 +75,73 @@ impl SseStream {
     }
 
     /// Writes one event whose id is the cursor as of now.
-    pub(super) fn write_event(&self, buf: &mut BytesMut, event: Option<&str>, data: &[u8]) {
+    pub(super) fn write_event(&self, buf: &mut Vec<u8>, event: Option<&str>, data: &[u8]) {
         write_event(buf, event, Some((self.hash, &self.positions)), data);
     }
+}
 
-    /// Writes events for `out`, each with the cursor as of that event.
-    pub(super) fn write_all(&mut self, buf: &mut BytesMut, out: Vec<Outgoing>) {
-        // One allocation for the lot: each event is its data, the cursor
-        // and about 20 bytes of field names.
-        let cursor = 16
-            + self
-                .positions
-                .iter()
-                .map(|p| p.epoch.len() + 22)
-                .sum::<usize>();
-        let need: usize = out
-            .iter()
-            .map(|o| match o {
-                Outgoing::Publication(p) | Outgoing::Replayed(p) => p.json().len() + cursor + 20,
-                _ => 0,
-            })
-            .sum();
-        buf.reserve(need);
-        let mut written = crate::session::Written::default();
-        for o in out {
-            let (p, live) = match o {
-                Outgoing::Publication(p) => (p, true),
-                Outgoing::Replayed(p) => (p, false),
-                other => {
-                    self.write_frame(buf, other);
-                    continue;
-                }
-            };
-            if live {
-                written.live(p.ts);
-            } else {
-                written.replayed(p.ts);
-            }
-            self.set_position(&p.channel, p.seq, &p.epoch);
-            self.write_event(buf, None, p.json());
-        }
-        self.session.record_written(written);
+/// Writes what the session hands out as events straight into a buffer,
+/// each with the cursor as of that event (the SSE side of
+/// [`crate::session::Outbox`]: no list of what to write, no reference
+/// count taken per delivery).
+struct SseOut<'a> {
+    cursor: &'a mut Cursor,
+    buf: &'a mut Vec<u8>,
+    written: Written,
+}
+
+impl SseOut<'_> {
+    fn message(&mut self, p: &Publication) {
+        self.cursor.set(&p.channel, p.seq, &p.epoch);
+        self.cursor.write_event(self.buf, None, p.json());
+    }
+}
+
+impl Outbox for SseOut<'_> {
+    fn publication(&mut self, p: Arc<Publication>) {
+        self.publication_ref(&p);
     }
 
-    /// Writes a frame that is not a message: an `unrecoverable` notice.
-    /// (`subscribed` has no SSE event: the `connected` event and the cursor
-    /// say the same.)
-    fn write_frame(&mut self, buf: &mut BytesMut, o: Outgoing) {
-        if let Outgoing::Frame(ServerFrame::Unrecoverable(u)) = o {
-            self.set_position(&u.channel, u.seq, &u.epoch);
-            let frame = Codec::Json.encode(&ServerFrame::Unrecoverable(u));
-            self.write_event(buf, Some("unrecoverable"), &frame);
+    fn publication_ref(&mut self, p: &Arc<Publication>) {
+        self.written.live(p.ts);
+        self.message(p);
+    }
+
+    fn replayed(&mut self, p: Arc<Publication>) {
+        self.written.replayed(p.ts);
+        self.message(&p);
+    }
+
+    /// A frame that is not a message: an `unrecoverable` notice.
+    /// (`subscribed` has no SSE event: the `connected` event and the
+    /// cursor say the same.)
+    fn frame(&mut self, f: ServerFrame) {
+        if let ServerFrame::Unrecoverable(u) = &f {
+            self.cursor.set(&u.channel, u.seq, &u.epoch);
+            let frame = Codec::Json.encode(&f);
+            self.cursor
+                .write_event(self.buf, Some("unrecoverable"), &frame);
         }
+    }
+}
+
+impl SseStream {
+    /// Writes events for `out`, each with the cursor as of that event.
+    pub(super) fn write_all(&mut self, buf: &mut Vec<u8>, out: Vec<Outgoing>) {
+        let mut sink = SseOut {
+            cursor: &mut self.cursor,
+            buf,
+            written: Written::default(),
+        };
+        for o in out {
+            match o {
+                Outgoing::Publication(p) => sink.publication(p),
+                Outgoing::Replayed(p) => sink.replayed(p),
+                Outgoing::Frame(f) => sink.frame(f),
+            }
+        }
+        let written = sink.written;
+        self.session.record_written(written);
     }
 
     /// The drain's (and the rebalancer's) `reconnect` event: `retry:` set
@@ -123,10 +162,21 @@ impl SseStream {
             min_delay_ms: c.reconnect_min_delay_ms,
             max_delay_ms: c.reconnect_max_delay_ms,
         });
-        let mut buf = BytesMut::new();
-        let _ = writeln!(buf, "retry: {delay}");
-        self.write_event(&mut buf, Some("reconnect"), &Codec::Json.encode(&frame));
-        buf.freeze()
+        let mut buf = format!("retry: {delay}\n").into_bytes();
+        self.cursor
+            .write_event(&mut buf, Some("reconnect"), &Codec::Json.encode(&frame));
+        Bytes::from(buf)
+    }
+
+    /// When the timer fires next: the next keep-alive beat, or the token's
+    /// expiry if that is sooner.
+    fn next_deadline(&self) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let beat = now + self.node.ms(self.node.config.sse_keepalive_ms);
+        match self.identity.expires_at {
+            Some(exp) => beat.min(now + Duration::from_secs(exp.saturating_sub(now_secs()))),
+            None => beat,
+        }
     }
 
     /// The next body chunk, or `None` to end the stream.
@@ -166,14 +216,14 @@ impl SseStream {
                     }
                 }
             }
-            // One timer: the keep-alive, or the token's expiry if sooner
-            // (two would cost an idle stream's state 112 bytes more).
-            let keepalive = self.node.ms(self.node.config.sse_keepalive_ms);
-            let expiry = self
-                .identity
-                .expires_at
-                .map(|exp| Duration::from_secs(exp.saturating_sub(now_secs())));
-            let expires = expiry.is_some_and(|e| e <= keepalive);
+            // One timer for the stream's life: the keep-alive beats on a
+            // fixed cadence (traffic or not), or the token's expiry if that
+            // is sooner. A fresh timer per chunk cost a timer-wheel insert
+            // and removal per delivery.
+            let next = self.next_deadline();
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(next)));
             tokio::select! {
                 _ = self.lifecycle.changed() => continue,
                 _ = self.session.queue_ready() => {
@@ -191,30 +241,52 @@ impl SseStream {
                             return Some(Bytes::from_static(b": disconnected by the server\n\n"));
                         }
                     }
-                    if self.session.drain_queue(&mut out).await.is_err() {
+                    // Events are written into this thread's spare buffer
+                    // (hot in its cache) and copied out once, at their size.
+                    let mut buf = spare::take();
+                    if !out.is_empty() {
+                        self.write_all(&mut buf, out);
+                    } else {
+                        self.out = out;
+                    }
+                    let mut sink = SseOut {
+                        cursor: &mut self.cursor,
+                        buf: &mut buf,
+                        written: Written::default(),
+                    };
+                    if self.session.drain_queue(&mut sink).await.is_err() {
                         self.session.slow_consumer();
                         self.end.set(CloseCode::SlowConsumer);
                         crate::telemetry::slow_consumer_cut("sse", &self.session.client_id());
                         return None;
                     }
-                    if out.is_empty() {
-                        self.out = out;
+                    let written = sink.written;
+                    self.session.record_written(written);
+                    if buf.is_empty() {
+                        spare::give_back(buf, SPARE_KEEP);
                         continue;
                     }
-                    let mut buf = BytesMut::new();
-                    self.write_all(&mut buf, out);
-                    return Some(buf.freeze());
+                    let chunk = Bytes::copy_from_slice(&buf);
+                    spare::give_back(buf, SPARE_KEEP);
+                    return Some(chunk);
                 }
-                _ = tokio::time::sleep(expiry.filter(|_| expires).unwrap_or(keepalive)) => {
-                    if !expires {
+                () = timer.as_mut() => {
+                    let expired = self.identity.expires_at.is_some_and(|exp| exp <= now_secs());
+                    if !expired {
+                        // A beat (or an expiry check a fraction of a second
+                        // early: the token's `exp` is in whole seconds).
+                        let next = self.next_deadline();
+                        if let Some(t) = self.timer.as_mut() {
+                            t.as_mut().reset(next);
+                        }
                         return Some(Bytes::from_static(b": ka\n\n"));
                     }
                     self.done = true;
                     self.end.set(CloseCode::TokenExpired);
-                    let mut buf = BytesMut::new();
+                    let mut buf = Vec::new();
                     let frame = ServerFrame::TokenExpired(protocol::TokenExpired {});
                     write_event(&mut buf, Some("token_expired"), None, &Codec::Json.encode(&frame));
-                    return Some(buf.freeze());
+                    return Some(Bytes::from(buf));
                 }
             }
         }
@@ -224,8 +296,10 @@ impl SseStream {
 #[cfg(test)]
 mod tests {
     /// An idle stream's state lives in the response body (one allocation:
-    /// the stream and its `next_chunk` future in progress). Printed with
-    /// its parts; held under a ceiling.
+    /// the stream and its `next_chunk` future in progress), plus its
+    /// keep-alive timer (boxed, ~128 B: one timer for the stream's life
+    /// instead of one per delivered chunk; issue 16). Printed with its
+    /// parts; held under a ceiling.
     #[tokio::test]
     async fn an_idle_streams_state_stays_within_its_ceiling() {
         let config = crate::config::Config::default();
@@ -247,9 +321,8 @@ mod tests {
             lifecycle: node.lifecycle(),
             identity: crate::auth::Identity::anonymous(),
             drain_ticket: None,
-            channels: Vec::new(),
-            hash: 0,
-            positions: Vec::new(),
+            timer: None,
+            cursor: super::Cursor::new(Vec::new(), Vec::new()),
             session,
             out: Vec::new(),
             done: false,
@@ -258,7 +331,7 @@ mod tests {
         let next_chunk = std::mem::size_of_val(&stream.next_chunk());
         println!("SseStream: {stream_size} bytes; next_chunk future: {next_chunk} bytes");
         assert!(
-            stream_size + next_chunk <= 808,
+            stream_size + next_chunk <= 864,
             "{stream_size} + {next_chunk}"
         );
     }

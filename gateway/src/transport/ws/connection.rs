@@ -28,8 +28,9 @@ use crate::session::{Outgoing, Session, Transport};
 use super::handshake::handshake;
 use super::io::close;
 use super::state::Connection;
-use super::write::{spare, WsOut};
+use super::write::WsOut;
 use super::Socket;
+use crate::transport::spare;
 
 /// Runs one connection to its end.
 ///

@@ -6,7 +6,7 @@
 //! the close handshake go through tungstenite; outbound frames are gathered
 //! into a write buffer and written with one write() per wake-up, so a burst
 //! costs one system call, not one per message. Deliveries borrow the worker
-//! thread's spare buffer (`spare`, hot in the core's cache) for the length
+//! thread's spare buffer (`transport::spare`, hot in the core's cache) for the length
 //! of one write; a connection keeps a buffer only while its write is
 //! blocked. A
 //! publication's frame is encoded and framed once for all recipients
@@ -18,7 +18,7 @@
 //! `state.rs` (the connection's state the loop and the write path share),
 //! `io.rs` (sending an error or the close frame through tungstenite),
 //! `write.rs` (the write path: frames into a borrowed buffer, one write()
-//! per wake-up, the thread's spare buffer).
+//! per wake-up).
 
 mod connection;
 mod handshake;
