@@ -80,8 +80,9 @@ pub struct MillionArgs {
     /// Seconds the connections are held (with heartbeats) before broadcasting.
     #[arg(long, default_value_t = 60)]
     pub hold: u64,
-    /// Broadcasts to the shared channel.
-    #[arg(long, default_value_t = 30)]
+    /// Broadcasts to the shared channel (at most 64: each connection keeps
+    /// one bit per broadcast).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub broadcasts: u32,
     /// Time between broadcasts, ms.
     #[arg(long, default_value_t = 1_000)]
@@ -514,6 +515,9 @@ pub async fn worker(a: MillionWorkerArgs) -> anyhow::Result<()> {
                 let nb: u32 = words.next().context("WAIT nb")?.parse()?;
                 let every: u64 = words.next().context("WAIT every")?.parse()?;
                 let limit: u64 = words.next().context("WAIT ms")?.parse()?;
+                // The broadcasts the gateway accepted (bit k: broadcast k);
+                // one it never accepted is not expected.
+                let accepted = u64::from_str_radix(words.next().context("WAIT accepted")?, 16)?;
                 // Users whose `/api/send` the gateway refused (none expected).
                 let refused: std::collections::HashSet<u64> = words
                     .next()
@@ -521,8 +525,16 @@ pub async fn worker(a: MillionWorkerArgs) -> anyhow::Result<()> {
                     .split(',')
                     .filter_map(|x| x.parse().ok())
                     .collect();
-                let s =
-                    wait_stats(&a, &sh, nb, every, &refused, Duration::from_millis(limit)).await;
+                let s = wait_stats(
+                    &a,
+                    &sh,
+                    nb,
+                    accepted,
+                    every,
+                    &refused,
+                    Duration::from_millis(limit),
+                )
+                .await;
                 println!("STATS {}", serde_json::to_string(&s)?);
             }
             _ => {}
@@ -538,16 +550,18 @@ async fn wait_stats(
     a: &MillionWorkerArgs,
     sh: &WorkerShared,
     nb: u32,
+    accepted: u64,
     every: u64,
     refused: &std::collections::HashSet<u64>,
     limit: Duration,
 ) -> Stats {
     let target = |i: u64| is_unicast_target(i, a.sse_every, every) && !refused.contains(&i);
-    let all = if nb >= 64 { u64::MAX } else { (1u64 << nb) - 1 };
+    let all = accepted & if nb >= 64 { u64::MAX } else { (1u64 << nb) - 1 };
     let t0 = Instant::now();
     let complete = |k: usize, c: &ConnStat| {
         let i = a.offset + k as u64;
-        c.got.load(Ordering::Relaxed) == all && (!target(i) || c.uni.load(Ordering::Relaxed) > 0)
+        c.got.load(Ordering::Relaxed) & all == all
+            && (!target(i) || c.uni.load(Ordering::Relaxed) > 0)
     };
     while t0.elapsed() < limit {
         let done = sh
@@ -574,8 +588,8 @@ async fn wait_stats(
         }
         let got = c.got.load(Ordering::Relaxed);
         let n = u64::from((got & all).count_ones());
-        s.received += n;
-        s.lost += u64::from(nb) - n;
+        s.received += u64::from(got.count_ones());
+        s.lost += u64::from(all.count_ones()) - n;
         for (b, slot) in s.per_broadcast.iter_mut().enumerate() {
             *slot += got >> b & 1;
         }
@@ -1086,6 +1100,9 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     let pace = tokio::time::Instant::now();
     let mut pub_rtt = util::new_hist();
     let mut pub_failed = 0u64;
+    let mut pub_retries = 0u64;
+    // Bit k: broadcast k was accepted.
+    let mut accepted = 0u64;
     let mut pub_first_error = String::new();
     let mut sends = JoinSet::new();
     let per_round = uni_targets
@@ -1096,19 +1113,36 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     for k in 0..a.broadcasts {
         tokio::time::sleep_until(pace + Duration::from_millis(a.interval_ms * u64::from(k))).await;
         let url = format!("{}/api/publish", urls[k as usize % urls.len()]);
+        // A backend's retry: the same body and idempotency key, so a
+        // publish the gateway took before the answer was lost is not made
+        // twice; a broadcast never accepted is not expected by anyone.
         let body = format!(
-            r#"{{"channel":"{channel}","data":{{"bcast":{k},"sent_us":{}}}}}"#,
-            util::now_us()
+            r#"{{"channel":"{channel}","data":{{"bcast":{k},"sent_us":{}}},"idempotency_key":"bcast-{k}-{}"}}"#,
+            util::now_us(),
+            std::process::id()
         );
         let t = Instant::now();
-        match post(&http, &url, body).await {
-            Ok(()) => {
-                pub_rtt.saturating_record(t.elapsed().as_micros().max(1) as u64);
-            }
-            Err(e) => {
-                pub_failed += 1;
-                if pub_first_error.is_empty() {
-                    pub_first_error = format!("{e:#}");
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match post(&http, &url, body.clone()).await {
+                Ok(()) => {
+                    pub_rtt.saturating_record(t.elapsed().as_micros().max(1) as u64);
+                    accepted |= 1 << k;
+                    break;
+                }
+                Err(e) if tries < 5 => {
+                    pub_retries += 1;
+                    if pub_first_error.is_empty() {
+                        pub_first_error = format!("{e:#}");
+                    }
+                }
+                Err(e) => {
+                    pub_failed += 1;
+                    if pub_first_error.is_empty() {
+                        pub_first_error = format!("{e:#}");
+                    }
+                    break;
                 }
             }
         }
@@ -1163,7 +1197,7 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     for w in &mut ws {
         w.child
             .send(&format!(
-                "WAIT {} {} {wait_ms} {}",
+                "WAIT {} {} {wait_ms} {accepted:x} {}",
                 a.broadcasts,
                 a.unicast_every,
                 refused.join(",")
@@ -1227,9 +1261,10 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     for s in &stats {
         uni_hist.add(util::hist_from_hex(&s.uni_hist)?)?;
     }
-    let expected = u64::from(a.broadcasts) * a.connections;
+    // Broadcasts the gateway never accepted are not expected.
+    let expected = u64::from(accepted.count_ones()) * a.connections;
     out.say(format!(
-        "publish: {} broadcasts ({pub_failed} failed), API round trip {}; /api/send {send_ok} ok ({send_retries} retries after a 503), {send_failed} refused{}",
+        "publish: {} broadcasts ({pub_failed} never accepted after 5 tries, {pub_retries} retries), API round trip {}; /api/send {send_ok} ok ({send_retries} retries after a 503), {send_failed} refused{}",
         a.broadcasts,
         util::latency_line(&pub_rtt),
         if pub_first_error.is_empty() { String::new() } else { format!("; first error: {pub_first_error}") }
@@ -1255,8 +1290,8 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
             .unwrap_or(0)
     };
     out.say(format!(
-        "broadcast: {received} deliveries of {expected} expected ({} broadcasts x {} connections); lost {lost}, duplicated {dups}, unrecoverable notices {unrec}; connections closed {closed} (open at the end {open_end}){}; waited {waited} ms after the last publish",
-        a.broadcasts,
+        "broadcast: {received} deliveries of {expected} expected ({} accepted broadcasts x {} connections); lost {lost}, duplicated {dups}, unrecoverable notices {unrec}; connections closed {closed} (open at the end {open_end}){}; waited {waited} ms after the last publish",
+        accepted.count_ones(),
         a.connections,
         if first_close.is_empty() { String::new() } else { format!(", first close: {first_close}") }
     ));
