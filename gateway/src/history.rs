@@ -51,7 +51,7 @@ fn message(p: &Publication) -> Message {
         channel: p.channel.to_string(),
         seq: p.seq,
         epoch: p.epoch.to_string(),
-        data: p.data.clone(),
+        data: p.data.to_value(),
         ts: Some(p.ts),
         from: p.from().cloned(),
     }

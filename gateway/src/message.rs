@@ -4,12 +4,17 @@
 //! encodings made once per codec ([`WsFrame`]: a complete WebSocket frame;
 //! SSE writes its payload). A [`Draft`] is what a publisher hands in,
 //! before the store gives it a position.
+//!
+//! The data is [`JsonData`]: compact JSON text, made once on the node that
+//! accepts the publish and then carried as it is (replay store, backbone
+//! envelope, the JSON frame), never parsed into a tree again on the way to
+//! a JSON client. Only a MessagePack frame parses it, once per node, when
+//! the first MessagePack recipient needs it.
 
 use std::sync::{Arc, OnceLock};
 
-use protocol::{Codec, MessageRef, Position, Publisher};
+use protocol::{Codec, JsonData, MessageRef, Position, Publisher};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 
@@ -20,7 +25,7 @@ pub struct Publication {
     pub channel: Arc<str>,
     pub seq: u64,
     pub epoch: Arc<str>,
-    pub data: Value,
+    pub data: JsonData,
     /// When the publish was accepted, Unix milliseconds.
     pub ts: u64,
     /// Who published it and who must not get it live; `None` for almost
@@ -56,7 +61,7 @@ impl Extras {
 /// A message as a publisher hands it in, before it has a position.
 #[derive(Debug)]
 pub struct Draft<'a> {
-    pub data: Value,
+    pub data: JsonData,
     /// Accept time, Unix milliseconds.
     pub ts: u64,
     /// Exactly-once publishing: the idempotency key, if any.
@@ -65,9 +70,9 @@ pub struct Draft<'a> {
 }
 
 impl<'a> Draft<'a> {
-    pub fn new(data: Value, ts: u64) -> Self {
+    pub fn new(data: impl Into<JsonData>, ts: u64) -> Self {
         Self {
-            data,
+            data: data.into(),
             ts,
             key: None,
             extras: None,
@@ -133,12 +138,18 @@ impl WsFrame {
 }
 
 impl Publication {
-    pub fn new(channel: Arc<str>, seq: u64, epoch: Arc<str>, data: Value, ts: u64) -> Self {
+    pub fn new(
+        channel: Arc<str>,
+        seq: u64,
+        epoch: Arc<str>,
+        data: impl Into<JsonData>,
+        ts: u64,
+    ) -> Self {
         Self {
             channel,
             seq,
             epoch,
-            data,
+            data: data.into(),
             ts,
             extras: None,
             json: OnceLock::new(),
@@ -173,7 +184,7 @@ impl Publication {
             Codec::Json => &self.json,
             Codec::MsgPack => &self.msgpack,
         };
-        cell.get_or_init(|| WsFrame::new(codec, &codec.encode(&self.as_ref())))
+        cell.get_or_init(|| WsFrame::new(codec, &codec.encode_message(&self.as_ref())))
     }
 
     /// The `message` frame as JSON text.
@@ -188,5 +199,38 @@ impl Publication {
 
     pub fn position(&self) -> Position {
         Position::new(self.seq, &*self.epoch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The JSON frame is the data's text copied in; the MessagePack one is
+    /// made only when asked for, and both are what `Codec::encode` of the
+    /// owned frame gives.
+    #[test]
+    fn frames_carry_the_data_as_published() {
+        let value = serde_json::json!({"b": [1, 2.5, "x"], "a": {"n": null}});
+        let p = Publication::new("news".into(), 3, "E".into(), &value, 7);
+        assert_eq!(
+            std::str::from_utf8(p.json()).unwrap(),
+            r#"{"type":"message","channel":"news","seq":3,"epoch":"E","data":{"a":{"n":null},"b":[1,2.5,"x"]},"ts":7}"#
+        );
+        assert!(
+            p.msgpack.get().is_none(),
+            "no MessagePack frame until one is needed"
+        );
+        let owned = protocol::ServerFrame::Message(protocol::Message {
+            channel: "news".into(),
+            seq: 3,
+            epoch: "E".into(),
+            data: value,
+            ts: Some(7),
+            from: None,
+        });
+        for codec in [Codec::Json, Codec::MsgPack] {
+            assert_eq!(p.ws_frame(codec).payload(), &codec.encode(&owned)[..]);
+        }
     }
 }

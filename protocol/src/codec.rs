@@ -16,7 +16,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 use crate::codes::ErrorCode;
-use crate::frames::{ClientFrame, ServerFrame};
+use crate::frames::{ClientFrame, MessageRef, ServerFrame};
 use crate::scan;
 
 /// How deep arrays and maps (JSON objects) may nest in any input the gateway
@@ -103,6 +103,46 @@ impl Codec {
             Self::MsgPack => rmp_serde::to_vec_named(frame)
                 .expect("protocol frames always encode as MessagePack")
                 .into(),
+        }
+    }
+
+    /// Encodes a `message` frame: byte-identical to [`Codec::encode`] of
+    /// the same [`crate::Message`]. In JSON the data's text is copied in
+    /// as it is, never parsed; MessagePack parses it once (the caller
+    /// keeps the frame: one encode per codec per message on a node).
+    pub fn encode_message(self, m: &MessageRef<'_>) -> Vec<u8> {
+        match self {
+            Self::Json => {
+                let data = m.data.as_bytes();
+                let mut out = Vec::with_capacity(
+                    64 + m.channel.len()
+                        + m.epoch.len()
+                        + data.len()
+                        + if m.from.is_some() { 64 } else { 0 },
+                );
+                // The fields in the order serde writes them for `Message`
+                // (the roundtrip test pins the bytes); writing strings
+                // into a Vec cannot fail.
+                out.extend_from_slice(br#"{"type":"message","channel":"#);
+                let _ = serde_json::to_writer(&mut out, m.channel);
+                out.extend_from_slice(br#","seq":"#);
+                out.extend_from_slice(m.seq.to_string().as_bytes());
+                out.extend_from_slice(br#","epoch":"#);
+                let _ = serde_json::to_writer(&mut out, m.epoch);
+                out.extend_from_slice(br#","data":"#);
+                out.extend_from_slice(data);
+                if let Some(ts) = m.ts {
+                    out.extend_from_slice(br#","ts":"#);
+                    out.extend_from_slice(ts.to_string().as_bytes());
+                }
+                if let Some(from) = m.from {
+                    out.extend_from_slice(br#","from":"#);
+                    let _ = serde_json::to_writer(&mut out, from);
+                }
+                out.push(b'}');
+                out
+            }
+            Self::MsgPack => self.encode(m).into(),
         }
     }
 
@@ -321,11 +361,11 @@ mod tests {
             let data = codec
                 .decode_value(&nested(codec, MAX_DEPTH - 1))
                 .expect("value");
-            let out = codec.encode(&crate::frames::MessageRef {
+            let out = codec.encode_message(&crate::frames::MessageRef {
                 channel: "news",
                 seq: 1,
                 epoch: "e",
-                data: &data,
+                data: &crate::JsonData::from_value(&data),
                 ts: None,
                 from: None,
             });

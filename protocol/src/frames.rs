@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::codes::ErrorCode;
+use crate::data::JsonData;
 use crate::position::Position;
 
 /// Frames a client sends.
@@ -367,14 +368,17 @@ pub struct Publisher {
     pub client: String,
 }
 
-/// Borrowed form of [`Message`] for encoding a broadcast without copying it.
+/// Borrowed form of [`Message`] for encoding a broadcast without copying
+/// it, its `data` as the JSON text it travels as: encode it with
+/// [`crate::Codec::encode_message`], which copies that text into a JSON
+/// frame as it is.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename = "message")]
 pub struct MessageRef<'a> {
     pub channel: &'a str,
     pub seq: u64,
     pub epoch: &'a str,
-    pub data: &'a Value,
+    pub data: &'a JsonData,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ts: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]

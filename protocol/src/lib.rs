@@ -6,6 +6,8 @@
 //!   ([`MAX_DEPTH`]).
 //! * [`codes`]: error codes (with a "temporary" flag) and WebSocket close codes
 //!   (split into a "reconnect" and a "terminal" range).
+//! * [`data`]: a message's `data` as the compact JSON text it travels as
+//!   between nodes ([`JsonData`]).
 //! * [`position`]: a place in a channel stream (sequence + epoch).
 //! * [`cursor`]: the SSE event id, one cursor for all the channels of a stream.
 //! * [`channel`]: channel and user names, and the user's own stream.
@@ -18,6 +20,7 @@ pub mod channel;
 pub mod codec;
 pub mod codes;
 pub mod cursor;
+pub mod data;
 pub mod frames;
 pub mod position;
 mod scan;
@@ -28,5 +31,6 @@ pub use channel::{
 pub use codec::{Codec, DecodeError, MessageHead, MAX_DEPTH, MAX_SERVER_DEPTH};
 pub use codes::{CloseCode, ErrorCode};
 pub use cursor::{CursorError, SseCursor};
+pub use data::JsonData;
 pub use frames::*;
 pub use position::Position;

@@ -620,34 +620,49 @@ fn server_ping_pong_round_trip() {
 
 #[test]
 fn message_ref_encodes_as_message() {
+    let alice = Publisher {
+        user: Some("alice \"\n".into()),
+        client: "n1-7".into(),
+    };
+    let anonymous = Publisher {
+        user: None,
+        client: "n2-1".into(),
+    };
     for data in data_samples() {
+        let text = JsonData::from_value(&data);
         for ts in [None, Some(1_700_000_000_123)] {
-            let r = MessageRef {
-                from: None,
-                channel: "news",
-                seq: 42,
-                epoch: "k3f9",
-                data: &data,
-                ts,
-            };
-            let owned = ServerFrame::Message(Message {
-                from: None,
-                channel: "news".into(),
-                seq: 42,
-                epoch: "k3f9".into(),
-                data: data.clone(),
-                ts,
-            });
-            for codec in CODECS {
-                let bytes = codec.encode(&r);
-                assert_eq!(
-                    codec.decode_server(&bytes).expect("MessageRef decodes"),
-                    owned,
-                    "{codec:?}"
-                );
-                // Byte-identical to the owned frame, so a broadcast encoded
-                // once is exactly what a per-client encode would give.
-                assert_eq!(bytes, codec.encode(&owned), "{codec:?}");
+            for from in [None, Some(&alice), Some(&anonymous)] {
+                for (channel, epoch) in [("news", "k3f9"), ("chat:\"é\"\u{1}", "e\\")] {
+                    let r = MessageRef {
+                        from,
+                        channel,
+                        seq: 42,
+                        epoch,
+                        data: &text,
+                        ts,
+                    };
+                    let owned = ServerFrame::Message(Message {
+                        from: from.cloned(),
+                        channel: channel.into(),
+                        seq: 42,
+                        epoch: epoch.into(),
+                        data: data.clone(),
+                        ts,
+                    });
+                    for codec in CODECS {
+                        let bytes = codec.encode_message(&r);
+                        assert_eq!(
+                            codec.decode_server(&bytes).expect("MessageRef decodes"),
+                            owned,
+                            "{codec:?}"
+                        );
+                        // Byte-identical to the owned frame (what a node of
+                        // an earlier version sent, re-encoding the data),
+                        // so clients see the same frames from every node.
+                        assert_eq!(&bytes[..], &codec.encode(&owned)[..], "{codec:?}");
+                        assert_eq!(&bytes[..], &codec.encode(&r)[..], "{codec:?}");
+                    }
+                }
             }
         }
     }
@@ -655,7 +670,7 @@ fn message_ref_encodes_as_message() {
 
 #[test]
 fn message_ref_json_shape() {
-    let data = json!({"text": "hi"});
+    let data = JsonData::from_value(&json!({"text": "hi"}));
     let r = MessageRef {
         from: None,
         channel: "news",
@@ -664,7 +679,7 @@ fn message_ref_json_shape() {
         data: &data,
         ts: Some(1_700_000_000_000),
     };
-    let bytes = Codec::Json.encode(&r);
+    let bytes = Codec::Json.encode_message(&r);
     assert_eq!(
         std::str::from_utf8(&bytes).expect("utf-8"),
         r#"{"type":"message","channel":"news","seq":6,"epoch":"ab","data":{"text":"hi"},"ts":1700000000000}"#
@@ -678,7 +693,7 @@ fn message_ref_json_shape() {
         ts: None,
     };
     assert_eq!(
-        std::str::from_utf8(&Codec::Json.encode(&r)).expect("utf-8"),
+        std::str::from_utf8(&Codec::Json.encode_message(&r)).expect("utf-8"),
         r#"{"type":"message","channel":"news","seq":6,"epoch":"ab","data":{"text":"hi"}}"#
     );
 }

@@ -8,7 +8,8 @@
 //!   TTL, so a `maxmemory` with a `volatile-*` policy bounds them all; an
 //!   evicted key is covered (below).
 //! * `gw:{ch:c}:b`: a Redis Stream of the recent messages, entry id
-//!   `0-<seq>`, fields `d` (JSON data), `t` (accept time, Unix ms) and,
+//!   `0-<seq>`, fields `d` (the data's JSON text, as published: see
+//!   `protocol::JsonData`), `t` (accept time, Unix ms) and,
 //!   on a client-published message, `f` (the publisher, JSON); capped
 //!   at `replay_max_messages` entries and expiring `replay_window_ms` after
 //!   the last append; entries older than the window are not served.
@@ -51,10 +52,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use protocol::{Position, Publisher, UnrecoverableReason};
+use protocol::{JsonData, Position, Publisher, UnrecoverableReason};
 use redis::Value as RedisValue;
 use registry::{RedisConn, RedisTarget};
-use serde_json::Value;
 use tracing::warn;
 
 use super::{Appended, Recovery, ReplayStore, StoreError};
@@ -380,7 +380,6 @@ impl RedisReplayStore {
         (pubsub, publish_to): (PubSub, &[String]),
     ) -> Result<Appended, StoreError> {
         let (idempotency, ts) = (draft.key, draft.ts);
-        let payload = serde_json::to_string(&draft.data).map_err(unavailable)?;
         let stored = match draft.extras.as_ref().and_then(|e| e.from.as_ref()) {
             Some(from) => serde_json::to_string(from).map_err(unavailable)?,
             None => String::new(),
@@ -393,7 +392,9 @@ impl RedisReplayStore {
         let max_messages = self.namespaces.rules(channel).replay_max_messages;
         let (seq, epoch, reset, duplicate): (u64, String, u8, u8) = self
             .fcall(&self.library.append, channel, idempotency, |cmd| {
-                cmd.arg(&payload)
+                // The data's text as it is (`JsonData`): stored in `d` and
+                // put in the envelope unchanged.
+                cmd.arg(draft.data.as_bytes())
                     .arg(ts)
                     .arg(max_messages)
                     .arg(window)
@@ -458,7 +459,7 @@ fn history_lost(channel: &str, epoch: &str) {
 struct Entry {
     seq: u64,
     ts: u64,
-    data: Value,
+    data: JsonData,
     from: Option<Publisher>,
 }
 
@@ -489,10 +490,11 @@ fn parse_entry(entry: &RedisValue) -> Option<Entry> {
         let k: String = redis::from_redis_value(k).ok()?;
         match k.as_str() {
             "t" => ts = redis::from_redis_value::<u64>(v).ok(),
+            // Kept as the text it is (checked to be JSON, not parsed).
             "d" => {
-                data = redis::from_redis_value::<String>(v)
+                data = redis::from_redis_value::<Vec<u8>>(v)
                     .ok()
-                    .and_then(|s| serde_json::from_str(&s).ok())
+                    .and_then(|b| JsonData::from_stored(b).ok())
             }
             "f" => {
                 from = Some(
@@ -609,5 +611,48 @@ impl ReplayStore for RedisReplayStore {
             self.conn.pipelined(cmds).await.map_err(unavailable)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, fields: &[(&str, &[u8])]) -> RedisValue {
+        RedisValue::Array(vec![
+            RedisValue::BulkString(id.as_bytes().to_vec()),
+            RedisValue::Array(
+                fields
+                    .iter()
+                    .flat_map(|(k, v)| {
+                        [
+                            RedisValue::BulkString(k.as_bytes().to_vec()),
+                            RedisValue::BulkString(v.to_vec()),
+                        ]
+                    })
+                    .collect(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn stored_data_is_read_as_the_text_it_is() {
+        let e = parse_entry(&entry(
+            "0-7",
+            &[
+                ("d", br#"{"a":[1,2.5],"b":"x"}"#),
+                ("t", b"99"),
+                ("f", br#"{"client":"n1-2"}"#),
+                ("z", b"a newer node's field"),
+            ],
+        ))
+        .expect("parses");
+        assert_eq!((e.seq, e.ts), (7, 99));
+        assert_eq!(e.data.as_str(), r#"{"a":[1,2.5],"b":"x"}"#);
+        assert_eq!(e.from.map(|f| f.client).as_deref(), Some("n1-2"));
+        // Data that is not one JSON value is a malformed entry (the read
+        // fails as unavailable; nothing is delivered half-read).
+        assert!(parse_entry(&entry("0-8", &[("d", b"{\"a\":"), ("t", b"1")])).is_none());
+        assert!(parse_entry(&entry("0-8", &[("t", b"1")])).is_none());
     }
 }

@@ -112,6 +112,10 @@ pub struct Common {
     /// (implied by `drain`, and by several nodes for messages).
     #[arg(long)]
     pub redis: bool,
+    /// Start a nats-server too and make NATS the nodes' backbone (Redis
+    /// still holds the registry and the replay store; implies --redis).
+    #[arg(long)]
+    pub nats: bool,
     /// The gateway binary (default: `gateway` next to this executable).
     #[arg(long)]
     pub gateway_bin: Option<PathBuf>,
@@ -163,6 +167,12 @@ pub struct PublishOpts {
     /// Bytes of padding in each message's data.
     #[arg(long, default_value_t = 64)]
     pub payload_bytes: usize,
+    /// Structured items in each message's data besides the padding
+    /// (`"items": [{"id", "name", "price", "tags", "ok"}, ...]`, about 70
+    /// bytes each): JSON with objects, numbers and arrays, as applications
+    /// publish, where the padding is one long string.
+    #[arg(long, default_value_t = 0)]
+    pub payload_items: usize,
     /// Publish requests in flight at once.
     #[arg(long, default_value_t = 64)]
     pub publish_concurrency: usize,
@@ -348,9 +358,13 @@ struct Ctx {
     machine: Machine,
     http: reqwest::Client,
     redis: Option<harness::cluster::Service>,
+    nats: Option<harness::cluster::Service>,
     nodes: Vec<Node>,
     node_seen: Arc<Mutex<Vec<NodeSeen>>>,
     node_rss: Vec<Option<u64>>,
+    /// CPU seconds each started node used from the start of publishing to
+    /// the end of settling.
+    node_cpu: Vec<Option<f64>>,
     proxies: Vec<LineChild>,
     client_urls: Vec<String>,
     cluster: bool,
@@ -425,9 +439,11 @@ impl Ctx {
                 .timeout(Duration::from_secs(10))
                 .build()?,
             redis: None,
+            nats: None,
             nodes: Vec::new(),
             node_seen: Arc::new(Mutex::new(Vec::new())),
             node_rss: Vec::new(),
+            node_cpu: Vec::new(),
             proxies: Vec::new(),
             client_urls: Vec::new(),
             cluster: false,
@@ -474,6 +490,19 @@ impl Ctx {
         }
     }
 
+    /// CPU seconds each node used so far (`None` for nodes not started
+    /// here, or gone).
+    fn nodes_cpu(&self) -> Vec<Option<f64>> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                n.pid
+                    .and_then(|pid| util::cpu_time(pid).ok())
+                    .map(|d| d.as_secs_f64())
+            })
+            .collect()
+    }
+
     /// Starts (or takes from --url) the gateway nodes; `proxy` puts the
     /// load generator's proxy in front of them for the clients.
     async fn setup_nodes(
@@ -504,13 +533,20 @@ impl Ctx {
                 );
             }
             let bin = nodes::node_binary(self.c.gateway_bin.as_deref());
-            self.cluster = force_cluster || self.c.redis || (cluster_if_several && k > 1);
+            self.cluster =
+                force_cluster || self.c.redis || self.c.nats || (cluster_if_several && k > 1);
             let mut env = vec![("GATEWAY_JWT_SECRET".to_owned(), self.c.jwt_secret.clone())];
             if self.cluster {
                 let redis = nodes::start_redis(&self.out).await?;
                 env.push(("GATEWAY_REDIS_URL".into(), redis.url()));
                 self.say(format!("redis-server at {}", redis.url()));
                 self.redis = Some(redis);
+            }
+            if self.c.nats {
+                let nats = nodes::start_nats(&self.out).await?;
+                env.push(("GATEWAY_NATS_URL".into(), nats.url()));
+                self.say(format!("nats-server at {}", nats.url()));
+                self.nats = Some(nats);
             }
             env.extend(self.c.node_env.iter().cloned());
             for i in 1..=k {
@@ -536,6 +572,7 @@ impl Ctx {
             }
         }
         self.node_rss = vec![None; self.nodes.len()];
+        self.node_cpu = vec![None; self.nodes.len()];
         *lock(&self.node_seen) = vec![NodeSeen::default(); self.nodes.len()];
         let urls: Vec<String> = self.nodes.iter().map(|n| n.url.clone()).collect();
         self.client_urls = urls.clone();
@@ -946,6 +983,9 @@ impl Ctx {
         if let Some(r) = self.redis.as_mut() {
             r.stop();
         }
+        if let Some(n) = self.nats.as_mut() {
+            n.stop();
+        }
         self.pb.finish_and_clear();
         let mut machine = self.machine.clone();
         machine.load_after = report::loadavg();
@@ -959,6 +999,7 @@ impl Ctx {
                 url: n.url.clone(),
                 pid: n.pid,
                 rss_kib: self.node_rss[i],
+                cpu_s: self.node_cpu[i],
                 max_connections: seen[i].max_connections,
                 admission_rejected: seen[i].admission_rejected,
             })
@@ -1132,6 +1173,19 @@ impl Publisher {
     ) -> Self {
         let (stop, stop_rx) = watch::channel(false);
         let pad: Arc<str> = "x".repeat(opts.payload_bytes).into();
+        let items: Arc<serde_json::Value> = Arc::new(
+            (0..opts.payload_items)
+                .map(|i| {
+                    serde_json::json!({
+                        "id": i,
+                        "name": format!("item-{i}"),
+                        "price": i as f64 * 0.25 + 0.1,
+                        "tags": ["a", "b"],
+                        "ok": i % 2 == 0,
+                    })
+                })
+                .collect(),
+        );
         let sem = Arc::new(Semaphore::new(opts.publish_concurrency.max(1)));
         let keyed = !opts.no_idempotency_keys;
         let task = tokio::spawn(async move {
@@ -1202,12 +1256,15 @@ impl Publisher {
                         )
                     }
                 };
-                let (http, pad) = (http.clone(), pad.clone());
+                let (http, pad, items) = (http.clone(), pad.clone(), items.clone());
                 let key = format!("{run}-{k}");
                 set.spawn(async move {
                     let mut body = body;
                     let sent_us = util::now_us();
                     body["data"] = serde_json::json!({"sent_us": sent_us, "pad": &*pad});
+                    if !items.as_array().is_some_and(Vec::is_empty) {
+                        body["data"]["items"] = (*items).clone();
+                    }
                     if keyed {
                         body["idempotency_key"] = serde_json::Value::String(key);
                     }
@@ -1323,6 +1380,7 @@ async fn publish_then_conclude(
     verb: &str,
 ) -> anyhow::Result<()> {
     let urls = cx.nodes.iter().map(|n| n.url.clone()).collect();
+    let cpu0 = cx.nodes_cpu();
     let publisher = Publisher::start(cx.http.clone(), urls, target, rate, Some(duration), opts);
     cx.mark(format!("{verb} {rate}/s for {duration} s"));
     cx.pb.set_prefix(verb.to_owned());
@@ -1330,6 +1388,12 @@ async fn publish_then_conclude(
     let pubs = publisher.finish().await?;
     cx.mark(format!("{verb} stopped"));
     cx.settle().await;
+    cx.node_cpu = cx
+        .nodes_cpu()
+        .into_iter()
+        .zip(cpu0)
+        .map(|(b, a)| Some(b? - a?))
+        .collect();
     let finals = cx.finish(&pubs.finals).await?;
     let m = cx.messages(&pubs, &finals)?;
     cx.check_messages(&m, &pubs);

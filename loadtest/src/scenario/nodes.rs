@@ -39,6 +39,18 @@ pub async fn start_redis(dir: &Path) -> anyhow::Result<Service> {
     .await
 }
 
+pub async fn start_nats(dir: &Path) -> anyhow::Result<Service> {
+    Service::start_opts(
+        ServiceKind::Nats,
+        ServiceOptions {
+            port: Some(free_port()?),
+            log_file: Some(dir.join("nats.log")),
+            ..ServiceOptions::default()
+        },
+    )
+    .await
+}
+
 pub struct Node {
     pub name: String,
     pub url: String,

@@ -123,6 +123,10 @@ pub struct NodeInfo {
     pub pid: Option<u32>,
     /// Resident memory after the connecting phase, KiB (started nodes only).
     pub rss_kib: Option<u64>,
+    /// CPU seconds (user + system) from the start of publishing to the end
+    /// of settling (started nodes only; broadcast and unicast runs).
+    #[serde(default)]
+    pub cpu_s: Option<f64>,
     /// The most connections `/metrics` showed on this node (`gateway_connections`).
     pub max_connections: u64,
     /// `gateway_admission_rejected_total` at the end of the run (or when it exited).
@@ -336,7 +340,7 @@ impl RunResult {
         for n in &st.nodes {
             let _ = writeln!(
                 s,
-                "  node {} {}{}: most connections {}{}, admission refusals {}",
+                "  node {} {}{}: most connections {}{}, admission refusals {}{}",
                 n.name,
                 n.url,
                 n.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
@@ -344,7 +348,14 @@ impl RunResult {
                 n.rss_kib
                     .map(|r| format!(", VmRSS {:.1} MiB", r as f64 / 1024.0))
                     .unwrap_or_default(),
-                n.admission_rejected
+                n.admission_rejected,
+                match (n.cpu_s, &self.messages) {
+                    (Some(cpu), Some(m)) => format!(
+                        ", CPU while publishing {cpu:.2} s ({:.1} us per published message)",
+                        cpu * 1e6 / m.published.max(1) as f64
+                    ),
+                    _ => String::new(),
+                }
             );
         }
         let c = &self.connections;
@@ -533,6 +544,7 @@ mod tests {
                     url: "http://127.0.0.1:1".into(),
                     pid: Some(42),
                     rss_kib: Some(2048),
+                    cpu_s: Some(0.5),
                     max_connections: 10,
                     admission_rejected: 0,
                 }],
@@ -605,6 +617,11 @@ mod tests {
         assert!(s.contains("10 of 10 opened"), "{s}");
         assert!(s.contains("lost 0"), "{s}");
         assert!(s.contains("drain node1"), "{s}");
+        // 0.5 s over 100 messages.
+        assert!(
+            s.contains("CPU while publishing 0.50 s (5000.0 us per published message)"),
+            "{s}"
+        );
         assert!(s.trim_end().ends_with("ok"), "{s}");
         r.ok = false;
         r.errors.push("boom".into());
