@@ -273,7 +273,9 @@ pub struct Config {
     /// How long a shutdown waits for connections to go before closing them.
     pub shutdown_timeout_ms: u64,
     /// Runtime worker threads; 0 = one per CPU core. Set it to the cores the
-    /// node may use when it is pinned or limited to fewer than the machine has.
+    /// node may use when it is pinned or limited to fewer than the machine has
+    /// (1 for a node pinned to one core: measured the same tail as 2, also
+    /// beside a neighbour taking 30 % of that core; BENCHMARKS.md).
     pub worker_threads: usize,
 
     /// `text` or `json`.
