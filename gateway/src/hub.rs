@@ -48,6 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use protocol::{user_channel, Codec};
 use tokio::sync::Notify;
@@ -69,7 +70,12 @@ pub struct SessionShared {
 /// fell behind"; and how the connection's socket does ("I/O is ready", see
 /// [`SessionShared`]'s `Wake`).
 pub struct Signal {
-    ready: Notify,
+    /// "Something to read": a permit and the one waiting task's waker (a
+    /// session has one reader, its connection's task). Set and woken
+    /// without a lock on either side, where a `Notify` took its waiters'
+    /// lock to register, wake and unregister on every delivery.
+    ready: AtomicBool,
+    waker: AtomicWaker,
     overflowed: AtomicBool,
     overflow: Notify,
     io: AtomicBool,
@@ -90,7 +96,8 @@ pub const READY_BITS: u32 = 32;
 impl Default for Signal {
     fn default() -> Self {
         Self {
-            ready: Notify::new(),
+            ready: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             overflowed: AtomicBool::new(false),
             overflow: Notify::new(),
             // Nothing is registered with the socket yet: poll it once.
@@ -114,7 +121,7 @@ impl std::task::Wake for SessionShared {
 
     fn wake_by_ref(self: &Arc<Self>) {
         self.signal.io.store(true, Ordering::Release);
-        self.signal.ready.notify_one();
+        self.signal.wake();
     }
 }
 
@@ -167,12 +174,30 @@ impl Signal {
 
     /// Wakes the connection (a wake-up before it waits is kept, not lost).
     pub fn wake(&self) {
-        self.ready.notify_one();
+        // Only the first wake-up since the reader took the permit wakes it:
+        // until it takes the permit it is either scheduled already or about
+        // to look at the permit.
+        if !self.ready.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
     }
 
-    /// Waits for a [`Signal::wake`] (cancel-safe).
+    /// Waits for a [`Signal::wake`] (cancel-safe: the permit stays until a
+    /// wait takes it). One task waits: the connection's.
     pub async fn ready(&self) {
-        self.ready.notified().await;
+        std::future::poll_fn(|cx| {
+            if self.ready.swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A wake-up between the check and the registration woke no one.
+            if self.ready.swap(false, Ordering::AcqRel) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await;
     }
 
     /// Whether the connection fell behind a log's bound.
@@ -183,7 +208,7 @@ impl Signal {
     fn set_overflowed(&self) {
         self.overflowed.store(true, Ordering::Release);
         self.overflow.notify_one();
-        self.ready.notify_one();
+        self.wake();
     }
 
     /// Waits until the connection has fallen behind (cancel-safe). It takes
