@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use futures_util::future::try_join_all;
 use harness::cluster::{msgs, post_api, sse_at, Backbone, Cluster, Got, Rx};
+use harness::failover::{RedisAuth, ServerAuth};
 use harness::{within, Gateway, Incoming, PublishResult, SseClient, TempDir, WsClient, TIMEOUT};
 use protocol::{
     ClientFrame, Codec, Position, ServerFrame, SseCursor, Subscribe, Subscribed,
@@ -1770,6 +1771,28 @@ async fn redis_cluster_function_library_is_on_every_master_and_reloaded() -> R {
     c.check(r)
 }
 
+/// Starts a `--dev` gateway with `env`; it must exit by itself (within
+/// the harness's timeout: no hang), unsuccessfully, saying each of `want`
+/// on stderr. Returns everything it printed.
+async fn refused_at_start(env: &[(&str, &str)], want: &[&str]) -> anyhow::Result<String> {
+    let out = within(
+        "the gateway refusing its config",
+        tokio::process::Command::new(harness::gateway_bin())
+            .args(["--dev", "--addr", "127.0.0.1:0"])
+            .envs(env.iter().copied())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && want.iter().all(|w| stderr.contains(w)),
+        "{env:?}: {} {stderr}",
+        out.status
+    );
+    Ok(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
+}
+
 /// `redis_cluster_urls` is one of three ways to name Redis: checked at start.
 #[tokio::test]
 async fn redis_cluster_settings_are_checked_at_start() -> R {
@@ -1794,20 +1817,7 @@ async fn redis_cluster_settings_are_checked_at_start() -> R {
         ),
     ];
     for (env, want) in cases {
-        let out = within(
-            "the gateway refusing its config",
-            tokio::process::Command::new(harness::gateway_bin())
-                .args(["--dev", "--addr", "127.0.0.1:0"])
-                .envs(env.iter().copied())
-                .output(),
-        )
-        .await??;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            !out.status.success() && stderr.contains(want),
-            "{env:?}: {} {stderr}",
-            out.status
-        );
+        refused_at_start(env, &[want]).await?;
     }
     Ok(())
 }
@@ -1873,21 +1883,159 @@ async fn failover_settings_are_checked_at_start() -> R {
         ),
     ];
     for (env, want) in cases {
-        let out = within(
-            "the gateway refusing its config",
-            tokio::process::Command::new(harness::gateway_bin())
-                .args(["--dev", "--addr", "127.0.0.1:0"])
-                .envs(env.iter().copied())
-                .output(),
-        )
-        .await??;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            !out.status.success() && stderr.contains(want),
-            "{env:?}: {} {stderr}",
-            out.status
-        );
+        refused_at_start(env, &[want]).await?;
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 6e. Redis and Sentinel with passwords
+// ---------------------------------------------------------------------------
+
+fn redis_auth(username: Option<&str>, sentinel_password: Option<&str>) -> RedisAuth {
+    RedisAuth {
+        server: ServerAuth {
+            username: username.map(str::to_owned),
+            password: "srv-pass-7".into(),
+        },
+        sentinel_password: sentinel_password.map(str::to_owned),
+    }
+}
+
+/// Which databases of the Redis at `url` hold keys (`INFO keyspace`).
+async fn databases_with_keys(url: &str) -> anyhow::Result<Vec<String>> {
+    let mut conn = within(
+        "redis connect",
+        redis::Client::open(url)?.get_multiplexed_async_connection(),
+    )
+    .await??;
+    let info: String = redis::cmd("INFO")
+        .arg("keyspace")
+        .query_async(&mut conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(db, _)| db.to_owned()))
+        .filter(|db| db.starts_with("db"))
+        .collect())
+}
+
+/// A Redis that requires an ACL user's password, given to the nodes as
+/// settings (`redis_url` carries none) with a database number: messages
+/// cross nodes, and the keys are in that database.
+#[tokio::test]
+async fn redis_password_user_and_db_settings_reach_a_password_protected_redis() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_auth(redis_auth(Some("gw-app"), None))
+        .env("GATEWAY_REDIS_DB", 5)
+        .start()
+        .await?;
+    let r = async {
+        let chan = "locked";
+        let mut clients = two_clients(&c, chan).await?;
+        for k in 1..=3u64 {
+            let r = c.node((k % 2) as usize).publish(chan, json!({"k": k})).await?;
+            ensure!(r.seq == k, "{r:?}");
+        }
+        for (_, label, rx) in clients.iter_mut() {
+            for k in 1..=3u64 {
+                let (channel, item) = rx.item().await.context(label.clone())?;
+                ensure!(
+                    channel == chan
+                        && matches!(&item, Got::Msg { seq, data, .. } if *seq == k && *data == json!({"k": k})),
+                    "{label}: {channel} {item:?}"
+                );
+            }
+        }
+        let dbs = databases_with_keys(&c.redis.url()).await?;
+        ensure!(dbs == ["db5"], "keys in {dbs:?}, not only in db5");
+        anyhow::Ok(())
+    }
+    .await;
+    c.check(r)
+}
+
+/// Servers with an ACL user's password, sentinels with a password of
+/// their own, a database number: the nodes find the master through the
+/// sentinels, deliver across nodes and survive the master's SIGKILL with
+/// the same check as without passwords; the promoted replica holds the
+/// keys in that database.
+#[tokio::test]
+async fn sentinel_with_passwords_master_killed_every_publish_delivered_or_announced() -> R {
+    let mut c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_sentinel()
+        .redis_auth(redis_auth(Some("gw-app"), Some("sent-pass-3")))
+        .env("GATEWAY_REDIS_DB", 2)
+        .start()
+        .await?;
+    let r = async {
+        sentinel_failover(&mut c, true).await?;
+        let replica = &c.sentinels.as_ref().context("sentinels")?.replica;
+        let dbs = databases_with_keys(&replica.url()).await?;
+        ensure!(dbs == ["db2"], "keys in {dbs:?}, not only in db2");
+        anyhow::Ok(())
+    }
+    .await;
+    c.check(r)
+}
+
+/// A wrong or missing password (the servers' or the sentinels') stops a
+/// node at start, saying why, instead of leaving it retrying.
+#[tokio::test]
+async fn sentinel_wrong_passwords_stop_the_node_at_start_with_the_reason() -> R {
+    let auth = redis_auth(None, Some("sent-pass-3"));
+    let master = harness::cluster::Service::start_opts(
+        harness::cluster::ServiceKind::Redis,
+        harness::cluster::ServiceOptions {
+            persistence: harness::cluster::Persistence::Rdb,
+            auth: Some(auth.server.clone()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let sentinels = harness::failover::Sentinels::start(&master, Some(&auth)).await?;
+    let addrs = sentinels.addrs();
+    let base = [
+        ("GATEWAY_REDIS_SENTINELS", addrs.as_str()),
+        ("GATEWAY_REDIS_MASTER_NAME", harness::failover::MASTER_NAME),
+    ];
+    let with = |more: &[(&'static str, &'static str)]| {
+        let mut env = base.to_vec();
+        env.extend_from_slice(more);
+        env
+    };
+    let no_master = "no master for redis_master_name \"gw\" at start";
+    let hint = "check redis_password";
+    // The servers' password wrong: the master refuses the ROLE check.
+    let printed = refused_at_start(
+        &with(&[
+            ("GATEWAY_REDIS_PASSWORD", "wrong-pass"),
+            ("GATEWAY_REDIS_SENTINEL_PASSWORD", "sent-pass-3"),
+        ]),
+        &[no_master, "AuthenticationFailed", hint],
+    )
+    .await?;
+    // The sentinels' password wrong, then missing.
+    refused_at_start(
+        &with(&[
+            ("GATEWAY_REDIS_PASSWORD", "srv-pass-7"),
+            ("GATEWAY_REDIS_SENTINEL_PASSWORD", "wrong-pass"),
+        ]),
+        &[no_master, "AuthenticationFailed", hint],
+    )
+    .await?;
+    refused_at_start(
+        &with(&[("GATEWAY_REDIS_PASSWORD", "srv-pass-7")]),
+        &[no_master, hint],
+    )
+    .await?;
+    // No password in what the node printed.
+    ensure!(
+        !printed.contains("wrong-pass") && !printed.contains("sent-pass-3"),
+        "a password in the output: {printed}"
+    );
     Ok(())
 }
 
