@@ -2119,6 +2119,20 @@ impl Drop for ScriptCluster {
 
 #[tokio::test]
 async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing() -> R {
+    cluster_script_round("redis").await
+}
+
+/// `--backbone redis-cluster`: six redis-servers made a Redis Cluster, the
+/// nodes on `redis_cluster_urls`.
+#[tokio::test]
+async fn cluster_script_with_a_redis_cluster_serves_and_down_leaves_nothing() -> R {
+    cluster_script_round("redis-cluster").await
+}
+
+/// `cluster.sh up --backbone <backbone>`: a subscriber through the balancer
+/// gets what is published through it; `down` ends every process and
+/// frees every address.
+async fn cluster_script_round(backbone: &str) -> R {
     let bin = harness::gateway_bin(); // built, for the script to find
     let profile = bin
         .parent()
@@ -2131,24 +2145,23 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
     };
     let dir = sc.dir.path().join("cluster");
     let dir_s = dir.to_string_lossy().into_owned();
-    let mut up: Vec<&str> = vec!["up", "--dir", &dir_s];
+    let mut up: Vec<&str> = vec!["up", "--dir", &dir_s, "--backbone", backbone];
     if profile == "release" {
         up.push("--release");
     }
     cluster_script(&up, &sc.dir.path().join("up.log")).await?;
     let logs = |dir: &std::path::Path| {
+        let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        names.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        names.sort();
         let mut out = String::new();
-        for name in [
-            "node1.log",
-            "node2.log",
-            "node3.log",
-            "haproxy.log",
-            "redis.log",
-            "nats.log",
-        ] {
+        for path in names {
             out.push_str(&format!(
-                "---- {name} ----\n{}\n",
-                std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+                "---- {} ----\n{}\n",
+                path.display(),
+                std::fs::read_to_string(&path).unwrap_or_default()
             ));
         }
         out
@@ -2161,7 +2174,9 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
         }
     }
     sc.pids = pids.clone();
-    ensure!(pids.len() == 6, "pid files: {pids:?}"); // redis, nats, 3 nodes, haproxy
+    // One or six redis-servers, nats, 3 nodes, haproxy.
+    let servers = if backbone == "redis-cluster" { 6 } else { 1 };
+    ensure!(pids.len() == servers + 5, "pid files: {pids:?}");
     let env: HashMap<String, String> = std::fs::read_to_string(dir.join("env"))?
         .lines()
         .filter_map(|l| l.split_once('='))
@@ -2176,7 +2191,7 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
         .collect();
     ensure!(node_urls.len() == 3, "{node_urls:?}");
     ensure!(
-        env.get("BACKBONE").map(String::as_str) == Some("redis"),
+        env.get("BACKBONE").map(String::as_str) == Some(backbone),
         "{env:?}"
     );
 
@@ -2219,9 +2234,17 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
     }
     let mut urls = node_urls.clone();
     urls.push(lb.clone());
-    for key in ["REDIS_URL", "NATS_URL"] {
-        urls.push(env.get(key).context("url")?.clone());
-    }
+    urls.push(env.get("NATS_URL").context("NATS_URL")?.clone());
+    let redis = match backbone {
+        "redis-cluster" => "REDIS_CLUSTER_URLS",
+        _ => "REDIS_URL",
+    };
+    let redis_urls: Vec<&str> = env.get(redis).context("redis")?.split(',').collect();
+    ensure!(
+        redis_urls.len() == if redis == "REDIS_URL" { 1 } else { 6 },
+        "{redis}: {redis_urls:?}"
+    );
+    urls.extend(redis_urls.into_iter().map(str::to_owned));
     for url in urls {
         let addr = url.split("://").nth(1).context("addr")?;
         let connect = within("connect", tokio::net::TcpStream::connect(addr)).await?;
