@@ -162,6 +162,23 @@ pub struct Config {
     /// The master name the sentinels watch (`sentinel monitor <name> ...`);
     /// needed with `redis_sentinels`.
     pub redis_master_name: Option<String>,
+    /// Password of the Redis servers (`requirepass`, or the ACL user's of
+    /// `redis_username`): with `redis_sentinels` the master's and replicas'
+    /// (`masterauth`); else added to `redis_url` / `redis_cluster_urls`
+    /// when they carry none (a URL with another one is refused). Never
+    /// logged.
+    pub redis_password: Option<crate::redis_auth::Secret>,
+    /// ACL user of the Redis servers (Redis 6), with `redis_password`.
+    pub redis_username: Option<String>,
+    /// Database number on the Redis server (`SELECT`), when `redis_url`'s
+    /// path names none; not with `redis_cluster_urls` (a cluster has only 0).
+    pub redis_db: Option<u32>,
+    /// Password of the sentinels themselves (their `requirepass`), for the
+    /// master lookups; the servers' password is `redis_password`. Never
+    /// logged.
+    pub redis_sentinel_password: Option<crate::redis_auth::Secret>,
+    /// ACL user of the sentinels, with `redis_sentinel_password`.
+    pub redis_sentinel_username: Option<String>,
     /// Redis Cluster seed nodes (`redis://host:port`, comma-separated),
     /// instead of `redis_url` / `redis_sentinels`: the node learns the
     /// cluster's masters from any of them and follows slot moves and
@@ -330,6 +347,11 @@ impl Default for Config {
             nats_url: None,
             redis_sentinels: None,
             redis_master_name: None,
+            redis_password: None,
+            redis_username: None,
+            redis_db: None,
+            redis_sentinel_password: None,
+            redis_sentinel_username: None,
             redis_cluster_urls: None,
             redis_min_replica_acks: 0,
             redis_replica_ack_timeout_ms: 1_000,
@@ -469,6 +491,55 @@ impl Config {
             || self.redis_cluster_urls.is_some()
     }
 
+    /// Where the node's Redis is, with `redis_username`, `redis_password`
+    /// and `redis_db` composed into its URLs (`redis_auth`): `None` for an
+    /// embedded node, and for Sentinel (its forwarder's URL is known only
+    /// once it listens: `sentinel::start` composes that one).
+    pub fn redis_target(&self) -> Result<Option<registry::RedisTarget>, String> {
+        let servers = crate::redis_auth::Credentials::servers(self);
+        let credentials_set = self.redis_username.is_some()
+            || self.redis_password.is_some()
+            || self.redis_db.is_some();
+        let sentinel_credentials_set =
+            self.redis_sentinel_username.is_some() || self.redis_sentinel_password.is_some();
+        if credentials_set && !self.cluster_mode() {
+            return Err("redis_username, redis_password and redis_db need Redis (redis_url, redis_sentinels or redis_cluster_urls)".into());
+        }
+        if sentinel_credentials_set && self.redis_sentinels.is_none() {
+            return Err(
+                "redis_sentinel_username and redis_sentinel_password need redis_sentinels".into(),
+            );
+        }
+        if self.redis_username.is_some() && self.redis_password.is_none() {
+            return Err("redis_username needs redis_password".into());
+        }
+        if self.redis_sentinel_username.is_some() && self.redis_sentinel_password.is_none() {
+            return Err("redis_sentinel_username needs redis_sentinel_password".into());
+        }
+        if let Some(sentinels) = &self.redis_sentinels {
+            // Checked here, used by `sentinel::start`.
+            let sentinels_auth = crate::redis_auth::Credentials::sentinels(self);
+            for url in crate::sentinel::sentinel_urls(sentinels).map_err(|e| e.to_string())? {
+                sentinels_auth.apply(&url, "redis_sentinels")?;
+            }
+            return Ok(None);
+        }
+        match (&self.redis_cluster_urls, &self.redis_url) {
+            (Some(urls), _) => {
+                if self.redis_db.is_some_and(|db| db != 0) {
+                    return Err("redis_db must be 0 (or unset) with redis_cluster_urls: a Redis Cluster has database 0 only".into());
+                }
+                registry::RedisTarget::cluster(urls)
+                    .try_map(|u| servers.apply(u, "redis_cluster_urls"))
+                    .map(Some)
+            }
+            (None, Some(url)) => Ok(Some(registry::RedisTarget::Single(
+                servers.apply(url, "redis_url")?,
+            ))),
+            (None, None) => Ok(None),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if self.listen_backlog == 0 {
@@ -600,6 +671,7 @@ impl Config {
                 );
             }
         }
+        self.redis_target().map_err(ConfigError::Invalid)?;
         if self.redis_min_replica_acks > 0 && !self.cluster_mode() {
             return bad("redis_min_replica_acks needs Redis (redis_url or redis_sentinels)".into());
         }
@@ -777,5 +849,73 @@ mod tests {
             ..cluster("redis://127.0.0.1:7000")
         };
         assert!(err(acks).contains("not supported with redis_cluster_urls"));
+    }
+
+    #[test]
+    fn redis_credentials_go_into_every_url_and_conflicts_are_refused() {
+        use crate::redis_auth::Secret;
+        use registry::RedisTarget;
+        let base = Config {
+            dev: true,
+            redis_password: Some(Secret::new("pw")),
+            redis_username: Some("gw".into()),
+            ..Config::default()
+        };
+        let single = Config {
+            redis_url: Some("redis://10.0.0.1:6379".into()),
+            redis_db: Some(4),
+            ..base.clone()
+        };
+        assert_eq!(
+            single.redis_target().unwrap(),
+            Some(RedisTarget::Single("redis://gw:pw@10.0.0.1:6379/4".into()))
+        );
+        assert!(!format!("{single:?}").contains("\"pw\""));
+        let cluster = Config {
+            redis_cluster_urls: Some("redis://a:1, redis://b:2".into()),
+            ..base.clone()
+        };
+        assert_eq!(
+            cluster.redis_target().unwrap(),
+            Some(RedisTarget::Cluster(vec![
+                "redis://gw:pw@a:1".into(),
+                "redis://gw:pw@b:2".into()
+            ]))
+        );
+        let err = |c: Config| c.validate().unwrap_err().to_string();
+        assert!(err(Config {
+            redis_db: Some(1),
+            ..cluster.clone()
+        })
+        .contains("redis_db must be 0"));
+        assert!(err(Config {
+            redis_url: Some("redis://:other@h:1".into()),
+            ..base.clone()
+        })
+        .contains("redis_url names a password and redis_password sets another"));
+        assert!(err(base.clone()).contains("need Redis"));
+        assert!(err(Config {
+            redis_password: None,
+            ..single.clone()
+        })
+        .contains("redis_username needs redis_password"));
+        assert!(err(Config {
+            redis_sentinel_password: Some(Secret::new("s")),
+            ..single.clone()
+        })
+        .contains("need redis_sentinels"));
+        // Sentinel: the servers' credentials wait for the forwarder's URL;
+        // the sentinels' are checked against their addresses.
+        let sentinel = Config {
+            redis_sentinels: Some("10.0.0.1:26379,redis://:x@10.0.0.2:26379".into()),
+            redis_master_name: Some("gw".into()),
+            ..base
+        };
+        assert_eq!(sentinel.redis_target().unwrap(), None);
+        assert!(err(Config {
+            redis_sentinel_password: Some(Secret::new("y")),
+            ..sentinel
+        })
+        .contains("redis_sentinels names a password and redis_sentinel_password sets another"));
     }
 }

@@ -58,6 +58,7 @@ pub mod presence;
 pub mod quota;
 pub mod ratelimit;
 pub mod rebalance;
+pub mod redis_auth;
 pub mod replay;
 pub mod sentinel;
 pub mod server;

@@ -24,8 +24,10 @@ use crate::telemetry::Metrics;
 pub enum BuildError {
     #[error(transparent)]
     Keys(#[from] crate::auth::KeyError),
+    /// A setting the config's validation checks already (namespaces,
+    /// Redis URLs).
     #[error("{0}")]
-    Namespaces(String),
+    Config(String),
     #[error("connecting the registry to Redis: {0}")]
     Registry(registry::RegistryError),
     #[error("connecting the replay store to Redis: {0}")]
@@ -95,7 +97,7 @@ impl Node {
         let meta_ttl = Duration::from_millis(config.stream_meta_ttl_ms);
         let empty_ttl = Duration::from_millis(config.stream_empty_ttl_ms);
         // Checked by the config's validation already.
-        let namespaces = Arc::new(config.namespaces().map_err(BuildError::Namespaces)?);
+        let namespaces = Arc::new(config.namespaces().map_err(BuildError::Config)?);
         let presence = Arc::new(
             crate::presence::Presence::new(Duration::from_millis(config.presence_ttl_ms), 1000)
                 .with_max_event_members(config.presence_events_max_members),
@@ -105,14 +107,17 @@ impl Node {
         // reached through the cluster-aware client from its seed nodes.
         let redis = match (&config.redis_sentinels, &config.redis_master_name) {
             (Some(sentinels), Some(name)) => Some(RedisTarget::Single(
-                crate::sentinel::start(sentinels, name)
-                    .await
-                    .map_err(BuildError::Sentinel)?,
+                crate::sentinel::start(
+                    sentinels,
+                    name,
+                    &crate::redis_auth::Credentials::servers(&config),
+                    &crate::redis_auth::Credentials::sentinels(&config),
+                )
+                .await
+                .map_err(BuildError::Sentinel)?,
             )),
-            _ => match (&config.redis_cluster_urls, &config.redis_url) {
-                (Some(urls), _) => Some(RedisTarget::cluster(urls)),
-                (None, url) => url.clone().map(RedisTarget::Single),
-            },
+            // Checked by the config's validation already.
+            _ => config.redis_target().map_err(BuildError::Config)?,
         };
         let (store, broker, registry): Seams = match &redis {
             None => {

@@ -21,6 +21,16 @@
 //! store sees a new `run_id` there and moves each stream it touches to a new
 //! epoch (`replay::redis`, "The life check").
 //!
+//! Credentials: the forwarder splices bytes, so the node's clients still
+//! say `AUTH` and `SELECT` themselves: the URL `start` returns carries
+//! `redis_username`, `redis_password` and `redis_db`. The forwarder's own
+//! connections use them too (the master's `ROLE`), and the sentinels are
+//! asked with theirs (`redis_sentinel_username`, `redis_sentinel_password`).
+//! A lookup that fails at start (a wrong password, no sentinel answering,
+//! a master name they do not know) stops the node with the reason instead
+//! of leaving its clients to retry through a forwarder that closes every
+//! connection.
+//!
 //! Cost: one loopback hop per command; a sentinel lookup per connection
 //! (connections are long-lived: a handful per node) and every `WATCH`, each
 //! with a short connection to the named master for its `ROLE`.
@@ -29,11 +39,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::sentinel::Sentinel;
-use redis::ConnectionAddr;
+use redis::sentinel::{Sentinel, SentinelNodeConnectionInfo};
+use redis::{ConnectionAddr, IntoConnectionInfo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Mutex};
 use tracing::{info, warn};
+
+use crate::redis_auth::Credentials;
 
 /// How often the forwarder asks the sentinels whether the master moved.
 const WATCH: Duration = Duration::from_millis(250);
@@ -44,6 +56,10 @@ pub enum SentinelError {
     Addresses(String, String),
     #[error("sentinel forwarder: {0}")]
     Listen(#[from] std::io::Error),
+    #[error("{0}")]
+    Credentials(String),
+    #[error("redis_sentinels: no master for redis_master_name {name:?} at start: {reason}")]
+    FirstLookup { name: String, reason: String },
 }
 
 /// The `redis://` URLs of `redis_sentinels` (`host:port`, comma-separated;
@@ -67,11 +83,27 @@ pub fn sentinel_urls(list: &str) -> Result<Vec<String>, SentinelError> {
     Ok(urls)
 }
 
-/// Starts the forwarder on a loopback port; returns the `redis://` URL the
-/// node's Redis clients use.
-pub async fn start(sentinels: &str, master_name: &str) -> Result<String, SentinelError> {
-    let urls = sentinel_urls(sentinels)?;
-    let sentinel = Sentinel::build(urls)
+/// Starts the forwarder on a loopback port once the sentinels name a
+/// master it can log in to; returns the `redis://` URL (with `servers`'
+/// credentials and database) the node's Redis clients use.
+pub async fn start(
+    sentinels: &str,
+    master_name: &str,
+    servers: &Credentials,
+    sentinels_auth: &Credentials,
+) -> Result<String, SentinelError> {
+    let infos = sentinel_urls(sentinels)?
+        .iter()
+        .map(|url| {
+            let url = sentinels_auth
+                .apply(url, "redis_sentinels")
+                .map_err(SentinelError::Credentials)?;
+            url.as_str()
+                .into_connection_info()
+                .map_err(|e| SentinelError::Addresses(sentinels.to_owned(), e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let sentinel = Sentinel::build(infos)
         .map_err(|e| SentinelError::Addresses(sentinels.to_owned(), e.to_string()))?;
     let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
     let addr = listener.local_addr()?;
@@ -79,9 +111,19 @@ pub async fn start(sentinels: &str, master_name: &str) -> Result<String, Sentine
     let resolver = Arc::new(Resolver {
         sentinel: Mutex::new(sentinel),
         master_name: master_name.to_owned(),
+        master_auth: SentinelNodeConnectionInfo {
+            tls_mode: None,
+            redis_connection_info: Some(servers.connection_info()),
+        },
         last: parking_lot::Mutex::new(None),
         moved,
     });
+    if let Err(reason) = resolver.master().await {
+        return Err(SentinelError::FirstLookup {
+            name: master_name.to_owned(),
+            reason: with_hint(reason),
+        });
+    }
     let watcher = resolver.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(WATCH);
@@ -107,12 +149,33 @@ pub async fn start(sentinels: &str, master_name: &str) -> Result<String, Sentine
         }
     });
     info!(%addr, master = master_name, "redis through sentinels: forwarder listening");
-    Ok(format!("redis://{addr}"))
+    servers
+        .apply(&format!("redis://{addr}"), "redis_sentinels")
+        .map_err(SentinelError::Credentials)
+}
+
+/// Names the settings to check when a lookup failed for want of a
+/// password (the crate does not say whether a sentinel or the master
+/// refused it).
+fn with_hint(reason: String) -> String {
+    let auth = [
+        "WRONGPASS",
+        "NOAUTH",
+        "AuthenticationFailed",
+        "invalid password",
+        "Authentication",
+    ];
+    match auth.iter().any(|a| reason.contains(a)) {
+        true => format!("{reason} (check redis_password / redis_username for the Redis servers and redis_sentinel_password / redis_sentinel_username for the sentinels)"),
+        false => reason,
+    }
 }
 
 struct Resolver {
     sentinel: Mutex<Sentinel>,
     master_name: String,
+    /// How to log in to the master for its `ROLE`.
+    master_auth: SentinelNodeConnectionInfo,
     /// The master of the previous lookup, to log a change once.
     last: parking_lot::Mutex<Option<SocketAddr>>,
     /// The master the sentinels name now: connections to another one end.
@@ -127,7 +190,7 @@ impl Resolver {
             let mut sentinel = self.sentinel.lock().await;
             tokio::time::timeout(
                 Duration::from_secs(2),
-                sentinel.async_master_for(&self.master_name, None),
+                sentinel.async_master_for(&self.master_name, Some(&self.master_auth)),
             )
             .await
             .map_err(|_| "sentinel lookup timed out".to_owned())?

@@ -19,7 +19,8 @@ SCHEMA = ROOT / "helm/gateway/values.schema.json"
 MANAGED = {
     "addr", "admin_addr", "node_id", "dev", "jwt_secret", "jwt_public_key_file",
     "jwt_algorithm", "api_keys", "resume_secret", "redis_url", "nats_url",
-    "redis_cluster_urls",
+    "redis_cluster_urls", "redis_sentinels", "redis_master_name", "redis_password",
+    "redis_username", "redis_sentinel_password", "redis_sentinel_username",
     "drain_prestop_delay_ms", "drain_batch_fraction", "drain_batch_interval_ms",
     "drain_timeout_ms", "drain_close_grace_ms", "shutdown_timeout_ms",
     "reconnect_min_delay_ms", "reconnect_max_delay_ms", "log", "log_format",
@@ -49,6 +50,8 @@ def config_props():
     for name, ty, doc in config_fields():
         if name in MANAGED:
             continue
+        if ty.startswith("Option<"):  # unset: the key is left out
+            ty = ty[len("Option<"):-1]
         if ty in ("u64", "usize", "u32"):
             t = {"type": "integer", "minimum": 0}
         elif ty == "f64":
@@ -142,6 +145,13 @@ def schema():
             "redis": obj({"url": {"type": "string", "pattern": "^$|^rediss?://"},
                           "clusterUrls": {"type": "string",
                                           "pattern": "^$|^redis://[^,]+(,\\s*redis://[^,]+)*$"},
+                          "sentinel": obj({
+                              "addresses": {"type": "string",
+                                            "pattern": "^$|^[^,\\s]+:[0-9]+(,\\s*[^,\\s]+:[0-9]+)*$"},
+                              "masterName": STR}, ["addresses", "masterName"]),
+                          "auth": obj({k: STR for k in [
+                              "existingSecret", "passwordKey", "username",
+                              "sentinelPasswordKey", "sentinelUsername"]}),
                           "bundled": BUNDLED}),
             "nats": obj({"url": {"type": "string", "pattern": "^$|^(nats|tls)://"},
                          "bundled": BUNDLED}),

@@ -257,6 +257,24 @@ def expect_redis_cluster(objects):
         "redis://redis-0.redis:6379,redis://redis-1.redis:6379,redis://redis-2.redis:6379"
 
 
+def expect_sentinel(objects):
+    c = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in c["env"]}
+    assert "GATEWAY_REDIS_URL" not in env and "GATEWAY_REDIS_CLUSTER_URLS" not in env, \
+        "redis.url must give way to redis.sentinel"
+    for name, key in [("GATEWAY_REDIS_PASSWORD", "redis-password"),
+                      ("GATEWAY_REDIS_SENTINEL_PASSWORD", "sentinel-password")]:
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "redis-auth", "key": key}, env[name]
+    for o in find(objects, "Secret"):
+        assert "redis-url" not in o.get("data", {}), o["metadata"]["name"]
+    toml = tomllib.loads(one(objects, "ConfigMap", "gw-gateway")["data"]["gateway.toml"])
+    assert toml["redis_sentinels"] == \
+        "redis-node-0.redis-headless:26379,redis-node-1.redis-headless:26379,redis-node-2.redis-headless:26379"
+    assert toml["redis_master_name"] == "mymaster"
+    assert toml["redis_username"] == "gateway" and toml["redis_db"] == 2
+    assert not any("password" in k for k in toml), "a password in the ConfigMap"
+
+
 def expect_single(objects):
     c = one(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert "GATEWAY_REDIS_URL" not in {e["name"] for e in c["env"]}
@@ -287,6 +305,8 @@ def gateway_accepts(objects):
         toml = one(objects, "ConfigMap", "gw-gateway")["data"]["gateway.toml"]
         # The pod's listeners on free loopback ports; its key file here.
         toml = re.sub(r'"0\.0\.0\.0:\d+"', '"127.0.0.1:0"', toml)
+        # Sentinels nobody listens for: the node stops at its first lookup.
+        toml = re.sub(r'^redis_sentinels = .*$', 'redis_sentinels = "127.0.0.1:1"', toml, flags=re.M)
         if "jwt_public_key_file" in toml:
             key = d / "key.pem"
             key.write_text("-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n")
@@ -306,7 +326,7 @@ def gateway_accepts(objects):
                 v = base64.b64decode(data[r["key"]]).decode() if data is not None else \
                     "existing-secret-value-0123456789"
                 if e["name"] in ("GATEWAY_REDIS_URL", "GATEWAY_NATS_URL"):
-                    v = re.sub(r"@?[^/@:]+:\d+", "127.0.0.1:1", v.split("//", 1)[1], count=1)
+                    v = re.sub(r"(@?)[^/@:]+:\d+", r"\g<1>127.0.0.1:1", v.split("//", 1)[1], count=1)
                     v = ("redis://" if "REDIS" in e["name"] else "nats://") + v
                 if e["name"] == "GATEWAY_REDIS_CLUSTER_URLS":
                     v = ",".join("redis://127.0.0.1:1" for _ in v.split(","))
@@ -334,6 +354,7 @@ EXTRA = {
     "bundled-netpol": expect_bundled,
     "single-embedded": expect_single,
     "redis-cluster": expect_redis_cluster,
+    "redis-sentinel": expect_sentinel,
     "fast-drain": expect_fast_drain,
 }
 
@@ -350,6 +371,9 @@ BAD_SCHEMA = [
     ("a Redis URL without scheme", {"redis": {"url": "localhost:6379"}}, "url"),
     ("Redis Cluster seeds without scheme", {"redis": {"clusterUrls": "redis://a:1,b:2"}},
      "clusterUrls"),
+    ("Sentinel addresses without a port", {"redis": {"url": "", "sentinel": {"addresses": "s-0,s-1"}}},
+     "addresses"),
+    ("an unknown Redis auth key", {"redis": {"auth": {"password": "x"}}}, "password"),
     ("a port out of range", {"ports": {"ops": 70000}}, "ops"),
     ("maxUnavailable as a word", {"rollingUpdate": {"maxUnavailable": "none"}}, "maxUnavailable"),
     ("a source range that is no CIDR", {"service": {"loadBalancerSourceRanges": ["anywhere"]}},
@@ -369,6 +393,19 @@ BAD_RENDER = [
     ("a Redis Cluster and the bundled Redis",
      {"redis": {"clusterUrls": "redis://a:7000", "bundled": {"enabled": True}}},
      ["redis.clusterUrls and redis.bundled.enabled exclude each other"]),
+    ("Sentinel and redis.url", {"redis": {"sentinel": {"addresses": "s:26379"}}},
+     ["redis.sentinel.addresses excludes redis.url", 'set redis.url to ""']),
+    ("Sentinel and a Redis Cluster",
+     {"redis": {"url": "", "clusterUrls": "redis://a:7000", "sentinel": {"addresses": "s:26379"}}},
+     ["redis.sentinel.addresses excludes"]),
+    ("Sentinel without a master name",
+     {"redis": {"url": "", "sentinel": {"addresses": "s:26379", "masterName": ""}}},
+     ["needs redis.sentinel.masterName"]),
+    ("a Redis password key without its Secret", {"redis": {"auth": {"passwordKey": "pw"}}},
+     ["redis.auth.existingSecret"]),
+    ("a sentinel password without Sentinel",
+     {"redis": {"auth": {"existingSecret": "s", "sentinelPasswordKey": "pw"}}},
+     ["need redis.sentinel.addresses"]),
     ("RS256 without a public key", {"auth": {"algorithm": "RS256"}}, ["jwtPublicKey"]),
     ("an HPA with no target", {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 0,
                                                "targetConnectionsPerPod": 0}}, ["target"]),

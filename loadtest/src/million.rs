@@ -62,6 +62,12 @@ pub struct MillionArgs {
     /// Backbone between the nodes.
     #[arg(long, value_enum, default_value_t = Backbone::Redis)]
     pub backbone: Backbone,
+    /// A Redis Cluster (three masters, three replicas) instead of the one
+    /// redis-server: the nodes get `redis_cluster_urls`, and the Redis
+    /// backbone is sharded pub/sub (a shard channel per channel and per
+    /// connected user). The Redis figures are then its first server's.
+    #[arg(long)]
+    pub redis_cluster: bool,
     /// One connection in this many is SSE (5: 20 %), the rest WebSocket.
     #[arg(long, default_value_t = 5)]
     pub sse_every: u64,
@@ -791,7 +797,12 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
         a.connections,
         a.connections - sse,
         a.nodes,
-        match a.backbone { Backbone::Redis => "Redis pub/sub", Backbone::Nats => "NATS" },
+        match (a.backbone, a.redis_cluster) {
+            (Backbone::Redis, false) => "Redis pub/sub",
+            (Backbone::Redis, true) => "Redis Cluster sharded pub/sub",
+            (Backbone::Nats, false) => "NATS",
+            (Backbone::Nats, true) => "NATS, Redis Cluster store",
+        },
         a.source_ips,
         a.hold,
         a.broadcasts,
@@ -814,8 +825,15 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
         })
     };
     let redis_opts = svc("redis.log", &["--maxclients", "10000"])?;
-    let redis_port = redis_opts.port.context("port")?;
+    let mut redis_port = redis_opts.port.context("port")?;
     let redis = Service::start_opts(ServiceKind::Redis, redis_opts).await?;
+    let redis_cluster = match a.redis_cluster {
+        true => Some(harness::failover::RedisCluster::start(3).await?),
+        false => None,
+    };
+    if let Some(rc) = &redis_cluster {
+        redis_port = rc.servers[0].port;
+    }
     let nats = match a.backbone {
         Backbone::Nats => {
             Some(Service::start_opts(ServiceKind::Nats, svc("nats.log", &[])?).await?)
@@ -823,10 +841,14 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
         Backbone::Redis => None,
     };
     if a.services_nice != 0 {
+        let cluster_pids = redis_cluster
+            .iter()
+            .flat_map(|rc| rc.servers.iter().filter_map(Service::pid));
         for pid in redis
             .pid()
             .into_iter()
             .chain(nats.as_ref().and_then(Service::pid))
+            .chain(cluster_pids)
         {
             let ok = tokio::process::Command::new("renice")
                 .args(["-n", &a.services_nice.to_string(), "-p", &pid.to_string()])
@@ -844,7 +866,10 @@ async fn run(a: MillionArgs) -> anyhow::Result<()> {
     let mut env: Vec<(String, String)> = vec![
         ("GATEWAY_JWT_SECRET".into(), JWT_SECRET.into()),
         ("GATEWAY_API_KEYS".into(), format!("admin:{API_KEY}")),
-        ("GATEWAY_REDIS_URL".into(), redis.url()),
+        match &redis_cluster {
+            Some(rc) => ("GATEWAY_REDIS_CLUSTER_URLS".into(), rc.urls()),
+            None => ("GATEWAY_REDIS_URL".into(), redis.url()),
+        },
         ("GATEWAY_WORKER_THREADS".into(), "1".into()),
         ("GATEWAY_MAX_CONNECTIONS".into(), "19500".into()),
         // Admission control shapes reconnect storms; here the load

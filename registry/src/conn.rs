@@ -19,14 +19,43 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
-/// Where a node's Redis is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where a node's Redis is. Its URLs may carry a password: `Debug`
+/// prints them through [`redact_url`].
+#[derive(Clone, PartialEq, Eq)]
 pub enum RedisTarget {
     /// One server, or the loopback forwarder to Sentinel's master.
     Single(String),
     /// Seed nodes of a Redis Cluster (`redis_cluster_urls`); the client
     /// learns the rest of the cluster from them.
     Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for RedisTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Single(url) => f.debug_tuple("Single").field(&redact_url(url)).finish(),
+            Self::Cluster(urls) => f
+                .debug_tuple("Cluster")
+                .field(&urls.iter().map(|u| redact_url(u)).collect::<Vec<_>>())
+                .finish(),
+        }
+    }
+}
+
+/// `url` with the password of its user part (`scheme://user:password@`)
+/// replaced by `***`, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split_once(':').map_or(&rest[..at], |(u, _)| u);
+            format!("{scheme}://{user}:***{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
 }
 
 impl RedisTarget {
@@ -39,6 +68,17 @@ impl RedisTarget {
                 .map(str::to_owned)
                 .collect(),
         )
+    }
+
+    /// The same target with `f` applied to each of its URLs (credentials
+    /// added, say).
+    pub fn try_map<E>(self, f: impl Fn(&str) -> Result<String, E>) -> Result<Self, E> {
+        Ok(match self {
+            Self::Single(url) => Self::Single(f(&url)?),
+            Self::Cluster(urls) => {
+                Self::Cluster(urls.iter().map(|u| f(u)).collect::<Result<_, _>>()?)
+            }
+        })
     }
 }
 
@@ -261,5 +301,22 @@ mod tests {
         collect_run_ids(&map, &mut ids);
         ids.sort();
         assert_eq!(ids, ["aaa", "bbb"]);
+    }
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn passwords_are_hidden_and_the_rest_kept() {
+        assert_eq!(redact_url("redis://h:1/2"), "redis://h:1/2");
+        assert_eq!(redact_url("redis://:pw@h:1/2"), "redis://:***@h:1/2");
+        assert_eq!(
+            redact_url("redis://gw:p@w@h:1?x=@"),
+            "redis://gw:***@h:1?x=@"
+        );
+        assert_eq!(redact_url("redis://gw@h:1"), "redis://gw:***@h:1");
+        assert_eq!(redact_url("h:1"), "h:1");
     }
 }

@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-pub use conn::{RedisConn, RedisTarget};
+pub use conn::{redact_url, RedisConn, RedisTarget};
 pub use memory::MemoryRegistry;
 pub use redis::RedisRegistry;
 

@@ -203,6 +203,9 @@ pub struct ServiceOptions {
     pub args: Vec<String>,
     /// A file the output is also written to (anew at every start).
     pub log_file: Option<std::path::PathBuf>,
+    /// Redis: a password (and ACL user) to require, also used to log in to
+    /// a master when this server is or becomes a replica.
+    pub auth: Option<crate::failover::ServerAuth>,
 }
 
 /// redis-server or nats-server on a fixed loopback port; can be stopped and
@@ -216,6 +219,7 @@ pub struct Service {
     persistence: Persistence,
     args: Vec<String>,
     log_file: Option<std::path::PathBuf>,
+    auth: Option<crate::failover::ServerAuth>,
     /// Redis's working directory (its RDB / AOF files), kept across restarts.
     dir: Option<crate::TempDir>,
 }
@@ -274,6 +278,7 @@ impl Service {
             persistence: opts.persistence,
             args: opts.args,
             log_file: opts.log_file,
+            auth: opts.auth,
             dir,
         };
         s.start().await?;
@@ -292,11 +297,21 @@ impl Service {
         }
     }
 
+    /// The URL a client uses: with the user and password of a Redis that
+    /// requires them.
     pub fn url(&self) -> String {
         match self.kind {
-            ServiceKind::Redis => format!("redis://127.0.0.1:{}", self.port),
+            ServiceKind::Redis => match &self.auth {
+                Some(a) => format!("redis://{}@127.0.0.1:{}", a.userinfo(), self.port),
+                None => self.plain_url(),
+            },
             ServiceKind::Nats => format!("nats://127.0.0.1:{}", self.port),
         }
+    }
+
+    /// The URL without credentials (a node given them by settings).
+    pub fn plain_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// The process id while it runs.
@@ -360,6 +375,9 @@ impl Service {
                 .collect(),
         };
         args.extend(self.args.iter().cloned());
+        if let Some(a) = &self.auth {
+            args.extend(a.server_args());
+        }
         let child = spawn_logged(self.name(), &args, &self.logs, self.log_file.as_deref())?;
         self.child = Some(child);
         let deadline = Instant::now() + TIMEOUT;
@@ -400,7 +418,10 @@ impl Service {
                 ServiceKind::Redis => {
                     s.write_all(b"PING\r\n").await?;
                     let n = s.read(&mut buf).await?;
-                    Ok::<bool, std::io::Error>(buf[..n].starts_with(b"+PONG"))
+                    // A server that requires a password answers too.
+                    Ok::<bool, std::io::Error>(
+                        buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"),
+                    )
                 }
                 ServiceKind::Nats => {
                     let n = s.read(&mut buf).await?;
@@ -1040,6 +1061,8 @@ pub struct ClusterBuilder {
     redis_sentinel: bool,
     /// A Redis Cluster (3 masters + 3 replicas) instead of the one Redis.
     redis_cluster: bool,
+    /// Passwords of the Redis servers and the sentinels.
+    redis_auth: Option<crate::failover::RedisAuth>,
 }
 
 impl ClusterBuilder {
@@ -1103,6 +1126,14 @@ impl ClusterBuilder {
         self
     }
 
+    /// The Redis servers (and sentinels) require passwords; nodes get them
+    /// as settings (`redis_password`, `redis_username`,
+    /// `redis_sentinel_password`) and URLs without them.
+    pub fn redis_auth(mut self, auth: crate::failover::RedisAuth) -> Self {
+        self.redis_auth = Some(auth);
+        self
+    }
+
     /// Any other gateway setting, for every node.
     pub fn env(mut self, key: &str, value: impl ToString) -> Self {
         self.env.push((key.to_owned(), value.to_string()));
@@ -1117,7 +1148,16 @@ impl ClusterBuilder {
             (true, Persistence::None) => Persistence::Rdb,
             (_, p) => p,
         };
-        let redis = Service::start_with(ServiceKind::Redis, persistence).await?;
+        let server_auth = self.redis_auth.as_ref().map(|a| a.server.clone());
+        let redis = Service::start_opts(
+            ServiceKind::Redis,
+            ServiceOptions {
+                persistence,
+                auth: server_auth,
+                ..ServiceOptions::default()
+            },
+        )
+        .await?;
         let nats_cluster = match self.backbone {
             Backbone::Nats if self.nats_servers > 1 => {
                 Some(crate::failover::NatsCluster::start(self.nats_servers).await?)
@@ -1131,7 +1171,9 @@ impl ClusterBuilder {
             _ => None,
         };
         let sentinels = match self.redis_sentinel {
-            true => Some(crate::failover::Sentinels::start(&redis).await?),
+            true => {
+                Some(crate::failover::Sentinels::start(&redis, self.redis_auth.as_ref()).await?)
+            }
             false => None,
         };
         let redis_cluster = match self.redis_cluster {
@@ -1140,7 +1182,7 @@ impl ClusterBuilder {
         };
         let mut template: GatewayBuilder = match (&sentinels, &redis_cluster) {
             (_, Some(rc)) => Gateway::builder().env("GATEWAY_REDIS_CLUSTER_URLS", rc.urls()),
-            (None, None) => Gateway::builder().env("GATEWAY_REDIS_URL", redis.url()),
+            (None, None) => Gateway::builder().env("GATEWAY_REDIS_URL", redis.plain_url()),
             (Some(s), None) => Gateway::builder()
                 .env("GATEWAY_REDIS_SENTINELS", s.addrs())
                 .env("GATEWAY_REDIS_MASTER_NAME", crate::failover::MASTER_NAME),
@@ -1152,6 +1194,15 @@ impl ClusterBuilder {
                 "GATEWAY_BACKBONE_DOWN_THRESHOLD_MS",
                 self.backbone_down_threshold_ms,
             );
+        if let Some(a) = &self.redis_auth {
+            template = template.env("GATEWAY_REDIS_PASSWORD", &a.server.password);
+            if let Some(u) = &a.server.username {
+                template = template.env("GATEWAY_REDIS_USERNAME", u);
+            }
+            if let Some(p) = &a.sentinel_password {
+                template = template.env("GATEWAY_REDIS_SENTINEL_PASSWORD", p);
+            }
+        }
         if let Some(n) = &nats {
             template = template.env("GATEWAY_NATS_URL", n.url());
         }
@@ -1307,6 +1358,7 @@ impl Cluster {
             nats_servers: 1,
             redis_sentinel: false,
             redis_cluster: false,
+            redis_auth: None,
         }
     }
 

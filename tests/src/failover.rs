@@ -184,10 +184,74 @@ impl NatsCluster {
 /// The master name the sentinels watch.
 pub const MASTER_NAME: &str = "gw";
 
+/// What a Redis server requires (`requirepass`, or an ACL user with every
+/// right) and uses as a replica (`masterauth`, `masteruser`).
+#[derive(Debug, Clone)]
+pub struct ServerAuth {
+    pub username: Option<String>,
+    pub password: String,
+}
+
+impl ServerAuth {
+    /// `redis-server` arguments. The default user gets the password too,
+    /// so nothing is reachable without one.
+    pub fn server_args(&self) -> Vec<String> {
+        let p = &self.password;
+        let mut args = vec![
+            "--requirepass".into(),
+            p.clone(),
+            "--masterauth".into(),
+            p.clone(),
+        ];
+        if let Some(u) = &self.username {
+            args.extend([
+                "--user".into(),
+                u.clone(),
+                "on".into(),
+                format!(">{p}"),
+                "~*".into(),
+                "&*".into(),
+                "+@all".into(),
+                "--masteruser".into(),
+                u.clone(),
+            ]);
+        }
+        args
+    }
+
+    /// `user:password@` without the `@` (URL-safe test passwords only).
+    pub fn userinfo(&self) -> String {
+        format!(
+            "{}:{}",
+            self.username.as_deref().unwrap_or(""),
+            self.password
+        )
+    }
+
+    /// The sentinel config lines that let a sentinel log in to the servers.
+    fn sentinel_lines(&self) -> String {
+        let mut lines = format!("sentinel auth-pass {MASTER_NAME} {}\n", self.password);
+        if let Some(u) = &self.username {
+            lines.push_str(&format!("sentinel auth-user {MASTER_NAME} {u}\n"));
+        }
+        lines
+    }
+}
+
+/// Passwords of the Redis servers and (optionally) of the sentinels
+/// themselves ([`crate::cluster::ClusterBuilder::redis_auth`]).
+#[derive(Debug, Clone)]
+pub struct RedisAuth {
+    pub server: ServerAuth,
+    pub sentinel_password: Option<String>,
+}
+
 /// One Redis Sentinel process (its config file is its own: Sentinel
 /// rewrites it).
 pub struct Sentinel {
     pub port: u16,
+    /// Its `requirepass`.
+    password: Option<String>,
     child: Option<Child>,
     logs: Arc<Mutex<String>>,
     _dir: crate::TempDir,
@@ -210,7 +274,7 @@ impl Drop for Sentinel {
 }
 
 impl Sentinel {
-    async fn start(master_port: u16) -> Result<Self> {
+    async fn start(master_port: u16, auth: Option<&RedisAuth>) -> Result<Self> {
         let port = service_port()?;
         let dir = crate::TempDir::new()?;
         let conf = dir.path().join("sentinel.conf");
@@ -222,8 +286,13 @@ impl Sentinel {
                  sentinel monitor {MASTER_NAME} 127.0.0.1 {master_port} 2\n\
                  sentinel down-after-milliseconds {MASTER_NAME} 1000\n\
                  sentinel failover-timeout {MASTER_NAME} 5000\n\
-                 sentinel parallel-syncs {MASTER_NAME} 1\n",
-                dir.path().display()
+                 sentinel parallel-syncs {MASTER_NAME} 1\n{}{}",
+                dir.path().display(),
+                auth.map(|a| a.server.sentinel_lines()).unwrap_or_default(),
+                // Sentinels log in to each other with it too.
+                auth.and_then(|a| a.sentinel_password.as_ref())
+                    .map(|p| format!("requirepass {p}\n"))
+                    .unwrap_or_default(),
             ),
         )?;
         let logs = Arc::new(Mutex::new(String::new()));
@@ -231,6 +300,7 @@ impl Sentinel {
         let child = spawn_logged("redis-server", &args, &logs, None)?;
         let s = Self {
             port,
+            password: auth.and_then(|a| a.sentinel_password.clone()),
             child: Some(child),
             logs,
             _dir: dir,
@@ -252,7 +322,11 @@ impl Sentinel {
     }
 
     async fn conn(&self) -> Result<redis::aio::MultiplexedConnection> {
-        let client = redis::Client::open(format!("redis://{}", self.addr()))?;
+        let userinfo = match &self.password {
+            Some(p) => format!(":{p}@"),
+            None => String::new(),
+        };
+        let client = redis::Client::open(format!("redis://{userinfo}{}", self.addr()))?;
         Ok(within(
             "sentinel connect",
             client.get_multiplexed_async_connection(),
@@ -304,7 +378,9 @@ pub struct Sentinels {
 impl Sentinels {
     /// Starts a replica of `master` and the sentinels; waits until they
     /// know each other.
-    pub async fn start(master: &Service) -> Result<Self> {
+    /// With `auth`: the replica requires the master's password too, and
+    /// the sentinels require `auth.sentinel_password`.
+    pub async fn start(master: &Service, auth: Option<&RedisAuth>) -> Result<Self> {
         // The full sync starts at once (Redis waits 5 s for more replicas).
         let mut m = redis::Client::open(master.url())?
             .get_multiplexed_async_connection()
@@ -325,6 +401,7 @@ impl Sentinels {
                 ],
                 // A directory of its own for the RDB a full sync writes.
                 persistence: crate::cluster::Persistence::Rdb,
+                auth: auth.map(|a| a.server.clone()),
                 ..ServiceOptions::default()
             },
         )
@@ -349,7 +426,7 @@ impl Sentinels {
         }
         let mut sentinels = Vec::new();
         for _ in 0..3 {
-            sentinels.push(Sentinel::start(master.port).await?);
+            sentinels.push(Sentinel::start(master.port, auth).await?);
         }
         let s = Self {
             master_port: master.port,

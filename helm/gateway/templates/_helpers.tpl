@@ -134,6 +134,18 @@ as integers (the gateway's integer settings refuse 2000.0).
   "reconnect_min_delay_ms" $d.reconnectMinDelayMs
   "reconnect_max_delay_ms" $d.reconnectMaxDelayMs
 -}}
+{{- /* Sentinel and the Redis users are no secrets: the passwords come
+from redis.auth.existingSecret as environment variables. */ -}}
+{{- with .Values.redis.sentinel.addresses -}}
+{{- $_ := set $c "redis_sentinels" . -}}
+{{- $_ := set $c "redis_master_name" $.Values.redis.sentinel.masterName -}}
+{{- end -}}
+{{- with .Values.redis.auth.username -}}
+{{- $_ := set $c "redis_username" . -}}
+{{- end -}}
+{{- with .Values.redis.auth.sentinelUsername -}}
+{{- $_ := set $c "redis_sentinel_username" . -}}
+{{- end -}}
 {{- if ne .Values.auth.algorithm "HS256" -}}
 {{- $_ := set $c "jwt_algorithm" .Values.auth.algorithm -}}
 {{- $_ := set $c "jwt_public_key_file" "/etc/gateway/secrets/jwt-public-key.pem" -}}

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use futures_util::future::try_join_all;
 use harness::cluster::{msgs, post_api, sse_at, Backbone, Cluster, Got, Rx};
+use harness::failover::{RedisAuth, ServerAuth};
 use harness::{within, Gateway, Incoming, PublishResult, SseClient, TempDir, WsClient, TIMEOUT};
 use protocol::{
     ClientFrame, Codec, Position, ServerFrame, SseCursor, Subscribe, Subscribed,
@@ -1770,6 +1771,28 @@ async fn redis_cluster_function_library_is_on_every_master_and_reloaded() -> R {
     c.check(r)
 }
 
+/// Starts a `--dev` gateway with `env`; it must exit by itself (within
+/// the harness's timeout: no hang), unsuccessfully, saying each of `want`
+/// on stderr. Returns everything it printed.
+async fn refused_at_start(env: &[(&str, &str)], want: &[&str]) -> anyhow::Result<String> {
+    let out = within(
+        "the gateway refusing its config",
+        tokio::process::Command::new(harness::gateway_bin())
+            .args(["--dev", "--addr", "127.0.0.1:0"])
+            .envs(env.iter().copied())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && want.iter().all(|w| stderr.contains(w)),
+        "{env:?}: {} {stderr}",
+        out.status
+    );
+    Ok(format!("{}{stderr}", String::from_utf8_lossy(&out.stdout)))
+}
+
 /// `redis_cluster_urls` is one of three ways to name Redis: checked at start.
 #[tokio::test]
 async fn redis_cluster_settings_are_checked_at_start() -> R {
@@ -1794,20 +1817,7 @@ async fn redis_cluster_settings_are_checked_at_start() -> R {
         ),
     ];
     for (env, want) in cases {
-        let out = within(
-            "the gateway refusing its config",
-            tokio::process::Command::new(harness::gateway_bin())
-                .args(["--dev", "--addr", "127.0.0.1:0"])
-                .envs(env.iter().copied())
-                .output(),
-        )
-        .await??;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            !out.status.success() && stderr.contains(want),
-            "{env:?}: {} {stderr}",
-            out.status
-        );
+        refused_at_start(env, &[want]).await?;
     }
     Ok(())
 }
@@ -1873,21 +1883,159 @@ async fn failover_settings_are_checked_at_start() -> R {
         ),
     ];
     for (env, want) in cases {
-        let out = within(
-            "the gateway refusing its config",
-            tokio::process::Command::new(harness::gateway_bin())
-                .args(["--dev", "--addr", "127.0.0.1:0"])
-                .envs(env.iter().copied())
-                .output(),
-        )
-        .await??;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            !out.status.success() && stderr.contains(want),
-            "{env:?}: {} {stderr}",
-            out.status
-        );
+        refused_at_start(env, &[want]).await?;
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 6e. Redis and Sentinel with passwords
+// ---------------------------------------------------------------------------
+
+fn redis_auth(username: Option<&str>, sentinel_password: Option<&str>) -> RedisAuth {
+    RedisAuth {
+        server: ServerAuth {
+            username: username.map(str::to_owned),
+            password: "srv-pass-7".into(),
+        },
+        sentinel_password: sentinel_password.map(str::to_owned),
+    }
+}
+
+/// Which databases of the Redis at `url` hold keys (`INFO keyspace`).
+async fn databases_with_keys(url: &str) -> anyhow::Result<Vec<String>> {
+    let mut conn = within(
+        "redis connect",
+        redis::Client::open(url)?.get_multiplexed_async_connection(),
+    )
+    .await??;
+    let info: String = redis::cmd("INFO")
+        .arg("keyspace")
+        .query_async(&mut conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split_once(':').map(|(db, _)| db.to_owned()))
+        .filter(|db| db.starts_with("db"))
+        .collect())
+}
+
+/// A Redis that requires an ACL user's password, given to the nodes as
+/// settings (`redis_url` carries none) with a database number: messages
+/// cross nodes, and the keys are in that database.
+#[tokio::test]
+async fn redis_password_user_and_db_settings_reach_a_password_protected_redis() -> R {
+    let c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_auth(redis_auth(Some("gw-app"), None))
+        .env("GATEWAY_REDIS_DB", 5)
+        .start()
+        .await?;
+    let r = async {
+        let chan = "locked";
+        let mut clients = two_clients(&c, chan).await?;
+        for k in 1..=3u64 {
+            let r = c.node((k % 2) as usize).publish(chan, json!({"k": k})).await?;
+            ensure!(r.seq == k, "{r:?}");
+        }
+        for (_, label, rx) in clients.iter_mut() {
+            for k in 1..=3u64 {
+                let (channel, item) = rx.item().await.context(label.clone())?;
+                ensure!(
+                    channel == chan
+                        && matches!(&item, Got::Msg { seq, data, .. } if *seq == k && *data == json!({"k": k})),
+                    "{label}: {channel} {item:?}"
+                );
+            }
+        }
+        let dbs = databases_with_keys(&c.redis.url()).await?;
+        ensure!(dbs == ["db5"], "keys in {dbs:?}, not only in db5");
+        anyhow::Ok(())
+    }
+    .await;
+    c.check(r)
+}
+
+/// Servers with an ACL user's password, sentinels with a password of
+/// their own, a database number: the nodes find the master through the
+/// sentinels, deliver across nodes and survive the master's SIGKILL with
+/// the same check as without passwords; the promoted replica holds the
+/// keys in that database.
+#[tokio::test]
+async fn sentinel_with_passwords_master_killed_every_publish_delivered_or_announced() -> R {
+    let mut c = Cluster::builder(Backbone::Redis)
+        .nodes(2)
+        .redis_sentinel()
+        .redis_auth(redis_auth(Some("gw-app"), Some("sent-pass-3")))
+        .env("GATEWAY_REDIS_DB", 2)
+        .start()
+        .await?;
+    let r = async {
+        sentinel_failover(&mut c, true).await?;
+        let replica = &c.sentinels.as_ref().context("sentinels")?.replica;
+        let dbs = databases_with_keys(&replica.url()).await?;
+        ensure!(dbs == ["db2"], "keys in {dbs:?}, not only in db2");
+        anyhow::Ok(())
+    }
+    .await;
+    c.check(r)
+}
+
+/// A wrong or missing password (the servers' or the sentinels') stops a
+/// node at start, saying why, instead of leaving it retrying.
+#[tokio::test]
+async fn sentinel_wrong_passwords_stop_the_node_at_start_with_the_reason() -> R {
+    let auth = redis_auth(None, Some("sent-pass-3"));
+    let master = harness::cluster::Service::start_opts(
+        harness::cluster::ServiceKind::Redis,
+        harness::cluster::ServiceOptions {
+            persistence: harness::cluster::Persistence::Rdb,
+            auth: Some(auth.server.clone()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let sentinels = harness::failover::Sentinels::start(&master, Some(&auth)).await?;
+    let addrs = sentinels.addrs();
+    let base = [
+        ("GATEWAY_REDIS_SENTINELS", addrs.as_str()),
+        ("GATEWAY_REDIS_MASTER_NAME", harness::failover::MASTER_NAME),
+    ];
+    let with = |more: &[(&'static str, &'static str)]| {
+        let mut env = base.to_vec();
+        env.extend_from_slice(more);
+        env
+    };
+    let no_master = "no master for redis_master_name \"gw\" at start";
+    let hint = "check redis_password";
+    // The servers' password wrong: the master refuses the ROLE check.
+    let printed = refused_at_start(
+        &with(&[
+            ("GATEWAY_REDIS_PASSWORD", "wrong-pass"),
+            ("GATEWAY_REDIS_SENTINEL_PASSWORD", "sent-pass-3"),
+        ]),
+        &[no_master, "AuthenticationFailed", hint],
+    )
+    .await?;
+    // The sentinels' password wrong, then missing.
+    refused_at_start(
+        &with(&[
+            ("GATEWAY_REDIS_PASSWORD", "srv-pass-7"),
+            ("GATEWAY_REDIS_SENTINEL_PASSWORD", "wrong-pass"),
+        ]),
+        &[no_master, "AuthenticationFailed", hint],
+    )
+    .await?;
+    refused_at_start(
+        &with(&[("GATEWAY_REDIS_PASSWORD", "srv-pass-7")]),
+        &[no_master, hint],
+    )
+    .await?;
+    // No password in what the node printed.
+    ensure!(
+        !printed.contains("wrong-pass") && !printed.contains("sent-pass-3"),
+        "a password in the output: {printed}"
+    );
     Ok(())
 }
 
@@ -1971,6 +2119,20 @@ impl Drop for ScriptCluster {
 
 #[tokio::test]
 async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing() -> R {
+    cluster_script_round("redis").await
+}
+
+/// `--backbone redis-cluster`: six redis-servers made a Redis Cluster, the
+/// nodes on `redis_cluster_urls`.
+#[tokio::test]
+async fn cluster_script_with_a_redis_cluster_serves_and_down_leaves_nothing() -> R {
+    cluster_script_round("redis-cluster").await
+}
+
+/// `cluster.sh up --backbone <backbone>`: a subscriber through the balancer
+/// gets what is published through it; `down` ends every process and
+/// frees every address.
+async fn cluster_script_round(backbone: &str) -> R {
     let bin = harness::gateway_bin(); // built, for the script to find
     let profile = bin
         .parent()
@@ -1983,24 +2145,23 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
     };
     let dir = sc.dir.path().join("cluster");
     let dir_s = dir.to_string_lossy().into_owned();
-    let mut up: Vec<&str> = vec!["up", "--dir", &dir_s];
+    let mut up: Vec<&str> = vec!["up", "--dir", &dir_s, "--backbone", backbone];
     if profile == "release" {
         up.push("--release");
     }
     cluster_script(&up, &sc.dir.path().join("up.log")).await?;
     let logs = |dir: &std::path::Path| {
+        let mut names: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        names.retain(|p| p.extension().is_some_and(|e| e == "log"));
+        names.sort();
         let mut out = String::new();
-        for name in [
-            "node1.log",
-            "node2.log",
-            "node3.log",
-            "haproxy.log",
-            "redis.log",
-            "nats.log",
-        ] {
+        for path in names {
             out.push_str(&format!(
-                "---- {name} ----\n{}\n",
-                std::fs::read_to_string(dir.join(name)).unwrap_or_default()
+                "---- {} ----\n{}\n",
+                path.display(),
+                std::fs::read_to_string(&path).unwrap_or_default()
             ));
         }
         out
@@ -2013,7 +2174,9 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
         }
     }
     sc.pids = pids.clone();
-    ensure!(pids.len() == 6, "pid files: {pids:?}"); // redis, nats, 3 nodes, haproxy
+    // One or six redis-servers, nats, 3 nodes, haproxy.
+    let servers = if backbone == "redis-cluster" { 6 } else { 1 };
+    ensure!(pids.len() == servers + 5, "pid files: {pids:?}");
     let env: HashMap<String, String> = std::fs::read_to_string(dir.join("env"))?
         .lines()
         .filter_map(|l| l.split_once('='))
@@ -2028,7 +2191,7 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
         .collect();
     ensure!(node_urls.len() == 3, "{node_urls:?}");
     ensure!(
-        env.get("BACKBONE").map(String::as_str) == Some("redis"),
+        env.get("BACKBONE").map(String::as_str) == Some(backbone),
         "{env:?}"
     );
 
@@ -2071,9 +2234,17 @@ async fn cluster_script_up_serves_through_the_balancer_and_down_leaves_nothing()
     }
     let mut urls = node_urls.clone();
     urls.push(lb.clone());
-    for key in ["REDIS_URL", "NATS_URL"] {
-        urls.push(env.get(key).context("url")?.clone());
-    }
+    urls.push(env.get("NATS_URL").context("NATS_URL")?.clone());
+    let redis = match backbone {
+        "redis-cluster" => "REDIS_CLUSTER_URLS",
+        _ => "REDIS_URL",
+    };
+    let redis_urls: Vec<&str> = env.get(redis).context("redis")?.split(',').collect();
+    ensure!(
+        redis_urls.len() == if redis == "REDIS_URL" { 1 } else { 6 },
+        "{redis}: {redis_urls:?}"
+    );
+    urls.extend(redis_urls.into_iter().map(str::to_owned));
     for url in urls {
         let addr = url.split("://").nth(1).context("addr")?;
         let connect = within("connect", tokio::net::TcpStream::connect(addr)).await?;
