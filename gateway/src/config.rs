@@ -491,12 +491,37 @@ impl Config {
             || self.redis_cluster_urls.is_some()
     }
 
+    /// What the node says to the Redis servers (`redis_username`, `redis_password`, `redis_db`).
+    pub fn server_credentials(&self) -> crate::redis_auth::Credentials {
+        crate::redis_auth::Credentials {
+            username: self.redis_username.clone(),
+            password: self.redis_password.clone(),
+            db: self.redis_db,
+            names: ["redis_username", "redis_password", "redis_db"],
+        }
+    }
+
+    /// What the node says to the sentinels (`redis_sentinel_username`,
+    /// `redis_sentinel_password`; sentinels have no databases).
+    pub fn sentinel_credentials(&self) -> crate::redis_auth::Credentials {
+        crate::redis_auth::Credentials {
+            username: self.redis_sentinel_username.clone(),
+            password: self.redis_sentinel_password.clone(),
+            db: None,
+            names: [
+                "redis_sentinel_username",
+                "redis_sentinel_password",
+                "redis_db",
+            ],
+        }
+    }
+
     /// Where the node's Redis is, with `redis_username`, `redis_password`
     /// and `redis_db` composed into its URLs (`redis_auth`): `None` for an
     /// embedded node, and for Sentinel (its forwarder's URL is known only
     /// once it listens: `sentinel::start` composes that one).
     pub fn redis_target(&self) -> Result<Option<registry::RedisTarget>, String> {
-        let servers = crate::redis_auth::Credentials::servers(self);
+        let servers = self.server_credentials();
         let credentials_set = self.redis_username.is_some()
             || self.redis_password.is_some()
             || self.redis_db.is_some();
@@ -518,7 +543,7 @@ impl Config {
         }
         if let Some(sentinels) = &self.redis_sentinels {
             // Checked here, used by `sentinel::start`.
-            let sentinels_auth = crate::redis_auth::Credentials::sentinels(self);
+            let sentinels_auth = self.sentinel_credentials();
             for url in crate::sentinel::sentinel_urls(sentinels).map_err(|e| e.to_string())? {
                 sentinels_auth.apply(&url, "redis_sentinels")?;
             }

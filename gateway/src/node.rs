@@ -110,8 +110,8 @@ impl Node {
                 crate::sentinel::start(
                     sentinels,
                     name,
-                    &crate::redis_auth::Credentials::servers(&config),
-                    &crate::redis_auth::Credentials::sentinels(&config),
+                    &config.server_credentials(),
+                    &config.sentinel_credentials(),
                 )
                 .await
                 .map_err(BuildError::Sentinel)?,

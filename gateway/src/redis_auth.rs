@@ -55,31 +55,6 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// The Redis servers' (`redis_username`, `redis_password`, `redis_db`).
-    pub fn servers(config: &crate::config::Config) -> Self {
-        Self {
-            username: config.redis_username.clone(),
-            password: config.redis_password.clone(),
-            db: config.redis_db,
-            names: ["redis_username", "redis_password", "redis_db"],
-        }
-    }
-
-    /// The sentinels' own (`redis_sentinel_username`,
-    /// `redis_sentinel_password`; sentinels have no databases).
-    pub fn sentinels(config: &crate::config::Config) -> Self {
-        Self {
-            username: config.redis_sentinel_username.clone(),
-            password: config.redis_sentinel_password.clone(),
-            db: None,
-            names: [
-                "redis_sentinel_username",
-                "redis_sentinel_password",
-                "redis_db",
-            ],
-        }
-    }
-
     /// `url` with the user, password and database these name filled in;
     /// an error (naming `setting`, never a password) when the URL already
     /// names different ones, or is no `redis://` URL.
