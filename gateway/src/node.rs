@@ -81,6 +81,18 @@ pub struct Node {
 }
 
 impl Node {
+    /// An embedded node with the default settings and a metrics recorder
+    /// of its own, for unit tests.
+    #[cfg(test)]
+    pub async fn for_tests() -> Arc<Self> {
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .build_recorder()
+            .handle();
+        Self::build(Config::default(), prometheus)
+            .await
+            .expect("embedded node")
+    }
+
     /// Builds the node the config asks for: embedded (in-memory parts) with
     /// no Redis setting, a cluster node with `redis_url`, `redis_sentinels`
     /// or `redis_cluster_urls`.

@@ -302,13 +302,7 @@ mod tests {
     /// parts; held under a ceiling.
     #[tokio::test]
     async fn an_idle_streams_state_stays_within_its_ceiling() {
-        let config = crate::config::Config::default();
-        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .build_recorder()
-            .handle();
-        let node = crate::node::Node::build(config, prometheus)
-            .await
-            .expect("embedded node");
+        let node = crate::node::Node::for_tests().await;
         let session = crate::session::Session::new(
             node.sessions.clone(),
             node.admit().expect("admitted"),

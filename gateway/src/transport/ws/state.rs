@@ -82,13 +82,7 @@ mod tests {
     #[tokio::test]
     async fn connection_tasks_stay_within_their_ceilings() {
         use tokio_tungstenite::tungstenite::protocol::Role;
-        let config = crate::config::Config::default();
-        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
-            .build_recorder()
-            .handle();
-        let node = crate::node::Node::build(config, prometheus)
-            .await
-            .expect("embedded node");
+        let node = crate::node::Node::for_tests().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
