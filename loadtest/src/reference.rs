@@ -48,6 +48,9 @@ pub struct ReferenceArgs {
 
 type Queue = mpsc::UnboundedSender<Bytes>;
 
+/// Largest publish body read (a benchmark's messages are far smaller).
+const MAX_BODY: usize = 1 << 20;
+
 #[derive(Default)]
 struct Channel {
     seq: u64,
@@ -134,6 +137,12 @@ async fn serve(mut stream: TcpStream, state: Arc<State>) -> anyhow::Result<()> {
             ("GET", "/ws") => return websocket(stream, head, state).await,
             ("GET", "/sse") => return sse(stream, head, state).await,
             ("POST", "/api/publish") => {
+                if head.content_length > MAX_BODY {
+                    stream
+                        .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await?;
+                    return Ok(());
+                }
                 let mut body = head.rest;
                 while body.len() < head.content_length {
                     if stream.read_buf(&mut body).await? == 0 {
