@@ -59,6 +59,18 @@ pub enum Lifecycle {
     Closing,
 }
 
+/// Resolves on the next lifecycle change, handing the receiver back: a
+/// connection's loop keeps this future pinned, one registration with the
+/// node-wide watch for as long as nothing changes (a fresh `changed()` per
+/// wake-up took the watch's waiter lock, shared by every connection of the
+/// node, twice per delivery). Never resolves if the node is gone.
+pub async fn next_change(mut rx: watch::Receiver<Lifecycle>) -> watch::Receiver<Lifecycle> {
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    rx
+}
+
 /// Why a new session was refused (admission control).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {

@@ -185,19 +185,22 @@ impl Signal {
     /// Waits for a [`Signal::wake`] (cancel-safe: the permit stays until a
     /// wait takes it). One task waits: the connection's.
     pub async fn ready(&self) {
-        std::future::poll_fn(|cx| {
-            if self.ready.swap(false, Ordering::AcqRel) {
-                return std::task::Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // A wake-up between the check and the registration woke no one.
-            if self.ready.swap(false, Ordering::AcqRel) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-        .await;
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
+    }
+
+    /// Takes the permit if a [`Signal::wake`] left one; otherwise registers
+    /// `cx`'s waker for the next.
+    pub fn poll_ready(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.ready.swap(false, Ordering::AcqRel) {
+            return std::task::Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A wake-up between the check and the registration woke no one.
+        if self.ready.swap(false, Ordering::AcqRel) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     /// Whether the connection fell behind a log's bound.

@@ -4,4 +4,5 @@
 
 pub(crate) mod spare;
 pub mod sse;
+pub(crate) mod wake;
 pub mod ws;

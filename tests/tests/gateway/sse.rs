@@ -303,3 +303,137 @@ async fn sse_stream_whose_token_expires_gets_token_expired_then_ends() -> R {
     assert!(end.is_err(), "the stream ends after token_expired: {end:?}");
     Ok(())
 }
+
+/// Reads from `tcp` until `needle` has arrived (an SSE stream read by hand).
+async fn read_until(tcp: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, needle: &str) -> R {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !String::from_utf8_lossy(seen).contains(needle) {
+            let n = tcp.read(&mut chunk).await?;
+            anyhow::ensure!(
+                n > 0,
+                "closed before {needle:?}: {}",
+                String::from_utf8_lossy(seen)
+            );
+            seen.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| {
+        anyhow::anyhow!(
+            "no {needle:?} within 10 s: {}",
+            String::from_utf8_lossy(seen)
+        )
+    })?
+}
+
+/// Waits until `gateway_connections{transport="sse"}` is `n`.
+async fn sse_connections_reach(gw: &Gateway, n: f64, within: std::time::Duration) -> R {
+    let t0 = std::time::Instant::now();
+    loop {
+        let now = gw.metric_with("gateway_connections", "sse").await?;
+        if now == n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            t0.elapsed() < within,
+            "{now} SSE connections after {within:?}, not {n}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// A stream is let go as soon as its client hangs up, long before a
+/// keep-alive would find the socket dead: on the raw socket (a connection
+/// that starts with `GET /sse`) and on the HTTP server (an `/sse` request
+/// after another on a kept-alive connection). Both deliver first.
+#[tokio::test]
+async fn an_sse_client_that_hangs_up_is_let_go_at_once_on_either_path() -> R {
+    use tokio::io::AsyncWriteExt;
+    let gw = Gateway::builder()
+        .env("sse_keepalive_ms", 600_000)
+        .start()
+        .await?;
+    let token = gw.token("hangup", &["feed"], &[], 600);
+    let sse = format!("GET /sse?channel=feed&token={token} HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n");
+    let livez = "GET /livez HTTP/1.1\r\nhost: x\r\n\r\n";
+    for (path, request) in [
+        ("raw socket", sse.clone()),
+        ("HTTP server", format!("{livez}{sse}")),
+    ] {
+        let mut tcp = tokio::net::TcpStream::connect(gw.addr).await?;
+        tcp.write_all(request.as_bytes()).await?;
+        let mut seen = Vec::new();
+        read_until(&mut tcp, &mut seen, "event: connected").await?;
+        if path == "HTTP server" {
+            let text = String::from_utf8_lossy(&seen);
+            anyhow::ensure!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+            anyhow::ensure!(
+                text.matches("HTTP/1.1 200").count() == 2,
+                "{path}: /livez, then /sse: {text}"
+            );
+        }
+        sse_connections_reach(&gw, 1.0, std::time::Duration::from_secs(5)).await?;
+        let r = gw.publish("feed", payload(1)).await?;
+        read_until(&mut tcp, &mut seen, &format!("\"seq\":{}", r.seq)).await?;
+        let t0 = std::time::Instant::now();
+        drop(tcp);
+        sse_connections_reach(&gw, 0.0, std::time::Duration::from_secs(3)).await?;
+        eprintln!(
+            "{path}: a hung-up stream was let go after {:?}",
+            t0.elapsed()
+        );
+    }
+    Ok(())
+}
+
+/// A client that stops reading its stream is cut (it fell behind a
+/// channel's bound, or its writes stalled), and the channel's other
+/// readers get every message, in order.
+#[tokio::test]
+async fn an_sse_client_that_never_reads_is_cut_and_the_others_get_everything() -> R {
+    use tokio::io::AsyncWriteExt;
+    let gw = Gateway::builder()
+        .env("write_stall_timeout_ms", 1_000)
+        .env("max_queue_bytes", 262_144)
+        .start()
+        .await?;
+    let token = gw.token("mute", &["feed"], &[], 600);
+    let mut reader = gw.sse(&["feed"], Some(&token), None).await?;
+    assert_eq!(
+        reader.next_event().await?.event.as_deref(),
+        Some("connected")
+    );
+    // A small receive window, so the node's writes block soon.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut mute = socket.connect(gw.addr).await?;
+    let request = format!("GET /sse?channel=feed&token={token} HTTP/1.1\r\nhost: x\r\n\r\n");
+    mute.write_all(request.as_bytes()).await?;
+    read_until(&mut mute, &mut Vec::new(), "event: connected").await?;
+    sse_connections_reach(&gw, 2.0, std::time::Duration::from_secs(5)).await?;
+    // 7.5 MB: more than the node's socket send buffer can take (4 MiB at
+    // most, `tcp_wmem`) and the client's small window.
+    let big = "x".repeat(60 * 1024);
+    let n = 125u64;
+    let read = tokio::spawn(async move {
+        for i in 1..=n {
+            let (_, m) = reader.recv_message().await?;
+            anyhow::ensure!((m.seq, m.data["i"].as_u64()) == (i, Some(i)), "{m:?}");
+        }
+        anyhow::Ok(reader)
+    });
+    for i in 1..=n {
+        gw.publish("feed", json!({ "i": i, "pad": big })).await?;
+    }
+    let _reader = read.await??;
+    sse_connections_reach(&gw, 1.0, std::time::Duration::from_secs(10)).await?;
+    let cut = gw
+        .metric_with("gateway_connections_closed_total", "code=\"4001\"")
+        .await?;
+    assert_eq!(cut, 1.0, "the mute stream's close is counted as 4001");
+    drop(mute);
+    Ok(())
+}

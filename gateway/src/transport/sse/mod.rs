@@ -21,7 +21,7 @@ use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderValue};
 use protocol::{
     user_channel, Codec, Connected, Position, ServerFrame, Unrecoverable, UnrecoverableReason,
 };
@@ -35,23 +35,85 @@ use stream::SseStream;
 
 pub use request::token_from;
 
-/// `GET /sse`: validates everything up front (answering errors with an HTTP
-/// status and a JSON body), subscribes, and returns the event stream.
+/// `GET /sse` served by the HTTP server (a request on a kept-alive
+/// connection; a connection that starts with one is served on the raw
+/// socket, [`socket`]): validates everything up front (answering errors
+/// with an HTTP status and a JSON body), subscribes, and returns the event
+/// stream as the response body.
 pub async fn open(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
 ) -> Response {
+    let Opening {
+        stream,
+        first,
+        origin,
+    } = match begin(&node, headers, query).await {
+        Ok(opening) => opening,
+        Err(answer) => return answer,
+    };
+    let first = Bytes::from(first);
+    let body = futures_util::stream::unfold((Some(first), stream), |(first, mut st)| async move {
+        if let Some(first) = first {
+            return Some((Ok::<Bytes, Infallible>(first), (None, st)));
+        }
+        let chunk = st.next_chunk().await?;
+        Some((Ok(chunk), (None, st)))
+    });
+    let mut res = stream_head(&node, origin.as_deref());
+    *res.body_mut() = Body::from_stream(body);
+    res
+}
+
+/// An opened stream, before its first byte is written.
+pub(super) struct Opening {
+    stream: SseStream,
+    /// `retry:`, the `connected` event, and what a resume replays.
+    first: Vec<u8>,
+    /// The request's `Origin` (for the CORS headers).
+    origin: Option<String>,
+}
+
+/// Everything before the stream: CORS, admission, authorisation, the
+/// subscriptions. `Err`: the whole answer (a refusal, or a stream that asks
+/// the client to come back later).
+pub(super) async fn begin(
+    node: &Arc<Node>,
+    headers: HeaderMap,
+    query: Option<String>,
+) -> Result<Opening, Response> {
     if let Err(refused) = crate::cors::check(&node.config.allowed_origins, &headers) {
         node.metrics.api_request_rejected(refused.code.name());
-        return refused.into_response();
+        return Err(refused.into_response());
     }
     let origin = crate::cors::origin(&headers).map(str::to_owned);
-    let mut res = match open_stream(node.clone(), headers, query).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    };
-    crate::cors::allow(&node.config.allowed_origins, origin.as_deref(), &mut res);
+    match open_stream(node.clone(), headers, query).await {
+        Ok((stream, first)) => Ok(Opening {
+            stream,
+            first,
+            origin,
+        }),
+        Err(mut answer) => {
+            crate::cors::allow(&node.config.allowed_origins, origin.as_deref(), &mut answer);
+            Err(answer)
+        }
+    }
+}
+
+/// The stream's response, with no body yet: 200, the event-stream headers
+/// and the CORS headers for `origin`.
+fn stream_head(node: &Node, origin: Option<&str>) -> Response {
+    let mut res = Response::new(Body::empty());
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Tells nginx-style proxies not to buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    crate::cors::allow(&node.config.allowed_origins, origin, &mut res);
     res
 }
 
@@ -79,19 +141,21 @@ fn retry_later(node: &Node, why: &str) -> Response {
     res
 }
 
+/// Admits, authorises and subscribes: the stream and its first bytes, or
+/// the whole answer.
 async fn open_stream(
     node: Arc<Node>,
     headers: HeaderMap,
     query: Option<String>,
-) -> Result<Response, ApiError> {
-    let query = request::parse_query(query.as_deref())?;
+) -> Result<(SseStream, Vec<u8>), Response> {
+    let query = request::parse_query(query.as_deref()).map_err(IntoResponse::into_response)?;
     let slot = match node.admit() {
         Ok(slot) => slot,
         Err(refusal) => {
             // A browser EventSource gives up on an error status, so a refusal is
             // a stream that asks it to come back later (with jitter) and ends.
             crate::telemetry::admission_rejected("sse", refusal.reason());
-            return Ok(retry_later(
+            return Err(retry_later(
                 &node,
                 &format!("not accepting new sessions ({})", refusal.reason()),
             ));
@@ -102,15 +166,17 @@ async fn open_stream(
         identity,
         since,
         foreign_cursor,
-    } = request::authorise(&node, &query, &headers).inspect_err(|e| {
-        if matches!(
-            e.code,
-            protocol::ErrorCode::Unauthorized | protocol::ErrorCode::TokenExpired
-        ) {
-            let conn = crate::telemetry::arrival_id("sse");
-            crate::telemetry::auth_failed("sse", &conn, &e.message);
-        }
-    })?;
+    } = request::authorise(&node, &query, &headers)
+        .inspect_err(|e| {
+            if matches!(
+                e.code,
+                protocol::ErrorCode::Unauthorized | protocol::ErrorCode::TokenExpired
+            ) {
+                let conn = crate::telemetry::arrival_id("sse");
+                crate::telemetry::auth_failed("sse", &conn, &e.message);
+            }
+        })
+        .map_err(IntoResponse::into_response)?;
     if identity.is_anonymous() {
         if let Some(c) = channels
             .iter()
@@ -119,13 +185,14 @@ async fn open_stream(
             return Err(ApiError::new(
                 protocol::ErrorCode::PermissionDenied,
                 format!("anonymous clients may not subscribe to {c:?} (namespace)"),
-            ));
+            )
+            .into_response());
         }
     }
     if let Err(e) = crate::control::check_not_revoked(&*node.ledger, &identity).await {
         let conn = crate::telemetry::arrival_id("sse");
         crate::telemetry::auth_failed("sse", &conn, &e);
-        return Err(ApiError::new(e.code(), e.to_string()));
+        return Err(ApiError::new(e.code(), e.to_string()).into_response());
     }
     let names: Vec<&str> = channels.iter().map(String::as_str).collect();
 
@@ -137,7 +204,8 @@ async fn open_stream(
             return Err(ApiError::new(
                 protocol::ErrorCode::RateLimited,
                 "too many subscribes (subscribe_rate, user_subscribe_rate); retry later",
-            ));
+            )
+            .into_response());
         }
         match session.subscribe(None, name, since, &mut out).await {
             Ok(()) => {}
@@ -145,7 +213,7 @@ async fn open_stream(
             // refusal, a stream that asks to come back later, which a
             // browser EventSource follows (it gives up on an error status).
             Err(protocol::ErrorCode::Unavailable) => {
-                return Ok(retry_later(
+                return Err(retry_later(
                     &node,
                     &format!("could not subscribe to {name:?} (store unavailable)"),
                 ));
@@ -154,7 +222,8 @@ async fn open_stream(
                 return Err(ApiError::new(
                     code,
                     format!("could not subscribe to {name:?}; retry later"),
-                ))
+                )
+                .into_response())
             }
         }
         if foreign_cursor {
@@ -198,10 +267,8 @@ async fn open_stream(
         max_frame_bytes: None,
         max_subscriptions: None,
     };
-    let shared = session.shared.clone();
-    let end = Arc::new(crate::telemetry::ConnectionEnd::open("sse"));
     let mut stream = SseStream {
-        end: end.clone(),
+        end: Arc::new(crate::telemetry::ConnectionEnd::open("sse")),
         node: node.clone(),
         lifecycle: node.lifecycle(),
         identity: identity.clone(),
@@ -219,28 +286,7 @@ async fn open_stream(
         &Codec::Json.encode(&ServerFrame::Connected(connected)),
     );
     stream.write_all(&mut first, out);
-    let first = Bytes::from(first);
-
-    let body = futures_util::stream::unfold((Some(first), stream), |(first, mut st)| async move {
-        if let Some(first) = first {
-            return Some((Ok::<Bytes, Infallible>(first), (None, st)));
-        }
-        let chunk = st.next_chunk().await?;
-        Some((Ok(chunk), (None, st)))
-    });
-    let mut res = Response::new(Body::from_stream(body));
-    *res.status_mut() = StatusCode::OK;
-    res.extensions_mut().insert(shared);
-    res.extensions_mut().insert(end);
-    let h = res.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // Tells nginx-style proxies not to buffer the stream.
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(res)
+    Ok((stream, first))
 }
 
 /// Writes one event: its type (none: a `message`), its id (the cursor of

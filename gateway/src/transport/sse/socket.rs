@@ -11,18 +11,22 @@
 //! response the router would give, written with `Connection: close` and a
 //! close-delimited body.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::extract::{RawQuery, State};
-use futures_util::StreamExt;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::drain::Arrival;
+use crate::drain::{Arrival, Lifecycle};
 use crate::node::Node;
+use crate::transport::spare;
+use crate::transport::wake::{self, Woken};
+
+use super::stream::{Flow, SseStream, SPARE_KEEP};
+use super::Opening;
 
 /// Largest request head accepted on this path.
 const MAX_HEAD: usize = 16 * 1024;
@@ -57,12 +61,9 @@ async fn peek_sse(tcp: &TcpStream) -> bool {
     }
 }
 
-async fn write_response_head(
-    tcp: &mut TcpStream,
-    status: StatusCode,
-    headers: &HeaderMap,
-    length: Option<usize>,
-) -> std::io::Result<()> {
+/// An HTTP/1.1 response head, `Connection: close`; with `length`, a
+/// `content-length` (otherwise the body is close-delimited).
+fn response_head(status: StatusCode, headers: &HeaderMap, length: Option<usize>) -> Vec<u8> {
     let mut head = format!(
         "HTTP/1.1 {} {}\r\n",
         status.as_u16(),
@@ -77,7 +78,7 @@ async fn write_response_head(
         head.push_str(&format!("content-length: {len}\r\n"));
     }
     head.push_str("connection: close\r\n\r\n");
-    tcp.write_all(head.as_bytes()).await
+    head.into_bytes()
 }
 
 async fn plain(tcp: &mut TcpStream, status: StatusCode, body: &str) {
@@ -86,7 +87,9 @@ async fn plain(tcp: &mut TcpStream, status: StatusCode, body: &str) {
         http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    let _ = write_response_head(tcp, status, &h, Some(body.len())).await;
+    let _ = tcp
+        .write_all(&response_head(status, &h, Some(body.len())))
+        .await;
     let _ = tcp.write_all(body.as_bytes()).await;
 }
 
@@ -182,41 +185,40 @@ async fn read_head(
     }
 }
 
-/// An open stream's parts, once its response head is written: the body,
-/// the session's signal, the connection-end record.
-type Opened = (
-    Body,
-    Option<Arc<crate::hub::SessionShared>>,
-    Option<Arc<crate::telemetry::ConnectionEnd>>,
-);
-
-/// Reads the request, opens the stream and writes its response head (or
-/// answers a refusal in full: `None`).
-async fn open(node: &Arc<Node>, tcp: &mut TcpStream, arrival: Arrival) -> Option<Opened> {
+/// Reads the request and opens the stream: the stream, and its response
+/// head and first events to write. A refusal is answered in full here
+/// (`None`).
+async fn open(
+    node: &Arc<Node>,
+    tcp: &mut TcpStream,
+    arrival: Arrival,
+) -> Option<(SseStream, Vec<u8>)> {
     let deadline = tokio::time::Instant::now() + node.ms(node.config.request_head_timeout_ms);
     let (headers, query) = read_head(tcp, deadline).await?;
-    let response = super::open(State(node.clone()), headers, RawQuery(query)).await;
+    let opened = super::begin(node, headers, query).await;
     // A session now (its slot counts it), or refused: no longer pending.
     drop(arrival);
-    let (mut parts, body) = response.into_parts();
-    // The stream's signal, to cut a client whose writes block while it
-    // falls behind (the stream itself is not polled then).
-    let shared = parts.extensions.remove::<Arc<crate::hub::SessionShared>>();
-    let end = parts
-        .extensions
-        .remove::<Arc<crate::telemetry::ConnectionEnd>>();
-    if parts.status != StatusCode::OK {
-        let bytes = axum::body::to_bytes(body, 64 * 1024)
-            .await
-            .unwrap_or_default();
-        let _ = write_response_head(tcp, parts.status, &parts.headers, Some(bytes.len())).await;
-        let _ = tcp.write_all(&bytes).await;
-        return None;
-    }
-    write_response_head(tcp, parts.status, &parts.headers, None)
-        .await
-        .ok()?;
-    Some((body, shared, end))
+    let Opening {
+        stream,
+        first,
+        origin,
+    } = match opened {
+        Ok(opening) => opening,
+        Err(answer) => {
+            let (parts, body) = answer.into_parts();
+            let bytes = axum::body::to_bytes(body, 64 * 1024)
+                .await
+                .unwrap_or_default();
+            let head = response_head(parts.status, &parts.headers, Some(bytes.len()));
+            let _ = tcp.write_all(&head).await;
+            let _ = tcp.write_all(&bytes).await;
+            return None;
+        }
+    };
+    let res = super::stream_head(node, origin.as_deref());
+    let mut head = response_head(StatusCode::OK, res.headers(), None);
+    head.extend_from_slice(&first);
+    Some((stream, head))
 }
 
 /// Serves one SSE request on `tcp` until the stream ends or the client goes.
@@ -231,89 +233,136 @@ pub fn serve(
     mut tcp: TcpStream,
     arrival: Arrival,
 ) -> impl std::future::Future<Output = ()> + Send {
-    async move { serve_stream(node, &mut tcp, arrival).await }
-}
-
-async fn serve_stream(node: Arc<Node>, tcp: &mut TcpStream, arrival: Arrival) {
-    let Some((body, shared, end)) = Box::pin(open(&node, tcp, arrival)).await else {
-        return;
-    };
-    let mut stream = body.into_data_stream();
-    let write_stall = node.ms(node.config.write_stall_timeout_ms);
-    let (mut rd, mut wr) = tcp.split();
-    let mut probe = [0u8; 1];
-    loop {
-        tokio::select! {
-            chunk = stream.next() => match chunk {
-                Some(Ok(bytes)) => {
-                    // Tried first: most writes complete at once, and only a
-                    // blocked one needs the watches (boxed, so an idle
-                    // stream's task holds neither their futures nor a
-                    // timer).
-                    let mut write = std::pin::pin!(wr.write_all(&bytes));
-                    let written = match futures_util::poll!(write.as_mut()) {
-                        std::task::Poll::Ready(written) => written,
-                        std::task::Poll::Pending => {
-                            match Box::pin(blocked_write(write, shared.as_deref(), write_stall)).await {
-                                Ok(written) => written,
-                                Err(Blocked::Behind) => {
-                                    node.metrics.slow_consumer_disconnects.increment(1);
-                                    if let Some(e) = &end {
-                                        e.set(protocol::CloseCode::SlowConsumer);
-                                    }
-                                    let id = shared.as_ref().map_or(0, |s| s.id);
-                                    crate::telemetry::slow_consumer_cut("sse", &format!("{}-{id}", node.id));
-                                    return;
-                                }
-                                Err(Blocked::Stalled) => {
-                                    crate::telemetry::write_stalled("sse");
-                                    if let Some(e) = &end {
-                                        e.set(protocol::CloseCode::SlowConsumer);
-                                    }
-                                    return;
-                                }
-                            }
-                        }
-                    };
-                    if written.is_err() {
-                        return;
-                    }
-                }
-                _ => break,
-            },
-            // An EventSource sends nothing after its request: a read that
-            // returns means the client closed (or broke the protocol).
-            _ = rd.read(&mut probe) => return,
+    async move {
+        let Some((mut stream, first)) = Box::pin(open(&node, &mut tcp, arrival)).await else {
+            return;
+        };
+        drop(node);
+        if write(&mut tcp, &first, &stream).await.is_err() {
+            return;
+        }
+        drop(first);
+        if serve_stream(&mut stream, &mut tcp).await {
+            let _ = tcp.shutdown().await;
         }
     }
-    let _ = wr.shutdown().await;
 }
 
-/// Why a blocked write gave up.
-enum Blocked {
-    /// The stream fell behind a channel's bound.
-    Behind,
-    /// Nothing was read for `write_stall_timeout_ms`.
-    Stalled,
+/// What woke an open stream, besides deliveries.
+enum Woke {
+    /// The node's lifecycle changed (and at the start: the state it is in).
+    Lifecycle(Lifecycle),
+    /// The keep-alive timer (or the token's expiry).
+    Timer,
+    /// The client closed its side, or sent something (an EventSource
+    /// sends nothing after its request).
+    Peer,
+}
+
+/// The stream's loop on the raw socket, the SSE twin of the WebSocket
+/// connection's: its lifecycle watch and timer stay registered across
+/// wake-ups and are polled, like the socket's read side, only when one of
+/// them woke the task ([`crate::transport::wake`]); events are written
+/// from the thread's spare buffer straight to the socket. `true`: the
+/// stream ended with its last event written (shut the socket down
+/// gracefully).
+async fn serve_stream(stream: &mut SseStream, tcp: &mut TcpStream) -> bool {
+    let mut lifecycle = stream.lifecycle.clone();
+    let mut woke = Woken::Rare(Woke::Lifecycle(*lifecycle.borrow_and_update()));
+    let changed = crate::drain::next_change(lifecycle);
+    tokio::pin!(changed);
+    loop {
+        let mut buf = spare::take();
+        let flow = match woke {
+            Woken::Rare(Woke::Lifecycle(state)) => stream.on_lifecycle(state, &mut buf),
+            Woken::Rare(Woke::Timer) => stream.on_timer(&mut buf),
+            Woken::Rare(Woke::Peer) => return false,
+            Woken::Deliveries => stream.on_ready(&mut buf).await,
+        };
+        if matches!(flow, Flow::Cut) {
+            return false;
+        }
+        if !buf.is_empty() && write(tcp, &buf, stream).await.is_err() {
+            return false;
+        }
+        spare::give_back(buf, SPARE_KEEP);
+        if matches!(flow, Flow::Last) {
+            return true;
+        }
+        let mut timer = super::stream::timer(&mut stream.timer, &stream.node, &stream.identity);
+        let socket = &*tcp;
+        woke = wake::next(&stream.session.shared, |cx| {
+            if let Poll::Ready(mut rx) = changed.as_mut().poll(cx) {
+                let state = *rx.borrow_and_update();
+                changed.set(crate::drain::next_change(rx));
+                return Poll::Ready(Woke::Lifecycle(state));
+            }
+            if timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Woke::Timer);
+            }
+            peer_spoke(socket, cx).map(|()| Woke::Peer)
+        })
+        .await;
+    }
+}
+
+/// `Ready` once the client closed its side or sent anything.
+fn peer_spoke(tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<()> {
+    let mut probe = [0u8; 1];
+    loop {
+        match tcp.poll_read_ready(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Err(_)) => return Poll::Ready(()),
+            // A stale readiness clears itself here (WouldBlock).
+            Poll::Ready(Ok(())) => match tcp.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                _ => return Poll::Ready(()),
+            },
+        }
+    }
+}
+
+/// The client is gone, or was cut: end the stream.
+struct Gone;
+
+/// Writes `bytes` whole. Tried at once (most writes complete: no future,
+/// no timer); a write that blocks waits for the client, the stream
+/// falling behind a channel's bound, or the stall deadline (boxed, so an
+/// idle stream's task holds neither their futures nor a timer).
+async fn write(tcp: &mut TcpStream, bytes: &[u8], stream: &SseStream) -> Result<(), Gone> {
+    let mut at = 0;
+    while at < bytes.len() {
+        match tcp.try_write(&bytes[at..]) {
+            Ok(0) => return Err(Gone),
+            Ok(n) => at += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Box::pin(blocked_write(tcp, &bytes[at..], stream)).await;
+            }
+            Err(_) => return Err(Gone),
+        }
+    }
+    Ok(())
 }
 
 /// A write the client is not reading: waits for it, for the stream falling
-/// behind a channel's bound, or for the stall deadline.
-async fn blocked_write(
-    write: std::pin::Pin<&mut impl std::future::Future<Output = std::io::Result<()>>>,
-    shared: Option<&crate::hub::SessionShared>,
-    stall: Duration,
-) -> Result<std::io::Result<()>, Blocked> {
-    let overflow = async {
-        match shared {
-            Some(s) => s.signal.overflowed().await,
-            None => std::future::pending().await,
-        }
-    };
+/// behind a channel's bound (cut, 4001 in the close record), or for
+/// `write_stall_timeout_ms` with nothing read.
+async fn blocked_write(tcp: &mut TcpStream, rest: &[u8], stream: &SseStream) -> Result<(), Gone> {
+    let node = &stream.node;
+    let stall = node.ms(node.config.write_stall_timeout_ms);
     tokio::select! {
         biased;
-        written = write => Ok(written),
-        _ = overflow => Err(Blocked::Behind),
-        _ = tokio::time::sleep(stall) => Err(Blocked::Stalled),
+        written = tcp.write_all(rest) => written.map_err(|_| Gone),
+        _ = stream.session.shared.signal.overflowed() => {
+            stream.session.slow_consumer();
+            stream.end.set(protocol::CloseCode::SlowConsumer);
+            crate::telemetry::slow_consumer_cut("sse", &stream.session.client_id());
+            Err(Gone)
+        }
+        _ = tokio::time::sleep(stall) => {
+            crate::telemetry::write_stalled("sse");
+            stream.end.set(protocol::CloseCode::SlowConsumer);
+            Err(Gone)
+        }
     }
 }

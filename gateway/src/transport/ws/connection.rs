@@ -2,7 +2,9 @@
 //! deliveries from the session's logs, pings and idle timeout, token expiry
 //! and refresh, the drain's `reconnect`, and the close.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
@@ -12,13 +14,11 @@ use protocol::{
     Refreshed, ServerFrame, Unsubscribed,
 };
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
 use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::auth::now_secs;
 use crate::drain::{Lifecycle, Slot};
-use crate::hub::SessionShared;
 use crate::ids::now_ms;
 use crate::message::{Draft, Extras};
 use crate::node::Node;
@@ -31,6 +31,7 @@ use super::state::Connection;
 use super::write::WsOut;
 use super::Socket;
 use crate::transport::spare;
+use crate::transport::wake::{self, Woken};
 
 /// Runs one connection to its end.
 ///
@@ -103,35 +104,12 @@ async fn open(args: Box<(Arc<Node>, Slot, Socket, Codec)>) -> Option<Opened> {
     Some((conn, end, code))
 }
 
-/// Polls the socket's read side if its I/O woke the connection (see
-/// `hub::Signal`); otherwise `Pending`, with nothing to register: the
-/// socket's wake-up comes through the session's `ready` signal, which the
-/// connection's loop always waits on.
-pub(super) fn poll_socket(
-    socket: &mut Socket,
-    shared: &Arc<SessionShared>,
-) -> std::task::Poll<Option<Result<Message, WsError>>> {
-    if !shared.signal.take_io() {
-        return std::task::Poll::Pending;
-    }
-    let waker = std::task::Waker::from(shared.clone());
-    let polled = socket.poll_next_unpin(&mut std::task::Context::from_waker(&waker));
-    if polled.is_ready() {
-        shared.signal.set_io();
-    }
-    polled
-}
-
-/// Resolves on the next lifecycle change, handing the receiver back (one
-/// registration for as long as nothing changes, instead of one per loop
-/// turn). Never resolves if the node is gone.
-pub(super) async fn lifecycle_change(
-    mut rx: watch::Receiver<Lifecycle>,
-) -> watch::Receiver<Lifecycle> {
-    if rx.changed().await.is_err() {
-        std::future::pending::<()>().await;
-    }
-    rx
+/// What woke the connection, besides deliveries.
+enum Rare {
+    Lifecycle(Lifecycle),
+    /// The socket's read side: a frame, an error, or its end.
+    Socket(Option<Result<Message, WsError>>),
+    Timer,
 }
 
 impl Connection {
@@ -228,7 +206,7 @@ impl Connection {
     pub(super) async fn serve(&mut self) -> Option<CloseCode> {
         let mut lifecycle = self.node().lifecycle();
         let mut state = *lifecycle.borrow_and_update();
-        let changed = lifecycle_change(lifecycle);
+        let changed = crate::drain::next_change(lifecycle);
         tokio::pin!(changed);
         let timer = sleep_until(self.next_timer().into());
         tokio::pin!(timer);
@@ -271,13 +249,27 @@ impl Connection {
             let wake = tokio::time::Instant::from_std(self.next_timer());
             if timer.deadline() != wake {
                 timer.as_mut().reset(wake);
+                // Polled again at the next wait, under its new deadline.
+                self.session.shared.signal.set_io();
             }
-            tokio::select! {
-                mut rx = &mut changed => {
-                    state = *rx.borrow_and_update();
-                    changed.set(lifecycle_change(rx));
+            // Deliveries, or (polled only when one of them woke the task)
+            // the lifecycle, the socket, the timer: `transport::wake`.
+            let socket = &mut self.socket;
+            let woke = wake::next(&self.session.shared, |cx| {
+                if let Poll::Ready(mut rx) = changed.as_mut().poll(cx) {
+                    let state = *rx.borrow_and_update();
+                    changed.set(crate::drain::next_change(rx));
+                    return Poll::Ready(Rare::Lifecycle(state));
                 }
-                _ = self.session.queue_ready() => {
+                if let Poll::Ready(msg) = socket.poll_next_unpin(cx) {
+                    return Poll::Ready(Rare::Socket(msg));
+                }
+                timer.as_mut().poll(cx).map(|()| Rare::Timer)
+            })
+            .await;
+            match woke {
+                Woken::Rare(Rare::Lifecycle(now)) => state = now,
+                Woken::Deliveries => {
                     let controls = self.session.take_controls();
                     if !controls.is_empty() {
                         if let Some(code) = Box::pin(self.apply_controls(controls)).await {
@@ -309,28 +301,38 @@ impl Connection {
                     let keep = self.node().config.ws_write_buffer_bytes;
                     spare::give_back(std::mem::take(&mut self.wbuf), keep);
                 }
-                msg = std::future::poll_fn(|_| poll_socket(&mut self.socket, &self.session.shared)) => {
+                Woken::Rare(Rare::Socket(msg)) => {
                     self.ws_may_hold = true;
                     let code = match msg {
                         None => return None,
                         Some(Err(WsError::Capacity(_))) => {
-                            self.node().metrics.frame_rejected(ErrorCode::TooLarge.name());
+                            self.node()
+                                .metrics
+                                .frame_rejected(ErrorCode::TooLarge.name());
                             return Some(CloseCode::FrameTooLarge);
                         }
-                        Some(Err(WsError::Protocol(_))) | Some(Err(WsError::Utf8(_))) => return Some(CloseCode::BadProtocol),
+                        Some(Err(WsError::Protocol(_))) | Some(Err(WsError::Utf8(_))) => {
+                            return Some(CloseCode::BadProtocol)
+                        }
                         Some(Err(_)) => return None,
                         Some(Ok(m)) => {
                             self.last_recv = Instant::now();
                             match m {
-                                Message::Text(t) => Box::pin(self.handle(Codec::Json.decode_client(t.as_bytes()))).await,
-                                Message::Binary(b) => Box::pin(self.handle(Codec::MsgPack.decode_client(&b))).await,
+                                Message::Text(t) => {
+                                    Box::pin(self.handle(Codec::Json.decode_client(t.as_bytes())))
+                                        .await
+                                }
+                                Message::Binary(b) => {
+                                    Box::pin(self.handle(Codec::MsgPack.decode_client(&b))).await
+                                }
                                 // tungstenite queued the reply (an echo, or
                                 // 1002 for a close code no endpoint may
                                 // send): flush it before letting go.
                                 Message::Close(_) => {
                                     // Boxed: a timer inline would grow every
                                     // idle connection's task.
-                                    let flush = timeout(Duration::from_secs(1), self.socket.flush());
+                                    let flush =
+                                        timeout(Duration::from_secs(1), self.socket.flush());
                                     let _ = Box::pin(flush).await;
                                     return None;
                                 }
@@ -346,7 +348,7 @@ impl Connection {
                         return code;
                     }
                 }
-                _ = &mut timer => {
+                Woken::Rare(Rare::Timer) => {
                     if let Some(code) = self.on_timer() {
                         return Some(code);
                     }
