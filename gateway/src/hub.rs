@@ -108,12 +108,13 @@ impl Default for Signal {
     }
 }
 
-/// A connection's task polls its socket's read side only when the socket
-/// asked for it: the socket gets a waker made of the `SessionShared`, which
-/// sets the I/O flag and wakes the task through its `ready` signal. A
+/// A connection's task polls its rare sources (its socket's read side, its
+/// timer, the node's lifecycle watch) only when one of them asked for it:
+/// they get a waker made of the `SessionShared`, which sets the I/O flag
+/// and wakes the task through its `ready` signal (`transport::wake`). A
 /// connection woken for deliveries (by far the most wake-ups of a
-/// broadcast) then leaves the socket alone: no waker registrations, no
-/// readiness check, no cache lines of the socket's read state touched.
+/// broadcast) then leaves them alone: no waker registrations, no readiness
+/// or deadline check, no cache lines of their state touched.
 impl std::task::Wake for SessionShared {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
@@ -154,14 +155,16 @@ impl SessionShared {
 }
 
 impl Signal {
-    /// Whether the socket's I/O woke the connection since the last
-    /// [`Signal::take_io`]; clears the flag.
+    /// Whether a rare source (the socket's I/O, the timer, the lifecycle)
+    /// woke the connection since the last [`Signal::take_io`]; clears the
+    /// flag.
     pub fn take_io(&self) -> bool {
         self.io.load(Ordering::Acquire) && self.io.swap(false, Ordering::AcqRel)
     }
 
-    /// Marks the socket as worth polling again (it returned something and
-    /// may hold more, which no I/O event will announce).
+    /// Marks the rare sources as worth polling again (one returned
+    /// something, and the others were not polled since their wake-up; or a
+    /// timer moved and must be registered under its new deadline).
     pub fn set_io(&self) {
         self.io.store(true, Ordering::Release);
     }

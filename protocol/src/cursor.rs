@@ -65,19 +65,24 @@ impl SseCursor {
         fnv1a(channels)
     }
 
-    /// Appends the cursor for `positions` (one per channel, in order) with
-    /// the `hash` of its channels: the text [`SseCursor::encode`] returns,
-    /// without an allocation (the SSE write path calls this per event).
-    pub fn write(out: &mut Vec<u8>, hash: u32, positions: &[Position]) {
+    /// Appends the cursor for `positions` (epoch and seq, one per channel,
+    /// in order) with the `hash` of its channels: the text
+    /// [`SseCursor::encode`] returns, without an allocation (the SSE write
+    /// path calls this per event).
+    pub fn write<'a>(
+        out: &mut Vec<u8>,
+        hash: u32,
+        positions: impl IntoIterator<Item = (&'a str, u64)>,
+    ) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         out.extend_from_slice(b"v1.");
         out.extend((0..8).rev().map(|i| HEX[(hash >> (i * 4)) as usize & 0xf]));
         let mut digits = itoa::Buffer::new();
-        for p in positions {
+        for (epoch, seq) in positions {
             out.push(b'.');
-            out.extend_from_slice(p.epoch.as_bytes());
+            out.extend_from_slice(epoch.as_bytes());
             out.push(b'-');
-            out.extend_from_slice(digits.format(p.seq).as_bytes());
+            out.extend_from_slice(digits.format(seq).as_bytes());
         }
     }
 
@@ -158,7 +163,11 @@ mod tests {
         let names = ["news", "$user:alice"];
         let ps = [Position::new(42, "k3f9"), Position::new(u64::MAX, "Z1")];
         let mut out = b"id: ".to_vec();
-        SseCursor::write(&mut out, SseCursor::hash(&names), &ps);
+        SseCursor::write(
+            &mut out,
+            SseCursor::hash(&names),
+            ps.iter().map(|p| (&*p.epoch, p.seq)),
+        );
         let out = String::from_utf8(out).unwrap();
         let encoded = SseCursor::encode(&names, &[&ps[0], &ps[1]]);
         assert_eq!(out, format!("id: {encoded}"));
@@ -166,7 +175,7 @@ mod tests {
         assert_eq!(out, format!("id: v1.{hash:08x}.k3f9-42.Z1-{}", u64::MAX));
         // Leading zeros of the hash are written.
         let mut out = Vec::new();
-        SseCursor::write(&mut out, 0x00ab_0001, &[]);
+        SseCursor::write(&mut out, 0x00ab_0001, []);
         assert_eq!(out, b"v1.00ab0001");
     }
 

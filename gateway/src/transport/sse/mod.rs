@@ -289,24 +289,36 @@ async fn open_stream(
     Ok((stream, first))
 }
 
-/// Writes one event: its type (none: a `message`), its id (the cursor of
-/// these positions, with their channels' hash), its data. Straight into
-/// `buf`, with no cursor string of its own: this runs for every delivery.
-pub(super) fn write_event(
-    buf: &mut Vec<u8>,
-    event: Option<&str>,
-    id: Option<(u32, &[Position])>,
-    data: &[u8],
-) {
+/// An event's id: none, or the cursor of positions with their channels'
+/// hash.
+pub(super) enum Id<'a> {
+    None,
+    Positions(u32, &'a [Position]),
+    /// A one-channel cursor: its hash, epoch and seq.
+    One(u32, &'a str, u64),
+}
+
+/// Writes one event: its type (none: a `message`), its id, its data.
+/// Straight into `buf`, with no cursor string of its own: this runs for
+/// every delivery.
+pub(super) fn write_event(buf: &mut Vec<u8>, event: Option<&str>, id: Id<'_>, data: &[u8]) {
     if let Some(event) = event {
         buf.extend_from_slice(b"event: ");
         buf.extend_from_slice(event.as_bytes());
         buf.extend_from_slice(b"\n");
     }
-    if let Some((hash, positions)) = id {
-        buf.extend_from_slice(b"id: ");
-        protocol::SseCursor::write(buf, hash, positions);
-        buf.extend_from_slice(b"\n");
+    match id {
+        Id::None => {}
+        Id::Positions(hash, positions) => {
+            buf.extend_from_slice(b"id: ");
+            protocol::SseCursor::write(buf, hash, positions.iter().map(|p| (&*p.epoch, p.seq)));
+            buf.extend_from_slice(b"\n");
+        }
+        Id::One(hash, epoch, seq) => {
+            buf.extend_from_slice(b"id: ");
+            protocol::SseCursor::write(buf, hash, [(epoch, seq)]);
+            buf.extend_from_slice(b"\n");
+        }
     }
     buf.extend_from_slice(b"data: ");
     // Our JSON has no raw newlines (serde_json escapes them), so one data line.
