@@ -8,7 +8,7 @@
 //! {"sub": "alice", "exp": 1767225600, "subscribe": ["news", "chat:*"], "publish": ["chat:*"]}
 //! ```
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{decode, encode, Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use protocol::{ErrorCode, Position};
@@ -164,6 +164,24 @@ pub fn now_secs() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The monotonic instant of a Unix time in seconds (a token's `exp`),
+/// through one anchor taken when first asked: the same `exp` gives the
+/// same instant every time, so a connection's timer built from it does not
+/// move on every wake-up. `None` past the clock's range. The wall clock may
+/// drift from the anchor; users re-check `exp` against [`now_secs`] when
+/// the timer fires.
+pub fn instant_of(unix_secs: u64) -> Option<std::time::Instant> {
+    static ANCHOR: std::sync::LazyLock<(std::time::Instant, u64)> =
+        std::sync::LazyLock::new(|| (std::time::Instant::now(), now_secs()));
+    let (at, secs) = *ANCHOR;
+    match unix_secs.checked_sub(secs) {
+        Some(ahead) => at.checked_add(Duration::from_secs(ahead)),
+        None => at
+            .checked_sub(Duration::from_secs(secs - unix_secs))
+            .or(Some(at)),
+    }
 }
 
 /// A resume token's claims: who the client is, what it may do, and where it
@@ -490,6 +508,22 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
+    /// A token's `exp` maps to one instant, whenever asked: later times to
+    /// later instants, a second to a second, the past to the past, and
+    /// what the clock cannot hold to `None`.
+    #[test]
+    fn instant_of_is_stable_and_follows_the_wall_clock() {
+        let now = super::now_secs();
+        let a = super::instant_of(now + 100).expect("in range");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert_eq!(super::instant_of(now + 100), Some(a));
+        let b = super::instant_of(now + 101).expect("in range");
+        assert_eq!(b - a, std::time::Duration::from_secs(1));
+        let past = super::instant_of(now.saturating_sub(10)).expect("in range");
+        assert!(past <= std::time::Instant::now());
+        assert_eq!(super::instant_of(u64::MAX), None);
+    }
+
     use super::*;
 
     /// Signs any claims with the test secret.

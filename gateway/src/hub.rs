@@ -297,7 +297,7 @@ pub struct ChannelLog {
 }
 
 impl ChannelLog {
-    fn new(max_bytes: usize) -> Self {
+    pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(LogState::default()),
             head: AtomicU64::new(0),

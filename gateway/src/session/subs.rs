@@ -22,16 +22,26 @@ pub(super) struct SubState {
 }
 
 /// The slab. A free index is `None`; trailing free indices are trimmed,
-/// so `entries.len()` bounds the tokens in use.
+/// so [`Subs::bound`] bounds the tokens in use. Token 0 lives inline, in
+/// the session (in its connection's task): a broadcast that reaches a
+/// one-subscription session reads its state from memory the task touches
+/// anyway, not from a heap block of its own gone cold since the last
+/// delivery (one cache miss per delivery; issue 16). Tokens from 1 are in
+/// `rest` (index `token - 1`), so two subscriptions cost what a two-entry
+/// `Vec` did.
 #[derive(Default)]
 pub(super) struct Subs {
-    entries: Vec<Option<SubState>>,
+    first: Option<SubState>,
+    rest: Vec<Option<SubState>>,
 }
 
 impl Subs {
+    fn slots(&self) -> impl Iterator<Item = &Option<SubState>> {
+        std::iter::once(&self.first).chain(self.rest.iter())
+    }
+
     pub(super) fn index_of(&self, channel: &str) -> Option<usize> {
-        self.entries
-            .iter()
+        self.slots()
             .position(|e| e.as_ref().is_some_and(|s| *s.channel == *channel))
     }
 
@@ -44,63 +54,78 @@ impl Subs {
     }
 
     pub(super) fn at(&self, i: usize) -> Option<&SubState> {
-        self.entries.get(i).and_then(Option::as_ref)
+        match i {
+            0 => self.first.as_ref(),
+            _ => self.rest.get(i - 1).and_then(Option::as_ref),
+        }
     }
 
     pub(super) fn at_mut(&mut self, i: usize) -> Option<&mut SubState> {
-        self.entries.get_mut(i).and_then(Option::as_mut)
+        match i {
+            0 => self.first.as_mut(),
+            _ => self.rest.get_mut(i - 1).and_then(Option::as_mut),
+        }
     }
 
     /// One past the highest token in use.
     pub(super) fn bound(&self) -> usize {
-        self.entries.len()
+        match self.rest.len() {
+            0 => usize::from(self.first.is_some()),
+            n => n + 1,
+        }
     }
 
     pub(super) fn len(&self) -> usize {
-        self.entries.iter().flatten().count()
+        self.iter().count()
     }
 
     /// The token the next [`Subs::insert`] takes: the lowest free index.
     pub(super) fn next_token(&self) -> usize {
-        self.entries
-            .iter()
+        self.slots()
             .position(Option::is_none)
-            .unwrap_or(self.entries.len())
+            .unwrap_or(self.rest.len() + 1)
     }
 
     /// Puts `st` at `token` (from [`Subs::next_token`], nothing inserted
     /// since).
     pub(super) fn insert(&mut self, token: usize, st: SubState) {
-        if token == self.entries.len() {
+        let Some(i) = token.checked_sub(1) else {
+            debug_assert!(self.first.is_none(), "token in use");
+            self.first = Some(st);
+            return;
+        };
+        if i == self.rest.len() {
             // Exact growth while small: most connections hold one or two.
-            if self.entries.len() < 4 {
-                self.entries.reserve_exact(1);
+            if self.rest.len() < 4 {
+                self.rest.reserve_exact(1);
             }
-            self.entries.push(Some(st));
+            self.rest.push(Some(st));
         } else {
-            debug_assert!(self.entries[token].is_none(), "token in use");
-            self.entries[token] = Some(st);
+            debug_assert!(self.rest[i].is_none(), "token in use");
+            self.rest[i] = Some(st);
         }
     }
 
     pub(super) fn remove(&mut self, channel: &str) -> Option<SubState> {
-        let i = self.index_of(channel)?;
-        let st = self.entries[i].take();
-        while self.entries.last().is_some_and(Option::is_none) {
-            self.entries.pop();
+        let st = match self.index_of(channel)? {
+            0 => self.first.take(),
+            i => self.rest[i - 1].take(),
+        };
+        while self.rest.last().is_some_and(Option::is_none) {
+            self.rest.pop();
         }
-        if self.entries.is_empty() {
-            self.entries = Vec::new();
+        if self.rest.is_empty() {
+            self.rest = Vec::new();
         }
         st
     }
 
     pub(super) fn iter(&self) -> impl Iterator<Item = &SubState> {
-        self.entries.iter().flatten()
+        self.slots().flatten()
     }
 
     pub(super) fn iter_mut(&mut self) -> impl Iterator<Item = &mut SubState> {
-        self.entries.iter_mut().flatten()
+        self.first.iter_mut().chain(self.rest.iter_mut().flatten())
     }
 }
 
@@ -122,7 +147,72 @@ pub(super) fn ready_tokens(bits: u32, bound: usize) -> impl Iterator<Item = usiz
 
 #[cfg(test)]
 mod tests {
-    use super::ready_tokens;
+    use std::sync::Arc;
+
+    use super::{ready_tokens, SubState, Subs};
+    use crate::hub::{ChannelLog, Subscription};
+
+    fn sub(channel: &str) -> SubState {
+        SubState {
+            channel: channel.into(),
+            epoch: "e".into(),
+            last: 0,
+            sub: Subscription {
+                log: Arc::new(ChannelLog::new(1024)),
+                slot: 0,
+                cursor: 0,
+            },
+        }
+    }
+
+    fn names(subs: &Subs) -> Vec<(usize, String)> {
+        (0..subs.bound())
+            .filter_map(|t| subs.at(t).map(|s| (t, s.channel.to_string())))
+            .collect()
+    }
+
+    /// Tokens are the lowest free index, token 0 (inline) included; a
+    /// freed token is reused; trailing free tokens are trimmed from the
+    /// bound.
+    #[test]
+    fn tokens_are_reused_lowest_first_and_the_bound_follows_the_highest() {
+        let mut subs = Subs::default();
+        assert_eq!((subs.bound(), subs.next_token()), (0, 0));
+        for c in ["a", "b", "c"] {
+            let t = subs.next_token();
+            subs.insert(t, sub(c));
+        }
+        assert_eq!(
+            names(&subs),
+            [(0, "a".into()), (1, "b".into()), (2, "c".into())]
+        );
+        assert_eq!((subs.bound(), subs.len()), (3, 3));
+        assert_eq!(subs.remove("a").map(|s| s.channel), Some("a".into()));
+        assert_eq!(
+            (subs.bound(), subs.next_token(), subs.index_of("c")),
+            (3, 0, Some(2))
+        );
+        subs.insert(subs.next_token(), sub("d"));
+        assert_eq!(subs.index_of("d"), Some(0));
+        assert!(subs.remove("c").is_some());
+        assert_eq!((subs.bound(), subs.next_token()), (2, 2));
+        assert!(subs.remove("b").is_some());
+        assert_eq!((subs.bound(), subs.len(), subs.next_token()), (1, 1, 1));
+        assert!(subs.remove("d").is_some());
+        assert!(subs.remove("d").is_none());
+        assert_eq!((subs.bound(), subs.len(), subs.next_token()), (0, 0, 0));
+        // Token 0 free, token 1 in use: the bound still covers it.
+        subs.insert(0, sub("x"));
+        subs.insert(1, sub("y"));
+        assert!(subs.remove("x").is_some());
+        assert_eq!((subs.bound(), subs.next_token()), (2, 0));
+        assert_eq!(
+            subs.iter_mut()
+                .map(|s| s.channel.to_string())
+                .collect::<Vec<_>>(),
+            ["y"]
+        );
+    }
 
     #[test]
     fn a_ready_bit_stands_for_every_token_of_its_residue() {

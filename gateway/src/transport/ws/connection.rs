@@ -17,7 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::time::{sleep_until, timeout};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
-use crate::auth::now_secs;
+use crate::auth::{self, now_secs};
 use crate::drain::{Lifecycle, Slot};
 use crate::ids::now_ms;
 use crate::message::{Draft, Extras};
@@ -371,18 +371,31 @@ impl Connection {
             t = t.min(sent + node.ms(node.config.drain_close_grace_ms));
         }
         if let Some(exp) = self.identity.expires_at {
-            let now_s = now_secs();
-            let until_exp = Duration::from_secs(exp.saturating_sub(now_s));
-            let refresh_at = until_exp.saturating_sub(node.ms(node.config.refresh_window_ms));
-            // `exp` comes from the client's token: far-future values must
-            // not overflow the clock (they cannot pass `verify`'s lifetime
-            // bound, but a timer never trusts its input).
-            let now = Instant::now();
-            if let Some(at) = now.checked_add(until_exp) {
-                t = t.min(at);
-            }
-            if let Some(at) = now.checked_add(refresh_at).filter(|_| !self.refresh_sent) {
-                t = t.min(at);
+            // The token's deadline (its refresh notice first): an instant
+            // fixed by `exp` alone, so the timer is not moved on every
+            // wake-up (`exp` comes from the client's token: far-future
+            // values must not overflow the clock, and a timer never trusts
+            // its input).
+            let window = node.ms(node.config.refresh_window_ms);
+            let due = auth::instant_of(exp).map(|at| match self.refresh_sent {
+                true => at,
+                false => at.checked_sub(window).unwrap_or(at),
+            });
+            if let Some(due) = due.filter(|due| *due < t) {
+                let now = Instant::now();
+                t = if due > now {
+                    due
+                } else {
+                    // Due by the anchor: `on_timer` decides by the wall
+                    // clock. If that disagrees (drift), wait out what the
+                    // wall clock says is left, not a deadline in the past.
+                    let left = Duration::from_secs(exp.saturating_sub(now_secs()));
+                    let left = match self.refresh_sent {
+                        true => left,
+                        false => left.saturating_sub(window),
+                    };
+                    now.checked_add(left).unwrap_or(due).max(due)
+                };
             }
         }
         t
