@@ -63,7 +63,7 @@ for rate in $RATES; do
   for t in $TRANSPORTS; do
     for label in reference $(for g in $GWS; do echo "${g%%=*}"; done); do
       grep "^$label $rate/s " "$OUT/results.txt" | grep "fanout $t:" |
-        sed -E 's/.*lost ([0-9]+), duplicates ([0-9]+), latency p50 ([0-9.]+) ms p99 ([0-9.]+) ms p99.9 ([0-9.]+) ms.*CPU ([0-9.]+) .*/\6 µs, p99 \4, p99.9 \5 (lost \1, dup \2)/' |
+        sed -E 's/.*lost ([0-9]+), duplicates ([0-9]+), latency p50 ([0-9.]+) ms p99 ([0-9.]+) ms p99.9 ([0-9.]+) ms.*CPU ([0-9.]+) µs\/delivery( \(user [0-9.]+ \+ kernel [0-9.]+\))?.*/\6 µs\7, p99 \4, p99.9 \5 (lost \1, dup \2)/' |
         paste -sd';' | sed "s/^/$t $rate\/s $label: /"
     done
   done

@@ -683,6 +683,7 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     // 2. Publish.
     let metrics0 = scrape(&target).await;
     let gw_cpu0 = args.gateway_pid.and_then(|p| util::cpu_time(p).ok());
+    let gw_split0 = args.gateway_pid.and_then(|p| util::cpu_split(p).ok());
     let own_cpu0 = util::cpu_time(std::process::id()).ok();
     let jiffies0 = util::cpu_jiffies();
     let pub_start_us = util::now_us();
@@ -709,6 +710,7 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         .await?
         .map_err(|_| anyhow::anyhow!("publisher thread panicked"))??;
     let gw_cpu1 = args.gateway_pid.and_then(|p| util::cpu_time(p).ok());
+    let gw_split1 = args.gateway_pid.and_then(|p| util::cpu_split(p).ok());
     let own_cpu1 = util::cpu_time(std::process::id()).ok();
     let jiffies1 = util::cpu_jiffies();
     let pub_end_us = util::now_us();
@@ -880,8 +882,18 @@ pub async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         );
     }
     let cpu_per_delivery = if received > 0 && gw > 0.0 {
+        // User space and kernel apart: the kernel's share (the writes,
+        // and loopback delivering them to the client) is most of it.
+        let split = match (gw_split0, gw_split1) {
+            (Some((u0, s0)), Some((u1, s1))) => format!(
+                " (user {:.2} + kernel {:.2})",
+                (u1 - u0).as_secs_f64() * 1e6 / received as f64,
+                (s1 - s0).as_secs_f64() * 1e6 / received as f64
+            ),
+            _ => String::new(),
+        };
         format!(
-            ", gateway CPU {:.2} µs/delivery",
+            ", gateway CPU {:.2} µs/delivery{split}",
             gw * 1e6 / received as f64
         )
     } else {

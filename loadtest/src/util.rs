@@ -89,6 +89,13 @@ pub fn fd_count(pid: u32) -> anyhow::Result<usize> {
 
 /// CPU time (user + system) a process used so far.
 pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let (user, system) = cpu_split(pid)?;
+    Ok(user + system)
+}
+
+/// CPU time a process used so far, in user space and in the kernel (its
+/// system calls, and the network stack's work done on its behalf).
+pub fn cpu_split(pid: u32) -> anyhow::Result<(Duration, Duration)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the `(comm)`, which may hold spaces.
     let after = text
@@ -100,7 +107,10 @@ pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
     let utime: u64 = f.get(11).context("utime")?.parse()?;
     let stime: u64 = f.get(12).context("stime")?.parse()?;
     // USER_HZ is 100 on every Linux this runs on.
-    Ok(Duration::from_millis((utime + stime) * 10))
+    Ok((
+        Duration::from_millis(utime * 10),
+        Duration::from_millis(stime * 10),
+    ))
 }
 
 /// Per CPU: (busy, total) jiffies since boot, from `/proc/stat` (busy is
