@@ -272,20 +272,27 @@ async fn serve_stream(stream: &mut SseStream, tcp: &mut TcpStream) -> bool {
     let changed = crate::drain::next_change(lifecycle);
     tokio::pin!(changed);
     loop {
+        if matches!(woke, Woken::Rare(Woke::Peer)) {
+            return false;
+        }
         let mut buf = spare::take();
         let flow = match woke {
             Woken::Rare(Woke::Lifecycle(state)) => stream.on_lifecycle(state, &mut buf),
             Woken::Rare(Woke::Timer) => stream.on_timer(&mut buf),
-            Woken::Rare(Woke::Peer) => return false,
+            Woken::Rare(Woke::Peer) => Flow::Cut,
             Woken::Deliveries => stream.on_ready(&mut buf).await,
         };
-        if matches!(flow, Flow::Cut) {
-            return false;
-        }
-        if !buf.is_empty() && write(tcp, &buf, stream).await.is_err() {
-            return false;
-        }
+        // The thread's spare goes back whatever happens (a stream that ends
+        // must not take it along).
+        let written = match flow {
+            Flow::Cut => Err(Gone),
+            _ if buf.is_empty() => Ok(()),
+            _ => write(tcp, &buf, stream).await,
+        };
         spare::give_back(buf, SPARE_KEEP);
+        if written.is_err() {
+            return false;
+        }
         if matches!(flow, Flow::Last) {
             return true;
         }
