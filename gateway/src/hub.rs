@@ -90,6 +90,14 @@ pub struct Signal {
     ready_set: AtomicU32,
 }
 
+/// Asks for a session's shared part: its lines, and its reference counts
+/// (which `Arc::clone` touches) just before them (see [`crate::cache`]).
+fn prefetch_shared(session: &Arc<SessionShared>) {
+    let p = Arc::as_ptr(session).cast::<u8>();
+    crate::cache::prefetch(p.wrapping_sub(2 * std::mem::size_of::<usize>()));
+    crate::cache::prefetch_all(&**session);
+}
+
 /// Bits in a session's ready set.
 pub const READY_BITS: u32 = 32;
 
@@ -378,6 +386,9 @@ impl ChannelLog {
     /// ones and signals any that the byte bound pushed behind. Returns the
     /// number of readers.
     fn append(&self, publication: &Arc<Publication>, order: &AtomicU64) -> usize {
+        /// How far ahead the wake-up list asks for sessions' lines: enough
+        /// to cover a miss's latency, few enough to stay in L1.
+        const PREFETCH_AHEAD: usize = 8;
         let mut wake = Vec::new();
         let mut behind = Vec::new();
         let readers;
@@ -420,7 +431,17 @@ impl ChannelLog {
                 }
             }
             let waiters = std::mem::take(&mut s.waiters);
-            for slot in &waiters {
+            for (i, slot) in waiters.iter().enumerate() {
+                // The shared part of the session a few places on, asked for
+                // now, is in cache when its turn comes; each turn's atomic
+                // increment would otherwise wait for its miss alone.
+                if let Some(ahead) = waiters
+                    .get(i + PREFETCH_AHEAD)
+                    .and_then(|a| s.readers.get(*a))
+                    .and_then(Option::as_ref)
+                {
+                    prefetch_shared(&ahead.session);
+                }
                 if let Some(r) = s.readers.get_mut(*slot).and_then(Option::as_mut) {
                     r.waiting = false;
                     wake.push((r.session.clone(), r.token));

@@ -36,11 +36,13 @@
 //! * [`telemetry`]: logs, and every metric the node exports.
 //! * [`cors`]: `allowed_origins` (parsed at config load), CORS headers.
 //! * [`ids`]: epochs, node ids, secrets, `now_ms`.
+//! * [`cache`]: cache prefetch hints (the one module with `unsafe`).
 //! * [`errors`]: the HTTP API's error answer.
 
 pub mod api;
 pub mod auth;
 pub mod broker;
+pub mod cache;
 pub mod config;
 pub mod control;
 pub mod cors;

@@ -45,7 +45,8 @@ async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
         // Real-time frames are small: never let Nagle hold one back.
         let _ = tcp.set_nodelay(true);
         let (node, router) = (node.clone(), router.clone());
-        tokio::spawn(async move {
+        // Warm: an SSE stream lives in this task (see `transport::warm`).
+        tokio::spawn(transport::warm::Warm::new(async move {
             let head_deadline = Duration::from_millis(node.config.request_head_timeout_ms);
             match transport::sse::socket::wants_sse(&tcp, head_deadline).await {
                 None => return,
@@ -58,7 +59,7 @@ async fn accept_until_drained(listener: TcpListener, node: Arc<Node>) {
             // Boxed: an SSE stream lives in this task for its whole life and
             // must not carry the room of an HTTP connection's state.
             Box::pin(serve_http(node, router, tcp, head_deadline, arrival)).await;
-        });
+        }));
     }
 }
 

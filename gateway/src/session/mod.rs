@@ -308,9 +308,10 @@ pub struct Session {
     subs: Subs,
     /// What one drain read from the logs (kept between drains).
     scratch: VecDeque<Pending>,
-    /// When live latency was last sampled: wall-clock milliseconds,
-    /// truncated to 32 bits and compared wrapping (4 bytes, not an
-    /// `Option<Instant>`'s 16, on every connection).
+    /// The accept time (`ts`, wall-clock milliseconds) of the message live
+    /// latency was last sampled on, truncated to 32 bits and compared
+    /// wrapping (4 bytes, not an `Option<Instant>`'s 16, on every
+    /// connection).
     latency_sampled_ms: u32,
     /// How fast this connection (and its user) may still subscribe.
     quota: SubscribeQuota,
@@ -320,7 +321,19 @@ pub struct Session {
     own: Option<Box<Vec<OwnPublish>>>,
 }
 
-const LATENCY_SAMPLE_EVERY_MS: u32 = 100;
+const LATENCY_SAMPLE_EVERY_MS: i32 = 100;
+
+/// Whether a live delivery of a message accepted at `ts` (wall-clock ms) is
+/// sampled, given the accept time of the last sampled one (`last`, moved
+/// when it is).
+fn latency_sample_due(last: &mut u32, ts: u64) -> bool {
+    let since = (ts as u32).wrapping_sub(*last) as i32;
+    if !(-60_000..LATENCY_SAMPLE_EVERY_MS).contains(&since) {
+        *last = ts as u32;
+        return true;
+    }
+    false
+}
 
 impl Session {
     /// A session in the place admission reserved for it (`slot`), which it
@@ -342,7 +355,9 @@ impl Session {
             transport,
             subs: Subs::default(),
             scratch: VecDeque::new(),
-            latency_sampled_ms: 0,
+            // The first live message is due.
+            latency_sampled_ms: (crate::ids::now_ms() as u32)
+                .wrapping_sub(LATENCY_SAMPLE_EVERY_MS.unsigned_abs()),
             quota,
             own: None,
         }
@@ -976,13 +991,15 @@ impl Session {
         if let Some(ts) = w.oldest_replayed {
             self.ctx.metrics.replay_age.record(age(ts));
         }
-        // Live latency is sampled at most every 100 ms per connection:
-        // enough for the distribution, without a histogram write per
-        // delivery at a million deliveries per second.
+        // Live latency is sampled at most every 100 ms of messages per
+        // connection: enough for the distribution, without a histogram
+        // write per delivery at a million deliveries per second. The
+        // messages' own accept times pace it, so a delivery that is not
+        // sampled reads no clock. Messages accepted by a node whose clock
+        // is behind (by up to a minute) wait for the pace of the others;
+        // beyond that the pace starts again from them.
         if let Some(ts) = w.oldest_live {
-            let now = crate::ids::now_ms() as u32;
-            if now.wrapping_sub(self.latency_sampled_ms) >= LATENCY_SAMPLE_EVERY_MS {
-                self.latency_sampled_ms = now;
+            if latency_sample_due(&mut self.latency_sampled_ms, ts) {
                 self.ctx.metrics.delivery_latency.record(age(ts));
             }
         }

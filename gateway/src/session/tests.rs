@@ -471,3 +471,28 @@ async fn a_wake_up_without_ready_logs_reads_nothing() {
     publish(&p, 1).await;
     assert_eq!(drained(&mut s).await.len(), 1);
 }
+
+#[test]
+fn live_latency_is_sampled_once_per_100_ms_of_messages() {
+    let t = 1_765_000_000_000u64; // a wall-clock ms of 2025
+    // A new session's mark is 100 ms before its start.
+    let mut last = (t - 100) as u32;
+    assert!(latency_sample_due(&mut last, t));
+    // Messages accepted within 100 ms of the sampled one are not sampled.
+    assert!(!latency_sample_due(&mut last, t + 50));
+    assert!(!latency_sample_due(&mut last, t + 99));
+    assert!(latency_sample_due(&mut last, t + 100));
+    // One from a node whose clock is 5 s behind waits for the pace.
+    assert!(!latency_sample_due(&mut last, t - 4_900));
+    assert!(!latency_sample_due(&mut last, t + 150));
+    assert!(latency_sample_due(&mut last, t + 200));
+    // A clock stepped back by more than a minute starts the pace again.
+    assert!(latency_sample_due(&mut last, t - 120_000));
+    assert!(!latency_sample_due(&mut last, t - 119_950));
+    // Across the 32-bit wrap of the truncated milliseconds.
+    let w = (1u64 << 32) * 400 + u32::MAX as u64 - 20;
+    let mut last = (w - 100) as u32;
+    assert!(latency_sample_due(&mut last, w));
+    assert!(!latency_sample_due(&mut last, w + 60));
+    assert!(latency_sample_due(&mut last, w + 100));
+}

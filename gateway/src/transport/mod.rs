@@ -5,4 +5,5 @@
 pub(crate) mod spare;
 pub mod sse;
 pub(crate) mod wake;
+pub(crate) mod warm;
 pub mod ws;

@@ -134,8 +134,12 @@ pub async fn upgrade(State(node): State<Arc<Node>>, mut req: Request) -> Respons
                 };
                 // A task of its own: this one's captures (the upgrade, the
                 // socket config, the admission result) would otherwise sit
-                // in every connection's task for its whole life.
-                tokio::spawn(run(node, slot, socket, codec.unwrap_or(Codec::Json)));
+                // in every connection's task for its whole life. Warm: see
+                // `transport::warm`.
+                let codec = codec.unwrap_or(Codec::Json);
+                tokio::spawn(super::super::warm::Warm::new(run(
+                    node, slot, socket, codec,
+                )));
             }
             Err(e) => debug!(error = %e, "websocket upgrade failed"),
         }
