@@ -475,7 +475,7 @@ async fn a_wake_up_without_ready_logs_reads_nothing() {
 #[test]
 fn live_latency_is_sampled_once_per_100_ms_of_messages() {
     let t = 1_765_000_000_000u64; // a wall-clock ms of 2025
-    // A new session's mark is 100 ms before its start.
+                                  // A new session's mark is 100 ms before its start.
     let mut last = (t - 100) as u32;
     assert!(latency_sample_due(&mut last, t));
     // Messages accepted within 100 ms of the sampled one are not sampled.

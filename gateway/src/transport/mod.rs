@@ -2,6 +2,7 @@
 //! only). Both drive a [`Session`](crate::session::Session); they differ only
 //! in how frames reach the wire.
 
+pub(crate) mod direct;
 pub(crate) mod spare;
 pub mod sse;
 pub(crate) mod wake;

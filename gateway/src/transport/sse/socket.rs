@@ -337,16 +337,9 @@ struct Gone;
 /// falling behind a channel's bound, or the stall deadline (boxed, so an
 /// idle stream's task holds neither their futures nor a timer).
 async fn write(tcp: &mut TcpStream, bytes: &[u8], stream: &SseStream) -> Result<(), Gone> {
-    let mut at = 0;
-    while at < bytes.len() {
-        match tcp.try_write(&bytes[at..]) {
-            Ok(0) => return Err(Gone),
-            Ok(n) => at += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                return Box::pin(blocked_write(tcp, &bytes[at..], stream)).await;
-            }
-            Err(_) => return Err(Gone),
-        }
+    let at = crate::transport::direct::now(tcp, bytes).map_err(|_| Gone)?;
+    if at < bytes.len() {
+        return Box::pin(blocked_write(tcp, &bytes[at..], stream)).await;
     }
     Ok(())
 }

@@ -80,43 +80,58 @@ impl Connection {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let (socket, wbuf, wpos) = (&mut self.socket, &self.wbuf, &mut self.wpos);
-        let ws_may_hold = &mut self.ws_may_hold;
-        let write = async {
-            // Whatever tungstenite holds (a pong to the client's ping) goes
-            // first: frames must not interleave.
-            if *ws_may_hold {
-                socket
-                    .flush()
-                    .await
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
-                *ws_may_hold = false;
+        // Straight to the socket (`transport::direct`), unless tungstenite
+        // holds bytes that must go first; what the socket does not take
+        // now goes the waiting way below.
+        if !self.ws_may_hold {
+            match crate::transport::direct::now(self.socket.get_ref(), &self.wbuf[self.wpos..]) {
+                Ok(n) => self.wpos += n,
+                Err(_) => return Err(CloseCode::InternalError),
             }
-            let io = socket.get_mut();
-            while *wpos < wbuf.len() {
-                match io.write(&wbuf[*wpos..]).await? {
-                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
-                    n => *wpos += n,
+        }
+        // What the socket did not take now: whatever tungstenite holds
+        // first, then the rest, waiting for the socket (and watching for a
+        // client that stopped reading).
+        if self.wpos < self.wbuf.len() {
+            let (socket, wbuf, wpos) = (&mut self.socket, &self.wbuf, &mut self.wpos);
+            let ws_may_hold = &mut self.ws_may_hold;
+            let write = async {
+                // Whatever tungstenite holds (a pong to the client's ping)
+                // goes first: frames must not interleave.
+                if *ws_may_hold {
+                    socket
+                        .flush()
+                        .await
+                        .map_err(|e| std::io::Error::other(e.to_string()))?;
+                    *ws_may_hold = false;
                 }
+                let io = socket.get_mut();
+                while *wpos < wbuf.len() {
+                    match io.write(&wbuf[*wpos..]).await? {
+                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                        n => *wpos += n,
+                    }
+                }
+                Ok::<(), std::io::Error>(())
+            };
+            // Tried once before anything else (tungstenite's bytes usually
+            // go at once, and the socket may have room again), so neither a
+            // timer nor the overflow watch costs it anything (and the
+            // connection's task holds no timer, which would grow every idle
+            // connection).
+            let mut write = std::pin::pin!(write);
+            let written = match futures_util::poll!(write.as_mut()) {
+                std::task::Poll::Ready(written) => written,
+                std::task::Poll::Pending => {
+                    let stall = Duration::from_millis(self.node.config.write_stall_timeout_ms);
+                    // Boxed: this rare path's futures stay out of every idle
+                    // connection's task.
+                    Box::pin(blocked_write(write, &self.session, stall)).await?
+                }
+            };
+            if written.is_err() {
+                return Err(CloseCode::InternalError);
             }
-            Ok::<(), std::io::Error>(())
-        };
-        // The write usually completes at once: try it before anything else,
-        // so neither a timer nor the overflow watch costs it anything (and
-        // the connection's task holds no timer, which would grow every
-        // idle connection).
-        let mut write = std::pin::pin!(write);
-        let written = match futures_util::poll!(write.as_mut()) {
-            std::task::Poll::Ready(written) => written,
-            std::task::Poll::Pending => {
-                let stall = Duration::from_millis(self.node.config.write_stall_timeout_ms);
-                // Boxed: this rare path's futures stay out of every idle
-                // connection's task.
-                Box::pin(blocked_write(write, &self.session, stall)).await?
-            }
-        };
-        if written.is_err() {
-            return Err(CloseCode::InternalError);
         }
         self.session.record_written(delivered);
         self.wbuf.clear();
