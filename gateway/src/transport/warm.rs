@@ -8,8 +8,10 @@
 //! misses, each waiting for the one before (`perf annotate` showed the
 //! first two levels' loads as the hottest instructions of the SSE task).
 //! [`Warm`] asks for every line of the future at once before the poll
-//! ([`crate::cache`]), so the misses overlap instead of queueing: 0.2 µs
-//! less user CPU per delivery (BENCHMARKS.md, session 9).
+//! ([`crate::cache`]), so the misses overlap instead of queueing: 0.1-0.2
+//! µs less user CPU per delivery at 20 msg/s to 5,000 connections
+//! (BENCHMARKS.md, session 9). Lines the poll does not use cost only
+//! bandwidth: a prefetch is a hint, it changes nothing a load sees.
 
 use std::future::Future;
 use std::pin::Pin;
